@@ -1,0 +1,3 @@
+from crowdd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,135 @@
+"""``crowdd`` command line: argparse front end; each subcommand lives in its own module.
+
+Modules are imported only when their subcommand runs, so ``crowdd status`` stays light.
+Nothing here (nor anything it imports) loads TensorFlow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from crowdd import __version__
+from crowdd.config import Config, ConfigError, Paths, load_config
+
+logger = logging.getLogger(__name__)
+
+
+def _lazy(module: str, func: str) -> Any:
+    def call(args: argparse.Namespace) -> int:
+        return int(getattr(importlib.import_module(module), func)(args))
+
+    return call
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="TOML settings file (default: the platform config dir)")
+    p.add_argument("--root", type=Path, help="keep every file of this node below one directory")
+    p.add_argument("--socket", type=Path, help="control socket path (default: per user or /run/crowdd)")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="crowdd",
+        description="Donate this machine's idle time to train neural networks together.",
+    )
+    parser.add_argument("--version", action="version", version=f"crowdd {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("matchmaker", help="run the central matchmaker that groups hosts and workers")
+    _add_common(p)
+    p.add_argument("--listen", help="HOST:PORT to listen on (default from config: 0.0.0.0:7700)")
+    p.set_defaults(func=_lazy("crowdd.matchmaker", "main"))
+
+    p = sub.add_parser("daemon", help="run the crowdd daemon (normally as a service)")
+    _add_common(p)
+    p.add_argument("--system", action="store_true", help="use the system service layout (/var/lib/crowdd, /run/crowdd)")
+    p.add_argument("--matchmaker", help="HOST:PORT of the matchmaker (overrides the config)")
+    p.set_defaults(func=_lazy("crowdd.commands", "daemon"))
+
+    p = sub.add_parser("status", help="show the daemon's state")
+    _add_common(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_lazy("crowdd.commands", "status"))
+
+    p = sub.add_parser("donate", help="switch donation on or off")
+    _add_common(p)
+    p.add_argument("state", choices=("on", "off"))
+    p.set_defaults(func=_lazy("crowdd.commands", "donate"))
+
+    p = sub.add_parser("host", help="host a dataset: find workers and train a model on it")
+    _add_common(p)
+    p.add_argument("dataset", type=Path, help=".npz (Keras layout), a directory of IDX files, or a CSV (label first)")
+    p.add_argument("--workers", type=int, help="workers wanted (default 2)")
+    p.add_argument("--min-workers", type=int, help="fewest workers to accept after --wait seconds")
+    p.add_argument("--wait", type=float, help="seconds to wait for the full group")
+    p.add_argument("--lr", "--learning-rate", dest="learning_rate", type=float, help="learning rate")
+    p.add_argument("--batch", "--batch-size", dest="batch_size", type=int, help="batch size")
+    p.add_argument("--epochs", type=int, help="passes over each worker's shard")
+    p.add_argument("--hidden", help="hidden layer sizes, e.g. 100 or 128,64")
+    p.add_argument("--model", choices=("mlp", "cnn"))
+    p.add_argument("--optimizer", choices=("sgd", "adam"))
+    p.add_argument("--sharding", choices=("overlap", "disjoint", "full"))
+    p.add_argument("--test-fraction", type=float, help="CSV only: carve this fraction off as the test split")
+    p.set_defaults(func=_lazy("crowdd.commands", "host"))
+
+    p = sub.add_parser("stop", help="stop the current session (donation stays as it is)")
+    _add_common(p)
+    p.set_defaults(func=_lazy("crowdd.commands", "stop"))
+
+    p = sub.add_parser("reload", help="make the daemon re-read its configuration")
+    _add_common(p)
+    p.set_defaults(func=_lazy("crowdd.commands", "reload"))
+
+    p = sub.add_parser("tui", help="open the terminal UI")
+    _add_common(p)
+    p.set_defaults(func=_lazy("crowdd.tui", "main"))
+
+    p = sub.add_parser("demo", help="run a whole crowd on this machine and train a model")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    p.add_argument("--workers", type=int, default=3, help="worker daemons (default 3)")
+    p.add_argument("--dataset", type=Path, help="dataset to host (default: Fashion-MNIST if installed, else digits)")
+    p.add_argument("--epochs", type=int, help="epochs (default 2)")
+    p.add_argument("--root", type=Path, help="where the nodes keep their files (default: a temporary directory)")
+    p.set_defaults(func=_lazy("crowdd.demo", "main"))
+    return parser
+
+
+def setup_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def resolve_config(args: argparse.Namespace) -> tuple[Config, Paths]:
+    """The settings and paths a subcommand uses (``--root`` > ``--system`` > per user)."""
+    if getattr(args, "root", None):
+        paths = Paths.under(args.root)
+    elif getattr(args, "system", False):
+        paths = Paths.for_system()
+    else:
+        paths = Paths.for_user()
+    cfg_file = getattr(args, "config", None) or paths.config_file
+    return load_config(cfg_file), paths
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"crowdd: bad configuration: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,159 @@
+"""The host's job: hyperparameters, checked with one set of rules everywhere.
+
+The matchmaker validates a host's job at the door, the CLI and the TUI check the same rules
+as the user types, and the job process checks them again before TensorFlow starts. All of
+them call :func:`validate_job`, which raises :class:`HyperparamError` naming the field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+MODELS = ("mlp", "cnn")
+OPTIMIZERS = ("sgd", "adam")
+SHARDINGS = ("overlap", "disjoint", "full")
+LOSSES = ("sparse_categorical_crossentropy",)
+MAX_WORKERS = 1024
+MAX_EPOCHS = 10_000
+MAX_BATCH = 1 << 20
+MAX_LAYER = 1 << 16
+MAX_LAYERS = 16
+
+
+class HyperparamError(ValueError):
+    """An impossible or unknown hyperparameter; ``field`` names it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Job:
+    """Hyperparameters of one training job (the paper's sliders, plus what it hardcoded)."""
+
+    model: str = "mlp"
+    hidden: tuple[int, ...] = (100,)
+    optimizer: str = "sgd"
+    learning_rate: float = 0.5
+    batch_size: int = 100
+    epochs: int = 1
+    workers: int = 2
+    min_workers: int = 1
+    wait: float = 60.0
+    sharding: str = "full"
+    loss: str = "sparse_categorical_crossentropy"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["hidden"] = list(self.hidden)
+        return d
+
+
+_FIELDS = {f for f in Job.__dataclass_fields__}
+
+
+def _number(d: Mapping[str, Any], name: str, default: Any) -> float:
+    v = d.get(name, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise HyperparamError(name, f"must be a number, got {type(v).__name__}")
+    if v != v or v in (float("inf"), float("-inf")):
+        raise HyperparamError(name, "must be finite")
+    return float(v)
+
+
+def _int(d: Mapping[str, Any], name: str, default: Any, lo: int, hi: int) -> int:
+    v = d.get(name, default)
+    if isinstance(v, bool) or not isinstance(v, int):
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        else:
+            raise HyperparamError(name, f"must be an integer, got {v!r}")
+    if not lo <= v <= hi:
+        raise HyperparamError(name, f"must be between {lo} and {hi}, got {v}")
+    return v
+
+
+def _choice(d: Mapping[str, Any], name: str, default: str, choices: tuple[str, ...]) -> str:
+    v = d.get(name, default)
+    if v not in choices:
+        raise HyperparamError(name, f"must be one of {', '.join(choices)}, got {v!r}")
+    return str(v)
+
+
+def parse_hidden(value: Any) -> tuple[int, ...]:
+    """Hidden layer sizes from a list of ints or a string like ``"128,64"``."""
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.replace("-", ",").split(",") if p.strip()]
+        try:
+            value = [int(p) for p in parts]
+        except ValueError:
+            raise HyperparamError("hidden", f"must be layer sizes like 128,64, got {value!r}") from None
+    if not isinstance(value, (list, tuple)) or not value:
+        raise HyperparamError("hidden", "must be a non-empty list of layer sizes")
+    if len(value) > MAX_LAYERS:
+        raise HyperparamError("hidden", f"at most {MAX_LAYERS} layers")
+    out = []
+    for size in value:
+        if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_LAYER:
+            raise HyperparamError("hidden", f"each layer size must be an integer 1..{MAX_LAYER}, got {size!r}")
+        out.append(size)
+    return tuple(out)
+
+
+def validate_job(d: Mapping[str, Any]) -> Job:
+    """Check a job mapping (from the wire, TOML, CLI or a form) and return a :class:`Job`."""
+    if not isinstance(d, Mapping):
+        raise HyperparamError("job", "must be an object")
+    unknown = sorted(set(d) - _FIELDS)
+    if unknown:
+        raise HyperparamError(unknown[0], "unknown hyperparameter")
+    base = Job()
+    lr = _number(d, "learning_rate", base.learning_rate)
+    if not 0 < lr <= 100:
+        raise HyperparamError("learning_rate", f"must be > 0 and <= 100, got {lr}")
+    wait = _number(d, "wait", base.wait)
+    if not 0 <= wait <= 86_400:
+        raise HyperparamError("wait", f"must be between 0 and 86400 seconds, got {wait}")
+    workers = _int(d, "workers", base.workers, 0, MAX_WORKERS)
+    min_workers = _int(d, "min_workers", min(base.min_workers, workers), 0, MAX_WORKERS)
+    if min_workers > workers:
+        raise HyperparamError("min_workers", f"must be <= workers ({workers}), got {min_workers}")
+    return Job(
+        model=_choice(d, "model", base.model, MODELS),
+        hidden=parse_hidden(d.get("hidden", list(base.hidden))),
+        optimizer=_choice(d, "optimizer", base.optimizer, OPTIMIZERS),
+        learning_rate=lr,
+        batch_size=_int(d, "batch_size", base.batch_size, 1, MAX_BATCH),
+        epochs=_int(d, "epochs", base.epochs, 1, MAX_EPOCHS),
+        workers=workers,
+        min_workers=min_workers,
+        wait=wait,
+        sharding=_choice(d, "sharding", base.sharding, SHARDINGS),
+        loss=_choice(d, "loss", base.loss, LOSSES),
+    )
+
+
+def check_field(name: str, value: Any) -> str | None:
+    """Validate one field alone (for forms); return an error message or None."""
+    try:
+        validate_job({name: value} if name != "min_workers" else {name: value, "workers": MAX_WORKERS})
+    except HyperparamError as exc:
+        return exc.message
+    return None
+
+
+__all__ = [
+    "Job",
+    "HyperparamError",
+    "validate_job",
+    "check_field",
+    "parse_hidden",
+    "MODELS",
+    "OPTIMIZERS",
+    "SHARDINGS",
+    "LOSSES",
+]
