@@ -17,6 +17,7 @@ from typing import Any
 
 MANIFEST_VERSION = 1
 DEFAULT_CHUNK = 1 << 20
+_HEX = "0123456789abcdef"
 
 
 class ManifestError(ValueError):
@@ -92,6 +93,10 @@ class Layout:
             raise ManifestError("feature_shape must be positive")
         if layout.num_classes < 2 or layout.train_count < 1 or layout.test_count < 0:
             raise ManifestError("layout needs >= 2 classes and >= 1 training record")
+        derived = layout.to_dict()
+        for key in ("record_bytes", "label_bytes", "test_offset"):
+            if key in d and d[key] != derived[key]:
+                raise ManifestError(f"layout {key} is {d[key]!r} but its fields give {derived[key]}")
         return layout
 
 
@@ -151,7 +156,7 @@ class Manifest:
             raise ManifestError(f"bad manifest: {exc!r}") from None
         if size < 0 or chunk_size < 1 or len(chunks) != -(-size // chunk_size):
             raise ManifestError("manifest size, chunk size and chunk count disagree")
-        if any(len(c) != 64 for c in (*chunks, sha)):
+        if any(len(c) != 64 or c.strip(_HEX) for c in (*chunks, sha)):
             raise ManifestError("manifest hashes must be sha256 hex")
         layout = Layout.from_dict(d["layout"]) if d.get("layout") is not None else None
         if layout is not None and layout.total_bytes != size:

@@ -64,6 +64,9 @@ def node_plan(n: int, i: int, route: str = "binomial") -> Plan:
 
 
 def _check(n: int, i: int) -> None:
+    for what, v in (("group size", n), ("node index", i)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise RouteError(f"{what} must be an integer, got {v!r}")
     if n < 1:
         raise RouteError(f"a group has at least 1 node, got {n}")
     if not 0 <= i < n:

@@ -1,0 +1,553 @@
+"""The daemon's control socket: server, client, and where it lives.
+
+The CLI and the TUI talk to the daemon only through this socket, with the same wire codec
+as every other crowdd connection (:mod:`crowdd.wire`). The client's first frame carries
+``"proto": "crowdd/1"``. Requests and replies (see ``notes/common.md``):
+
+- ``status`` → ``{"type": "status", ...}``
+- ``subscribe`` → ``ok``, then a stream of ``{"type": "event", "event": KIND, ...}``
+- ``donate`` (``on``) → ``{"type": "ok", "donating": bool}``
+- ``host`` (``dataset``, ``job``) → ``ok`` or ``error`` bad_field naming the field
+- ``stop`` / ``reload`` → ``ok``
+
+Where it lives: a Unix socket (user mode: the runtime dir, mode 0600; system mode:
+``/run/crowdd/control.sock``, group ``crowdd``, mode 0660), or on Windows loopback TCP plus a
+random token kept in a file only the user can read (:class:`Endpoint`).
+
+A malformed or unknown frame gets an ``error`` frame and that connection is closed; the
+server keeps serving everyone else. Subscribers each have a bounded queue: publishing never
+blocks the daemon; a subscriber that falls behind loses its oldest events, and one that stops
+reading altogether is disconnected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import stat
+import sys
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from crowdd import wire
+from crowdd.config import Paths
+from crowdd.wire import ErrorCode, WireError
+
+logger = logging.getLogger(__name__)
+
+SYSTEM_GROUP = "crowdd"
+REQUEST_TIMEOUT = 10.0  # a client's reply must come within this
+BODY_TIMEOUT = 10.0  # once a frame header has arrived, its body must follow within this
+SUBSCRIBER_QUEUE = 256  # events buffered per subscriber before the oldest are dropped
+SUBSCRIBER_WRITE_TIMEOUT = 10.0  # a subscriber that reads nothing for this long is dropped
+REQUEST_TYPES = ("status", "subscribe", "donate", "host", "stop", "reload")
+
+
+class DaemonUnavailable(Exception):
+    """No daemon listens on the control endpoint; the message says how to start one."""
+
+
+def how_to_start(system: bool = False) -> str:
+    if sys.platform == "win32":
+        return "start it with `crowdd daemon` (or start the crowdd Windows service)"
+    if system:
+        return "start it with `sudo systemctl start crowdd` (or run `crowdd daemon --system`)"
+    return "start it with `crowdd daemon` (or `systemctl --user start crowdd`)"
+
+
+# --------------------------------------------------------------------------- endpoint
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where the control socket is: a Unix socket path, or loopback TCP + a token file."""
+
+    path: Path | None = None
+    token_file: Path | None = None
+    tcp_host: str = "127.0.0.1"
+    tcp_port: int = 0
+    system: bool = False
+
+    @property
+    def is_tcp(self) -> bool:
+        return self.path is None
+
+    def describe(self) -> str:
+        if self.path is not None:
+            return str(self.path)
+        return f"loopback TCP (token file {self.token_file})"
+
+    @classmethod
+    def for_paths(
+        cls, paths: Paths, *, system: bool = False, socket_path: Path | None = None, tcp: bool | None = None
+    ) -> Endpoint:
+        """The endpoint for a node's paths: Unix socket, or TCP + token on Windows."""
+        use_tcp = sys.platform == "win32" if tcp is None else tcp
+        if use_tcp:
+            return cls(path=None, token_file=paths.runtime_dir / "control.token", system=system)
+        return cls(path=socket_path or paths.control_socket, system=system)
+
+
+# --------------------------------------------------------------------------- server
+
+
+class ControlHandler(Protocol):
+    """What the daemon offers the control socket."""
+
+    def status(self) -> dict[str, Any]: ...
+
+    async def donate(self, on: bool) -> dict[str, Any]: ...
+
+    async def host(self, dataset: str, job: dict[str, Any], test_fraction: float | None = None) -> dict[str, Any]: ...
+
+    async def stop(self) -> dict[str, Any]: ...
+
+    async def reload(self) -> dict[str, Any]: ...
+
+
+class _Subscriber:
+    def __init__(self, writer: asyncio.StreamWriter, size: int) -> None:
+        self.writer = writer
+        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=size)
+        self.dropped = 0
+
+    def offer(self, event: dict[str, Any]) -> None:
+        if self.queue.full():
+            with contextlib.suppress(asyncio.QueueEmpty):
+                self.queue.get_nowait()
+            self.dropped += 1
+        self.queue.put_nowait(event)
+
+
+class ControlServer:
+    """Serves :class:`ControlHandler` on an :class:`Endpoint`."""
+
+    def __init__(
+        self,
+        handler: ControlHandler,
+        endpoint: Endpoint,
+        *,
+        queue_size: int = SUBSCRIBER_QUEUE,
+        write_timeout: float = SUBSCRIBER_WRITE_TIMEOUT,
+        body_timeout: float = BODY_TIMEOUT,
+    ) -> None:
+        self._handler = handler
+        self._endpoint = endpoint
+        self._queue_size = queue_size
+        self._write_timeout = write_timeout
+        self._body_timeout = body_timeout
+        self._server: asyncio.base_events.Server | None = None
+        self._subscribers: set[_Subscriber] = set()
+        self._connections: set[asyncio.Task[None]] = set()
+        self._token = ""
+        self.port = 0
+
+    @property
+    def subscriber_count(self) -> int:
+        return len(self._subscribers)
+
+    async def start(self) -> None:
+        ep = self._endpoint
+        if ep.path is not None:
+            await self._start_unix(ep.path)
+        else:
+            await self._start_tcp()
+
+    async def _start_unix(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not self._endpoint.system:
+            with contextlib.suppress(OSError):
+                os.chmod(path.parent, 0o700)
+        await _clear_stale_socket(path)
+        mode = 0o660 if self._endpoint.system else 0o600
+        old = os.umask(0o777 & ~mode)  # the socket is born with its final mode: no window
+        try:
+            self._server = await asyncio.start_unix_server(self._serve, path=str(path))
+        finally:
+            os.umask(old)
+        os.chmod(path, mode)
+        if self._endpoint.system:
+            _chgrp(path, SYSTEM_GROUP)
+        logger.info("control socket listening on %s", path)
+
+    async def _start_tcp(self) -> None:
+        ep = self._endpoint
+        if ep.token_file is None:
+            raise ValueError("a TCP control endpoint needs a token file")
+        self._token = secrets.token_urlsafe(32)
+        self._server = await asyncio.start_server(self._serve, host=ep.tcp_host, port=ep.tcp_port)
+        sock = self._server.sockets[0]
+        self.port = int(sock.getsockname()[1])
+        write_token_file(ep.token_file, ep.tcp_host, self.port, self._token)
+        logger.info("control socket listening on %s:%d (token in %s)", ep.tcp_host, self.port, ep.token_file)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for sub in list(self._subscribers):
+            sub.writer.close()
+        for task in list(self._connections):
+            task.cancel()
+        if self._connections:
+            await asyncio.gather(*self._connections, return_exceptions=True)
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2.0)
+            self._server = None
+        ep = self._endpoint
+        if ep.path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                ep.path.unlink()
+        elif ep.token_file is not None:
+            with contextlib.suppress(FileNotFoundError):
+                ep.token_file.unlink()
+
+    def publish(self, kind: str, **fields: Any) -> None:
+        """Offer one event to every subscriber; never blocks."""
+        event = {"type": "event", "event": kind, **fields}
+        for sub in list(self._subscribers):
+            sub.offer(event)
+
+    # ---------------------------------------------------------------- one connection
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._connections.add(task)
+        try:
+            await self._conversation(reader, writer)
+        except WireError as err:
+            logger.info("control client: %s", err)
+            await wire.send_error_and_close(writer, err)
+        except (wire.ConnectionClosed, wire.FrameTimeout, ConnectionError):
+            pass
+        except asyncio.CancelledError:
+            pass
+        except Exception:  # a handler bug must not take the socket down
+            logger.exception("control request failed")
+            await wire.send_error_and_close(writer, WireError(ErrorCode.INTERNAL, "internal error"))
+        finally:
+            await wire.close_writer(writer)
+            if task is not None:
+                self._connections.discard(task)
+
+    async def _read(self, reader: asyncio.StreamReader) -> dict[str, Any] | None:
+        """One frame, or None at a clean end of stream. Idle between frames is fine."""
+        try:
+            header = await reader.readexactly(wire.HEADER_SIZE)
+        except asyncio.IncompleteReadError as exc:
+            if exc.partial:
+                raise WireError(ErrorCode.BAD_FRAME, "connection closed mid-frame") from None
+            return None
+        length = int.from_bytes(header, "big")
+        wire.check_length(length)
+        try:
+            body = await asyncio.wait_for(reader.readexactly(length), self._body_timeout)
+        except asyncio.IncompleteReadError:
+            raise wire.ConnectionClosed("connection closed mid-frame") from None
+        except asyncio.TimeoutError:
+            raise wire.FrameTimeout("frame body did not arrive") from None
+        frame = wire.decode_body(body)
+        if frame.get("blob"):
+            raise WireError(ErrorCode.BAD_FRAME, "the control socket takes no binary payloads")
+        return frame
+
+    async def _conversation(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        first = True
+        while True:
+            frame = await self._read(reader)
+            if frame is None:
+                return
+            if first:
+                wire.check_proto(frame)
+                if self._token:
+                    token = frame.get("token")
+                    if not isinstance(token, str) or not hmac.compare_digest(token, self._token):
+                        raise WireError(ErrorCode.UNAUTHORIZED, "bad or missing control token")
+                first = False
+            kind = frame["type"]
+            if kind not in REQUEST_TYPES:
+                raise WireError(ErrorCode.UNKNOWN_TYPE, f"unknown request {kind!r} (known: {', '.join(REQUEST_TYPES)})")
+            if kind == "subscribe":
+                await self._stream(reader, writer)
+                return
+            try:
+                reply = await self._dispatch(kind, frame)
+            except WireError as err:
+                if err.code is not ErrorCode.BAD_FIELD:
+                    raise
+                reply = err.to_frame()  # a well-formed request with a bad value: keep the connection
+            await wire.write_frame(writer, reply, timeout=self._write_timeout)
+
+    async def _dispatch(self, kind: str, frame: Mapping[str, Any]) -> dict[str, Any]:
+        h = self._handler
+        if kind == "status":
+            return {"type": "status", **h.status()}
+        if kind == "donate":
+            return await h.donate(bool(wire.require(frame, "on", bool)))
+        if kind == "host":
+            dataset = wire.require(frame, "dataset", str)
+            job = frame.get("job", {})
+            if not isinstance(job, dict):
+                raise WireError(ErrorCode.BAD_FIELD, "field 'job' must be an object", field="job")
+            tf = frame.get("test_fraction")
+            if tf is None:
+                return await h.host(dataset, job)
+            if isinstance(tf, bool) or not isinstance(tf, (int, float)):
+                raise WireError(ErrorCode.BAD_FIELD, "field 'test_fraction' must be a number", field="test_fraction")
+            return await h.host(dataset, job, float(tf))
+        if kind == "stop":
+            return await h.stop()
+        return await h.reload()
+
+    async def _stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sub = _Subscriber(writer, self._queue_size)
+        await wire.write_frame(writer, {"type": "ok"}, timeout=self._write_timeout)
+        sub.offer({"type": "event", "event": "status", **self._handler.status()})
+        self._subscribers.add(sub)
+        pump = asyncio.create_task(self._pump(sub))
+        # The client sends nothing more; reading tells us when it goes away.
+        watch = asyncio.create_task(reader.read(1))
+        try:
+            done, _ = await asyncio.wait({pump, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if watch in done and not watch.cancelled() and watch.exception() is None and watch.result():
+                raise WireError(ErrorCode.BAD_FRAME, "a subscription carries no requests; use another connection")
+        finally:
+            self._subscribers.discard(sub)
+            for t in (pump, watch):
+                t.cancel()
+            await asyncio.gather(pump, watch, return_exceptions=True)
+            if sub.dropped:
+                logger.info("control subscriber fell behind: %d events dropped", sub.dropped)
+
+    async def _pump(self, sub: _Subscriber) -> None:
+        while True:
+            event = await sub.queue.get()
+            try:
+                await wire.write_frame(sub.writer, event, timeout=self._write_timeout)
+            except (wire.FrameTimeout, wire.ConnectionClosed, ConnectionError):
+                logger.info("control subscriber stopped reading; disconnected")
+                return
+
+
+async def _clear_stale_socket(path: Path) -> None:
+    """Remove a socket file nobody answers on; refuse to steal one a live daemon holds."""
+    if not path.exists() and not path.is_symlink():
+        return
+    if not stat.S_ISSOCK(path.lstat().st_mode):
+        raise FileExistsError(f"{path} exists and is not a socket; remove it or choose another --socket")
+    try:
+        _, w = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), 2.0)
+    except (ConnectionRefusedError, FileNotFoundError, asyncio.TimeoutError, OSError):
+        path.unlink(missing_ok=True)
+        return
+    w.close()
+    raise FileExistsError(f"another crowdd daemon is already listening on {path}")
+
+
+def _chgrp(path: Path, group: str) -> None:
+    import grp  # POSIX only
+
+    try:
+        gid = grp.getgrnam(group).gr_gid
+    except KeyError:
+        logger.warning("group %r does not exist; %s stays root-only (create it with sysusers.d)", group, path)
+        return
+    try:
+        os.chown(path, -1, gid)
+    except PermissionError as exc:
+        logger.warning("cannot give %s to group %r: %s", path, group, exc)
+
+
+def write_token_file(path: Path, host: str, port: int, token: str) -> None:
+    """Write the TCP endpoint and its token to a file only this user can read (atomically)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, json.dumps({"host": host, "port": port, "token": token}).encode())
+    finally:
+        os.close(fd)
+    os.chmod(tmp, 0o600)  # On Windows the per-user profile directory's ACL does the real work.
+    os.replace(tmp, path)
+
+
+def read_token_file(path: Path) -> tuple[str, int, str]:
+    try:
+        data = json.loads(path.read_text())
+        return str(data["host"]), int(data["port"]), str(data["token"])
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DaemonUnavailable(f"the control token file {path} is unreadable ({exc})") from None
+
+
+# --------------------------------------------------------------------------- client
+
+
+class ControlClient:
+    """Talks to a daemon's control socket. ``request`` raises :class:`wire.RemoteError` on an
+    ``error`` reply and :class:`DaemonUnavailable` when nothing listens."""
+
+    def __init__(
+        self,
+        path: Path | None = None,
+        *,
+        tcp: tuple[str, int] | None = None,
+        token_file: Path | None = None,
+        timeout: float = REQUEST_TIMEOUT,
+        system: bool = False,
+    ) -> None:
+        if path is None and tcp is None and token_file is None:
+            raise ValueError("ControlClient needs a socket path, or a TCP address / token file")
+        self._path = path
+        self._tcp = tcp
+        self._token_file = token_file
+        self._timeout = timeout
+        self._system = system
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._first: dict[str, Any] = {}
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    def for_endpoint(cls, endpoint: Endpoint, **kw: Any) -> ControlClient:
+        if endpoint.path is not None:
+            return cls(endpoint.path, system=endpoint.system, **kw)
+        return cls(token_file=endpoint.token_file, system=endpoint.system, **kw)
+
+    def _where(self) -> str:
+        if self._path is not None:
+            return str(self._path)
+        if self._tcp is not None:
+            return f"{self._tcp[0]}:{self._tcp[1]}"
+        return f"the address in {self._token_file}"
+
+    async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, dict[str, Any]]:
+        """A new connection plus the fields the first frame must carry."""
+        first: dict[str, Any] = {"proto": wire.PROTO}
+        try:
+            if self._path is not None:
+                r, w = await asyncio.wait_for(asyncio.open_unix_connection(str(self._path)), self._timeout)
+            else:
+                host, port = self._tcp if self._tcp is not None else ("", 0)
+                if self._token_file is not None:
+                    fhost, fport, token = read_token_file(self._token_file)
+                    first["token"] = token
+                    if self._tcp is None:
+                        host, port = fhost, fport
+                r, w = await asyncio.wait_for(asyncio.open_connection(host, port), self._timeout)
+        except (FileNotFoundError, ConnectionRefusedError, asyncio.TimeoutError, OSError) as exc:
+            raise DaemonUnavailable(
+                f"no crowdd daemon is running (nothing answers on {self._where()}: "
+                f"{exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__}); "
+                f"{how_to_start(self._system)}"
+            ) from None
+        return r, w, first
+
+    async def connect(self) -> None:
+        if self._writer is None:
+            self._reader, self._writer, self._first = await self._open()
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            await wire.close_writer(self._writer)
+        self._reader = self._writer = None
+
+    async def __aenter__(self) -> ControlClient:  # noqa: PYI034 - Python 3.10 has no typing.Self
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def request(self, msg: Mapping[str, Any]) -> dict[str, Any]:
+        async with self._lock:
+            await self.connect()
+            if self._reader is None or self._writer is None:
+                raise DaemonUnavailable(f"not connected to {self._where()}")
+            frame = {**msg, **self._first}
+            try:
+                await wire.write_frame(self._writer, frame, timeout=self._timeout)
+                self._first = {}
+                reply = await wire.read_frame(self._reader, timeout=self._timeout)
+            except (wire.ConnectionClosed, wire.FrameTimeout, ConnectionError) as exc:
+                await self.close()
+                raise DaemonUnavailable(f"the daemon on {self._where()} went away ({exc})") from None
+            except WireError:
+                await self.close()
+                raise
+        if reply.get("type") == "error":
+            if reply.get("code") != ErrorCode.BAD_FIELD.value:
+                await self.close()  # the server closed this connection after the error
+            wire.raise_if_error(reply)
+        return reply
+
+    async def status(self) -> dict[str, Any]:
+        return await self.request({"type": "status"})
+
+    async def donate(self, on: bool) -> dict[str, Any]:
+        return await self.request({"type": "donate", "on": on})
+
+    async def host(self, dataset: str, job: Mapping[str, Any]) -> dict[str, Any]:
+        return await self.request({"type": "host", "dataset": dataset, "job": dict(job)})
+
+    async def stop(self) -> dict[str, Any]:
+        return await self.request({"type": "stop"})
+
+    async def reload(self) -> dict[str, Any]:
+        return await self.request({"type": "reload"})
+
+    async def subscribe(self) -> AsyncIterator[dict[str, Any]]:
+        """Events from the daemon on a connection of their own, until it closes."""
+        reader, writer, first = await self._open()
+        try:
+            await wire.write_frame(writer, {"type": "subscribe", **first}, timeout=self._timeout)
+            reply = await wire.read_frame(reader, timeout=self._timeout)
+            wire.raise_if_error(reply)
+            while True:
+                try:
+                    frame = await wire.read_frame(reader, timeout=None)
+                except wire.ConnectionClosed:
+                    return
+                wire.raise_if_error(frame)
+                yield frame
+        finally:
+            await wire.close_writer(writer)
+
+
+async def wait_for_daemon(
+    client_factory: Callable[[], ControlClient], timeout: float, *, poll: float = 0.2
+) -> dict[str, Any]:
+    """Poll until a daemon answers ``status`` (for launchers and tests); its status, or raise."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        client = client_factory()
+        try:
+            return await client.status()
+        except DaemonUnavailable:
+            if loop.time() > deadline:
+                raise
+            await asyncio.sleep(poll)
+        finally:
+            await client.close()
+
+__all__ = [
+    "ControlClient",
+    "ControlHandler",
+    "ControlServer",
+    "DaemonUnavailable",
+    "Endpoint",
+    "how_to_start",
+    "read_token_file",
+    "wait_for_daemon",
+    "write_token_file",
+]

@@ -1,0 +1,571 @@
+"""Datasets: load a host's data and turn it into the canonical file plus its manifest.
+
+Sources (see ``docs/dataset-format.md``):
+
+- ``.npz`` in the Keras layout (``x_train``, ``y_train``, ``x_test``, ``y_test``);
+- a directory of IDX files, gzipped or not, named as MNIST and Fashion-MNIST ship them
+  (``train-images-idx3-ubyte[.gz]``, ``train-labels-idx1-ubyte[.gz]``, ``t10k-…``);
+- CSV (``.csv`` or ``.csv.gz``) with the label in the first column and an optional header
+  row; the test split comes from a second file or is carved off by a fraction after a
+  deterministic shuffle.
+
+:func:`convert` writes one file of fixed-length records (:class:`crowdd.manifest.Layout`)
+that TensorFlow reads with ``tf.data.FixedLengthRecordDataset`` without this module, and a
+manifest beside it, both named by the file's sha256. Everything is vectorised numpy:
+Fashion-MNIST (70k × 784) converts in about a second.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import logging
+import math
+import os
+import tempfile
+import warnings
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from crowdd.manifest import DEFAULT_CHUNK, Layout, Manifest
+
+log = logging.getLogger(__name__)
+
+#: Labels must be integers in 0..MAX_CLASSES-1 (a larger label is almost surely a bug,
+#: and the model would need an output unit per class).
+MAX_CLASSES = 100_000
+#: Fraction of a CSV carved off as the test split when neither a test file nor a fraction
+#: is given.
+DEFAULT_TEST_FRACTION = 0.2
+#: Seed of the shuffle that carves a test split off (fixed: every run splits the same way).
+SPLIT_SEED = 20180501
+
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+IDX_PREFIXES = {"train": "train", "test": "t10k"}
+_IDX_DTYPES: dict[int, str] = {
+    0x08: "u1",
+    0x09: "i1",
+    0x0B: ">i2",
+    0x0C: ">i4",
+    0x0D: ">f4",
+    0x0E: ">f8",
+}
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be loaded or converted; the message names the file."""
+
+
+@dataclass
+class ArraySet:
+    """A dataset in memory: features ``(N, *feature_shape)`` and integer labels ``(N,)``."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A converted dataset: the canonical file, its manifest file, and the manifest."""
+
+    data_path: Path
+    manifest_path: Path
+    manifest: Manifest
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load(source: Path, *, test_file: Path | None = None, test_fraction: float | None = None) -> ArraySet:
+    """Load a dataset from an ``.npz``, an IDX directory or a CSV file.
+
+    ``test_file`` and ``test_fraction`` apply to CSV only (at most one of them); a CSV with
+    neither gets :data:`DEFAULT_TEST_FRACTION` carved off.
+    """
+    source = Path(source)
+    if not source.exists():
+        raise DatasetError(f"{source}: no such file or directory")
+    kind = _kind(source)
+    if kind != "csv" and (test_file is not None or test_fraction is not None):
+        raise DatasetError(f"{source}: a test file or test fraction applies to CSV only; {kind} has its own test split")
+    if kind == "idx":
+        arrays = load_idx_dir(source)
+    elif kind == "npz":
+        arrays = load_npz(source)
+    else:
+        arrays = load_csv(source, test_file=test_file, test_fraction=test_fraction)
+    check(arrays, origin=str(source))
+    return arrays
+
+
+def _kind(source: Path) -> str:
+    if source.is_dir():
+        return "idx"
+    name = source.name.lower()
+    if name.endswith(".npz"):
+        return "npz"
+    if name.endswith((".csv", ".csv.gz")):
+        return "csv"
+    raise DatasetError(f"{source}: unknown dataset format (expected .npz, .csv, .csv.gz or a directory of IDX files)")
+
+
+def load_npz(path: Path) -> ArraySet:
+    """Load an ``.npz`` in the Keras layout (no pickles)."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [k for k in NPZ_KEYS if k not in npz.files]
+            if missing:
+                raise DatasetError(
+                    f"{path}: missing array(s) {', '.join(missing)} (an .npz needs {', '.join(NPZ_KEYS)};"
+                    f" found {', '.join(npz.files) or 'none'})"
+                )
+            arrays = {k: npz[k] for k in NPZ_KEYS}
+    except DatasetError:
+        raise
+    except ValueError as exc:  # object arrays, pickles
+        raise DatasetError(f"{path}: cannot read the arrays ({exc}); only numeric arrays are accepted") from None
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise DatasetError(f"{path}: not a readable .npz file ({exc})") from None
+    return ArraySet(**arrays)
+
+
+# ---- IDX
+
+
+def idx_files(directory: Path) -> dict[str, Path]:
+    """The four IDX files of a directory: keys ``train_images``, ``train_labels``, ``test_images``,
+    ``test_labels``."""
+    found: dict[str, Path] = {}
+    for split, prefix in IDX_PREFIXES.items():
+        for kind, dims in (("images", 3), ("labels", 1)):
+            names = [f"{prefix}-{kind}-idx{dims}-ubyte", f"{prefix}-{kind}.idx{dims}-ubyte"]
+            candidates = [directory / (n + gz) for n in names for gz in ("", ".gz")]
+            path = next((c for c in candidates if c.is_file()), None)
+            if path is None:
+                raise DatasetError(f"{directory}: no {names[0]}[.gz] in this IDX directory")
+            found[f"{split}_{kind}"] = path
+    return found
+
+
+def load_idx_dir(directory: Path) -> ArraySet:
+    """Load MNIST-style IDX files (gzipped or not) from a directory."""
+    files = idx_files(directory)
+    out: dict[str, np.ndarray] = {}
+    for split in IDX_PREFIXES:
+        images_path, labels_path = files[f"{split}_images"], files[f"{split}_labels"]
+        images, labels = read_idx(images_path), read_idx(labels_path)
+        if images.ndim < 2:
+            raise DatasetError(f"{images_path}: an image file needs at least 2 dimensions, found {images.ndim}")
+        if labels.ndim != 1:
+            raise DatasetError(f"{labels_path}: a label file needs 1 dimension, found {labels.ndim}")
+        if images.shape[0] != labels.shape[0]:
+            raise DatasetError(
+                f"{images_path} has {images.shape[0]} images but {labels_path} has {labels.shape[0]} labels"
+            )
+        out[f"x_{split}"], out[f"y_{split}"] = images, labels
+    return ArraySet(**out)
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Parse one IDX file (gzipped or not) into an array with its own shape."""
+    raw = _read_maybe_gzip(path)
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise DatasetError(f"{path}: not an IDX file (bad magic {raw[:4].hex() or 'empty'})")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if ndim == 0 or len(raw) < header:
+        raise DatasetError(f"{path}: truncated IDX header ({ndim} dimensions, {len(raw)} bytes)")
+    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    expected = math.prod(shape) * dtype.itemsize
+    body = len(raw) - header
+    if body < expected:
+        raise DatasetError(f"{path}: truncated IDX body: shape {shape} needs {expected} bytes, found {body}")
+    if body > expected:
+        raise DatasetError(f"{path}: {body - expected} unexpected bytes after the IDX body of shape {shape}")
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+
+
+def _read_maybe_gzip(path: Path) -> bytes:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if raw[:2] != _GZIP_MAGIC:
+        return raw
+    try:
+        return gzip.decompress(raw)
+    except (EOFError, OSError, zlib.error) as exc:
+        raise DatasetError(f"{path}: truncated or corrupt gzip ({exc})") from None
+
+
+# ---- CSV
+
+
+def load_csv(path: Path, *, test_file: Path | None = None, test_fraction: float | None = None) -> ArraySet:
+    """Load a CSV with the label first; the test split from ``test_file`` or a fraction."""
+    if test_file is not None and test_fraction is not None:
+        raise DatasetError(f"{path}: give a test file or a test fraction, not both")
+    table = read_csv_table(path)
+    if test_file is not None:
+        test_file = Path(test_file)
+        if not test_file.exists():
+            raise DatasetError(f"{test_file}: no such file or directory")
+        test = read_csv_table(test_file)
+        if test.shape[1] != table.shape[1]:
+            raise DatasetError(f"{test_file} has {test.shape[1]} columns but {path} has {table.shape[1]}")
+        return ArraySet(table[:, 1:], table[:, 0], test[:, 1:], test[:, 0])
+    fraction = DEFAULT_TEST_FRACTION if test_fraction is None else test_fraction
+    return split(table[:, 1:], table[:, 0], fraction, origin=str(path))
+
+
+def split(x: np.ndarray, y: np.ndarray, fraction: float, *, origin: str = "dataset") -> ArraySet:
+    """Shuffle deterministically (:data:`SPLIT_SEED`) and carve ``fraction`` off as the test split."""
+    if not isinstance(fraction, (int, float)) or not 0.0 < fraction < 1.0:
+        raise DatasetError(f"{origin}: test fraction must be between 0 and 1 (exclusive), got {fraction!r}")
+    n = len(x)
+    n_test = round(n * fraction)
+    if n_test < 1 or n - n_test < 1:
+        raise DatasetError(f"{origin}: {n} rows are too few to carve off a test fraction of {fraction}")
+    order = np.random.default_rng(SPLIT_SEED).permutation(n)
+    test, train = order[:n_test], order[n_test:]
+    return ArraySet(x[train], y[train], x[test], y[test])
+
+
+def read_csv_table(path: Path) -> np.ndarray:
+    """Parse a numeric CSV into a float64 table ``(rows, columns)``; skips one header row."""
+    header = _has_header(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "input contained no data": checked below
+            table = np.loadtxt(
+                path,
+                delimiter=",",
+                skiprows=1 if header else 0,
+                ndmin=2,
+                dtype=np.float64,
+                comments=None,
+                quotechar='"',
+            )
+    except ValueError as exc:
+        _diagnose_csv(path, header)
+        raise DatasetError(f"{path}: {exc}") from None
+    except (EOFError, OSError, zlib.error) as exc:
+        raise DatasetError(f"{path}: cannot read ({exc})") from None
+    if table.size == 0:
+        raise DatasetError(f"{path}: no data rows")
+    if table.shape[1] < 2:
+        raise DatasetError(f"{path}: needs a label column and at least one feature column")
+    return table
+
+
+def _open_text(path: Path) -> IO[str]:
+    if path.name.lower().endswith(".gz"):
+        return gzip.open(path, "rt", newline="")
+    return open(path, newline="")
+
+
+def _has_header(path: Path) -> bool:
+    """A first row none of whose fields is a number is a header."""
+    try:
+        with _open_text(path) as fh:
+            reader = csv.reader(fh)
+            for row in reader:
+                if row and any(f.strip() for f in row):
+                    return not any(_is_number(f) for f in row)
+    except (EOFError, OSError, zlib.error, csv.Error, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{path}: cannot read ({exc})") from None
+    return False
+
+
+def _is_number(field: str) -> bool:
+    try:
+        float(field)
+    except ValueError:
+        return False
+    return True
+
+
+def _diagnose_csv(path: Path, header: bool) -> None:
+    """Find the first ragged row or non-numeric field and raise a DatasetError naming its line."""
+    try:
+        with _open_text(path) as fh:
+            reader = csv.reader(fh)
+            width: int | None = None
+            first = True
+            for row in reader:
+                if not row or not any(f.strip() for f in row):
+                    continue
+                if first and header:
+                    first = False
+                    continue
+                first = False
+                line = reader.line_num
+                if width is None:
+                    width = len(row)
+                elif len(row) != width:
+                    raise DatasetError(
+                        f"{path} line {line}: ragged row: {len(row)} columns, expected {width} like the first row"
+                    )
+                for col, field in enumerate(row, 1):
+                    if not _is_number(field):
+                        raise DatasetError(f"{path} line {line}, column {col}: non-numeric value {field.strip()!r}")
+    except (EOFError, OSError, zlib.error, csv.Error, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{path}: cannot read ({exc})") from None
+
+
+# ---- scikit-learn digits
+
+
+def load_digits() -> ArraySet:
+    """scikit-learn's 8×8 digits (1,797 samples, values 0..16), split 80/20 deterministically."""
+    from sklearn.datasets import load_digits as sk_load_digits
+
+    bunch: Any = sk_load_digits()
+    x = np.asarray(bunch.images, dtype=np.float64)
+    y = np.asarray(bunch.target, dtype=np.int64)
+    return split(x, y, 0.2, origin="digits")
+
+
+# --------------------------------------------------------------------------- checking
+
+
+def check(arrays: ArraySet, *, origin: str = "dataset") -> Layout:
+    """Validate an :class:`ArraySet` and return the layout it converts to."""
+    x_train = _features(arrays.x_train, f"{origin}: x_train")
+    x_test = _features(arrays.x_test, f"{origin}: x_test")
+    y_train = _labels(arrays.y_train, f"{origin}: y_train")
+    y_test = _labels(arrays.y_test, f"{origin}: y_test")
+    for split_name, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
+        if len(x) != len(y):
+            raise DatasetError(f"{origin}: x_{split_name} has {len(x)} samples but y_{split_name} has {len(y)} labels")
+    if len(x_train) == 0:
+        raise DatasetError(f"{origin}: empty dataset (no training samples)")
+    shape = _feature_shape(x_train)
+    if len(x_test) and _feature_shape(x_test) != shape:
+        raise DatasetError(
+            f"{origin}: test samples have shape {_feature_shape(x_test)} but training samples {shape}"
+        )
+    if not shape or min(shape) < 1:
+        raise DatasetError(f"{origin}: samples have no features (shape {shape})")
+    num_classes = int(max(y_train.max(), y_test.max() if len(y_test) else 0)) + 1
+    if num_classes < 2:
+        raise DatasetError(f"{origin}: every label is 0; a classifier needs at least 2 classes")
+    dtype, scale = _feature_encoding(x_train, x_test)
+    return Layout(
+        feature_shape=shape,
+        feature_dtype=dtype,
+        scale=scale,
+        num_classes=num_classes,
+        train_count=len(x_train),
+        test_count=len(x_test),
+    )
+
+
+def _feature_shape(x: np.ndarray) -> tuple[int, ...]:
+    return tuple(int(d) for d in x.shape[1:]) or (1,)
+
+
+def _features(x: Any, what: str) -> np.ndarray:
+    arr = np.asarray(x)
+    if arr.dtype.kind not in "biuf":
+        raise DatasetError(f"{what}: non-numeric features (dtype {arr.dtype})")
+    if arr.ndim == 0:
+        raise DatasetError(f"{what}: a scalar is not a set of samples")
+    if arr.dtype.kind == "f" and arr.size and not np.isfinite(arr).all():
+        raise DatasetError(f"{what}: features contain NaN or infinity")
+    return arr
+
+
+def _labels(y: Any, what: str) -> np.ndarray:
+    arr = np.asarray(y)
+    if arr.ndim == 2 and arr.shape[1] == 1:
+        arr = arr[:, 0]
+    if arr.ndim != 1:
+        raise DatasetError(f"{what}: labels must be one class index per sample, got shape {arr.shape}")
+    if arr.dtype.kind not in "biuf":
+        raise DatasetError(f"{what}: non-numeric labels (dtype {arr.dtype})")
+    if arr.size == 0:
+        return arr.astype(np.int64)
+    if arr.dtype.kind == "f":
+        bad = ~np.isfinite(arr) | (arr != np.round(arr))
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise DatasetError(f"{what}: non-integer label {arr[i].item()!r} at index {i}")
+    lo, hi = arr.min(), arr.max()
+    if lo < 0:
+        i = int(np.argmax(arr < 0))
+        raise DatasetError(f"{what}: negative label {_num(arr[i])} at index {i}; labels must be 0..N-1")
+    if hi >= MAX_CLASSES:
+        i = int(np.argmax(arr >= MAX_CLASSES))
+        raise DatasetError(f"{what}: label {_num(arr[i])} at index {i} out of range 0..{MAX_CLASSES - 1}")
+    return arr.astype(np.int64)
+
+
+def _num(v: Any) -> int | float:
+    """A label for a message: 3 rather than 3.0 or np.int64(3)."""
+    f = float(v)
+    return int(f) if f.is_integer() else f
+
+
+def _feature_encoding(x_train: np.ndarray, x_test: np.ndarray) -> tuple[str, float]:
+    """uint8 with scale 1/max when every value is an integer 0..255, else float32 with scale 1."""
+    parts = [x for x in (x_train, x_test) if x.size]
+    lo = min(x.min() for x in parts)
+    hi = max(x.max() for x in parts)
+    small = lo >= 0 and hi <= 255
+    if small:
+        small = all(x.dtype.kind != "f" or bool((x == np.round(x)).all()) for x in parts)
+    if small:
+        return "uint8", (1.0 / float(hi) if hi > 0 else 1.0)
+    return "float32", 1.0
+
+
+# --------------------------------------------------------------------------- canonical file
+
+
+def record_dtype(layout: Layout) -> np.dtype[Any]:
+    """The numpy dtype of one canonical record (packed, little-endian)."""
+    feature = "<f4" if layout.feature_dtype == "float32" else "u1"
+    dt: np.dtype[Any] = np.dtype([("label", "<i4"), ("x", feature, (layout.feature_count,))])
+    if dt.itemsize != layout.record_bytes:  # pragma: no cover - numpy packs unaligned dtypes
+        raise DatasetError(f"record dtype is {dt.itemsize} bytes, layout says {layout.record_bytes}")
+    return dt
+
+
+def _records(x: np.ndarray, y: np.ndarray, layout: Layout) -> np.ndarray:
+    dt = record_dtype(layout)
+    rec = np.empty(len(x), dtype=dt)
+    rec["label"] = y
+    feats = x.reshape(len(x), layout.feature_count)
+    if layout.feature_dtype == "uint8":
+        rec["x"] = feats.astype(np.uint8, copy=False)  # integral 0..255, checked by check()
+    else:
+        with np.errstate(over="ignore"):
+            as32 = feats.astype(np.float32)
+        if as32.size and not np.isfinite(as32).all():
+            raise DatasetError("features overflow float32")
+        rec["x"] = as32
+    return rec
+
+
+def write_canonical(arrays: ArraySet, path: Path) -> Layout:
+    """Write the canonical file atomically (a temporary file beside ``path``, then rename)."""
+    path = Path(path)
+    layout = check(arrays, origin=str(path))
+    y_train = _labels(arrays.y_train, "y_train")
+    y_test = _labels(arrays.y_test, "y_test")
+    x_train, x_test = np.asarray(arrays.x_train), np.asarray(arrays.x_test)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            for x, y in ((x_train, y_train), (x_test, y_test)):
+                if len(x):
+                    fh.write(_records(x, y, layout).tobytes())
+            fh.flush()
+            os.fsync(fh.fileno())
+        size = tmp.stat().st_size
+        if size != layout.total_bytes:  # pragma: no cover - defensive
+            raise DatasetError(f"{path}: wrote {size} bytes, layout says {layout.total_bytes}")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return layout
+
+
+def read_canonical(path: Path, layout: Layout) -> ArraySet:
+    """Read a canonical file back (features as stored, unscaled; labels int32)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if size != layout.total_bytes:
+        raise DatasetError(f"{path}: {size} bytes, but the layout describes {layout.total_bytes}")
+    rec = np.fromfile(path, dtype=record_dtype(layout))
+    shape = layout.feature_shape
+    n = layout.train_count
+    x = rec["x"].reshape((len(rec), *shape))
+    y = rec["label"].astype(np.int32)
+    return ArraySet(x[:n], y[:n], x[n:], y[n:])
+
+
+def convert(
+    source: Path | ArraySet,
+    out_dir: Path,
+    *,
+    chunk_size: int = DEFAULT_CHUNK,
+    name: str = "",
+    test_file: Path | None = None,
+    test_fraction: float | None = None,
+) -> Prepared:
+    """Load ``source`` (or take the arrays), write ``<sha>.data`` and ``<sha>.manifest.json``
+    in ``out_dir``. ``name`` defaults to the source's file or directory name."""
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise DatasetError(f"chunk size must be a positive integer, got {chunk_size!r}")
+    if isinstance(source, ArraySet):
+        arrays = source
+        if test_file is not None or test_fraction is not None:
+            raise DatasetError("a test file or fraction applies to a CSV source, not to arrays")
+    else:
+        source = Path(source)
+        arrays = load(source, test_file=test_file, test_fraction=test_fraction)
+        if not name:
+            name = _default_name(source)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=out_dir, prefix=".convert-", suffix=".data")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        layout = write_canonical(arrays, tmp)
+        manifest = Manifest.build(tmp, chunk_size=chunk_size, layout=layout, name=name)
+        data_path = out_dir / f"{manifest.sha256}.data"
+        manifest_path = out_dir / f"{manifest.sha256}.manifest.json"
+        os.replace(tmp, data_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _write_atomic(manifest_path, manifest.to_json())
+    log.info(
+        "converted %s: %d train + %d test records of %d bytes -> %s (manifest %s)",
+        name or "arrays",
+        layout.train_count,
+        layout.test_count,
+        layout.record_bytes,
+        data_path,
+        manifest.digest()[:12],
+    )
+    return Prepared(data_path, manifest_path, manifest)
+
+
+def _default_name(source: Path) -> str:
+    name = source.name
+    for suffix in (".csv.gz", ".csv", ".npz"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise

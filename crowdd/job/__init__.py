@@ -1,0 +1,17 @@
+"""The TensorFlow training job (``python -m crowdd.job host|worker --spec FILE``).
+
+This package is the only part of crowdd that imports TensorFlow, and only in
+:mod:`crowdd.job.host`, :mod:`crowdd.job.worker`, :mod:`crowdd.job.server`,
+:mod:`crowdd.job.data` and :mod:`crowdd.job.models`. This ``__init__`` and
+:mod:`crowdd.job.spec` / :mod:`crowdd.job.events` stay TF-free so the daemon can use them.
+See ``docs/job-spec.md``.
+"""
+
+from __future__ import annotations
+
+EVENT_KINDS = ("started", "progress", "eval", "checkpoint", "resumed", "done", "error")
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_BAD_SPEC = 2
+
+__all__ = ["EVENT_KINDS", "EXIT_OK", "EXIT_FAILED", "EXIT_BAD_SPEC"]

@@ -1,0 +1,61 @@
+"""``python -m crowdd.job host|worker --spec FILE`` — see docs/job-spec.md."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from crowdd.job import EXIT_BAD_SPEC, EXIT_FAILED
+from crowdd.job.events import EventWriter
+from crowdd.job.spec import SpecError, load_layout, load_spec
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        EventWriter(sys.stdout).error(f"usage: {message}")
+        self.print_usage(sys.stderr)
+        sys.exit(EXIT_BAD_SPEC)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = _Parser(prog="python -m crowdd.job", description="Run one member's part of a crowdd training session.")
+    p.add_argument("role", choices=("host", "worker"))
+    p.add_argument("--spec", required=True, help="the job spec (JSON, see docs/job-spec.md)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        stream=sys.stderr,
+        format=f"%(asctime)s {args.role} %(name)s: %(message)s",
+    )
+    events = EventWriter(sys.stdout)
+    try:
+        spec = load_spec(args.spec, role=args.role)
+        if spec.workdir is not None:
+            os.chdir(spec.workdir)
+        layout = load_layout(Path(spec.manifest), Path(spec.data))
+    except SpecError as exc:
+        events.error(str(exc), field=exc.field)
+        return EXIT_BAD_SPEC
+    except OSError as exc:
+        events.error(f"cannot enter workdir: {exc}", field="workdir")
+        return EXIT_BAD_SPEC
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if spec.role == "worker":
+        from crowdd.job.worker import run_worker
+
+        return run_worker(spec, events)
+    from crowdd.job.host import run_host
+
+    return run_host(spec, layout, events)
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(EXIT_FAILED)

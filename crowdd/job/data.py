@@ -1,0 +1,93 @@
+"""Reading the canonical dataset file with tf.data, and the paper's sharding modes."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from crowdd.job.spec import INDEX_FILE
+from crowdd.manifest import Layout
+
+
+def segments(sharding: str, num_workers: int) -> tuple[int, int]:
+    """(number of segments, segments per worker)."""
+    if sharding == "full":
+        return 1, 1
+    if sharding == "disjoint":
+        return num_workers, 1
+    if sharding == "overlap":
+        return num_workers + 1, 2
+    raise ValueError(f"unknown sharding {sharding!r}")
+
+
+def shard_bounds(sharding: str, num_workers: int, worker: int, n: int) -> tuple[int, int]:
+    """[start, end) of worker ``worker``'s training records; the last segment takes the rest."""
+    count, span = segments(sharding, num_workers)
+    if sharding == "full":
+        return 0, n
+    seg = n // count
+    end = n if worker + span >= count else (worker + span) * seg
+    return worker * seg, end
+
+
+def steps_per_epoch(sharding: str, num_workers: int, worker: int, n: int, batch: int) -> int:
+    start, end = shard_bounds(sharding, num_workers, worker, n)
+    return math.ceil((end - start) / batch)
+
+
+def _decode(layout: Layout):
+    feat_len = layout.record_bytes - layout.label_bytes
+    out_dtype = tf.uint8 if layout.feature_dtype == "uint8" else tf.float32
+    shape = [-1, *layout.feature_shape]
+    scale = float(layout.scale)
+
+    def decode(records: tf.Tensor, widx: tf.Tensor):
+        labels = tf.io.decode_raw(tf.strings.substr(records, 0, 4), tf.int32, little_endian=True)
+        feats = tf.io.decode_raw(tf.strings.substr(records, 4, feat_len), out_dtype, little_endian=True)
+        x = tf.reshape(tf.cast(feats, tf.float32) * scale, shape)
+        return x, tf.reshape(labels, [-1]), widx
+
+    return decode
+
+
+def worker_dataset(path: str, layout: Layout, sharding: str, num_workers: int, batch: int) -> tf.data.Dataset:
+    """Infinite shuffled batches ``(x, y, worker_index)`` of this worker's shard.
+
+    Runs ON THE WORKER: ``path`` and :data:`INDEX_FILE` resolve against the worker
+    process's working directory.
+    """
+    n = layout.train_count
+    rb = layout.record_bytes
+    widx = tf.strings.to_number(tf.strings.strip(tf.io.read_file(INDEX_FILE)), out_type=tf.int32)
+    count, span = segments(sharding, num_workers)
+    if sharding == "full":
+        start, end = tf.constant(0, tf.int64), tf.constant(n, tf.int64)
+    else:
+        seg = n // count
+        w = tf.cast(widx, tf.int64)
+        start = w * seg
+        end = tf.where(w + span >= count, tf.constant(n, tf.int64), (w + span) * seg)
+    header = start * rb
+    footer = (n - end) * rb + layout.test_count * rb
+    ds = tf.data.FixedLengthRecordDataset(path, rb, header_bytes=header, footer_bytes=footer, buffer_size=1 << 20)
+    ds = ds.cache().shuffle(tf.maximum(end - start, 1), reshuffle_each_iteration=True).repeat()
+    ds = ds.batch(batch).map(lambda r: _decode(layout)(r, widx), num_parallel_calls=1)
+    return ds.prefetch(2)
+
+
+def read_split(path: Path, layout: Layout, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """The train or test split as float32 features (scaled) and int32 labels, with numpy."""
+    feat = np.dtype("u1") if layout.feature_dtype == "uint8" else np.dtype("<f4")
+    rec = np.dtype([("y", "<i4"), ("x", feat, (layout.feature_count,))])
+    offset, count = (0, layout.train_count) if split == "train" else (layout.test_offset, layout.test_count)
+    arr = np.fromfile(path, dtype=rec, count=count, offset=offset)
+    if len(arr) != count:
+        raise ValueError(f"{path}: expected {count} {split} records, found {len(arr)}")
+    x = arr["x"].astype(np.float32) * np.float32(layout.scale)
+    return x.reshape(count, *layout.feature_shape), arr["y"].astype(np.int32)
+
+
+__all__ = ["segments", "shard_bounds", "steps_per_epoch", "worker_dataset", "read_split"]

@@ -1,0 +1,340 @@
+"""The host job: parameter server + worker 0 (child processes) and the coordinator loop."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import os
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from crowdd.job import EXIT_FAILED, EXIT_OK
+from crowdd.job.events import EventWriter
+from crowdd.job.server import cap_threads, lower_priority, spawn
+from crowdd.job.spec import INDEX_FILE, JobSpec
+from crowdd.manifest import Layout
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT = 120.0
+PROGRESS_EVERY = 0.5
+
+
+class Children:
+    """The job's TF server processes; kills them all on :meth:`kill`."""
+
+    def __init__(self) -> None:
+        self.procs: dict[str, subprocess.Popen] = {}
+        self._lock = threading.Lock()
+
+    def add(self, name: str, proc: subprocess.Popen) -> None:
+        with self._lock:
+            self.procs[name] = proc
+
+    def kill(self) -> None:
+        with self._lock:
+            for proc in self.procs.values():
+                if proc.poll() is None:
+                    try:
+                        proc.kill()
+                    except OSError:
+                        pass
+            for proc in self.procs.values():
+                try:
+                    proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    pass
+
+
+def wait_ready(proc: subprocess.Popen, name: str, timeout: float = READY_TIMEOUT) -> None:
+    """Block until the server child prints ``ready``; raise RuntimeError if it dies first."""
+    result: list[str] = []
+
+    def read() -> None:
+        assert proc.stdout is not None
+        result.append(proc.stdout.readline())
+
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    t.join(timeout)
+    if not result or result[0].strip() != "ready":
+        code = proc.poll()
+        raise RuntimeError(
+            f"{name} server did not start" + (f" (exit code {code}; is its port free?)" if code is not None else "")
+        )
+
+
+def start_servers(spec: JobSpec, names: list[tuple[str, str, int]], children: Children) -> None:
+    cluster = {"ps": list(spec.cluster.ps), "worker": list(spec.cluster.worker)}
+    for label, job_name, task in names:
+        children.add(label, spawn(cluster, job_name, task, threads=spec.settings.threads, nice=spec.settings.nice))
+    for label, _, _ in names:
+        wait_ready(children.procs[label], label)
+
+
+def watch_parent(parent: int, on_death: Any) -> None:
+    def loop() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        on_death()
+
+    threading.Thread(target=loop, name="parent-watch", daemon=True).start()
+
+
+def watch_ps(children: Children, events: EventWriter, stop: threading.Event) -> None:
+    """A dead parameter server ends the job with an error: TF would otherwise retry forever."""
+
+    def loop() -> None:
+        ps = children.procs["ps"]
+        while not stop.is_set():
+            code = ps.poll()
+            if code is not None and not stop.is_set():
+                events.error(f"the parameter server died (exit code {code}); training cannot go on")
+                children.kill()
+                os._exit(EXIT_FAILED)
+            time.sleep(0.2)
+
+    threading.Thread(target=loop, name="ps-watch", daemon=True).start()
+
+
+@dataclass
+class WorkerStats:
+    loss: float = 0.0
+    correct: float = 0.0
+    samples: float = 0.0
+    since: float = field(default_factory=time.monotonic)
+
+    def add(self, loss: float, correct: float, samples: float) -> None:
+        self.loss += loss
+        self.correct += correct
+        self.samples += samples
+
+    def reset(self, now: float) -> None:
+        self.loss = self.correct = self.samples = 0.0
+        self.since = now
+
+
+class CheckpointStore:
+    """``ckpt-STEP.npz`` files (weights, optimizer slots, step) in ``dir``; keeps the last two."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+
+    def latest(self) -> Path | None:
+        found = sorted(self.dir.glob("ckpt-*.npz"), key=lambda p: int(p.stem.split("-")[1]))
+        return found[-1] if found else None
+
+    def save(self, step: int, arrays: list) -> Path:
+        import numpy as np
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / f"ckpt-{step}.npz"
+        tmp = self.dir / f".ckpt-{step}.tmp.npz"
+        np.savez(tmp, step=np.int64(step), **{f"v{i}": a for i, a in enumerate(arrays)})
+        os.replace(tmp, path)
+        for old in sorted(self.dir.glob("ckpt-*.npz"), key=lambda p: int(p.stem.split("-")[1]))[:-2]:
+            old.unlink(missing_ok=True)
+        return path
+
+    @staticmethod
+    def load(path: Path, count: int) -> tuple[int, list]:
+        import numpy as np
+
+        with np.load(path) as z:
+            arrays = [z[f"v{i}"] for i in range(count)]
+            return int(z["step"]), arrays
+
+
+def run_host(spec: JobSpec, layout: Layout, events: EventWriter) -> int:
+    Path(INDEX_FILE).write_text("0\n")
+    out = Path(spec.output_dir or "output").absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    children = Children()
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        children.kill()
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    parent = os.getppid()
+    watch_parent(parent, lambda: (children.kill(), os._exit(EXIT_OK)))
+    try:
+        try:
+            start_servers(spec, [("ps", "ps", 0), ("worker0", "worker", 0)], children)
+        except RuntimeError as exc:
+            events.error(str(exc))
+            return EXIT_FAILED
+        events.emit(
+            "started",
+            role="host",
+            index=0,
+            ports=spec.own_ports(),
+            pid=os.getpid(),
+            children={k: p.pid for k, p in children.procs.items()},
+        )
+        watch_ps(children, events, stop)
+        lower_priority(spec.settings.nice)
+        cap_threads(spec.settings.threads)
+        return Coordinator(spec, layout, events, out).run()
+    except Exception as exc:  # the job's last word: an error event, never a traceback only
+        log.exception("host job failed")
+        events.error(f"{type(exc).__name__}: {exc}")
+        return EXIT_FAILED
+    finally:
+        stop.set()
+        children.kill()
+
+
+class Coordinator:
+    """The chief: builds the strategy, schedules training, evaluates, checkpoints, saves."""
+
+    def __init__(self, spec: JobSpec, layout: Layout, events: EventWriter, out: Path) -> None:
+        self.spec = spec
+        self.layout = layout
+        self.events = events
+        self.out = out
+        self.job = spec.job
+        self.num_workers = spec.cluster.num_workers
+
+    def total_steps(self) -> int:
+        from crowdd.job.data import steps_per_epoch
+
+        n = self.layout.train_count
+        per = [
+            steps_per_epoch(self.job.sharding, self.num_workers, j, n, self.job.batch_size)
+            for j in range(self.num_workers)
+        ]
+        return self.job.epochs * sum(per)
+
+    def run(self) -> int:
+        import numpy as np
+        import tensorflow as tf
+
+        from crowdd.job.data import read_split, worker_dataset
+        from crowdd.job.models import build_model, loss_function
+        from crowdd.job.train import TrainState, make_train_fn
+
+        threads = self.spec.settings.threads
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+        t0 = time.monotonic()
+        cluster = self.spec.cluster.to_dict()
+        resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
+            tf.train.ClusterSpec(cluster), rpc_layer="grpc"
+        )
+        strategy = tf.distribute.ParameterServerStrategy(resolver)
+        coordinator = tf.distribute.coordinator.ClusterCoordinator(strategy)
+        loss_fn = loss_function(self.job)
+        with strategy.scope():
+            model = build_model(self.job, self.layout)
+            state = TrainState(model, self.job)
+        train_fn = make_train_fn(state, loss_fn, self.spec.settings.sync_every)
+        local = build_model(self.job, self.layout)
+        variables = state.variables()
+
+        store = CheckpointStore(self.out / "checkpoints")
+        done = 0
+        latest = store.latest()
+        if latest is not None:
+            done, arrays = store.load(latest, len(variables))
+            for var, arr in zip(variables, arrays):
+                var.assign(arr)
+            self.events.emit("resumed", path=str(latest), step=done)
+
+        data_path = self.spec.data
+        layout, job, w = self.layout, self.job, self.num_workers
+
+        def dataset_fn():
+            return worker_dataset(data_path, layout, job.sharding, w, job.batch_size)
+
+        per_worker = coordinator.create_per_worker_dataset(dataset_fn)
+        iterator = iter(per_worker)
+        x_test, y_test = read_split(Path(self.spec.data), self.layout, "test")
+        tb_dir = self.out / "tensorboard"
+        writer = tf.summary.create_file_writer(str(tb_dir))
+
+        total = self.total_steps()
+        per_epoch = total / job.epochs
+        spf = self.spec.settings.steps_per_function
+        next_epoch = min(job.epochs, int(done // per_epoch) + 1)
+        stats: dict[int, WorkerStats] = collections.defaultdict(WorkerStats)
+        last_ckpt = time.monotonic()
+        scheduled = done
+        in_flight: collections.deque = collections.deque()
+        last_eval: dict[str, float] = {}
+        evals_done = int(done // per_epoch) if done else 0
+
+        def evaluate(epoch: int, step: int) -> dict[str, float]:
+            local.set_weights([v.numpy() for v in state.weights])
+            probs = local.predict(x_test, batch_size=1000, verbose=0)
+            test_loss = float(loss_fn(y_test, probs))
+            acc = float(np.mean(np.argmax(probs, axis=-1) == y_test))
+            with writer.as_default(step=step):
+                tf.summary.scalar("test/accuracy", acc)
+                tf.summary.scalar("test/loss", test_loss)
+            self.events.emit("eval", epoch=epoch, step=step, test_accuracy=acc, test_loss=test_loss)
+            return {"test_accuracy": acc, "test_loss": test_loss}
+
+        log.info("training %d steps on %d workers", total, w)
+        while scheduled < total or in_flight:
+            while scheduled < total and len(in_flight) < 2 * w:
+                n = min(spf, total - scheduled)
+                in_flight.append((coordinator.schedule(train_fn, args=(iterator, n)), n))
+                scheduled += n
+            rv, n = in_flight.popleft()
+            loss_sum, correct, samples, widx = rv.fetch()
+            done += n
+            now = time.monotonic()
+            ws = stats[int(widx)]
+            ws.add(float(loss_sum), float(correct), float(samples))
+            if now - ws.since >= PROGRESS_EVERY and ws.samples:
+                epoch = min(job.epochs, int(done // per_epoch) + 1)
+                self.events.emit(
+                    "progress",
+                    epoch=epoch,
+                    epochs=job.epochs,
+                    step=done,
+                    total_steps=total,
+                    loss=ws.loss / ws.samples,
+                    accuracy=ws.correct / ws.samples,
+                    samples_per_sec=ws.samples / max(now - ws.since, 1e-9),
+                    worker=int(widx),
+                )
+                with writer.as_default(step=done):
+                    tf.summary.scalar(f"train/loss_worker{int(widx)}", ws.loss / ws.samples)
+                    tf.summary.scalar(f"train/accuracy_worker{int(widx)}", ws.correct / ws.samples)
+                ws.reset(now)
+            while evals_done < job.epochs - 1 and done >= (evals_done + 1) * per_epoch:
+                evals_done += 1
+                last_eval = evaluate(evals_done, done)
+            if now - last_ckpt >= self.spec.settings.checkpoint_secs and done < total:
+                path = store.save(done, [v.numpy() for v in variables])
+                self.events.emit("checkpoint", path=str(path), step=done)
+                last_ckpt = time.monotonic()
+        del next_epoch
+        last_eval = evaluate(job.epochs, done)
+        path = store.save(done, [v.numpy() for v in variables])
+        self.events.emit("checkpoint", path=str(path), step=done)
+        model_path = self.out / "model.keras"
+        local.save(model_path)
+        writer.flush()
+        self.events.emit(
+            "done",
+            test_accuracy=last_eval["test_accuracy"],
+            test_loss=last_eval["test_loss"],
+            model_path=str(model_path),
+            tensorboard_dir=str(tb_dir),
+            steps=done,
+            seconds=round(time.monotonic() - t0, 3),
+        )
+        return EXIT_OK
+
+
+__all__ = ["run_host", "Coordinator", "CheckpointStore", "Children"]

@@ -1,0 +1,103 @@
+"""The scheduled training function: Downpour-style local steps on copies of the PS variables.
+
+Each call reads the parameter server's variables once per ``sync_every`` steps, takes that
+many local steps on tensor copies (``model.stateless_call``), then pushes the accumulated
+change with ``assign_add``. This keeps the per-step cost close to a local loop while the
+updates stay asynchronous across workers.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from crowdd.hyperparams import Job
+
+ADAM_BETA1 = 0.9
+ADAM_BETA2 = 0.999
+ADAM_EPSILON = 1e-7
+
+
+class TrainState:
+    """Model and optimizer state; create it inside ``strategy.scope()`` to live on the PS."""
+
+    def __init__(self, model, job: Job) -> None:
+        self.model = model
+        self.job = job
+        self.weights = [v.value for v in model.trainable_variables]
+        self.slots: list[tf.Variable] = []
+        if job.optimizer == "adam":
+            for i, w in enumerate(self.weights):
+                self.slots.append(tf.Variable(tf.zeros(w.shape, w.dtype), trainable=False, name=f"adam_m{i}"))
+            for i, w in enumerate(self.weights):
+                self.slots.append(tf.Variable(tf.zeros(w.shape, w.dtype), trainable=False, name=f"adam_v{i}"))
+            self.slots.append(tf.Variable(0.0, trainable=False, name="adam_t"))
+
+    def variables(self) -> list:
+        return [*self.weights, *self.slots]
+
+
+def _update(job: Job, weights: list, slots: list, grads: list) -> tuple[list, list]:
+    lr = tf.constant(job.learning_rate, tf.float32)
+    if job.optimizer == "sgd":
+        return [w - lr * g for w, g in zip(weights, grads)], slots
+    n = len(weights)
+    m, v, t = slots[:n], slots[n : 2 * n], slots[2 * n] + 1.0
+    m = [mi + (g - mi) * (1 - ADAM_BETA1) for mi, g in zip(m, grads)]
+    v = [vi + (tf.square(g) - vi) * (1 - ADAM_BETA2) for vi, g in zip(v, grads)]
+    lr_t = lr * tf.sqrt(1 - tf.pow(ADAM_BETA2, t)) / (1 - tf.pow(ADAM_BETA1, t))
+    new = [w - lr_t * mi / (tf.sqrt(vi) + ADAM_EPSILON) for w, mi, vi in zip(weights, m, v)]
+    return new, [*m, *v, t]
+
+
+def make_train_fn(state: TrainState, loss_fn, sync_every: int):
+    """``fn(iterator, n) -> (loss_sum, correct, samples, worker_index)`` for ``n`` steps."""
+    model = state.model
+    job = state.job
+    variables = state.variables()
+    nw = len(state.weights)
+    fixed = [v.value for v in model.non_trainable_variables]
+    k_max = int(sync_every)
+
+    def local_steps(iterator, k, weights, slots):
+        loss_sum = tf.constant(0.0)
+        correct = tf.constant(0.0)
+        samples = tf.constant(0.0)
+        widx = tf.constant(-1, tf.int32)
+        for _ in tf.range(k):
+            x, y, widx = next(iterator)
+            with tf.GradientTape() as tape:
+                tape.watch(weights)
+                probs, _ = model.stateless_call(weights, [tf.identity(f) for f in fixed], x, training=True)
+                loss = loss_fn(y, probs)
+            grads = tape.gradient(loss, weights)
+            weights, slots = _update(job, weights, slots, grads)
+            batch = tf.cast(tf.shape(y)[0], tf.float32)
+            loss_sum += loss * batch
+            hits = tf.equal(tf.argmax(probs, axis=-1, output_type=tf.int32), y)
+            correct += tf.reduce_sum(tf.cast(hits, tf.float32))
+            samples += batch
+        return weights, slots, loss_sum, correct, samples, widx
+
+    @tf.function
+    def train(iterator, n):
+        loss_sum = tf.constant(0.0)
+        correct = tf.constant(0.0)
+        samples = tf.constant(0.0)
+        widx = tf.constant(-1, tf.int32)
+        done = tf.constant(0)
+        while done < n:
+            k = tf.minimum(k_max, n - done)
+            start = [tf.identity(v.read_value()) for v in variables]
+            weights, slots, ls, c, s, widx = local_steps(iterator, k, start[:nw], start[nw:])
+            for var, new, old in zip(variables, [*weights, *slots], start):
+                var.assign_add(new - old)
+            loss_sum += ls
+            correct += c
+            samples += s
+            done += k
+        return loss_sum, correct, samples, widx
+
+    return train
+
+
+__all__ = ["TrainState", "make_train_fn"]

@@ -1,0 +1,677 @@
+"""The central matchmaker: queues waiting hosts and workers and forms groups (docs/protocol.md).
+
+State and decisions are pure and tested directly: :func:`check_hello` decides whether a hello
+is acceptable, :func:`admit` whether a new connection fits the limits, :class:`Grouper` holds
+the FIFO queues and :meth:`Grouper.form_groups` decides which groups to form, and
+:func:`group_frames` builds what each member receives. :class:`Matchmaker` is the asyncio I/O
+around them: one lightweight :class:`asyncio.Protocol` per connection (no task, no stream
+objects, so 10,000 waiting clients stay cheap), fed through :class:`wire.FrameDecoder`, and one
+sweep that enforces every timeout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import re
+import secrets
+import signal
+import sys
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from crowdd import wire
+from crowdd.config import MatchmakerConfig, parse_hostport
+from crowdd.hyperparams import HyperparamError, Job, validate_job
+
+logger = logging.getLogger(__name__)
+
+HOST = "host"
+WORKER = "worker"
+ROLES = (HOST, WORKER)
+TF_PORTS = {HOST: 2, WORKER: 1}
+MAX_NAME = 64
+MAX_TAG = 64
+MAX_DATASET_NAME = 255
+WAIT_INTERVAL = 1.0
+MAX_UNSENT = 1 << 20
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+_HOSTNAME = re.compile(r"(?=.{1,253}\.?$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?")
+
+
+# --------------------------------------------------------------------------- validation (pure)
+
+
+@dataclass(frozen=True)
+class Hello:
+    """A validated hello: who this client is and where its peers can reach it."""
+
+    role: str
+    name: str
+    address: str
+    ports: dict[str, Any]
+    tag: str = ""
+    want_tag: str = ""
+    job: Job | None = None
+    dataset: dict[str, Any] | None = None
+
+    def member(self, index: int) -> dict[str, Any]:
+        return {"index": index, "role": self.role, "name": self.name, "address": self.address, "ports": self.ports}
+
+
+def _bad(name: str, message: str) -> wire.WireError:
+    return wire.WireError(wire.ErrorCode.BAD_FIELD, message, field=name)
+
+
+def _text(frame: Mapping[str, Any], name: str, lo: int, hi: int, default: str | None = None) -> str:
+    value = frame.get(name, default)
+    if not isinstance(value, str):
+        raise _bad(name, f"field {name!r} must be a string")
+    if not lo <= len(value) <= hi or not value.isprintable():
+        raise _bad(name, f"field {name!r} must be {lo}..{hi} printable characters")
+    return value
+
+
+def _port(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise _bad(name, f"field {name!r} must be a port 1..65535, got {value!r}")
+    return value
+
+
+def _ports(frame: Mapping[str, Any], role: str) -> dict[str, Any]:
+    ports = frame.get("ports")
+    if not isinstance(ports, dict):
+        raise _bad("ports", "field 'ports' must be an object {data, session, tf}")
+    tf = ports.get("tf")
+    want = TF_PORTS[role]
+    if not isinstance(tf, list) or len(tf) != want:
+        raise _bad("ports.tf", f"a {role} advertises exactly {want} TF port(s) in 'ports.tf'")
+    return {
+        "data": _port(ports.get("data"), "ports.data"),
+        "session": _port(ports.get("session"), "ports.session"),
+        "tf": [_port(p, "ports.tf") for p in tf],
+    }
+
+
+def _advertised(value: Any) -> str:
+    if not isinstance(value, str):
+        raise _bad("advertise", "field 'advertise' must be a string")
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        pass
+    if not _HOSTNAME.fullmatch(value):
+        raise _bad("advertise", f"field 'advertise' must be an IP address or a DNS name, got {value!r}")
+    return value
+
+
+def _dataset(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _bad("dataset", "a host sends 'dataset' = {digest, size, name}")
+    digest = value.get("digest")
+    if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
+        raise _bad("dataset.digest", "field 'dataset.digest' must be 64 lowercase hex characters (sha256)")
+    size = value.get("size")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise _bad("dataset.size", f"field 'dataset.size' must be an integer >= 0, got {size!r}")
+    name = value.get("name")
+    if not isinstance(name, str) or not 1 <= len(name) <= MAX_DATASET_NAME or not name.isprintable():
+        raise _bad("dataset.name", f"field 'dataset.name' must be 1..{MAX_DATASET_NAME} printable characters")
+    return {"digest": digest, "size": size, "name": name}
+
+
+def observed_address(peer_ip: str) -> str:
+    """The address as peers should use it (an IPv4-mapped IPv6 address becomes plain IPv4)."""
+    try:
+        ip = ipaddress.ip_address(peer_ip.split("%", 1)[0])
+    except ValueError:
+        return peer_ip
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return peer_ip
+
+
+def check_hello(frame: Mapping[str, Any], peer_ip: str, *, trust_advertised: bool = False) -> Hello:
+    """Decide whether a hello is acceptable; raise :class:`wire.WireError` saying why not."""
+    if frame.get("type") != "hello":
+        raise wire.WireError(wire.ErrorCode.BAD_FRAME, f"the first frame must be a hello, got {frame.get('type')!r}")
+    wire.check_proto(frame)
+    role = frame.get("role")
+    if role not in ROLES:
+        raise _bad("role", f"field 'role' must be host or worker, got {role!r}")
+    name = _text(frame, "name", 1, MAX_NAME)
+    ports = _ports(frame, role)
+    tag = _text(frame, "tag", 0, MAX_TAG, "")
+    want_tag = _text(frame, "want_tag", 0, MAX_TAG, "")
+    address = observed_address(peer_ip)
+    if frame.get("advertise") is not None:
+        advertised = _advertised(frame["advertise"])
+        if trust_advertised:
+            address = advertised
+    job: Job | None = None
+    dataset: dict[str, Any] | None = None
+    if role == HOST:
+        if "job" not in frame:
+            raise _bad("job", "a host sends its 'job' (hyperparameters)")
+        try:
+            job = validate_job(frame["job"])
+        except HyperparamError as exc:
+            prefix = "" if exc.field == "job" else "job."
+            raise _bad(prefix + exc.field, f"job: {exc}") from None
+        dataset = _dataset(frame.get("dataset"))
+    else:
+        for key in ("job", "dataset"):
+            if key in frame:
+                raise _bad(key, f"only a host sends {key!r}")
+    return Hello(role=role, name=name, address=address, ports=ports, tag=tag, want_tag=want_tag, job=job, dataset=dataset)
+
+
+def admit(total: int, from_ip: int, cfg: MatchmakerConfig) -> wire.WireError | None:
+    """Whether one more connection fits the limits (given the open ones); a busy error if not."""
+    if total >= cfg.max_clients:
+        return wire.WireError(wire.ErrorCode.BUSY, f"the matchmaker is full ({cfg.max_clients} clients); try again later")
+    if from_ip >= cfg.max_per_ip:
+        return wire.WireError(wire.ErrorCode.BUSY, f"too many connections from your address (limit {cfg.max_per_ip})")
+    return None
+
+
+# --------------------------------------------------------------------------- queues and grouping (pure)
+
+
+@dataclass(frozen=True)
+class Waiter:
+    """One queued client."""
+
+    id: int
+    hello: Hello
+    joined: float
+
+    @property
+    def role(self) -> str:
+        return self.hello.role
+
+
+@dataclass(frozen=True)
+class Group:
+    host: Waiter
+    workers: tuple[Waiter, ...]
+
+    @property
+    def members(self) -> tuple[Waiter, ...]:
+        return (self.host, *self.workers)
+
+
+def matches(host: Hello, worker: Hello) -> bool:
+    """Host targeting: each side's ``want_tag`` (if any) must equal the other's ``tag``."""
+    return (not worker.want_tag or worker.want_tag == host.tag) and (not host.want_tag or host.want_tag == worker.tag)
+
+
+@dataclass
+class Grouper:
+    """The two FIFO queues (insertion-ordered dicts) and the grouping rule."""
+
+    hosts: dict[int, Waiter] = field(default_factory=dict)
+    workers: dict[int, Waiter] = field(default_factory=dict)
+
+    def add(self, waiter: Waiter) -> int:
+        """Queue a client; return its 1-based position in its role's queue."""
+        queue = self._queue(waiter.role)
+        if waiter.id in self.hosts or waiter.id in self.workers:
+            raise ValueError(f"client {waiter.id} is already queued")
+        queue[waiter.id] = waiter
+        return len(queue)
+
+    def remove(self, client_id: int) -> Waiter | None:
+        return self.hosts.pop(client_id, None) or self.workers.pop(client_id, None)
+
+    def __contains__(self, client_id: object) -> bool:
+        return client_id in self.hosts or client_id in self.workers
+
+    def __len__(self) -> int:
+        return len(self.hosts) + len(self.workers)
+
+    def _queue(self, role: str) -> dict[int, Waiter]:
+        return self.hosts if role == HOST else self.workers
+
+    def positions(self) -> dict[int, int]:
+        """Every queued client's 1-based position in its role's queue."""
+        out = {cid: i for i, cid in enumerate(self.hosts, 1)}
+        out.update({cid: i for i, cid in enumerate(self.workers, 1)})
+        return out
+
+    def form_groups(self, now: float) -> list[Group]:
+        """Form every group possible now (oldest host first) and take its members off the queues."""
+        groups: list[Group] = []
+        for host in list(self.hosts.values()):
+            job = host.hello.job
+            if job is None:  # pragma: no cover - check_hello guarantees a host has a job
+                continue
+            taken = self._take(host, job, now)
+            if taken is None:
+                continue
+            del self.hosts[host.id]
+            for w in taken:
+                del self.workers[w.id]
+            groups.append(Group(host, tuple(taken)))
+        return groups
+
+    def _take(self, host: Waiter, job: Job, now: float) -> list[Waiter] | None:
+        found: list[Waiter] = []
+        if job.workers:
+            for w in self.workers.values():
+                if matches(host.hello, w.hello):
+                    found.append(w)
+                    if len(found) == job.workers:
+                        return found
+        else:
+            return found
+        if now - host.joined >= job.wait and len(found) >= job.min_workers:
+            return found
+        return None
+
+    def next_deadline(self, now: float) -> float | None:
+        """When some host's wait runs out next (and its minimum may then be enough)."""
+        deadlines = [
+            h.joined + h.hello.job.wait for h in self.hosts.values() if h.hello.job is not None and h.joined + h.hello.job.wait > now
+        ]
+        return min(deadlines) if deadlines else None
+
+
+def group_frames(group: Group, group_id: str, token: str) -> dict[int, dict[str, Any]]:
+    """The group frame for each member (by client id): identical except for ``index``."""
+    host = group.host.hello
+    members = [m.hello.member(i) for i, m in enumerate(group.members)]
+    base = {
+        "type": "group",
+        "group_id": group_id,
+        "token": token,
+        "members": members,
+        "job": host.job.to_dict() if host.job is not None else {},
+        "dataset": host.dataset,
+    }
+    return {m.id: {**base, "index": i} for i, m in enumerate(group.members)}
+
+
+def new_group_id() -> str:
+    return secrets.token_hex(8)
+
+
+def new_token() -> str:
+    return secrets.token_hex(32)
+
+
+# --------------------------------------------------------------------------- I/O
+
+
+class _Conn(asyncio.Protocol):
+    """One client connection, driven by the :class:`Matchmaker`."""
+
+    def __init__(self, server: Matchmaker) -> None:
+        self.server = server
+        self.id = server._next_id()
+        self.transport: asyncio.Transport | None = None
+        self.ip = ""
+        self.state = "new"  # new → hello → waiting → done
+        self.decoder = wire.FrameDecoder(max_size=server.cfg.max_frame, max_blob=0)
+        now = server.now()
+        self.connected_at = now
+        self.last_rx = now
+        self.partial_since: float | None = None
+        self.position = 0
+        self.sent_position = 0
+
+    # asyncio callbacks
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = typing.cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.ip = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
+        self.server._connected(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.state == "done":
+            return
+        now = self.server.now()
+        self.last_rx = now
+        try:
+            frames = self.decoder.feed(data)
+            for frame, _blob in frames:
+                if self.state == "done":
+                    return
+                self._handle(frame)
+        except wire.WireError as exc:
+            self.fail(exc)
+            return
+        except Exception:
+            logger.exception("matchmaker: internal error on a connection from %s", self.ip)
+            self.fail(wire.WireError(wire.ErrorCode.INTERNAL, "internal error"))
+            return
+        if self.decoder.buffered == 0:
+            self.partial_since = None
+        elif frames or self.partial_since is None:
+            self.partial_since = now
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.state = "done"
+        self.server._disconnected(self)
+
+    # protocol
+    def _handle(self, frame: dict[str, Any]) -> None:
+        kind = frame["type"]
+        if "blob" in frame:
+            raise wire.WireError(wire.ErrorCode.BAD_FRAME, "the matchmaker accepts no blobs")
+        if kind not in ("hello", "heartbeat"):
+            raise wire.WireError(wire.ErrorCode.UNKNOWN_TYPE, f"unknown frame type {kind!r}")
+        if self.state == "new":
+            hello = check_hello(frame, self.ip, trust_advertised=self.server.cfg.trust_advertised)
+            self.state = "waiting"
+            self.server._join(self, hello)
+        elif kind == "hello":
+            raise wire.WireError(wire.ErrorCode.BAD_FRAME, "hello was already sent on this connection")
+        else:
+            self.send_wait()
+
+    def send(self, frame: Mapping[str, Any]) -> None:
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        t.write(wire.encode(frame))
+        if t.get_write_buffer_size() > MAX_UNSENT:
+            logger.info("matchmaker: dropping %s (%s): it does not read", self.id, self.ip)
+            self.drop()
+
+    def send_wait(self) -> None:
+        g = self.server.grouper
+        self.sent_position = self.position
+        self.send({"type": "wait", "position": self.position, "hosts": len(g.hosts), "workers": len(g.workers)})
+
+    def finish(self, frame: Mapping[str, Any]) -> None:
+        """Send a last frame and close (the transport flushes it first)."""
+        self.send(frame)
+        self.close()
+
+    def fail(self, err: wire.WireError) -> None:
+        logger.info("matchmaker: client %s (%s): %s", self.id, self.ip, err)
+        self.finish(err.to_frame())
+
+    def close(self) -> None:
+        self.server._leave(self)
+        self.state = "done"
+        if self.transport is not None:
+            self.transport.close()
+
+    def drop(self) -> None:
+        self.server._leave(self)
+        self.state = "done"
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class Matchmaker:
+    """The asyncio server around :class:`Grouper`. ``await start(host, port)``, then ``close()``."""
+
+    def __init__(self, cfg: MatchmakerConfig, *, wait_interval: float = WAIT_INTERVAL) -> None:
+        self.cfg = cfg
+        self.wait_interval = wait_interval
+        self.grouper = Grouper()
+        self.conns: dict[int, _Conn] = {}
+        self.per_ip: dict[str, int] = {}
+        self.groups_formed = 0
+        self.dropped = 0
+        self._ids = 0
+        self._server: asyncio.Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._form_scheduled = False
+        self._deadline: asyncio.TimerHandle | None = None
+        self._positions_dirty = False
+
+    def now(self) -> float:
+        return self._loop.time() if self._loop is not None else 0.0
+
+    def _next_id(self) -> int:
+        self._ids += 1
+        return self._ids
+
+    @property
+    def address(self) -> tuple[str, int]:
+        if self._server is None or not self._server.sockets:
+            raise RuntimeError("the matchmaker is not listening")
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return str(host), int(port)
+
+    async def start(self, host: str, port: int) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._server = await self._loop.create_server(
+            lambda: _Conn(self), host or None, port, backlog=4096, reuse_address=True
+        )
+        sweep = max(0.05, min(1.0, self.cfg.read_timeout / 4, self.cfg.heartbeat_timeout / 4))
+        self._tasks = [
+            asyncio.create_task(self._every(sweep, self._sweep), name="matchmaker-sweep"),
+            asyncio.create_task(self._every(self.wait_interval, self._notify_positions), name="matchmaker-wait"),
+            asyncio.create_task(self._every(self.cfg.status_interval, self._status), name="matchmaker-status"),
+        ]
+        logger.info("matchmaker listening on %s:%d", *self.address)
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._tasks = []
+        if self._deadline is not None:
+            self._deadline.cancel()
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.conns.values()):
+            conn.drop()
+        if self._server is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._server.wait_closed(), 5.0)
+        self._server = None
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "hosts": len(self.grouper.hosts),
+            "workers": len(self.grouper.workers),
+            "connections": len(self.conns),
+            "groups": self.groups_formed,
+            "dropped": self.dropped,
+        }
+
+    # connection bookkeeping
+    def _connected(self, conn: _Conn) -> None:
+        err = admit(len(self.conns), self.per_ip.get(conn.ip, 0), self.cfg)
+        if err is not None:
+            logger.info("matchmaker: refusing %s: %s", conn.ip, err.message)
+            conn.state = "done"
+            conn.send(err.to_frame())
+            if conn.transport is not None:
+                conn.transport.close()
+            return
+        self.conns[conn.id] = conn
+        self.per_ip[conn.ip] = self.per_ip.get(conn.ip, 0) + 1
+
+    def _disconnected(self, conn: _Conn) -> None:
+        self._leave(conn)
+        if self.conns.pop(conn.id, None) is not None:
+            left = self.per_ip.get(conn.ip, 1) - 1
+            if left > 0:
+                self.per_ip[conn.ip] = left
+            else:
+                self.per_ip.pop(conn.ip, None)
+
+    def _leave(self, conn: _Conn) -> None:
+        if self.grouper.remove(conn.id) is not None:
+            self._positions_dirty = True
+
+    def _join(self, conn: _Conn, hello: Hello) -> None:
+        conn.position = self.grouper.add(Waiter(conn.id, hello, self.now()))
+        logger.debug("matchmaker: %s %r (%s) queued at %d", hello.role, hello.name, hello.address, conn.position)
+        conn.send_wait()
+        if not self._form_scheduled and self._loop is not None:
+            self._form_scheduled = True
+            self._loop.call_soon(self._form)
+
+    # grouping
+    def _form(self) -> None:
+        self._form_scheduled = False
+        now = self.now()
+        for group in self.grouper.form_groups(now):
+            self._positions_dirty = True
+            self._send_group(group)
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        nxt = self.grouper.next_deadline(now)
+        if nxt is not None and self._loop is not None:
+            self._deadline = self._loop.call_at(nxt + 0.001, self._form)
+
+    def _send_group(self, group: Group) -> None:
+        gid = new_group_id()
+        frames = group_frames(group, gid, new_token())
+        self.groups_formed += 1
+        host = group.host.hello
+        logger.info(
+            "matchmaker: group %s formed: host %r (%s) + %d worker(s) [%s], waited %.1f s",
+            gid, host.name, host.address, len(group.workers),
+            ", ".join(f"{w.hello.name}@{w.hello.address}" for w in group.workers),
+            self.now() - group.host.joined,
+        )
+        for cid, frame in frames.items():
+            conn = self.conns.get(cid)
+            if conn is not None:
+                conn.finish(frame)
+
+    # periodic work
+    async def _every(self, interval: float, fn: Any) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                fn()
+            except Exception:
+                logger.exception("matchmaker: periodic task failed")
+
+    def _notify_positions(self) -> None:
+        if not self._positions_dirty:
+            return
+        self._positions_dirty = False
+        for cid, pos in self.grouper.positions().items():
+            conn = self.conns.get(cid)
+            if conn is not None:
+                conn.position = pos
+                if pos != conn.sent_position:
+                    conn.send_wait()
+
+    def _sweep(self) -> None:
+        now = self.now()
+        cfg = self.cfg
+        for conn in list(self.conns.values()):
+            reason = None
+            if conn.state == "new" and now - conn.connected_at > cfg.read_timeout:
+                reason = f"no hello within {cfg.read_timeout} s"
+            elif conn.partial_since is not None and now - conn.partial_since > cfg.read_timeout:
+                reason = f"stalled mid-frame for {cfg.read_timeout} s"
+            elif conn.state == "waiting" and now - conn.last_rx > cfg.heartbeat_timeout:
+                reason = f"silent for {cfg.heartbeat_timeout} s"
+            if reason is not None:
+                self.dropped += 1
+                logger.info("matchmaker: dropping client %s (%s): %s", conn.id, conn.ip, reason)
+                conn.drop()
+
+    def _status(self) -> None:
+        s = self.stats()
+        logger.info(
+            "matchmaker: %d host(s) and %d worker(s) waiting, %d connection(s), %d group(s) formed, %d dropped",
+            s["hosts"], s["workers"], s["connections"], s["groups"], s["dropped"],
+        )
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def raise_nofile_limit() -> int | None:
+    """Raise the open-file soft limit to the hard limit; return the new soft limit (None: n/a)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            logger.warning("cannot raise the open-file limit to %d: %s", hard, exc)
+    return int(soft)
+
+
+async def serve(cfg: MatchmakerConfig, host: str, port: int, stop: asyncio.Event | None = None) -> int:
+    """Run until ``stop`` is set or SIGINT/SIGTERM arrives."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    installed = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, stop.set)
+            installed.append(sig)
+    mm = Matchmaker(cfg)
+    try:
+        await mm.start(host, port)
+        bound_host, bound_port = mm.address
+        print(f"crowdd matchmaker listening on {bound_host}:{bound_port}", file=sys.stderr, flush=True)
+        await stop.wait()
+        logger.info("matchmaker: stopping")
+    finally:
+        await mm.close()
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+    return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    """``crowdd matchmaker [--listen HOST:PORT] [--config FILE]``."""
+    from crowdd.cli import resolve_config
+
+    cfg, _paths = resolve_config(args)
+    mcfg = cfg.matchmaker
+    listen = getattr(args, "listen", None) or mcfg.listen
+    try:
+        host, port = parse_hostport(listen)
+    except ValueError as exc:
+        print(f"crowdd matchmaker: bad --listen: {exc}", file=sys.stderr)
+        return 2
+    limit = raise_nofile_limit()
+    if limit is not None and limit < mcfg.max_clients + 64:
+        logger.warning(
+            "open-file limit %d is below max_clients %d: the matchmaker may run out of sockets", limit, mcfg.max_clients
+        )
+    try:
+        return asyncio.run(serve(mcfg, host, port))
+    except OSError as exc:
+        print(f"crowdd matchmaker: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+
+
+__all__ = [
+    "Group",
+    "Grouper",
+    "Hello",
+    "Matchmaker",
+    "Waiter",
+    "admit",
+    "check_hello",
+    "group_frames",
+    "main",
+    "matches",
+    "raise_nofile_limit",
+    "serve",
+]

@@ -1,0 +1,133 @@
+"""Client side of the matchmaker protocol (docs/protocol.md): register, wait, get a group.
+
+:func:`register` connects, says hello, heartbeats while it waits in the queue, reports every
+``wait`` frame to ``on_wait`` and returns the ``group`` frame. Cancelling the awaiting task
+closes the connection, which removes this node from the queue at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from crowdd import wire
+
+logger = logging.getLogger(__name__)
+
+
+class MatchmakerUnavailable(wire.ConnectionClosed):
+    """Nothing accepted the connection (the matchmaker is down or unreachable)."""
+
+
+def _check_group(frame: Mapping[str, Any]) -> dict[str, Any]:
+    """Light sanity check of a group frame from the (trusted) matchmaker."""
+    wire.require(frame, "group_id", str)
+    wire.require(frame, "token", str)
+    index = wire.require(frame, "index", int)
+    members = wire.require(frame, "members", list)
+    if not 0 <= index < len(members):
+        raise wire.WireError(wire.ErrorCode.BAD_FIELD, f"index {index} outside the member list", field="index")
+    for m in members:
+        if not isinstance(m, dict):
+            raise wire.WireError(wire.ErrorCode.BAD_FIELD, "members must be objects", field="members")
+    return dict(frame)
+
+
+async def _heartbeats(writer: asyncio.StreamWriter, interval: float, io_timeout: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        await wire.write_frame(writer, {"type": "heartbeat"}, timeout=io_timeout)
+
+
+async def _conversation(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    hello: Mapping[str, Any],
+    heartbeat: float,
+    on_wait: Callable[[dict[str, Any]], None] | None,
+    io_timeout: float,
+    max_frame: int,
+    silence: float,
+) -> dict[str, Any]:
+    await wire.write_frame(writer, {**hello, "type": "hello", "proto": wire.PROTO}, timeout=io_timeout)
+    beats = asyncio.create_task(_heartbeats(writer, heartbeat, io_timeout))
+    try:
+        while True:
+            read = asyncio.create_task(wire.read_frame(reader, timeout=silence, max_size=max_frame))
+            done, _ = await asyncio.wait({read, beats}, return_when=asyncio.FIRST_COMPLETED)
+            if beats in done:
+                read.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await read
+                beats.result()  # re-raises the write error (ConnectionClosed / FrameTimeout)
+                raise wire.ConnectionClosed("heartbeat task ended")  # pragma: no cover
+            try:
+                frame = read.result()
+            except wire.ConnectionClosed:
+                raise wire.ConnectionClosed("the matchmaker closed the connection before forming a group") from None
+            kind = frame["type"]
+            if kind == "wait":
+                if on_wait is not None:
+                    on_wait(frame)
+            elif kind == "group":
+                return _check_group(frame)
+            elif kind == "error":
+                wire.raise_if_error(frame)
+            else:
+                raise wire.WireError(wire.ErrorCode.UNKNOWN_TYPE, f"unexpected frame {kind!r} from the matchmaker")
+    finally:
+        beats.cancel()
+        with contextlib.suppress(BaseException):
+            await beats
+
+
+async def register(
+    address: tuple[str, int],
+    hello: Mapping[str, Any],
+    *,
+    heartbeat: float = 5.0,
+    on_wait: Callable[[dict[str, Any]], None] | None = None,
+    timeout: float | None = None,
+    io_timeout: float = 10.0,
+    silence: float | None = None,
+    max_frame: int = wire.MAX_FRAME,
+) -> dict[str, Any]:
+    """Queue at the matchmaker at ``address`` and return the ``group`` frame.
+
+    ``hello`` holds the fields of docs/protocol.md (role, name, ports, tag, want_tag, and for a
+    host job and dataset); ``type`` and ``proto`` are added here. ``timeout`` bounds the whole
+    wait (None: wait until grouped); ``io_timeout`` bounds connecting and each write;
+    ``silence`` is how long the matchmaker may send nothing before it counts as dead
+    (default ``3 * heartbeat + 10`` s; it answers every heartbeat).
+
+    Raises :class:`MatchmakerUnavailable` when the connection is refused or times out,
+    :class:`wire.RemoteError` on an error frame (``.code``, ``.field``),
+    :class:`wire.ConnectionClosed` when the matchmaker hangs up, :class:`wire.FrameTimeout`
+    when it goes silent or ``timeout`` passes, :class:`wire.WireError` on a malformed frame.
+    """
+    if heartbeat <= 0:
+        raise ValueError("heartbeat must be > 0")
+    host, port = address
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), io_timeout)
+    except asyncio.TimeoutError:
+        raise MatchmakerUnavailable(f"matchmaker {host}:{port} did not answer within {io_timeout} s") from None
+    except OSError as exc:
+        raise MatchmakerUnavailable(f"cannot reach the matchmaker at {host}:{port}: {exc.strerror or exc}") from None
+    try:
+        limit = silence if silence is not None else 3 * heartbeat + 10.0
+        coro = _conversation(reader, writer, hello, heartbeat, on_wait, io_timeout, max_frame, limit)
+        if timeout is None:
+            return await coro
+        try:
+            return await asyncio.wait_for(coro, timeout)
+        except asyncio.TimeoutError:
+            raise wire.FrameTimeout(f"no group formed within {timeout} s") from None
+    finally:
+        await wire.close_writer(writer)
+
+
+__all__ = ["MatchmakerUnavailable", "register"]

@@ -1,0 +1,485 @@
+"""The group session: after the matchmaker's ``group`` frame, the host daemon leads.
+
+Each worker daemon keeps one TCP connection to the host's session port, authenticated with
+:mod:`crowdd.auth` (purpose ``"session"``, keyed by the group token). Frames (wire codec):
+
+worker → host::
+
+    {"type": "state", "state": S}
+    {"type": "replication", "done": bytes, "total": bytes, "source": index | null}
+    {"type": "ready"}                                   holds verified data
+    {"type": "job", "event": "started" | "exited", "code"?: int, "message"?: str}
+    {"type": "ping"}
+
+host → worker::
+
+    {"type": "members", "members": [...]}               the group's live view
+    {"type": "train", "cluster": {"ps": [...], "worker": [...]}, "index": J}
+    {"type": "progress", ...} / {"type": "eval", ...}   the host job's events, fanned out
+    {"type": "end", "test_accuracy": x | null, "model_path": p | null, "error": e | null}
+    {"type": "ping"}
+
+Heartbeats both ways: each side pings every ``heartbeat`` seconds and gives the other up
+after ``dead_after`` seconds of silence (or at once when the connection closes). A worker
+that loses its host raises :class:`HostLost`; a host that loses a worker marks it ``gone``
+and carries on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from crowdd import auth, wire
+
+logger = logging.getLogger(__name__)
+
+PURPOSE = "session"
+QUEUE_SIZE = 1024
+DROPPABLE = frozenset({"progress", "eval", "members", "replication", "ping", "state"})
+
+
+class PeerLost(Exception):
+    """The other side of a session channel closed or went silent."""
+
+
+class HostLost(PeerLost):
+    """A worker lost its session host before the session ended."""
+
+
+class SessionRefused(Exception):
+    """The host refused this worker (bad token, bad index)."""
+
+
+def dead_after(heartbeat: float, peer_timeout: float) -> float:
+    """How long a silent peer is given: short enough to act within ``peer_timeout``."""
+    return max(2.0 * heartbeat, peer_timeout - heartbeat)
+
+
+# --------------------------------------------------------------------------- one channel
+
+
+class Channel:
+    """Frames both ways over one authenticated connection, with heartbeats."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        heartbeat: float,
+        dead_after: float,
+        name: str = "peer",
+    ) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._heartbeat = heartbeat
+        self._dead_after = dead_after
+        self.name = name
+        self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._closed = False
+        self._writer_task: asyncio.Task[None] | None = None
+
+    def send(self, msg: dict[str, Any]) -> None:
+        """Queue a frame; never blocks. Under pressure, droppable frames are shed first."""
+        if self._closed:
+            return
+        if self._queue.qsize() >= QUEUE_SIZE and msg.get("type") in DROPPABLE:
+            return
+        self._queue.put_nowait(msg)
+
+    async def _write_loop(self) -> None:
+        while True:
+            msg = await self._queue.get()
+            try:
+                await wire.write_frame(self._writer, msg, timeout=self._dead_after)
+            finally:
+                self._queue.task_done()
+
+    async def _ping_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._heartbeat)
+            self.send({"type": "ping"})
+
+    def _ensure_writer(self) -> asyncio.Task[None]:
+        if self._writer_task is None or self._writer_task.done():
+            self._writer_task = asyncio.create_task(self._write_loop())
+        return self._writer_task
+
+    async def run(self, on_frame: Callable[[dict[str, Any]], bool | None]) -> None:
+        """Read frames until the peer goes away (raises :class:`PeerLost`) or ``on_frame``
+        returns True (the conversation is over)."""
+        writer_task = self._ensure_writer()
+        pinger = asyncio.create_task(self._ping_loop())
+        try:
+            while True:
+                read = asyncio.create_task(wire.read_frame(self._reader, timeout=self._dead_after))
+                done, _ = await asyncio.wait({read, writer_task}, return_when=asyncio.FIRST_COMPLETED)
+                if writer_task in done:
+                    read.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await read
+                    exc = None if writer_task.cancelled() else writer_task.exception()
+                    raise PeerLost(f"{self.name}: cannot write ({exc})")
+                try:
+                    frame = read.result()
+                except wire.FrameTimeout:
+                    raise PeerLost(f"{self.name}: silent for {self._dead_after:.0f} s") from None
+                except (wire.ConnectionClosed, ConnectionError) as exc:
+                    raise PeerLost(f"{self.name}: connection closed ({exc})") from None
+                except wire.WireError as exc:
+                    raise PeerLost(f"{self.name}: bad frame ({exc.message})") from None
+                if frame["type"] == "ping":
+                    continue
+                if frame["type"] == "error":
+                    raise PeerLost(f"{self.name}: error {frame.get('code')}: {frame.get('message')}")
+                if on_frame(frame):
+                    return
+        finally:
+            pinger.cancel()
+            await asyncio.gather(pinger, return_exceptions=True)
+
+    async def flush(self, timeout: float = 2.0) -> None:
+        """Wait (bounded) until queued frames are written; used before a clean close."""
+        writer_task = self._ensure_writer()
+        join = asyncio.create_task(self._queue.join())
+        await asyncio.wait({join, writer_task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        join.cancel()
+        await asyncio.gather(join, return_exceptions=True)
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._writer_task is not None:
+            self._writer_task.cancel()
+            await asyncio.gather(self._writer_task, return_exceptions=True)
+        await wire.close_writer(self._writer)
+
+
+# --------------------------------------------------------------------------- host side
+
+
+@dataclass
+class Member:
+    """One member of the group as the host sees it."""
+
+    index: int
+    name: str
+    address: str
+    role: str
+    ports: dict[str, Any]
+    state: str = "joining"
+    done: int = 0
+    total: int = 0
+    source: int | None = None
+    connected: bool = False
+    alive: bool = True
+    ready: bool = False
+    started: bool = False
+    channel: Channel | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "name": self.name,
+            "address": self.address,
+            "role": self.role,
+            "state": self.state,
+            "replication": {"done": self.done, "total": self.total},
+        }
+
+    @classmethod
+    def from_group(cls, m: dict[str, Any], total: int) -> Member:
+        return cls(
+            index=int(m.get("index", 0)),
+            name=str(m.get("name", "")),
+            address=str(m.get("address", "")),
+            role=str(m.get("role", "worker")),
+            ports=dict(m.get("ports") or {}),
+            total=total,
+        )
+
+
+def members_from_group(group: dict[str, Any]) -> list[Member]:
+    total = int((group.get("dataset") or {}).get("size", 0))
+    members = [Member.from_group(m, total) for m in group.get("members", [])]
+    if members:
+        members[0].done = total  # the host holds the data from the start
+        members[0].ready = members[0].connected = True
+    return members
+
+
+class HostSession:
+    """The leader's side: one authenticated channel per worker on the session port."""
+
+    def __init__(
+        self,
+        group: dict[str, Any],
+        sock: socket.socket,
+        *,
+        heartbeat: float,
+        dead_after: float,
+        on_change: Callable[[Member | None], None],
+        on_message: Callable[[Member, dict[str, Any]], None] | None = None,
+        join_timeout: float = 30.0,
+    ) -> None:
+        self.group = group
+        self.token = str(group["token"])
+        self.members = members_from_group(group)
+        self._sock = sock
+        self._heartbeat = heartbeat
+        self._dead_after = dead_after
+        self._on_change = on_change
+        self._on_message = on_message
+        self._join_timeout = join_timeout
+        self._server: asyncio.base_events.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._changed = asyncio.Event()
+
+    @property
+    def workers(self) -> list[Member]:
+        return self.members[1:]
+
+    def live_workers(self) -> list[Member]:
+        return [m for m in self.workers if m.alive]
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._on_client, sock=self._sock)
+        loop = asyncio.get_running_loop()
+        loop.call_later(self._join_timeout, self._drop_absent)
+
+    def _drop_absent(self) -> None:
+        for m in self.workers:
+            if m.alive and not m.connected:
+                logger.warning("worker %d (%s) never joined the session; dropped", m.index, m.name)
+                self._lose(m, "never joined")
+
+    def _lose(self, m: Member, why: str) -> None:
+        if not m.alive:
+            return
+        m.alive = False
+        m.state = "gone"
+        m.channel = None
+        self._touch(m)
+        logger.info("worker %d (%s) left the session: %s", m.index, m.name, why)
+
+    def _touch(self, m: Member | None) -> None:
+        self._changed.set()
+        try:
+            self._on_change(m)
+        except Exception:  # a UI callback must not break the session
+            logger.exception("session change callback failed")
+
+    def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.get_running_loop().create_task(self._serve(reader, writer))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            hello = await auth.accept(reader, writer, self.token, PURPOSE, timeout=self._dead_after)
+        except auth.AuthError as exc:
+            logger.info("session: refused a connection: %s", exc)
+            return
+        index = hello.get("index")
+        if isinstance(index, bool) or not isinstance(index, int) or not 1 <= index < len(self.members):
+            await wire.send_error_and_close(
+                writer, wire.WireError(wire.ErrorCode.BAD_FIELD, "index is not a worker of this group", field="index")
+            )
+            return
+        m = self.members[index]
+        if not m.alive or m.channel is not None:
+            await wire.send_error_and_close(
+                writer, wire.WireError(wire.ErrorCode.BAD_FIELD, f"worker {index} is already in (or gone from) the session", field="index")
+            )
+            return
+        channel = Channel(reader, writer, heartbeat=self._heartbeat, dead_after=self._dead_after, name=f"worker {index}")
+        m.channel = channel
+        m.connected = True
+        m.state = "replicating"
+        self._touch(m)
+        channel.send({"type": "members", "members": self.member_dicts()})
+        try:
+            await channel.run(lambda frame: self._on_frame(m, frame))
+        except PeerLost as exc:
+            self._lose(m, str(exc))
+        finally:
+            await channel.close()
+
+    def _on_frame(self, m: Member, frame: dict[str, Any]) -> bool:
+        kind = frame["type"]
+        if kind == "state" and isinstance(frame.get("state"), str):
+            m.state = frame["state"]
+        elif kind == "replication":
+            done, total = frame.get("done"), frame.get("total")
+            if isinstance(done, int) and isinstance(total, int):
+                m.done, m.total = done, total
+            src = frame.get("source")
+            m.source = src if isinstance(src, int) else None
+        elif kind == "ready":
+            m.ready = True
+            m.done = m.total
+            m.state = "ready"
+        elif kind == "job":
+            ev = frame.get("event")
+            if ev == "started":
+                m.started = True
+                m.state = "training"
+            elif ev == "exited":
+                self._lose(m, f"its job exited ({frame.get('message') or frame.get('code')})")
+                return True
+        if self._on_message is not None:
+            self._on_message(m, frame)
+        self._touch(m)
+        return False
+
+    def member_dicts(self) -> list[dict[str, Any]]:
+        return [m.to_dict() for m in self.members]
+
+    def broadcast(self, msg: dict[str, Any]) -> None:
+        for m in self.live_workers():
+            if m.channel is not None:
+                m.channel.send(msg)
+
+    def send(self, index: int, msg: dict[str, Any]) -> None:
+        m = self.members[index]
+        if m.alive and m.channel is not None:
+            m.channel.send(msg)
+
+    async def _wait_until(self, done: Callable[[], bool], timeout: float | None) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while not done():
+            self._changed.clear()
+            left = None if deadline is None else deadline - loop.time()
+            if left is not None and left <= 0:
+                return False
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), left)
+        return True
+
+    async def wait_ready(self) -> list[Member]:
+        """Until every live worker holds verified data; returns them."""
+        await self._wait_until(lambda: all(m.ready for m in self.live_workers()), None)
+        return self.live_workers()
+
+    async def wait_started(self, workers: list[Member], timeout: float) -> list[Member]:
+        """Until these workers' TF servers run (or gave up); returns those that started."""
+        await self._wait_until(lambda: all(m.started or not m.alive for m in workers), timeout)
+        return [m for m in workers if m.started and m.alive]
+
+    async def end(self, result: dict[str, Any]) -> None:
+        """Tell every worker the result, flush, close."""
+        self.broadcast({"type": "end", **result})
+        await asyncio.gather(
+            *(m.channel.flush(2.0) for m in self.live_workers() if m.channel is not None), return_exceptions=True
+        )
+        await self.close()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2.0)
+            self._server = None
+
+
+# --------------------------------------------------------------------------- worker side
+
+
+class WorkerSession:
+    """A worker's channel to its host."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        token: str,
+        index: int,
+        *,
+        heartbeat: float,
+        dead_after: float,
+        on_message: Callable[[dict[str, Any]], None],
+    ) -> None:
+        self._host = host
+        self._port = port
+        self._token = token
+        self._index = index
+        self._heartbeat = heartbeat
+        self._dead_after = dead_after
+        self._on_message = on_message
+        self._channel: Channel | None = None
+        self.end: dict[str, Any] | None = None
+
+    async def connect(self, retry_for: float = 15.0) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + retry_for
+        delay = 0.1
+        while True:
+            try:
+                reader, writer, _ = await auth.connect(
+                    self._host, self._port, self._token, PURPOSE, {"index": self._index}, timeout=self._dead_after
+                )
+                break
+            except auth.AuthError as exc:
+                if exc.code not in ("connection",) or loop.time() + delay > deadline:
+                    raise SessionRefused(f"cannot join the session at {self._host}:{self._port}: {exc}") from None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+        self._channel = Channel(
+            reader, writer, heartbeat=self._heartbeat, dead_after=self._dead_after, name="session host"
+        )
+
+    def send(self, msg: dict[str, Any]) -> None:
+        if self._channel is not None:
+            self._channel.send(msg)
+
+    def _on_frame(self, frame: dict[str, Any]) -> bool:
+        if frame["type"] == "end":
+            self.end = frame
+            return True
+        try:
+            self._on_message(frame)
+        except Exception:
+            logger.exception("session message handler failed")
+        return False
+
+    async def run(self) -> dict[str, Any]:
+        """Until the host says ``end`` (returned); :class:`HostLost` if the host goes away first."""
+        if self._channel is None:
+            raise HostLost("not connected")
+        try:
+            await self._channel.run(self._on_frame)
+        except PeerLost as exc:
+            raise HostLost(str(exc)) from None
+        if self.end is None:  # pragma: no cover - run() returns only on end
+            raise HostLost("session ended without a result")
+        return self.end
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.flush(1.0)
+            await self._channel.close()
+            self._channel = None
+
+
+__all__ = [
+    "Channel",
+    "HostLost",
+    "HostSession",
+    "Member",
+    "PeerLost",
+    "SessionRefused",
+    "WorkerSession",
+    "dead_after",
+    "members_from_group",
+]

@@ -1,0 +1,214 @@
+"""Supervise one job child (``python -m crowdd.job host|worker --spec FILE``).
+
+The job runs in a session (and process group) of its own at the lowest CPU priority; its TF
+servers are its children in that group. :meth:`JobSupervisor.stop` signals the whole group
+(SIGTERM, then SIGKILL), so nothing the job started outlives it. On Linux the job also gets
+``PR_SET_PDEATHSIG`` so that it dies with the daemon even when the daemon is killed with
+SIGKILL (the job's own children watch their parent in turn; see docs/job-spec.md).
+
+Each stdout line of the job is a JSON event; :class:`JobSupervisor` hands parsed events to a
+callback. stderr goes to a log file. Suspend/resume (SIGSTOP/SIGCONT of the group) serve the
+idle policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+EventCallback = Callable[[dict[str, Any]], None]
+_PR_SET_PDEATHSIG = 1
+MAX_LINE = 1 << 20
+
+
+class JobError(Exception):
+    """The job could not be started."""
+
+
+def _lower_priority(nice: int) -> None:
+    """In the child, before exec: die with the parent, lowest CPU (and I/O) priority."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
+    if nice >= 19 and hasattr(os, "SCHED_IDLE"):
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+
+
+def job_command(role: str, spec_path: Path, python: str = sys.executable) -> list[str]:
+    return [python, "-m", "crowdd.job", role, "--spec", str(spec_path)]
+
+
+class JobSupervisor:
+    """One job child: start, events, suspend/resume, and a stop that leaves nothing behind."""
+
+    def __init__(
+        self,
+        command: Sequence[str],
+        *,
+        on_event: EventCallback,
+        cwd: Path | None = None,
+        log_path: Path | None = None,
+        env: Mapping[str, str] | None = None,
+        nice: int = 19,
+    ) -> None:
+        self._command = list(command)
+        self._on_event = on_event
+        self._cwd = cwd
+        self._log_path = log_path
+        self._env = dict(env) if env is not None else None
+        self._nice = nice
+        self._proc: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._suspended = False
+        self.returncode: int | None = None
+        self.last_error: str | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.returncode is None
+
+    @property
+    def suspended(self) -> bool:
+        return self._suspended
+
+    async def start(self) -> None:
+        if self._proc is not None:
+            raise JobError("this supervisor already started its job")
+        stderr: Any = asyncio.subprocess.DEVNULL
+        log_fd: int | None = None
+        if self._log_path is not None:
+            self._log_path.parent.mkdir(parents=True, exist_ok=True)
+            log_fd = os.open(self._log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            stderr = log_fd
+        nice = self._nice
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                *self._command,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=stderr,
+                cwd=str(self._cwd) if self._cwd is not None else None,
+                env=self._env,
+                start_new_session=True,
+                preexec_fn=lambda: _lower_priority(nice),
+                limit=MAX_LINE,
+            )
+        except OSError as exc:
+            raise JobError(f"cannot start the job ({self._command[0]}): {exc}") from None
+        finally:
+            if log_fd is not None:
+                os.close(log_fd)
+        logger.info("job started: pid %d: %s", self._proc.pid, " ".join(self._command[1:]))
+        self._reader = asyncio.create_task(self._read_events())
+
+    async def _read_events(self) -> None:
+        proc = self._proc
+        if proc is None or proc.stdout is None:
+            return
+        while True:
+            try:
+                line = await proc.stdout.readline()
+            except (ValueError, asyncio.LimitOverrunError):
+                logger.warning("job printed an over-long line; skipped")
+                continue
+            if not line:
+                return
+            text = line.decode("utf-8", "replace").strip()
+            if not text:
+                continue
+            try:
+                event = json.loads(text)
+            except ValueError:
+                logger.info("job: %s", text)
+                continue
+            if not isinstance(event, dict) or not isinstance(event.get("event"), str):
+                logger.info("job: %s", text)
+                continue
+            if event["event"] == "error":
+                self.last_error = str(event.get("message", "job error"))
+            try:
+                self._on_event(event)
+            except Exception:  # a faulty callback must not stop the event stream
+                logger.exception("job event handler failed")
+
+    async def wait(self) -> int:
+        """Wait for the job to exit (events all delivered) and return its exit code."""
+        if self._proc is None:
+            raise JobError("the job was never started")
+        code = await self._proc.wait()
+        if self._reader is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._reader), 5.0)
+        self.returncode = code
+        self._kill_group(signal.SIGKILL)  # the leader is gone; take any straggler with it
+        return code
+
+    def _kill_group(self, sig: int) -> bool:
+        if self._proc is None:
+            return False
+        try:
+            os.killpg(self._proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+
+    def suspend(self) -> None:
+        """SIGSTOP the job's whole group (the idle policy says: not now)."""
+        if self.running and not self._suspended and self._kill_group(signal.SIGSTOP):
+            self._suspended = True
+            logger.info("job %s suspended", self.pid)
+
+    def resume(self) -> None:
+        if self._suspended:
+            self._kill_group(signal.SIGCONT)
+            self._suspended = False
+            logger.info("job %s resumed", self.pid)
+
+    async def stop(self, grace: float = 5.0) -> int | None:
+        """End the job and every process in its group; return its exit code."""
+        proc = self._proc
+        if proc is None:
+            return None
+        if proc.returncode is None:
+            self._kill_group(signal.SIGTERM)
+            self._kill_group(signal.SIGCONT)  # a stopped group must wake up to die
+            self._suspended = False
+            try:
+                await asyncio.wait_for(proc.wait(), grace)
+            except asyncio.TimeoutError:
+                logger.warning("job %d ignored SIGTERM for %.0f s; killing it", proc.pid, grace)
+        self._kill_group(signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            if proc.returncode is None:
+                proc.kill()
+        code = await proc.wait()
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reader
+        self.returncode = code
+        return code
+
+
+__all__ = ["JobError", "JobSupervisor", "job_command"]

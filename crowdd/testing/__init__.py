@@ -1,0 +1,1 @@
+"""Test and benchmark harnesses: namespaced hosts (:mod:`.netns`), node processes (:mod:`.nodes`)."""

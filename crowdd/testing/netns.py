@@ -1,0 +1,211 @@
+"""Namespaced hosts on a bridge, for tests and benchmarks (root only).
+
+:class:`NetnsLab` builds N network namespaces ("hosts"), each with one veth link to a
+bridge that lives in its own namespace (nothing touches the root namespace's links,
+routes or firewall), gives host i the address ``10.<a>.<b>.<c>/16`` and can shape each
+host's uplink and downlink with ``tc tbf`` (egress of the host's end = uplink; egress of
+the bridge's end = downlink). Names carry a random per-run prefix, so several labs can
+exist at once. :meth:`NetnsLab.close` (also on context exit, also after a failure) kills
+every process started through the lab and every other process left in its namespaces,
+then deletes the namespaces, which removes their links.
+
+    with NetnsLab(8, rate="100mbit") as lab:
+        proc = lab.popen(3, ["python", "-m", "http.server"])
+        lab.run(0, ["ping", "-c1", lab.hosts[3].ip])
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+IP = "ip"
+TC = "tc"
+
+
+class NetnsError(Exception):
+    """The lab could not be built (or a command inside it failed)."""
+
+
+class NetnsUnavailable(NetnsError):
+    """Not root, or the kernel/tools lack network namespaces."""
+
+
+def require_root() -> None:
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        raise NetnsUnavailable("network namespaces need root (run as root or under sudo)")
+
+
+@dataclass(frozen=True)
+class Host:
+    index: int
+    netns: str
+    ip: str
+    ifname: str  # inside the host namespace
+    bridge_port: str  # the peer end, inside the bridge namespace
+
+
+@dataclass(frozen=True)
+class Shape:
+    """tc tbf parameters (``rate`` like ``100mbit``; ``burst`` like ``64kb``)."""
+
+    rate: str
+    burst: str = "64kb"
+    latency: str = "50ms"
+
+
+def host_ip(base: tuple[int, int], i: int) -> str:
+    n = i + 1
+    return f"{base[0]}.{base[1]}.{n >> 8}.{n & 255}"
+
+
+class NetnsLab:
+    def __init__(
+        self,
+        n_hosts: int,
+        *,
+        shape: Shape | None = None,
+        prefix: str | None = None,
+        base: tuple[int, int] = (10, 77),
+    ) -> None:
+        if n_hosts < 1 or n_hosts > 60000:
+            raise ValueError(f"n_hosts must be in 1..60000, got {n_hosts}")
+        self.n_hosts = n_hosts
+        self.shape = shape
+        self.prefix = prefix or f"cd{secrets.token_hex(3)}"
+        self.base = base
+        self.bridge_ns = f"{self.prefix}-br"
+        self.hosts = [
+            Host(i, f"{self.prefix}-h{i}", host_ip(base, i), "eth0", f"v{i}") for i in range(n_hosts)
+        ]
+        self._created: list[str] = []
+        self._procs: list[subprocess.Popen[Any]] = []
+        self._open = False
+
+    # -- building
+
+    def __enter__(self) -> NetnsLab:
+        self.setup()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def setup(self) -> None:
+        require_root()
+        self._open = True
+        try:
+            self._add_ns(self.bridge_ns)
+            self._batch(self.bridge_ns, ["link set lo up", "link add br0 type bridge", "link set br0 up"])
+            for h in self.hosts:
+                self._add_ns(h.netns)
+                _run([IP, "link", "add", h.ifname, "netns", h.netns, "type", "veth",
+                      "peer", "name", h.bridge_port, "netns", self.bridge_ns])
+                self._batch(h.netns, ["link set lo up", f"addr add {h.ip}/16 dev {h.ifname}",
+                                      f"link set {h.ifname} up"])
+            self._batch(self.bridge_ns, [c for h in self.hosts for c in (
+                f"link set {h.bridge_port} master br0", f"link set {h.bridge_port} up")])
+            if self.shape is not None:
+                for h in self.hosts:
+                    self.shape_host(h.index, self.shape)
+        except BaseException:
+            self.close()
+            raise
+
+    def _add_ns(self, name: str) -> None:
+        _run([IP, "netns", "add", name])
+        self._created.append(name)
+
+    def _batch(self, netns: str, commands: Sequence[str]) -> None:
+        _run([IP, "-n", netns, "-batch", "-"], input="\n".join(commands) + "\n")
+
+    def shape_host(self, index: int, shape: Shape) -> None:
+        """Shape host ``index``'s uplink and downlink with tbf (replacing any earlier shape)."""
+        h = self.hosts[index]
+        for ns, dev in ((h.netns, h.ifname), (self.bridge_ns, h.bridge_port)):
+            _run([IP, "netns", "exec", ns, TC, "qdisc", "replace", "dev", dev, "root", "tbf",
+                  "rate", shape.rate, "burst", shape.burst, "latency", shape.latency])
+
+    # -- running things
+
+    def argv(self, index: int, argv: Sequence[str]) -> list[str]:
+        return [IP, "netns", "exec", self.hosts[index].netns, *argv]
+
+    def run(self, index: int, argv: Sequence[str], *, check: bool = True, timeout: float = 60.0,
+            **kw: Any) -> subprocess.CompletedProcess[str]:
+        return _run(self.argv(index, argv), check=check, timeout=timeout, **kw)
+
+    def popen(self, index: int, argv: Sequence[str], **kw: Any) -> subprocess.Popen[Any]:
+        """Start a process in host ``index`` (own process group; killed by :meth:`close`)."""
+        proc: subprocess.Popen[Any] = subprocess.Popen(self.argv(index, argv), start_new_session=True, **kw)
+        self._procs.append(proc)
+        return proc
+
+    # -- teardown
+
+    def close(self) -> None:
+        if not self._open and not self._created:
+            return
+        self._open = False
+        for proc in self._procs:
+            _kill_group(proc)
+        self._procs.clear()
+        for name in self._created:
+            try:
+                out = subprocess.run([IP, "netns", "pids", name], capture_output=True, text=True, timeout=10)
+                for pid in out.stdout.split():
+                    try:
+                        os.kill(int(pid), signal.SIGKILL)
+                    except (ProcessLookupError, ValueError):
+                        pass
+            except (OSError, subprocess.SubprocessError):
+                pass
+        for name in reversed(self._created):
+            for attempt in range(5):
+                res = subprocess.run([IP, "netns", "del", name], capture_output=True, text=True, timeout=10)
+                if res.returncode == 0 or "No such file" in res.stderr:
+                    break
+                time.sleep(0.1 * (attempt + 1))
+            else:
+                logger.warning("could not delete netns %s: %s", name, res.stderr.strip())
+        self._created.clear()
+
+
+def _kill_group(proc: subprocess.Popen[Any]) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        logger.warning("process %d did not exit", proc.pid)
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+        if stream is not None:
+            try:
+                stream.close()
+            except OSError:
+                pass
+
+
+def _run(argv: Sequence[str], *, check: bool = True, timeout: float = 30.0, input: str | None = None,
+         **kw: Any) -> subprocess.CompletedProcess[str]:
+    try:
+        res = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, input=input, **kw)
+    except FileNotFoundError as exc:
+        raise NetnsUnavailable(f"{argv[0]} not found (install iproute2)") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise NetnsError(f"{' '.join(argv)} timed out after {timeout} s") from exc
+    if check and res.returncode != 0:
+        raise NetnsError(f"{' '.join(argv)} failed ({res.returncode}): {res.stderr.strip()}")
+    return res

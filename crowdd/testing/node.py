@@ -1,0 +1,120 @@
+"""One replication node as a real process: ``python -m crowdd.testing.node --spec FILE``.
+
+Used by the integration tests and ``benchmarks/replication.py`` (inside a network
+namespace or on loopback). The spec is a JSON object::
+
+    {"index": 2, "n": 8, "token": "…", "manifest": "m.json", "cache": "dir",
+     "route": "binomial", "stall_timeout": 10.0, "listen": "0.0.0.0", "port": 0,
+     "serve_file": null, "fetch": true, "late_bound": null}
+
+``serve_file`` is a file this node serves as-is without checking it (the host's own
+canonical file, or — in tests — a deliberately corrupted one); ``fetch`` false makes a
+serve-only node. The process talks JSON lines: it prints
+``{"event": "listening", "port": P}``, reads one line ``{"peers": [[index, host, port], …]}``
+from stdin, prints ``start``, ``progress`` and ``done`` (or ``error``) events, then keeps
+serving until stdin reaches EOF or carries ``exit``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from crowdd.cache import DatasetCache
+from crowdd.manifest import Manifest
+from crowdd.replication import ChunkStore, DataServer, Peer, Progress, ReplicationError, Replicator
+from crowdd.route import node_plan
+
+logger = logging.getLogger(__name__)
+
+
+def _emit(**event: Any) -> None:
+    sys.stdout.write(json.dumps(event) + "\n")
+    sys.stdout.flush()
+
+
+async def _stdin_lines() -> asyncio.StreamReader:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    return reader
+
+
+async def run_node(spec: dict[str, Any]) -> int:
+    index = int(spec["index"])
+    n = int(spec["n"])
+    route = str(spec.get("route", "binomial"))
+    stall = float(spec.get("stall_timeout", 10.0))
+    manifest = Manifest.from_json(Path(spec["manifest"]).read_bytes())
+    cache = DatasetCache(Path(spec["cache"]))
+    serve_file = spec.get("serve_file")
+    store = ChunkStore.complete(Path(serve_file), manifest) if serve_file else ChunkStore.open(cache, manifest)
+    server = DataServer(
+        spec["token"], manifest, store,
+        host=str(spec.get("listen", "0.0.0.0")), port=int(spec.get("port", 0)),
+        targets=node_plan(n, index, route).targets, group_size=n, stall_timeout=stall,
+        late_bound=spec.get("late_bound"), rate_limit=spec.get("rate_limit"),
+    )
+    port = await server.start()
+    _emit(event="listening", port=port)
+    stdin = await _stdin_lines()
+    try:
+        line = await stdin.readline()
+        if not line:
+            return 0
+        peers = [Peer(int(i), str(h), int(p)) for i, h, p in json.loads(line)["peers"]]
+        _emit(event="start", t=time.time())
+        if spec.get("fetch", True):
+            last = [0.0]
+
+            def progress(p: Progress) -> None:
+                now = time.monotonic()
+                if now - last[0] >= 0.05 or p.done_bytes == p.total_bytes:
+                    last[0] = now
+                    _emit(event="progress", done=p.done_bytes, total=p.total_bytes, source=p.source)
+
+            rep = Replicator(index, peers, spec["token"], manifest, cache, route=route, stall_timeout=stall,
+                             on_progress=progress, store=store)
+            try:
+                path = await rep.run()
+            except ReplicationError as exc:
+                _emit(event="error", message=str(exc), t=time.time())
+                return 1
+            ru = resource.getrusage(resource.RUSAGE_SELF)
+            _emit(event="done", t=time.time(), path=str(path), sources=rep.sources_used,
+                  corrupt=rep.corrupt_chunks, bad=sorted(rep.bad), cpu=round(ru.ru_utime + ru.ru_stime, 3))
+        while True:
+            line = await stdin.readline()
+            if not line or line.strip() == b"exit":
+                break
+        _emit(event="served", chunks=server.served_chunks)
+        return 0
+    finally:
+        await server.close()
+        store.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m crowdd.testing.node")
+    parser.add_argument("--spec", required=True, type=Path)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
+                        format=f"%(asctime)s node %(name)s %(levelname)s %(message)s")
+    try:
+        spec = json.loads(args.spec.read_text())
+    except (OSError, ValueError) as exc:
+        print(f"cannot read spec {args.spec}: {exc}", file=sys.stderr)
+        return 2
+    return asyncio.run(run_node(spec))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

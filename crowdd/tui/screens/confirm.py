@@ -1,0 +1,37 @@
+"""Stop confirmation: a modal that answers True (stop) or False (keep going)."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.screen import ModalScreen
+from textual.widgets import Button, Footer, Label
+
+
+class ConfirmStopScreen(ModalScreen[bool]):
+    """"Stop the current session?" — y / n, Enter on a button, Escape cancels."""
+
+    BINDINGS = [
+        Binding("y", "answer(True)", "Stop"),
+        Binding("n,escape", "answer(False)", "Cancel"),
+    ]
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="confirm-dialog", classes="dialog"):
+            yield Label("Stop the current session?", classes="dialog-title")
+            yield Label("The group is left and training ends on this machine. Donation stays as it is.")
+            with Horizontal(classes="dialog-buttons"):
+                yield Button("Stop", id="confirm-stop", variant="error", compact=True)
+                yield Button("Cancel", id="confirm-cancel", compact=True)
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#confirm-cancel", Button).focus()
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        event.stop()
+        self.dismiss(event.button.id == "confirm-stop")
+
+    def action_answer(self, yes: bool) -> None:
+        self.dismiss(yes)

@@ -1,0 +1,45 @@
+"""Shown while no daemon answers: what is wrong, how to start one, and that we retry."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Center, Vertical
+from textual.screen import Screen
+from textual.widgets import Footer, Label
+
+from crowdd.tui.client import START_HINT
+
+
+class UnavailableScreen(Screen[None]):
+    """The daemon is not running (or went away); the app retries on its own."""
+
+    BINDINGS = [Binding("r", "retry", "Retry now")]
+
+    def __init__(self, where: str, reason: str, retry_interval: float) -> None:
+        super().__init__(id="unavailable")
+        self.where = where
+        self.reason = reason
+        self.retry_interval = retry_interval
+
+    def compose(self) -> ComposeResult:
+        with Center():
+            with Vertical(id="unavailable-box", classes="dialog"):
+                yield Label("The crowdd daemon is not running", classes="dialog-title")
+                yield Label(f"Nothing answers on {self.where}.", id="unavailable-where")
+                yield Label(self.reason, id="unavailable-reason")
+                yield Label(START_HINT, id="unavailable-hint")
+                yield Label(
+                    f"Retrying every {self.retry_interval:g} s; this screen closes once it answers.",
+                    id="unavailable-retry",
+                )
+        yield Footer()
+
+    def set_reason(self, reason: str) -> None:
+        self.reason = reason
+        self.query_one("#unavailable-reason", Label).update(reason)
+
+    def action_retry(self) -> None:
+        retry = getattr(self.app, "retry_now", None)
+        if callable(retry):
+            retry()

@@ -1,0 +1,495 @@
+"""Pilot tests of every TUI control, against the in-memory fake daemon client."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fake_client import FakeDaemonClient, base_status, training_status
+from textual.pilot import Pilot
+from textual.widgets import Input, Label, ProgressBar, Select, Sparkline, Switch
+
+from crowdd.hyperparams import Job
+from crowdd.tui.app import CrowddApp
+from crowdd.tui.client import DaemonRequestError
+from crowdd.tui.screens import ConfirmStopScreen, HostScreen, MainScreen, UnavailableScreen
+from crowdd.tui.widgets import EventLog, MemberRow, MembersPanel, StatusPanel, TrainingPanel
+
+SIZE = (80, 24)
+
+
+def make_app(client: FakeDaemonClient, **kw: Any) -> CrowddApp:
+    kw.setdefault("retry_interval", 0.05)
+    kw.setdefault("poll_interval", 30.0)
+    return CrowddApp(client, timestamp=lambda: "12:00:00", **kw)
+
+
+async def until(pilot: Pilot[Any], cond: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    for _ in range(int(timeout / 0.02)):
+        if cond():
+            return
+        await pilot.pause(0.02)
+    raise AssertionError(f"timed out waiting for: {what}")
+
+
+def text(app: CrowddApp, selector: str) -> str:
+    return str(app.screen.query_one(selector, Label).content)
+
+
+def main_text(app: CrowddApp, selector: str) -> str:
+    return str(app.main_screen.query_one(selector, Label).content)
+
+
+async def connected(pilot: Pilot[Any], app: CrowddApp) -> None:
+    await until(pilot, lambda: app.view.connected and isinstance(app.screen, MainScreen), "connected")
+    await until(pilot, lambda: app.client.subscribers == 1, "subscribed")  # type: ignore[attr-defined]
+    await pilot.pause()
+
+
+# ---------------------------------------------------------------------------- showing the daemon
+
+
+async def test_shows_status_at_80x24() -> None:
+    app = make_app(FakeDaemonClient(training_status()))
+    async with app.run_test(size=SIZE) as pilot:
+        await connected(pilot, app)
+        assert main_text(app, "#state") == "training"
+        assert app.main_screen.query_one("#state").has_class("state-training")
+        assert main_text(app, "#donation") == "Donation ON"
+        assert app.main_screen.query_one("#donate-switch", Switch).value is True
+        assert "idle, may work: user idle for 12 min" in main_text(app, "#idle")
+        assert main_text(app, "#role") == "host"
+        assert "fashion-mnist" in main_text(app, "#dataset")
+        rows = list(app.main_screen.query(MemberRow))
+        assert [r.member.name for r in rows] == ["alice", "bob", "carol", "dave"]
+        bars = [r.query_one(ProgressBar) for r in rows]
+        assert [(b.progress, b.total) for b in bars] == [(12, 12), (12, 12), (7, 12), (2, 12)]
+        assert "epoch 2/3" in main_text(app, "#progress-text")
+        assert "2,346 samples/s" in main_text(app, "#rate")
+        # every panel and the action row is on screen, with room to show something
+        for widget in (StatusPanel, TrainingPanel, MembersPanel, EventLog):
+            region = app.main_screen.query_one(widget).region
+            assert region.width >= 30 and region.height >= 4, (widget, region)
+            assert region.right <= SIZE[0] and region.bottom <= SIZE[1]
+        for button in ("#host", "#work", "#stop"):
+            region = app.main_screen.query_one(button).region
+            assert region.height == 1 and region.bottom <= SIZE[1] - 1
+
+
+async def test_state_colour_follows_state() -> None:
+    client = FakeDaemonClient(base_status(state="standby", donating=True))
+    app = make_app(client)
+    async with app.run_test(size=SIZE) as pilot:
+        await connected(pilot, app)
+        state = app.main_screen.query_one("#state")
+        assert state.has_class("state-standby")
+        client.emit("state", state="replicating", previous="standby")
+        await until(pilot, lambda: state.has_class("state-replicating"), "replicating colour")
+        assert not state.has_class("state-standby")
+
+
+async def test_events_update_the_widgets() -> None:
+    client = FakeDaemonClient(base_status(state="waiting", donating=True, role="worker", queue={"position": 3}))
+    app = make_app(client)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await connected(pilot, app)
+        assert "queue position 3" in main_text(app, "#role")
+        members = [
+            {"index": 0, "name": "host-a", "role": "host", "state": "replicating", "replication": {"done": 4, "total": 4}},
+            {"index": 1, "name": "me", "role": "worker", "state": "replicating", "replication": {"done": 0, "total": 4}},
+        ]
+        client.emit("state", state="replicating", previous="waiting")
+        client.emit("members", members=members)
+        client.emit("replication", index=1, done=3, total=4, source=0)
+        await until(pilot, lambda: len(app.main_screen.query(MemberRow)) == 2, "two member rows")
+        await until(pilot, lambda: app.main_screen.query_one("#member-1 ProgressBar", ProgressBar).progress == 3,
+                    "replication progress")
+        assert main_text(app, "#state") == "replicating"
+
+        client.emit("state", state="training", previous="replicating")
+        for step, loss in enumerate([2.0, 1.5, 1.0, 0.7], start=1):
+            client.emit("progress", epoch=1, epochs=2, step=step * 10, loss=loss, accuracy=0.5, samples_per_sec=1000.0)
+        client.emit("eval", epoch=1, step=40, test_accuracy=0.81, test_loss=0.6)
+        await until(pilot, lambda: list(app.main_screen.query_one("#acc-plot", Sparkline).data or []) == [0.81],
+                    "accuracy plot")
+        assert list(app.main_screen.query_one("#loss-plot", Sparkline).data or []) == [2.0, 1.5, 1.0, 0.7]
+        assert "epoch 1/2" in main_text(app, "#progress-text")
+        assert "step 40" in main_text(app, "#progress-text")
+        assert "1,000 samples/s" in main_text(app, "#rate")
+        assert "0.7000" in main_text(app, "#loss-text")
+        assert "0.8100" in main_text(app, "#acc-text")
+
+        client.emit("result", test_accuracy=0.8765, model_path="/tmp/model.keras")
+        client.emit("state", state="finished", previous="training")
+        client.emit("log", level="warning", message="worker 2 dropped")
+        await until(pilot, lambda: main_text(app, "#state") == "finished", "finished")
+        bar = app.main_screen.query_one("#epoch-bar", ProgressBar)
+        assert bar.progress == bar.total == 2
+        assert "test acc 0.8765" in main_text(app, "#progress-text")
+        log = app.main_screen.query_one(EventLog)
+        lines = "\n".join(line.text for line in log.lines)
+        for expected in ("waiting → replicating", "node 1", "test accuracy 0.8100", "training finished: test accuracy 0.8765",
+                         "worker 2 dropped"):
+            assert expected in lines.replace("\n", " ") or expected in lines, expected
+
+
+# ---------------------------------------------------------------------------- donation
+
+
+async def test_donation_switch_turns_donation_on_and_off() -> None:
+    client = FakeDaemonClient(base_status())
+    app = make_app(client)
+    async with app.run_test(size=SIZE) as pilot:
+        await connected(pilot, app)
+        assert main_text(app, "#donation") == "Donation OFF"
+        await pilot.click("#donate-switch")
+        await until(pilot, lambda: ("donate", True) in client.calls, "donate on sent")
+        await until(pilot, lambda: main_text(app, "#state") == "standby", "standby shown")
+        assert main_text(app, "#donation") == "Donation ON"
+        assert app.main_screen.query_one("#donate-switch", Switch).value is True
+        await pilot.click("#donate-switch")
+        await until(pilot, lambda: ("donate", False) in client.calls, "donate off sent")
+        await until(pilot, lambda: main_text(app, "#state") == "off", "off shown")
+        assert main_text(app, "#donation") == "Donation OFF"
+        assert [c for c in client.calls if c[0] == "donate"] == [("donate", True), ("donate", False)]
+
+
+async def test_d_key_toggles_donation() -> None:
+    client = FakeDaemonClient(base_status())
+    app = make_app(client)
+    async with app.run_test(size=SIZE) as pilot:
+        await connected(pilot, app)
+        await pilot.press("d")
+        await until(pilot, lambda: main_text(app, "#donation") == "Donation ON", "donation on")
+        await until(pilot, lambda: main_text(app, "#state") == "standby", "standby")
+        await pilot.press("d")
+        await until(pilot, lambda: main_text(app, "#donation") == "Donation OFF", "donation off")
+        assert [c for c in client.calls if c[0] == "donate"] == [("donate", True), ("donate", False)]
+
+
+async def test_work_button_donates() -> None:
+    client = FakeDaemonClient(base_status())
+    app = make_app(client)
+    async with app.run_test(size=SIZE) as pilot:
+        await connected(pilot, app)
+        await pilot.click("#work")
+        await until(pilot, lambda: ("donate", True) in client.calls, "donate on sent")
+        await until(pilot, lambda: main_text(app, "#donation") == "Donation ON", "donation on")
+
+
+async def test_refused_donation_puts_the_switch_back() -> None:
+    client = FakeDaemonClient(base_status())
+    app = make_app(client)
+
+    async def refuse(on: bool) -> dict[str, Any]:
+        raise DaemonRequestError("busy", "the daemon is shutting down")
+
+    client.donate = refuse  # type: ignore[method-assign]
+    async with app.run_test(size=SIZE) as pilot:
+        await connected(pilot, app)
+        await pilot.click("#donate-switch")
+        log = app.main_screen.query_one(EventLog)
+        await until(pilot, lambda: any("shutting down" in line.text for line in log.lines), "error logged")
+        assert app.main_screen.query_one("#donate-switch", Switch).value is False
+        assert main_text(app, "#donation") == "Donation OFF"
+
+
+# ---------------------------------------------------------------------------- host form
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> Path:
+    path = tmp_path / "mnist.npz"
+    path.write_bytes(b"not really, but the form only checks the name")
+    return path
+
+
+async def open_form(pilot: Pilot[Any], app: CrowddApp) -> HostScreen:
+    await pilot.press("h")
+    await until(pilot, lambda: isinstance(app.screen, HostScreen), "host form")
+    await pilot.pause()
+    assert isinstance(app.screen, HostScreen)
+    return app.screen
+
+
+async def fill(pilot: Pilot[Any], form: HostScreen, field: str, value: str) -> None:
+    widget = form.query_one(f"#field-{field}", Input)
+    widget.focus()
+    widget.value = ""
+    await pilot.pause()
+    await pilot.press(*value) if value else None
+    await pilot.pause()
+
+
+async def test_host_form_valid(dataset: Path) -> None:
+    client = FakeDaemonClient(base_status(state="standby", donating=True))
+    app = make_app(client)
+    async with app.run_test(size=SIZE) as pilot:
+        await connected(pilot, app)
+        form = await open_form(pilot, app)
+        await fill(pilot, form, "dataset", str(dataset))
+        assert str(form.query_one("#msg-dataset", Label).content) == ".npz, .csv, or a directory of IDX files"
+        await fill(pilot, form, "workers", "3")
+        await fill(pilot, form, "learning_rate", "0.1")
+        await fill(pilot, form, "batch_size", "64")
+        await fill(pilot, form, "epochs", "2")
+        await fill(pilot, form, "hidden", "128,64")
+        form.query_one("#field-optimizer", Select).value = "adam"
+        form.query_one("#field-sharding", Select).value = "overlap"
+        await pilot.pause()
+        await pilot.click("#host-submit")
+        await until(pilot, lambda: any(c[0] == "host" for c in client.calls), "host sent")
+        await until(pilot, lambda: isinstance(app.screen, MainScreen), "form closed")
+        (_, sent_path, job), = [c for c in client.calls if c[0] == "host"]
+        assert sent_path == str(dataset.resolve())
+        expected = Job(workers=3, learning_rate=0.1, batch_size=64, epochs=2, hidden=(128, 64),
+                       optimizer="adam", sharding="overlap").to_dict()
+        assert job == expected
+        await until(pilot, lambda: main_text(app, "#state") == "registering", "registering")
+        assert main_text(app, "#role") == "host"
+
+
+async def test_host_form_directory_dataset_and_enter_submits(tmp_path: Path) -> None:
+    client = FakeDaemonClient(base_status(state="standby", donating=True))
+    app = make_app(client)
+    async with app.run_test(size=SIZE) as pilot:
+        await connected(pilot, app)
+        form = await open_form(pilot, app)
+        await fill(pilot, form, "dataset", str(tmp_path))
+        await pilot.press("enter")
+        await until(pilot, lambda: any(c[0] == "host" for c in client.calls), "host sent")
+        (_, sent_path, job), = [c for c in client.calls if c[0] == "host"]
+        assert sent_path == str(tmp_path.resolve())
+        assert job == Job().to_dict()
+
+
+INVALID = [
+    ("dataset", "", "enter the path"),
+    ("dataset", "/nonexistent/crowdd/data.npz", "no such file or directory"),
+    ("dataset", "WRONG_SUFFIX", "must be a .npz file, a .csv file or a directory"),
+    ("workers", "two", "must be a whole number"),
+    ("workers", "2000", "must be between 0 and 1024"),
+    ("learning_rate", "fast", "must be a number"),
+    ("learning_rate", "0", "must be > 0"),
+    ("learning_rate", "1000", "must be > 0 and <= 100"),
+    ("batch_size", "0", "must be between 1 and"),
+    ("batch_size", "1.5", "must be a whole number"),
+    ("epochs", "0", "must be between 1 and 10000"),
+    ("epochs", "", "enter a whole number"),
+    ("hidden", "a,b", "must be layer sizes like 128,64"),
+    ("hidden", "0", "each layer size must be an integer"),
+    ("hidden", ",".join(["8"] * 17), "at most 16 layers"),
+]
+
+
+@pytest.mark.parametrize(("field", "value", "message"), INVALID, ids=[f"{f}={v or 'empty'}" for f, v, _ in INVALID])
+async def test_host_form_invalid_input_shows_message(
+    field: str, value: str, message: str, dataset: Path, tmp_path: Path
+) -> None:
+    if value == "WRONG_SUFFIX":
+        wrong = tmp_path / "notes.txt"
+        wrong.write_text("x")
+        value = str(wrong)
+    client = FakeDaemonClient(base_status(state="standby", donating=True))
+    app = make_app(client)
+    async with app.run_test(size=SIZE) as pilot:
+        await connected(pilot, app)
+        form = await open_form(pilot, app)
+        if field != "dataset":
+            await fill(pilot, form, "dataset", str(dataset))
+        await fill(pilot, form, field, value)
+        msg = form.query_one(f"#msg-{field}", Label)
+        if value:  # typed: the message shows as you type
+            assert message in str(msg.content)
+            assert msg.has_class("error")
+        await pilot.click("#host-submit")
+        await pilot.pause()
+        assert message in str(msg.content)
+        assert msg.has_class("error")
+        assert message in text(app, "#form-status")
+        assert isinstance(app.screen, HostScreen)
+        assert not any(c[0] == "host" for c in client.calls)
+        # the message is visible beside (or just under) its field
+        field_region = form.query_one(f"#field-{field}").region
+        assert msg.region.height >= 1 and abs(msg.region.y - field_region.y) <= 1
+
+
+async def test_host_form_clears_message_when_fixed(dataset: Path) -> None:
+    app = make_app(FakeDaemonClient(base_status()))
+    async with app.run_test(size=SIZE) as pilot:
+        await connected(pilot, app)
+        form = await open_form(pilot, app)
+        await fill(pilot, form, "epochs", "0")
+        msg = form.query_one("#msg-epochs", Label)
+        assert msg.has_class("error")
+        await fill(pilot, form, "epochs", "5")
+        assert not msg.has_class("error") and str(msg.content) == ""
+
+
+async def test_host_refused_by_daemon_shows_its_message(dataset: Path) -> None:
+    client = FakeDaemonClient(base_status(state="standby", donating=True))
+    client.host_error = DaemonRequestError("bad_field", "cannot read the dataset: permission denied", "dataset")
+    app = make_app(client)
+    async with app.run_test(size=SIZE) as pilot:
+        await connected(pilot, app)
+        form = await open_form(pilot, app)
+        await fill(pilot, form, "dataset", str(dataset))
+        await pilot.click("#host-submit")
+        msg = form.query_one("#msg-dataset", Label)
+        await until(pilot, lambda: "permission denied" in str(msg.content), "daemon's message beside the field")
+        assert isinstance(app.screen, HostScreen)
+        assert not form.query_one("#host-submit").disabled
+
+
+async def test_host_form_cancel(dataset: Path) -> None:
+    client = FakeDaemonClient(base_status())
+    app = make_app(client)
+    async with app.run_test(size=SIZE) as pilot:
+        await connected(pilot, app)
+        await open_form(pilot, app)
+        await pilot.press("escape")
+        await until(pilot, lambda: isinstance(app.screen, MainScreen), "form closed")
+        await open_form(pilot, app)
+        await pilot.click("#host-cancel")
+        await until(pilot, lambda: isinstance(app.screen, MainScreen), "form closed")
+        assert not any(c[0] == "host" for c in client.calls)
+
+
+async def test_host_button_opens_form() -> None:
+    app = make_app(FakeDaemonClient(base_status()))
+    async with app.run_test(size=SIZE) as pilot:
+        await connected(pilot, app)
+        await pilot.click("#host")
+        await until(pilot, lambda: isinstance(app.screen, HostScreen), "host form")
+
+
+# ---------------------------------------------------------------------------- stop
+
+
+@pytest.mark.parametrize("how", ["key-y", "button"])
+async def test_stop_confirmed(how: str) -> None:
+    client = FakeDaemonClient(training_status())
+    app = make_app(client)
+    async with app.run_test(size=SIZE) as pilot:
+        await connected(pilot, app)
+        await pilot.press("s")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmStopScreen), "confirmation")
+        assert not any(c[0] == "stop" for c in client.calls)
+        if how == "key-y":
+            await pilot.press("y")
+        else:
+            await pilot.click("#confirm-stop")
+        await until(pilot, lambda: ("stop",) in client.calls, "stop sent")
+        await until(pilot, lambda: main_text(app, "#state") == "standby", "standby after stop")
+        assert isinstance(app.screen, MainScreen)
+
+
+@pytest.mark.parametrize("how", ["key-n", "escape", "button"])
+async def test_stop_cancelled(how: str) -> None:
+    client = FakeDaemonClient(training_status())
+    app = make_app(client)
+    async with app.run_test(size=SIZE) as pilot:
+        await connected(pilot, app)
+        await pilot.click("#stop")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmStopScreen), "confirmation")
+        if how == "key-n":
+            await pilot.press("n")
+        elif how == "escape":
+            await pilot.press("escape")
+        else:
+            await pilot.click("#confirm-cancel")
+        await until(pilot, lambda: isinstance(app.screen, MainScreen), "back to main")
+        await pilot.pause(0.1)
+        assert ("stop",) not in client.calls
+        assert main_text(app, "#state") == "training"
+
+
+# ---------------------------------------------------------------------------- quitting, daemon away
+
+
+async def test_q_quits_and_leaves_the_daemon_alone() -> None:
+    client = FakeDaemonClient(training_status())
+    app = make_app(client)
+    async with app.run_test(size=SIZE) as pilot:
+        await connected(pilot, app)
+        await pilot.press("q")
+        await pilot.pause()
+    assert app.return_code == 0
+    assert client.closed
+    assert [c for c in client.calls if c[0] != "status"] == []  # no stop, no donate
+
+
+async def test_daemon_not_running_then_recovers() -> None:
+    client = FakeDaemonClient(base_status(state="standby", donating=True), available=False)
+    app = make_app(client)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: isinstance(app.screen, UnavailableScreen), "unavailable screen")
+        assert "not running" in text(app, ".dialog-title")
+        assert "crowdd daemon" in text(app, "#unavailable-hint")
+        assert "systemctl start crowdd" in text(app, "#unavailable-hint")
+        assert client.where in text(app, "#unavailable-where")
+        assert "connection refused" in text(app, "#unavailable-reason")
+        await pilot.press("d")  # no donation controls here
+        await pilot.pause(0.2)
+        assert not any(c[0] == "donate" for c in client.calls)
+        client.come_back()
+        await until(pilot, lambda: isinstance(app.screen, MainScreen), "main screen again")
+        await until(pilot, lambda: main_text(app, "#state") == "standby", "status shown")
+        await until(pilot, lambda: client.subscribers == 1, "subscribed")
+
+
+async def test_daemon_goes_away_then_comes_back() -> None:
+    client = FakeDaemonClient(training_status())
+    app = make_app(client)
+    async with app.run_test(size=SIZE) as pilot:
+        await connected(pilot, app)
+        client.go_down()
+        await until(pilot, lambda: isinstance(app.screen, UnavailableScreen), "unavailable screen")
+        log = app.main_screen.query_one(EventLog)
+        assert any("lost the connection" in line.text for line in log.lines)
+        client.come_back()
+        client.state["state"] = "standby"
+        await until(pilot, lambda: isinstance(app.screen, MainScreen), "main screen again")
+        await until(pilot, lambda: main_text(app, "#state") == "standby", "fresh status")
+        await until(pilot, lambda: client.subscribers == 1, "resubscribed")
+        client.emit("state", state="registering", previous="standby")
+        await until(pilot, lambda: main_text(app, "#state") == "registering", "events flow again")
+
+
+async def test_daemon_goes_away_while_a_dialog_is_open() -> None:
+    client = FakeDaemonClient(training_status())
+    app = make_app(client)
+    async with app.run_test(size=SIZE) as pilot:
+        await connected(pilot, app)
+        await pilot.press("s")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmStopScreen), "confirmation")
+        client.go_down()
+        await until(pilot, lambda: isinstance(app.screen, UnavailableScreen), "unavailable screen")
+        client.come_back()
+        await until(pilot, lambda: not isinstance(app.screen, UnavailableScreen), "recovered")
+
+
+async def test_unexpected_client_error_is_shown_not_raised() -> None:
+    client = FakeDaemonClient(base_status())
+
+    async def broken() -> dict[str, Any]:
+        raise RuntimeError("socket exploded")
+
+    client.status = broken  # type: ignore[method-assign]
+    app = make_app(client)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: isinstance(app.screen, UnavailableScreen), "unavailable screen")
+        assert "socket exploded" in text(app, "#unavailable-reason")
+    assert app.return_code in (0, None)
+
+
+async def test_retry_key_polls_now() -> None:
+    client = FakeDaemonClient(base_status(), available=False)
+    app = make_app(client, retry_interval=60.0)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: isinstance(app.screen, UnavailableScreen), "unavailable screen")
+        client.come_back()
+        await pilot.press("r")
+        await until(pilot, lambda: isinstance(app.screen, MainScreen), "main screen after retry", timeout=5)
