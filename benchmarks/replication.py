@@ -78,6 +78,7 @@ def run_route(lab: NetnsLab, route: str, args: argparse.Namespace, workdir: Path
         if errors:
             raise SystemExit(f"{route}: nodes failed: {errors}")
         times = {i: e["t"] - t0 for i, e in done.items()}
+        cpu = {i: e.get("cpu") for i, e in done.items()}
     finally:
         cluster.close()
         shutil.rmtree(rundir, ignore_errors=True)
@@ -85,7 +86,9 @@ def run_route(lab: NetnsLab, route: str, args: argparse.Namespace, workdir: Path
     ref = theory(route, args.nodes, args.size, bps)
     return {"route": route, "wall_s": round(wall, 3), "theory_s": round(ref, 3),
             "ratio": round(wall / ref, 4) if ref else None,
-            "per_node_s": {str(i): round(t, 3) for i, t in sorted(times.items())}}
+            "per_node_s": {str(i): round(t, 3) for i, t in sorted(times.items())},
+            "cpu_s_per_node": {str(i): c for i, c in sorted(cpu.items())},
+            "loadavg_after": os.getloadavg()[0]}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -89,8 +89,8 @@ async def accept(
         wire.check_proto(first)
         if first.get("type") != "hello":
             raise wire.WireError(wire.ErrorCode.BAD_FRAME, "expected a hello frame")
-        client_nonce = first.get("nonce")
-        if not _nonce_ok(client_nonce):
+        client_nonce = str(first.get("nonce"))
+        if not _nonce_ok(first.get("nonce")):
             raise wire.WireError(wire.ErrorCode.BAD_FIELD, "nonce must be 64 hex digits", field="nonce")
         hello = first.get("hello", {})
         if not isinstance(hello, dict):
@@ -144,8 +144,8 @@ async def handshake(
         )
         challenge = await wire.read_frame(reader, timeout=timeout)
         wire.raise_if_error(challenge)
-        server_nonce = challenge.get("nonce")
-        if challenge.get("type") != "challenge" or not _nonce_ok(server_nonce):
+        server_nonce = str(challenge.get("nonce"))
+        if challenge.get("type") != "challenge" or not _nonce_ok(challenge.get("nonce")):
             raise AuthError("malformed challenge from server")
         await wire.write_frame(
             writer,

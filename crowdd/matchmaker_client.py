@@ -54,18 +54,18 @@ async def _conversation(
 ) -> dict[str, Any]:
     await wire.write_frame(writer, {**hello, "type": "hello", "proto": wire.PROTO}, timeout=io_timeout)
     beats = asyncio.create_task(_heartbeats(writer, heartbeat, io_timeout))
+    read: asyncio.Task[dict[str, Any]] | None = None
     try:
         while True:
             read = asyncio.create_task(wire.read_frame(reader, timeout=silence, max_size=max_frame))
-            done, _ = await asyncio.wait({read, beats}, return_when=asyncio.FIRST_COMPLETED)
-            if beats in done:
-                read.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await read
-                beats.result()  # re-raises the write error (ConnectionClosed / FrameTimeout)
-                raise wire.ConnectionClosed("heartbeat task ended")  # pragma: no cover
+            if not beats.done():
+                await asyncio.wait({read, beats}, return_when=asyncio.FIRST_COMPLETED)
+            if not read.done():
+                # A heartbeat could not be written: the connection is going away. Keep reading:
+                # a group frame may still be buffered, else the read reports how it ended.
+                logger.debug("matchmaker heartbeat failed; reading what is left")
             try:
-                frame = read.result()
+                frame = await read
             except wire.ConnectionClosed:
                 raise wire.ConnectionClosed("the matchmaker closed the connection before forming a group") from None
             kind = frame["type"]
@@ -79,9 +79,11 @@ async def _conversation(
             else:
                 raise wire.WireError(wire.ErrorCode.UNKNOWN_TYPE, f"unexpected frame {kind!r} from the matchmaker")
     finally:
-        beats.cancel()
-        with contextlib.suppress(BaseException):
-            await beats
+        for task in (read, beats):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
 
 
 async def register(

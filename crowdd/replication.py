@@ -30,6 +30,7 @@ import logging
 import os
 import random
 import socket
+import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -111,11 +112,12 @@ class ChunkStore:
             return cls.complete(done, manifest)
         cache.ensure()
         path = cache.partial_path(manifest)
+        fresh = not path.exists()
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             os.ftruncate(fd, manifest.size)
             have = bytearray(manifest.num_chunks)
-            for i in range(manifest.num_chunks):
+            for i in range(0 if fresh else manifest.num_chunks):
                 off, length = manifest.chunk_span(i)
                 data = os.pread(fd, length, off)
                 if manifest.chunk_ok(i, data):
@@ -170,11 +172,12 @@ class ChunkStore:
         off, length = self.manifest.chunk_span(index)
         return os.pread(self._fd, length, off)
 
-    def write(self, index: int, data: bytes) -> bool:
+    def write(self, index: int, data: bytes | bytearray | memoryview) -> bool:
         """Store a chunk if it matches the manifest; False (nothing written) if not."""
         if self._have[index]:
             return True
-        if not self.manifest.chunk_ok(index, data):
+        _, length = self.manifest.chunk_span(index)
+        if len(data) != length or hashlib.sha256(data).hexdigest() != self.manifest.chunks[index]:
             return False
         off, _ = self.manifest.chunk_span(index)
         os.pwrite(self._fd, data, off)
@@ -361,7 +364,7 @@ class DataServer:
                 pass
             self._server = None
 
-    async def __aenter__(self) -> DataServer:
+    async def __aenter__(self) -> DataServer:  # noqa: PYI034 - 3.10 has no typing.Self
         await self.start()
         return self
 
@@ -475,6 +478,99 @@ class DataServer:
 # --------------------------------------------------------------------------- client
 
 
+class _DataStream(asyncio.BufferedProtocol):
+    """The client side of a get stream: frames are parsed as they come and each blob is
+    received straight into one reused buffer and handed to ``on_frame`` synchronously."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        max_blob: int,
+        on_frame: Callable[[dict[str, Any], memoryview | None], bool],
+    ) -> None:
+        self._loop = loop
+        self._max_blob = max_blob
+        self._on_frame = on_frame
+        self._scratch = bytearray(64 << 10)
+        self._pending = bytearray()
+        self._blob = bytearray(max_blob)
+        self._blob_frame: dict[str, Any] | None = None
+        self._blob_len = 0
+        self._blob_got = 0
+        self.finished: asyncio.Future[None] = loop.create_future()
+        self.last_rx = loop.time()
+        self.transport: asyncio.BaseTransport | None = None
+
+    def get_buffer(self, sizehint: int) -> memoryview | bytearray:
+        if self._blob_frame is not None:
+            return memoryview(self._blob)[self._blob_got : self._blob_len]
+        return self._scratch
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.last_rx = self._loop.time()
+        if self.finished.done():
+            return
+        try:
+            if self._blob_frame is not None:
+                self._blob_got += nbytes
+                if self._blob_got == self._blob_len:
+                    self._deliver_blob()
+            else:
+                self._pending += memoryview(self._scratch)[:nbytes]
+            self._parse()
+        except Exception as exc:  # noqa: BLE001 - any failure ends this stream, not the node
+            self._fail(exc)
+
+    def _parse(self) -> None:
+        while self._blob_frame is None and not self.finished.done():
+            if len(self._pending) < wire.HEADER_SIZE:
+                return
+            (length,) = struct.unpack_from(">I", self._pending)
+            wire.check_length(length)
+            end = wire.HEADER_SIZE + length
+            if len(self._pending) < end:
+                return
+            frame = wire.decode_body(bytes(self._pending[wire.HEADER_SIZE : end]))
+            del self._pending[:end]
+            blob_len = frame.get("blob") or 0
+            if not blob_len:
+                self._dispatch(frame, None)
+                continue
+            if blob_len > self._max_blob:
+                raise wire.WireError(wire.ErrorCode.TOO_LARGE, f"payload of {blob_len} bytes exceeds {self._max_blob}")
+            take = min(blob_len, len(self._pending))
+            self._blob[:take] = self._pending[:take]
+            del self._pending[:take]
+            self._blob_frame, self._blob_len, self._blob_got = frame, blob_len, take
+            if take == blob_len:
+                self._deliver_blob()
+
+    def _deliver_blob(self) -> None:
+        frame, n = self._blob_frame, self._blob_len
+        self._blob_frame, self._blob_len, self._blob_got = None, 0, 0
+        if frame is not None:
+            with memoryview(self._blob) as view, view[:n] as blob:
+                self._dispatch(frame, blob)
+
+    def _dispatch(self, frame: dict[str, Any], blob: memoryview | None) -> None:
+        if self._on_frame(frame, blob) and not self.finished.done():
+            self.finished.set_result(None)
+
+    def _fail(self, exc: BaseException) -> None:
+        if not self.finished.done():
+            self.finished.set_exception(exc)
+        if self.transport is not None:
+            self.transport.close()
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.finished.done():
+            msg = "connection closed" if self._blob_frame is None and not self._pending else "connection closed mid-frame"
+            self.finished.set_exception(wire.ConnectionClosed(f"{msg}: {exc}" if exc else msg))
+
+
 class _SourceFailed(Exception):
     def __init__(self, message: str, *, corrupt: bool = False) -> None:
         super().__init__(message)
@@ -502,10 +598,10 @@ class Replicator:
         auth._key(token)
         self.index = index
         self.peers = {p.index: p for p in peers}
-        if index not in self.peers and len(peers) <= index:
-            raise ValueError(f"node index {index} is not among the {len(peers)} peers")
+        if sorted(self.peers) != list(range(len(peers))):
+            raise ValueError(f"peers must be numbered 0..{len(peers) - 1} exactly once")
         self.n = len(peers)
-        self.plan = node_plan(self.n, index, route)
+        self.plan = node_plan(self.n, index, route)  # RouteError for an index outside the group
         self.token = token
         self.manifest = manifest
         self.cache = cache
@@ -563,7 +659,7 @@ class Replicator:
             first = False
             if not store.complete_now and store.count == before:
                 await asyncio.sleep(0.05)
-        path = store.finish(self.cache)
+        path = await asyncio.to_thread(store.finish, self.cache)
         self._report(None)
         logger.info("node %d: dataset complete (%s)", self.index, path)
         return path
@@ -613,38 +709,54 @@ class Replicator:
         reader, writer = await self._connect(peer, retry_for=self.stall_timeout if connect_retry else 0.0)
         if source not in self.sources_used:
             self.sources_used.append(source)
+        loop = asyncio.get_running_loop()
+        transport = writer.transport
+        if getattr(reader, "_buffer", b""):  # the server spoke out of turn after the welcome
+            transport.abort()
+            raise _SourceFailed("unexpected data after the handshake")
+        # From here on the bulk data lands straight in a reused buffer (no StreamReader copies).
+        stream = _DataStream(loop, self.manifest.chunk_size, lambda f, b: self._on_frame(source, f, b))
+        transport.set_protocol(stream)
+        stream.transport = transport
         try:
             wanted = store.missing()
-            await wire.write_frame(writer, {"type": "get", "chunks": wanted, "wait": wait}, timeout=self.stall_timeout)
+            transport.write(wire.encode({"type": "get", "chunks": wanted, "wait": wait}))
             self._report(source)
-            while True:
-                frame, blob = await wire.read_message(
-                    reader, timeout=self.stall_timeout, max_blob=self.manifest.chunk_size
-                )
-                wire.raise_if_error(frame)
-                kind = frame.get("type")
-                if kind == "chunk":
-                    k = frame.get("index")
-                    if not isinstance(k, int) or not 0 <= k < self.manifest.num_chunks:
-                        raise _SourceFailed("chunk frame without a valid index", corrupt=True)
-                    if not store.write(k, blob):
-                        self.corrupt_chunks += 1
-                        raise _SourceFailed(f"chunk {k} does not match the manifest", corrupt=True)
-                    self._report(source)
-                elif kind == "end":
-                    return
-                elif kind in ("queued", "wait", "missing"):
-                    continue
-                else:
-                    raise _SourceFailed(f"unexpected frame {kind!r}")
+            while not stream.finished.done():
+                await asyncio.wait([stream.finished], timeout=min(1.0, self.stall_timeout))
+                if not stream.finished.done() and loop.time() - stream.last_rx > self.stall_timeout:
+                    raise _SourceFailed(f"stalled for {self.stall_timeout} s")
+            stream.finished.result()
         except (wire.WireError, wire.RemoteError) as exc:
             raise _SourceFailed(f"protocol error: {exc}") from None
-        except wire.FrameTimeout:
-            raise _SourceFailed(f"stalled for {self.stall_timeout} s") from None
         except (wire.ConnectionClosed, OSError) as exc:
             raise _SourceFailed(f"connection lost: {exc}") from None
         finally:
-            await wire.close_writer(writer)
+            if not stream.finished.done():
+                stream.finished.cancel()
+            transport.abort()
+
+    def _on_frame(self, source: int, frame: dict[str, Any], blob: memoryview | None) -> bool:
+        """Handle one frame of a get stream; True at its end. Raises _SourceFailed."""
+        store = self.store
+        if store is None:  # pragma: no cover
+            raise ReplicationError("no store")
+        wire.raise_if_error(frame)
+        kind = frame.get("type")
+        if kind == "chunk":
+            k = frame.get("index")
+            if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k < self.manifest.num_chunks or blob is None:
+                raise _SourceFailed("chunk frame without a valid index", corrupt=True)
+            if not store.write(k, blob):
+                self.corrupt_chunks += 1
+                raise _SourceFailed(f"chunk {k} does not match the manifest", corrupt=True)
+            self._report(source)
+            return False
+        if kind == "end":
+            return True
+        if kind in ("queued", "wait", "missing"):
+            return False
+        raise _SourceFailed(f"unexpected frame {kind!r}")
 
     async def _query_have(self, peer: Peer) -> tuple[int, bool, list[bool]] | None:
         try:

@@ -87,7 +87,7 @@ class ServiceRunner:
         if report_pending is not None:
             try:
                 report_pending()
-            except Exception:  # noqa: BLE001 - a failed report must not keep the daemon running
+            except Exception:
                 logger.exception("%s: reporting stop-pending failed", self._name)
         if not self.stop_event.is_set():
             logger.info("%s: stop requested", self._name)

@@ -116,6 +116,7 @@ class Channel:
         returns True (the conversation is over)."""
         writer_task = self._ensure_writer()
         pinger = asyncio.create_task(self._ping_loop())
+        read: asyncio.Task[dict[str, Any]] | None = None
         try:
             while True:
                 read = asyncio.create_task(wire.read_frame(self._reader, timeout=self._dead_after))
@@ -142,7 +143,9 @@ class Channel:
                     return
         finally:
             pinger.cancel()
-            await asyncio.gather(pinger, return_exceptions=True)
+            if read is not None:
+                read.cancel()
+            await asyncio.gather(pinger, *([read] if read is not None else []), return_exceptions=True)
 
     async def flush(self, timeout: float = 2.0) -> None:
         """Wait (bounded) until queued frames are written; used before a clean close."""

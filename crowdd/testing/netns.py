@@ -93,7 +93,7 @@ class NetnsLab:
 
     # -- building
 
-    def __enter__(self) -> NetnsLab:
+    def __enter__(self) -> NetnsLab:  # noqa: PYI034 - 3.10 has no typing.Self
         self.setup()
         return self
 
@@ -161,7 +161,7 @@ class NetnsLab:
         self._procs.clear()
         for name in self._created:
             try:
-                out = subprocess.run([IP, "netns", "pids", name], capture_output=True, text=True, timeout=10)
+                out = subprocess.run([IP, "netns", "pids", name], check=False, capture_output=True, text=True, timeout=10)
                 for pid in out.stdout.split():
                     try:
                         os.kill(int(pid), signal.SIGKILL)
@@ -171,7 +171,7 @@ class NetnsLab:
                 pass
         for name in reversed(self._created):
             for attempt in range(5):
-                res = subprocess.run([IP, "netns", "del", name], capture_output=True, text=True, timeout=10)
+                res = subprocess.run([IP, "netns", "del", name], check=False, capture_output=True, text=True, timeout=10)
                 if res.returncode == 0 or "No such file" in res.stderr:
                     break
                 time.sleep(0.1 * (attempt + 1))
@@ -201,7 +201,7 @@ def _kill_group(proc: subprocess.Popen[Any]) -> None:
 def _run(argv: Sequence[str], *, check: bool = True, timeout: float = 30.0, input: str | None = None,
          **kw: Any) -> subprocess.CompletedProcess[str]:
     try:
-        res = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, input=input, **kw)
+        res = subprocess.run(list(argv), check=False, capture_output=True, text=True, timeout=timeout, input=input, **kw)
     except FileNotFoundError as exc:
         raise NetnsUnavailable(f"{argv[0]} not found (install iproute2)") from exc
     except subprocess.TimeoutExpired as exc:

@@ -7,9 +7,10 @@ namespace or on loopback). The spec is a JSON object::
      "route": "binomial", "stall_timeout": 10.0, "listen": "0.0.0.0", "port": 0,
      "serve_file": null, "fetch": true, "late_bound": null}
 
-``serve_file`` is a file this node serves as-is without checking it (the host's own
-canonical file, or — in tests — a deliberately corrupted one); ``fetch`` false makes a
-serve-only node. The process talks JSON lines: it prints
+``serve_file`` is the host's canonical file (copied into the cache, verified, before the
+node says it is listening); with ``fetch`` false the node only serves ``serve_file`` as-is,
+unchecked (in tests: a deliberately corrupted copy). ``rate_limit`` caps the node's upload
+(bytes/s). The process talks JSON lines: it prints
 ``{"event": "listening", "port": P}``, reads one line ``{"peers": [[index, host, port], …]}``
 from stdin, prints ``start``, ``progress`` and ``done`` (or ``error``) events, then keeps
 serving until stdin reaches EOF or carries ``exit``.
@@ -29,7 +30,14 @@ from typing import Any
 
 from crowdd.cache import DatasetCache
 from crowdd.manifest import Manifest
-from crowdd.replication import ChunkStore, DataServer, Peer, Progress, ReplicationError, Replicator
+from crowdd.replication import (
+    ChunkStore,
+    DataServer,
+    Peer,
+    Progress,
+    ReplicationError,
+    Replicator,
+)
 from crowdd.route import node_plan
 
 logger = logging.getLogger(__name__)
@@ -55,6 +63,10 @@ async def run_node(spec: dict[str, Any]) -> int:
     manifest = Manifest.from_json(Path(spec["manifest"]).read_bytes())
     cache = DatasetCache(Path(spec["cache"]))
     serve_file = spec.get("serve_file")
+    fetch = bool(spec.get("fetch", True))
+    if serve_file and fetch:  # the host: its file goes into the cache before the session starts
+        cache.add_file(Path(serve_file), manifest)
+        serve_file = None
     store = ChunkStore.complete(Path(serve_file), manifest) if serve_file else ChunkStore.open(cache, manifest)
     server = DataServer(
         spec["token"], manifest, store,
@@ -71,14 +83,14 @@ async def run_node(spec: dict[str, Any]) -> int:
             return 0
         peers = [Peer(int(i), str(h), int(p)) for i, h, p in json.loads(line)["peers"]]
         _emit(event="start", t=time.time())
-        if spec.get("fetch", True):
+        if fetch:
             last = [0.0]
 
             def progress(p: Progress) -> None:
                 now = time.monotonic()
                 if now - last[0] >= 0.05 or p.done_bytes == p.total_bytes:
                     last[0] = now
-                    _emit(event="progress", done=p.done_bytes, total=p.total_bytes, source=p.source)
+                    _emit(event="progress", done=p.done_bytes, total=p.total_bytes, source=p.source, t=time.time())
 
             rep = Replicator(index, peers, spec["token"], manifest, cache, route=route, stall_timeout=stall,
                              on_progress=progress, store=store)
@@ -107,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
-                        format=f"%(asctime)s node %(name)s %(levelname)s %(message)s")
+                        format="%(asctime)s node %(name)s %(levelname)s %(message)s")
     try:
         spec = json.loads(args.spec.read_text())
     except (OSError, ValueError) as exc:

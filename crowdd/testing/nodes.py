@@ -199,7 +199,7 @@ class NodeCluster:
                         pass
         self.nodes.clear()
 
-    def __enter__(self) -> NodeCluster:
+    def __enter__(self) -> NodeCluster:  # noqa: PYI034 - 3.10 has no typing.Self
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -114,7 +114,7 @@ if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
             super().__init__(args)
             self.runner = ServiceRunner(daemon_entry(default_root()), name=SERVICE_NAME)
 
-        def SvcDoRun(self) -> None:  # noqa: N802 - pywin32's name
+        def SvcDoRun(self) -> None:
             servicemanager.LogMsg(
                 servicemanager.EVENTLOG_INFORMATION_TYPE, servicemanager.PYS_SERVICE_STARTED, (self._svc_name_, "")
             )
@@ -131,10 +131,10 @@ if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
         def _report_stop_pending(self) -> None:
             self.ReportServiceStatus(win32service.SERVICE_STOP_PENDING, waitHint=30_000)
 
-        def SvcStop(self) -> None:  # noqa: N802
+        def SvcStop(self) -> None:
             self.runner.stop(report_pending=self._report_stop_pending)
 
-        def SvcShutdown(self) -> None:  # noqa: N802
+        def SvcShutdown(self) -> None:
             self.SvcStop()
 
     def _windows_main(argv: list[str]) -> None:

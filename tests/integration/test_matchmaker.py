@@ -163,7 +163,8 @@ async def test_fifo_oldest_workers_and_position_updates(server: Matchmaker) -> N
     assert [w.waits[0]["position"] for w in ws] == [1, 2, 3]
     g = await Waiting(server, host_hello("h", workers=2)).group()
     assert [m["name"] for m in g["members"]] == ["h", "w0", "w1"]
-    await ws[0].group(), await ws[1].group()
+    await ws[0].group()
+    await ws[1].group()
     # w2 moved from position 3 to 1 and is told so
     await until(lambda: ws[2].waits[-1]["position"] == 1)
     assert not ws[2].task.done()
@@ -258,7 +259,8 @@ async def test_below_min_after_wait_keeps_waiting_until_enough(server: Matchmake
     w2 = Waiting(server, worker_hello("w2"))
     g = await h.group()
     assert [m["name"] for m in g["members"]] == ["h", "w1", "w2"]
-    await w1.group(), await w2.group()
+    await w1.group()
+    await w2.group()
 
 
 # --------------------------------------------------------------------------- dropped clients
@@ -305,7 +307,8 @@ async def test_heartbeating_client_is_kept(make_server: MakeServer) -> None:
     assert len(w.waits) > 3  # every heartbeat is answered with a wait frame
     assert mm.stats()["workers"] == 1
     h = Waiting(mm, host_hello("h"))
-    await w.group(), await h.group()
+    await w.group()
+    await h.group()
 
 
 async def test_no_hello_dropped_after_read_timeout(make_server: MakeServer) -> None:
@@ -471,7 +474,8 @@ async def test_max_clients_busy(make_server: MakeServer) -> None:
     await until(lambda: mm.stats()["connections"] == 1)
     c = await queue(mm, worker_hello("c"))  # room again
     assert mm.stats()["workers"] == 2
-    await b.leave(), await c.leave()
+    await b.leave()
+    await c.leave()
 
 
 async def test_max_per_ip_busy(make_server: MakeServer) -> None:
@@ -552,3 +556,18 @@ async def test_client_rejects_unknown_server_frame() -> None:
             await register(srv.sockets[0].getsockname()[:2], worker_hello(), timeout=10)
     finally:
         srv.close()
+
+
+# --------------------------------------------------------------------------- logging
+
+
+async def test_groups_and_queue_sizes_are_logged(server: Matchmaker, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="crowdd.matchmaker")
+    w = await queue(server, worker_hello("w1"))
+    await Waiting(server, host_hello("h1")).group()
+    await w.group()
+    parked = await queue(server, worker_hello("parked"))
+    await until(lambda: any("1 worker(s) waiting" in r.getMessage() for r in caplog.records))  # status_interval 0.2 s
+    formed = [r.getMessage() for r in caplog.records if " formed: " in r.getMessage()]
+    assert len(formed) == 1 and "'h1'" in formed[0] and "w1@127.0.0.1" in formed[0]
+    await parked.leave()

@@ -25,7 +25,7 @@ from crowdd.replication import (
     Replicator,
     fetch_manifest,
 )
-from crowdd.route import node_plan
+from crowdd.route import RouteError, node_plan
 from crowdd.testing.nodes import NodeCluster
 
 CHUNK = 64 << 10
@@ -202,7 +202,7 @@ async def test_peer_that_stalls_mid_frame_is_dropped(tmp_path: Path) -> None:
             req = await wire.read_frame(reader, timeout=2)
             if req["type"] != "get":
                 return
-            off, length = manifest.chunk_span(0)
+            _, length = manifest.chunk_span(0)
             writer.write(wire.encode({"type": "chunk", "index": 0, "blob": length}))
             writer.write(src.read_bytes()[: length // 2])
             await writer.drain()
@@ -342,8 +342,10 @@ def test_chunk_store_refuses_a_chunk_that_does_not_match(tmp_path: Path) -> None
 def test_replicator_rejects_an_index_outside_the_group(tmp_path: Path) -> None:
     src = tmp_path / "data.bin"
     manifest = make_file(src, CHUNK)
-    with pytest.raises(Exception, match="out of range"):
+    with pytest.raises(RouteError, match="out of range"):
         Replicator(5, [Peer(0, "127.0.0.1", 1)], "t", manifest, DatasetCache(tmp_path / "c"))
+    with pytest.raises(ValueError, match="numbered"):
+        Replicator(0, [Peer(0, "127.0.0.1", 1), Peer(0, "127.0.0.1", 2)], "t", manifest, DatasetCache(tmp_path / "c"))
     with pytest.raises(ValueError, match="token"):
         Replicator(0, [Peer(0, "127.0.0.1", 1)], "", manifest, DatasetCache(tmp_path / "c"))
 

@@ -104,9 +104,14 @@ async def test_events_update_the_widgets() -> None:
         client.emit("members", members=members)
         client.emit("replication", index=1, done=3, total=4, source=0)
         await until(pilot, lambda: len(app.main_screen.query(MemberRow)) == 2, "two member rows")
-        await until(pilot, lambda: app.main_screen.query_one("#member-1 ProgressBar", ProgressBar).progress == 3,
-                    "replication progress")
+
+        def member_bar(index: int) -> ProgressBar:
+            (row,) = [r for r in app.main_screen.query(MemberRow) if r.member.index == index]
+            return row.query_one(ProgressBar)
+
+        await until(pilot, lambda: member_bar(1).progress == 3, "replication progress")
         assert main_text(app, "#state") == "replicating"
+        client.emit("replication", index=1, done=4, total=4, source=0)
 
         client.emit("state", state="training", previous="replicating")
         for step, loss in enumerate([2.0, 1.5, 1.0, 0.7], start=1):
@@ -129,10 +134,10 @@ async def test_events_update_the_widgets() -> None:
         assert bar.progress == bar.total == 2
         assert "test acc 0.8765" in main_text(app, "#progress-text")
         log = app.main_screen.query_one(EventLog)
-        lines = "\n".join(line.text for line in log.lines)
-        for expected in ("waiting → replicating", "node 1", "test accuracy 0.8100", "training finished: test accuracy 0.8765",
-                         "worker 2 dropped"):
-            assert expected in lines.replace("\n", " ") or expected in lines, expected
+        lines = " ".join(" ".join(line.text for line in log.lines).split())
+        for expected in ("waiting → replicating", "group has 2 members", "node 1 holds the dataset (4 chunks)",
+                         "test accuracy 0.8100", "training finished: test accuracy 0.8765", "worker 2 dropped"):
+            assert expected in lines, expected
 
 
 # ---------------------------------------------------------------------------- donation

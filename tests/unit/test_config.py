@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from crowdd.config import Config, ConfigError, Paths, config_from_dict, load_config, parse_hostport
+from crowdd.config import (
+    Config,
+    ConfigError,
+    Paths,
+    config_from_dict,
+    load_config,
+    parse_hostport,
+)
 
 SAMPLE = Path(__file__).resolve().parents[2] / "docs" / "crowdd.sample.toml"
 

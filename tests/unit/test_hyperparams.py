@@ -6,7 +6,13 @@ from typing import Any
 
 import pytest
 
-from crowdd.hyperparams import Job, HyperparamError, check_field, parse_hidden, validate_job
+from crowdd.hyperparams import (
+    HyperparamError,
+    Job,
+    check_field,
+    parse_hidden,
+    validate_job,
+)
 
 
 def test_defaults() -> None:

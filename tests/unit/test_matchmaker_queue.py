@@ -239,7 +239,7 @@ def test_admit() -> None:
 # --------------------------------------------------------------------------- hello validation
 
 
-def hello_frame(role: str = "worker", **kw: Any) -> dict[str, Any]:
+def hello_frame(role: Any = "worker", **kw: Any) -> dict[str, Any]:
     frame: dict[str, Any] = {
         "type": "hello", "proto": wire.PROTO, "role": role, "name": "n",
         "ports": {"data": 1, "session": 2, "tf": [3] if role == "worker" else [3, 4]},

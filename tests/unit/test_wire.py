@@ -207,8 +207,13 @@ async def _pair() -> Pair:
     return server_r, server_w, client_r, client_w, srv
 
 
+def _close(*things: asyncio.StreamWriter | asyncio.Server) -> None:
+    for t in things:
+        t.close()
+
+
 async def test_read_write_frame_and_blob() -> None:
-    r, sw, cr, w, srv = await _pair()
+    r, sw, _cr, w, srv = await _pair()
     try:
         await wire.write_frame(w, {"type": "a", "x": 1})
         await wire.write_frame(w, {"type": "chunk"}, b"\x00\x01\x02")
@@ -216,22 +221,22 @@ async def test_read_write_frame_and_blob() -> None:
         frame, blob = await wire.read_message(r)
         assert frame == {"type": "chunk", "blob": 3} and blob == b"\x00\x01\x02"
     finally:
-        w.close(), sw.close(), srv.close()
+        _close(w, sw, srv)
 
 
 async def test_read_frame_refuses_blob() -> None:
-    r, sw, cr, w, srv = await _pair()
+    r, sw, _cr, w, srv = await _pair()
     try:
         await wire.write_frame(w, {"type": "chunk"}, b"abc")
         with pytest.raises(WireError) as info:
             await wire.read_frame(r)
         assert info.value.code is ErrorCode.TOO_LARGE
     finally:
-        w.close(), sw.close(), srv.close()
+        _close(w, sw, srv)
 
 
 async def test_read_size_checked_before_body() -> None:
-    r, sw, cr, w, srv = await _pair()
+    r, sw, _cr, w, srv = await _pair()
     try:
         w.write(struct.pack(">I", wire.MAX_FRAME + 1))  # the body never comes
         await w.drain()
@@ -239,11 +244,11 @@ async def test_read_size_checked_before_body() -> None:
             await wire.read_frame(r, timeout=5)
         assert info.value.code is ErrorCode.TOO_LARGE
     finally:
-        w.close(), sw.close(), srv.close()
+        _close(w, sw, srv)
 
 
 async def test_read_timeout_and_close_mid_frame() -> None:
-    r, sw, cr, w, srv = await _pair()
+    r, sw, _cr, w, srv = await _pair()
     try:
         with pytest.raises(wire.FrameTimeout):
             await wire.read_frame(r, timeout=0.1)
@@ -255,25 +260,25 @@ async def test_read_timeout_and_close_mid_frame() -> None:
         with pytest.raises(wire.ConnectionClosed, match="mid-frame"):
             await wire.read_frame(r, timeout=5)
     finally:
-        sw.close(), srv.close()
+        _close(sw, srv)
 
 
 async def test_read_clean_close() -> None:
-    r, sw, cr, w, srv = await _pair()
+    r, sw, _cr, w, srv = await _pair()
     try:
         w.close()
         with pytest.raises(wire.ConnectionClosed, match="^connection closed$"):
             await wire.read_frame(r, timeout=5)
     finally:
-        sw.close(), srv.close()
+        _close(sw, srv)
 
 
 async def test_send_error_and_close() -> None:
-    r, sw, cr, w, srv = await _pair()
+    _r, sw, cr, w, srv = await _pair()
     try:
         await wire.send_error_and_close(sw, WireError(ErrorCode.BUSY, "full"))
         assert await wire.read_frame(cr) == {"type": "error", "code": "busy", "message": "full"}
         with pytest.raises(wire.ConnectionClosed):
             await wire.read_frame(cr)
     finally:
-        w.close(), srv.close()
+        _close(w, srv)

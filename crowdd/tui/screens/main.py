@@ -7,6 +7,7 @@ from collections.abc import Callable
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
+from textual.css.query import NoMatches
 from textual.screen import Screen
 from textual.widgets import Button, Footer, Label, Switch
 
@@ -66,21 +67,30 @@ class MainScreen(Screen[None]):
             self._pending_view = view
             return
         version = f" {view.version}" if view.version else ""
-        self.query_one("#topbar", Label).update(f"crowdd{version} · {self.where}")
-        self.query_one(StatusPanel).show(view)
-        self.query_one(TrainingPanel).show(view)
-        self.query_one(MembersPanel).show(view)
+        try:
+            self.query_one("#topbar", Label).update(f"crowdd{version} · {self.where}")
+            self.query_one(StatusPanel).show(view)
+            self.query_one(TrainingPanel).show(view)
+            self.query_one(MembersPanel).show(view)
+        except NoMatches:  # the app is shutting down and its widgets are gone
+            return
 
     def log_line(self, level: str, message: str) -> None:
         if not self._ready:
             self._pending_lines.append((level, message))
             return
-        self.query_one(EventLog).add(level, message)
+        try:
+            self.query_one(EventLog).add(level, message)
+        except NoMatches:  # shutting down
+            return
 
     def set_donation(self, on: bool) -> None:
         self.donating = on
         if self._ready:
-            self.query_one(StatusPanel).set_switch(on)
+            try:
+                self.query_one(StatusPanel).set_switch(on)
+            except NoMatches:  # shutting down
+                return
 
     # ------------------------------------------------------------------ controls
 

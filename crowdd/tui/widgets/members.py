@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from textual.app import ComposeResult
+from textual.css.query import NoMatches
 from textual.containers import Horizontal, VerticalScroll
 from textual.widgets import Label, ProgressBar
 
@@ -13,7 +14,7 @@ class MemberRow(Horizontal):
     """``index role name state [replication bar]``."""
 
     def __init__(self, member: Member) -> None:
-        super().__init__(classes="member", id=f"member-{member.index}")
+        super().__init__(classes="member")
         self.member = member
 
     def compose(self) -> ComposeResult:
@@ -30,8 +31,12 @@ class MemberRow(Horizontal):
 
     def show(self, member: Member) -> None:
         self.member = member
-        self.query_one(".member-label", Label).update(self._text())
-        bar = self.query_one(ProgressBar)
+        try:
+            label = self.query_one(".member-label", Label)
+            bar = self.query_one(ProgressBar)
+        except NoMatches:  # not composed yet: on_mount shows self.member
+            return
+        label.update(self._text())
         bar.update(total=max(member.total, 1), progress=min(member.done, max(member.total, 1)) if member.total else 0)
 
 
@@ -46,12 +51,10 @@ class MembersPanel(VerticalScroll):
     def show(self, view: DaemonView) -> None:
         self.border_title = f"Group {view.group_id}" if view.group_id else "Group"
         rows = list(self.query(MemberRow))
-        if [r.member.index for r in rows] == [m.index for m in view.members]:
-            for row, member in zip(rows, view.members):
-                row.show(member)
-            return
-        for row in rows:
+        for row, member in zip(rows, view.members):
+            row.show(member)
+        for row in rows[len(view.members):]:
             row.remove()
+        if len(view.members) > len(rows):
+            self.mount_all([MemberRow(m) for m in view.members[len(rows):]])
         self.query_one("#no-group", Label).display = not view.members
-        if view.members:
-            self.mount_all([MemberRow(m) for m in view.members])

@@ -1,0 +1,333 @@
+"""``crowdd demo``: a whole crowd on this machine.
+
+Starts a matchmaker and 1 host + N worker daemons as real processes, each below its own
+directory (state, cache, control socket, log) with its own ports; switches the workers'
+donation on, asks the host to host a dataset (Fashion-MNIST when Debian's
+``dataset-fashion-mnist`` is installed, else scikit-learn's digits; ``--dataset`` for your
+own), shows every node's state, replication and training progress, prints the final test
+accuracy and where the model is, and exits 0. Every process it started is ended on the way
+out — also on Ctrl-C, SIGTERM and failure (process groups, ``finally``, ``atexit``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import atexit
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from crowdd.control import ControlClient, DaemonUnavailable
+
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+START_TIMEOUT = 60.0
+RUN_TIMEOUT = 900.0
+STOP_GRACE = 10.0
+
+#: The demo's job settings: small enough to finish in a couple of minutes on 2 cores.
+DEMO_JOB: dict[str, Any] = {"model": "mlp", "hidden": [100], "learning_rate": 0.1, "batch_size": 100, "sharding": "disjoint"}
+DEFAULT_EPOCHS = 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Node:
+    name: str
+    root: Path
+    proc: subprocess.Popen[bytes] | None = None
+    state: str = "?"
+    replication: tuple[int, int] = (0, 0)
+    log: Path = field(default_factory=Path)
+
+    @property
+    def socket(self) -> Path:
+        return self.root / "run" / "control.sock"
+
+
+class Processes:
+    """Every process the demo starts, each the leader of its own process group."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, argv: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "ab") as fh:
+            proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
+                start_new_session=True, env=env,
+            )
+        self.procs.append(proc)
+        return proc
+
+    def stop_all(self) -> None:
+        """SIGTERM every group (the daemons kill their jobs), then SIGKILL what is left."""
+        live = [p for p in self.procs if p.poll() is None]
+        for p in live:
+            _killpg(p.pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE
+        for p in live:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        for p in self.procs:
+            _killpg(p.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=5)
+        self.procs = []
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def kill_strays(root: Path) -> int:
+    """Kill any process whose command line names a file below ``root`` (jobs of the demo's
+    daemons that outlived them). Only this demo's own directory is matched."""
+    import psutil
+
+    mark = str(root)
+    killed = 0
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        cmd = p.info.get("cmdline") or []
+        if p.pid != os.getpid() and any(mark in part for part in cmd):
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+                killed += 1
+    return killed
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+def default_dataset(root: Path, out: TextIO) -> Path:
+    if FASHION_MNIST.is_dir():
+        return FASHION_MNIST
+    import numpy as np
+
+    from crowdd.datasets import load_digits
+
+    arrays = load_digits()
+    path = root / "digits.npz"
+    np.savez(path, x_train=arrays.x_train, y_train=arrays.y_train, x_test=arrays.x_test, y_test=arrays.y_test)
+    out.write(f"(no {FASHION_MNIST}: using scikit-learn's digits, written to {path})\n")
+    return path
+
+
+def node_config(matchmaker: str, name: str, nice: int) -> str:
+    return (
+        "# written by `crowdd demo`\n"
+        "[daemon]\n"
+        f'matchmaker = "{matchmaker}"\n'
+        f'name = "{name}"\n'
+        'listen_host = "127.0.0.1"\n'
+        "retry_min = 0.5\n"
+        "retry_max = 5.0\n"
+        "[job]\n"
+        "# below normal priority, but not SCHED_IDLE: the demo should not starve behind other work\n"
+        f"nice = {nice}\n"
+        "steps_per_function = 20\n"
+        "sync_every = 10\n"
+    )
+
+
+# --------------------------------------------------------------------------- display
+
+
+class Display:
+    """Plain terminal output: one line per state change; a refreshing progress line on a TTY."""
+
+    def __init__(self, out: TextIO, t0: float) -> None:
+        self.out = out
+        self.t0 = t0
+        self.tty = out.isatty()
+        self._bar_shown = False
+        self._last_bar = 0.0
+
+    def line(self, who: str, text: str) -> None:
+        self._clear_bar()
+        self.out.write(f"{time.monotonic() - self.t0:7.1f}s  {who:<10} {text}\n")
+        self.out.flush()
+
+    def _clear_bar(self) -> None:
+        if self._bar_shown:
+            self.out.write("\r\033[K")
+            self._bar_shown = False
+
+    def bar(self, who: str, text: str, frac: float, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_bar < (0.2 if self.tty else 5.0):
+            return
+        self._last_bar = now
+        width = 24
+        fill = int(round(max(0.0, min(1.0, frac)) * width))
+        bar = "#" * fill + "-" * (width - fill)
+        msg = f"{now - self.t0:7.1f}s  {who:<10} [{bar}] {100 * frac:5.1f}%  {text}"
+        if self.tty:
+            self.out.write("\r\033[K" + msg)
+            self._bar_shown = True
+        else:
+            self.out.write(msg + "\n")
+        self.out.flush()
+
+
+def _fmt(x: Any, spec: str = ".3f") -> str:
+    return format(x, spec) if isinstance(x, (int, float)) and not isinstance(x, bool) else "-"
+
+
+# --------------------------------------------------------------------------- the run
+
+
+async def _wait_up(node: Node, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if node.proc is not None and node.proc.poll() is not None:
+            raise RuntimeError(f"{node.name} exited early (code {node.proc.returncode}); see {node.log}")
+        client = ControlClient(node.socket)
+        try:
+            await client.status()
+            return
+        except DaemonUnavailable:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{node.name} did not open its control socket within {timeout:.0f} s; see {node.log}") from None
+            await asyncio.sleep(0.2)
+        finally:
+            await client.close()
+
+
+async def _watch(node: Node, display: Display, result: asyncio.Future[dict[str, Any]], is_host: bool) -> None:
+    client = ControlClient(node.socket)
+    async for ev in client.subscribe():
+        kind = ev.get("event")
+        if kind == "state":
+            node.state = str(ev.get("state"))
+            display.line(node.name, f"{ev.get('previous')} -> {node.state}")
+        elif kind == "replication" and ev.get("index") is not None:
+            done, total = int(ev.get("done") or 0), int(ev.get("total") or 0)
+            if not is_host and total:
+                node.replication = (done, total)
+                display.bar(node.name, f"dataset {done / 1e6:6.1f} / {total / 1e6:.1f} MB", done / total, force=done == total)
+                if done == total:
+                    display.line(node.name, f"dataset verified ({total:,} bytes)")
+        elif kind == "progress" and is_host:
+            epochs = ev.get("epochs") or 1
+            step, total_steps = ev.get("step") or 0, ev.get("total_steps") or 0
+            frac = step / total_steps if total_steps else (ev.get("epoch") or 0) / epochs
+            display.bar(
+                "training",
+                f"epoch {ev.get('epoch')}/{epochs} step {step}/{total_steps or '?'} loss {_fmt(ev.get('loss'))} "
+                f"acc {_fmt(ev.get('accuracy'))} {_fmt(ev.get('samples_per_sec'), '.0f')} samples/s",
+                frac,
+            )
+        elif kind == "eval" and is_host:
+            display.line("eval", f"epoch {ev.get('epoch')}: test accuracy {_fmt(ev.get('test_accuracy'), '.4f')}")
+        elif kind == "log" and ev.get("level") in ("warning", "error"):
+            display.line(node.name, f"{ev.get('level')}: {ev.get('message')}")
+        elif kind == "result" and is_host and not result.done():
+            result.set_result(ev)
+        elif kind == "status" and is_host and ev.get("error") and ev.get("state") in ("off", "standby") and not result.done():
+            result.set_exception(RuntimeError(str(ev.get("error"))))
+
+
+async def _run(args: argparse.Namespace, root: Path, procs: Processes, out: TextIO) -> int:
+    t0 = time.monotonic()
+    workers = int(args.workers)
+    dataset = Path(args.dataset).expanduser().absolute() if args.dataset else default_dataset(root, out)
+    epochs = int(args.epochs) if args.epochs else DEFAULT_EPOCHS
+    port = free_port()
+    mm_addr = f"127.0.0.1:{port}"
+    python = sys.executable
+    out.write(f"crowdd demo: matchmaker + 1 host + {workers} workers below {root}\n")
+    out.write(f"dataset: {dataset}\n")
+    out.flush()
+    procs.start([python, "-m", "crowdd", "matchmaker", "--listen", mm_addr], root / "matchmaker.log")
+    nodes = [Node("host", root / "host")] + [Node(f"worker-{i}", root / f"worker-{i}") for i in range(1, workers + 1)]
+    for node in nodes:
+        node.root.mkdir(parents=True, exist_ok=True)
+        (node.root / "crowdd.toml").write_text(node_config(mm_addr, node.name, 10))
+        node.log = node.root / "daemon.log"
+        node.proc = procs.start(
+            [python, "-m", "crowdd", "daemon", "-v", "--root", str(node.root), "--matchmaker", mm_addr], node.log
+        )
+    await asyncio.gather(*(_wait_up(n, START_TIMEOUT) for n in nodes))
+    display = Display(out, t0)
+    display.line("demo", f"{len(nodes)} daemons up; matchmaker on {mm_addr}")
+    result: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+    watchers = [asyncio.create_task(_watch(n, display, result, i == 0)) for i, n in enumerate(nodes)]
+    try:
+        await asyncio.sleep(0.2)  # let the subscriptions open before things move
+        for node in nodes[1:]:
+            async with ControlClient(node.socket) as c:
+                await c.donate(True)
+        job = {**DEMO_JOB, "epochs": epochs, "workers": workers, "min_workers": workers}
+        async with ControlClient(nodes[0].socket) as c:
+            await c.host(str(dataset), job)
+        display.line("demo", f"workers donating; host asked to train {job['model']} {job['hidden']} for {epochs} epoch(s)")
+        res = await asyncio.wait_for(result, RUN_TIMEOUT)
+    finally:
+        for w in watchers:
+            w.cancel()
+        await asyncio.gather(*watchers, return_exceptions=True)
+    acc = res.get("test_accuracy")
+    display.line("demo", "done")
+    out.write(f"\nfinal test accuracy: {_fmt(acc, '.4f')}\n")
+    out.write(f"model: {res.get('model_path')}\n")
+    out.write(f"logs and state: {root}\n")
+    out.write(f"total time: {time.monotonic() - t0:.1f} s\n")
+    out.flush()
+    return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.workers < 1 or args.workers > 16:
+        print("crowdd demo: --workers must be between 1 and 16", file=sys.stderr)
+        return 2
+    if args.epochs is not None and args.epochs < 1:
+        print("crowdd demo: --epochs must be >= 1", file=sys.stderr)
+        return 2
+    if args.dataset is not None and not Path(args.dataset).exists():
+        print(f"crowdd demo: {args.dataset}: no such file or directory", file=sys.stderr)
+        return 2
+    root = Path(args.root).absolute() if args.root else Path(tempfile.mkdtemp(prefix="crowdd-demo-"))
+    root.mkdir(parents=True, exist_ok=True)
+    procs = Processes()
+
+    def cleanup() -> None:
+        procs.stop_all()
+        kill_strays(root)
+
+    atexit.register(cleanup)
+
+    def on_term(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    try:
+        return asyncio.run(_run(args, root, procs, sys.stdout))
+    except KeyboardInterrupt:
+        print("\ncrowdd demo: interrupted; stopping every node", file=sys.stderr)
+        return 130
+    except (RuntimeError, OSError, asyncio.TimeoutError) as exc:
+        print(f"\ncrowdd demo failed: {exc or type(exc).__name__}; logs in {root}", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        cleanup()
+        atexit.unregister(cleanup)
+
+
+__all__ = ["default_dataset", "kill_strays", "main", "node_config"]
