@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=parse_rate, default=parse_rate("100mbit"), help="tc rate, e.g. 100mbit")
     p.add_argument("--route", choices=("binomial", "chain", "star", "all"), default="binomial")
     p.add_argument("--chunk-size", type=parse_size, default=1 << 20)
-    p.add_argument("--burst", default="64kb")
+    p.add_argument("--burst", default="256kb", help="tbf bucket; smaller than a GSO packet (64 KiB) makes tbf split packets and burn CPU")
     p.add_argument("--latency", default="50ms")
     p.add_argument("--stall-timeout", type=float, default=10.0)
     p.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds per route")

@@ -4,7 +4,8 @@ Layout under ``root``::
 
     <sha>.data            the verified file (installed by an atomic rename)
     <sha>.manifest.json   its manifest (canonical JSON)
-    <sha>.verified        marker written after a whole-file check (size, mtime recorded)
+    <sha>.verified        marker written after verification: size, mtime and the digest of
+                          the manifest the file was checked against
     <sha>.partial         a download in progress (chunks are written in place)
 
 A node that already holds a file (:meth:`DatasetCache.has`) skips the transfer.
@@ -54,8 +55,8 @@ class DatasetCache:
     def has(self, manifest: Manifest) -> Path | None:
         """The cached file if it is present and verified, else None.
 
-        A file is verified by its marker (written after a whole-file check, and only
-        trusted while size and mtime are unchanged) or by hashing it now.
+        A file is verified by its marker (trusted only while size and mtime are unchanged
+        and only for the manifest it was written for) or by hashing it whole now.
         """
         path = self.data_path(manifest)
         try:
@@ -84,11 +85,13 @@ class DatasetCache:
             and marker.get("size") == st.st_size
             and marker.get("mtime_ns") == st.st_mtime_ns
             and marker.get("sha256") == manifest.sha256
+            and marker.get("manifest") == manifest.digest()
         )
 
     def _write_marker(self, manifest: Manifest, path: Path) -> None:
         st = path.stat()
-        marker = {"sha256": manifest.sha256, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        marker = {"sha256": manifest.sha256, "manifest": manifest.digest(), "size": st.st_size,
+                  "mtime_ns": st.st_mtime_ns}
         _atomic_write(self._marker_path(manifest), json.dumps(marker).encode())
 
     def store_manifest(self, manifest: Manifest) -> Path:
@@ -107,7 +110,7 @@ class DatasetCache:
     def install(self, tmp_path: Path, manifest: Manifest, *, verified: bool = False) -> Path:
         """Move a finished download into place atomically (same filesystem).
 
-        Unless ``verified`` (the caller checked every chunk and the whole sha256), the
+        Unless ``verified`` (the caller checked every chunk against this manifest), the
         file is hashed first; a mismatch raises :class:`CacheError` and leaves the file.
         """
         self.ensure()

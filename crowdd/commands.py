@@ -78,6 +78,8 @@ def daemon(args: argparse.Namespace) -> int:
     from crowdd.daemon import run  # the daemon's modules only when running it
 
     cfg, paths = resolve_config(args)
+    if not getattr(args, "verbose", 0):
+        logging.getLogger().setLevel(logging.INFO)  # a service logs its transitions by default
     return run(
         cfg,
         paths,

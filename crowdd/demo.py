@@ -174,7 +174,7 @@ class Display:
             return
         self._last_bar = now
         width = 24
-        fill = int(round(max(0.0, min(1.0, frac)) * width))
+        fill = round(max(0.0, min(1.0, frac)) * width)
         bar = "#" * fill + "-" * (width - fill)
         msg = f"{now - self.t0:7.1f}s  {who:<10} [{bar}] {100 * frac:5.1f}%  {text}"
         if self.tty:

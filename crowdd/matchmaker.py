@@ -316,7 +316,7 @@ class _Conn(asyncio.Protocol):
         self.id = server._next_id()
         self.transport: asyncio.Transport | None = None
         self.ip = ""
-        self.state = "new"  # new → hello → waiting → done
+        self.state = "new"  # new → waiting → closing (last frame sent, draining) → done
         self.decoder = wire.FrameDecoder(max_size=server.cfg.max_frame, max_blob=0)
         now = server.now()
         self.connected_at = now
@@ -324,6 +324,7 @@ class _Conn(asyncio.Protocol):
         self.partial_since: float | None = None
         self.position = 0
         self.sent_position = 0
+        self._linger: asyncio.TimerHandle | None = None
 
     # asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -333,14 +334,14 @@ class _Conn(asyncio.Protocol):
         self.server._connected(self)
 
     def data_received(self, data: bytes) -> None:
-        if self.state == "done":
-            return
+        if self.state in ("closing", "done"):
+            return  # after our last frame, input is read and discarded until the peer closes
         now = self.server.now()
         self.last_rx = now
         try:
             frames = self.decoder.feed(data)
             for frame, _blob in frames:
-                if self.state == "done":
+                if self.state in ("closing", "done"):
                     return
                 self._handle(frame)
         except wire.WireError as exc:
@@ -360,6 +361,8 @@ class _Conn(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.state = "done"
+        if self._linger is not None:
+            self._linger.cancel()
         self.server._disconnected(self)
 
     # protocol
@@ -393,19 +396,30 @@ class _Conn(asyncio.Protocol):
         self.send({"type": "wait", "position": self.position, "hosts": len(g.hosts), "workers": len(g.workers)})
 
     def finish(self, frame: Mapping[str, Any]) -> None:
-        """Send a last frame and close (the transport flushes it first)."""
+        """Send a last frame, then close gracefully.
+
+        Closing a socket with unread input (say, a heartbeat in flight) makes the kernel send
+        a reset, which can destroy the last frame before the peer reads it. So: send, shut
+        down our side (FIN after the frame), discard input until the peer closes, and abort
+        only if it has not closed within ``read_timeout``.
+        """
         self.send(frame)
-        self.close()
+        self.server._leave(self)
+        t = self.transport
+        if self.state in ("closing", "done") or t is None or t.is_closing():
+            return  # already on its way out (or dropped because it does not read)
+        self.state = "closing"
+        self.partial_since = None
+        if self.server._loop is not None:
+            self._linger = self.server._loop.call_later(self.server.cfg.read_timeout, t.abort)
+        if t.can_write_eof():
+            t.write_eof()
+        else:  # pragma: no cover - TCP transports can always half-close
+            t.close()
 
     def fail(self, err: wire.WireError) -> None:
         logger.info("matchmaker: client %s (%s): %s", self.id, self.ip, err)
         self.finish(err.to_frame())
-
-    def close(self) -> None:
-        self.server._leave(self)
-        self.state = "done"
-        if self.transport is not None:
-            self.transport.close()
 
     def drop(self) -> None:
         self.server._leave(self)
@@ -492,10 +506,7 @@ class Matchmaker:
         err = admit(len(self.conns), self.per_ip.get(conn.ip, 0), self.cfg)
         if err is not None:
             logger.info("matchmaker: refusing %s: %s", conn.ip, err.message)
-            conn.state = "done"
-            conn.send(err.to_frame())
-            if conn.transport is not None:
-                conn.transport.close()
+            conn.finish(err.to_frame())
             return
         self.conns[conn.id] = conn
         self.per_ip[conn.ip] = self.per_ip.get(conn.ip, 0) + 1

@@ -152,16 +152,52 @@ class JobSupervisor:
             except Exception:  # a faulty callback must not stop the event stream
                 logger.exception("job event handler failed")
 
+    async def _leader_exited(self) -> None:
+        """Return once the job process itself has exited.
+
+        ``Process.wait()`` alone is not enough: it also waits for the stdout pipe to close,
+        and the job's children (TF servers) inherit it. Linux: a pidfd, event-driven;
+        elsewhere a slow poll.
+        """
+        proc = self._proc
+        if proc is None or proc.returncode is not None:
+            return
+        loop = asyncio.get_running_loop()
+        fd: int | None = None
+        if hasattr(os, "pidfd_open"):
+            try:
+                fd = os.pidfd_open(proc.pid)
+            except OSError:
+                return  # already gone (and reaped)
+        if fd is None:
+            while proc.returncode is None:
+                await asyncio.sleep(0.5)
+            return
+        fut: asyncio.Future[None] = loop.create_future()
+
+        def readable() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        loop.add_reader(fd, readable)
+        try:
+            await fut
+        finally:
+            loop.remove_reader(fd)
+            os.close(fd)
+
     async def wait(self) -> int:
-        """Wait for the job to exit (events all delivered) and return its exit code."""
+        """Wait for the job to exit (events all delivered) and return its exit code. Whatever
+        the job left behind in its process group is killed then."""
         if self._proc is None:
             raise JobError("the job was never started")
+        await self._leader_exited()
+        self._kill_group(signal.SIGKILL)  # the leader is gone; take any straggler with it
         code = await self._proc.wait()
         if self._reader is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(self._reader), 5.0)
         self.returncode = code
-        self._kill_group(signal.SIGKILL)  # the leader is gone; take any straggler with it
         return code
 
     def _kill_group(self, sig: int) -> bool:
@@ -195,7 +231,7 @@ class JobSupervisor:
             self._kill_group(signal.SIGCONT)  # a stopped group must wake up to die
             self._suspended = False
             try:
-                await asyncio.wait_for(proc.wait(), grace)
+                await asyncio.wait_for(self._leader_exited(), grace)
             except asyncio.TimeoutError:
                 logger.warning("job %d ignored SIGTERM for %.0f s; killing it", proc.pid, grace)
         self._kill_group(signal.SIGKILL)

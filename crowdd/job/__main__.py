@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from crowdd.job import EXIT_BAD_SPEC, EXIT_FAILED
 from crowdd.job.events import EventWriter
@@ -51,7 +51,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_worker(spec, events)
     from crowdd.job.host import run_host
 
-    return run_host(spec, layout, events)
+    code = run_host(spec, layout, events)
+    # Skip TF's teardown: it would try (and loudly fail) to reach servers already killed.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -2,40 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
+from crowdd.job.shards import segments, shard_bounds, steps_per_epoch
 from crowdd.job.spec import INDEX_FILE
 from crowdd.manifest import Layout
-
-
-def segments(sharding: str, num_workers: int) -> tuple[int, int]:
-    """(number of segments, segments per worker)."""
-    if sharding == "full":
-        return 1, 1
-    if sharding == "disjoint":
-        return num_workers, 1
-    if sharding == "overlap":
-        return num_workers + 1, 2
-    raise ValueError(f"unknown sharding {sharding!r}")
-
-
-def shard_bounds(sharding: str, num_workers: int, worker: int, n: int) -> tuple[int, int]:
-    """[start, end) of worker ``worker``'s training records; the last segment takes the rest."""
-    count, span = segments(sharding, num_workers)
-    if sharding == "full":
-        return 0, n
-    seg = n // count
-    end = n if worker + span >= count else (worker + span) * seg
-    return worker * seg, end
-
-
-def steps_per_epoch(sharding: str, num_workers: int, worker: int, n: int, batch: int) -> int:
-    start, end = shard_bounds(sharding, num_workers, worker, n)
-    return math.ceil((end - start) / batch)
 
 
 def _decode(layout: Layout):
@@ -90,4 +64,4 @@ def read_split(path: Path, layout: Layout, split: str) -> tuple[np.ndarray, np.n
     return x.reshape(count, *layout.feature_shape), arr["y"].astype(np.int32)
 
 
-__all__ = ["segments", "shard_bounds", "steps_per_epoch", "worker_dataset", "read_split"]
+__all__ = ["read_split", "segments", "shard_bounds", "steps_per_epoch", "worker_dataset"]

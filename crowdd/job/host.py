@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import collections
 import logging
-import math
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -87,18 +87,46 @@ def watch_parent(parent: int, on_death: Any) -> None:
     threading.Thread(target=loop, name="parent-watch", daemon=True).start()
 
 
-def watch_ps(children: Children, events: EventWriter, stop: threading.Event) -> None:
-    """A dead parameter server ends the job with an error: TF would otherwise retry forever."""
+class Fatal:
+    """Reports the job's one fatal error (the PS watchdog and the main loop may both see it)."""
+
+    def __init__(self, events: EventWriter) -> None:
+        self._events = events
+        self._lock = threading.Lock()
+        self._said = False
+
+    def report(self, message: str) -> None:
+        with self._lock:
+            if not self._said:
+                self._said = True
+                self._events.error(message)
+
+
+def ps_death(children: Children, wait: float = 0.0) -> str | None:
+    """The message for a dead parameter server, or None while it lives."""
+    ps = children.procs.get("ps")
+    if ps is None:
+        return None
+    try:
+        code = ps.wait(timeout=wait) if wait else ps.poll()
+    except subprocess.TimeoutExpired:
+        return None
+    if code is None:
+        return None
+    return f"the parameter server died (exit code {code}); training cannot go on"
+
+
+def watch_ps(children: Children, fatal: Fatal, stop: threading.Event) -> None:
+    """A dead parameter server ends the job with an error: TF may otherwise retry for long."""
 
     def loop() -> None:
-        ps = children.procs["ps"]
-        while not stop.is_set():
-            code = ps.poll()
-            if code is not None and not stop.is_set():
-                events.error(f"the parameter server died (exit code {code}); training cannot go on")
+        while not stop.wait(0.2):
+            message = ps_death(children)
+            if message is not None and not stop.is_set():
+                fatal.report(message)
                 children.kill()
+                sys.stdout.flush()
                 os._exit(EXIT_FAILED)
-            time.sleep(0.2)
 
     threading.Thread(target=loop, name="ps-watch", daemon=True).start()
 
@@ -157,6 +185,7 @@ def run_host(spec: JobSpec, layout: Layout, events: EventWriter) -> int:
     out.mkdir(parents=True, exist_ok=True)
     children = Children()
     stop = threading.Event()
+    fatal = Fatal(events)
 
     def on_signal(signum: int, _frame: Any) -> None:
         children.kill()
@@ -179,17 +208,32 @@ def run_host(spec: JobSpec, layout: Layout, events: EventWriter) -> int:
             pid=os.getpid(),
             children={k: p.pid for k, p in children.procs.items()},
         )
-        watch_ps(children, events, stop)
+        watch_ps(children, fatal, stop)
         lower_priority(spec.settings.nice)
         cap_threads(spec.settings.threads)
         return Coordinator(spec, layout, events, out).run()
     except Exception as exc:  # the job's last word: an error event, never a traceback only
-        log.exception("host job failed")
-        events.error(f"{type(exc).__name__}: {exc}")
+        dead = ps_death(children, wait=2.0)
+        if dead is not None:
+            log.error("%s (%s: %s)", dead, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            fatal.report(dead)
+        else:
+            log.exception("host job failed")
+            fatal.report(f"{type(exc).__name__}: {exc}")
         return EXIT_FAILED
     finally:
         stop.set()
         children.kill()
+
+
+def scalar(tag: str, value: float) -> None:
+    """A TensorBoard scalar without the tensorboard package (``tf.summary.scalar`` needs it)."""
+    import tensorflow as tf
+    from tensorflow.core.framework import summary_pb2
+
+    meta = summary_pb2.SummaryMetadata()
+    meta.plugin_data.plugin_name = "scalars"
+    tf.summary.write(tag, tf.constant(float(value), tf.float32), metadata=meta)
 
 
 class Coordinator:
@@ -204,14 +248,10 @@ class Coordinator:
         self.num_workers = spec.cluster.num_workers
 
     def total_steps(self) -> int:
-        from crowdd.job.data import steps_per_epoch
+        from crowdd.job.shards import total_steps
 
-        n = self.layout.train_count
-        per = [
-            steps_per_epoch(self.job.sharding, self.num_workers, j, n, self.job.batch_size)
-            for j in range(self.num_workers)
-        ]
-        return self.job.epochs * sum(per)
+        job = self.job
+        return total_steps(job.sharding, self.num_workers, self.layout.train_count, job.batch_size, job.epochs)
 
     def run(self) -> int:
         import numpy as np
@@ -223,7 +263,7 @@ class Coordinator:
 
         threads = self.spec.settings.threads
         tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(max(2, threads))
         t0 = time.monotonic()
         cluster = self.spec.cluster.to_dict()
         resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
@@ -277,8 +317,8 @@ class Coordinator:
             test_loss = float(loss_fn(y_test, probs))
             acc = float(np.mean(np.argmax(probs, axis=-1) == y_test))
             with writer.as_default(step=step):
-                tf.summary.scalar("test/accuracy", acc)
-                tf.summary.scalar("test/loss", test_loss)
+                scalar("test/accuracy", acc)
+                scalar("test/loss", test_loss)
             self.events.emit("eval", epoch=epoch, step=step, test_accuracy=acc, test_loss=test_loss)
             return {"test_accuracy": acc, "test_loss": test_loss}
 
@@ -308,8 +348,8 @@ class Coordinator:
                     worker=int(widx),
                 )
                 with writer.as_default(step=done):
-                    tf.summary.scalar(f"train/loss_worker{int(widx)}", ws.loss / ws.samples)
-                    tf.summary.scalar(f"train/accuracy_worker{int(widx)}", ws.correct / ws.samples)
+                    scalar(f"train/loss_worker{int(widx)}", ws.loss / ws.samples)
+                    scalar(f"train/accuracy_worker{int(widx)}", ws.correct / ws.samples)
                 ws.reset(now)
             while evals_done < job.epochs - 1 and done >= (evals_done + 1) * per_epoch:
                 evals_done += 1
@@ -337,4 +377,4 @@ class Coordinator:
         return EXIT_OK
 
 
-__all__ = ["run_host", "Coordinator", "CheckpointStore", "Children"]
+__all__ = ["CheckpointStore", "Children", "Coordinator", "run_host"]

@@ -58,15 +58,17 @@ def die_with_parent(parent: int) -> None:
 
 
 def cap_threads(threads: int) -> None:
-    for var in ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS"):
-        os.environ[var] = str(threads)
+    """Cap TF's pools; inter-op keeps >= 2 threads (a cross-device Recv must not starve)."""
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    os.environ["TF_NUM_INTRAOP_THREADS"] = str(threads)
+    os.environ["TF_NUM_INTEROP_THREADS"] = str(max(2, threads))
 
 
 def run_server(cluster: dict, job_name: str, task: int, threads: int) -> None:
     import tensorflow as tf
 
     config = tf.compat.v1.ConfigProto(
-        intra_op_parallelism_threads=threads, inter_op_parallelism_threads=threads
+        intra_op_parallelism_threads=threads, inter_op_parallelism_threads=max(2, threads)
     )
     server = tf.distribute.Server(
         tf.train.ClusterSpec(cluster), job_name=job_name, task_index=task, protocol="grpc", config=config, start=True

@@ -14,6 +14,7 @@ from typing import Any
 
 from crowdd.config import parse_hostport
 from crowdd.hyperparams import HyperparamError, Job, validate_job
+from crowdd.job.shards import segments
 from crowdd.manifest import Layout, Manifest, ManifestError
 
 ROLES = ("host", "worker")
@@ -122,7 +123,7 @@ def _addresses(value: Any, name: str, lo: int, hi: int) -> tuple[str, ...]:
         if not isinstance(item, str):
             raise SpecError(where, f"must be a HOST:PORT string, got {item!r}")
         try:
-            host, port = parse_hostport(item, 0)
+            _host, port = parse_hostport(item, 0)
         except ValueError as exc:
             raise SpecError(where, str(exc)) from None
         if ":" not in item or not 1 <= port <= 65535:
@@ -250,12 +251,11 @@ def parse_spec(obj: Any, *, role: str | None = None, check_files: bool = True) -
 
 def check_job_fits(spec: JobSpec, layout: Layout) -> None:
     """Refuse a job the dataset cannot feed (a shard smaller than one record, a CNN on flat data)."""
-    segments = {"full": 1, "disjoint": spec.cluster.num_workers, "overlap": spec.cluster.num_workers + 1}
-    seg = layout.train_count // segments[spec.job.sharding]
-    if seg < 1:
+    count, _ = segments(spec.job.sharding, spec.cluster.num_workers)
+    if layout.train_count // count < 1:
         raise SpecError(
             "job.sharding",
-            f"{layout.train_count} training records cannot be cut into {segments[spec.job.sharding]} segments",
+            f"{layout.train_count} training records cannot be cut into {count} segments",
         )
     if spec.job.model == "cnn" and len(layout.feature_shape) not in (2, 3):
         raise SpecError("job.model", f"cnn needs image data (HxW or HxWxC), got shape {list(layout.feature_shape)}")
@@ -280,15 +280,15 @@ def write_spec(spec: JobSpec, path: str | Path) -> None:
 
 
 __all__ = [
-    "SpecError",
-    "Settings",
+    "INDEX_FILE",
     "Cluster",
     "JobSpec",
-    "INDEX_FILE",
-    "parse_spec",
-    "load_spec",
-    "write_spec",
-    "load_layout",
+    "Settings",
+    "SpecError",
     "check_job_fits",
+    "load_layout",
+    "load_spec",
+    "parse_spec",
     "port_of",
+    "write_spec",
 ]

@@ -79,22 +79,21 @@ def make_train_fn(state: TrainState, loss_fn, sync_every: int):
         return weights, slots, loss_sum, correct, samples, widx
 
     @tf.function
-    def train(iterator, n):
+    def train(iterator, n: int):
+        """``n`` is a Python int: the sync rounds unroll, so no PS access sits in a tf loop."""
         loss_sum = tf.constant(0.0)
         correct = tf.constant(0.0)
         samples = tf.constant(0.0)
         widx = tf.constant(-1, tf.int32)
-        done = tf.constant(0)
-        while done < n:
-            k = tf.minimum(k_max, n - done)
+        rounds = [k_max] * (n // k_max) + ([n % k_max] if n % k_max else [])
+        for k in rounds:
             start = [tf.identity(v.read_value()) for v in variables]
-            weights, slots, ls, c, s, widx = local_steps(iterator, k, start[:nw], start[nw:])
+            weights, slots, ls, c, s, widx = local_steps(iterator, tf.constant(k), start[:nw], start[nw:])
             for var, new, old in zip(variables, [*weights, *slots], start):
                 var.assign_add(new - old)
             loss_sum += ls
             correct += c
             samples += s
-            done += k
         return loss_sum, correct, samples, widx
 
     return train

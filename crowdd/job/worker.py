@@ -73,4 +73,4 @@ def run_worker(spec: JobSpec, events: EventWriter, *, host_gone_secs: float = HO
         children.kill()
 
 
-__all__ = ["run_worker", "reachable"]
+__all__ = ["reachable", "run_worker"]

@@ -89,6 +89,7 @@ class CrowddApp(App[None]):
     async def poll_status(self) -> None:
         """Ask for the status now and then; faster while the daemon is away."""
         while True:
+            ok = False
             try:
                 status = await self.client.status()
             except DaemonUnavailableError as exc:
@@ -97,8 +98,9 @@ class CrowddApp(App[None]):
                 logger.debug("status failed", exc_info=True)
                 self.post_message(DaemonLost(f"status failed: {exc}"))
             else:
+                ok = True
                 self.post_message(StatusLoaded(status))
-            interval = self.poll_interval if self.view.connected else self.retry_interval
+            interval = self.poll_interval if ok else self.retry_interval
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), interval)

@@ -571,3 +571,45 @@ async def test_groups_and_queue_sizes_are_logged(server: Matchmaker, caplog: pyt
     formed = [r.getMessage() for r in caplog.records if " formed: " in r.getMessage()]
     assert len(formed) == 1 and "'h1'" in formed[0] and "w1@127.0.0.1" in formed[0]
     await parked.leave()
+
+
+# --------------------------------------------------------------------------- graceful close
+
+
+async def test_group_frame_survives_a_heartbeat_storm(server: Matchmaker) -> None:
+    """Closing with unread input would reset the connection and could destroy the group frame."""
+    reader, writer = await raw(server)
+    await wire.write_frame(writer, raw_hello(worker_hello("stormy")))
+    beat = wire.encode({"type": "heartbeat"})
+
+    async def storm() -> None:
+        with contextlib.suppress(ConnectionError):
+            while True:
+                writer.write(beat * 20)
+                await writer.drain()
+                await asyncio.sleep(0.001)
+
+    storming = asyncio.create_task(storm())
+    try:
+        await asyncio.sleep(0.1)
+        await Waiting(server, host_hello("h")).group()
+        frames = await read_until_closed(reader)
+        assert frames[-1]["type"] == "group" and frames[-1]["index"] == 1
+        assert {f["type"] for f in frames[:-1]} == {"wait"}
+    finally:
+        storming.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await storming
+        writer.close()
+
+
+async def test_lingering_peer_is_aborted_after_read_timeout(make_server: MakeServer) -> None:
+    mm = await make_server(read_timeout=0.3)
+    reader, writer = await raw(mm)
+    await wire.write_frame(writer, raw_hello(worker_hello("lingers")))
+    await Waiting(mm, host_hello("h")).group()
+    frames = await read_until_closed(reader)  # the server half-closed after the group frame
+    assert frames[-1]["type"] == "group"
+    # we never close our side: the server gives up on us after read_timeout
+    await until(lambda: mm.stats()["connections"] == 0)
+    writer.close()

@@ -406,3 +406,22 @@ def test_kill_9_relay_mid_transfer_survivors_finish(cluster_factory) -> None:  #
     # the relay's targets went elsewhere
     assert done[3]["sources"][0] == 1 and done[3]["sources"][-1] != 1
     assert done[5]["sources"][-1] != 1
+
+
+async def test_client_stuck_mid_request_is_dropped(tmp_path: Path) -> None:
+    src = tmp_path / "data.bin"
+    manifest = make_file(src, 2 * CHUNK)
+    token = secrets.token_hex(16)
+    store = ChunkStore.complete(src, manifest)
+    server = DataServer(token, manifest, store, host="127.0.0.1", group_size=2, stall_timeout=0.2)
+    try:
+        port = await server.start()
+        reader, writer, _ = await auth.connect("127.0.0.1", port, token, "data", {"index": 1}, timeout=2)
+        writer.write(wire.encode({"type": "have"})[:6])  # half a frame, then nothing
+        await writer.drain()
+        with pytest.raises(wire.ConnectionClosed):
+            await wire.read_frame(reader, timeout=5)
+        await wire.close_writer(writer)
+    finally:
+        await server.close()
+        store.close()

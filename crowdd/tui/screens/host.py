@@ -39,7 +39,7 @@ class HostScreen(ModalScreen[None]):
     BINDINGS = [Binding("escape", "cancel", "Cancel"), Binding("ctrl+s", "submit", "Host")]
 
     def __init__(self, dataset: str = "") -> None:
-        super().__init__(id="host-form")
+        super().__init__()
         self.initial_dataset = dataset
 
     def compose(self) -> ComposeResult:

@@ -29,7 +29,7 @@ class MainScreen(Screen[None]):
     ]
 
     def __init__(self, where: str, timestamp: Callable[[], str]) -> None:
-        super().__init__(id="main")
+        super().__init__()
         self.where = where
         self.timestamp = timestamp
         self.donating = False

@@ -17,7 +17,7 @@ class UnavailableScreen(Screen[None]):
     BINDINGS = [Binding("r", "retry", "Retry now")]
 
     def __init__(self, where: str, reason: str, retry_interval: float) -> None:
-        super().__init__(id="unavailable")
+        super().__init__()
         self.where = where
         self.reason = reason
         self.retry_interval = retry_interval

@@ -1,0 +1,261 @@
+"""The TensorFlow job as real processes on loopback: a host and workers training scikit-learn digits."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from crowdd.datasets import ArraySet, Prepared, convert
+from crowdd.job.events import parse_event
+from crowdd.job.shards import total_steps
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+START_TIMEOUT = 240.0  # importing TF in 3-4 processes on a loaded 2-core CI box
+
+
+def free_ports(n: int) -> list[int]:
+    """Distinct free ports: all held open at once so none is handed out twice."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+class JobProc:
+    """One ``python -m crowdd.job`` process (own process group) and its stdout events."""
+
+    def __init__(self, role: str, spec_path: Path, log_path: Path) -> None:
+        self.log = open(log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "crowdd.job", role, "--spec", str(spec_path)],
+            stdout=subprocess.PIPE, stderr=self.log, stdin=subprocess.DEVNULL, cwd=ROOT, start_new_session=True,
+        )
+        self.events: list[dict[str, Any]] = []
+        self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            event = parse_event(line)
+            if event is not None:
+                self.events.append(event)
+                self._queue.put(event)
+        self._queue.put(None)
+
+    def wait_for(self, kind: str, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no {kind!r} event in {timeout:.0f} s; got {[e['event'] for e in self.events]}")
+            try:
+                event = self._queue.get(timeout=left)
+            except queue.Empty:
+                continue
+            if event is None:
+                raise AssertionError(f"process ended without {kind!r}; events: {self.events}")
+            if event["event"] == kind:
+                return event
+            if event["event"] == "error" and kind != "error":
+                raise AssertionError(f"error event while waiting for {kind!r}: {event}")
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        self.log.close()
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead too
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> Prepared:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images / 16.0).astype(np.float32)
+    y = d.target.astype(np.int32)
+    order = np.random.default_rng(0).permutation(len(y))
+    x, y = x[order], y[order]
+    return convert(ArraySet(x[:1500], y[:1500], x[1500:], y[1500:]), tmp_path_factory.mktemp("digits"))
+
+
+class Cluster:
+    """Specs and processes for a host and ``workers`` worker jobs, each in its own working directory."""
+
+    def __init__(self, root: Path, data: Prepared, workers: int, job: dict[str, Any], settings: dict[str, Any]):
+        self.root, self.data, self.workers = root, data, workers
+        self.job, self.settings = job, settings
+        self.procs: list[JobProc] = []
+        for i in range(workers + 1):
+            wd = root / f"member{i}"
+            wd.mkdir(parents=True, exist_ok=True)
+            for src, name in ((data.data_path, "dataset.bin"), (data.manifest_path, "dataset.manifest.json")):
+                if not (wd / name).exists():
+                    os.link(src, wd / name)
+
+    def write_specs(self) -> list[Path]:
+        ports = free_ports(self.workers + 2)
+        cluster = {"ps": [f"127.0.0.1:{ports[0]}"], "worker": [f"127.0.0.1:{p}" for p in ports[1:]]}
+        paths = []
+        for i in range(self.workers + 1):
+            spec: dict[str, Any] = {
+                "role": "host" if i == 0 else "worker",
+                "index": i,
+                "cluster": cluster,
+                "job": self.job,
+                "dataset": {"data": "dataset.bin", "manifest": "dataset.manifest.json"},
+                "workdir": str(self.root / f"member{i}"),
+                "settings": self.settings,
+            }
+            if i == 0:
+                spec["output_dir"] = "out"
+            path = self.root / f"spec{i}.json"
+            path.write_text(json.dumps(spec))
+            paths.append(path)
+        return paths
+
+    def start(self) -> JobProc:
+        """Start every member (workers first, as the daemon does); return the host."""
+        specs = self.write_specs()
+        self.procs = [JobProc("worker", specs[i], self.root / f"member{i}.log") for i in range(1, len(specs))]
+        host = JobProc("host", specs[0], self.root / "member0.log")
+        self.procs.insert(0, host)
+        return host
+
+    def kill_all(self) -> None:
+        for p in self.procs:
+            p.kill()
+
+    @property
+    def out(self) -> Path:
+        return self.root / "member0" / "out"
+
+
+@pytest.fixture
+def make_cluster(tmp_path: Path, digits: Prepared) -> Iterator[Any]:
+    made: list[Cluster] = []
+
+    def make(workers: int, job: dict[str, Any], **settings: Any) -> Cluster:
+        base = {"steps_per_function": 20, "sync_every": 5, "threads": 1, "nice": 5, "checkpoint_secs": 30.0}
+        c = Cluster(tmp_path, digits, workers, job, {**base, **settings})
+        made.append(c)
+        return c
+
+    try:
+        yield make
+    finally:
+        for c in made:
+            c.kill_all()
+
+
+def steps_for(job: dict[str, Any], workers: int) -> int:
+    return total_steps(job.get("sharding", "full"), workers, 1500, job["batch_size"], job["epochs"])
+
+
+def test_host_and_two_workers_train_digits(make_cluster: Any) -> None:
+    job = {"epochs": 6, "batch_size": 32, "learning_rate": 0.3, "sharding": "overlap"}
+    cluster = make_cluster(2, job)
+    host = cluster.start()
+    started = host.wait_for("started", START_TIMEOUT)
+    assert set(started["ports"]) == {"ps", "worker"}
+    done = host.wait_for("done", 240)
+    assert done["test_accuracy"] >= 0.85, done
+    assert done["steps"] == steps_for(job, 3)
+    model = Path(done["model_path"])
+    assert model.suffix == ".keras" and zipfile.is_zipfile(model)
+    assert "config.json" in zipfile.ZipFile(model).namelist()
+    assert list(Path(done["tensorboard_dir"]).glob("events.out.tfevents.*"))
+    evals = [e for e in host.events if e["event"] == "eval"]
+    assert [e["epoch"] for e in evals] == list(range(1, 7))
+    progress = [e for e in host.events if e["event"] == "progress"]
+    for e in progress:
+        assert {"epoch", "epochs", "step", "loss", "accuracy", "samples_per_sec", "worker"} <= set(e)
+        assert 0 <= e["worker"] <= 2 and e["samples_per_sec"] > 0
+    assert host.proc.wait(timeout=30) == 0
+    for child in started["children"].values():
+        deadline = time.monotonic() + 10
+        while alive(child) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not alive(child), "a TF server outlived the host job"
+
+
+def test_run_survives_a_killed_worker(make_cluster: Any) -> None:
+    job = {"epochs": 25, "batch_size": 10, "learning_rate": 0.1, "sharding": "full"}
+    cluster = make_cluster(2, job, steps_per_function=10)
+    host = cluster.start()
+    host.wait_for("started", START_TIMEOUT)
+    host.wait_for("progress", 120)
+    victim = cluster.procs[2]
+    victim.kill()
+    assert victim.proc.returncode is not None
+    done = host.wait_for("done", 300)
+    assert done["steps"] == steps_for(job, 3)
+    assert done["test_accuracy"] >= 0.85
+    assert host.proc.wait(timeout=30) == 0
+
+
+def test_dead_parameter_server_ends_the_host_with_an_error(make_cluster: Any) -> None:
+    job = {"epochs": 200, "batch_size": 10, "learning_rate": 0.1}
+    cluster = make_cluster(1, job, steps_per_function=10)
+    host = cluster.start()
+    started = host.wait_for("started", START_TIMEOUT)
+    host.wait_for("progress", 120)
+    os.kill(started["children"]["ps"], signal.SIGKILL)
+    error = host.wait_for("error", 60)
+    assert "parameter server" in error["message"]
+    assert host.proc.wait(timeout=30) == 1
+    assert not alive(started["children"]["worker0"])
+
+
+def test_host_resumes_from_its_last_checkpoint(make_cluster: Any) -> None:
+    job = {"epochs": 40, "batch_size": 10, "learning_rate": 0.1}
+    cluster = make_cluster(1, job, steps_per_function=10, checkpoint_secs=0.5)
+    host = cluster.start()
+    host.wait_for("started", START_TIMEOUT)
+    ckpt = host.wait_for("checkpoint", 120)
+    assert Path(ckpt["path"]).exists() and ckpt["step"] > 0
+    cluster.kill_all()  # the host dies mid-run (SIGKILL: no goodbye)
+    host = cluster.start()  # same working directories and output dir, fresh ports
+    resumed = host.wait_for("resumed", START_TIMEOUT)
+    assert resumed["step"] >= ckpt["step"]
+    done = host.wait_for("done", 300)
+    assert done["steps"] == steps_for(job, 2)
+    assert done["test_accuracy"] >= 0.85

@@ -1,0 +1,304 @@
+"""The control socket: requests, bad frames, subscribers (several, vanishing, slow), TCP+token."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import stat
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from crowdd import wire
+from crowdd.control import (
+    ControlClient,
+    ControlServer,
+    DaemonUnavailable,
+    Endpoint,
+    read_token_file,
+)
+from crowdd.wire import ErrorCode, WireError
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class FakeDaemon:
+    """A ControlHandler that records what it was asked."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+        self.donating = False
+
+    def status(self) -> dict[str, Any]:
+        return {"version": "test", "state": "off", "donating": self.donating, "role": None,
+                "idle": {"allowed": True, "rule": None, "reason": "test"}, "queue": None, "group": None,
+                "job": None, "dataset": None, "training": None, "result": None, "error": None}
+
+    async def donate(self, on: bool) -> dict[str, Any]:
+        self.calls.append(("donate", on))
+        self.donating = on
+        return {"type": "ok", "donating": on}
+
+    async def host(self, dataset: str, job: dict[str, Any], test_fraction: float | None = None) -> dict[str, Any]:
+        self.calls.append(("host", dataset, job, test_fraction))
+        if job.get("learning_rate") == -1:
+            raise WireError(ErrorCode.BAD_FIELD, "must be > 0", field="learning_rate")
+        return {"type": "ok"}
+
+    async def stop(self) -> dict[str, Any]:
+        self.calls.append(("stop",))
+        return {"type": "ok"}
+
+    async def reload(self) -> dict[str, Any]:
+        self.calls.append(("reload",))
+        return {"type": "ok"}
+
+
+@pytest.fixture
+async def served(tmp_path: Path):
+    handler = FakeDaemon()
+    ep = Endpoint(path=tmp_path / "run" / "control.sock")
+    server = ControlServer(handler, ep, write_timeout=1.0, body_timeout=1.0)
+    await server.start()
+    try:
+        yield handler, server, ep
+    finally:
+        await server.close()
+
+
+async def raw(ep: Endpoint) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    assert ep.path is not None
+    return await asyncio.open_unix_connection(str(ep.path))
+
+
+async def test_requests_round_trip(served: Any) -> None:
+    handler, _, ep = served
+    async with ControlClient(ep.path) as c:
+        st = await c.status()
+        assert st["type"] == "status" and st["state"] == "off"
+        assert (await c.donate(True)) == {"type": "ok", "donating": True}
+        assert (await c.host("/data/x.npz", {"epochs": 2}))["type"] == "ok"
+        assert (await c.stop())["type"] == "ok"
+        assert (await c.reload())["type"] == "ok"
+    assert handler.calls == [("donate", True), ("host", "/data/x.npz", {"epochs": 2}, None), ("stop",), ("reload",)]
+
+
+async def test_socket_mode_is_user_only(served: Any) -> None:
+    _, _, ep = served
+    mode = stat.S_IMODE(os.stat(ep.path).st_mode)
+    assert mode == 0o600
+    assert stat.S_IMODE(os.stat(ep.path.parent).st_mode) == 0o700
+
+
+async def test_bad_field_keeps_the_connection(served: Any) -> None:
+    _, _, ep = served
+    async with ControlClient(ep.path) as c:
+        with pytest.raises(wire.RemoteError) as err:
+            await c.host("/x", {"learning_rate": -1})
+        assert err.value.code == "bad_field" and err.value.field == "learning_rate"
+        with pytest.raises(wire.RemoteError) as err:
+            await c.request({"type": "donate", "on": "yes"})
+        assert err.value.field == "on"
+        assert (await c.status())["type"] == "status"  # same connection still serves
+
+
+@pytest.mark.parametrize(
+    ("payload", "code"),
+    [
+        (struct.pack(">I", 5) + b"nope!", "bad_frame"),
+        (struct.pack(">I", 2) + b"[]", "bad_frame"),
+        (struct.pack(">I", 1 << 30), "too_large"),
+        (wire.encode({"type": "status"}), "version"),
+        (wire.encode({"type": "status", "proto": "crowdd/0"}), "version"),
+        (wire.encode({"type": "launch", "proto": wire.PROTO}), "unknown_type"),
+        (wire.encode({"type": "status", "proto": wire.PROTO, "blob": 3}) + b"abc", "bad_frame"),
+    ],
+)
+async def test_bad_frames_get_an_error_and_close(served: Any, payload: bytes, code: str) -> None:
+    _, _, ep = served
+    r, w = await raw(ep)
+    w.write(payload)
+    await w.drain()
+    reply = await wire.read_frame(r, timeout=5)
+    assert reply["type"] == "error" and reply["code"] == code
+    assert "Traceback" not in reply["message"]
+    assert await asyncio.wait_for(r.read(), 5) == b""  # closed by the server
+    w.close()
+    # ... and the daemon keeps serving everyone else
+    async with ControlClient(ep.path) as c:
+        assert (await c.status())["type"] == "status"
+
+
+async def test_stalled_mid_frame_client_is_dropped(served: Any) -> None:
+    _, _, ep = served
+    r, w = await raw(ep)
+    w.write(struct.pack(">I", 100) + b'{"type":')  # and then nothing
+    await w.drain()
+    assert await asyncio.wait_for(r.read(), 5) == b""
+    w.close()
+
+
+async def test_two_subscribers_get_the_same_events(served: Any) -> None:
+    _, server, ep = served
+    got: list[list[dict[str, Any]]] = [[], []]
+
+    async def listen(i: int) -> None:
+        async for ev in ControlClient(ep.path).subscribe():
+            got[i].append(ev)
+            if ev.get("event") == "result":
+                return
+
+    tasks = [asyncio.create_task(listen(i)) for i in range(2)]
+    while server.subscriber_count < 2:
+        await asyncio.sleep(0.01)
+    server.publish("state", state="standby", previous="off")
+    server.publish("result", test_accuracy=0.9, model_path="/m.keras")
+    await asyncio.wait_for(asyncio.gather(*tasks), 10)
+    for events in got:
+        assert [e["event"] for e in events] == ["status", "state", "result"]
+        assert events[0]["state"] == "off"  # the first event is the full status
+        assert events[1] == {"type": "event", "event": "state", "state": "standby", "previous": "off"}
+
+
+async def test_subscriber_that_disconnects_is_dropped(served: Any) -> None:
+    _, server, ep = served
+    r, w = await raw(ep)
+    await wire.write_frame(w, {"type": "subscribe", "proto": wire.PROTO})
+    assert (await wire.read_frame(r))["type"] == "ok"
+    assert (await wire.read_frame(r))["event"] == "status"
+    assert server.subscriber_count == 1
+    w.close()  # gone mid-stream
+    for _ in range(200):
+        server.publish("log", level="info", message="x")
+        if server.subscriber_count == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert server.subscriber_count == 0
+    async with ControlClient(ep.path) as c:
+        assert (await c.status())["type"] == "status"
+
+
+async def test_request_on_a_subscription_is_refused(served: Any) -> None:
+    _, _, ep = served
+    r, w = await raw(ep)
+    await wire.write_frame(w, {"type": "subscribe", "proto": wire.PROTO})
+    await wire.read_frame(r)
+    await wire.read_frame(r)
+    await wire.write_frame(w, {"type": "status"})
+    frames = []
+    while True:
+        try:
+            frames.append(await wire.read_frame(r, timeout=5))
+        except wire.ConnectionClosed:
+            break
+    assert frames[-1]["type"] == "error" and frames[-1]["code"] == "bad_frame"
+    w.close()
+
+
+async def test_slow_subscriber_never_blocks_publishing(tmp_path: Path) -> None:
+    ep = Endpoint(path=tmp_path / "c.sock")
+    server = ControlServer(FakeDaemon(), ep, queue_size=8, write_timeout=0.5)
+    await server.start()
+    try:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(str(ep.path))
+        sock.sendall(wire.encode({"type": "subscribe", "proto": wire.PROTO}))
+        while server.subscriber_count < 1:
+            await asyncio.sleep(0.01)
+        big = "x" * 50_000
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        for i in range(2000):  # ~100 MB offered to a client that reads nothing
+            server.publish("log", level="info", message=big, n=i)
+        assert loop.time() - t0 < 5.0  # publish is O(1) per subscriber, never waits
+        for _ in range(300):  # the stuck subscriber is disconnected after the write timeout
+            if server.subscriber_count == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert server.subscriber_count == 0
+        sock.close()
+        async with ControlClient(ep.path) as c:
+            assert (await c.status())["type"] == "status"
+    finally:
+        await server.close()
+
+
+async def test_no_daemon_says_how_to_start_one(tmp_path: Path) -> None:
+    c = ControlClient(tmp_path / "nothing.sock")
+    with pytest.raises(DaemonUnavailable) as err:
+        await c.status()
+    assert "no crowdd daemon is running" in str(err.value)
+    assert "crowdd daemon" in str(err.value)
+
+
+async def test_stale_socket_is_replaced_but_a_live_one_is_not_stolen(tmp_path: Path) -> None:
+    path = tmp_path / "c.sock"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(path))
+    stale.close()  # a socket file nobody listens on (a crashed daemon)
+    server = ControlServer(FakeDaemon(), Endpoint(path=path))
+    await server.start()
+    try:
+        second = ControlServer(FakeDaemon(), Endpoint(path=path))
+        with pytest.raises(FileExistsError, match="already listening"):
+            await second.start()
+        async with ControlClient(path) as c:
+            assert (await c.status())["type"] == "status"
+    finally:
+        await server.close()
+    assert not path.exists()
+
+
+async def test_not_a_socket_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "c.sock"
+    path.write_text("precious")
+    with pytest.raises(FileExistsError, match="not a socket"):
+        await ControlServer(FakeDaemon(), Endpoint(path=path)).start()
+    assert path.read_text() == "precious"
+
+
+async def test_tcp_with_token(tmp_path: Path) -> None:
+    token_file = tmp_path / "run" / "control.token"
+    ep = Endpoint(path=None, token_file=token_file)
+    handler = FakeDaemon()
+    server = ControlServer(handler, ep)
+    await server.start()
+    try:
+        assert stat.S_IMODE(os.stat(token_file).st_mode) == 0o600
+        host, port, token = read_token_file(token_file)
+        assert host == "127.0.0.1" and port == server.port and len(token) >= 32
+        async with ControlClient.for_endpoint(ep) as c:  # address and token from the file
+            assert (await c.donate(True))["donating"] is True
+            events = []
+            async for ev in ControlClient(token_file=token_file).subscribe():
+                events.append(ev)
+                break
+            assert events[0]["event"] == "status"
+        # a wrong or missing token is refused
+        for first in ({"type": "status", "proto": wire.PROTO, "token": "guess"}, {"type": "status", "proto": wire.PROTO}):
+            r, w = await asyncio.open_connection(host, port)
+            await wire.write_frame(w, first)
+            reply = await wire.read_frame(r, timeout=5)
+            assert reply["code"] == "unauthorized"
+            w.close()
+        assert handler.calls == [("donate", True)]
+    finally:
+        await server.close()
+    assert not token_file.exists()
+    with pytest.raises(DaemonUnavailable):
+        await ControlClient(tcp=("127.0.0.1", server.port), token_file=tmp_path / "missing").status()
+
+
+def test_endpoint_for_paths(tmp_path: Path) -> None:
+    from crowdd.config import Paths
+
+    paths = Paths.under(tmp_path)
+    assert Endpoint.for_paths(paths, tcp=False).path == paths.control_socket
+    tcp = Endpoint.for_paths(paths, tcp=True)
+    assert tcp.is_tcp and tcp.token_file == paths.runtime_dir / "control.token"
+    assert json.loads(json.dumps({"x": tcp.describe()}))

@@ -1,0 +1,277 @@
+"""The daemon's state machine and its behaviour without a session (no TensorFlow here)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from crowdd import wire
+from crowdd.config import Config, MatchmakerConfig, Paths
+from crowdd.control import ControlClient, Endpoint
+from crowdd.daemon import (
+    TRANSITIONS,
+    Backoff,
+    Daemon,
+    InvalidTransition,
+    State,
+    StateMachine,
+    allowed,
+)
+from crowdd.idle import AlwaysIdle, Verdict
+from crowdd.matchmaker import Matchmaker
+
+pytestmark = pytest.mark.timeout(60)
+
+S = State
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def test_the_happy_path_is_allowed() -> None:
+    path = [S.OFF, S.STANDBY, S.REGISTERING, S.WAITING, S.REPLICATING, S.TRAINING, S.FINISHED, S.STANDBY]
+    for a, b in itertools.pairwise(path):
+        assert allowed(a, b), (a, b)
+    assert allowed(S.OFF, S.REGISTERING)  # a host need not donate
+    assert allowed(S.WAITING, S.REGISTERING)  # the matchmaker went away
+
+
+@pytest.mark.parametrize("state", list(State))
+def test_stop_from_anywhere(state: State) -> None:
+    assert allowed(state, S.OFF) and allowed(state, S.STANDBY)
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [(S.OFF, S.TRAINING), (S.STANDBY, S.WAITING), (S.REGISTERING, S.TRAINING), (S.WAITING, S.FINISHED),
+     (S.REPLICATING, S.FINISHED), (S.TRAINING, S.REPLICATING), (S.FINISHED, S.TRAINING)],
+)
+def test_skips_are_refused(a: State, b: State) -> None:
+    assert not allowed(a, b)
+    sm = StateMachine(lambda old, new: None, initial=a)
+    with pytest.raises(InvalidTransition):
+        sm.to(b)
+    assert sm.state == a
+
+
+def test_every_state_has_a_row() -> None:
+    assert set(TRANSITIONS) == set(State)
+
+
+def test_state_machine_reports_each_change_once() -> None:
+    seen: list[tuple[State, State]] = []
+    sm = StateMachine(lambda old, new: seen.append((old, new)))
+    assert sm.to(S.STANDBY)
+    assert not sm.to(S.STANDBY)
+    assert sm.to(S.REGISTERING)
+    assert seen == [(S.OFF, S.STANDBY), (S.STANDBY, S.REGISTERING)]
+
+
+def test_backoff_is_jittered_and_capped() -> None:
+    b = Backoff(1.0, 8.0, random.Random(1))
+    delays = [b.next() for _ in range(20)]
+    assert all(1.0 <= d <= 8.0 for d in delays)
+    assert len(set(delays)) > 10
+    assert max(delays[5:]) > 4.0
+    b.reset()
+    assert b.next() == 1.0
+
+
+# --------------------------------------------------------------------------- a live daemon
+
+
+class Refusing:
+    """An idle policy that says no (the user is busy)."""
+
+    on_busy = "suspend"
+    tf_threads = 1
+
+    def evaluate(self) -> Verdict:
+        return Verdict(False, "user_idle", "the user was active 10 s ago")
+
+    def pause(self, hours: float) -> None:
+        pass
+
+    def resume(self) -> None:
+        pass
+
+
+def make(tmp_path: Path, mm_port: int, name: str = "node", policy: Any = None) -> Daemon:
+    cfg = Config()
+    cfg.daemon.listen_host = "127.0.0.1"
+    cfg.daemon.retry_min = 0.05
+    cfg.daemon.retry_max = 0.2
+    paths = Paths.under(tmp_path / name)
+    return Daemon(cfg, paths, endpoint=Endpoint.for_paths(paths), matchmaker=("127.0.0.1", mm_port),
+                  policy=policy or AlwaysIdle(), name=name, policy_interval=0.2)
+
+
+async def states(events: list[dict[str, Any]]) -> list[str]:
+    return [e["state"] for e in events if e.get("event") == "state"]
+
+
+async def collect(d: Daemon, out: list[dict[str, Any]]) -> None:
+    async for ev in ControlClient(d.paths.control_socket).subscribe():
+        out.append(ev)
+
+
+async def until(pred: Any, timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not pred():
+        assert loop.time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
+async def test_new_install_starts_off_and_donation_persists(tmp_path: Path) -> None:
+    port = free_port()  # nothing listens: the matchmaker is down
+    d = make(tmp_path, port)
+    await d.start()
+    try:
+        assert d.state == S.OFF
+        async with ControlClient(d.paths.control_socket) as c:
+            st = await c.status()
+            assert st["state"] == "off" and st["donating"] is False and st["role"] is None
+            assert (await c.donate(True)) == {"type": "ok", "donating": True}
+            await until(lambda: d.state == S.REGISTERING)
+    finally:
+        await d.close()
+    again = make(tmp_path, port)
+    await again.start()
+    try:
+        assert again.donating is True
+        await until(lambda: again.state == S.REGISTERING)
+        async with ControlClient(again.paths.control_socket) as c:
+            await c.donate(False)
+        await until(lambda: again.state == S.OFF)
+    finally:
+        await again.close()
+    third = make(tmp_path, port)
+    await third.start()
+    try:
+        assert third.donating is False and third.state == S.OFF
+    finally:
+        await third.close()
+
+
+async def test_matchmaker_down_never_kills_the_daemon(tmp_path: Path) -> None:
+    port = free_port()
+    d = make(tmp_path, port)
+    events: list[dict[str, Any]] = []
+    await d.start()
+    watcher = asyncio.create_task(collect(d, events))
+    try:
+        await until(lambda: d.control.subscriber_count == 1)
+        await d.donate(True)
+        await until(lambda: sum(1 for e in events if e.get("event") == "log" and "retrying" in e.get("message", "")) >= 3)
+        assert d.state == S.REGISTERING
+        # the matchmaker comes up: the daemon gets in line
+        mm = Matchmaker(MatchmakerConfig())
+        await mm.start("127.0.0.1", port)
+        try:
+            await until(lambda: d.state == S.WAITING)
+            st = d.status()
+            assert st["queue"]["position"] == 1 and st["role"] == "worker"
+        finally:
+            await mm.close()
+        await until(lambda: d.state == S.REGISTERING)  # it went away again: back in the retry loop
+        assert "waiting" in await states(events)
+    finally:
+        watcher.cancel()
+        await d.close()
+
+
+async def test_idle_policy_holds_a_worker_in_standby(tmp_path: Path) -> None:
+    d = make(tmp_path, free_port(), policy=Refusing())
+    await d.start()
+    try:
+        await d.donate(True)
+        await until(lambda: d.state == S.STANDBY and d.status()["idle"]["rule"] == "user_idle")
+        await asyncio.sleep(0.5)  # re-checked, still held back
+        st = d.status()
+        assert st["state"] == "standby"
+        assert st["idle"] == {"allowed": False, "rule": "user_idle", "reason": "the user was active 10 s ago"}
+    finally:
+        await d.close()
+
+
+async def test_stop_returns_to_standby(tmp_path: Path) -> None:
+    mm = Matchmaker(MatchmakerConfig())
+    await mm.start("127.0.0.1", 0)
+    d = make(tmp_path, mm.address[1])
+    events: list[dict[str, Any]] = []
+    await d.start()
+    watcher = asyncio.create_task(collect(d, events))
+    try:
+        await until(lambda: d.control.subscriber_count == 1)
+        await d.donate(True)
+        await until(lambda: d.state == S.WAITING)
+        async with ControlClient(d.paths.control_socket) as c:
+            await c.stop()
+        await until(lambda: "standby" in [e.get("state") for e in events if e.get("event") == "state"][2:])
+        assert any(e.get("event") == "log" and "stopped by the user" in e.get("message", "") for e in events)
+        await until(lambda: d.state == S.WAITING)  # donation stays on: it queues again
+        await d.donate(False)
+        await until(lambda: d.state == S.OFF)
+        await until(lambda: mm.stats()["workers"] == 0)  # it left the queue
+        seq = await states(events)
+        assert seq[:4] == ["standby", "registering", "waiting", "standby"]
+        assert seq[-1] == "off"
+    finally:
+        watcher.cancel()
+        await d.close()
+        await mm.close()
+
+
+async def test_host_request_is_checked(tmp_path: Path) -> None:
+    d = make(tmp_path, free_port())
+    await d.start()
+    data = tmp_path / "d.npz"
+    data.write_bytes(b"")
+    try:
+        async with ControlClient(d.paths.control_socket) as c:
+            cases = [
+                ({"learning_rate": 0}, str(data), "learning_rate"),
+                ({"sharding": "diagonal"}, str(data), "sharding"),
+                ({"bogus": 1}, str(data), "bogus"),
+                ({}, "relative/d.npz", "dataset"),
+                ({}, str(tmp_path / "missing.npz"), "dataset"),
+            ]
+            for job, path, field in cases:
+                with pytest.raises(wire.RemoteError) as err:
+                    await c.host(path, job)
+                assert err.value.code == "bad_field" and err.value.field == field
+            with pytest.raises(wire.RemoteError) as err:
+                await c.request({"type": "host", "dataset": str(data), "job": {}, "test_fraction": 2})
+            assert err.value.field == "test_fraction"
+            assert (await c.status())["state"] == "off"  # nothing changed
+    finally:
+        await d.close()
+
+
+async def test_bad_dataset_is_reported_not_retried(tmp_path: Path) -> None:
+    d = make(tmp_path, free_port())
+    await d.start()
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"this is not a zip file")
+    try:
+        async with ControlClient(d.paths.control_socket) as c:
+            assert (await c.host(str(bad), {"workers": 1}))["type"] == "ok"
+            await until(lambda: d.status()["error"] is not None and d.state == S.OFF)
+            st = await c.status()
+            assert "cannot host" in st["error"] and str(bad) in st["error"]
+            assert st["role"] is None
+    finally:
+        await d.close()

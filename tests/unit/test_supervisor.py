@@ -1,0 +1,184 @@
+"""The job supervisor: events, the whole process group killed, suspend/resume, no orphans."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from crowdd.supervisor import JobError, JobSupervisor, job_command
+
+pytestmark = pytest.mark.timeout(60)
+
+# A stand-in for the job: prints events, starts a grandchild in its group (like a TF server).
+FAKE_JOB = textwrap.dedent(
+    """
+    import json, signal, subprocess, sys, time
+    ignore = "--ignore-term" in sys.argv
+    if ignore:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    child = subprocess.Popen([sys.executable, "-c", "import signal,time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
+    print(json.dumps({"event": "started", "pid": child.pid}), flush=True)
+    print("a plain log line, not an event", flush=True)
+    print(json.dumps([1, 2]), flush=True)
+    print(json.dumps({"event": "progress", "step": 1}), flush=True)
+    if "--exit" in sys.argv:
+        print(json.dumps({"event": "error", "message": "boom"}), flush=True)
+        sys.exit(3)
+    time.sleep(600)
+    """
+)
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+async def wait_gone(pid: int, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if gone(pid):
+            return True
+        await asyncio.sleep(0.05)
+    return gone(pid)
+
+
+@pytest.fixture
+def fake_job(tmp_path: Path) -> Path:
+    p = tmp_path / "fake_job.py"
+    p.write_text(FAKE_JOB)
+    return p
+
+
+async def started(sup: JobSupervisor, events: list[dict[str, Any]]) -> int:
+    for _ in range(200):
+        if any(e["event"] == "progress" for e in events):
+            break
+        await asyncio.sleep(0.05)
+    return int(next(e for e in events if e["event"] == "started")["pid"])
+
+
+async def test_events_and_stop_kills_the_whole_group(fake_job: Path, tmp_path: Path) -> None:
+    events: list[dict[str, Any]] = []
+    sup = JobSupervisor([sys.executable, str(fake_job), "--ignore-term"], on_event=events.append,
+                        cwd=tmp_path, log_path=tmp_path / "job.log", nice=19)
+    await sup.start()
+    try:
+        grandchild = await started(sup, events)
+        assert [e["event"] for e in events] == ["started", "progress"]  # non-events skipped
+        job = psutil.Process(sup.pid)
+        assert job.nice() == 19
+        assert os.getpgid(sup.pid) == sup.pid  # its own process group ...
+        assert os.getsid(sup.pid) == sup.pid  # ... and session
+        assert os.getpgid(grandchild) == sup.pid
+        assert sup.running
+    finally:
+        code = await sup.stop(grace=0.5)  # both ignore SIGTERM: SIGKILL after the grace
+    assert code is not None and not sup.running
+    assert await wait_gone(grandchild)
+
+
+async def test_wait_returns_exit_code_and_reaps_stragglers(fake_job: Path) -> None:
+    events: list[dict[str, Any]] = []
+    sup = JobSupervisor([sys.executable, str(fake_job), "--exit"], on_event=events.append)
+    await sup.start()
+    code = await asyncio.wait_for(sup.wait(), 30)
+    assert code == 3
+    assert sup.last_error == "boom"
+    grandchild = int(events[0]["pid"])
+    assert await wait_gone(grandchild)  # the TF-server stand-in did not outlive the job
+
+
+async def test_suspend_and_resume(fake_job: Path) -> None:
+    events: list[dict[str, Any]] = []
+    sup = JobSupervisor([sys.executable, str(fake_job)], on_event=events.append)
+    await sup.start()
+    try:
+        grandchild = await started(sup, events)
+        sup.suspend()
+        assert sup.suspended
+        for _ in range(100):
+            if psutil.Process(grandchild).status() == psutil.STATUS_STOPPED:
+                break
+            await asyncio.sleep(0.02)
+        assert psutil.Process(sup.pid).status() == psutil.STATUS_STOPPED
+        assert psutil.Process(grandchild).status() == psutil.STATUS_STOPPED
+        sup.resume()
+        assert not sup.suspended
+        await asyncio.sleep(0.1)
+        assert psutil.Process(sup.pid).status() != psutil.STATUS_STOPPED
+        sup.suspend()  # a stopped job must still die on stop()
+    finally:
+        await sup.stop(grace=2.0)
+    assert await wait_gone(grandchild)
+
+
+def wait_gone_sync(pid: int, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not gone(pid):
+        time.sleep(0.05)
+    return gone(pid)
+
+
+def test_job_dies_with_a_killed_daemon(fake_job: Path, tmp_path: Path) -> None:
+    """PR_SET_PDEATHSIG: even a SIGKILLed daemon leaves no job behind."""
+    script = tmp_path / "daemon.py"
+    script.write_text(textwrap.dedent(f"""
+        import asyncio, json, sys
+        from crowdd.supervisor import JobSupervisor
+        async def main():
+            sup = JobSupervisor([sys.executable, {str(fake_job)!r}], on_event=lambda e: print(json.dumps(e), flush=True))
+            await sup.start()
+            print(json.dumps({{"event": "job", "pid": sup.pid}}), flush=True)
+            await asyncio.sleep(600)
+        asyncio.run(main())
+    """))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        job_pid = grandchild = 0
+        while not (job_pid and grandchild):
+            line = proc.stdout.readline()
+            assert line, "the fake daemon exited early"
+            ev = json.loads(line)
+            if ev["event"] == "job":
+                job_pid = ev["pid"]
+            elif ev["event"] == "started":
+                grandchild = ev["pid"]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        assert wait_gone_sync(job_pid)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        if job_pid and not gone(job_pid):
+            os.killpg(job_pid, signal.SIGKILL)
+    # the job's own child is in the job's group; the job (the real one) watches its parent.
+    # Here the stand-in does not, so clean it up: that is the job's contract, not ours.
+    if grandchild and not gone(grandchild):
+        os.kill(grandchild, signal.SIGKILL)
+
+
+async def test_missing_program_is_a_clear_error(tmp_path: Path) -> None:
+    sup = JobSupervisor([str(tmp_path / "no-such-python")], on_event=lambda e: None)
+    with pytest.raises(JobError, match="cannot start the job"):
+        await sup.start()
+    assert await sup.stop() is None
+
+
+def test_job_command() -> None:
+    assert job_command("worker", Path("/s.json"), "/py") == ["/py", "-m", "crowdd.job", "worker", "--spec", "/s.json"]
