@@ -89,12 +89,13 @@ class _Client:
         self.grouped_at: float | None = None
         self.error: str | None = None
         self.first_wait = asyncio.Event()
+        self.started = 0.0
 
     async def run(self, host: str, port: int, leave_after_wait: bool = False) -> None:
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 30)
             self.writer = writer
-            t0 = time.monotonic()
+            t0 = self.started = time.monotonic()
             await wire.write_frame(writer, self.hello)
             frame = await wire.read_frame(reader, timeout=60)
             if frame["type"] != "wait":
@@ -161,6 +162,7 @@ async def client_main(args: argparse.Namespace) -> None:
     print(json.dumps({
         "event": "done",
         "latencies": [c.latency for c in clients if c.latency is not None],
+        "started": [c.started for c in clients if c.latency is not None],
         "grouped_at": [c.grouped_at for c in clients if c.grouped_at is not None],
         "errors": [c.error for c in clients if c.error][:20],
         "error_count": sum(1 for c in clients if c.error),
@@ -256,8 +258,10 @@ async def orchestrate(args: argparse.Namespace, workdir: Path) -> dict[str, Any]
     log = workdir / "matchmaker.log"
     with log.open("wb") as log_fh:
         profile = ["-m", "cProfile", "-o", args.profile] if args.profile else []
+        if os.environ.get("MMWRAP"):
+            profile = [os.environ["MMWRAP"]]
         server = await asyncio.create_subprocess_exec(
-            sys.executable, *profile, "-m", "crowdd", "matchmaker", "--listen", "127.0.0.1:0",
+            sys.executable, *profile, *([] if os.environ.get("MMWRAP") else ["-m", "crowdd"]), "matchmaker", "--listen", "127.0.0.1:0",
             "--config", str(cfg), "--root", str(workdir), "-v",
             stdout=subprocess.DEVNULL, stderr=log_fh, start_new_session=True,
         )
@@ -314,6 +318,7 @@ async def orchestrate(args: argparse.Namespace, workdir: Path) -> dict[str, Any]
         hwm = watch.hwm()
         cpu_end = sum(psutil.Process(server.pid).cpu_times()[:2])
         lat = [x for d in worker_done for x in d["latencies"]]
+        timeline = sorted((t - t_start, x) for d in worker_done for t, x in zip(d["started"], d["latencies"]))
         grouped = [x for d in done for x in d["grouped_at"]]
         errors = sum(d["error_count"] for d in done)
         server.send_signal(signal.SIGTERM)
@@ -346,12 +351,15 @@ async def orchestrate(args: argparse.Namespace, workdir: Path) -> dict[str, Any]
             "error_samples": [e for d in done for e in d["errors"]][:5],
             "server_rss_mb": {"start": base_rss / 2**20, "all_waiting": rss_waiting / 2**20, "peak": peak / 2**20,
                               "peak_source": "VmHWM" if hwm and hwm >= watch.peak else "psutil"},
+            "ramp_timeline": [[round(t, 4), round(x * 1e3, 2)] for t, x in timeline],  # [s since start, ms]
             "server_cpu_s": {"until_all_waiting": cpu_waiting, "total": cpu_end},
             "server_rc": rc,
             "server_log": _log_summary(log.read_text(errors="replace")),
             "target": {"p99_ms": TARGET_P99_MS, "rss_mb": TARGET_RSS_MB},
         }
     finally:
+        if os.environ.get("MMWRAP"):
+            print(log.read_text(), file=sys.stderr)
         for p in procs:
             _kill_group(p)
         _kill_group(server)

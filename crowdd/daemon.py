@@ -877,12 +877,16 @@ class Daemon:
                                 stall_timeout=self.cfg.replication.stall_timeout)
             await server.start()
             last = [0.0]
+            reported: list[tuple[int, int]] = [(-1, -1)]
 
             def on_progress(p: Progress) -> None:
                 now = time.monotonic()
+                if (p.done_bytes, p.total_bytes) == reported[0]:
+                    return
                 if p.done_bytes < p.total_bytes and now - last[0] < PROGRESS_INTERVAL:
                     return
                 last[0] = now
+                reported[0] = (p.done_bytes, p.total_bytes)
                 self._set_member(index, replication={"done": p.done_bytes, "total": p.total_bytes})
                 self._publish("replication", index=index, done=p.done_bytes, total=p.total_bytes, source=p.source)
                 ws.send({"type": "replication", "done": p.done_bytes, "total": p.total_bytes, "source": p.source})

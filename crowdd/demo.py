@@ -111,6 +111,73 @@ def kill_strays(root: Path) -> int:
     return killed
 
 
+class Crowd:
+    """A matchmaker and 1 host + N worker daemons as real processes below ``root``.
+
+    Used by ``crowdd demo`` and by the integration tests. Every process leads its own
+    process group; :meth:`close` ends them all (and any job that outlived its daemon).
+    """
+
+    def __init__(self, root: Path, workers: int, *, nice: int = 10, extra_config: str = "",
+                 python: str = sys.executable, verbose: bool = True) -> None:
+        self.root = root
+        self.python = python
+        self.procs = Processes()
+        self.matchmaker_addr = f"127.0.0.1:{free_port()}"
+        self.matchmaker: subprocess.Popen[bytes] | None = None
+        self.nice = nice
+        self.extra_config = extra_config
+        self.verbose = verbose
+        self.nodes = [Node("host", root / "host")] + [Node(f"worker-{i}", root / f"worker-{i}") for i in range(1, workers + 1)]
+
+    @property
+    def host(self) -> Node:
+        return self.nodes[0]
+
+    @property
+    def workers(self) -> list[Node]:
+        return self.nodes[1:]
+
+    def start_matchmaker(self) -> None:
+        self.matchmaker = self.procs.start(
+            [self.python, "-m", "crowdd", "matchmaker", "--listen", self.matchmaker_addr], self.root / "matchmaker.log"
+        )
+
+    def stop_matchmaker(self, sig: int = signal.SIGTERM) -> None:
+        if self.matchmaker is not None:
+            _killpg(self.matchmaker.pid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.matchmaker.wait(timeout=10)
+            _killpg(self.matchmaker.pid, signal.SIGKILL)
+            self.matchmaker.wait()
+            self.matchmaker = None
+
+    def start_node(self, node: Node) -> None:
+        node.root.mkdir(parents=True, exist_ok=True)
+        (node.root / "crowdd.toml").write_text(node_config(self.matchmaker_addr, node.name, self.nice) + self.extra_config)
+        node.log = node.root / "daemon.log"
+        argv = [self.python, "-m", "crowdd", "daemon", "--root", str(node.root), "--matchmaker", self.matchmaker_addr]
+        node.proc = self.procs.start(argv + (["-v"] if self.verbose else []), node.log)
+
+    def start(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.start_matchmaker()
+        for node in self.nodes:
+            self.start_node(node)
+
+    async def wait_up(self, timeout: float = START_TIMEOUT) -> None:
+        await asyncio.gather(*(_wait_up(n, timeout) for n in self.nodes))
+
+    def kill_node(self, node: Node, sig: int = signal.SIGKILL) -> None:
+        if node.proc is not None:
+            _killpg(node.proc.pid, sig)
+            node.proc.wait(timeout=30)
+
+    def close(self) -> None:
+        self.procs.stop_all()
+        kill_strays(self.root)
+
+
 # --------------------------------------------------------------------------- dataset
 
 
@@ -218,10 +285,11 @@ async def _watch(node: Node, display: Display, result: asyncio.Future[dict[str, 
             display.line(node.name, f"{ev.get('previous')} -> {node.state}")
         elif kind == "replication" and ev.get("index") is not None:
             done, total = int(ev.get("done") or 0), int(ev.get("total") or 0)
-            if not is_host and total:
+            if not is_host and total and (done, total) != node.replication:
                 node.replication = (done, total)
-                display.bar(node.name, f"dataset {done / 1e6:6.1f} / {total / 1e6:.1f} MB", done / total, force=done == total)
-                if done == total:
+                if done < total:
+                    display.bar(node.name, f"dataset {done / 1e6:6.1f} / {total / 1e6:.1f} MB", done / total)
+                else:
                     display.line(node.name, f"dataset verified ({total:,} bytes)")
         elif kind == "progress" and is_host:
             epochs = ev.get("epochs") or 1
@@ -243,38 +311,28 @@ async def _watch(node: Node, display: Display, result: asyncio.Future[dict[str, 
             result.set_exception(RuntimeError(str(ev.get("error"))))
 
 
-async def _run(args: argparse.Namespace, root: Path, procs: Processes, out: TextIO) -> int:
+async def _run(args: argparse.Namespace, crowd: Crowd, out: TextIO) -> int:
     t0 = time.monotonic()
-    workers = int(args.workers)
+    root = crowd.root
     dataset = Path(args.dataset).expanduser().absolute() if args.dataset else default_dataset(root, out)
     epochs = int(args.epochs) if args.epochs else DEFAULT_EPOCHS
-    port = free_port()
-    mm_addr = f"127.0.0.1:{port}"
-    python = sys.executable
-    out.write(f"crowdd demo: matchmaker + 1 host + {workers} workers below {root}\n")
+    out.write(f"crowdd demo: matchmaker + 1 host + {len(crowd.workers)} workers below {root}\n")
     out.write(f"dataset: {dataset}\n")
     out.flush()
-    procs.start([python, "-m", "crowdd", "matchmaker", "--listen", mm_addr], root / "matchmaker.log")
-    nodes = [Node("host", root / "host")] + [Node(f"worker-{i}", root / f"worker-{i}") for i in range(1, workers + 1)]
-    for node in nodes:
-        node.root.mkdir(parents=True, exist_ok=True)
-        (node.root / "crowdd.toml").write_text(node_config(mm_addr, node.name, 10))
-        node.log = node.root / "daemon.log"
-        node.proc = procs.start(
-            [python, "-m", "crowdd", "daemon", "-v", "--root", str(node.root), "--matchmaker", mm_addr], node.log
-        )
-    await asyncio.gather(*(_wait_up(n, START_TIMEOUT) for n in nodes))
+    crowd.start()
+    await crowd.wait_up()
+    nodes = crowd.nodes
     display = Display(out, t0)
-    display.line("demo", f"{len(nodes)} daemons up; matchmaker on {mm_addr}")
+    display.line("demo", f"{len(nodes)} daemons up; matchmaker on {crowd.matchmaker_addr}")
     result: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
     watchers = [asyncio.create_task(_watch(n, display, result, i == 0)) for i, n in enumerate(nodes)]
     try:
         await asyncio.sleep(0.2)  # let the subscriptions open before things move
-        for node in nodes[1:]:
+        for node in crowd.workers:
             async with ControlClient(node.socket) as c:
                 await c.donate(True)
-        job = {**DEMO_JOB, "epochs": epochs, "workers": workers, "min_workers": workers}
-        async with ControlClient(nodes[0].socket) as c:
+        job = {**DEMO_JOB, "epochs": epochs, "workers": len(crowd.workers), "min_workers": len(crowd.workers)}
+        async with ControlClient(crowd.host.socket) as c:
             await c.host(str(dataset), job)
         display.line("demo", f"workers donating; host asked to train {job['model']} {job['hidden']} for {epochs} epoch(s)")
         res = await asyncio.wait_for(result, RUN_TIMEOUT)
@@ -304,11 +362,10 @@ def main(args: argparse.Namespace) -> int:
         return 2
     root = Path(args.root).absolute() if args.root else Path(tempfile.mkdtemp(prefix="crowdd-demo-"))
     root.mkdir(parents=True, exist_ok=True)
-    procs = Processes()
+    crowd = Crowd(root, int(args.workers))
 
     def cleanup() -> None:
-        procs.stop_all()
-        kill_strays(root)
+        crowd.close()
 
     atexit.register(cleanup)
 
@@ -317,7 +374,7 @@ def main(args: argparse.Namespace) -> int:
 
     old = signal.signal(signal.SIGTERM, on_term)
     try:
-        return asyncio.run(_run(args, root, procs, sys.stdout))
+        return asyncio.run(_run(args, crowd, sys.stdout))
     except KeyboardInterrupt:
         print("\ncrowdd demo: interrupted; stopping every node", file=sys.stderr)
         return 130

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import ipaddress
 import logging
 import re
@@ -637,6 +638,10 @@ async def serve(cfg: MatchmakerConfig, host: str, port: int, stop: asyncio.Event
     mm = Matchmaker(cfg)
     try:
         await mm.start(host, port)
+        # Everything loaded so far lives for the whole run: keep it out of the collector's
+        # full passes, which otherwise stall the loop in proportion to the heap.
+        gc.collect()
+        gc.freeze()
         bound_host, bound_port = mm.address
         print(f"crowdd matchmaker listening on {bound_host}:{bound_port}", file=sys.stderr, flush=True)
         await stop.wait()

@@ -246,7 +246,7 @@ def test_dead_parameter_server_ends_the_host_with_an_error(make_cluster: Any) ->
 
 
 def test_host_resumes_from_its_last_checkpoint(make_cluster: Any) -> None:
-    job = {"epochs": 40, "batch_size": 10, "learning_rate": 0.1}
+    job = {"epochs": 25, "batch_size": 10, "learning_rate": 0.1}
     cluster = make_cluster(1, job, steps_per_function=10, checkpoint_secs=0.5)
     host = cluster.start()
     host.wait_for("started", START_TIMEOUT)

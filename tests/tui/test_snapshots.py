@@ -89,6 +89,8 @@ async def _invalid_form(pilot: Pilot[Any], app: CrowddApp) -> None:
     await until(pilot, lambda: isinstance(app.screen, HostScreen), "host form")
     await pilot.pause()
     form = app.screen
+    for widget in form.query(Input):
+        widget.cursor_blink = False  # a blinking cursor would make the frame depend on the clock
     await pilot.press(*"data/missing.npz")
     epochs = form.query_one("#field-epochs", Input)
     epochs.focus()

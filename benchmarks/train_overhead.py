@@ -1,0 +1,129 @@
+"""Training throughput of a 1-worker crowdd cluster against a plain local TF loop.
+
+Same model (784-100-10 MLP), batch, data pipeline, thread cap and machine, in one run.
+The cluster is the real thing: a host job (parameter server + worker 0 as child processes,
+coordinator in the job) training Fashion-MNIST; its rate comes from the host's progress
+events in steady state. The local loop is a tf.function of ``steps_per_function`` plain SGD
+steps with a Keras optimizer. Prints the ratio (cluster / local) last; target >= 0.7.
+
+    .venv/bin/python benchmarks/train_overhead.py [--sync-every K] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+def local_rate(data: Path, manifest: Path, workdir: Path, job: dict[str, Any], spf: int, threads: int, seconds: float) -> float:
+    """Samples/s of a plain in-process TF training loop on the same pipeline."""
+    import keras
+    import tensorflow as tf
+
+    from crowdd.hyperparams import validate_job
+    from crowdd.job.data import worker_dataset
+    from crowdd.job.models import build_model, loss_function
+    from crowdd.job.spec import INDEX_FILE, load_layout
+
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(max(2, threads))
+    j = validate_job(job)
+    layout = load_layout(manifest, data)
+    os.chdir(workdir)
+    Path(INDEX_FILE).write_text("0\n")
+    iterator = iter(worker_dataset(str(data), layout, "full", 1, j.batch_size))
+    model = build_model(j, layout)
+    opt = keras.optimizers.SGD(j.learning_rate)
+    loss_fn = loss_function(j)
+
+    @tf.function
+    def steps(it: Any, n: int) -> Any:
+        total = tf.constant(0.0)
+        for _ in tf.range(n):
+            x, y, _ = next(it)
+            with tf.GradientTape() as tape:
+                loss = loss_fn(y, model(x, training=True))
+            grads = tape.gradient(loss, model.trainable_variables)
+            opt.apply_gradients(zip(grads, model.trainable_variables))
+            total += loss
+        return total
+
+    steps(iterator, spf).numpy()  # trace + warm up
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        steps(iterator, spf).numpy()
+        n += spf
+    return n * j.batch_size / (time.perf_counter() - t0)
+
+
+def cluster_rate(events: list[dict[str, Any]], batch: int, skip: int = 2) -> float:
+    prog = [e for e in events if e["event"] == "progress"][skip:]
+    if len(prog) < 2:
+        raise RuntimeError(f"too few progress events to measure ({len(prog)}); raise --epochs")
+    return (prog[-1]["step"] - prog[0]["step"]) * batch / (prog[-1]["time"] - prog[0]["time"])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", type=Path, default=FASHION, help="IDX directory (Fashion-MNIST)")
+    p.add_argument("--batch", type=int, default=100)
+    p.add_argument("--epochs", type=int, default=15, help="cluster run length (600 steps per epoch at batch 100)")
+    p.add_argument("--sync-every", type=int, default=50, help="K: local steps between PS fetch/push")
+    p.add_argument("--steps-per-function", type=int, default=500)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seconds", type=float, default=10.0, help="local loop measuring time")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+
+    from crowdd.datasets import convert
+    from crowdd.job.local import run_cluster
+
+    job = {"model": "mlp", "hidden": [100], "learning_rate": 0.1, "batch_size": args.batch, "epochs": args.epochs}
+    settings = {
+        "steps_per_function": args.steps_per_function,
+        "sync_every": args.sync_every,
+        "threads": args.threads,
+        "nice": 0,
+        "checkpoint_secs": 3600.0,
+    }
+    with tempfile.TemporaryDirectory(prefix="crowdd-overhead-") as tmp:
+        root = Path(tmp)
+        prep = convert(args.dataset, root / "cache")
+        run = run_cluster(root / "cluster", prep.data_path, prep.manifest_path, 0, job, settings, timeout=900)
+        if run.done is None:
+            print(f"cluster run failed: {run.error}", file=sys.stderr)
+            return 1
+        cluster = cluster_rate(run.events, args.batch)
+        (root / "local").mkdir()
+        local = local_rate(prep.data_path, prep.manifest_path, root / "local", job, args.steps_per_function, args.threads, args.seconds)
+    ratio = cluster / local
+    result = {
+        "model": "mlp 784-100-10",
+        "batch": args.batch,
+        "sync_every": args.sync_every,
+        "steps_per_function": args.steps_per_function,
+        "threads": args.threads,
+        "local_samples_per_sec": round(local, 1),
+        "cluster_samples_per_sec": round(cluster, 1),
+        "cluster_test_accuracy": run.done["test_accuracy"],
+        "ratio": round(ratio, 3),
+        "target": 0.7,
+    }
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    print(f"local loop:        {local:10.0f} samples/s ({local / args.batch:.0f} steps/s)")
+    print(f"1-worker cluster:  {cluster:10.0f} samples/s ({cluster / args.batch:.0f} steps/s), K={args.sync_every}")
+    print(f"ratio cluster/local: {ratio:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""A whole training cluster on this machine, as real job processes (TF-free; for benchmarks).
+
+Each member gets its own working directory holding the dataset under the same relative name
+(as the daemon does), free loopback ports, and its own process group, killed at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from crowdd.job.events import parse_event
+
+
+def free_ports(n: int) -> list[int]:
+    """Distinct free loopback ports (held open together so none repeats)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+@dataclass
+class RunResult:
+    events: list[dict[str, Any]] = field(default_factory=list)
+    returncode: int | None = None
+
+    @property
+    def done(self) -> dict[str, Any] | None:
+        return next((e for e in self.events if e["event"] == "done"), None)
+
+    @property
+    def error(self) -> dict[str, Any] | None:
+        return next((e for e in self.events if e["event"] == "error"), None)
+
+
+def _place(src: Path, dst: Path) -> None:
+    if dst.exists():
+        return
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def run_cluster(
+    root: Path,
+    data: Path,
+    manifest: Path,
+    extra_workers: int,
+    job: dict[str, Any],
+    settings: dict[str, Any],
+    *,
+    timeout: float = 1800.0,
+    log: Any = None,
+) -> RunResult:
+    """Run host + ``extra_workers`` workers to the end; return the host's events."""
+    root.mkdir(parents=True, exist_ok=True)
+    ports = free_ports(extra_workers + 2)
+    cluster = {"ps": [f"127.0.0.1:{ports[0]}"], "worker": [f"127.0.0.1:{p}" for p in ports[1:]]}
+    procs: list[subprocess.Popen] = []
+    logs = []
+    result = RunResult()
+    try:
+        for i in range(extra_workers + 1):
+            wd = root / f"member{i}"
+            wd.mkdir(exist_ok=True)
+            _place(data, wd / "dataset.bin")
+            _place(manifest, wd / "dataset.manifest.json")
+            spec: dict[str, Any] = {
+                "role": "host" if i == 0 else "worker",
+                "index": i,
+                "cluster": cluster,
+                "job": job,
+                "dataset": {"data": "dataset.bin", "manifest": "dataset.manifest.json"},
+                "workdir": str(wd),
+                "settings": settings,
+            }
+            if i == 0:
+                spec["output_dir"] = "out"
+            spec_path = root / f"spec{i}.json"
+            spec_path.write_text(json.dumps(spec))
+        order = list(range(1, extra_workers + 1)) + [0]
+        for i in order:
+            fh = open(root / f"member{i}.log", "wb")
+            logs.append(fh)
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "crowdd.job", "host" if i == 0 else "worker", "--spec", str(root / f"spec{i}.json")],
+                    stdout=subprocess.PIPE if i == 0 else subprocess.DEVNULL,
+                    stderr=fh,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+            )
+        host = procs[-1]
+        assert host.stdout is not None
+        deadline = time.monotonic() + timeout
+        for line in host.stdout:
+            event = parse_event(line)
+            if event is None:
+                continue
+            result.events.append(event)
+            if log is not None:
+                log(event)
+            if event["event"] in ("done", "error") or time.monotonic() > deadline:
+                break
+        try:
+            result.returncode = host.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            result.returncode = None
+        return result
+    finally:
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        for fh in logs:
+            fh.close()
+
+
+__all__ = ["run_cluster", "RunResult", "free_ports"]

@@ -1,0 +1,156 @@
+"""End to end on loopback: a matchmaker, a host and 2 worker daemons (real processes) go
+through every state and train a model on scikit-learn's digits."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import pytest
+
+from crowdd.control import ControlClient
+from crowdd.datasets import load_digits
+from crowdd.demo import Crowd, Node
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+ACCURACY_THRESHOLD = 0.8
+TEST_CONFIG = "[replication]\nstall_timeout = 5.0\n"
+
+
+def digits_npz(path: Path) -> Path:
+    a = load_digits()
+    np.savez(path, x_train=a.x_train, y_train=a.y_train, x_test=a.x_test, y_test=a.y_test)
+    return path
+
+
+class Recorder:
+    """Every event each node's control socket streams, from the start."""
+
+    def __init__(self, nodes: list[Node]) -> None:
+        self.nodes = nodes
+        self.events: dict[str, list[dict[str, Any]]] = {n.name: [] for n in nodes}
+        self.tasks: list[asyncio.Task[None]] = []
+
+    async def _listen(self, node: Node) -> None:
+        async for ev in ControlClient(node.socket).subscribe():
+            self.events[node.name].append(ev)
+
+    async def start(self) -> None:
+        self.tasks = [asyncio.create_task(self._listen(n)) for n in self.nodes]
+        await asyncio.sleep(0.3)  # subscriptions open (the first event is the full status)
+        for name, evs in self.events.items():
+            assert evs and evs[0]["event"] == "status", name
+
+    def states(self, name: str) -> list[str]:
+        return [e["state"] for e in self.events[name] if e["event"] == "state"]
+
+    def of(self, name: str, kind: str) -> list[dict[str, Any]]:
+        return [e for e in self.events[name] if e["event"] == kind]
+
+    async def wait(self, name: str, pred: Any, timeout: float) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        seen = 0
+        while True:
+            evs = self.events[name]
+            for ev in evs[seen:]:
+                if pred(ev):
+                    return ev
+            seen = len(evs)
+            if loop.time() > deadline:
+                raise AssertionError(f"{name}: no such event within {timeout} s; states {self.states(name)}")
+            await asyncio.sleep(0.05)
+
+    async def close(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+def job_processes(root: Path) -> list[psutil.Process]:
+    """crowdd.job processes (and their TF servers) belonging to this crowd."""
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info.get("cmdline") or [])
+        if str(root) in cmd and "crowdd.job" in cmd:
+            out.append(p)
+    return out
+
+
+@pytest.fixture
+async def crowd(tmp_path: Path) -> AsyncIterator[Crowd]:
+    c = Crowd(tmp_path / "crowd", 2, extra_config=TEST_CONFIG)
+    try:
+        c.start()
+        await c.wait_up()
+        yield c
+    finally:
+        c.close()
+        assert not job_processes(c.root), "a job outlived the test"
+
+
+async def test_every_state_and_a_trained_model(crowd: Crowd, tmp_path: Path) -> None:
+    data = digits_npz(tmp_path / "digits.npz")
+    rec = Recorder(crowd.nodes)
+    await rec.start()
+    try:
+        for w in crowd.workers:
+            async with ControlClient(w.socket) as c:
+                assert (await c.donate(True))["donating"] is True
+        async with ControlClient(crowd.host.socket) as c:
+            job = {"workers": 2, "min_workers": 2, "epochs": 3, "learning_rate": 0.1, "sharding": "full"}
+            assert (await c.host(str(data), job))["type"] == "ok"
+        result = await rec.wait("host", lambda e: e["event"] == "result", 240)
+        for w in crowd.workers:
+            await rec.wait(w.name, lambda e: e["event"] == "result", 30)
+            await rec.wait(w.name, lambda e: e["event"] == "state" and e["previous"] == "finished", 30)
+        await rec.wait("host", lambda e: e["event"] == "state" and e["previous"] == "finished", 30)
+
+        assert result["test_accuracy"] > ACCURACY_THRESHOLD
+        model = Path(result["model_path"])
+        assert model.is_file() and model.is_relative_to(crowd.host.root / "state")
+
+        cycle = ["registering", "waiting", "replicating", "training", "finished"]
+        assert rec.states("host") == cycle + ["off"]
+        for w in crowd.workers:
+            seq = rec.states(w.name)
+            assert seq[: len(cycle) + 2] == ["standby", *cycle, "standby"], seq
+            # every transition event names the state it left
+            evs = rec.of(w.name, "state")
+            assert all(a["state"] == b["previous"] for a, b in zip(evs, evs[1:]))
+            # replication progress ends with the whole file; the host's training is fanned out
+            rep = [e for e in rec.of(w.name, "replication") if e["index"] == int(w.name[-1])]
+            assert rep and rep[-1]["done"] == rep[-1]["total"] > 0
+            assert rec.of(w.name, "eval"), "the host's eval events reach the workers"
+            members = rec.of(w.name, "members")[-1]["members"]
+            assert [m["index"] for m in members] == [0, 1, 2]
+            assert rec.of(w.name, "result")[-1]["test_accuracy"] == result["test_accuracy"]
+        host_rep = rec.of("host", "replication")
+        assert {e["index"] for e in host_rep} >= {1, 2}
+
+        # `crowdd status --json` against the real daemon
+        out = subprocess.run(
+            [sys.executable, "-m", "crowdd", "status", "--json", "--root", str(crowd.host.root)],
+            capture_output=True, text=True, timeout=30, check=True,
+        )
+        st = json.loads(out.stdout)
+        assert st["state"] == "off" and st["result"]["test_accuracy"] == result["test_accuracy"]
+        assert st["dataset"]["name"] == "digits" and st["error"] is None
+    finally:
+        await rec.close()
+    # the workers' job directories are cleaned up; no job process is left
+    for w in crowd.workers:
+        assert not list((w.root / "state" / "jobs").glob("*/spec.json"))
+    for _ in range(50):
+        if not job_processes(crowd.root):
+            break
+        await asyncio.sleep(0.2)
+    assert not job_processes(crowd.root)
