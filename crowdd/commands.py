@@ -17,6 +17,7 @@ from typing import Any, TextIO
 
 from crowdd import wire
 from crowdd.cli import resolve_config
+from crowdd.config import ConfigError, Paths
 from crowdd.control import ControlClient, DaemonUnavailable, Endpoint
 from crowdd.hyperparams import HyperparamError, parse_hidden, validate_job
 
@@ -42,8 +43,19 @@ _JOB_FLAGS: dict[str, tuple[str, str]] = {
 }
 
 
+def _paths(args: argparse.Namespace) -> Paths:
+    """The node's paths. A client needs no settings, so a broken config file must not stop
+    `crowdd status` or `crowdd reload` (which reports the error from the daemon)."""
+    try:
+        return resolve_config(args)[1]
+    except ConfigError:
+        if getattr(args, "root", None):
+            return Paths.under(args.root)
+        return Paths.for_system() if getattr(args, "system", False) else Paths.for_user()
+
+
 def _endpoint(args: argparse.Namespace) -> Endpoint:
-    _, paths = resolve_config(args)
+    paths = _paths(args)
     return Endpoint.for_paths(paths, system=bool(getattr(args, "system", False)), socket_path=getattr(args, "socket", None))
 
 

@@ -520,8 +520,11 @@ class Daemon:
                         await asyncio.wait_for(self._wake.wait(), delay)
                 role = await self._next_role()
                 self._abort_reason = None
+                self._role = role  # before the task runs: an abort can find it at once
                 self._cycle = asyncio.create_task(self._run_cycle(role), name=f"crowdd-{role}")
                 await asyncio.wait({self._cycle})
+                if self._role is not None:  # cancelled before it even started
+                    await self._teardown(None)
                 failed = False
                 if self._cycle.cancelled():
                     if self._abort_reason:
@@ -543,6 +546,7 @@ class Daemon:
         self._role = role
         self._error = None
         res: Reservation | None = None
+        watch = asyncio.create_task(self._policy_watch()) if role == "worker" else None
         try:
             if role == "host":
                 self._to(S.REGISTERING)
@@ -571,7 +575,30 @@ class Daemon:
             self._error = str(exc)
             self._log(logging.ERROR, str(exc))
         finally:
+            if watch is not None:
+                watch.cancel()
+                await asyncio.gather(watch, return_exceptions=True)
             await self._teardown(res)
+
+    async def _policy_watch(self) -> None:
+        """While a worker cycle runs: re-check the idle policy every ``policy_interval``. When
+        it says no: leave the queue; mid-session suspend the job (or leave, per ``on_busy``)."""
+        while True:
+            await asyncio.sleep(self._policy_interval)
+            verdict = await self._evaluate()
+            sup = self._supervisor
+            if verdict.allowed:
+                if sup is not None and sup.suspended:
+                    sup.resume()
+                    self._log(logging.INFO, f"idle again ({verdict.reason}); job resumed")
+                continue
+            if self.state in (S.REPLICATING, S.TRAINING) and self._policy.on_busy == "suspend":
+                if sup is not None and not sup.suspended:
+                    sup.suspend()
+                    self._log(logging.INFO, f"machine busy ({verdict.reason}); job suspended")
+                continue
+            self._abort(f"the idle policy says no: {verdict.reason}")
+            return
 
     async def _teardown(self, res: Reservation | None) -> None:
         sup, self._supervisor = self._supervisor, None

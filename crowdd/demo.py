@@ -119,7 +119,8 @@ class Crowd:
     """
 
     def __init__(self, root: Path, workers: int, *, nice: int = 10, extra_config: str = "",
-                 python: str = sys.executable, verbose: bool = True) -> None:
+                 python: str = sys.executable, verbose: bool = True, steps_per_function: int = 20,
+                 sync_every: int = 10) -> None:
         self.root = root
         self.python = python
         self.procs = Processes()
@@ -128,6 +129,7 @@ class Crowd:
         self.nice = nice
         self.extra_config = extra_config
         self.verbose = verbose
+        self.job_settings = (steps_per_function, sync_every)
         self.nodes = [Node("host", root / "host")] + [Node(f"worker-{i}", root / f"worker-{i}") for i in range(1, workers + 1)]
 
     @property
@@ -154,7 +156,7 @@ class Crowd:
 
     def start_node(self, node: Node) -> None:
         node.root.mkdir(parents=True, exist_ok=True)
-        (node.root / "crowdd.toml").write_text(node_config(self.matchmaker_addr, node.name, self.nice) + self.extra_config)
+        (node.root / "crowdd.toml").write_text(node_config(self.matchmaker_addr, node.name, self.nice, *self.job_settings) + self.extra_config)
         node.log = node.root / "daemon.log"
         argv = [self.python, "-m", "crowdd", "daemon", "--root", str(node.root), "--matchmaker", self.matchmaker_addr]
         node.proc = self.procs.start(argv + (["-v"] if self.verbose else []), node.log)
@@ -195,7 +197,7 @@ def default_dataset(root: Path, out: TextIO) -> Path:
     return path
 
 
-def node_config(matchmaker: str, name: str, nice: int) -> str:
+def node_config(matchmaker: str, name: str, nice: int, steps_per_function: int = 20, sync_every: int = 10) -> str:
     return (
         "# written by `crowdd demo`\n"
         "[daemon]\n"
@@ -207,8 +209,8 @@ def node_config(matchmaker: str, name: str, nice: int) -> str:
         "[job]\n"
         "# below normal priority, but not SCHED_IDLE: the demo should not starve behind other work\n"
         f"nice = {nice}\n"
-        "steps_per_function = 20\n"
-        "sync_every = 10\n"
+        f"steps_per_function = {steps_per_function}\n"
+        f"sync_every = {sync_every}\n"
     )
 
 

@@ -48,7 +48,7 @@ _HOSTNAME = re.compile(r"(?=.{1,253}\.?$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z
 # --------------------------------------------------------------------------- validation (pure)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Hello:
     """A validated hello: who this client is and where its peers can reach it."""
 
@@ -184,7 +184,7 @@ def admit(total: int, from_ip: int, cfg: MatchmakerConfig) -> wire.WireError | N
 # --------------------------------------------------------------------------- queues and grouping (pure)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Waiter:
     """One queued client."""
 
@@ -197,7 +197,7 @@ class Waiter:
         return self.hello.role
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Group:
     host: Waiter
     workers: tuple[Waiter, ...]
@@ -311,6 +311,21 @@ def new_token() -> str:
 
 class _Conn(asyncio.Protocol):
     """One client connection, driven by the :class:`Matchmaker`."""
+
+    __slots__ = (
+        "_linger",
+        "connected_at",
+        "decoder",
+        "id",
+        "ip",
+        "last_rx",
+        "partial_since",
+        "position",
+        "sent_position",
+        "server",
+        "state",
+        "transport",
+    )
 
     def __init__(self, server: Matchmaker) -> None:
         self.server = server

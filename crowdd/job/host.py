@@ -193,7 +193,11 @@ def run_host(spec: JobSpec, layout: Layout, events: EventWriter) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     parent = os.getppid()
-    watch_parent(parent, lambda: (children.kill(), os._exit(EXIT_OK)))
+    def parent_died() -> None:
+        children.kill()
+        os._exit(EXIT_OK)
+
+    watch_parent(parent, parent_died)
     try:
         try:
             start_servers(spec, [("ps", "ps", 0), ("worker0", "worker", 0)], children)
@@ -275,7 +279,8 @@ class Coordinator:
         with strategy.scope():
             model = build_model(self.job, self.layout)
             state = TrainState(model, self.job)
-        train_fn = make_train_fn(state, loss_fn, self.spec.settings.sync_every)
+        scale = 1.0 if self.spec.settings.merge == "sum" else 1.0 / self.num_workers
+        train_fn = make_train_fn(state, loss_fn, self.spec.settings.sync_every, scale)
         local = build_model(self.job, self.layout)
         variables = state.variables()
 

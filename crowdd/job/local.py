@@ -97,7 +97,7 @@ def run_cluster(
             spec_path.write_text(json.dumps(spec))
         order = list(range(1, extra_workers + 1)) + [0]
         for i in order:
-            fh = open(root / f"member{i}.log", "wb")
+            fh = open(root / f"member{i}.log", "wb")  # noqa: SIM115 - closed in finally
             logs.append(fh)
             procs.append(
                 subprocess.Popen(
@@ -139,4 +139,4 @@ def run_cluster(
             fh.close()
 
 
-__all__ = ["run_cluster", "RunResult", "free_ports"]
+__all__ = ["RunResult", "free_ports", "run_cluster"]

@@ -38,6 +38,10 @@ class Settings:
     threads: int = 1
     nice: int = 19
     checkpoint_secs: float = 30.0
+    merge: str = "average"
+
+
+MERGES = ("average", "sum")
 
 
 @dataclass(frozen=True)
@@ -169,7 +173,10 @@ def _settings(value: Any) -> Settings:
     ck = value.get("checkpoint_secs", base.checkpoint_secs)
     if isinstance(ck, bool) or not isinstance(ck, (int, float)) or not 0 < ck < float("inf"):
         raise SpecError("settings.checkpoint_secs", f"must be a number > 0, got {ck!r}")
-    return Settings(spf, sync, threads, nice, float(ck))
+    merge = value.get("merge", base.merge)
+    if merge not in MERGES:
+        raise SpecError("settings.merge", f"must be one of {', '.join(MERGES)}, got {merge!r}")
+    return Settings(spf, sync, threads, nice, float(ck), merge)
 
 
 def _resolve(path: str, workdir: str | None) -> Path:

@@ -49,8 +49,13 @@ def _update(job: Job, weights: list, slots: list, grads: list) -> tuple[list, li
     return new, [*m, *v, t]
 
 
-def make_train_fn(state: TrainState, loss_fn, sync_every: int):
-    """``fn(iterator, n) -> (loss_sum, correct, samples, worker_index)`` for ``n`` steps."""
+def make_train_fn(state: TrainState, loss_fn, sync_every: int, push_scale: float = 1.0):
+    """``fn(iterator, n) -> (loss_sum, correct, samples, worker_index)`` for ``n`` steps.
+
+    ``push_scale`` multiplies each pushed change: 1 adds every worker's whole change (Downpour
+    SGD, the paper's asynchronous updates); 1/W averages the W workers' changes (model
+    averaging: stable at high learning rates, where W summed changes overshoot).
+    """
     model = state.model
     job = state.job
     variables = state.variables()
@@ -90,7 +95,7 @@ def make_train_fn(state: TrainState, loss_fn, sync_every: int):
             start = [tf.identity(v.read_value()) for v in variables]
             weights, slots, ls, c, s, widx = local_steps(iterator, tf.constant(k), start[:nw], start[nw:])
             for var, new, old in zip(variables, [*weights, *slots], start):
-                var.assign_add(new - old)
+                var.assign_add((new - old) * push_scale if push_scale != 1.0 else new - old)
             loss_sum += ls
             correct += c
             samples += s

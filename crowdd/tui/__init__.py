@@ -35,4 +35,4 @@ def main(args: argparse.Namespace) -> int:
     return int(app.return_code or 0)
 
 
-__all__ = ["main", "socket_path", "SYSTEM_SOCKET"]
+__all__ = ["SYSTEM_SOCKET", "main", "socket_path"]

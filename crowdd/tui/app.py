@@ -13,11 +13,11 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from textual import work
 from textual.app import App
-from textual.binding import Binding
+from textual.binding import Binding, BindingType
 from textual.screen import Screen
 
 from crowdd.tui.client import DaemonClient, DaemonRequestError, DaemonUnavailableError
@@ -47,7 +47,7 @@ class CrowddApp(App[None]):
     CSS_PATH = Path(__file__).with_name("app.tcss")
     TITLE = "crowdd"
     ENABLE_COMMAND_PALETTE = False
-    BINDINGS = [Binding("q", "quit", "Quit")]
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("q", "quit", "Quit")]
 
     def __init__(
         self,
@@ -80,7 +80,7 @@ class CrowddApp(App[None]):
     async def on_unmount(self) -> None:
         try:
             await self.client.close()
-        except Exception:  # noqa: BLE001 - quitting must never show a traceback
+        except Exception:
             logger.debug("closing the daemon client failed", exc_info=True)
 
     # ------------------------------------------------------------------ workers (all the I/O)
@@ -94,7 +94,7 @@ class CrowddApp(App[None]):
                 status = await self.client.status()
             except DaemonUnavailableError as exc:
                 self.post_message(DaemonLost(str(exc)))
-            except Exception as exc:  # noqa: BLE001 - the UI boundary: show it, never a traceback
+            except Exception as exc:
                 logger.debug("status failed", exc_info=True)
                 self.post_message(DaemonLost(f"status failed: {exc}"))
             else:
@@ -117,7 +117,7 @@ class CrowddApp(App[None]):
                         self.post_message(DaemonEvent(event))
             except DaemonUnavailableError:
                 pass
-            except Exception:  # noqa: BLE001 - the UI boundary: log it, retry
+            except Exception:
                 logger.debug("event subscription failed", exc_info=True)
             # The stream ended: let the status poll decide whether the daemon is gone.
             self.retry_now()
@@ -143,7 +143,7 @@ class CrowddApp(App[None]):
             self.post_message(DaemonLost(str(exc)))
         except DaemonRequestError as exc:
             self.post_message(RequestFailed(action, exc.message, exc.field))
-        except Exception as exc:  # noqa: BLE001 - the UI boundary: show it, never a traceback
+        except Exception as exc:
             logger.debug("%s failed", action, exc_info=True)
             self.post_message(RequestFailed(action, str(exc) or type(exc).__name__))
         else:

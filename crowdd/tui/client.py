@@ -22,7 +22,10 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 logger = logging.getLogger(__name__)
 
-START_HINT = "Start it with `crowdd daemon` (or `systemctl start crowdd` for the system service)."
+START_HINT = (
+    "Start it with `crowdd daemon`, or `systemctl start crowdd` for the system service "
+    "(`systemctl --user start crowdd` for a user service)."
+)
 
 
 class DaemonUnavailableError(Exception):
@@ -127,7 +130,7 @@ class ControlDaemonClient:
         if client is not None:
             try:
                 await client.close()
-            except Exception:  # noqa: BLE001 - closing a broken connection
+            except Exception:
                 logger.debug("closing the control connection failed", exc_info=True)
 
     async def _call(self, name: str, *args: Any) -> dict[str, Any]:
@@ -175,7 +178,7 @@ class ControlDaemonClient:
         finally:
             try:
                 await client.close()
-            except Exception:  # noqa: BLE001 - closing a broken connection
+            except Exception:
                 logger.debug("closing the event connection failed", exc_info=True)
 
     async def close(self) -> None:
@@ -184,9 +187,9 @@ class ControlDaemonClient:
 
 
 __all__ = [
-    "DaemonClient",
-    "ControlDaemonClient",
-    "DaemonUnavailableError",
-    "DaemonRequestError",
     "START_HINT",
+    "ControlDaemonClient",
+    "DaemonClient",
+    "DaemonRequestError",
+    "DaemonUnavailableError",
 ]

@@ -12,7 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from crowdd.hyperparams import MODELS, OPTIMIZERS, SHARDINGS, HyperparamError, Job, check_field, validate_job
+from crowdd.hyperparams import (
+    MODELS,
+    OPTIMIZERS,
+    SHARDINGS,
+    HyperparamError,
+    Job,
+    check_field,
+    validate_job,
+)
 
 DATASET_SUFFIXES = (".npz", ".csv")
 
@@ -120,4 +128,4 @@ def build_request(values: Mapping[str, str]) -> tuple[str, dict[str, Any]]:
     return str(Path(dataset.strip()).expanduser().resolve()), checked.to_dict()
 
 
-__all__ = ["FIELDS", "SPECS", "FieldSpec", "FormError", "check_dataset", "parse_field", "field_error", "build_request"]
+__all__ = ["FIELDS", "SPECS", "FieldSpec", "FormError", "build_request", "check_dataset", "field_error", "parse_field"]

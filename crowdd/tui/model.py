@@ -226,4 +226,4 @@ def human_size(n: int) -> str:
     return f"{n} B"  # pragma: no cover - loop always returns
 
 
-__all__ = ["DaemonView", "Member", "STATES", "STATE_HELP", "human_size"]
+__all__ = ["STATES", "STATE_HELP", "DaemonView", "Member", "human_size"]

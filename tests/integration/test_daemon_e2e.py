@@ -4,8 +4,8 @@ through every state and train a model on scikit-learn's digits."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
-import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -55,10 +55,11 @@ class Recorder:
     def of(self, name: str, kind: str) -> list[dict[str, Any]]:
         return [e for e in self.events[name] if e["event"] == kind]
 
-    async def wait(self, name: str, pred: Any, timeout: float) -> dict[str, Any]:
+    async def wait(self, name: str, pred: Any, timeout: float, *, after: int = 0) -> dict[str, Any]:
+        """The first event of ``name`` (from index ``after`` on) that satisfies ``pred``."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        seen = 0
+        seen = after
         while True:
             evs = self.events[name]
             for ev in evs[seen:]:
@@ -125,7 +126,7 @@ async def test_every_state_and_a_trained_model(crowd: Crowd, tmp_path: Path) -> 
             assert seq[: len(cycle) + 2] == ["standby", *cycle, "standby"], seq
             # every transition event names the state it left
             evs = rec.of(w.name, "state")
-            assert all(a["state"] == b["previous"] for a, b in zip(evs, evs[1:]))
+            assert all(a["state"] == b["previous"] for a, b in itertools.pairwise(evs))
             # replication progress ends with the whole file; the host's training is fanned out
             rep = [e for e in rec.of(w.name, "replication") if e["index"] == int(w.name[-1])]
             assert rep and rep[-1]["done"] == rep[-1]["total"] > 0
@@ -137,11 +138,13 @@ async def test_every_state_and_a_trained_model(crowd: Crowd, tmp_path: Path) -> 
         assert {e["index"] for e in host_rep} >= {1, 2}
 
         # `crowdd status --json` against the real daemon
-        out = subprocess.run(
-            [sys.executable, "-m", "crowdd", "status", "--json", "--root", str(crowd.host.root)],
-            capture_output=True, text=True, timeout=30, check=True,
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "crowdd", "status", "--json", "--root", str(crowd.host.root),
+            stdout=asyncio.subprocess.PIPE,
         )
-        st = json.loads(out.stdout)
+        stdout, _ = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0
+        st = json.loads(stdout)
         assert st["state"] == "off" and st["result"]["test_accuracy"] == result["test_accuracy"]
         assert st["dataset"]["name"] == "digits" and st["error"] is None
     finally:

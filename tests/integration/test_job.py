@@ -46,7 +46,7 @@ class JobProc:
     """One ``python -m crowdd.job`` process (own process group) and its stdout events."""
 
     def __init__(self, role: str, spec_path: Path, log_path: Path) -> None:
-        self.log = open(log_path, "ab")
+        self.log = open(log_path, "ab")  # noqa: SIM115 - closed in kill()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "crowdd.job", role, "--spec", str(spec_path)],
             stdout=subprocess.PIPE, stderr=self.log, stdin=subprocess.DEVNULL, cwd=ROOT, start_new_session=True,

@@ -14,8 +14,19 @@ from textual.widgets import Input, Label, ProgressBar, Select, Sparkline, Switch
 from crowdd.hyperparams import Job
 from crowdd.tui.app import CrowddApp
 from crowdd.tui.client import DaemonRequestError
-from crowdd.tui.screens import ConfirmStopScreen, HostScreen, MainScreen, UnavailableScreen
-from crowdd.tui.widgets import EventLog, MemberRow, MembersPanel, StatusPanel, TrainingPanel
+from crowdd.tui.screens import (
+    ConfirmStopScreen,
+    HostScreen,
+    MainScreen,
+    UnavailableScreen,
+)
+from crowdd.tui.widgets import (
+    EventLog,
+    MemberRow,
+    MembersPanel,
+    StatusPanel,
+    TrainingPanel,
+)
 
 SIZE = (80, 24)
 
@@ -219,12 +230,16 @@ async def open_form(pilot: Pilot[Any], app: CrowddApp) -> HostScreen:
     return app.screen
 
 
-async def fill(pilot: Pilot[Any], form: HostScreen, field: str, value: str) -> None:
+async def fill(pilot: Pilot[Any], form: HostScreen, field: str, value: str, *, type_it: bool = True) -> None:
+    """Clear a field and type ``value`` key by key (or set it at once, for long paths)."""
     widget = form.query_one(f"#field-{field}", Input)
     widget.focus()
     widget.value = ""
     await pilot.pause()
-    await pilot.press(*value) if value else None
+    if not type_it:
+        widget.value = value
+    elif value:
+        await pilot.press(*value)
     await pilot.pause()
 
 
@@ -262,7 +277,7 @@ async def test_host_form_directory_dataset_and_enter_submits(tmp_path: Path) -> 
     async with app.run_test(size=SIZE) as pilot:
         await connected(pilot, app)
         form = await open_form(pilot, app)
-        await fill(pilot, form, "dataset", str(tmp_path))
+        await fill(pilot, form, "dataset", str(tmp_path), type_it=False)
         await pilot.press("enter")
         await until(pilot, lambda: any(c[0] == "host" for c in client.calls), "host sent")
         (_, sent_path, job), = [c for c in client.calls if c[0] == "host"]
@@ -303,8 +318,8 @@ async def test_host_form_invalid_input_shows_message(
         await connected(pilot, app)
         form = await open_form(pilot, app)
         if field != "dataset":
-            await fill(pilot, form, "dataset", str(dataset))
-        await fill(pilot, form, field, value)
+            await fill(pilot, form, "dataset", str(dataset), type_it=False)
+        await fill(pilot, form, field, value, type_it=len(value) < 20)
         msg = form.query_one(f"#msg-{field}", Label)
         if value:  # typed: the message shows as you type
             assert message in str(msg.content)
@@ -340,7 +355,7 @@ async def test_host_refused_by_daemon_shows_its_message(dataset: Path) -> None:
     async with app.run_test(size=SIZE) as pilot:
         await connected(pilot, app)
         form = await open_form(pilot, app)
-        await fill(pilot, form, "dataset", str(dataset))
+        await fill(pilot, form, "dataset", str(dataset), type_it=False)
         await pilot.click("#host-submit")
         msg = form.query_one("#msg-dataset", Label)
         await until(pilot, lambda: "permission denied" in str(msg.content), "daemon's message beside the field")

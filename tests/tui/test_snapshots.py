@@ -16,7 +16,12 @@ from textual.pilot import Pilot
 from textual.widgets import Input
 
 from crowdd.tui.app import CrowddApp
-from crowdd.tui.screens import ConfirmStopScreen, HostScreen, MainScreen, UnavailableScreen
+from crowdd.tui.screens import (
+    ConfirmStopScreen,
+    HostScreen,
+    MainScreen,
+    UnavailableScreen,
+)
 from crowdd.tui.widgets import EventLog
 
 SIZES = [(80, 24), (120, 36)]

@@ -26,7 +26,11 @@ import pytest
 from textual.pilot import Pilot
 from textual.widgets import Label
 
-from crowdd.tui.client import ControlDaemonClient, DaemonUnavailableError
+from crowdd.tui.client import (
+    ControlDaemonClient,
+    DaemonRequestError,
+    DaemonUnavailableError,
+)
 
 
 def _daemon_missing() -> str | None:
@@ -162,6 +166,19 @@ async def test_toggle_donation_on_a_real_daemon(daemon: Path) -> None:
     final = await _ask(daemon)
     assert final["donating"] is False and final["state"] == "off"
 
+    # the daemon's refusals reach the app as DaemonRequestError naming the field
+    client = ControlDaemonClient(daemon)
+    try:
+        with pytest.raises(DaemonRequestError) as exc:
+            await client.host(str(daemon.parent / "missing.npz"), {})
+        assert exc.value.field == "dataset" and "no such file" in exc.value.message
+        with pytest.raises(DaemonRequestError) as exc:
+            await client.host(str(daemon.parent), {"workers": 99_999})
+        assert exc.value.field == "workers"
+        assert (await client.status())["state"] == "off"  # the connection survives a refusal
+    finally:
+        await client.close()
+
 
 # ---------------------------------------------------------------------------- (b) a real terminal
 
@@ -173,7 +190,7 @@ def test_crowdd_tui_in_tmux(daemon: Path, tmp_path: Path) -> None:
     command = f"{sys.executable} -m crowdd tui --socket {daemon}; sleep 30"
 
     def screen() -> str:
-        out = subprocess.run([*tmux, "capture-pane", "-p", "-t", "tui"], capture_output=True, text=True, timeout=10)
+        out = subprocess.run([*tmux, "capture-pane", "-p", "-t", "tui"], check=False, capture_output=True, text=True, timeout=10)
         return out.stdout
 
     env = {**os.environ, "TERM": "xterm-256color"}
@@ -192,4 +209,4 @@ def test_crowdd_tui_in_tmux(daemon: Path, tmp_path: Path) -> None:
         status = _status(daemon)
         assert status is not None and status["donating"] is True
     finally:
-        subprocess.run([*tmux, "kill-server"], capture_output=True, timeout=10)
+        subprocess.run([*tmux, "kill-server"], check=False, capture_output=True, timeout=10)

@@ -108,14 +108,14 @@ class Refusing:
         pass
 
 
-def make(tmp_path: Path, mm_port: int, name: str = "node", policy: Any = None) -> Daemon:
+def make(tmp_path: Path, mm_port: int, name: str = "node", policy: Any = None, notifier: Any = None) -> Daemon:
     cfg = Config()
     cfg.daemon.listen_host = "127.0.0.1"
     cfg.daemon.retry_min = 0.05
     cfg.daemon.retry_max = 0.2
     paths = Paths.under(tmp_path / name)
     return Daemon(cfg, paths, endpoint=Endpoint.for_paths(paths), matchmaker=("127.0.0.1", mm_port),
-                  policy=policy or AlwaysIdle(), name=name, policy_interval=0.2)
+                  policy=policy or AlwaysIdle(), name=name, policy_interval=0.2, notifier=notifier)
 
 
 async def states(events: list[dict[str, Any]]) -> list[str]:
@@ -275,3 +275,62 @@ async def test_bad_dataset_is_reported_not_retried(tmp_path: Path) -> None:
             assert st["role"] is None
     finally:
         await d.close()
+
+
+class Switchable(Refusing):
+    def __init__(self) -> None:
+        self.allow = True
+
+    def evaluate(self) -> Verdict:
+        if self.allow:
+            return Verdict(True, None, "idle")
+        return super().evaluate()
+
+
+async def test_busy_machine_leaves_the_queue(tmp_path: Path) -> None:
+    mm = Matchmaker(MatchmakerConfig())
+    await mm.start("127.0.0.1", 0)
+    policy = Switchable()
+    d = make(tmp_path, mm.address[1], policy=policy)
+    await d.start()
+    try:
+        await d.donate(True)
+        await until(lambda: d.state == S.WAITING)
+        policy.allow = False
+        await until(lambda: d.state == S.STANDBY)
+        await until(lambda: mm.stats()["workers"] == 0)
+        assert d.status()["idle"]["rule"] == "user_idle"
+        policy.allow = True
+        await until(lambda: d.state == S.WAITING)  # idle again: back in the queue
+    finally:
+        await d.close()
+        await mm.close()
+
+
+async def test_sd_notify_ready_status_watchdog_stopping(tmp_path: Path) -> None:
+    from crowdd.systemd import Notifier
+
+    addr = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(addr)
+    sock.setblocking(False)
+    d = make(tmp_path, free_port(), notifier=Notifier(addr, watchdog_interval=0.05))
+    try:
+        await d.start()
+        assert d.paths.control_socket.exists()
+        await d.donate(True)
+        await until(lambda: d.state == S.REGISTERING)
+        await asyncio.sleep(0.2)
+        await d.close()
+        got = []
+        while True:
+            try:
+                got.append(sock.recv(4096).decode())
+            except BlockingIOError:
+                break
+    finally:
+        sock.close()
+    assert got[0].startswith("READY=1\nSTATUS=off")
+    assert any(g == "STATUS=registering (worker), donation on" for g in got)
+    assert sum(1 for g in got if g == "WATCHDOG=1") >= 2
+    assert got[-1] == "STOPPING=1" or "STOPPING=1" in got

@@ -39,7 +39,7 @@ def import_in_fresh_interpreter(modules: list[str]) -> dict[str, list[str]]:
         "    importlib.import_module(m)\n"
         "print(json.dumps(sorted(k for k in sys.modules if k.split('.')[0] in ('tensorflow', 'textual', 'keras'))))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     loaded = json.loads(proc.stdout.splitlines()[-1])
     return {top: [k for k in loaded if k.split(".")[0] == top] for top in ("tensorflow", "textual", "keras")}

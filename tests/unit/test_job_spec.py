@@ -16,7 +16,14 @@ from crowdd.datasets import ArraySet, convert
 from crowdd.job import EXIT_BAD_SPEC
 from crowdd.job.events import EventWriter, parse_event
 from crowdd.job.shards import segments, shard_bounds, steps_per_epoch, total_steps
-from crowdd.job.spec import JobSpec, Settings, SpecError, load_spec, parse_spec, write_spec
+from crowdd.job.spec import (
+    JobSpec,
+    Settings,
+    SpecError,
+    load_spec,
+    parse_spec,
+    write_spec,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -57,7 +64,7 @@ def test_good_spec_round_trips(workdir: Path, tmp_path: Path) -> None:
     spec = parse_spec(good(workdir))
     assert isinstance(spec, JobSpec)
     assert spec.role == "host" and spec.cluster.num_workers == 2
-    assert spec.settings == Settings(20, 5, 1, 10, 30.0)
+    assert spec.settings == Settings(20, 5, 1, 10, 30.0, "average")
     assert spec.job.sharding == "overlap"
     assert spec.own_ports() == {"ps": 4001, "worker": 4002}
     path = tmp_path / "spec.json"
@@ -100,6 +107,7 @@ BAD: list[tuple[str, dict[str, Any]]] = [
     ("settings.checkpoint_secs", {"settings": {"checkpoint_secs": 0}}),
     ("settings.checkpoint_secs", {"settings": {"checkpoint_secs": True}}),
     ("settings.speed", {"settings": {"speed": 11}}),
+    ("settings.merge", {"settings": {"merge": "max"}}),
     ("surprise", {"surprise": 1}),
     ("job.model", {"job": {"model": "cnn"}, "dataset": {"data": "flat.bin", "manifest": "flat.json"}}),
 ]
@@ -159,7 +167,7 @@ def test_bad_spec_exits_before_tensorflow(workdir: Path, tmp_path: Path) -> None
         "print('TF-LOADED' if 'tensorflow' in sys.modules else 'TF-ABSENT')\n"
         "sys.exit(rc)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == EXIT_BAD_SPEC, proc.stderr
     lines = proc.stdout.splitlines()
     event = parse_event(lines[0])
@@ -171,7 +179,7 @@ def test_bad_spec_exits_before_tensorflow(workdir: Path, tmp_path: Path) -> None
 def test_bad_command_line_is_an_error_event(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "crowdd.job", "chief", "--spec", str(tmp_path / "x.json")],
-        capture_output=True, text=True, timeout=60, cwd=ROOT,
+        check=False, capture_output=True, text=True, timeout=60, cwd=ROOT,
     )
     assert proc.returncode == EXIT_BAD_SPEC
     event = parse_event(proc.stdout.splitlines()[0])
@@ -181,7 +189,7 @@ def test_bad_command_line_is_an_error_event(tmp_path: Path) -> None:
 def test_missing_spec_file_is_an_error_event(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "crowdd.job", "worker", "--spec", str(tmp_path / "x.json")],
-        capture_output=True, text=True, timeout=60, cwd=ROOT,
+        check=False, capture_output=True, text=True, timeout=60, cwd=ROOT,
     )
     assert proc.returncode == EXIT_BAD_SPEC
     event = parse_event(proc.stdout.splitlines()[0])

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from textual.app import ComposeResult
-from textual.binding import Binding
+from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Footer, Label
@@ -12,7 +14,7 @@ from textual.widgets import Button, Footer, Label
 class ConfirmStopScreen(ModalScreen[bool]):
     """"Stop the current session?" — y / n, Enter on a button, Escape cancels."""
 
-    BINDINGS = [
+    BINDINGS: ClassVar[list[BindingType]] = [
         Binding("y", "answer(True)", "Stop"),
         Binding("n,escape", "answer(False)", "Cancel"),
     ]

@@ -8,8 +8,10 @@ screen or calls :meth:`HostScreen.show_error` with the daemon's answer.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from textual.app import ComposeResult
-from textual.binding import Binding
+from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.validation import ValidationResult, Validator
@@ -36,7 +38,7 @@ class FieldCheck(Validator):
 class HostScreen(ModalScreen[None]):
     """Host a dataset: pick it, set the hyperparameters, press Host."""
 
-    BINDINGS = [Binding("escape", "cancel", "Cancel"), Binding("ctrl+s", "submit", "Host")]
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "cancel", "Cancel"), Binding("ctrl+s", "submit", "Host")]
 
     def __init__(self, dataset: str = "") -> None:
         super().__init__()

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import ClassVar
 
 from textual.app import ComposeResult
-from textual.binding import Binding
+from textual.binding import Binding, BindingType
 from textual.containers import Horizontal
 from textual.css.query import NoMatches
 from textual.screen import Screen
@@ -21,7 +22,7 @@ from crowdd.tui.widgets import EventLog, MembersPanel, StatusPanel, TrainingPane
 class MainScreen(Screen[None]):
     """Shows a :class:`DaemonView`; user actions become messages for the app."""
 
-    BINDINGS = [
+    BINDINGS: ClassVar[list[BindingType]] = [
         Binding("d", "toggle_donation", "Donate on/off"),
         Binding("h", "host", "Host…"),
         Binding("w", "work", "Work"),

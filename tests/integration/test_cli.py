@@ -1,0 +1,153 @@
+"""The CLI against a real daemon process, and without one."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from crowdd.cli import build_parser
+from crowdd.commands import EXIT_NO_DAEMON, job_from_args
+from crowdd.hyperparams import HyperparamError
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def crowdd(*args: str, root: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "crowdd", *args, "--root", str(root)],
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[tuple[Path, subprocess.Popen[bytes]]]:
+    root = tmp_path / "node"
+    root.mkdir()
+    (root / "crowdd.toml").write_text('[daemon]\nlisten_host = "127.0.0.1"\nretry_min = 0.2\nretry_max = 1.0\n')
+    log = open(root / "daemon.log", "wb")  # noqa: SIM115 - closed in finally
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "crowdd", "daemon", "--root", str(root), "--matchmaker", f"127.0.0.1:{free_port()}"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        sock = root / "run" / "control.sock"
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            assert proc.poll() is None, (root / "daemon.log").read_text()
+            assert time.monotonic() < deadline, "daemon did not start"
+            time.sleep(0.05)
+        yield root, proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        log.close()
+
+
+def wait_state(root: Path, state: str, timeout: float = 15.0) -> dict[str, object]:
+    deadline = time.monotonic() + timeout
+    while True:
+        st = json.loads(crowdd("status", "--json", root=root).stdout)
+        if st["state"] == state or time.monotonic() > deadline:
+            return st
+        time.sleep(0.1)
+
+
+def test_no_daemon_says_so_plainly(tmp_path: Path) -> None:
+    for cmd in (["status"], ["status", "--json"], ["donate", "on"], ["stop"], ["reload"]):
+        r = crowdd(*cmd, root=tmp_path)
+        assert r.returncode == EXIT_NO_DAEMON, (cmd, r.stderr)
+        assert "no crowdd daemon is running" in r.stderr
+        assert "start it with `crowdd daemon`" in r.stderr
+        assert "Traceback" not in r.stderr
+
+
+def test_cli_against_a_real_daemon(
+    daemon: tuple[Path, subprocess.Popen[bytes]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root, proc = daemon
+    r = crowdd("status", root=root)
+    assert r.returncode == 0
+    assert "off" in r.stdout and "donation:  off" in r.stdout
+
+    r = crowdd("donate", "on", root=root)
+    assert r.returncode == 0 and "donation is on" in r.stdout
+    st = wait_state(root, "registering")  # the matchmaker is down: it keeps trying
+    assert st["donating"] is True and st["role"] == "worker"
+    assert crowdd("donate", "off", root=root).returncode == 0
+    assert wait_state(root, "off")["donating"] is False
+
+    data = tmp_path / "data.npz"
+    data.write_bytes(b"not really")
+    bad = crowdd("host", str(data), "--lr", "0", root=root)
+    assert bad.returncode == 2 and "--lr" in bad.stderr
+    bad = crowdd("host", str(data), "--hidden", "10,x", root=root)
+    assert bad.returncode == 2 and "--hidden" in bad.stderr
+    bad = crowdd("host", str(tmp_path / "nope.npz"), root=root)
+    assert bad.returncode == 2 and "no such file" in bad.stderr
+    bad = crowdd("host", str(data), "--test-fraction", "1.5", root=root)
+    assert bad.returncode == 2 and "--test-fraction" in bad.stderr
+
+    monkeypatch.chdir(tmp_path)  # a relative dataset path is made absolute by the CLI
+    r = crowdd("host", "data.npz", "--epochs", "2", "--workers", "1", root=root)
+    assert r.returncode == 0, r.stderr
+    st = wait_state(root, "off")  # not a real dataset: the daemon reports and gives up
+    assert st["error"] and str(data) in str(st["error"])
+    assert st["job"] is None or st["job"]["epochs"] == 2
+
+    r = crowdd("stop", root=root)
+    assert r.returncode == 0 and "stopping" in r.stdout
+    assert crowdd("reload", root=root).returncode == 0
+
+    (root / "crowdd.toml").write_text("[daemon]\nheartbeat = -1\n")
+    r = crowdd("reload", root=root)
+    assert r.returncode == 2 and "daemon.heartbeat" in r.stderr
+    assert proc.poll() is None  # a bad config never takes the daemon down
+    assert crowdd("status", root=root).returncode == 0  # a client needs no settings
+    (root / "crowdd.toml").write_text("")
+
+    second = subprocess.run(
+        [sys.executable, "-m", "crowdd", "daemon", "--root", str(root)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert second.returncode == 1 and "already listening" in second.stderr
+
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=15) == 0
+    assert not (root / "run" / "control.sock").exists()
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    return build_parser().parse_args(["host", "d.npz", *argv])
+
+
+def test_host_collects_only_given_flags() -> None:
+    assert job_from_args(_args()) == {}
+    job = job_from_args(_args("--lr", "0.3", "--batch", "50", "--hidden", "128,64", "--sharding", "overlap",
+                              "--workers", "3", "--min-workers", "2", "--wait", "5"))
+    assert job == {"learning_rate": 0.3, "batch_size": 50, "hidden": [128, 64], "sharding": "overlap",
+                   "workers": 3, "min_workers": 2, "wait": 5.0}
+    with pytest.raises(HyperparamError) as err:
+        job_from_args(_args("--workers", "2", "--min-workers", "3"))
+    assert err.value.field == "--min-workers"
+    with pytest.raises(HyperparamError) as err:
+        job_from_args(_args("--epochs", "0"))
+    assert err.value.field == "--epochs"

@@ -1,0 +1,188 @@
+"""Faults with real daemon processes: a worker killed mid-training, the host killed, the
+matchmaker restarted, and abuse of a live daemon's control socket."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import struct
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from test_daemon_e2e import TEST_CONFIG, Recorder, digits_npz, job_processes
+
+from crowdd import wire
+from crowdd.control import ControlClient
+from crowdd.demo import Crowd
+
+pytestmark = pytest.mark.timeout(300)
+
+# small scheduled functions and a longer run: "mid-training" lasts long enough to aim at
+LONG_JOB = {"workers": 2, "min_workers": 2, "epochs": 40, "learning_rate": 0.1, "sharding": "full", "batch_size": 50}
+
+
+@pytest.fixture
+async def crowd(tmp_path: Path) -> AsyncIterator[Crowd]:
+    c = Crowd(tmp_path / "crowd", 2, extra_config=TEST_CONFIG, steps_per_function=5, sync_every=5)
+    c.start()
+    try:
+        await c.wait_up()
+        yield c
+    finally:
+        c.close()
+        assert not job_processes(c.root), "a job outlived the test"
+
+
+async def _start_training(crowd: Crowd, rec: Recorder, data: Path) -> None:
+    for w in crowd.workers:
+        async with ControlClient(w.socket) as c:
+            await c.donate(True)
+    async with ControlClient(crowd.host.socket) as c:
+        await c.host(str(data), LONG_JOB)
+    await rec.wait("host", lambda e: e["event"] == "progress", 180)
+
+
+@pytest.mark.slow
+async def test_worker_killed_mid_training_host_finishes(crowd: Crowd, tmp_path: Path) -> None:
+    data = digits_npz(tmp_path / "digits.npz")
+    rec = Recorder(crowd.nodes)
+    await rec.start()
+    try:
+        await _start_training(crowd, rec, data)
+        victim, stopped = crowd.workers[1], crowd.workers[0]
+        crowd.kill_node(victim, signal.SIGKILL)  # no chance to clean up
+        await rec.wait("host", lambda e: e["event"] == "members" and e["members"][2]["state"] == "gone", 20)
+        crowd.kill_node(stopped, signal.SIGTERM)  # a clean shutdown mid-training
+        assert stopped.proc is not None and stopped.proc.returncode == 0
+        assert not job_processes(stopped.root), "SIGTERM ends the daemon's job before it exits"
+        result = await rec.wait("host", lambda e: e["event"] == "result", 240)  # the host trains on alone
+        assert result["test_accuracy"] > 0.5
+        assert Path(result["model_path"]).is_file()
+        last = rec.of("host", "members")[-1]["members"]
+        assert [m["state"] for m in last][1:] == ["gone", "gone"]
+    finally:
+        await rec.close()
+    # the SIGKILLed daemon's job died with it (PDEATHSIG; its TF server watches its parent)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and job_processes(victim.root):
+        await asyncio.sleep(0.2)
+    assert not job_processes(victim.root)
+
+
+@pytest.mark.slow
+async def test_host_killed_workers_back_to_standby(crowd: Crowd, tmp_path: Path) -> None:
+    data = digits_npz(tmp_path / "digits.npz")
+    rec = Recorder(crowd.nodes)
+    await rec.start()
+    try:
+        await _start_training(crowd, rec, data)
+        for w in crowd.workers:
+            assert rec.states(w.name)[-1] == "training"
+        t0 = time.monotonic()
+        crowd.kill_node(crowd.host, signal.SIGKILL)
+        for w in crowd.workers:
+            await rec.wait(w.name, lambda e: e["event"] == "state" and e["state"] == "standby"
+                           and e["previous"] == "training", 15)
+        took = time.monotonic() - t0
+        assert took < 15
+        for w in crowd.workers:
+            async with ControlClient(w.socket) as c:
+                st = await c.status()
+            assert st["error"] and "host" in st["error"]
+    finally:
+        await rec.close()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and job_processes(crowd.root):
+        await asyncio.sleep(0.2)
+    assert not job_processes(crowd.root), "TF processes left after the host died"
+
+
+async def test_matchmaker_restart_daemons_reregister(tmp_path: Path) -> None:
+    crowd = Crowd(tmp_path / "crowd", 2, extra_config=TEST_CONFIG)
+    crowd.nodes = crowd.nodes[1:]  # workers only: they wait in the queue
+    crowd.start()
+    try:
+        await crowd.wait_up()
+        rec = Recorder(crowd.nodes)
+        await rec.start()
+        try:
+            for w in crowd.nodes:
+                async with ControlClient(w.socket) as c:
+                    await c.donate(True)
+            for w in crowd.nodes:
+                await rec.wait(w.name, lambda e: e["event"] == "state" and e["state"] == "waiting", 30)
+            crowd.stop_matchmaker(signal.SIGKILL)
+            for w in crowd.nodes:
+                await rec.wait(w.name, lambda e: e["event"] == "state" and e["state"] == "registering"
+                               and e["previous"] == "waiting", 60)
+            await asyncio.sleep(1.0)  # a few failed attempts while it is down
+            marks = {w.name: len(rec.events[w.name]) for w in crowd.nodes}
+            crowd.start_matchmaker()
+            for w in crowd.nodes:
+                await rec.wait(w.name, lambda e: e["event"] == "state" and e["state"] == "waiting", 60,
+                               after=marks[w.name])
+                async with ControlClient(w.socket) as c:
+                    st = await c.status()
+                assert st["state"] == "waiting" and st["queue"]["position"] in (1, 2)
+            positions = set()
+            for w in crowd.nodes:
+                async with ControlClient(w.socket) as c:
+                    positions.add((await c.status())["queue"]["position"])
+            assert positions == {1, 2}
+            for w in crowd.nodes:
+                assert rec.states(w.name)[:5] == ["standby", "registering", "waiting", "registering", "waiting"]
+                assert [n for n in crowd.nodes if n.proc is not None and n.proc.poll() is None] == crowd.nodes
+        finally:
+            await rec.close()
+    finally:
+        crowd.close()
+
+
+async def test_control_socket_abuse_on_a_live_daemon(tmp_path: Path) -> None:
+    crowd = Crowd(tmp_path / "crowd", 0)
+    crowd.start()
+    try:
+        await crowd.wait_up()
+        node = crowd.host
+        second: list[dict[str, object]] = []
+
+        async def subscriber() -> None:
+            async for ev in ControlClient(node.socket).subscribe():
+                second.append(ev)
+
+        sub = asyncio.create_task(subscriber())
+        # a client that subscribes and vanishes mid-stream
+        r, w = await asyncio.open_unix_connection(str(node.socket))
+        await wire.write_frame(w, {"type": "subscribe", "proto": wire.PROTO})
+        assert (await wire.read_frame(r))["type"] == "ok"
+        w.transport.abort()
+        # bad frames
+        for payload in (b"\x00\x00\x00\x03abc", struct.pack(">I", 1 << 31), wire.encode({"type": "status"})):
+            r, w = await asyncio.open_unix_connection(str(node.socket))
+            w.write(payload)
+            await w.drain()
+            reply = await wire.read_frame(r, timeout=5)
+            assert reply["type"] == "error"
+            w.close()
+        # the daemon still serves, and the remaining subscriber still gets events
+        async with ControlClient(node.socket) as c:
+            await c.donate(True)
+            await c.donate(False)
+            for _ in range(100):
+                if (await c.status())["state"] == "off":
+                    break
+                await asyncio.sleep(0.05)
+            assert (await c.status())["state"] == "off"
+        for _ in range(100):
+            if [e for e in second if e.get("event") == "state" and e["state"] == "off"]:
+                break
+            await asyncio.sleep(0.05)
+        seq = [e["state"] for e in second if e.get("event") == "state"]
+        assert seq[0] == "standby" and seq[-1] == "off"
+        sub.cancel()
+        await asyncio.gather(sub, return_exceptions=True)
+        assert node.proc is not None and node.proc.poll() is None
+    finally:
+        crowd.close()

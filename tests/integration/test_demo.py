@@ -1,0 +1,98 @@
+"""`crowdd demo` as a real process: it trains, prints the accuracy, and leaves nothing behind."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from test_daemon_e2e import digits_npz
+
+import crowdd.demo
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+
+def leftovers(root: Path) -> list[str]:
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info.get("cmdline") or [])
+        if str(root) in cmd and p.pid != os.getpid():
+            out.append(cmd)
+    return out
+
+
+def test_demo_trains_and_cleans_up(tmp_path: Path) -> None:
+    data = digits_npz(tmp_path / "digits.npz")
+    root = tmp_path / "demo"
+    proc = subprocess.run(
+        [sys.executable, "-m", "crowdd", "demo", "--workers", "2", "--dataset", str(data), "--epochs", "3",
+         "--root", str(root)],
+        capture_output=True, text=True, timeout=280, check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    m = re.search(r"final test accuracy: (\d\.\d+)", out)
+    assert m and float(m.group(1)) > 0.7, out
+    model = re.search(r"model: (\S+)", out)
+    assert model and Path(model.group(1)).is_file()
+    for name in ("host", "worker-1", "worker-2"):
+        assert re.search(rf"{name}\s+\S+ -> training", out), out
+    assert "dataset verified" in out
+    assert not leftovers(root)
+
+
+def test_demo_ctrl_c_leaves_nothing_behind(tmp_path: Path) -> None:
+    data = digits_npz(tmp_path / "digits.npz")
+    root = tmp_path / "demo"
+    proc = subprocess.Popen(
+        [sys.executable, "-u", "-m", "crowdd", "demo", "--workers", "1", "--dataset", str(data), "--epochs", "200",
+         "--root", str(root)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        lines = []
+        deadline = time.monotonic() + 200
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if re.search(r"worker-1\s+\S+ -> training", line):
+                break
+        assert any("-> training" in ln for ln in lines), "".join(lines)
+        time.sleep(3)  # the jobs are starting or running now
+        os.kill(proc.pid, signal.SIGINT)
+        rest, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 130, rest
+        assert "interrupted" in rest
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        crowdd.demo.kill_strays(root)
+    assert not leftovers(root)
+
+
+def test_default_dataset_falls_back_to_digits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(crowdd.demo, "FASHION_MNIST", tmp_path / "absent")
+    import io
+
+    out = io.StringIO()
+    path = crowdd.demo.default_dataset(tmp_path, out)
+    assert path == tmp_path / "digits.npz" and path.stat().st_size > 0
+    assert "digits" in out.getvalue()
+
+
+def test_demo_rejects_bad_arguments(tmp_path: Path) -> None:
+    for argv in (["--workers", "0"], ["--epochs", "0"], ["--dataset", str(tmp_path / "none.npz")]):
+        r = subprocess.run([sys.executable, "-m", "crowdd", "demo", *argv, "--root", str(tmp_path / "d")],
+                           capture_output=True, text=True, timeout=60, check=False)
+        assert r.returncode == 2 and "crowdd demo:" in r.stderr
