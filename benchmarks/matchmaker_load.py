@@ -232,11 +232,31 @@ async def _probe(host: str, port: int, n: int, pace: float) -> tuple[list[float]
     return lat, errors
 
 
+# The server runs as `crowdd matchmaker`, with a gc callback that logs every collection
+# pause over 5 ms, so a latency tail can be told apart from the collector's full passes.
+_GC_WRAPPER = """
+import gc, sys, time
+_t = [0.0]
+def _cb(phase, info):
+    if phase == "start":
+        _t[0] = time.perf_counter()
+    elif time.perf_counter() - _t[0] > 0.005:
+        print(f"GCPAUSE gen={info['generation']} ms={(time.perf_counter() - _t[0]) * 1e3:.1f}", file=sys.stderr, flush=True)
+gc.callbacks.append(_cb)
+from crowdd.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def _log_summary(text: str) -> dict[str, Any]:
     drops: dict[str, int] = {}
     for m in re.finditer(r"dropping client \S+ \(\S+\): (.*)", text):
         drops[m.group(1)] = drops.get(m.group(1), 0) + 1
-    return {"groups_logged": text.count(" formed: "), "drops": drops, "tracebacks": text.count("Traceback")}
+    full = [float(m.group(1)) for m in re.finditer(r"GCPAUSE gen=2 ms=([\d.]+)", text)]
+    return {
+        "groups_logged": text.count(" formed: "), "drops": drops, "tracebacks": text.count("Traceback"),
+        "gc_full_pauses_ms": full,
+    }
 
 
 def _kill_group(proc: asyncio.subprocess.Process) -> None:
@@ -257,11 +277,12 @@ async def orchestrate(args: argparse.Namespace, workdir: Path) -> dict[str, Any]
     )
     log = workdir / "matchmaker.log"
     with log.open("wb") as log_fh:
-        profile = ["-m", "cProfile", "-o", args.profile] if args.profile else []
-        if os.environ.get("MMWRAP"):
-            profile = [os.environ["MMWRAP"]]
+        if args.profile:
+            launch = ["-m", "cProfile", "-o", args.profile, "-m", "crowdd"]
+        else:
+            launch = ["-c", _GC_WRAPPER]
         server = await asyncio.create_subprocess_exec(
-            sys.executable, *profile, *([] if os.environ.get("MMWRAP") else ["-m", "crowdd"]), "matchmaker", "--listen", "127.0.0.1:0",
+            sys.executable, *launch, "matchmaker", "--listen", "127.0.0.1:0",
             "--config", str(cfg), "--root", str(workdir), "-v",
             stdout=subprocess.DEVNULL, stderr=log_fh, start_new_session=True,
         )
@@ -358,8 +379,6 @@ async def orchestrate(args: argparse.Namespace, workdir: Path) -> dict[str, Any]
             "target": {"p99_ms": TARGET_P99_MS, "rss_mb": TARGET_RSS_MB},
         }
     finally:
-        if os.environ.get("MMWRAP"):
-            print(log.read_text(), file=sys.stderr)
         for p in procs:
             _kill_group(p)
         _kill_group(server)
@@ -412,6 +431,8 @@ def main() -> int:
     print(f"newcomers at a full server ({pr['n']}): p50 {pr['p50']:.1f} ms, p99 {pr['p99']:.1f} ms")
     print(f"groups: {res['hosts']} hosts x {res['group_size']} workers formed in {res['groups_formed_s']:.2f} s "
           f"({res['members_grouped']}/{res['members_expected']} members grouped), errors {res['errors']}")
+    gcp = res["server_log"]["gc_full_pauses_ms"]
+    print(f"server full GC passes: {len(gcp)}, longest {max(gcp, default=0):.0f} ms")
     print(f"server RSS: start {rss['start']:.1f} MB, all waiting {rss['all_waiting']:.1f} MB, peak {rss['peak']:.1f} MB; "
           f"server CPU: {res['server_cpu_s']['until_all_waiting']:.2f} s until all waiting, {res['server_cpu_s']['total']:.2f} s in all")
     print(

@@ -101,7 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def setup_logging(verbosity: int) -> None:
+_SERVICES = ("matchmaker", "daemon")
+
+
+def setup_logging(verbosity: int, *, service: bool = False) -> None:
+    """WARNING for clients, INFO for long-running services; each -v goes one level further."""
+    verbosity += 1 if service else 0
     level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -121,7 +126,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, Paths]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_logging(args.verbose)
+    setup_logging(args.verbose, service=args.command in _SERVICES)
     try:
         return int(args.func(args))
     except ConfigError as exc:

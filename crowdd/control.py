@@ -193,10 +193,7 @@ class ControlServer:
             self._server.close()
         for sub in list(self._subscribers):
             sub.writer.close()
-        for task in list(self._connections):
-            task.cancel()
-        if self._connections:
-            await asyncio.gather(*self._connections, return_exceptions=True)
+        await cancel_and_wait(*self._connections)
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)
@@ -321,9 +318,7 @@ class ControlServer:
                 raise WireError(ErrorCode.BAD_FRAME, "a subscription carries no requests; use another connection")
         finally:
             self._subscribers.discard(sub)
-            for t in (pump, watch):
-                t.cancel()
-            await asyncio.gather(pump, watch, return_exceptions=True)
+            await cancel_and_wait(pump, watch)
             if sub.dropped:
                 logger.info("control subscriber fell behind: %d events dropped", sub.dropped)
 
@@ -335,6 +330,21 @@ class ControlServer:
             except (wire.FrameTimeout, wire.ConnectionClosed, ConnectionError):
                 logger.info("control subscriber stopped reading; disconnected")
                 return
+
+
+async def cancel_and_wait(*tasks: asyncio.Future[Any] | None, timeout: float = 2.0) -> None:
+    """Cancel tasks and wait until they are done. Python 3.11's ``wait_for`` can swallow a
+    cancellation that races with completion (gh-86296), so a task that ignored the first
+    cancel is cancelled again rather than awaited forever."""
+    pending = {t for t in tasks if t is not None and not t.done()}
+    for _ in range(5):
+        if not pending:
+            return
+        for t in pending:
+            t.cancel()
+        _, pending = await asyncio.wait(pending, timeout=timeout / 5)
+    if pending:
+        logger.warning("%d task(s) ignored cancellation", len(pending))
 
 
 async def _clear_stale_socket(path: Path) -> None:

@@ -72,6 +72,7 @@ from crowdd.session import (
     Member,
     SessionRefused,
     WorkerSession,
+    cancel_and_wait,
     dead_after,
 )
 from crowdd.supervisor import JobError, JobSupervisor, job_command
@@ -307,13 +308,7 @@ class Daemon:
     async def close(self) -> None:
         self._notifier.stopping()
         logger.info("crowdd daemon %s stopping", self.name)
-        for task in (self._main, self._watchdog):
-            if task is not None:
-                task.cancel()
-        for task in (self._main, self._watchdog):
-            if task is not None:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+        await cancel_and_wait(self._main, self._watchdog, timeout=60.0)
         await self._control.close()
 
     async def main(self) -> int:
@@ -324,6 +319,9 @@ class Daemon:
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.add_signal_handler(sig, self._stop.set)
                 installed.append(sig)
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError, AttributeError):
+            loop.add_signal_handler(signal.SIGUSR1, self.dump_tasks)
+            installed.append(signal.SIGUSR1)
         try:
             await self.start()
             await self._stop.wait()
@@ -332,6 +330,15 @@ class Daemon:
             for sig in installed:
                 loop.remove_signal_handler(sig)
         return 0
+
+    def dump_tasks(self) -> None:
+        """SIGUSR1: log every pending asyncio task with its stack (to debug a stuck daemon)."""
+        import io
+
+        for task in asyncio.all_tasks():
+            buf = io.StringIO()
+            task.print_stack(limit=8, file=buf)
+            logger.warning("task %s:\n%s", task.get_name(), buf.getvalue())
 
     def request_shutdown(self) -> None:
         self._stop.set()
@@ -538,9 +545,7 @@ class Daemon:
                 self._cycle = None
         finally:
             if self._cycle is not None:
-                self._cycle.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await self._cycle
+                await cancel_and_wait(self._cycle, timeout=30.0)
 
     async def _run_cycle(self, role: str) -> None:
         self._role = role
@@ -575,9 +580,7 @@ class Daemon:
             self._error = str(exc)
             self._log(logging.ERROR, str(exc))
         finally:
-            if watch is not None:
-                watch.cancel()
-                await asyncio.gather(watch, return_exceptions=True)
+            await cancel_and_wait(watch)
             await self._teardown(res)
 
     async def _policy_watch(self) -> None:
@@ -960,9 +963,7 @@ class Daemon:
             await asyncio.sleep(self._linger)
         finally:
             await self._teardown_job()
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await cancel_and_wait(*tasks)
             await ws.close()
             if server is not None:
                 await server.close()

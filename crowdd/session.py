@@ -56,6 +56,21 @@ class SessionRefused(Exception):
     """The host refused this worker (bad token, bad index)."""
 
 
+async def cancel_and_wait(*tasks: asyncio.Future[Any] | None, timeout: float = 2.0) -> None:
+    """Cancel tasks and wait until they are done. Python 3.11's ``wait_for`` can swallow a
+    cancellation that races with completion (gh-86296), so a task that ignored the first
+    cancel is cancelled again rather than awaited forever."""
+    pending = {t for t in tasks if t is not None and not t.done()}
+    for _ in range(5):
+        if not pending:
+            return
+        for t in pending:
+            t.cancel()
+        _, pending = await asyncio.wait(pending, timeout=timeout / 5)
+    if pending:
+        logger.warning("%d task(s) ignored cancellation", len(pending))
+
+
 def dead_after(heartbeat: float, peer_timeout: float) -> float:
     """How long a silent peer is given: short enough to act within ``peer_timeout``."""
     return max(2.0 * heartbeat, peer_timeout - heartbeat)
@@ -122,9 +137,7 @@ class Channel:
                 read = asyncio.create_task(wire.read_frame(self._reader, timeout=self._dead_after))
                 done, _ = await asyncio.wait({read, writer_task}, return_when=asyncio.FIRST_COMPLETED)
                 if writer_task in done:
-                    read.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await read
+                    await cancel_and_wait(read)
                     exc = None if writer_task.cancelled() else writer_task.exception()
                     raise PeerLost(f"{self.name}: cannot write ({exc})")
                 try:
@@ -142,24 +155,18 @@ class Channel:
                 if on_frame(frame):
                     return
         finally:
-            pinger.cancel()
-            if read is not None:
-                read.cancel()
-            await asyncio.gather(pinger, *([read] if read is not None else []), return_exceptions=True)
+            await cancel_and_wait(pinger, read)
 
     async def flush(self, timeout: float = 2.0) -> None:
         """Wait (bounded) until queued frames are written; used before a clean close."""
         writer_task = self._ensure_writer()
         join = asyncio.create_task(self._queue.join())
         await asyncio.wait({join, writer_task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        join.cancel()
-        await asyncio.gather(join, return_exceptions=True)
+        await cancel_and_wait(join)
 
     async def close(self) -> None:
         self._closed = True
-        if self._writer_task is not None:
-            self._writer_task.cancel()
-            await asyncio.gather(self._writer_task, return_exceptions=True)
+        await cancel_and_wait(self._writer_task)
         await wire.close_writer(self._writer)
 
 
@@ -386,10 +393,7 @@ class HostSession:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(*self._tasks)
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)
@@ -483,6 +487,7 @@ __all__ = [
     "PeerLost",
     "SessionRefused",
     "WorkerSession",
+    "cancel_and_wait",
     "dead_after",
     "members_from_group",
 ]

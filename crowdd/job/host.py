@@ -5,7 +5,6 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -180,18 +179,20 @@ class CheckpointStore:
 
 
 def run_host(spec: JobSpec, layout: Layout, events: EventWriter) -> int:
-    Path(INDEX_FILE).write_text("0\n")
     out = Path(spec.output_dir or "output").absolute()
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        Path(INDEX_FILE).write_text("0\n")
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        events.error(f"cannot write the working or output directory: {exc}")
+        return EXIT_FAILED
     children = Children()
     stop = threading.Event()
     fatal = Fatal(events)
 
-    def on_signal(signum: int, _frame: Any) -> None:
-        children.kill()
-        os._exit(128 + signum)
-
-    signal.signal(signal.SIGTERM, on_signal)
+    # No SIGTERM handler: the main thread may sit in TF's C++ for long, which would delay a
+    # Python handler. The default action ends the job at once and the server children follow
+    # (PR_SET_PDEATHSIG, and their own watch on our pid).
     parent = os.getppid()
     def parent_died() -> None:
         children.kill()

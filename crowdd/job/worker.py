@@ -32,7 +32,11 @@ def reachable(address: str, timeout: float = 2.0) -> bool:
 
 
 def run_worker(spec: JobSpec, events: EventWriter, *, host_gone_secs: float = HOST_GONE_SECS) -> int:
-    Path(INDEX_FILE).write_text(f"{spec.index}\n")
+    try:
+        Path(INDEX_FILE).write_text(f"{spec.index}\n")
+    except OSError as exc:
+        events.error(f"cannot write {INDEX_FILE} in the working directory: {exc}")
+        return EXIT_FAILED
     children = Children()
 
     def on_signal(signum: int, _frame: Any) -> None:

@@ -259,3 +259,43 @@ def test_host_resumes_from_its_last_checkpoint(make_cluster: Any) -> None:
     done = host.wait_for("done", 300)
     assert done["steps"] == steps_for(job, 2)
     assert done["test_accuracy"] >= 0.85
+
+
+def test_worker_job_and_its_server_end_with_their_parent(make_cluster: Any, tmp_path: Path) -> None:
+    """No orphan: when the daemon (here a shell) dies, the worker job and its TF server go too."""
+    cluster = make_cluster(1, {"epochs": 1, "batch_size": 32})
+    specs = cluster.write_specs()
+    out = tmp_path / "worker.out"
+    parent = subprocess.Popen(
+        ["bash", "-c", f"'{sys.executable}' -m crowdd.job worker --spec '{specs[1]}' > '{out}' 2>&1; sleep 600"],
+        cwd=ROOT, start_new_session=True,
+    )
+    pids: list[int] = []
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        started = None
+        while started is None and time.monotonic() < deadline:
+            for line in out.read_text().splitlines() if out.exists() else []:
+                event = parse_event(line)
+                if event is not None and event["event"] == "started":
+                    started = event
+            time.sleep(0.2)
+        assert started is not None, out.read_text() if out.exists() else "no output"
+        pids = [started["pid"], started["children"]["worker"]]
+        assert all(alive(p) for p in pids)
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 15
+        while any(alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(alive(p) for p in pids), "the worker job outlived its parent"
+    finally:
+        try:
+            os.killpg(parent.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        for p in pids:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

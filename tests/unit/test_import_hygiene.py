@@ -17,7 +17,17 @@ ROOT = Path(__file__).resolve().parents[2]
 #: Modules that run a program when imported.
 SKIP = {"crowdd.__main__"}
 #: The TF-free entry points of the job package (the daemon imports them).
-JOB_TF_FREE = ["crowdd.job", "crowdd.job.spec", "crowdd.job.events", "crowdd.job.shards"]
+JOB_TF_FREE = [
+    "crowdd.job",
+    "crowdd.job.spec",
+    "crowdd.job.events",
+    "crowdd.job.shards",
+    "crowdd.job.local",
+    # The job's launchers import TF only when they train: a worker job never loads it itself.
+    "crowdd.job.host",
+    "crowdd.job.worker",
+    "crowdd.job.server",
+]
 
 
 def all_modules() -> list[str]:

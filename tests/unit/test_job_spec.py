@@ -225,3 +225,17 @@ def test_sharding_modes() -> None:
         shard_bounds("full", 2, 2, n)
     with pytest.raises(ValueError):
         segments("random", 2)
+
+
+def test_unwritable_output_dir_is_an_error_event_without_tensorflow(workdir: Path, tmp_path: Path) -> None:
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(good(workdir, output_dir="dataset.bin/out")))  # under a file
+    code = (
+        "import sys\n"
+        "from crowdd.job.__main__ import main\n"
+        f"rc = main(['host', '--spec', {str(path)!r}])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 1, proc.stderr
+    event = parse_event(proc.stdout.splitlines()[0])
+    assert event is not None and event["event"] == "error" and "output directory" in event["message"]
