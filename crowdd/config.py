@@ -74,8 +74,9 @@ class ReplicationConfig:
 
 @dataclass
 class JobConfig:
-    steps_per_function: int = 50
-    sync_every: int = 10
+    steps_per_function: int = 500
+    sync_every: int = 50
+    merge: str = "average"
     threads: int = 1
     nice: int = 19
     checkpoint_secs: float = 30.0
@@ -105,6 +106,7 @@ class Config:
 _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("replication", "route"): ("binomial", "chain", "star"),
     ("idle", "on_busy"): ("suspend", "leave"),
+    ("job", "merge"): ("average", "sum"),
 }
 _POSITIVE = {
     ("daemon", "heartbeat"), ("daemon", "peer_timeout"), ("daemon", "retry_min"), ("daemon", "retry_max"),

@@ -32,8 +32,7 @@ def test_demo_trains_and_cleans_up(tmp_path: Path) -> None:
     data = digits_npz(tmp_path / "digits.npz")
     root = tmp_path / "demo"
     proc = subprocess.run(
-        [sys.executable, "-m", "crowdd", "demo", "--workers", "2", "--dataset", str(data), "--epochs", "3",
-         "--root", str(root)],
+        [sys.executable, "-m", "crowdd", "demo", "--workers", "2", "--dataset", str(data), "--root", str(root)],
         capture_output=True, text=True, timeout=280, check=False,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
