@@ -188,9 +188,14 @@ class ControlServer:
         write_token_file(ep.token_file, ep.tcp_host, self.port, self._token)
         logger.info("control socket listening on %s:%d (token in %s)", ep.tcp_host, self.port, ep.token_file)
 
-    async def close(self) -> None:
+    async def close(self, flush: float = 1.0) -> None:
+        """Stop serving; subscribers get what is queued (bounded by ``flush`` s) first."""
         if self._server is not None:
             self._server.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + flush
+        while any(not sub.queue.empty() for sub in self._subscribers) and loop.time() < deadline:
+            await asyncio.sleep(0.02)
         for sub in list(self._subscribers):
             sub.writer.close()
         await cancel_and_wait(*self._connections)

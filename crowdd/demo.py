@@ -34,7 +34,7 @@ RUN_TIMEOUT = 900.0
 STOP_GRACE = 10.0
 
 #: The demo's job settings: small enough to finish in a couple of minutes on 2 cores.
-DEMO_JOB: dict[str, Any] = {"model": "mlp", "hidden": [100], "learning_rate": 0.1, "batch_size": 100, "sharding": "disjoint"}
+DEMO_JOB: dict[str, Any] = {"model": "mlp", "hidden": [100], "learning_rate": 0.5, "batch_size": 100, "sharding": "full"}
 DEFAULT_EPOCHS = 2
 SMALL_EPOCHS = 20  # scikit-learn's digits is tiny: 2 passes would not learn much
 
@@ -97,15 +97,21 @@ def _killpg(pgid: int, sig: int) -> None:
 
 
 def kill_strays(root: Path) -> int:
-    """Kill any process whose command line names a file below ``root`` (jobs of the demo's
-    daemons that outlived them). Only this demo's own directory is matched."""
+    """Kill crowdd processes (daemons, jobs, TF servers) whose command line names a file
+    below ``root``: jobs of the demo's daemons that outlived them. Only crowdd's own
+    processes under this demo's directory match; never this process or its ancestors."""
     import psutil
 
     mark = str(root)
+    spared = {os.getpid()}
+    with contextlib.suppress(psutil.Error):
+        spared |= {p.pid for p in psutil.Process().parents()}
     killed = 0
     for p in psutil.process_iter(["pid", "cmdline"]):
         cmd = p.info.get("cmdline") or []
-        if p.pid != os.getpid() and any(mark in part for part in cmd):
+        if p.pid in spared or not any(part.startswith("crowdd") for part in cmd):
+            continue
+        if any(mark in part for part in cmd):
             with contextlib.suppress(psutil.Error):
                 p.kill()
                 killed += 1

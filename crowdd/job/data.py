@@ -64,4 +64,20 @@ def read_split(path: Path, layout: Layout, split: str) -> tuple[np.ndarray, np.n
     return x.reshape(count, *layout.feature_shape), arr["y"].astype(np.int32)
 
 
-__all__ = ["read_split", "segments", "shard_bounds", "steps_per_epoch", "worker_dataset"]
+def train_mean(path: Path, layout: Layout, chunk: int = 10_000) -> np.ndarray:
+    """Per-feature mean of the training split's model inputs (scaled), float32, in chunks."""
+    feat = np.dtype("u1") if layout.feature_dtype == "uint8" else np.dtype("<f4")
+    rec = np.dtype([("y", "<i4"), ("x", feat, (layout.feature_count,))])
+    n = layout.train_count
+    total = np.zeros(layout.feature_count, np.float64)
+    for start in range(0, n, chunk):
+        count = min(chunk, n - start)
+        arr = np.fromfile(path, dtype=rec, count=count, offset=start * rec.itemsize)
+        if len(arr) != count:
+            raise ValueError(f"{path}: expected {n} training records, found {start + len(arr)}")
+        total += arr["x"].sum(axis=0, dtype=np.float64)
+    mean = total / max(n, 1) * float(layout.scale)
+    return mean.astype(np.float32).reshape(layout.feature_shape)
+
+
+__all__ = ["read_split", "segments", "shard_bounds", "steps_per_epoch", "train_mean", "worker_dataset"]

@@ -262,7 +262,7 @@ class Coordinator:
         import numpy as np
         import tensorflow as tf
 
-        from crowdd.job.data import read_split, worker_dataset
+        from crowdd.job.data import read_split, train_mean, worker_dataset
         from crowdd.job.models import build_model, loss_function
         from crowdd.job.train import TrainState, make_train_fn
 
@@ -277,12 +277,13 @@ class Coordinator:
         strategy = tf.distribute.ParameterServerStrategy(resolver)
         coordinator = tf.distribute.coordinator.ClusterCoordinator(strategy)
         loss_fn = loss_function(self.job)
+        center = train_mean(Path(self.spec.data), self.layout)
         with strategy.scope():
-            model = build_model(self.job, self.layout)
+            model = build_model(self.job, self.layout, center)
             state = TrainState(model, self.job)
         scale = 1.0 if self.spec.settings.merge == "sum" else 1.0 / self.num_workers
         train_fn = make_train_fn(state, loss_fn, self.spec.settings.sync_every, scale)
-        local = build_model(self.job, self.layout)
+        local = build_model(self.job, self.layout, center)
         variables = state.variables()
 
         store = CheckpointStore(self.out / "checkpoints")

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from crowdd.config import parse_hostport
+from crowdd.config import JobConfig, parse_hostport
 from crowdd.hyperparams import HyperparamError, Job, validate_job
 from crowdd.job.shards import segments
 from crowdd.manifest import Layout, Manifest, ManifestError
@@ -31,14 +31,19 @@ class SpecError(ValueError):
         self.message = message
 
 
+_DEFAULTS = JobConfig()
+
+
 @dataclass(frozen=True)
 class Settings:
-    steps_per_function: int = 50
-    sync_every: int = 10
-    threads: int = 1
-    nice: int = 19
-    checkpoint_secs: float = 30.0
-    merge: str = "average"
+    """The spec's ``settings``; defaults are the daemon's ``[job]`` defaults (``JobConfig``)."""
+
+    steps_per_function: int = _DEFAULTS.steps_per_function
+    sync_every: int = _DEFAULTS.sync_every
+    threads: int = _DEFAULTS.threads
+    nice: int = _DEFAULTS.nice
+    checkpoint_secs: float = _DEFAULTS.checkpoint_secs
+    merge: str = _DEFAULTS.merge
 
 
 MERGES = ("average", "sum")

@@ -51,17 +51,15 @@ async def test_worker_killed_mid_training_host_finishes(crowd: Crowd, tmp_path: 
     await rec.start()
     try:
         await _start_training(crowd, rec, data)
-        victim, stopped = crowd.workers[1], crowd.workers[0]
+        victim = crowd.workers[1]
         crowd.kill_node(victim, signal.SIGKILL)  # no chance to clean up
         await rec.wait("host", lambda e: e["event"] == "members" and e["members"][2]["state"] == "gone", 20)
-        crowd.kill_node(stopped, signal.SIGTERM)  # a clean shutdown mid-training
-        assert stopped.proc is not None and stopped.proc.returncode == 0
-        assert not job_processes(stopped.root), "SIGTERM ends the daemon's job before it exits"
-        result = await rec.wait("host", lambda e: e["event"] == "result", 240)  # the host trains on alone
+        result = await rec.wait("host", lambda e: e["event"] == "result", 240)  # training goes on
         assert result["test_accuracy"] > 0.5
         assert Path(result["model_path"]).is_file()
         last = rec.of("host", "members")[-1]["members"]
-        assert [m["state"] for m in last][1:] == ["gone", "gone"]
+        assert last[2]["state"] == "gone" and last[1]["state"] != "gone"
+        assert (await rec.wait(crowd.workers[0].name, lambda e: e["event"] == "result", 30)) == result
     finally:
         await rec.close()
     # the SIGKILLed daemon's job died with it (PDEATHSIG; its TF server watches its parent)
@@ -80,17 +78,25 @@ async def test_host_killed_workers_back_to_standby(crowd: Crowd, tmp_path: Path)
         await _start_training(crowd, rec, data)
         for w in crowd.workers:
             assert rec.states(w.name)[-1] == "training"
+        # first, a clean shutdown of one worker mid-training: SIGTERM ends its job with it
+        stopped, survivor = crowd.workers
+        crowd.kill_node(stopped, signal.SIGTERM)
+        assert stopped.proc is not None and stopped.proc.returncode == 0
+        for _ in range(50):  # SIGKILLed group members may take a moment to be reaped
+            if not job_processes(stopped.root):
+                break
+            await asyncio.sleep(0.1)
+        assert not job_processes(stopped.root), "SIGTERM ends the daemon's job before it exits"
+        await rec.wait(stopped.name, lambda e: e["event"] == "state" and e["state"] == "standby", 5)
+        # then the host dies without a word
         t0 = time.monotonic()
         crowd.kill_node(crowd.host, signal.SIGKILL)
-        for w in crowd.workers:
-            await rec.wait(w.name, lambda e: e["event"] == "state" and e["state"] == "standby"
-                           and e["previous"] == "training", 15)
-        took = time.monotonic() - t0
-        assert took < 15
-        for w in crowd.workers:
-            async with ControlClient(w.socket) as c:
-                st = await c.status()
-            assert st["error"] and "host" in st["error"]
+        await rec.wait(survivor.name, lambda e: e["event"] == "state" and e["state"] == "standby"
+                       and e["previous"] == "training", 15)
+        assert time.monotonic() - t0 < 15
+        async with ControlClient(survivor.socket) as c:
+            st = await c.status()
+        assert st["error"] and "host" in st["error"]
     finally:
         await rec.close()
     deadline = time.monotonic() + 20
@@ -170,15 +176,15 @@ async def test_control_socket_abuse_on_a_live_daemon(tmp_path: Path) -> None:
         async with ControlClient(node.socket) as c:
             await c.donate(True)
             await c.donate(False)
-            for _ in range(100):
+            for _ in range(300):
                 if (await c.status())["state"] == "off":
                     break
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.1)
             assert (await c.status())["state"] == "off"
-        for _ in range(100):
+        for _ in range(300):
             if [e for e in second if e.get("event") == "state" and e["state"] == "off"]:
                 break
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.1)
         seq = [e["state"] for e in second if e.get("event") == "state"]
         assert seq[0] == "standby" and seq[-1] == "off"
         sub.cancel()

@@ -190,6 +190,32 @@ def steps_for(job: dict[str, Any], workers: int) -> int:
     return total_steps(job.get("sharding", "full"), workers, 1500, job["batch_size"], job["epochs"])
 
 
+def assert_model_reproduces(model_path: Path, data: Prepared, accuracy: float) -> None:
+    """The saved model (input centering included) takes raw scaled inputs and scores as reported."""
+    import keras
+
+    from crowdd.job.data import read_split
+    from crowdd.job.spec import load_layout
+
+    layout = load_layout(data.manifest_path, data.data_path)
+    x, y = read_split(data.data_path, layout, "test")
+    model = keras.models.load_model(model_path)
+    assert "center" in [layer.name for layer in model.layers]
+    probs = model.predict(x, verbose=0)
+    assert float(np.mean(np.argmax(probs, axis=-1) == y)) == pytest.approx(accuracy, abs=1e-6)
+
+
+def test_train_mean_is_the_training_splits_feature_mean(digits: Prepared) -> None:
+    from crowdd.job.data import read_split, train_mean
+    from crowdd.job.spec import load_layout
+
+    layout = load_layout(digits.manifest_path, digits.data_path)
+    x, _ = read_split(digits.data_path, layout, "train")
+    mean = train_mean(digits.data_path, layout, chunk=400)  # several chunks and a short last one
+    assert mean.shape == tuple(layout.feature_shape) and mean.dtype == np.float32
+    np.testing.assert_allclose(mean, x.mean(axis=0), atol=1e-5)
+
+
 def test_host_and_two_workers_train_digits(make_cluster: Any) -> None:
     job = {"epochs": 6, "batch_size": 32, "learning_rate": 0.3, "sharding": "overlap"}
     cluster = make_cluster(2, job)
@@ -202,6 +228,7 @@ def test_host_and_two_workers_train_digits(make_cluster: Any) -> None:
     model = Path(done["model_path"])
     assert model.suffix == ".keras" and zipfile.is_zipfile(model)
     assert "config.json" in zipfile.ZipFile(model).namelist()
+    assert_model_reproduces(model, cluster.data, done["test_accuracy"])
     assert list(Path(done["tensorboard_dir"]).glob("events.out.tfevents.*"))
     evals = [e for e in host.events if e["event"] == "eval"]
     assert [e["epoch"] for e in evals] == list(range(1, 7))

@@ -117,7 +117,9 @@ async def test_e2e_across_namespaces(tmp_path: Path) -> None:
         async with ControlClient(socks[1]) as c:
             st = await c.status()
         members_ev = [e for e in events["worker-1"] if e["event"] == "members"][-1]["members"]
-        assert [m["address"] for m in members_ev] == [lab.hosts[i].ip for i in (1, 2, 3)]
+        addresses = [m["address"] for m in members_ev]  # host first; workers in queue order
+        assert addresses[0] == lab.hosts[1].ip
+        assert sorted(addresses[1:]) == sorted(lab.hosts[i].ip for i in (2, 3))
         assert st["state"] in ("finished", "standby", "registering", "waiting")
         states = [e["state"] for e in events["worker-2"] if e["event"] == "state"]
         assert states[:6] == ["standby", "registering", "waiting", "replicating", "training", "finished"]

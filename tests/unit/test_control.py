@@ -302,3 +302,22 @@ def test_endpoint_for_paths(tmp_path: Path) -> None:
     tcp = Endpoint.for_paths(paths, tcp=True)
     assert tcp.is_tcp and tcp.token_file == paths.runtime_dir / "control.token"
     assert json.loads(json.dumps({"x": tcp.describe()}))
+
+
+async def test_system_socket_is_group_shared(tmp_path: Path) -> None:
+    import grp
+
+    ep = Endpoint(path=tmp_path / "run" / "control.sock", system=True)
+    server = ControlServer(FakeDaemon(), ep)
+    await server.start()
+    try:
+        st = os.stat(ep.path)
+        assert stat.S_IMODE(st.st_mode) == 0o660
+        try:
+            gid = grp.getgrnam("crowdd").gr_gid
+        except KeyError:
+            gid = None  # no crowdd group on this machine: the socket stays with its creator's group
+        if gid is not None:
+            assert st.st_gid == gid
+    finally:
+        await server.close()
