@@ -142,7 +142,9 @@ def format_status(st: dict[str, Any], out: TextIO) -> None:
         out.write(f"  queue:     position {st['queue'].get('position')}\n")
     ds = st.get("dataset")
     if ds:
-        out.write(f"  dataset:   {ds.get('name') or '?'} ({ds.get('size', 0):,} bytes, {str(ds.get('digest', ''))[:12]})\n")
+        size = ds.get("size")
+        size_s = f"{size:,} bytes" if isinstance(size, int) else "size unknown"
+        out.write(f"  dataset:   {ds.get('name') or '?'} ({size_s}, {str(ds.get('digest') or '-')[:12]})\n")
     job = st.get("job")
     if job:
         hidden = "-".join(str(h) for h in job.get("hidden", []))
@@ -157,8 +159,8 @@ def format_status(st: dict[str, Any], out: TextIO) -> None:
         for m in members:
             rep = m.get("replication") or {}
             out.write(
-                f"    {m.get('index'):>3} {m.get('role', ''):<6} {m.get('name', ''):<20} {m.get('address', ''):<15} "
-                f"{m.get('state', ''):<12} data {_pct(rep.get('done'), rep.get('total'))}\n"
+                f"    {m.get('index')!s:>3} {m.get('role')!s:<6} {m.get('name')!s:<20} {m.get('address')!s:<15} "
+                f"{m.get('state')!s:<12} data {_pct(rep.get('done'), rep.get('total'))}\n"
             )
     tr = st.get("training")
     if tr:

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -29,6 +30,9 @@ logger = logging.getLogger(__name__)
 
 EventCallback = Callable[[dict[str, Any]], None]
 _PR_SET_PDEATHSIG = 1
+SIGKILL = getattr(signal, "SIGKILL", signal.SIGTERM)
+SIGSTOP = getattr(signal, "SIGSTOP", -19)
+SIGCONT = getattr(signal, "SIGCONT", -18)
 MAX_LINE = 1 << 20
 
 
@@ -49,6 +53,14 @@ def _lower_priority(nice: int) -> None:
     if nice >= 19 and hasattr(os, "SCHED_IDLE"):
         with contextlib.suppress(OSError):
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+
+
+def _child_options(nice: int) -> dict[str, Any]:
+    """POSIX: own session + priority/PDEATHSIG before exec. Windows: own process group, idle class."""
+    if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
+        flags = getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0) | getattr(subprocess, "IDLE_PRIORITY_CLASS", 0)
+        return {"creationflags": flags}
+    return {"start_new_session": True, "preexec_fn": lambda: _lower_priority(nice)}
 
 
 def job_command(role: str, spec_path: Path, python: str = sys.executable) -> list[str]:
@@ -110,8 +122,7 @@ class JobSupervisor:
                 stderr=stderr,
                 cwd=str(self._cwd) if self._cwd is not None else None,
                 env=self._env,
-                start_new_session=True,
-                preexec_fn=lambda: _lower_priority(nice),
+                **_child_options(nice),
                 limit=MAX_LINE,
             )
         except OSError as exc:
@@ -192,7 +203,7 @@ class JobSupervisor:
         if self._proc is None:
             raise JobError("the job was never started")
         await self._leader_exited()
-        self._kill_group(signal.SIGKILL)  # the leader is gone; take any straggler with it
+        self._kill_group(SIGKILL)  # the leader is gone; take any straggler with it
         code = await self._proc.wait()
         if self._reader is not None:
             with contextlib.suppress(Exception):
@@ -203,6 +214,8 @@ class JobSupervisor:
     def _kill_group(self, sig: int) -> bool:
         if self._proc is None:
             return False
+        if not hasattr(os, "killpg"):  # pragma: no cover - Windows: the whole tree, via psutil
+            return _kill_tree_windows(self._proc.pid, sig)
         try:
             os.killpg(self._proc.pid, sig)
         except (ProcessLookupError, PermissionError):
@@ -211,13 +224,13 @@ class JobSupervisor:
 
     def suspend(self) -> None:
         """SIGSTOP the job's whole group (the idle policy says: not now)."""
-        if self.running and not self._suspended and self._kill_group(signal.SIGSTOP):
+        if self.running and not self._suspended and self._kill_group(SIGSTOP):
             self._suspended = True
             logger.info("job %s suspended", self.pid)
 
     def resume(self) -> None:
         if self._suspended:
-            self._kill_group(signal.SIGCONT)
+            self._kill_group(SIGCONT)
             self._suspended = False
             logger.info("job %s resumed", self.pid)
 
@@ -228,13 +241,13 @@ class JobSupervisor:
             return None
         if proc.returncode is None:
             self._kill_group(signal.SIGTERM)
-            self._kill_group(signal.SIGCONT)  # a stopped group must wake up to die
+            self._kill_group(SIGCONT)  # a stopped group must wake up to die
             self._suspended = False
             try:
                 await asyncio.wait_for(self._leader_exited(), grace)
             except asyncio.TimeoutError:
                 logger.warning("job %d ignored SIGTERM for %.0f s; killing it", proc.pid, grace)
-        self._kill_group(signal.SIGKILL)
+        self._kill_group(SIGKILL)
         with contextlib.suppress(ProcessLookupError):
             if proc.returncode is None:
                 proc.kill()
@@ -245,6 +258,27 @@ class JobSupervisor:
                 await self._reader
         self.returncode = code
         return code
+
+
+def _kill_tree_windows(pid: int, sig: int) -> bool:  # pragma: no cover - Windows only
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [*root.children(recursive=True), root]
+    except psutil.NoSuchProcess:
+        return False
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            if sig == SIGSTOP:
+                p.suspend()
+            elif sig == SIGCONT:
+                p.resume()
+            elif sig == signal.SIGTERM:
+                p.terminate()
+            else:
+                p.kill()
+    return True
 
 
 __all__ = ["JobError", "JobSupervisor", "job_command"]

@@ -151,3 +151,39 @@ def test_host_collects_only_given_flags() -> None:
     with pytest.raises(HyperparamError) as err:
         job_from_args(_args("--epochs", "0"))
     assert err.value.field == "--epochs"
+
+
+def test_human_status_shows_everything() -> None:
+    import io
+
+    from crowdd.commands import format_status
+
+    st = {
+        "version": "0.1.0", "state": "training", "donating": True, "role": "worker",
+        "idle": {"allowed": True, "rule": None, "reason": "idle policy off: always donate"},
+        "queue": None,
+        "group": {"id": "3f2c9a1e7b6d4c08", "index": 1, "members": [
+            {"index": 0, "name": "alice", "address": "192.0.2.10", "role": "host", "state": "training",
+             "replication": {"done": 100, "total": 100}},
+            {"index": 1, "name": "bob", "address": "192.0.2.11", "role": "worker", "state": "training",
+             "replication": {"done": 50, "total": 100}}]},
+        "job": {"model": "mlp", "hidden": [100], "optimizer": "sgd", "learning_rate": 0.5, "batch_size": 100,
+                "epochs": 2, "sharding": "full"},
+        "dataset": {"name": "fashion-mnist", "size": 54880000, "digest": "ab" * 32},
+        "training": {"epoch": 1, "epochs": 2, "step": 120, "loss": 0.31, "accuracy": 0.9, "test_accuracy": None,
+                     "samples_per_sec": 1234.5},
+        "result": {"test_accuracy": 0.8761, "model_path": "/var/lib/crowdd/jobs/x/output/model.keras"},
+        "error": "the host went away",
+    }
+    out = io.StringIO()
+    format_status(st, out)
+    text = out.getvalue()
+    for needle in ("training as worker", "donation:  on", "fashion-mnist (54,880,000 bytes", "mlp 100 sgd",
+                   "3f2c9a1e7b6d4c08 (this node is 1 of 2)", "bob", "50%", "epoch 1/2 step 120",
+                   "test accuracy 0.8761", "model.keras", "error:     the host went away"):
+        assert needle in text, needle
+    held = {**st, "idle": {"allowed": False, "rule": "user_idle", "reason": "active 2 min ago"},
+            "dataset": {"name": None, "size": None, "digest": None}, "group": None, "training": None}
+    out = io.StringIO()
+    format_status(held, out)
+    assert "held back by user_idle (active 2 min ago)" in out.getvalue()

@@ -99,7 +99,7 @@ async def test_e2e_across_namespaces(tmp_path: Path) -> None:
             async with ControlClient(s) as c:
                 await c.donate(True)
         async with ControlClient(socks[0]) as c:
-            await c.host(str(data), {"workers": 2, "min_workers": 2, "epochs": 3, "learning_rate": 0.1})
+            await c.host(str(data), {"workers": 2, "min_workers": 2, "epochs": 10, "learning_rate": 0.1})
 
         def result_of(name: str) -> dict[str, Any] | None:
             return next((e for e in events[name] if e["event"] == "result"), None)
