@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -99,6 +100,7 @@ def main() -> int:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         log.close()
+        shutil.rmtree(root, ignore_errors=True)
 
     peak_mb = max(rss) / 2**20
     cpu_per_min = cpu / window * 60.0

@@ -70,7 +70,7 @@ class Processes:
         with open(log, "ab") as fh:
             proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
-                start_new_session=True, env=env,
+                start_new_session=True, env=env, preexec_fn=_die_with_parent,  # noqa: PLW1509 - one prctl call
             )
         self.procs.append(proc)
         return proc
@@ -89,6 +89,16 @@ class Processes:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(timeout=5)
         self.procs = []
+
+
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): SIGTERM when the demo dies, even by SIGKILL, so a
+    daemon shuts down cleanly (and ends its job) instead of lingering."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
 def _killpg(pgid: int, sig: int) -> None:
@@ -287,6 +297,7 @@ async def _wait_up(node: Node, timeout: float) -> None:
 
 async def _watch(node: Node, display: Display, result: asyncio.Future[dict[str, Any]], is_host: bool) -> None:
     client = ControlClient(node.socket)
+    errors: list[str] = []
     async for ev in client.subscribe():
         kind = ev.get("event")
         if kind == "state":
@@ -314,10 +325,14 @@ async def _watch(node: Node, display: Display, result: asyncio.Future[dict[str, 
             display.line("eval", f"epoch {ev.get('epoch')}: test accuracy {_fmt(ev.get('test_accuracy'), '.4f')}")
         elif kind == "log" and ev.get("level") in ("warning", "error"):
             display.line(node.name, f"{ev.get('level')}: {ev.get('message')}")
-        elif kind == "result" and is_host and not result.done():
+        if not is_host or result.done():
+            continue
+        if kind == "log" and ev.get("level") == "error":
+            errors.append(str(ev.get("message")))
+        elif kind == "result":
             result.set_result(ev)
-        elif kind == "status" and is_host and ev.get("error") and ev.get("state") in ("off", "standby") and not result.done():
-            result.set_exception(RuntimeError(str(ev.get("error"))))
+        elif kind == "state" and ev.get("state") in ("off", "standby") and ev.get("previous") != "finished":
+            result.set_exception(RuntimeError(f"the host gave up: {errors[-1] if errors else 'see its log'}"))
 
 
 async def _run(args: argparse.Namespace, crowd: Crowd, out: TextIO) -> int:

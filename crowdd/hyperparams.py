@@ -40,7 +40,7 @@ class Job:
     optimizer: str = "sgd"
     learning_rate: float = 0.5
     batch_size: int = 100
-    epochs: int = 1
+    epochs: int = 5
     workers: int = 2
     min_workers: int = 1
     wait: float = 60.0

@@ -28,15 +28,31 @@ def leftovers(root: Path) -> list[str]:
     return out
 
 
+def run_demo(argv: list[str], timeout: float) -> tuple[int, str]:
+    """Run ``crowdd demo``; on a timeout, SIGINT it (it cleans up) before failing."""
+    proc = subprocess.Popen([sys.executable, "-m", "crowdd", "demo", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+        raise AssertionError("the demo did not finish in time:\n" + out[-3000:]) from None
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode, out
+
+
 def test_demo_trains_and_cleans_up(tmp_path: Path) -> None:
     data = digits_npz(tmp_path / "digits.npz")
     root = tmp_path / "demo"
-    proc = subprocess.run(
-        [sys.executable, "-m", "crowdd", "demo", "--workers", "2", "--dataset", str(data), "--root", str(root)],
-        capture_output=True, text=True, timeout=280, check=False,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    out = proc.stdout
+    try:
+        code, out = run_demo(["--workers", "2", "--dataset", str(data), "--root", str(root)], 240)
+    finally:
+        crowdd.demo.kill_strays(root)
+    assert code == 0, out[-3000:]
     m = re.search(r"final test accuracy: (\d\.\d+)", out)
     assert m and float(m.group(1)) > 0.7, out
     model = re.search(r"model: (\S+)", out)
@@ -45,6 +61,33 @@ def test_demo_trains_and_cleans_up(tmp_path: Path) -> None:
         assert re.search(rf"{name}\s+\S+ -> training", out), out
     assert "dataset verified" in out
     assert not leftovers(root)
+
+
+def test_demo_killed_leaves_nothing_behind(tmp_path: Path) -> None:
+    """Even a SIGKILLed demo takes its daemons (and their jobs) down with it."""
+    data = digits_npz(tmp_path / "digits.npz")
+    root = tmp_path / "demo"
+    proc = subprocess.Popen(
+        [sys.executable, "-u", "-m", "crowdd", "demo", "--workers", "1", "--dataset", str(data), "--epochs", "500",
+         "--root", str(root)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if re.search(r"host\s+replicating -> training", line):
+                break
+        os.killpg(proc.pid, signal.SIGKILL)  # no finally, no atexit
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and leftovers(root):
+            time.sleep(0.2)
+        assert not leftovers(root)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        crowdd.demo.kill_strays(root)
 
 
 def test_demo_ctrl_c_leaves_nothing_behind(tmp_path: Path) -> None:
