@@ -28,16 +28,11 @@ from pathlib import Path
 import psutil
 
 from crowdd.control import ControlClient, DaemonUnavailable
+from crowdd.demo import free_port, stop_group
 
 TARGET_RSS_MB = 40.0
 TARGET_CPU_PER_MIN = 0.2
 SETTLE = 2.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def wait_up(sock: Path, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> dict[str, object]:
@@ -92,13 +87,7 @@ def main() -> int:
         if proc.poll() is not None:
             raise SystemExit("the daemon died during the window")
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_group(proc, 15.0)
         log.close()
         shutil.rmtree(root, ignore_errors=True)
 

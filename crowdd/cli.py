@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="count", default=0)
     p.add_argument("--workers", type=int, default=3, help="worker daemons (default 3)")
     p.add_argument("--dataset", type=Path, help="dataset to host (default: Fashion-MNIST if installed, else digits)")
-    p.add_argument("--epochs", type=int, help="epochs (default 2)")
+    p.add_argument("--epochs", type=int,
+                   help="epochs (default 2; 20 for an .npz under 2 MiB, e.g. the digits fallback)")
     p.add_argument("--root", type=Path, help="where the nodes keep their files (default: a temporary directory)")
     p.set_defaults(func=_lazy("crowdd.demo", "main"))
     return parser

@@ -18,7 +18,13 @@ from typing import Any, TextIO
 from crowdd import wire
 from crowdd.cli import resolve_config
 from crowdd.config import ConfigError, Paths
-from crowdd.control import ControlClient, DaemonUnavailable, Endpoint
+from crowdd.control import (
+    SYSTEM_SOCKET,
+    ControlClient,
+    DaemonUnavailable,
+    Endpoint,
+    client_socket,
+)
 from crowdd.hyperparams import HyperparamError, parse_hidden, validate_job
 
 logger = logging.getLogger(__name__)
@@ -54,14 +60,23 @@ def _paths(args: argparse.Namespace) -> Paths:
         return Paths.for_system() if getattr(args, "system", False) else Paths.for_user()
 
 
-def _endpoint(args: argparse.Namespace) -> Endpoint:
-    paths = _paths(args)
-    return Endpoint.for_paths(paths, system=bool(getattr(args, "system", False)), socket_path=getattr(args, "socket", None))
+def client_endpoint(
+    args: argparse.Namespace, *, user_socket: Path | None = None, system_socket: Path = SYSTEM_SOCKET
+) -> Endpoint:
+    """The daemon a CLI client talks to (see :func:`crowdd.control.client_socket`: the system
+    service's socket when there is no per-user one). The socket paths are injectable for tests."""
+    system = bool(getattr(args, "system", False))
+    endpoint = Endpoint.for_paths(_paths(args), system=system)
+    if endpoint.is_tcp:
+        return endpoint
+    path = client_socket(getattr(args, "socket", None), getattr(args, "root", None), system=system,
+                         user_socket=user_socket, system_socket=system_socket)
+    return Endpoint(path=path, system=system or path == system_socket)
 
 
 def _call(args: argparse.Namespace, fn: Callable[[ControlClient], Awaitable[Any]]) -> tuple[int, Any]:
     """Run one client call; map failures to exit codes with a plain message on stderr."""
-    client = ControlClient.for_endpoint(_endpoint(args))
+    client = ControlClient.for_endpoint(client_endpoint(args))
 
     async def go() -> Any:
         try:
@@ -251,4 +266,4 @@ def host(args: argparse.Namespace) -> int:
     return code
 
 
-__all__ = ["daemon", "donate", "format_status", "host", "job_from_args", "reload", "status", "stop"]
+__all__ = ["client_endpoint", "daemon", "donate", "format_status", "host", "job_from_args", "reload", "status", "stop"]

@@ -38,11 +38,14 @@ from typing import Any, Protocol
 
 from crowdd import wire
 from crowdd.config import Paths
+from crowdd.tasks import cancel_and_wait
 from crowdd.wire import ErrorCode, WireError
 
 logger = logging.getLogger(__name__)
 
 SYSTEM_GROUP = "crowdd"
+#: The system service's control socket (systemd ``RuntimeDirectory=crowdd``).
+SYSTEM_SOCKET = Path("/run/crowdd/control.sock")
 REQUEST_TIMEOUT = 10.0  # a client's reply must come within this
 BODY_TIMEOUT = 10.0  # once a frame header has arrived, its body must follow within this
 SUBSCRIBER_QUEUE = 256  # events buffered per subscriber before the oldest are dropped
@@ -93,6 +96,30 @@ class Endpoint:
         if use_tcp:
             return cls(path=None, token_file=paths.runtime_dir / "control.token", system=system)
         return cls(path=socket_path or paths.control_socket, system=system)
+
+
+def client_socket(
+    socket: Path | str | None = None,
+    root: Path | str | None = None,
+    *,
+    system: bool = False,
+    user_socket: Path | None = None,
+    system_socket: Path = SYSTEM_SOCKET,
+) -> Path:
+    """The control socket a client (CLI, TUI) talks to: ``--socket``; else the ``--root``
+    layout's; else ``--system``'s; else the per-user socket, or the system service's when
+    there is no per-user one and the system one exists (a volunteer who installed the service
+    needs no flag). ``user_socket``/``system_socket`` default to the real locations."""
+    if socket:
+        return Path(socket)
+    if root:
+        return Paths.under(Path(root)).control_socket
+    if system:
+        return system_socket
+    user = user_socket if user_socket is not None else Paths.for_user().control_socket
+    if not user.exists() and system_socket.exists():
+        return system_socket
+    return user
 
 
 # --------------------------------------------------------------------------- server
@@ -337,21 +364,6 @@ class ControlServer:
                 return
 
 
-async def cancel_and_wait(*tasks: asyncio.Future[Any] | None, timeout: float = 2.0) -> None:
-    """Cancel tasks and wait until they are done. Python 3.11's ``wait_for`` can swallow a
-    cancellation that races with completion (gh-86296), so a task that ignored the first
-    cancel is cancelled again rather than awaited forever."""
-    pending = {t for t in tasks if t is not None and not t.done()}
-    for _ in range(5):
-        if not pending:
-            return
-        for t in pending:
-            t.cancel()
-        _, pending = await asyncio.wait(pending, timeout=timeout / 5)
-    if pending:
-        logger.warning("%d task(s) ignored cancellation", len(pending))
-
-
 async def _clear_stale_socket(path: Path) -> None:
     """Remove a socket file nobody answers on; refuse to steal one a live daemon holds."""
     if not path.exists() and not path.is_symlink():
@@ -555,12 +567,15 @@ async def wait_for_daemon(
         finally:
             await client.close()
 
+
 __all__ = [
+    "SYSTEM_SOCKET",
     "ControlClient",
     "ControlHandler",
     "ControlServer",
     "DaemonUnavailable",
     "Endpoint",
+    "client_socket",
     "how_to_start",
     "read_token_file",
     "wait_for_daemon",

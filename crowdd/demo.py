@@ -106,6 +106,17 @@ def _killpg(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
 
 
+def stop_group(proc: subprocess.Popen[bytes], grace: float = STOP_GRACE, sig: int = signal.SIGTERM) -> None:
+    """Signal ``proc``'s process group (it leads one), then SIGKILL the group if ``proc`` has
+    not exited within ``grace`` seconds; returns once ``proc`` is reaped."""
+    if proc.poll() is None:
+        _killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=grace)
+    _killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 def kill_strays(root: Path) -> int:
     """Kill crowdd processes (daemons, jobs, TF servers) whose command line names a file
     below ``root``: jobs of the demo's daemons that outlived them. Only crowdd's own
@@ -164,11 +175,7 @@ class Crowd:
 
     def stop_matchmaker(self, sig: int = signal.SIGTERM) -> None:
         if self.matchmaker is not None:
-            _killpg(self.matchmaker.pid, sig)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.matchmaker.wait(timeout=10)
-            _killpg(self.matchmaker.pid, signal.SIGKILL)
-            self.matchmaker.wait()
+            stop_group(self.matchmaker, 10.0, sig)
             self.matchmaker = None
 
     def start_node(self, node: Node) -> None:
@@ -214,6 +221,19 @@ def default_dataset(root: Path, out: TextIO) -> Path:
     return path
 
 
+def permissive_idle_table() -> str:
+    """An ``[idle]`` table under which the idle policy always allows: the demo (and tests)
+    must run whatever the machine's load, user or power source (the default policy holds
+    donation back while the user or other processes are busy)."""
+    return (
+        "[idle]\n"
+        "# a demo runs regardless of load: every idle rule off\n"
+        "user_idle_minutes = 0\n"
+        "max_other_cpu_percent = 100\n"
+        "allow_on_battery = true\n"
+    )
+
+
 def node_config(matchmaker: str, name: str, nice: int, steps_per_function: int = 20, sync_every: int = 10) -> str:
     return (
         "# written by `crowdd demo`\n"
@@ -228,6 +248,7 @@ def node_config(matchmaker: str, name: str, nice: int, steps_per_function: int =
         f"nice = {nice}\n"
         f"steps_per_function = {steps_per_function}\n"
         f"sync_every = {sync_every}\n"
+        + permissive_idle_table()
     )
 
 
@@ -412,4 +433,4 @@ def main(args: argparse.Namespace) -> int:
         atexit.unregister(cleanup)
 
 
-__all__ = ["default_dataset", "kill_strays", "main", "node_config"]
+__all__ = ["default_dataset", "free_port", "kill_strays", "main", "node_config", "permissive_idle_table", "stop_group"]

@@ -41,6 +41,7 @@ from crowdd import auth, wire
 from crowdd.cache import DatasetCache
 from crowdd.manifest import Manifest
 from crowdd.route import node_plan
+from crowdd.tasks import spawn_tracked
 
 logger = logging.getLogger(__name__)
 
@@ -358,9 +359,7 @@ class DataServer:
         await self.close()
 
     def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.get_running_loop().create_task(self._serve(reader, writer))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        spawn_tracked(self._tasks, self._serve(reader, writer))
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

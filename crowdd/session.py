@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from crowdd import auth, wire
+from crowdd.tasks import cancel_and_wait, spawn_tracked
 
 logger = logging.getLogger(__name__)
 
@@ -54,21 +55,6 @@ class HostLost(PeerLost):
 
 class SessionRefused(Exception):
     """The host refused this worker (bad token, bad index)."""
-
-
-async def cancel_and_wait(*tasks: asyncio.Future[Any] | None, timeout: float = 2.0) -> None:
-    """Cancel tasks and wait until they are done. Python 3.11's ``wait_for`` can swallow a
-    cancellation that races with completion (gh-86296), so a task that ignored the first
-    cancel is cancelled again rather than awaited forever."""
-    pending = {t for t in tasks if t is not None and not t.done()}
-    for _ in range(5):
-        if not pending:
-            return
-        for t in pending:
-            t.cancel()
-        _, pending = await asyncio.wait(pending, timeout=timeout / 5)
-    if pending:
-        logger.warning("%d task(s) ignored cancellation", len(pending))
 
 
 def dead_after(heartbeat: float, peer_timeout: float) -> float:
@@ -285,9 +271,7 @@ class HostSession:
             logger.exception("session change callback failed")
 
     def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.get_running_loop().create_task(self._serve(reader, writer))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        spawn_tracked(self._tasks, self._serve(reader, writer))
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -487,7 +471,6 @@ __all__ = [
     "PeerLost",
     "SessionRefused",
     "WorkerSession",
-    "cancel_and_wait",
     "dead_after",
     "members_from_group",
 ]

@@ -9,13 +9,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from crowdd.job import EXIT_FAILED, EXIT_OK
 from crowdd.job.events import EventWriter
-from crowdd.job.server import cap_threads, lower_priority, spawn
+from crowdd.job.server import cap_threads, lower_priority, reachable, spawn
 from crowdd.job.spec import INDEX_FILE, JobSpec
 from crowdd.manifest import Layout
 
@@ -115,6 +116,19 @@ def ps_death(children: Children, wait: float = 0.0) -> str | None:
     return f"the parameter server died (exit code {code}); training cannot go on"
 
 
+def abort(fatal: Fatal, children: Children, message: str) -> None:
+    """End the job now from any thread: the error event, the children killed, exit code 1.
+
+    The main thread may sit in TF's C++ (a blocking connect or fetch) that no Python
+    exception can interrupt, so the watchdogs end the process themselves.
+    """
+    fatal.report(message)
+    children.kill()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_FAILED)
+
+
 def watch_ps(children: Children, fatal: Fatal, stop: threading.Event) -> None:
     """A dead parameter server ends the job with an error: TF may otherwise retry for long."""
 
@@ -122,12 +136,35 @@ def watch_ps(children: Children, fatal: Fatal, stop: threading.Event) -> None:
         while not stop.wait(0.2):
             message = ps_death(children)
             if message is not None and not stop.is_set():
-                fatal.report(message)
-                children.kill()
-                sys.stdout.flush()
-                os._exit(EXIT_FAILED)
+                abort(fatal, children, message)
 
     threading.Thread(target=loop, name="ps-watch", daemon=True).start()
+
+
+def missing_workers(addresses: list[str], probe: Callable[[str], bool]) -> list[str]:
+    """``index address`` of each worker server that does not accept a connection."""
+    return [f"{i} ({addr})" for i, addr in enumerate(addresses) if not probe(addr)]
+
+
+def watch_start(
+    spec: JobSpec, children: Children, fatal: Fatal, connected: threading.Event, stop: threading.Event,
+    probe: Callable[[str], bool],
+) -> None:
+    """TF waits for every worker server without end; give up after ``settings.start_timeout``."""
+    timeout = spec.settings.start_timeout
+
+    def loop() -> None:
+        if connected.wait(timeout) or stop.is_set():
+            return
+        missing = missing_workers(list(spec.cluster.worker), probe)
+        which = ", ".join(missing) if missing else "one or more workers (all answer now; too slow)"
+        abort(
+            fatal, children,
+            f"worker server(s) {which} did not come up within {timeout:g} s (settings.start_timeout); "
+            "training cannot start",
+        )
+
+    threading.Thread(target=loop, name="start-watch", daemon=True).start()
 
 
 @dataclass
@@ -214,9 +251,16 @@ def run_host(spec: JobSpec, layout: Layout, events: EventWriter) -> int:
             children={k: p.pid for k, p in children.procs.items()},
         )
         watch_ps(children, fatal, stop)
+        connected = threading.Event()
+        watch_start(spec, children, fatal, connected, stop, reachable)
         lower_priority(spec.settings.nice)
         cap_threads(spec.settings.threads)
-        return Coordinator(spec, layout, events, out).run()
+
+        def workers_gone(message: str) -> None:
+            abort(fatal, children, message)
+
+        guard = Guard(ps_dead=lambda: ps_death(children), connected=connected, all_workers_gone=workers_gone)
+        return Coordinator(spec, layout, events, out, guard).run()
     except Exception as exc:  # the job's last word: an error event, never a traceback only
         dead = ps_death(children, wait=2.0)
         if dead is not None:
@@ -229,6 +273,20 @@ def run_host(spec: JobSpec, layout: Layout, events: EventWriter) -> int:
     finally:
         stop.set()
         children.kill()
+
+
+@dataclass
+class Guard:
+    """What the coordinator needs to tell a worker fault from a fatal one.
+
+    ``ps_dead()``: a message while the parameter server is dead, else None.
+    ``connected``: set once every worker server answered (disarms the start timeout).
+    ``all_workers_gone(message)``: ends the job (it does not return).
+    """
+
+    ps_dead: Callable[[], str | None] = lambda: None
+    connected: threading.Event = field(default_factory=threading.Event)
+    all_workers_gone: Callable[[str], None] = lambda message: None
 
 
 def scalar(tag: str, value: float) -> None:
@@ -244,7 +302,10 @@ def scalar(tag: str, value: float) -> None:
 class Coordinator:
     """The chief: builds the strategy, schedules training, evaluates, checkpoints, saves."""
 
-    def __init__(self, spec: JobSpec, layout: Layout, events: EventWriter, out: Path) -> None:
+    def __init__(
+        self, spec: JobSpec, layout: Layout, events: EventWriter, out: Path, guard: Guard | None = None
+    ) -> None:
+        self.guard = guard if guard is not None else Guard()
         self.spec = spec
         self.layout = layout
         self.events = events
@@ -263,6 +324,12 @@ class Coordinator:
         import tensorflow as tf
 
         from crowdd.job.data import read_split, train_mean, worker_dataset
+        from crowdd.job.faults import (
+            RETRYABLE,
+            RetiringFailureHandler,
+            RetryBudget,
+            flush_error,
+        )
         from crowdd.job.models import build_model, loss_function
         from crowdd.job.train import TrainState, make_train_fn
 
@@ -274,8 +341,22 @@ class Coordinator:
         resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
             tf.train.ClusterSpec(cluster), rpc_layer="grpc"
         )
-        strategy = tf.distribute.ParameterServerStrategy(resolver)
+        strategy = tf.distribute.ParameterServerStrategy(resolver)  # waits for every server
         coordinator = tf.distribute.coordinator.ClusterCoordinator(strategy)
+        self.guard.connected.set()
+        guard = self.guard
+
+        def on_retire(index: int, alive: int, exc: BaseException) -> None:
+            if alive:
+                log.warning("worker %d is gone; its functions go to the %d left", index, alive)
+            else:
+                guard.all_workers_gone(f"every worker server is gone (the last, worker {index}: "
+                                       f"{type(exc).__name__}); training cannot go on")
+
+        RetiringFailureHandler.install(
+            coordinator, list(self.spec.cluster.worker), lambda: guard.ps_dead() is None, on_retire
+        )
+        budget = RetryBudget(guard.ps_dead)
         loss_fn = loss_function(self.job)
         center = train_mean(Path(self.spec.data), self.layout)
         with strategy.scope():
@@ -330,13 +411,25 @@ class Coordinator:
             return {"test_accuracy": acc, "test_loss": test_loss}
 
         log.info("training %d steps on %d workers", total, w)
-        while scheduled < total or in_flight:
+        while done < total:
+            # scheduled counts steps done or in flight; a failed function's steps go back
             while scheduled < total and len(in_flight) < 2 * w:
                 n = min(spf, total - scheduled)
-                in_flight.append((coordinator.schedule(train_fn, args=(iterator, n)), n))
+                try:
+                    in_flight.append((coordinator.schedule(train_fn, args=(iterator, n)), n))
+                except RETRYABLE as exc:  # an earlier function's error; TF cancelled the queue
+                    budget.failed(exc)
+                    continue
                 scheduled += n
             rv, n = in_flight.popleft()
-            loss_sum, correct, samples, widx = rv.fetch()
+            try:
+                loss_sum, correct, samples, widx = rv.fetch()
+            except RETRYABLE as exc:
+                scheduled -= n
+                budget.failed(exc)
+                flush_error(coordinator)
+                continue
+            budget.succeeded()
             done += n
             now = time.monotonic()
             ws = stats[int(widx)]

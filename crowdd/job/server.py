@@ -11,11 +11,14 @@ import argparse
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Sequence
+
+from crowdd.config import parse_hostport
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,16 @@ def die_with_parent(parent: int) -> None:
     if os.getppid() != parent:
         os._exit(0)
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def reachable(address: str, timeout: float = 2.0) -> bool:
+    """Whether a TCP connection to ``host:port`` opens (a killed TF server refuses at once)."""
+    host, port = parse_hostport(address, 0)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def cap_threads(threads: int) -> None:

@@ -32,6 +32,7 @@ class SpecError(ValueError):
 
 
 _DEFAULTS = JobConfig()
+START_TIMEOUT = 300.0
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,8 @@ class Settings:
     nice: int = _DEFAULTS.nice
     checkpoint_secs: float = _DEFAULTS.checkpoint_secs
     merge: str = _DEFAULTS.merge
+    # seconds the host waits for every worker server to answer before it gives up
+    start_timeout: float = START_TIMEOUT
 
 
 MERGES = ("average", "sum")
@@ -181,7 +184,10 @@ def _settings(value: Any) -> Settings:
     merge = value.get("merge", base.merge)
     if merge not in MERGES:
         raise SpecError("settings.merge", f"must be one of {', '.join(MERGES)}, got {merge!r}")
-    return Settings(spf, sync, threads, nice, float(ck), merge)
+    start = value.get("start_timeout", base.start_timeout)
+    if isinstance(start, bool) or not isinstance(start, (int, float)) or not 0 < start <= 86_400:
+        raise SpecError("settings.start_timeout", f"must be a number of seconds in (0, 86400], got {start!r}")
+    return Settings(spf, sync, threads, nice, float(ck), merge, float(start))
 
 
 def _resolve(path: str, workdir: str | None) -> Path:

@@ -5,30 +5,20 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import time
 from pathlib import Path
 from typing import Any
 
-from crowdd.config import parse_hostport
 from crowdd.job import EXIT_FAILED, EXIT_OK
 from crowdd.job.events import EventWriter
 from crowdd.job.host import Children, start_servers
+from crowdd.job.server import reachable
 from crowdd.job.spec import INDEX_FILE, JobSpec
 
 log = logging.getLogger(__name__)
 
 HOST_GONE_SECS = 60.0
 POLL_SECS = 1.0
-
-
-def reachable(address: str, timeout: float = 2.0) -> bool:
-    host, port = parse_hostport(address, 0)
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def run_worker(spec: JobSpec, events: EventWriter, *, host_gone_secs: float = HOST_GONE_SECS) -> int:

@@ -8,21 +8,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from crowdd.config import Paths
-
-SYSTEM_SOCKET = Path("/run/crowdd/control.sock")
+from crowdd.control import SYSTEM_SOCKET, client_socket
 
 
 def socket_path(args: argparse.Namespace) -> Path:
     """``--socket``, else the ``--root`` layout's, else the per-user socket (or the system one)."""
-    if getattr(args, "socket", None):
-        return Path(args.socket)
-    if getattr(args, "root", None):
-        return Paths.under(Path(args.root)).control_socket
-    user = Paths.for_user().control_socket
-    if not user.exists() and SYSTEM_SOCKET.exists():
-        return SYSTEM_SOCKET
-    return user
+    return client_socket(getattr(args, "socket", None), getattr(args, "root", None))
 
 
 def main(args: argparse.Namespace) -> int:

@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import pytest
 
 from crowdd.cli import build_parser
 from crowdd.commands import EXIT_NO_DAEMON, job_from_args
+from crowdd.demo import free_port, permissive_idle_table, stop_group
 from crowdd.hyperparams import HyperparamError
 
 pytestmark = pytest.mark.timeout(120)
@@ -27,17 +27,12 @@ def crowdd(*args: str, root: Path) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=60, check=False)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[tuple[Path, subprocess.Popen[bytes]]]:
     root = tmp_path / "node"
     root.mkdir()
-    (root / "crowdd.toml").write_text('[daemon]\nlisten_host = "127.0.0.1"\nretry_min = 0.2\nretry_max = 1.0\n')
+    (root / "crowdd.toml").write_text('[daemon]\nlisten_host = "127.0.0.1"\nretry_min = 0.2\nretry_max = 1.0\n'
+                                      + permissive_idle_table())
     log = open(root / "daemon.log", "wb")  # noqa: SIM115 - closed in finally
     proc = subprocess.Popen(
         [sys.executable, "-m", "crowdd", "daemon", "--root", str(root), "--matchmaker", f"127.0.0.1:{free_port()}"],
@@ -52,13 +47,7 @@ def daemon(tmp_path: Path) -> Iterator[tuple[Path, subprocess.Popen[bytes]]]:
             time.sleep(0.05)
         yield root, proc
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_group(proc, 15.0)
         log.close()
 
 

@@ -96,6 +96,17 @@ def job_processes(root: Path) -> list[psutil.Process]:
     return out
 
 
+async def donate_all(nodes: list[Node]) -> None:
+    for n in nodes:
+        async with ControlClient(n.socket) as c:
+            assert (await c.donate(True))["donating"] is True
+
+
+async def host_job(node: Node, data: Path, job: dict[str, Any]) -> None:
+    async with ControlClient(node.socket) as c:
+        assert (await c.host(str(data), job))["type"] == "ok"
+
+
 @pytest.fixture
 async def crowd(tmp_path: Path) -> AsyncIterator[Crowd]:
     c = Crowd(tmp_path / "crowd", 2, extra_config=TEST_CONFIG)
@@ -113,12 +124,9 @@ async def test_every_state_and_a_trained_model(crowd: Crowd, tmp_path: Path) -> 
     rec = Recorder(crowd.nodes)
     await rec.start()
     try:
-        for w in crowd.workers:
-            async with ControlClient(w.socket) as c:
-                assert (await c.donate(True))["donating"] is True
-        async with ControlClient(crowd.host.socket) as c:
-            job = {"workers": 2, "min_workers": 2, "epochs": 10, "learning_rate": 0.1, "sharding": "full"}
-            assert (await c.host(str(data), job))["type"] == "ok"
+        await donate_all(crowd.workers)
+        await host_job(crowd.host, data,
+                       {"workers": 2, "min_workers": 2, "epochs": 10, "learning_rate": 0.1, "sharding": "full"})
         result = await rec.host_result(crowd.host, 240)
         for w in crowd.workers:
             await rec.wait(w.name, lambda e: e["event"] == "result", 30)

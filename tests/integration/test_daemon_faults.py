@@ -4,6 +4,7 @@ matchmaker restarted, and abuse of a live daemon's control socket."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import struct
 import time
@@ -11,7 +12,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from test_daemon_e2e import TEST_CONFIG, Recorder, digits_npz, job_processes
+from test_daemon_e2e import (
+    TEST_CONFIG,
+    Recorder,
+    digits_npz,
+    donate_all,
+    host_job,
+    job_processes,
+)
 
 from crowdd import wire
 from crowdd.control import ControlClient
@@ -35,22 +43,32 @@ async def crowd(tmp_path: Path) -> AsyncIterator[Crowd]:
         assert not job_processes(c.root), "a job outlived the test"
 
 
-async def _start_training(crowd: Crowd, rec: Recorder, data: Path) -> None:
-    for w in crowd.workers:
-        async with ControlClient(w.socket) as c:
-            await c.donate(True)
-    async with ControlClient(crowd.host.socket) as c:
-        await c.host(str(data), LONG_JOB)
-    await rec.wait("host", lambda e: e["event"] == "progress", 180)
-
-
-@pytest.mark.slow
-async def test_worker_killed_mid_training_host_finishes(crowd: Crowd, tmp_path: Path) -> None:
+@contextlib.asynccontextmanager
+async def training(crowd: Crowd, tmp_path: Path) -> AsyncIterator[Recorder]:
+    """Every node's events recorded; the workers donating and the host training on digits."""
     data = digits_npz(tmp_path / "digits.npz")
     rec = Recorder(crowd.nodes)
     await rec.start()
     try:
-        await _start_training(crowd, rec, data)
+        await donate_all(crowd.workers)
+        await host_job(crowd.host, data, LONG_JOB)
+        await rec.wait("host", lambda e: e["event"] == "progress", 180)
+        yield rec
+    finally:
+        await rec.close()
+
+
+async def no_jobs_left(root: Path, timeout: float = 20.0) -> bool:
+    """Whether every job process below ``root`` is gone within ``timeout`` (reaping takes a moment)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and job_processes(root):
+        await asyncio.sleep(0.1)
+    return not job_processes(root)
+
+
+@pytest.mark.slow
+async def test_worker_killed_mid_training_host_finishes(crowd: Crowd, tmp_path: Path) -> None:
+    async with training(crowd, tmp_path) as rec:
         victim = crowd.workers[1]
         async with ControlClient(victim.socket) as c:
             vi = (await c.status())["group"]["index"]  # group order is the matchmaker's queue order
@@ -62,33 +80,20 @@ async def test_worker_killed_mid_training_host_finishes(crowd: Crowd, tmp_path: 
         last = rec.of("host", "members")[-1]["members"]
         assert last[vi]["state"] == "gone" and last[3 - vi]["state"] != "gone"
         assert (await rec.wait(crowd.workers[0].name, lambda e: e["event"] == "result", 30)) == result
-    finally:
-        await rec.close()
     # the SIGKILLed daemon's job died with it (PDEATHSIG; its TF server watches its parent)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and job_processes(victim.root):
-        await asyncio.sleep(0.2)
-    assert not job_processes(victim.root)
+    assert await no_jobs_left(victim.root)
 
 
 @pytest.mark.slow
 async def test_host_killed_workers_back_to_standby(crowd: Crowd, tmp_path: Path) -> None:
-    data = digits_npz(tmp_path / "digits.npz")
-    rec = Recorder(crowd.nodes)
-    await rec.start()
-    try:
-        await _start_training(crowd, rec, data)
+    async with training(crowd, tmp_path) as rec:
         for w in crowd.workers:
             assert rec.states(w.name)[-1] == "training"
         # first, a clean shutdown of one worker mid-training: SIGTERM ends its job with it
         stopped, survivor = crowd.workers
         crowd.kill_node(stopped, signal.SIGTERM)
         assert stopped.proc is not None and stopped.proc.returncode == 0
-        for _ in range(50):  # SIGKILLed group members may take a moment to be reaped
-            if not job_processes(stopped.root):
-                break
-            await asyncio.sleep(0.1)
-        assert not job_processes(stopped.root), "SIGTERM ends the daemon's job before it exits"
+        assert await no_jobs_left(stopped.root, 5.0), "SIGTERM ends the daemon's job before it exits"
         await rec.wait(stopped.name, lambda e: e["event"] == "state" and e["state"] == "standby", 5)
         # then the host dies without a word
         t0 = time.monotonic()
@@ -99,12 +104,7 @@ async def test_host_killed_workers_back_to_standby(crowd: Crowd, tmp_path: Path)
         async with ControlClient(survivor.socket) as c:
             st = await c.status()
         assert st["error"] and "host" in st["error"]
-    finally:
-        await rec.close()
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and job_processes(crowd.root):
-        await asyncio.sleep(0.2)
-    assert not job_processes(crowd.root), "TF processes left after the host died"
+    assert await no_jobs_left(crowd.root), "TF processes left after the host died"
 
 
 async def test_matchmaker_restart_daemons_reregister(tmp_path: Path) -> None:
@@ -116,9 +116,7 @@ async def test_matchmaker_restart_daemons_reregister(tmp_path: Path) -> None:
         rec = Recorder(crowd.nodes)
         await rec.start()
         try:
-            for w in crowd.nodes:
-                async with ControlClient(w.socket) as c:
-                    await c.donate(True)
+            await donate_all(crowd.nodes)
             for w in crowd.nodes:
                 await rec.wait(w.name, lambda e: e["event"] == "state" and e["state"] == "waiting", 30)
             crowd.stop_matchmaker(signal.SIGKILL)

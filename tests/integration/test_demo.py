@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -63,16 +65,28 @@ def test_demo_trains_and_cleans_up(tmp_path: Path) -> None:
     assert not leftovers(root)
 
 
-def test_demo_killed_leaves_nothing_behind(tmp_path: Path) -> None:
-    """Even a SIGKILLed demo takes its daemons (and their jobs) down with it."""
+@contextlib.contextmanager
+def long_demo(tmp_path: Path, epochs: int) -> Iterator[tuple[subprocess.Popen[str], Path]]:
+    """A one-worker demo that trains long enough to be interrupted; ended on the way out."""
     data = digits_npz(tmp_path / "digits.npz")
     root = tmp_path / "demo"
     proc = subprocess.Popen(
-        [sys.executable, "-u", "-m", "crowdd", "demo", "--workers", "1", "--dataset", str(data), "--epochs", "500",
+        [sys.executable, "-u", "-m", "crowdd", "demo", "--workers", "1", "--dataset", str(data), "--epochs", str(epochs),
          "--root", str(root)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
     try:
+        yield proc, root
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        crowdd.demo.kill_strays(root)
+
+
+def test_demo_killed_leaves_nothing_behind(tmp_path: Path) -> None:
+    """Even a SIGKILLed demo takes its daemons (and their jobs) down with it."""
+    with long_demo(tmp_path, 500) as (proc, root):
         assert proc.stdout is not None
         for line in proc.stdout:
             if re.search(r"host\s+replicating -> training", line):
@@ -83,22 +97,10 @@ def test_demo_killed_leaves_nothing_behind(tmp_path: Path) -> None:
         while time.monotonic() < deadline and leftovers(root):
             time.sleep(0.2)
         assert not leftovers(root)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        crowdd.demo.kill_strays(root)
 
 
 def test_demo_ctrl_c_leaves_nothing_behind(tmp_path: Path) -> None:
-    data = digits_npz(tmp_path / "digits.npz")
-    root = tmp_path / "demo"
-    proc = subprocess.Popen(
-        [sys.executable, "-u", "-m", "crowdd", "demo", "--workers", "1", "--dataset", str(data), "--epochs", "200",
-         "--root", str(root)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )
-    try:
+    with long_demo(tmp_path, 200) as (proc, root):
         assert proc.stdout is not None
         lines = []
         deadline = time.monotonic() + 200
@@ -115,11 +117,6 @@ def test_demo_ctrl_c_leaves_nothing_behind(tmp_path: Path) -> None:
         rest, _ = proc.communicate(timeout=60)
         assert proc.returncode == 130, rest
         assert "interrupted" in rest
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        crowdd.demo.kill_strays(root)
     assert not leftovers(root)
 
 
@@ -138,3 +135,22 @@ def test_demo_rejects_bad_arguments(tmp_path: Path) -> None:
         r = subprocess.run([sys.executable, "-m", "crowdd", "demo", *argv, "--root", str(tmp_path / "d")],
                            capture_output=True, text=True, timeout=60, check=False)
         assert r.returncode == 2 and "crowdd demo:" in r.stderr
+
+
+def test_epochs_help_tells_the_real_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    from crowdd.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["demo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"default {crowdd.demo.DEFAULT_EPOCHS};" in text
+    assert f"{crowdd.demo.SMALL_EPOCHS} for an .npz under 2 MiB" in text
+
+
+def test_demo_nodes_donate_whatever_the_load() -> None:
+    import tomllib
+
+    from crowdd.config import config_from_dict
+
+    cfg = config_from_dict(tomllib.loads(crowdd.demo.node_config("127.0.0.1:1", "n", 10)))
+    assert cfg.idle.user_idle_minutes == 0 and cfg.idle.max_other_cpu_percent == 100 and cfg.idle.allow_on_battery

@@ -259,6 +259,71 @@ def test_run_survives_a_killed_worker(make_cluster: Any) -> None:
     assert host.proc.wait(timeout=30) == 0
 
 
+def test_run_survives_two_workers_killed_a_second_apart(make_cluster: Any) -> None:
+    """TF's own recovery fails the run when a second worker dies while it waits for the first."""
+    job = {"epochs": 12, "batch_size": 10, "learning_rate": 0.1, "sharding": "full"}
+    cluster = make_cluster(3, job, steps_per_function=10)
+    host = cluster.start()
+    host.wait_for("started", START_TIMEOUT)
+    host.wait_for("progress", 120)
+    cluster.procs[2].kill()
+    time.sleep(1.0)
+    cluster.procs[3].kill()
+    done = host.wait_for("done", 300)
+    assert done["steps"] == steps_for(job, 4)
+    assert done["test_accuracy"] >= 0.85
+    assert host.proc.wait(timeout=30) == 0
+
+
+def test_host_fails_when_every_worker_is_gone(make_cluster: Any) -> None:
+    job = {"epochs": 200, "batch_size": 10, "learning_rate": 0.1}
+    cluster = make_cluster(1, job, steps_per_function=10)
+    host = cluster.start()
+    started = host.wait_for("started", START_TIMEOUT)
+    host.wait_for("progress", 120)
+    cluster.procs[1].kill()
+    os.kill(started["children"]["worker0"], signal.SIGKILL)
+    error = host.wait_for("error", 120)
+    assert "every worker" in error["message"], error
+    assert host.proc.wait(timeout=30) == 1
+    assert not alive(started["children"]["ps"])
+
+
+def test_host_gives_up_on_a_worker_that_never_starts(make_cluster: Any) -> None:
+    cluster = make_cluster(1, {"epochs": 1, "batch_size": 32}, start_timeout=15.0)  # past the TF import: TF itself waits
+    specs = cluster.write_specs()
+    host = JobProc("host", specs[0], cluster.root / "member0.log")  # worker 1 is never started
+    cluster.procs = [host]
+    started = host.wait_for("started", START_TIMEOUT)
+    error = host.wait_for("error", 120)
+    missing = json.loads(specs[0].read_text())["cluster"]["worker"][1]
+    assert "did not come up" in error["message"] and missing in error["message"], error
+    assert "settings.start_timeout" in error["message"]
+    assert host.proc.wait(timeout=30) == 1
+    for child in started["children"].values():
+        deadline = time.monotonic() + 10
+        while alive(child) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not alive(child), "a TF server outlived the host job"
+
+
+@pytest.mark.parametrize("value", [0, -1, "10", True, float("nan"), 86_401])
+def test_start_timeout_must_be_a_sane_number_of_seconds(value: Any) -> None:
+    from crowdd.job.spec import SpecError, parse_spec
+
+    spec = {
+        "role": "host", "index": 0, "output_dir": "out",
+        "cluster": {"ps": ["127.0.0.1:1"], "worker": ["127.0.0.1:2"]},
+        "dataset": {"data": "d.bin", "manifest": "d.json"},
+        "settings": {"start_timeout": value},
+    }
+    with pytest.raises(SpecError) as info:
+        parse_spec(spec, check_files=False)
+    assert info.value.field == "settings.start_timeout"
+    spec["settings"] = {"start_timeout": 12}
+    assert parse_spec(spec, check_files=False).settings.start_timeout == 12.0
+
+
 def test_dead_parameter_server_ends_the_host_with_an_error(make_cluster: Any) -> None:
     job = {"epochs": 200, "batch_size": 10, "learning_rate": 0.1}
     cluster = make_cluster(1, job, steps_per_function=10)
@@ -326,3 +391,107 @@ def test_worker_job_and_its_server_end_with_their_parent(make_cluster: Any, tmp_
                 os.kill(p, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+class _FakeWorker:
+    def __init__(self) -> None:
+        self._should_worker_thread_run = True
+
+
+class _FakeCluster:
+    """Just what the failure handler touches of TF's ``Cluster``."""
+
+    def __init__(self, workers: int) -> None:
+        class Mgr:
+            is_cancelled = False
+
+        class Queue:
+            _cancellation_mgr = Mgr()
+
+        self.closure_queue = Queue()
+        self.workers = [_FakeWorker() for _ in range(workers)]
+
+
+def _handler(workers: int, down: set[str], ps_alive: bool = True) -> tuple[Any, _FakeCluster, list[tuple[int, int]]]:
+    from crowdd.job.faults import RetiringFailureHandler
+
+    cluster = _FakeCluster(workers)
+    retired: list[tuple[int, int]] = []
+    addresses = [f"127.0.0.1:{1000 + i}" for i in range(workers)]
+    handler = RetiringFailureHandler(
+        cluster, addresses, lambda: ps_alive, lambda i, alive, _e: retired.append((i, alive)),
+        probe=lambda addr: addr not in down,
+    )
+    return handler, cluster, retired
+
+
+def _unavailable(task: int) -> Exception:
+    from tensorflow.python.framework import errors
+
+    return errors.UnavailableError(
+        None, None, f"Socket closed\nAdditional GRPC error information from remote target /job:worker/replica:0/task:{task}"
+    )
+
+
+def _run(handler: Any, task: int, exc: Exception | None, calls: list[str]) -> None:
+    with handler.wait_on_failure(
+        on_failure_fn=lambda e: calls.append("failure"),
+        on_transient_failure_fn=lambda: calls.append("transient"),
+        worker_device_name=f"/job:worker/replica:0/task:{task}",
+    ):
+        if exc is not None:
+            raise exc
+
+
+def test_a_worker_whose_server_is_gone_is_retired_and_its_function_put_back() -> None:
+    handler, cluster, retired = _handler(3, down={"127.0.0.1:1002"})
+    calls: list[str] = []
+    _run(handler, 2, _unavailable(2), calls)
+    assert calls == ["failure"] and retired == [(2, 2)]
+    assert not cluster.workers[2]._should_worker_thread_run and cluster.workers[0]._should_worker_thread_run
+    _run(handler, 2, _unavailable(2), calls)  # its thread's last function: put back, no second report
+    assert retired == [(2, 2)] and handler.alive == 2
+
+
+def test_a_reachable_worker_gets_strikes_then_is_retired_and_success_clears_them() -> None:
+    handler, _cluster, retired = _handler(2, down=set())
+    calls: list[str] = []
+    _run(handler, 1, _unavailable(1), calls)
+    _run(handler, 1, None, calls)  # a success: strikes start over
+    _run(handler, 1, _unavailable(1), calls)
+    _run(handler, 1, _unavailable(1), calls)
+    assert calls == ["transient"] * 3 and retired == []
+    _run(handler, 1, _unavailable(1), calls)
+    assert calls[-1] == "failure" and retired == [(1, 1)]
+
+
+def test_function_errors_and_a_dead_ps_are_passed_on() -> None:
+    from tensorflow.python.framework import errors
+
+    handler, _cluster, retired = _handler(2, down=set())
+    bug = errors.InvalidArgumentError(None, None, "shapes do not match")
+    with pytest.raises(errors.InvalidArgumentError):
+        _run(handler, 0, bug, [])
+    handler, _cluster, retired = _handler(2, down={"127.0.0.1:1001"}, ps_alive=False)
+    with pytest.raises(errors.UnavailableError):
+        _run(handler, 1, _unavailable(1), [])
+    assert retired == []
+
+
+def test_retry_budget_counts_failures_in_a_row_but_not_cancellations() -> None:
+    from tensorflow.python.framework import errors
+
+    from crowdd.job.faults import PSGone, RetryBudget
+
+    budget = RetryBudget(lambda: None, limit=3)
+    for _ in range(10):
+        budget.failed(errors.CancelledError(None, None, "cancelled"))
+    budget.failed(_unavailable(1))
+    budget.failed(_unavailable(1))
+    budget.succeeded()
+    budget.failed(_unavailable(1))
+    budget.failed(_unavailable(1))
+    with pytest.raises(RuntimeError, match="3 times in a row; last error: UnavailableError: Socket closed"):
+        budget.failed(_unavailable(1))
+    with pytest.raises(PSGone, match="parameter server died"):
+        RetryBudget(lambda: "the parameter server died (exit code -9)").failed(_unavailable(1))

@@ -17,6 +17,7 @@ import pytest
 
 from crowdd.control import ControlClient, DaemonUnavailable
 from crowdd.datasets import load_digits
+from crowdd.demo import permissive_idle_table
 
 pytestmark = [
     pytest.mark.netns,
@@ -35,6 +36,7 @@ def node_config(name: str) -> str:
         'listen_host = "0.0.0.0"\n'
         "retry_min = 0.3\nretry_max = 2.0\n"
         "[job]\nnice = 10\nsteps_per_function = 20\n"
+        + permissive_idle_table()
     )
 
 

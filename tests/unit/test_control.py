@@ -321,3 +321,41 @@ async def test_system_socket_is_group_shared(tmp_path: Path) -> None:
             assert st.st_gid == gid
     finally:
         await server.close()
+
+
+# --------------------------------------------------------------------------- which socket a client uses
+
+
+async def test_clients_fall_back_to_the_system_service_socket(tmp_path: Path) -> None:
+    """No per-user socket but a system service's: `crowdd status` & co. and the TUI use the
+    system one (a temp dir stands in for /run/crowdd)."""
+    import argparse
+
+    from crowdd.commands import client_endpoint
+    from crowdd.control import client_socket
+
+    user = tmp_path / "user-runtime" / "control.sock"
+    system = tmp_path / "run-crowdd" / "control.sock"
+    candidates = {"user_socket": user, "system_socket": system}
+    args = argparse.Namespace(socket=None, root=None, system=False, config=None)
+    assert client_socket(**candidates) == user  # neither exists: the per-user one (and its message)
+    assert client_endpoint(args, **candidates) == Endpoint(path=user, system=False)
+
+    handler = FakeDaemon()
+    server = ControlServer(handler, Endpoint(path=system, system=True))
+    await server.start()
+    try:
+        assert client_socket(**candidates) == system
+        ep = client_endpoint(args, **candidates)
+        assert ep == Endpoint(path=system, system=True)
+        async with ControlClient.for_endpoint(ep) as c:
+            assert (await c.donate(True))["donating"] is True
+        assert handler.calls == [("donate", True)]
+        # flags still win over the fallback
+        assert client_socket(tmp_path / "x.sock", **candidates) == tmp_path / "x.sock"
+        assert client_socket(None, tmp_path / "node", **candidates) == tmp_path / "node" / "run" / "control.sock"
+        user.parent.mkdir()
+        user.touch()  # a per-user daemon's socket exists: it is preferred
+        assert client_socket(**candidates) == user
+    finally:
+        await server.close()

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import random
 import socket
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +24,9 @@ from crowdd.daemon import (
     State,
     StateMachine,
     allowed,
+    make_policy,
 )
-from crowdd.idle import AlwaysIdle, Verdict
+from crowdd.idle import AlwaysIdle, CpuReading, IdlePolicy, Probes, UserIdle, Verdict
 from crowdd.matchmaker import Matchmaker
 
 pytestmark = pytest.mark.timeout(60)
@@ -118,6 +121,28 @@ def make(tmp_path: Path, mm_port: int, name: str = "node", policy: Any = None, n
                   policy=policy or AlwaysIdle(), name=name, policy_interval=0.2, notifier=notifier)
 
 
+@contextlib.asynccontextmanager
+async def running(tmp_path: Path, mm_port: int, **kw: Any) -> AsyncIterator[Daemon]:
+    """A started daemon (see :func:`make`), closed on the way out."""
+    d = make(tmp_path, mm_port, **kw)
+    await d.start()
+    try:
+        yield d
+    finally:
+        await d.close()
+
+
+@contextlib.asynccontextmanager
+async def matchmaker() -> AsyncIterator[Matchmaker]:
+    """A matchmaker on a free loopback port, closed on the way out."""
+    mm = Matchmaker(MatchmakerConfig())
+    await mm.start("127.0.0.1", 0)
+    try:
+        yield mm
+    finally:
+        await mm.close()
+
+
 async def states(events: list[dict[str, Any]]) -> list[str]:
     return [e["state"] for e in events if e.get("event") == "state"]
 
@@ -168,113 +193,92 @@ async def test_new_install_starts_off_and_donation_persists(tmp_path: Path) -> N
 
 async def test_matchmaker_down_never_kills_the_daemon(tmp_path: Path) -> None:
     port = free_port()
-    d = make(tmp_path, port)
     events: list[dict[str, Any]] = []
-    await d.start()
-    watcher = asyncio.create_task(collect(d, events))
-    try:
-        await until(lambda: d.control.subscriber_count == 1)
-        await d.donate(True)
-        await until(lambda: sum(1 for e in events if e.get("event") == "log" and "retrying" in e.get("message", "")) >= 3)
-        assert d.state == S.REGISTERING
-        # the matchmaker comes up: the daemon gets in line
-        mm = Matchmaker(MatchmakerConfig())
-        await mm.start("127.0.0.1", port)
+    async with running(tmp_path, port) as d:
+        watcher = asyncio.create_task(collect(d, events))
         try:
-            await until(lambda: d.state == S.WAITING)
-            st = d.status()
-            assert st["queue"]["position"] == 1 and st["role"] == "worker"
+            await until(lambda: d.control.subscriber_count == 1)
+            await d.donate(True)
+            await until(lambda: sum(1 for e in events if e.get("event") == "log" and "retrying" in e.get("message", "")) >= 3)
+            assert d.state == S.REGISTERING
+            # the matchmaker comes up: the daemon gets in line
+            mm = Matchmaker(MatchmakerConfig())
+            await mm.start("127.0.0.1", port)
+            try:
+                await until(lambda: d.state == S.WAITING)
+                st = d.status()
+                assert st["queue"]["position"] == 1 and st["role"] == "worker"
+            finally:
+                await mm.close()
+            await until(lambda: d.state == S.REGISTERING)  # it went away again: back in the retry loop
+            assert "waiting" in await states(events)
         finally:
-            await mm.close()
-        await until(lambda: d.state == S.REGISTERING)  # it went away again: back in the retry loop
-        assert "waiting" in await states(events)
-    finally:
-        watcher.cancel()
-        await d.close()
+            watcher.cancel()
 
 
 async def test_idle_policy_holds_a_worker_in_standby(tmp_path: Path) -> None:
-    d = make(tmp_path, free_port(), policy=Refusing())
-    await d.start()
-    try:
+    async with running(tmp_path, free_port(), policy=Refusing()) as d:
         await d.donate(True)
         await until(lambda: d.state == S.STANDBY and d.status()["idle"]["rule"] == "user_idle")
         await asyncio.sleep(0.5)  # re-checked, still held back
         st = d.status()
         assert st["state"] == "standby"
         assert st["idle"] == {"allowed": False, "rule": "user_idle", "reason": "the user was active 10 s ago"}
-    finally:
-        await d.close()
 
 
 async def test_stop_returns_to_standby(tmp_path: Path) -> None:
-    mm = Matchmaker(MatchmakerConfig())
-    await mm.start("127.0.0.1", 0)
-    d = make(tmp_path, mm.address[1])
     events: list[dict[str, Any]] = []
-    await d.start()
-    watcher = asyncio.create_task(collect(d, events))
-    try:
-        await until(lambda: d.control.subscriber_count == 1)
-        await d.donate(True)
-        await until(lambda: d.state == S.WAITING)
-        async with ControlClient(d.paths.control_socket) as c:
-            await c.stop()
-        await until(lambda: "standby" in [e.get("state") for e in events if e.get("event") == "state"][2:])
-        assert any(e.get("event") == "log" and "stopped by the user" in e.get("message", "") for e in events)
-        await until(lambda: d.state == S.WAITING)  # donation stays on: it queues again
-        await d.donate(False)
-        await until(lambda: d.state == S.OFF)
-        await until(lambda: mm.stats()["workers"] == 0)  # it left the queue
-        seq = await states(events)
-        assert seq[:4] == ["standby", "registering", "waiting", "standby"]
-        assert seq[-1] == "off"
-    finally:
-        watcher.cancel()
-        await d.close()
-        await mm.close()
+    async with matchmaker() as mm, running(tmp_path, mm.address[1]) as d:
+        watcher = asyncio.create_task(collect(d, events))
+        try:
+            await until(lambda: d.control.subscriber_count == 1)
+            await d.donate(True)
+            await until(lambda: d.state == S.WAITING)
+            async with ControlClient(d.paths.control_socket) as c:
+                await c.stop()
+            await until(lambda: "standby" in [e.get("state") for e in events if e.get("event") == "state"][2:])
+            assert any(e.get("event") == "log" and "stopped by the user" in e.get("message", "") for e in events)
+            await until(lambda: d.state == S.WAITING)  # donation stays on: it queues again
+            await d.donate(False)
+            await until(lambda: d.state == S.OFF)
+            await until(lambda: mm.stats()["workers"] == 0)  # it left the queue
+            seq = await states(events)
+            assert seq[:4] == ["standby", "registering", "waiting", "standby"]
+            assert seq[-1] == "off"
+        finally:
+            watcher.cancel()
 
 
 async def test_host_request_is_checked(tmp_path: Path) -> None:
-    d = make(tmp_path, free_port())
-    await d.start()
     data = tmp_path / "d.npz"
     data.write_bytes(b"")
-    try:
-        async with ControlClient(d.paths.control_socket) as c:
-            cases = [
-                ({"learning_rate": 0}, str(data), "learning_rate"),
-                ({"sharding": "diagonal"}, str(data), "sharding"),
-                ({"bogus": 1}, str(data), "bogus"),
-                ({}, "relative/d.npz", "dataset"),
-                ({}, str(tmp_path / "missing.npz"), "dataset"),
-            ]
-            for job, path, field in cases:
-                with pytest.raises(wire.RemoteError) as err:
-                    await c.host(path, job)
-                assert err.value.code == "bad_field" and err.value.field == field
+    async with running(tmp_path, free_port()) as d, ControlClient(d.paths.control_socket) as c:
+        cases = [
+            ({"learning_rate": 0}, str(data), "learning_rate"),
+            ({"sharding": "diagonal"}, str(data), "sharding"),
+            ({"bogus": 1}, str(data), "bogus"),
+            ({}, "relative/d.npz", "dataset"),
+            ({}, str(tmp_path / "missing.npz"), "dataset"),
+        ]
+        for job, path, field in cases:
             with pytest.raises(wire.RemoteError) as err:
-                await c.request({"type": "host", "dataset": str(data), "job": {}, "test_fraction": 2})
-            assert err.value.field == "test_fraction"
-            assert (await c.status())["state"] == "off"  # nothing changed
-    finally:
-        await d.close()
+                await c.host(path, job)
+            assert err.value.code == "bad_field" and err.value.field == field
+        with pytest.raises(wire.RemoteError) as err:
+            await c.request({"type": "host", "dataset": str(data), "job": {}, "test_fraction": 2})
+        assert err.value.field == "test_fraction"
+        assert (await c.status())["state"] == "off"  # nothing changed
 
 
 async def test_bad_dataset_is_reported_not_retried(tmp_path: Path) -> None:
-    d = make(tmp_path, free_port())
-    await d.start()
     bad = tmp_path / "bad.npz"
     bad.write_bytes(b"this is not a zip file")
-    try:
-        async with ControlClient(d.paths.control_socket) as c:
-            assert (await c.host(str(bad), {"workers": 1}))["type"] == "ok"
-            await until(lambda: d.status()["error"] is not None and d.state == S.OFF)
-            st = await c.status()
-            assert "cannot host" in st["error"] and str(bad) in st["error"]
-            assert st["role"] is None
-    finally:
-        await d.close()
+    async with running(tmp_path, free_port()) as d, ControlClient(d.paths.control_socket) as c:
+        assert (await c.host(str(bad), {"workers": 1}))["type"] == "ok"
+        await until(lambda: d.status()["error"] is not None and d.state == S.OFF)
+        st = await c.status()
+        assert "cannot host" in st["error"] and str(bad) in st["error"]
+        assert st["role"] is None
 
 
 class Switchable(Refusing):
@@ -288,12 +292,8 @@ class Switchable(Refusing):
 
 
 async def test_busy_machine_leaves_the_queue(tmp_path: Path) -> None:
-    mm = Matchmaker(MatchmakerConfig())
-    await mm.start("127.0.0.1", 0)
     policy = Switchable()
-    d = make(tmp_path, mm.address[1], policy=policy)
-    await d.start()
-    try:
+    async with matchmaker() as mm, running(tmp_path, mm.address[1], policy=policy) as d:
         await d.donate(True)
         await until(lambda: d.state == S.WAITING)
         policy.allow = False
@@ -302,9 +302,6 @@ async def test_busy_machine_leaves_the_queue(tmp_path: Path) -> None:
         assert d.status()["idle"]["rule"] == "user_idle"
         policy.allow = True
         await until(lambda: d.state == S.WAITING)  # idle again: back in the queue
-    finally:
-        await d.close()
-        await mm.close()
 
 
 async def test_sd_notify_ready_status_watchdog_stopping(tmp_path: Path) -> None:
@@ -334,3 +331,41 @@ async def test_sd_notify_ready_status_watchdog_stopping(tmp_path: Path) -> None:
     assert any(g == "STATUS=registering (worker), donation on" for g in got)
     assert sum(1 for g in got if g == "WATCHDOG=1") >= 2
     assert got[-1] == "STOPPING=1" or "STOPPING=1" in got
+
+
+# --------------------------------------------------------------------------- the default idle policy
+
+
+class FakeProbes:
+    """Probe values a test sets: the user's idle time and other processes' CPU counter."""
+
+    def __init__(self, user_idle: float) -> None:
+        self.user_idle = user_idle
+        self.t = 0.0
+
+    def cpu(self) -> CpuReading:
+        self.t += 10.0  # each reading 10 s after the last, other processes using nothing
+        return CpuReading(self.t, 0.0, 2)
+
+    def probes(self) -> Probes:
+        return Probes(user_idle=lambda: UserIdle(self.user_idle, "fake logind"), cpu=self.cpu, battery=lambda: None)
+
+
+async def test_default_config_applies_the_idle_policy(tmp_path: Path) -> None:
+    """No [idle] table: the real IdlePolicy with its defaults decides, and a busy verdict
+    keeps a donating worker in standby until the machine is idle."""
+    fake = FakeProbes(user_idle=10.0)  # the user was active 10 s ago; the default wants 5 min
+    policy = make_policy(Config(), tmp_path / "crowdd.toml", probes=fake.probes())
+    assert isinstance(policy, IdlePolicy)
+    async with running(tmp_path, free_port(), policy=policy) as d, ControlClient(d.paths.control_socket) as c:
+        await c.donate(True)
+        await until(lambda: d.status()["idle"]["rule"] == "user_idle")
+        st = await c.status()
+        assert st["state"] == "standby" and st["donating"] is True and st["role"] is None
+        assert st["idle"]["allowed"] is False and "user active" in st["idle"]["reason"]
+        await asyncio.sleep(0.5)  # several policy intervals: still held back
+        assert d.state == S.STANDBY
+        fake.user_idle = 3600.0  # the user left: the worker gets in line
+        await until(lambda: d.state == S.REGISTERING)
+        st = await c.status()
+        assert st["idle"]["allowed"] is True and st["idle"]["rule"] is None and st["role"] == "worker"

@@ -1,0 +1,212 @@
+"""Worker faults under TF's ClusterCoordinator: retire a dead worker, retry its work.
+
+TF's own handler (``WorkerPreemptionHandler``) expects a dead worker to come back: it calls
+``update_server_def``, which blocks until *every* worker answers again, and when a second
+worker dies meanwhile that call fails with an error TF files as a parameter-server failure:
+the run's remaining functions are cancelled and ``RemoteValue.fetch`` raises
+``UnavailableError``. In crowdd a worker that dies is gone for the session, so
+:class:`RetiringFailureHandler` replaces it: the failed function goes back to the queue for
+the other workers and the dead worker's thread stops. No cluster update ever runs.
+
+:class:`RetryBudget` is the coordinator loop's second line: an error that still reaches
+``fetch`` or ``schedule`` while the parameter server lives costs one retry (the function is
+scheduled again); only a dead parameter server, every worker retired, or too many failures in
+a row end the job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from tensorflow.python.distribute.coordinator import cluster_coordinator as cc
+from tensorflow.python.framework import errors
+
+from crowdd.job.server import reachable
+
+log = logging.getLogger(__name__)
+
+# failures in a row on one reachable worker before it counts as dead
+WORKER_STRIKES = 3
+# errors reaching the coordinator loop in a row (no function succeeding in between)
+RETRY_LIMIT = 8
+
+# What a scheduled function's RemoteValue (or schedule itself) raises when a worker or the
+# cluster fails: TF op errors, and the coordinator's wrappers around them.
+RETRYABLE: tuple[type[BaseException], ...] = (errors.OpError, cc.ClosureInputError, cc.ClosureAbortedError)
+
+
+def _task_index(device_name: str) -> int:
+    """``/job:worker/replica:0/task:3`` -> 3 (-1 if the name has no task)."""
+    try:
+        return int(device_name.rsplit(":", 1)[-1])
+    except ValueError:
+        return -1
+
+
+class RetiringFailureHandler:
+    """A ``failure_handler`` for TF's ``Cluster``: dead workers are retired, never recovered.
+
+    ``ps_alive()`` says whether the parameter server lives (while it does not, every error is
+    passed on: the job ends). ``on_retire(index, alive_count, error)`` is called once per
+    retired worker, from that worker's thread.
+    """
+
+    def __init__(
+        self,
+        cluster: Any,
+        addresses: list[str],
+        ps_alive: Callable[[], bool],
+        on_retire: Callable[[int, int, BaseException], None],
+        *,
+        strikes: int = WORKER_STRIKES,
+        probe: Callable[[str], bool] = reachable,
+    ) -> None:
+        self._cluster = cluster
+        self._addresses = addresses
+        self._ps_alive = ps_alive
+        self._on_retire = on_retire
+        self._strikes_max = strikes
+        self._probe = probe
+        self._lock = threading.Lock()
+        self._strikes: dict[int, int] = {}
+        self.retired: set[int] = set()
+
+    @classmethod
+    def install(
+        cls,
+        coordinator: Any,
+        addresses: list[str],
+        ps_alive: Callable[[], bool],
+        on_retire: Callable[[int, int, BaseException], None],
+        **kwargs: Any,
+    ) -> RetiringFailureHandler:
+        """Swap TF's handler for one of these (before anything is scheduled)."""
+        cluster = coordinator._cluster
+        handler = cls(cluster, addresses, ps_alive, on_retire, **kwargs)
+        old = cluster.failure_handler
+        cluster.failure_handler = handler
+        for worker in cluster.workers:
+            worker.failure_handler = handler
+        old.stop()
+        return handler
+
+    def stop(self) -> None:
+        """Called by TF's ``Cluster.stop``; nothing runs in the background here."""
+
+    @property
+    def alive(self) -> int:
+        with self._lock:
+            return len(self._addresses) - len(self.retired)
+
+    def _is_cancelled(self) -> bool:
+        return bool(self._cluster.closure_queue._cancellation_mgr.is_cancelled)
+
+    @contextlib.contextmanager
+    def wait_on_failure(
+        self,
+        on_failure_fn: Callable[..., Any] | None = None,
+        on_transient_failure_fn: Callable[[], Any] | None = None,
+        on_recovery_fn: Callable[[], Any] | None = None,
+        worker_device_name: str = "(unknown)",
+    ) -> Iterator[None]:
+        """Runs one function on a worker; decides what a failure means. Same contract as TF's."""
+        del on_recovery_fn  # a retired worker is never recovered
+        index = _task_index(worker_device_name)
+        try:
+            yield
+        except (errors.OpError, cc.ClosureInputError, cc.ClosureAbortedError, TypeError) as exc:
+            if self._is_cancelled() or not self._ps_alive() or not 0 <= index < len(self._addresses):
+                raise  # the run is being cancelled, or the PS is gone: TF reports it to fetch()
+            if not self._probe(self._addresses[index]):
+                self._retire(index, exc, on_failure_fn, "its server does not answer")
+                return
+            if not (cc._is_worker_failure(exc) or cc._is_ps_failure(exc) or isinstance(exc, errors.DeadlineExceededError)):
+                raise  # an error in the function itself: let the coordinator loop see it
+            with self._lock:
+                strikes = self._strikes[index] = self._strikes.get(index, 0) + 1
+            if strikes >= self._strikes_max:
+                self._retire(index, exc, on_failure_fn, f"{strikes} failures in a row")
+                return
+            log.warning("worker %d: a function failed (%s); trying it again", index, _first_line(exc))
+            if on_transient_failure_fn is not None:
+                on_transient_failure_fn()
+        else:
+            with self._lock:
+                self._strikes.pop(index, None)
+
+    def _retire(
+        self, index: int, exc: BaseException, on_failure_fn: Callable[..., Any] | None, why: str
+    ) -> None:
+        if on_failure_fn is not None:
+            on_failure_fn(exc)  # puts the function back in the queue, aborts the worker's resources
+        worker = self._cluster.workers[index]
+        worker._should_worker_thread_run = False  # its thread ends after this function
+        with self._lock:
+            first = index not in self.retired
+            self.retired.add(index)
+            alive = len(self._addresses) - len(self.retired)
+        if first:
+            log.warning("worker %d (%s) is gone: %s; %d left", index, self._addresses[index], why, alive)
+            self._on_retire(index, alive, exc)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+class RetryBudget:
+    """Counts failed functions seen by the coordinator loop; raises when the run must end.
+
+    A failure costs one retry unless it is only a cancellation (TF cancels every queued
+    function after one error). ``limit`` failures in a row with no success between end the
+    run with the last error named.
+    """
+
+    def __init__(self, ps_dead: Callable[[], str | None], limit: int = RETRY_LIMIT) -> None:
+        self._ps_dead = ps_dead
+        self.limit = limit
+        self.in_a_row = 0
+        self.total = 0
+
+    def succeeded(self) -> None:
+        self.in_a_row = 0
+
+    def failed(self, exc: BaseException) -> None:
+        dead = self._ps_dead()
+        if dead is not None:
+            raise PSGone(dead) from exc
+        self.total += 1
+        if isinstance(exc, errors.CancelledError) and self.total < 50 * self.limit:
+            return
+        self.in_a_row += 1
+        if self.in_a_row >= self.limit:
+            raise RuntimeError(
+                f"training failed {self.in_a_row} times in a row; last error: {_first_line(exc)}"
+            ) from exc
+        log.warning("a training function failed (%s); scheduling it again", _first_line(exc))
+
+
+class PSGone(RuntimeError):
+    """The parameter server died; the message says so."""
+
+
+def flush_error(coordinator: Any) -> None:
+    """Raise-and-clear the coordinator's stored error now (it cancels what is queued)."""
+    try:
+        coordinator.done()
+    except RETRYABLE as exc:
+        log.debug("cleared the coordinator's error: %s", _first_line(exc))
+
+
+__all__ = [
+    "RETRYABLE",
+    "PSGone",
+    "RetiringFailureHandler",
+    "RetryBudget",
+    "flush_error",
+]

@@ -1,0 +1,36 @@
+"""Small asyncio helpers shared by the daemon's servers and sessions."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+async def cancel_and_wait(*tasks: asyncio.Future[Any] | None, timeout: float = 2.0) -> None:
+    """Cancel tasks and wait until they are done. Python 3.11's ``wait_for`` can swallow a
+    cancellation that races with completion (gh-86296), so a task that ignored the first
+    cancel is cancelled again rather than awaited forever."""
+    pending = {t for t in tasks if t is not None and not t.done()}
+    for _ in range(5):
+        if not pending:
+            return
+        for t in pending:
+            t.cancel()
+        _, pending = await asyncio.wait(pending, timeout=timeout / 5)
+    if pending:
+        logger.warning("%d task(s) ignored cancellation", len(pending))
+
+
+def spawn_tracked(tasks: set[asyncio.Task[None]], coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    """Run ``coro`` as a task kept in ``tasks`` until it is done (a server's connections)."""
+    task = asyncio.get_running_loop().create_task(coro)
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
+    return task
+
+
+__all__ = ["cancel_and_wait", "spawn_tracked"]
