@@ -149,6 +149,7 @@ class _Subscriber:
         if self.queue.full():
             with contextlib.suppress(asyncio.QueueEmpty):
                 self.queue.get_nowait()
+                self.queue.task_done()
             self.dropped += 1
         self.queue.put_nowait(event)
 
@@ -219,10 +220,10 @@ class ControlServer:
         """Stop serving; subscribers get what is queued (bounded by ``flush`` s) first."""
         if self._server is not None:
             self._server.close()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + flush
-        while any(not sub.queue.empty() for sub in self._subscribers) and loop.time() < deadline:
-            await asyncio.sleep(0.02)
+        drained = [sub.queue.join() for sub in self._subscribers]
+        if drained:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*drained), flush)
         for sub in list(self._subscribers):
             sub.writer.close()
         await cancel_and_wait(*self._connections)
@@ -362,6 +363,8 @@ class ControlServer:
             except (wire.FrameTimeout, wire.ConnectionClosed, ConnectionError):
                 logger.info("control subscriber stopped reading; disconnected")
                 return
+            finally:
+                sub.queue.task_done()
 
 
 async def _clear_stale_socket(path: Path) -> None:

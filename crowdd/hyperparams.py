@@ -7,6 +7,7 @@ them call :func:`validate_job`, which raises :class:`HyperparamError` naming the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -60,7 +61,7 @@ def _number(d: Mapping[str, Any], name: str, default: Any) -> float:
     v = d.get(name, default)
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise HyperparamError(name, f"must be a number, got {type(v).__name__}")
-    if v != v or v in (float("inf"), float("-inf")):
+    if not math.isfinite(v):
         raise HyperparamError(name, "must be finite")
     return float(v)
 

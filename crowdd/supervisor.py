@@ -181,7 +181,7 @@ class JobSupervisor:
             except OSError:
                 return  # already gone (and reaped)
         if fd is None:
-            while proc.returncode is None:
+            while proc.returncode is None:  # noqa: ASYNC110 - no pidfd: nothing to await but the pipe too
                 await asyncio.sleep(0.5)
             return
         fut: asyncio.Future[None] = loop.create_future()

@@ -201,7 +201,7 @@ async def read_frame(
     max_size: int = MAX_FRAME,
 ) -> dict[str, Any]:
     """Read one frame. A frame announcing a blob is refused here (use :func:`read_message`)."""
-    frame, blob = await read_message(reader, timeout=timeout, max_size=max_size, max_blob=0)
+    frame, _ = await read_message(reader, timeout=timeout, max_size=max_size, max_blob=0)
     return frame
 
 

@@ -1,17 +1,21 @@
 """Worker faults under TF's ClusterCoordinator: retire a dead worker, retry its work.
 
-TF's own handler (``WorkerPreemptionHandler``) expects a dead worker to come back: it calls
-``update_server_def``, which blocks until *every* worker answers again, and when a second
-worker dies meanwhile that call fails with an error TF files as a parameter-server failure:
-the run's remaining functions are cancelled and ``RemoteValue.fetch`` raises
-``UnavailableError``. In crowdd a worker that dies is gone for the session, so
-:class:`RetiringFailureHandler` replaces it: the failed function goes back to the queue for
-the other workers and the dead worker's thread stops. No cluster update ever runs.
+Two ways a worker's death used to fail the whole run (TF 2.21):
 
-:class:`RetryBudget` is the coordinator loop's second line: an error that still reaches
-``fetch`` or ``schedule`` while the parameter server lives costs one retry (the function is
-scheduled again); only a dead parameter server, every worker retired, or too many failures in
-a row end the job.
+* TF's own handler (``WorkerPreemptionHandler``) expects a dead worker to come back: it calls
+  ``update_server_def``, which waits until *every* worker answers again; when another worker
+  dies meanwhile, that call can fail with an error TF files as a parameter-server failure, and
+  every remaining function is cancelled.
+* A finished function's result stays on its worker until ``RemoteValue.fetch`` copies it; when
+  the worker dies in between, ``fetch`` raises ``UnavailableError`` ("Cluster now being
+  recovered" in the log).
+
+In crowdd a worker that dies is gone for the session, so :class:`RetiringFailureHandler`
+replaces TF's handler: the failed function goes back to the queue for the other workers and
+the dead worker's thread stops; no cluster update ever runs. :class:`RetryBudget` is the
+coordinator loop's second line: an error that still reaches ``fetch`` or ``schedule`` while
+the parameter server lives costs one retry (the function is scheduled again); only a dead
+parameter server, every worker retired, or too many failures in a row end the job.
 """
 
 from __future__ import annotations
