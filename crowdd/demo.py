@@ -324,6 +324,8 @@ async def _watch(node: Node, display: Display, result: asyncio.Future[dict[str, 
         if kind == "state":
             node.state = str(ev.get("state"))
             display.line(node.name, f"{ev.get('previous')} -> {node.state}")
+            if is_host and node.state == "training":
+                display.line("demo", "starting the TensorFlow cluster (loading TensorFlow takes a while)...")
         elif kind == "replication" and ev.get("index") is not None:
             done, total = int(ev.get("done") or 0), int(ev.get("total") or 0)
             if not is_host and total and (done, total) != node.replication:
