@@ -17,7 +17,6 @@ import atexit
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from crowdd.control import ControlClient, DaemonUnavailable
+from crowdd.ports import free_port
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 START_TIMEOUT = 60.0
@@ -37,12 +37,6 @@ STOP_GRACE = 10.0
 DEMO_JOB: dict[str, Any] = {"model": "mlp", "hidden": [100], "learning_rate": 0.5, "batch_size": 100, "sharding": "full"}
 DEFAULT_EPOCHS = 2
 SMALL_EPOCHS = 20  # scikit-learn's digits is tiny: 2 passes would not learn much
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

@@ -38,4 +38,22 @@ def _bound(host: str) -> socket.socket:
     return s
 
 
-__all__ = ["Reservation"]
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """Distinct free ports, all held open at once so none is handed out twice.
+
+    They are released before returning, so another process may still take one: use a
+    :class:`Reservation` where the caller keeps the sockets.
+    """
+    socks = [_bound(host) for _ in range(n)]
+    try:
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    return free_ports(1, host)[0]
+
+
+__all__ = ["Reservation", "free_port", "free_ports"]

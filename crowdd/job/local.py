@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,20 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from crowdd.job.events import parse_event
-
-
-def free_ports(n: int) -> list[int]:
-    """Distinct free loopback ports (held open together so none repeats)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+from crowdd.ports import free_ports
 
 
 @dataclass

@@ -6,7 +6,6 @@ import json
 import os
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,24 +21,11 @@ import pytest
 from crowdd.datasets import ArraySet, Prepared, convert
 from crowdd.job.events import parse_event
 from crowdd.job.shards import total_steps
+from crowdd.ports import free_ports
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 240.0  # importing TF in 3-4 processes on a loaded 2-core CI box
-
-
-def free_ports(n: int) -> list[int]:
-    """Distinct free ports: all held open at once so none is handed out twice."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 class JobProc:

@@ -28,16 +28,11 @@ from crowdd.daemon import (
 )
 from crowdd.idle import AlwaysIdle, CpuReading, IdlePolicy, Probes, UserIdle, Verdict
 from crowdd.matchmaker import Matchmaker
+from crowdd.ports import free_port
 
 pytestmark = pytest.mark.timeout(60)
 
 S = State
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --------------------------------------------------------------------------- the table
