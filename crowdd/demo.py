@@ -164,7 +164,9 @@ class Crowd:
 
     def start_matchmaker(self) -> None:
         self.matchmaker = self.procs.start(
-            [self.python, "-m", "crowdd", "matchmaker", "--listen", self.matchmaker_addr], self.root / "matchmaker.log"
+            # --root names the demo's directory on its command line, so kill_strays finds it too.
+            [self.python, "-m", "crowdd", "matchmaker", "--listen", self.matchmaker_addr, "--root", str(self.root / "matchmaker")],
+            self.root / "matchmaker.log",
         )
 
     def stop_matchmaker(self, sig: int = signal.SIGTERM) -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,6 +21,24 @@ class _Parser(argparse.ArgumentParser):
         EventWriter(sys.stdout).error(f"usage: {message}")
         self.print_usage(sys.stderr)
         sys.exit(EXIT_BAD_SPEC)
+
+
+def private_tmp(workdir: Path | None) -> Path:
+    """Point this job's (and its TF servers') temporary files into ``workdir/tmp`` (or a
+    fresh directory of its own when the spec names no workdir); the caller removes it.
+
+    TensorFlow's autograph writes a ``__autograph_generated_file*.py`` per traced function
+    and never removes them; kept below the job's own directory they go with it instead of
+    piling up in the volunteer's /tmp. Must run before TensorFlow is imported.
+    """
+    if workdir is None:
+        scratch = Path(tempfile.mkdtemp(prefix="crowdd-job-"))
+    else:
+        scratch = workdir / "tmp"
+        scratch.mkdir(exist_ok=True)
+    os.environ["TMPDIR"] = str(scratch)
+    tempfile.tempdir = None  # recomputed from TMPDIR on next use
+    return scratch
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -45,13 +65,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         events.error(f"cannot enter workdir: {exc}", field="workdir")
         return EXIT_BAD_SPEC
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    if spec.role == "worker":
-        from crowdd.job.worker import run_worker
+    scratch = private_tmp(Path(spec.workdir) if spec.workdir is not None else None)
+    try:
+        if spec.role == "worker":
+            from crowdd.job.worker import run_worker
 
-        return run_worker(spec, events)
-    from crowdd.job.host import run_host
+            return run_worker(spec, events)
+        from crowdd.job.host import run_host
 
-    code = run_host(spec, layout, events)
+        code = run_host(spec, layout, events)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     # Skip TF's teardown: it would try (and loudly fail) to reach servers already killed.
     sys.stdout.flush()
     sys.stderr.flush()

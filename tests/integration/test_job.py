@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import tempfile
 import time
 import zipfile
 from collections.abc import Iterator
@@ -205,6 +206,7 @@ def test_train_mean_is_the_training_splits_feature_mean(digits: Prepared) -> Non
 def test_host_and_two_workers_train_digits(make_cluster: Any) -> None:
     job = {"epochs": 6, "batch_size": 32, "learning_rate": 0.3, "sharding": "overlap"}
     cluster = make_cluster(2, job)
+    autograph_before = set(Path(tempfile.gettempdir()).glob("__autograph_generated_file*"))
     host = cluster.start()
     started = host.wait_for("started", START_TIMEOUT)
     assert set(started["ports"]) == {"ps", "worker"}
@@ -228,6 +230,9 @@ def test_host_and_two_workers_train_digits(make_cluster: Any) -> None:
         while alive(child) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not alive(child), "a TF server outlived the host job"
+    # TF's autograph scratch files went to the job's own directory, which the job removed.
+    assert not (cluster.root / "member0" / "tmp").exists()
+    assert set(Path(tempfile.gettempdir()).glob("__autograph_generated_file*")) <= autograph_before
 
 
 def test_run_survives_a_killed_worker(make_cluster: Any) -> None:
