@@ -26,7 +26,7 @@ import psutil
 
 from crowdd.control import ControlClient, DaemonUnavailable
 from crowdd.demo import stop_group
-from crowdd.ports import free_port
+from crowdd.node.ports import free_port
 
 TARGET_RSS_MB = 40.0
 TARGET_CPU_PER_MIN = 0.2

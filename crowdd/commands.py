@@ -102,7 +102,7 @@ def _call(args: argparse.Namespace, fn: Callable[[ControlClient], Awaitable[Any]
 
 
 def daemon(args: argparse.Namespace) -> int:
-    from crowdd.daemon import run  # the daemon's modules only when running it
+    from crowdd.node.daemon import run  # the daemon's modules only when running it
 
     cfg, paths = resolve_config(args)
     if not getattr(args, "verbose", 0):

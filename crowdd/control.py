@@ -38,7 +38,7 @@ from typing import Any, Protocol
 
 from crowdd import wire
 from crowdd.config import Paths
-from crowdd.tasks import cancel_and_wait
+from crowdd.aio import cancel_and_wait
 from crowdd.wire import ErrorCode, WireError
 
 logger = logging.getLogger(__name__)

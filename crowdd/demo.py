@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from crowdd.control import ControlClient, DaemonUnavailable
-from crowdd.ports import free_port
+from crowdd.node.ports import free_port
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 START_TIMEOUT = 60.0

@@ -41,7 +41,7 @@ from crowdd import auth, wire
 from crowdd.cache import DatasetCache
 from crowdd.manifest import Manifest
 from crowdd.route import node_plan
-from crowdd.tasks import spawn_tracked
+from crowdd.aio import spawn_tracked
 
 logger = logging.getLogger(__name__)
 

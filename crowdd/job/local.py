@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from crowdd.job.events import parse_event
-from crowdd.ports import free_ports
+from crowdd.node.ports import free_ports
 
 
 @dataclass

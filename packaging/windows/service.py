@@ -46,7 +46,7 @@ def daemon_entry(root: Path, *, tcp: bool | None = None) -> DaemonEntry:
 
     async def main(stop: asyncio.Event) -> int:
         from crowdd.control import Endpoint
-        from crowdd.daemon import Daemon, make_policy
+        from crowdd.node.daemon import Daemon, make_policy
 
         paths = service_paths(root)
         cfg = load_config(paths.config_file)

@@ -17,7 +17,7 @@ import pytest
 from crowdd.cli import build_parser
 from crowdd.commands import EXIT_NO_DAEMON, job_from_args
 from crowdd.demo import permissive_idle_table, stop_group
-from crowdd.ports import free_port
+from crowdd.node.ports import free_port
 from crowdd.hyperparams import HyperparamError
 
 pytestmark = pytest.mark.timeout(120)

@@ -22,7 +22,7 @@ import pytest
 from crowdd.datasets import ArraySet, Prepared, convert
 from crowdd.job.events import parse_event
 from crowdd.job.shards import total_steps
-from crowdd.ports import free_ports
+from crowdd.node.ports import free_ports
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]

@@ -35,9 +35,9 @@ from crowdd.tui.client import (
 
 def _daemon_missing() -> str | None:
     try:
-        importlib.import_module("crowdd.daemon")
+        importlib.import_module("crowdd.node.daemon")
     except ImportError as exc:
-        return f"crowdd.daemon cannot be imported yet ({exc})"
+        return f"crowdd.node.daemon cannot be imported yet ({exc})"
     return None
 
 

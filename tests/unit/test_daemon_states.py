@@ -16,7 +16,7 @@ import pytest
 from crowdd import wire
 from crowdd.config import Config, MatchmakerConfig, Paths
 from crowdd.control import ControlClient, Endpoint
-from crowdd.daemon import (
+from crowdd.node.daemon import (
     TRANSITIONS,
     Backoff,
     Daemon,
@@ -28,7 +28,7 @@ from crowdd.daemon import (
 )
 from crowdd.idle import AlwaysIdle, CpuReading, IdlePolicy, Probes, UserIdle, Verdict
 from crowdd.matchmaker import Matchmaker
-from crowdd.ports import free_port
+from crowdd.node.ports import free_port
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from crowdd import auth
-from crowdd.session import (
+from crowdd.node.session import (
     PURPOSE,
     HostLost,
     HostSession,

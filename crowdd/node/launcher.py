@@ -23,7 +23,7 @@ from crowdd.job.spec import (
     write_spec,
 )
 from crowdd.manifest import Manifest
-from crowdd.ports import Reservation
+from crowdd.node.ports import Reservation
 from crowdd.supervisor import JobError, JobSupervisor, job_command
 
 

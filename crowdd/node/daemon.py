@@ -2,15 +2,15 @@
 and the session cycles together.
 
 One per machine; asyncio; never imports TensorFlow (the job child does). States: see
-:mod:`crowdd.states`. Every transition is an event on the control socket and a log line
-(:mod:`crowdd.board` keeps what status reports).
+:mod:`crowdd.node.states`. Every transition is an event on the control socket and a log line
+(:mod:`crowdd.node.status` keeps what status reports).
 
 Roles: a worker registers while donation is on and the idle policy allows; a host registers
-when asked to host a dataset. A *cycle* is one pass: reserve ports (:mod:`crowdd.ports`),
-register at the matchmaker (:mod:`crowdd.registration`, retrying with jittered backoff; the
-matchmaker may come and go), then lead (:mod:`crowdd.host_flow`) or follow
-(:mod:`crowdd.worker_flow`) the group session, then tear everything down (the job's process
-group included, :mod:`crowdd.launcher`). Collaborators (policy, notifier, matchmaker address,
+when asked to host a dataset. A *cycle* is one pass: reserve ports (:mod:`crowdd.node.ports`),
+register at the matchmaker (:mod:`crowdd.node.registration`, retrying with jittered backoff; the
+matchmaker may come and go), then lead (:mod:`crowdd.node.host`) or follow
+(:mod:`crowdd.node.worker`) the group session, then tear everything down (the job's process
+group included, :mod:`crowdd.node.launcher`). Collaborators (policy, notifier, matchmaker address,
 endpoint, config loader) come in through the constructor so several daemons can run in one
 process.
 """
@@ -31,23 +31,23 @@ from pathlib import Path
 from typing import Any
 
 from crowdd import wire
-from crowdd.backoff import Backoff
-from crowdd.board import Board
+from crowdd.node.backoff import Backoff
+from crowdd.node.status import StatusView
 from crowdd.cache import DatasetCache
 from crowdd.config import Config, ConfigError, Paths, load_config, parse_hostport
 from crowdd.control import ControlServer, Endpoint
-from crowdd.cycle import Cycle, CycleError
-from crowdd.host_flow import HostRequest, Prepared, lead, prepare_dataset
+from crowdd.node.context import SessionContext, SessionFailed
+from crowdd.node.host import HostRequest, Prepared, lead, prepare_dataset
 from crowdd.hyperparams import HyperparamError, validate_job
 from crowdd.idle import AlwaysIdle, IdlePolicy, Policy, Probes, Verdict, system_probes
 from crowdd.job.spec import Settings
-from crowdd.launcher import JobLauncher
-from crowdd.ports import Reservation
-from crowdd.registration import make_hello, register_until_grouped
-from crowdd.states import TRANSITIONS, InvalidTransition, State, StateMachine, allowed
+from crowdd.node.launcher import JobLauncher
+from crowdd.node.ports import Reservation
+from crowdd.node.registration import make_hello, register_until_grouped
+from crowdd.node.states import TRANSITIONS, InvalidTransition, State, StateMachine, allowed
 from crowdd.systemd import Notifier
-from crowdd.tasks import cancel_and_wait
-from crowdd.worker_flow import follow
+from crowdd.aio import cancel_and_wait
+from crowdd.node.worker import follow
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class Daemon:
         self.name = (name or cfg.daemon.name or socket.gethostname() or "crowdd")[:64]
         self.cache = DatasetCache(paths.dataset_cache)
         self._control = ControlServer(self, endpoint)
-        self.board = Board(self.name, self._control.publish, self._notifier)
+        self.view = StatusView(self.name, self._control.publish, self._notifier)
         self._jobs = JobLauncher(paths.jobs_dir, job_python, job_env if job_env is not None else os.environ, self._settings)
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
@@ -104,11 +104,11 @@ class Daemon:
 
     @property
     def state(self) -> State:
-        return self.board.state
+        return self.view.state
 
     @property
     def donating(self) -> bool:
-        return self.board.donating
+        return self.view.donating
 
     @property
     def control(self) -> ControlServer:
@@ -117,13 +117,13 @@ class Daemon:
     async def start(self) -> None:
         self.paths.ensure()
         self.cache.ensure()
-        self.board.donating = self._load_persisted().get("donating", False) is True
+        self.view.donating = self._load_persisted().get("donating", False) is True
         await self._control.start()
         self._main = asyncio.create_task(self._loop(), name="crowdd-daemon")
         interval = self._notifier.watchdog_interval
         if interval:
             self._watchdog = asyncio.create_task(self._watchdog_loop(interval))
-        self._notifier.ready(self.board.status_line())
+        self._notifier.ready(self.view.status_line())
         logger.info("crowdd daemon %s ready (%s, donation %s)", self.name, self._endpoint.describe(), "on" if self.donating else "off")
 
     async def close(self) -> None:
@@ -194,17 +194,17 @@ class Daemon:
     # ------------------------------------------------------------------ requests (control)
 
     def status(self) -> dict[str, Any]:
-        return self.board.status()
+        return self.view.status()
 
     async def donate(self, on: bool) -> dict[str, Any]:
         if on != self.donating:
-            self.board.donating = on
+            self.view.donating = on
             self._persist()
-            self.board.log(logging.INFO, f"donation switched {'on' if on else 'off'}")
-            if not on and self.board.role == "worker":
+            self.view.log(logging.INFO, f"donation switched {'on' if on else 'off'}")
+            if not on and self.view.role == "worker":
                 self._abort("donation switched off")
             if not on:
-                self.board.verdict = Verdict(False, None, "donation is off")
+                self.view.verdict = Verdict(False, None, "donation is off")
             self._wake.set()
         return {"type": "ok", "donating": self.donating}
 
@@ -220,7 +220,7 @@ class Daemon:
             raise wire.WireError(wire.ErrorCode.BAD_FIELD, f"{dataset}: no such file or directory", field="dataset")
         if test_fraction is not None and not 0 < test_fraction < 1:
             raise wire.WireError(wire.ErrorCode.BAD_FIELD, "test_fraction must be between 0 and 1", field="test_fraction")
-        role = self.board.role
+        role = self.view.role
         if self._host_request is not None or role == "host":
             raise wire.WireError(wire.ErrorCode.BUSY, "already hosting; `crowdd stop` ends that session first")
         if role == "worker" and self.state not in (S.STANDBY, S.REGISTERING, S.WAITING):
@@ -228,7 +228,7 @@ class Daemon:
         self._host_request = HostRequest(path, parsed, test_fraction)
         if role == "worker":
             self._abort("switching to host")
-        self.board.log(logging.INFO, f"asked to host {path}")
+        self.view.log(logging.INFO, f"asked to host {path}")
         self._wake.set()
         return {"type": "ok"}
 
@@ -252,7 +252,7 @@ class Daemon:
             with contextlib.suppress(ValueError):
                 self._mm = parse_hostport(cfg.daemon.matchmaker)
         self._backoff = Backoff(cfg.daemon.retry_min, cfg.daemon.retry_max, self._rng)
-        self.board.log(logging.INFO, "configuration reloaded")
+        self.view.log(logging.INFO, "configuration reloaded")
         self._wake.set()
         return {"type": "ok"}
 
@@ -272,8 +272,8 @@ class Daemon:
             v = self._policy.evaluate()
         else:
             v = await asyncio.get_running_loop().run_in_executor(None, self._policy.evaluate)
-        if v != self.board.verdict:
-            self.board.verdict = v
+        if v != self.view.verdict:
+            self.view.verdict = v
             logger.info("idle policy: %s", v.reason)
         return v
 
@@ -285,12 +285,12 @@ class Daemon:
                 return "host"
             timeout: float | None = None
             if self.donating:
-                self.board.to(S.STANDBY)
+                self.view.to(S.STANDBY)
                 if (await self._evaluate()).allowed:
                     return "worker"
                 timeout = self._policy_interval
             else:
-                self.board.to(S.OFF)
+                self.view.to(S.OFF)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
 
@@ -305,20 +305,20 @@ class Daemon:
                         await asyncio.wait_for(self._wake.wait(), delay)
                 role = await self._next_role()
                 self._abort_reason = None
-                self.board.role = role  # before the task runs: an abort can find it at once
+                self.view.role = role  # before the task runs: an abort can find it at once
                 self._cycle = asyncio.create_task(self._run_cycle(role), name=f"crowdd-{role}")
                 await asyncio.wait({self._cycle})
-                if self.board.role is not None:  # cancelled before it even started
+                if self.view.role is not None:  # cancelled before it even started
                     await self._teardown(None)
                 failed = False
                 if self._cycle.cancelled():
                     if self._abort_reason:
-                        self.board.log(logging.INFO, f"session ended: {self._abort_reason}")
+                        self.view.log(logging.INFO, f"session ended: {self._abort_reason}")
                 elif (exc := self._cycle.exception()) is not None:
                     failed = True
                     logger.error("session cycle failed", exc_info=exc)
-                    self.board.error = f"internal error: {exc}"
-                elif self.board.error is not None:
+                    self.view.error = f"internal error: {exc}"
+                elif self.view.error is not None:
                     failed = True
                 self._cycle = None
         finally:
@@ -326,18 +326,18 @@ class Daemon:
                 await cancel_and_wait(self._cycle, timeout=30.0)
 
     async def _run_cycle(self, role: str) -> None:
-        board = self.board
-        board.role = role
-        board.error = None
+        view = self.view
+        view.role = role
+        view.error = None
         res: Reservation | None = None
         watch = asyncio.create_task(self._policy_watch()) if role == "worker" else None
-        cycle = Cycle(self.cfg, board, self._jobs, self.cache, self._linger)
+        cycle = SessionContext(self.cfg, view, self._jobs, self.cache, self._linger)
         try:
             prepared: Prepared | None = None
             if role == "host":
-                board.to(S.REGISTERING)
+                view.to(S.REGISTERING)
                 if self._host_request is None:
-                    raise CycleError("nothing to host")
+                    raise SessionFailed("nothing to host")
                 prepared = await prepare_dataset(cycle, self._host_request)
             try:
                 res = Reservation(
@@ -345,22 +345,22 @@ class Daemon:
                     2 if role == "host" else 1,
                 )
             except OSError as exc:
-                raise CycleError(f"cannot bind the session ports: {exc}") from None
+                raise SessionFailed(f"cannot bind the session ports: {exc}") from None
             hello = make_hello(self.cfg.daemon, self.name, role, res, prepared, self._host_request)
             group = await register_until_grouped(
-                role, hello, board, matchmaker=lambda: self._mm, heartbeat=self.cfg.daemon.heartbeat,
+                role, hello, view, matchmaker=lambda: self._mm, heartbeat=self.cfg.daemon.heartbeat,
                 backoff=lambda: self._backoff,
             )
             self._backoff.reset()
-            board.joined(group)
-            board.log(logging.INFO, f"joined group {group['group_id']} as node {group['index']} of {len(group['members'])}")
+            view.joined(group)
+            view.log(logging.INFO, f"joined group {group['group_id']} as node {group['index']} of {len(group['members'])}")
             if role == "host" and prepared is not None:
                 await lead(cycle, group, res, prepared)
             else:
                 await follow(cycle, group, res)
-        except CycleError as exc:
-            board.error = str(exc)
-            board.log(logging.ERROR, str(exc))
+        except SessionFailed as exc:
+            view.error = str(exc)
+            view.log(logging.ERROR, str(exc))
         finally:
             await cancel_and_wait(watch)
             await self._teardown(res)
@@ -375,12 +375,12 @@ class Daemon:
             if verdict.allowed:
                 if sup is not None and sup.suspended:
                     sup.resume()
-                    self.board.log(logging.INFO, f"idle again ({verdict.reason}); job resumed")
+                    self.view.log(logging.INFO, f"idle again ({verdict.reason}); job resumed")
                 continue
             if self.state in (S.REPLICATING, S.TRAINING) and self._policy.on_busy == "suspend":
                 if sup is not None and not sup.suspended:
                     sup.suspend()
-                    self.board.log(logging.INFO, f"machine busy ({verdict.reason}); job suspended")
+                    self.view.log(logging.INFO, f"machine busy ({verdict.reason}); job suspended")
                 continue
             self._abort(f"the idle policy says no: {verdict.reason}")
             return
@@ -389,10 +389,10 @@ class Daemon:
         await self._jobs.stop()
         if res is not None:
             res.close()
-        if self.board.role == "host":
+        if self.view.role == "host":
             self._host_request = None
-        self.board.clear_session()
-        self.board.to(S.STANDBY if self.donating else S.OFF)
+        self.view.clear_session()
+        self.view.to(S.STANDBY if self.donating else S.OFF)
 
     def _settings(self) -> Settings:
         j = self.cfg.job

@@ -7,26 +7,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from crowdd.board import Board
+from crowdd.node.status import StatusView
 from crowdd.cache import DatasetCache
 from crowdd.config import Config
-from crowdd.launcher import JobLauncher, LaunchError
+from crowdd.node.launcher import JobLauncher, LaunchError
 from crowdd.manifest import Manifest
-from crowdd.ports import Reservation
+from crowdd.node.ports import Reservation
 from crowdd.supervisor import JobSupervisor
 
 
-class CycleError(Exception):
+class SessionFailed(Exception):
     """A session cycle that failed; the message is for the user (status ``error``)."""
 
 
 @dataclass
-class Cycle:
-    """The collaborators of one cycle: settings (as of its start), the status board, the
+class SessionContext:
+    """The collaborators of one cycle: settings (as of its start), the status view, the
     job launcher, the dataset cache, and how long to linger in FINISHED."""
 
     cfg: Config
-    board: Board
+    view: StatusView
     jobs: JobLauncher
     cache: DatasetCache
     linger: float
@@ -36,9 +36,9 @@ class Cycle:
         on_event: Callable[[dict[str, Any]], None], res: Reservation,
     ) -> JobSupervisor:
         try:
-            return await self.jobs.start(role, index, cluster, workdir, data, manifest, self.board.job or {}, on_event, res)
+            return await self.jobs.start(role, index, cluster, workdir, data, manifest, self.view.job or {}, on_event, res)
         except LaunchError as exc:
-            raise CycleError(str(exc)) from None
+            raise SessionFailed(str(exc)) from None
 
 
-__all__ = ["Cycle", "CycleError"]
+__all__ = ["SessionContext", "SessionFailed"]

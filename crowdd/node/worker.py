@@ -14,40 +14,40 @@ from typing import Any
 from crowdd import replication as rep
 from crowdd import wire
 from crowdd.auth import AuthError
-from crowdd.board import PROGRESS_INTERVAL
-from crowdd.cycle import Cycle, CycleError
+from crowdd.node.status import PROGRESS_INTERVAL
+from crowdd.node.context import SessionContext, SessionFailed
 from crowdd.manifest import Manifest, ManifestError
-from crowdd.ports import Reservation
+from crowdd.node.ports import Reservation
 from crowdd.route import node_plan
-from crowdd.session import (
+from crowdd.node.session import (
     HostLost,
     SessionRefused,
     WorkerSession,
     dead_after,
 )
-from crowdd.states import State
-from crowdd.tasks import cancel_and_wait
+from crowdd.node.states import State
+from crowdd.aio import cancel_and_wait
 
 
-async def follow(c: Cycle, group: dict[str, Any], res: Reservation) -> None:
+async def follow(c: SessionContext, group: dict[str, Any], res: Reservation) -> None:
     d = c.cfg.daemon
-    board = c.board
+    view = c.view
     token = str(group["token"])
     index = int(group["index"])
     members = group["members"]
     host = members[0]
     n = len(members)
-    board.to(State.REPLICATING)
+    view.to(State.REPLICATING)
     train: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
 
     def on_message(frame: dict[str, Any]) -> None:
         kind = frame["type"]
         if kind == "members" and isinstance(frame.get("members"), list):
-            board.set_members(frame["members"])
+            view.set_members(frame["members"])
         elif kind == "train" and not train.done():
             train.set_result(frame)
         elif kind in ("progress", "eval"):
-            board.on_training_event(frame)
+            view.on_training_event(frame)
 
     ws = WorkerSession(
         str(host["address"]), int(host["ports"]["session"]), token, index,
@@ -61,7 +61,7 @@ async def follow(c: Cycle, group: dict[str, Any], res: Reservation) -> None:
         try:
             await ws.connect(retry_for=d.peer_timeout)
         except SessionRefused as exc:
-            raise CycleError(f"the host's session is unreachable: {exc}") from None
+            raise SessionFailed(f"the host's session is unreachable: {exc}") from None
         session_task = asyncio.create_task(ws.run())
         tasks.append(session_task)
         ws.send({"type": "state", "state": "replicating"})
@@ -83,8 +83,8 @@ async def follow(c: Cycle, group: dict[str, Any], res: Reservation) -> None:
                 return
             last[0] = now
             reported[0] = (p.done_bytes, p.total_bytes)
-            board.set_member(index, replication={"done": p.done_bytes, "total": p.total_bytes})
-            board.publish("replication", index=index, done=p.done_bytes, total=p.total_bytes, source=p.source)
+            view.set_member(index, replication={"done": p.done_bytes, "total": p.total_bytes})
+            view.publish("replication", index=index, done=p.done_bytes, total=p.total_bytes, source=p.source)
             ws.send({"type": "replication", "done": p.done_bytes, "total": p.total_bytes, "source": p.source})
 
         replicator = rep.Replicator(index, peers, token, manifest, c.cache, route=c.cfg.replication.route,
@@ -95,12 +95,12 @@ async def follow(c: Cycle, group: dict[str, Any], res: Reservation) -> None:
         try:
             data_path = rep_task.result()
         except rep.ReplicationError as exc:
-            raise CycleError(f"replication failed: {exc}") from None
+            raise SessionFailed(f"replication failed: {exc}") from None
         ws.send({"type": "ready"})
-        board.log(logging.INFO, f"dataset verified ({manifest.size:,} bytes); waiting for the host to start training")
+        view.log(logging.INFO, f"dataset verified ({manifest.size:,} bytes); waiting for the host to start training")
         await _race(train, session_task)
         frame = train.result()
-        board.to(State.TRAINING)
+        view.to(State.TRAINING)
         ws.send({"type": "state", "state": "training"})
         workdir = c.jobs.job_dir(group, index)
 
@@ -108,7 +108,7 @@ async def follow(c: Cycle, group: dict[str, Any], res: Reservation) -> None:
             if ev.get("event") == "started":
                 ws.send({"type": "job", "event": "started"})
             elif ev.get("event") == "error":
-                board.log(logging.ERROR, f"worker job: {ev.get('message')}")
+                view.log(logging.ERROR, f"worker job: {ev.get('message')}")
 
         sup = await c.start_job("worker", int(frame["index"]), frame["cluster"], workdir, data_path, manifest, on_event, res)
         job_task = asyncio.create_task(sup.wait())
@@ -117,12 +117,12 @@ async def follow(c: Cycle, group: dict[str, Any], res: Reservation) -> None:
         if not session_task.done():
             code = job_task.result()
             ws.send({"type": "job", "event": "exited", "code": code, "message": sup.last_error})
-            raise CycleError(f"this node's TF server exited (code {code}): {sup.last_error or 'see job.log'}")
+            raise SessionFailed(f"this node's TF server exited (code {code}): {sup.last_error or 'see job.log'}")
         end = _session_result(session_task)
         if end.get("error"):
-            raise CycleError(f"the host ended the session: {end['error']}")
-        board.finished(end.get("test_accuracy"), end.get("model_path"))
-        board.log(logging.INFO, f"session finished: test accuracy {end.get('test_accuracy')}")
+            raise SessionFailed(f"the host ended the session: {end['error']}")
+        view.finished(end.get("test_accuracy"), end.get("model_path"))
+        view.log(logging.INFO, f"session finished: test accuracy {end.get('test_accuracy')}")
         await c.jobs.stop()
         await asyncio.sleep(c.linger)
     finally:
@@ -141,7 +141,7 @@ def _session_result(session_task: asyncio.Task[dict[str, Any]]) -> dict[str, Any
     try:
         return session_task.result()
     except HostLost as exc:
-        raise CycleError(f"the host went away ({exc})") from None
+        raise SessionFailed(f"the host went away ({exc})") from None
 
 
 async def _race(work: asyncio.Future[Any], session_task: asyncio.Task[dict[str, Any]]) -> None:
@@ -149,11 +149,11 @@ async def _race(work: asyncio.Future[Any], session_task: asyncio.Task[dict[str, 
     await asyncio.wait({work, session_task}, return_when=asyncio.FIRST_COMPLETED)
     if not work.done():
         end = _session_result(session_task)
-        raise CycleError(f"the host ended the session early: {end.get('error') or 'no reason given'}")
+        raise SessionFailed(f"the host ended the session early: {end.get('error') or 'no reason given'}")
 
 
 async def _fetch_manifest(
-    c: Cycle, host: rep.Peer, token: str, index: int, digest: str, session_task: asyncio.Task[dict[str, Any]]
+    c: SessionContext, host: rep.Peer, token: str, index: int, digest: str, session_task: asyncio.Task[dict[str, Any]]
 ) -> Manifest:
     delay = 0.2
     deadline = time.monotonic() + c.cfg.daemon.peer_timeout
@@ -165,7 +165,7 @@ async def _fetch_manifest(
         except (AuthError, ManifestError, wire.WireError, wire.RemoteError, wire.ConnectionClosed,
                 wire.FrameTimeout, OSError) as exc:  # retry a while, then give up
             if time.monotonic() > deadline:
-                raise CycleError(f"cannot get the dataset manifest from the host: {exc}") from None
+                raise SessionFailed(f"cannot get the dataset manifest from the host: {exc}") from None
             await asyncio.sleep(delay)
             delay = min(2 * delay, 2.0)
 

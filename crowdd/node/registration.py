@@ -9,14 +9,14 @@ from collections.abc import Callable
 from typing import Any
 
 from crowdd import wire
-from crowdd.backoff import Backoff
-from crowdd.board import Board
+from crowdd.node.backoff import Backoff
+from crowdd.node.status import StatusView
 from crowdd.config import DaemonConfig
-from crowdd.cycle import CycleError
-from crowdd.host_flow import HostRequest, Prepared
+from crowdd.node.context import SessionFailed
+from crowdd.node.host import HostRequest, Prepared
 from crowdd.matchmaker_client import register
-from crowdd.ports import Reservation
-from crowdd.states import State
+from crowdd.node.ports import Reservation
+from crowdd.node.states import State
 
 
 def make_hello(
@@ -40,28 +40,28 @@ def make_hello(
 async def register_until_grouped(
     role: str,
     hello: dict[str, Any],
-    board: Board,
+    view: StatusView,
     *,
     matchmaker: Callable[[], tuple[str, int]],
     heartbeat: float,
     backoff: Callable[[], Backoff],
 ) -> dict[str, Any]:
     """Register (again and again) until the matchmaker sends this node's ``group`` frame.
-    A host whose job the matchmaker refuses gets a :class:`CycleError`."""
+    A host whose job the matchmaker refuses gets a :class:`SessionFailed`."""
     while True:
-        board.to(State.REGISTERING)
-        board.queue = None
+        view.to(State.REGISTERING)
+        view.queue = None
         mm = matchmaker()
         try:
-            return await register(mm, hello, heartbeat=heartbeat, on_wait=board.on_wait)
+            return await register(mm, hello, heartbeat=heartbeat, on_wait=view.on_wait)
         except wire.RemoteError as exc:
             if exc.code in (wire.ErrorCode.BAD_FIELD.value, wire.ErrorCode.VERSION.value) and role == "host":
-                raise CycleError(f"the matchmaker refused this job: {exc.message}") from None
+                raise SessionFailed(f"the matchmaker refused this job: {exc.message}") from None
             why = f"the matchmaker said {exc.code}: {exc.message}"
         except (wire.ConnectionClosed, wire.FrameTimeout, wire.WireError, OSError) as exc:
             why = str(exc) or type(exc).__name__
         delay = backoff().next()
-        board.log(logging.WARNING, f"matchmaker {mm[0]}:{mm[1]}: {why}; retrying in {delay:.1f} s")
+        view.log(logging.WARNING, f"matchmaker {mm[0]}:{mm[1]}: {why}; retrying in {delay:.1f} s")
         await asyncio.sleep(delay)
 
 

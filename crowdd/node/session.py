@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from crowdd import auth, wire
-from crowdd.tasks import cancel_and_wait, spawn_tracked
+from crowdd.aio import cancel_and_wait, spawn_tracked
 
 logger = logging.getLogger(__name__)
 

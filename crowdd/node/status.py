@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from crowdd import __version__
 from crowdd.idle import Verdict
-from crowdd.states import InvalidTransition, State, StateMachine
+from crowdd.node.states import InvalidTransition, State, StateMachine
 from crowdd.systemd import Notifier
 
 logger = logging.getLogger(__name__)
@@ -24,14 +24,14 @@ PROGRESS_INTERVAL = 0.25  # at most this often: replication reports, members bro
 
 
 class MemberFanout(Protocol):
-    """The host's session as the board sees it: the member list, and a broadcast."""
+    """The host's session as the view sees it: the member list, and a broadcast."""
 
     def member_dicts(self) -> list[dict[str, Any]]: ...
 
     def broadcast(self, msg: dict[str, Any]) -> None: ...
 
 
-class Board:
+class StatusView:
     """A node's reported status. ``publish(kind, **fields)`` sends one control event."""
 
     def __init__(self, name: str, publish: Callable[..., None], notifier: Notifier) -> None:
@@ -190,4 +190,4 @@ class Board:
         self._publish("result", **self.result)
 
 
-__all__ = ["PROGRESS_INTERVAL", "Board", "MemberFanout"]
+__all__ = ["PROGRESS_INTERVAL", "StatusView", "MemberFanout"]

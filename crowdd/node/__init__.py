@@ -1,0 +1,1 @@
+"""The daemon's parts: one node of a crowd (see docs/architecture.md)."""
