@@ -23,18 +23,20 @@ else:  # pragma: no cover - exercised only on Python 3.10
 
 import platformdirs
 
+from crowdd.errors import InputError
+
 APP = "crowdd"
 DEFAULT_MATCHMAKER_PORT = 7700
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A bad configuration file or value; the message names the file and the key."""
 
     def __init__(self, source: str, key: str, message: str) -> None:
-        super().__init__(f"{source}: {key}: {message}")
+        super().__init__(message, field=key)
+        self.args = (f"{source}: {key}: {message}",)
         self.source = source
         self.key = key
-        self.message = message
 
 
 @dataclass

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from crowdd.errors import InputError
+
 MODELS = ("mlp", "cnn")
 OPTIMIZERS = ("sgd", "adam")
 SHARDINGS = ("overlap", "disjoint", "full")
@@ -23,13 +25,13 @@ MAX_LAYER = 1 << 16
 MAX_LAYERS = 16
 
 
-class HyperparamError(ValueError):
+class HyperparamError(InputError):
     """An impossible or unknown hyperparameter; ``field`` names it."""
 
+    field: str
+
     def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
+        super().__init__(message, field=field)
 
 
 @dataclass(frozen=True)

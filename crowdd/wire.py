@@ -15,13 +15,14 @@ on every read.
 from __future__ import annotations
 
 import asyncio
-import enum
 import json
 import logging
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from crowdd.errors import CrowddError, ErrorCode, RemoteError
 
 logger = logging.getLogger(__name__)
 
@@ -33,30 +34,12 @@ _HEADER = struct.Struct(">I")
 HEADER_SIZE = _HEADER.size
 
 
-class ErrorCode(str, enum.Enum):
-    """Public error codes. Internal errors map onto these; nothing else reaches the wire."""
-
-    BAD_FRAME = "bad_frame"
-    TOO_LARGE = "too_large"
-    UNKNOWN_TYPE = "unknown_type"
-    BAD_FIELD = "bad_field"
-    VERSION = "version"
-    UNAUTHORIZED = "unauthorized"
-    BUSY = "busy"
-    INTERNAL = "internal"
-
-
-class WireError(Exception):
+class WireError(CrowddError):
     """A protocol error with a public code and a human message (never a traceback)."""
 
     def __init__(self, code: ErrorCode, message: str, *, field: str | None = None) -> None:
-        super().__init__(f"{code.value}: {message}")
-        self.code = code
-        self.message = message
-        self.field = field
-
-    def to_frame(self) -> dict[str, Any]:
-        return error_frame(self.code, self.message, field=self.field)
+        super().__init__(message, field=field, code=code)
+        self.args = (f"{code.value}: {message}",)
 
 
 class ConnectionClosed(Exception):
@@ -65,16 +48,6 @@ class ConnectionClosed(Exception):
 
 class FrameTimeout(Exception):
     """A read did not complete within its timeout (a silent or stalled peer)."""
-
-
-class RemoteError(Exception):
-    """The peer sent us an ``error`` frame."""
-
-    def __init__(self, code: str, message: str, field: str | None = None) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-        self.field = field
 
 
 def error_frame(code: ErrorCode, message: str, *, field: str | None = None) -> dict[str, Any]:
@@ -87,11 +60,7 @@ def error_frame(code: ErrorCode, message: str, *, field: str | None = None) -> d
 def raise_if_error(frame: Mapping[str, Any]) -> None:
     """Turn a received ``error`` frame into :class:`RemoteError`."""
     if frame.get("type") == "error":
-        raise RemoteError(
-            str(frame.get("code", "internal")),
-            str(frame.get("message", "")),
-            frame.get("field") if isinstance(frame.get("field"), str) else None,
-        )
+        raise RemoteError.from_frame(dict(frame))
 
 
 # --------------------------------------------------------------------------- codec (no I/O)

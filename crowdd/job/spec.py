@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from crowdd.errors import InputError
 from crowdd.config import JobConfig, parse_hostport
 from crowdd.hyperparams import HyperparamError, Job, validate_job
 from crowdd.job.shards import segments
@@ -22,13 +23,13 @@ INDEX_FILE = "crowdd-worker-index"
 _TOP = {"role", "index", "cluster", "job", "dataset", "workdir", "output_dir", "settings"}
 
 
-class SpecError(ValueError):
+class SpecError(InputError):
     """An impossible job spec; ``field`` names the culprit (dotted path)."""
 
+    field: str
+
     def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
+        super().__init__(message, field=field)
 
 
 _DEFAULTS = JobConfig()
