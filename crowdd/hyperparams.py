@@ -140,6 +140,57 @@ def validate_job(d: Mapping[str, Any]) -> Job:
     )
 
 
+ROUTES = ("binomial", "chain", "star")
+MERGES = ("average", "sum")
+MAX_STEPS_PER_FUNCTION = 1_000_000
+MIN_CHUNK = 1
+MAX_CHUNK = 64 << 20  # one chunk travels as one wire blob (wire.MAX_BLOB)
+
+
+@dataclass(frozen=True)
+class GroupSettings:
+    """What the whole group must agree on besides the hyperparameters. The host decides it
+    (from its ``[replication]`` and ``[job]`` config) and it travels with the job through the
+    matchmaker; a worker's own config never changes it."""
+
+    route: str = "binomial"
+    sync_every: int = 50
+    steps_per_function: int = 500
+    merge: str = "average"
+    chunk_size: int = 1 << 20
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_SETTINGS = {f for f in GroupSettings.__dataclass_fields__}
+
+
+def validate_settings(d: Mapping[str, Any]) -> GroupSettings:
+    """Check a group-settings mapping (from the host's hello or the group frame); the error's
+    field is ``settings.NAME``."""
+    if not isinstance(d, Mapping):
+        raise HyperparamError("settings", "must be an object")
+    unknown = sorted(set(d) - _SETTINGS)
+    if unknown:
+        raise HyperparamError(f"settings.{unknown[0]}", "unknown group setting")
+    base = GroupSettings()
+    try:
+        steps = _int(d, "steps_per_function", base.steps_per_function, 1, MAX_STEPS_PER_FUNCTION)
+        sync = _int(d, "sync_every", min(base.sync_every, steps), 1, MAX_STEPS_PER_FUNCTION)
+        if sync > steps:
+            raise HyperparamError("sync_every", f"must be <= steps_per_function ({steps}), got {sync}")
+        return GroupSettings(
+            route=_choice(d, "route", base.route, ROUTES),
+            sync_every=sync,
+            steps_per_function=steps,
+            merge=_choice(d, "merge", base.merge, MERGES),
+            chunk_size=_int(d, "chunk_size", base.chunk_size, MIN_CHUNK, MAX_CHUNK),
+        )
+    except HyperparamError as exc:
+        raise HyperparamError(f"settings.{exc.field}", exc.message) from None
+
+
 def check_field(name: str, value: Any) -> str | None:
     """Validate one field alone (for forms); return an error message or None."""
     try:
@@ -150,6 +201,10 @@ def check_field(name: str, value: Any) -> str | None:
 
 
 __all__ = [
+    "GroupSettings",
+    "MERGES",
+    "ROUTES",
+    "validate_settings",
     "Job",
     "HyperparamError",
     "validate_job",

@@ -15,9 +15,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
-import ipaddress
 import logging
-import re
 import secrets
 import signal
 import sys
@@ -28,148 +26,13 @@ from typing import Any
 
 from crowdd import wire
 from crowdd.config import MatchmakerConfig, parse_hostport
-from crowdd.hyperparams import HyperparamError, Job, validate_job
+from crowdd.hyperparams import GroupSettings, Job
+from crowdd.protocol.matchmaker import HOST, Hello, check_hello, make_group, make_wait
 
 logger = logging.getLogger(__name__)
 
-HOST = "host"
-WORKER = "worker"
-ROLES = (HOST, WORKER)
-TF_PORTS = {HOST: 2, WORKER: 1}
-MAX_NAME = 64
-MAX_TAG = 64
-MAX_DATASET_NAME = 255
 WAIT_INTERVAL = 1.0
 MAX_UNSENT = 1 << 20
-_DIGEST = re.compile(r"[0-9a-f]{64}")
-_HOSTNAME = re.compile(r"(?=.{1,253}\.?$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?")
-
-
-# --------------------------------------------------------------------------- validation (pure)
-
-
-@dataclass(frozen=True, slots=True)
-class Hello:
-    """A validated hello: who this client is and where its peers can reach it."""
-
-    role: str
-    name: str
-    address: str
-    ports: dict[str, Any]
-    tag: str = ""
-    want_tag: str = ""
-    job: Job | None = None
-    dataset: dict[str, Any] | None = None
-
-    def member(self, index: int) -> dict[str, Any]:
-        return {"index": index, "role": self.role, "name": self.name, "address": self.address, "ports": self.ports}
-
-
-def _bad(name: str, message: str) -> wire.WireError:
-    return wire.WireError(wire.ErrorCode.BAD_FIELD, message, field=name)
-
-
-def _text(frame: Mapping[str, Any], name: str, lo: int, hi: int, default: str | None = None) -> str:
-    value = frame.get(name, default)
-    if not isinstance(value, str):
-        raise _bad(name, f"field {name!r} must be a string")
-    if not lo <= len(value) <= hi or not value.isprintable():
-        raise _bad(name, f"field {name!r} must be {lo}..{hi} printable characters")
-    return value
-
-
-def _port(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
-        raise _bad(name, f"field {name!r} must be a port 1..65535, got {value!r}")
-    return value
-
-
-def _ports(frame: Mapping[str, Any], role: str) -> dict[str, Any]:
-    ports = frame.get("ports")
-    if not isinstance(ports, dict):
-        raise _bad("ports", "field 'ports' must be an object {data, session, tf}")
-    tf = ports.get("tf")
-    want = TF_PORTS[role]
-    if not isinstance(tf, list) or len(tf) != want:
-        raise _bad("ports.tf", f"a {role} advertises exactly {want} TF port(s) in 'ports.tf'")
-    return {
-        "data": _port(ports.get("data"), "ports.data"),
-        "session": _port(ports.get("session"), "ports.session"),
-        "tf": [_port(p, "ports.tf") for p in tf],
-    }
-
-
-def _advertised(value: Any) -> str:
-    if not isinstance(value, str):
-        raise _bad("advertise", "field 'advertise' must be a string")
-    try:
-        return str(ipaddress.ip_address(value))
-    except ValueError:
-        pass
-    if not _HOSTNAME.fullmatch(value):
-        raise _bad("advertise", f"field 'advertise' must be an IP address or a DNS name, got {value!r}")
-    return value
-
-
-def _dataset(value: Any) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise _bad("dataset", "a host sends 'dataset' = {digest, size, name}")
-    digest = value.get("digest")
-    if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
-        raise _bad("dataset.digest", "field 'dataset.digest' must be 64 lowercase hex characters (sha256)")
-    size = value.get("size")
-    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-        raise _bad("dataset.size", f"field 'dataset.size' must be an integer >= 0, got {size!r}")
-    name = value.get("name")
-    if not isinstance(name, str) or not 1 <= len(name) <= MAX_DATASET_NAME or not name.isprintable():
-        raise _bad("dataset.name", f"field 'dataset.name' must be 1..{MAX_DATASET_NAME} printable characters")
-    return {"digest": digest, "size": size, "name": name}
-
-
-def observed_address(peer_ip: str) -> str:
-    """The address as peers should use it (an IPv4-mapped IPv6 address becomes plain IPv4)."""
-    try:
-        ip = ipaddress.ip_address(peer_ip.split("%", 1)[0])
-    except ValueError:
-        return peer_ip
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    return peer_ip
-
-
-def check_hello(frame: Mapping[str, Any], peer_ip: str, *, trust_advertised: bool = False) -> Hello:
-    """Decide whether a hello is acceptable; raise :class:`wire.WireError` saying why not."""
-    if frame.get("type") != "hello":
-        raise wire.WireError(wire.ErrorCode.BAD_FRAME, f"the first frame must be a hello, got {frame.get('type')!r}")
-    wire.check_proto(frame)
-    role = frame.get("role")
-    if role not in ROLES:
-        raise _bad("role", f"field 'role' must be host or worker, got {role!r}")
-    name = _text(frame, "name", 1, MAX_NAME)
-    ports = _ports(frame, role)
-    tag = _text(frame, "tag", 0, MAX_TAG, "")
-    want_tag = _text(frame, "want_tag", 0, MAX_TAG, "")
-    address = observed_address(peer_ip)
-    if frame.get("advertise") is not None:
-        advertised = _advertised(frame["advertise"])
-        if trust_advertised:
-            address = advertised
-    job: Job | None = None
-    dataset: dict[str, Any] | None = None
-    if role == HOST:
-        if "job" not in frame:
-            raise _bad("job", "a host sends its 'job' (hyperparameters)")
-        try:
-            job = validate_job(frame["job"])
-        except HyperparamError as exc:
-            prefix = "" if exc.field == "job" else "job."
-            raise _bad(prefix + exc.field, f"job: {exc}") from None
-        dataset = _dataset(frame.get("dataset"))
-    else:
-        for key in ("job", "dataset"):
-            if key in frame:
-                raise _bad(key, f"only a host sends {key!r}")
-    return Hello(role=role, name=name, address=address, ports=ports, tag=tag, want_tag=want_tag, job=job, dataset=dataset)
 
 
 def admit(total: int, from_ip: int, cfg: MatchmakerConfig) -> wire.WireError | None:
@@ -286,16 +149,13 @@ class Grouper:
 def group_frames(group: Group, group_id: str, token: str) -> dict[int, dict[str, Any]]:
     """The group frame for each member (by client id): identical except for ``index``."""
     host = group.host.hello
-    members = [m.hello.member(i) for i, m in enumerate(group.members)]
-    base = {
-        "type": "group",
-        "group_id": group_id,
-        "token": token,
-        "members": members,
-        "job": host.job.to_dict() if host.job is not None else {},
-        "dataset": host.dataset,
+    hellos = [m.hello for m in group.members]
+    job = host.job if host.job is not None else Job()
+    settings = host.settings if host.settings is not None else GroupSettings()
+    return {
+        m.id: make_group(group_id, token, i, hellos, job, host.dataset or {}, settings)
+        for i, m in enumerate(group.members)
     }
-    return {m.id: {**base, "index": i} for i, m in enumerate(group.members)}
 
 
 def new_group_id() -> str:
@@ -409,7 +269,7 @@ class _Conn(asyncio.Protocol):
     def send_wait(self) -> None:
         g = self.server.grouper
         self.sent_position = self.position
-        self.send({"type": "wait", "position": self.position, "hosts": len(g.hosts), "workers": len(g.workers)})
+        self.send(make_wait(self.position, len(g.hosts), len(g.workers)))
 
     def finish(self, frame: Mapping[str, Any]) -> None:
         """Send a last frame, then close gracefully.

@@ -14,26 +14,14 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from crowdd import wire
+from crowdd.plan import SessionPlan
+from crowdd.protocol.matchmaker import Wait, check_group, check_wait
 
 logger = logging.getLogger(__name__)
 
 
 class MatchmakerUnavailable(wire.ConnectionClosed):
     """Nothing accepted the connection (the matchmaker is down or unreachable)."""
-
-
-def _check_group(frame: Mapping[str, Any]) -> dict[str, Any]:
-    """Light sanity check of a group frame from the (trusted) matchmaker."""
-    wire.require(frame, "group_id", str)
-    wire.require(frame, "token", str)
-    index = wire.require(frame, "index", int)
-    members = wire.require(frame, "members", list)
-    if not 0 <= index < len(members):
-        raise wire.WireError(wire.ErrorCode.BAD_FIELD, f"index {index} outside the member list", field="index")
-    for m in members:
-        if not isinstance(m, dict):
-            raise wire.WireError(wire.ErrorCode.BAD_FIELD, "members must be objects", field="members")
-    return dict(frame)
 
 
 async def _heartbeats(writer: asyncio.StreamWriter, interval: float, io_timeout: float) -> None:
@@ -47,11 +35,11 @@ async def _conversation(
     writer: asyncio.StreamWriter,
     hello: Mapping[str, Any],
     heartbeat: float,
-    on_wait: Callable[[dict[str, Any]], None] | None,
+    on_wait: Callable[[Wait], None] | None,
     io_timeout: float,
     max_frame: int,
     silence: float,
-) -> dict[str, Any]:
+) -> SessionPlan:
     await wire.write_frame(writer, {**hello, "type": "hello", "proto": wire.PROTO}, timeout=io_timeout)
     beats = asyncio.create_task(_heartbeats(writer, heartbeat, io_timeout))
     read: asyncio.Task[dict[str, Any]] | None = None
@@ -71,9 +59,9 @@ async def _conversation(
             kind = frame["type"]
             if kind == "wait":
                 if on_wait is not None:
-                    on_wait(frame)
+                    on_wait(check_wait(frame))
             elif kind == "group":
-                return _check_group(frame)
+                return check_group(frame)
             elif kind == "error":
                 wire.raise_if_error(frame)
             else:
@@ -91,16 +79,16 @@ async def register(
     hello: Mapping[str, Any],
     *,
     heartbeat: float = 5.0,
-    on_wait: Callable[[dict[str, Any]], None] | None = None,
+    on_wait: Callable[[Wait], None] | None = None,
     timeout: float | None = None,
     io_timeout: float = 10.0,
     silence: float | None = None,
     max_frame: int = wire.MAX_FRAME,
-) -> dict[str, Any]:
-    """Queue at the matchmaker at ``address`` and return the ``group`` frame.
+) -> SessionPlan:
+    """Queue at the matchmaker at ``address`` and return this node's plan from the ``group`` frame.
 
-    ``hello`` holds the fields of docs/protocol.md (role, name, ports, tag, want_tag, and for a
-    host job and dataset); ``type`` and ``proto`` are added here. ``timeout`` bounds the whole
+    ``hello`` is :func:`crowdd.protocol.matchmaker.make_hello`'s frame (``type`` and ``proto``
+    are added here if missing). ``timeout`` bounds the whole
     wait (None: wait until grouped); ``io_timeout`` bounds connecting and each write;
     ``silence`` is how long the matchmaker may send nothing before it counts as dead
     (default ``3 * heartbeat + 10`` s; it answers every heartbeat).

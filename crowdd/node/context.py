@@ -7,38 +7,43 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from crowdd.node.status import StatusView
 from crowdd.cache import DatasetCache
 from crowdd.config import Config
-from crowdd.node.launcher import JobLauncher, LaunchError
+from crowdd.errors import SessionFailed
 from crowdd.manifest import Manifest
+from crowdd.node.launcher import JobLauncher, LaunchError
 from crowdd.node.ports import Reservation
+from crowdd.node.states import State, StateMachine
+from crowdd.node.status import StatusView
 from crowdd.supervisor import JobSupervisor
-
-
-class SessionFailed(Exception):
-    """A session cycle that failed; the message is for the user (status ``error``)."""
+from crowdd.plan import SessionPlan
 
 
 @dataclass
 class SessionContext:
-    """The collaborators of one cycle: settings (as of its start), the status view, the
-    job launcher, the dataset cache, and how long to linger in FINISHED."""
+    """The collaborators of one cycle: this node's settings (as of its start; local things
+    only — what the group computes comes from the plan), the state authority, the status view,
+    the job launcher, the dataset cache, and how long to linger in FINISHED."""
 
     cfg: Config
+    states: StateMachine
     view: StatusView
     jobs: JobLauncher
     cache: DatasetCache
     linger: float
 
+    def to(self, state: State) -> None:
+        """Move the state authority (an invalid move raises: it is a daemon bug)."""
+        self.states.to(state)
+
     async def start_job(
-        self, role: str, index: int, cluster: dict[str, list[str]], workdir: Path, data: Path, manifest: Manifest,
+        self, plan: SessionPlan, task_index: int, cluster: dict[str, list[str]], data: Path, manifest: Manifest,
         on_event: Callable[[dict[str, Any]], None], res: Reservation,
     ) -> JobSupervisor:
         try:
-            return await self.jobs.start(role, index, cluster, workdir, data, manifest, self.view.job or {}, on_event, res)
+            return await self.jobs.start(plan, task_index, cluster, data, manifest, on_event, res)
         except LaunchError as exc:
-            raise SessionFailed(str(exc)) from None
+            raise SessionFailed(exc.message) from None
 
 
 __all__ = ["SessionContext", "SessionFailed"]

@@ -44,7 +44,7 @@ from crowdd.job.spec import Settings
 from crowdd.node.launcher import JobLauncher
 from crowdd.node.ports import Reservation
 from crowdd.node.registration import make_hello, register_until_grouped
-from crowdd.node.states import TRANSITIONS, InvalidTransition, State, StateMachine, allowed
+from crowdd.node.states import State, StateMachine
 from crowdd.systemd import Notifier
 from crowdd.aio import cancel_and_wait
 from crowdd.node.worker import follow
@@ -89,8 +89,9 @@ class Daemon:
         self.name = (name or cfg.daemon.name or socket.gethostname() or "crowdd")[:64]
         self.cache = DatasetCache(paths.dataset_cache)
         self._control = ControlServer(self, endpoint)
-        self.view = StatusView(self.name, self._control.publish, self._notifier)
-        self._jobs = JobLauncher(paths.jobs_dir, job_python, job_env if job_env is not None else os.environ, self._settings)
+        self.states = StateMachine(self._on_transition)
+        self.view = StatusView(self.name, self.states, self._control.publish, self._notifier)
+        self._jobs = JobLauncher(paths.jobs_dir, job_python, job_env if job_env is not None else os.environ, self._local_settings)
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._main: asyncio.Task[None] | None = None
@@ -104,7 +105,7 @@ class Daemon:
 
     @property
     def state(self) -> State:
-        return self.view.state
+        return self.states.state
 
     @property
     def donating(self) -> bool:
@@ -117,7 +118,7 @@ class Daemon:
     async def start(self) -> None:
         self.paths.ensure()
         self.cache.ensure()
-        self.view.donating = self._load_persisted().get("donating", False) is True
+        self.view.set_donating(self._load_persisted().get("donating", False) is True)
         await self._control.start()
         self._main = asyncio.create_task(self._loop(), name="crowdd-daemon")
         interval = self._notifier.watchdog_interval
@@ -198,13 +199,11 @@ class Daemon:
 
     async def donate(self, on: bool) -> dict[str, Any]:
         if on != self.donating:
-            self.view.donating = on
+            self.view.set_donating(on)
             self._persist()
             self.view.log(logging.INFO, f"donation switched {'on' if on else 'off'}")
             if not on and self.view.role == "worker":
                 self._abort("donation switched off")
-            if not on:
-                self.view.verdict = Verdict(False, None, "donation is off")
             self._wake.set()
         return {"type": "ok", "donating": self.donating}
 
@@ -285,12 +284,12 @@ class Daemon:
                 return "host"
             timeout: float | None = None
             if self.donating:
-                self.view.to(S.STANDBY)
+                self.states.to(S.STANDBY)
                 if (await self._evaluate()).allowed:
                     return "worker"
                 timeout = self._policy_interval
             else:
-                self.view.to(S.OFF)
+                self.states.to(S.OFF)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
 
@@ -305,10 +304,10 @@ class Daemon:
                         await asyncio.wait_for(self._wake.wait(), delay)
                 role = await self._next_role()
                 self._abort_reason = None
-                self.view.role = role  # before the task runs: an abort can find it at once
+                self.view.begin(role)  # before the task runs: an abort can find it at once
                 self._cycle = asyncio.create_task(self._run_cycle(role), name=f"crowdd-{role}")
                 await asyncio.wait({self._cycle})
-                if self.view.role is not None:  # cancelled before it even started
+                if self.view.session is not None:  # cancelled before it even started
                     await self._teardown(None)
                 failed = False
                 if self._cycle.cancelled():
@@ -317,8 +316,8 @@ class Daemon:
                 elif (exc := self._cycle.exception()) is not None:
                     failed = True
                     logger.error("session cycle failed", exc_info=exc)
-                    self.view.error = f"internal error: {exc}"
-                elif self.view.error is not None:
+                    self._fail_last(f"internal error: {exc}")
+                elif self.view.last is not None and self.view.last.error is not None:
                     failed = True
                 self._cycle = None
         finally:
@@ -327,15 +326,15 @@ class Daemon:
 
     async def _run_cycle(self, role: str) -> None:
         view = self.view
-        view.role = role
-        view.error = None
+        if view.session is None:
+            view.begin(role)
         res: Reservation | None = None
         watch = asyncio.create_task(self._policy_watch()) if role == "worker" else None
-        cycle = SessionContext(self.cfg, view, self._jobs, self.cache, self._linger)
+        cycle = SessionContext(self.cfg, self.states, view, self._jobs, self.cache, self._linger)
         try:
             prepared: Prepared | None = None
             if role == "host":
-                view.to(S.REGISTERING)
+                self.states.to(S.REGISTERING)
                 if self._host_request is None:
                     raise SessionFailed("nothing to host")
                 prepared = await prepare_dataset(cycle, self._host_request)
@@ -346,21 +345,21 @@ class Daemon:
                 )
             except OSError as exc:
                 raise SessionFailed(f"cannot bind the session ports: {exc}") from None
-            hello = make_hello(self.cfg.daemon, self.name, role, res, prepared, self._host_request)
-            group = await register_until_grouped(
-                role, hello, view, matchmaker=lambda: self._mm, heartbeat=self.cfg.daemon.heartbeat,
+            hello = make_hello(self.cfg, self.name, role, res, prepared)
+            plan = await register_until_grouped(
+                role, hello, self.states, view, matchmaker=lambda: self._mm, heartbeat=self.cfg.daemon.heartbeat,
                 backoff=lambda: self._backoff,
             )
             self._backoff.reset()
-            view.joined(group)
-            view.log(logging.INFO, f"joined group {group['group_id']} as node {group['index']} of {len(group['members'])}")
+            view.joined(plan)
+            view.log(logging.INFO, f"joined group {plan.group_id} as node {plan.index} of {plan.size}")
             if role == "host" and prepared is not None:
-                await lead(cycle, group, res, prepared)
+                await lead(cycle, plan, res, prepared)
             else:
-                await follow(cycle, group, res)
+                await follow(cycle, plan, res)
         except SessionFailed as exc:
-            view.error = str(exc)
-            view.log(logging.ERROR, str(exc))
+            view.fail(exc.message)
+            view.log(logging.ERROR, exc.message)
         finally:
             await cancel_and_wait(watch)
             await self._teardown(res)
@@ -391,13 +390,24 @@ class Daemon:
             res.close()
         if self.view.role == "host":
             self._host_request = None
-        self.view.clear_session()
-        self.view.to(S.STANDBY if self.donating else S.OFF)
+        self.view.end()
+        self.states.to(S.STANDBY if self.donating else S.OFF)
 
-    def _settings(self) -> Settings:
+    def _local_settings(self) -> Settings:
+        """This node's own job settings (threads, nice, checkpoints); the group-wide ones come
+        from the session plan (:meth:`JobLauncher.settings`)."""
         j = self.cfg.job
         threads = max(1, min(j.threads, getattr(self._policy, "tf_threads", j.threads)))
-        return Settings(j.steps_per_function, min(j.sync_every, j.steps_per_function), threads, j.nice, j.checkpoint_secs)
+        return Settings(threads=threads, nice=j.nice, checkpoint_secs=j.checkpoint_secs)
+
+    def _on_transition(self, old: State, new: State) -> None:
+        self.view.on_transition(old, new)
+
+    def _fail_last(self, message: str) -> None:
+        """A cycle died of a bug: say so where the user looks (the last session's error)."""
+        rec = self.view.last if self.view.session is None else self.view.session
+        if rec is not None:
+            rec.error = message
 
 
 # --------------------------------------------------------------------------- entry point
@@ -448,4 +458,4 @@ def run(
         notifier.close()
 
 
-__all__ = ["TRANSITIONS", "Backoff", "Daemon", "InvalidTransition", "State", "StateMachine", "allowed", "make_policy", "run"]
+__all__ = ["Daemon", "make_policy", "run"]

@@ -11,14 +11,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from crowdd.node.context import SessionContext, SessionFailed
+from crowdd.errors import SessionFailed
 from crowdd.hyperparams import Job
 from crowdd.manifest import Manifest
+from crowdd.node.context import SessionContext
 from crowdd.node.ports import Reservation
-from crowdd.replication import ChunkStore, DataServer
-from crowdd.route import node_plan
 from crowdd.node.session import HostSession, Member, dead_after
 from crowdd.node.states import State
+from crowdd.plan import SessionPlan
+from crowdd.protocol.session import End
+from crowdd.replication import ChunkStore, DataServer
 
 JOB_START_TIMEOUT = 180.0  # workers' TF servers must be up within this (TF import is slow)
 
@@ -32,14 +34,20 @@ class HostRequest:
 
 @dataclass
 class Prepared:
+    """The host's dataset, ready to serve: the canonical file, its manifest, a display name,
+    and the job it is hosted for."""
+
     data_path: Path
     manifest: Manifest
     name: str
+    job: Job
 
 
 async def prepare_dataset(c: SessionContext, req: HostRequest) -> Prepared:
     """Convert the dataset to the canonical file + manifest in the cache (in a thread)."""
-    c.view.job = req.job.to_dict()
+    rec = c.view.session
+    if rec is not None:
+        rec.job = req.job
 
     def convert() -> Prepared:
         from crowdd import datasets  # numpy: only when hosting
@@ -50,29 +58,35 @@ async def prepare_dataset(c: SessionContext, req: HostRequest) -> Prepared:
         except datasets.DatasetError as exc:
             raise SessionFailed(f"cannot host {req.dataset}: {exc}") from None
         path = c.cache.has(p.manifest) or p.data_path
-        return Prepared(path, p.manifest, p.manifest.name or req.dataset.name)
+        return Prepared(path, p.manifest, p.manifest.name or req.dataset.name, req.job)
 
     c.view.log(logging.INFO, f"preparing {req.dataset}")
     try:
         prepared = await asyncio.get_running_loop().run_in_executor(None, convert)
     except OSError as exc:
         raise SessionFailed(f"cannot host {req.dataset}: {exc}") from None
-    c.view.dataset = {"name": prepared.name, "size": prepared.manifest.size, "digest": prepared.manifest.digest()}
+    if rec is not None:
+        rec.dataset = {"name": prepared.name, "size": prepared.manifest.size, "digest": prepared.manifest.digest()}
     return prepared
 
 
-async def lead(c: SessionContext, group: dict[str, Any], res: Reservation, prepared: Prepared) -> None:
+def cluster_spec(plan: SessionPlan, res: Reservation, live: list[Member]) -> dict[str, list[str]]:
+    """The TF cluster: the host's PS and worker 0, then each live worker's server."""
+    host = plan.host.address
+    return {
+        "ps": [f"{host}:{res.tf_ports[0]}"],
+        "worker": [f"{host}:{res.tf_ports[1]}"] + [f"{m.address}:{m.tf_port}" for m in live],
+    }
+
+
+async def lead(c: SessionContext, plan: SessionPlan, res: Reservation, prepared: Prepared) -> None:
     d = c.cfg.daemon
     view = c.view
-    token = str(group["token"])
-    members = group["members"]
-    n = len(members)
     manifest = prepared.manifest
-    view.to(State.REPLICATING)
+    c.to(State.REPLICATING)
     store = ChunkStore.complete(prepared.data_path, manifest)
-    plan = node_plan(n, 0, c.cfg.replication.route)
-    server = DataServer(token, manifest, store, sock=res.data_sock, targets=plan.targets, group_size=n,
-                        stall_timeout=c.cfg.replication.stall_timeout)
+    server = DataServer(plan.token, manifest, store, sock=res.data_sock, targets=plan.route().targets,
+                        group_size=plan.size, stall_timeout=c.cfg.replication.stall_timeout)
 
     def on_change(m: Member | None) -> None:
         if m is not None:
@@ -80,7 +94,7 @@ async def lead(c: SessionContext, group: dict[str, Any], res: Reservation, prepa
         view.push_members(session)
 
     session = HostSession(
-        group, res.session_sock, heartbeat=d.heartbeat, dead_after=dead_after(d.heartbeat, d.peer_timeout),
+        plan, res.session_sock, heartbeat=d.heartbeat, dead_after=dead_after(d.heartbeat, d.peer_timeout),
         on_change=on_change,
     )
     session.members[0].state = "replicating"
@@ -89,49 +103,46 @@ async def lead(c: SessionContext, group: dict[str, Any], res: Reservation, prepa
         await session.start()
         view.push_members(session, now=True)
         live = await session.wait_ready()
-        view.to(State.TRAINING)
+        c.to(State.TRAINING)
         session.members[0].state = "training"
-        host_addr = str(members[0]["address"])
-        cluster = {
-            "ps": [f"{host_addr}:{res.tf_ports[0]}"],
-            "worker": [f"{host_addr}:{res.tf_ports[1]}"] + [f"{m.address}:{m.ports['tf'][0]}" for m in live],
-        }
+        cluster = cluster_spec(plan, res, live)
         for j, m in enumerate(live, 1):
-            session.send(m.index, {"type": "train", "cluster": cluster, "index": j})
+            session.start_training(m, cluster, j)
         view.push_members(session, now=True)
         if live:
             view.log(logging.INFO, f"waiting for {len(live)} worker(s) to start their TF servers")
             started = await session.wait_started(live, JOB_START_TIMEOUT)
             if len(started) < len(live):
                 view.log(logging.WARNING, f"{len(live) - len(started)} worker(s) did not start; training without them")
-        workdir = c.jobs.job_dir(group, 0)
+        workdir = c.jobs.job_dir(plan)
         done: dict[str, Any] = {}
 
         def on_event(ev: dict[str, Any]) -> None:
             kind = ev.get("event")
             if kind in ("progress", "eval"):
                 view.on_training_event(ev)
-                session.broadcast({**{k: v for k, v in ev.items() if k != "event"}, "type": kind})
+                session.fan_out(ev)
             elif kind == "done":
                 done.update(ev)
             elif kind == "error":
                 view.log(logging.ERROR, f"host job: {ev.get('message')}")
 
-        sup = await c.start_job("host", 0, cluster, workdir, prepared.data_path, manifest, on_event, res)
+        sup = await c.start_job(plan, 0, cluster, prepared.data_path, manifest, on_event, res)
         code = await sup.wait()
         if not done:
             err = sup.last_error or f"the host job exited with code {code}"
-            await session.end({"test_accuracy": None, "model_path": None, "error": err})
+            await session.end(End(error=err))
             raise SessionFailed(f"training failed: {err}")
         model = done.get("model_path")
         if isinstance(model, str) and model and not os.path.isabs(model):
             model = str(workdir / model)
-        if view.training is not None:
-            view.training["test_accuracy"] = done.get("test_accuracy")
-        view.finished(done.get("test_accuracy"), model)
+        accuracy = done.get("test_accuracy")
+        view.finished(accuracy, model if isinstance(model, str) else None)
+        c.to(State.FINISHED)
         session.members[0].state = "finished"
-        view.log(logging.INFO, f"training finished: test accuracy {done.get('test_accuracy')}, model {model}")
-        await session.end({**(view.result or {}), "error": None})
+        view.log(logging.INFO, f"training finished: test accuracy {accuracy}, model {model}")
+        await session.end(End(accuracy if isinstance(accuracy, (int, float)) else None,
+                              model if isinstance(model, str) else None))
         await asyncio.sleep(c.linger)
     finally:
         await session.close()
@@ -139,4 +150,4 @@ async def lead(c: SessionContext, group: dict[str, Any], res: Reservation, prepa
         store.close()
 
 
-__all__ = ["JOB_START_TIMEOUT", "HostRequest", "Prepared", "lead", "prepare_dataset"]
+__all__ = ["JOB_START_TIMEOUT", "HostRequest", "Prepared", "cluster_spec", "lead", "prepare_dataset"]

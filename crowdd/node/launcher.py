@@ -1,71 +1,75 @@
 """Starting this node's job child: its work directory, data links, spec and supervisor.
 
 Holds the one job that runs (``current``) so the daemon can suspend, resume and stop it.
+The spec's group-wide settings (K, steps per function, merge) come from the session plan;
+only local things (threads, nice, checkpoint interval) come from this node's config. The job
+child checks the spec when it starts (the trust boundary); the launcher does not check it again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from crowdd.hyperparams import validate_job
+from crowdd.errors import CrowddError
 from crowdd.idle import thread_env
-from crowdd.job.spec import (
-    Cluster,
-    JobSpec,
-    Settings,
-    SpecError,
-    parse_spec,
-    write_spec,
-)
+from crowdd.job.spec import Cluster, JobSpec, Settings, write_spec
 from crowdd.manifest import Manifest
 from crowdd.node.ports import Reservation
+from crowdd.plan import SessionPlan
 from crowdd.supervisor import JobError, JobSupervisor, job_command
 
 
-class LaunchError(Exception):
+class LaunchError(CrowddError):
     """The job could not be started; the message is for the user."""
 
 
 class JobLauncher:
-    """Starts job children below ``jobs_dir``. ``settings()`` gives the job settings at start."""
+    """Starts job children below ``jobs_dir``. ``local()`` gives this node's local job settings
+    (threads, nice, checkpoint interval) at start."""
 
-    def __init__(self, jobs_dir: Path, python: str, env: Mapping[str, str], settings: Callable[[], Settings]) -> None:
+    def __init__(self, jobs_dir: Path, python: str, env: Mapping[str, str], local: Callable[[], Settings]) -> None:
         self._jobs_dir = jobs_dir
         self._python = python
         self._env = dict(env)
-        self._settings = settings
+        self._local = local
         self.current: JobSupervisor | None = None
 
-    def job_dir(self, group: dict[str, Any], index: int) -> Path:
-        d = self._jobs_dir / f"{group['group_id']}-{index}"
+    def job_dir(self, plan: SessionPlan) -> Path:
+        d = self._jobs_dir / f"{plan.group_id}-{plan.index}"
         d.mkdir(parents=True, exist_ok=True)
         return d
 
+    def settings(self, plan: SessionPlan) -> Settings:
+        """The job's settings: the plan's group-wide ones over this node's local ones."""
+        g = plan.settings
+        return dataclasses.replace(
+            self._local(), steps_per_function=g.steps_per_function, sync_every=g.sync_every, merge=g.merge
+        )
+
     async def start(
-        self, role: str, index: int, cluster: dict[str, list[str]], workdir: Path, data: Path, manifest: Manifest,
-        job: dict[str, Any], on_event: Callable[[dict[str, Any]], None], res: Reservation,
+        self, plan: SessionPlan, task_index: int, cluster: dict[str, list[str]], data: Path, manifest: Manifest,
+        on_event: Callable[[dict[str, Any]], None], res: Reservation,
     ) -> JobSupervisor:
         """Write the spec, free the reserved TF ports and start the job (raises :class:`LaunchError`)."""
+        role = "host" if plan.is_host else "worker"
+        workdir = self.job_dir(plan)
         _link(data, workdir / "dataset.bin")
         (workdir / "dataset.manifest.json").write_bytes(manifest.to_json())
-        spec_obj = JobSpec(
-            role=role, index=index,
+        spec = JobSpec(
+            role=role, index=task_index,
             cluster=Cluster(tuple(cluster["ps"]), tuple(cluster["worker"])),
-            job=validate_job(job),
+            job=plan.job,
             data="dataset.bin", manifest="dataset.manifest.json",
             output_dir="output" if role == "host" else None,
             workdir=str(workdir),
-            settings=self._settings(),
+            settings=self.settings(plan),
         )
-        try:
-            spec = parse_spec(spec_obj.to_dict(), role=role)
-        except SpecError as exc:
-            raise LaunchError(f"bad job spec ({exc.field}): {exc.message}") from None
         spec_path = workdir / "spec.json"
         write_spec(spec, spec_path)
         res.release_tf()

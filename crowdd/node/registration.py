@@ -9,53 +9,64 @@ from collections.abc import Callable
 from typing import Any
 
 from crowdd import wire
-from crowdd.node.backoff import Backoff
-from crowdd.node.status import StatusView
-from crowdd.config import DaemonConfig
-from crowdd.node.context import SessionFailed
-from crowdd.node.host import HostRequest, Prepared
+from crowdd.config import Config
+from crowdd.errors import ErrorCode, SessionFailed
+from crowdd.hyperparams import GroupSettings
 from crowdd.matchmaker_client import register
+from crowdd.node.backoff import Backoff
+from crowdd.node.host import Prepared
 from crowdd.node.ports import Reservation
-from crowdd.node.states import State
+from crowdd.node.states import State, StateMachine
+from crowdd.node.status import StatusView
+from crowdd.plan import DatasetRef, MemberPorts, SessionPlan
+from crowdd.protocol import matchmaker as mmp
 
 
-def make_hello(
-    d: DaemonConfig, name: str, role: str, res: Reservation, prepared: Prepared | None, request: HostRequest | None
-) -> dict[str, Any]:
-    hello: dict[str, Any] = {
-        "role": role,
-        "name": name,
-        "ports": {"data": res.data_port, "session": res.session_port, "tf": res.tf_ports},
-        "tag": d.tag,
-        "want_tag": d.want_tag,
-    }
-    if d.advertise_host:
-        hello["advertise"] = d.advertise_host
-    if role == "host" and prepared is not None and request is not None:
-        hello["job"] = request.job.to_dict()
-        hello["dataset"] = {"digest": prepared.manifest.digest(), "size": prepared.manifest.size, "name": prepared.name[:255] or "dataset"}
-    return hello
+def group_settings(cfg: Config, prepared: Prepared) -> GroupSettings:
+    """What the group must agree on, as this host decides it: its ``[replication]`` route, its
+    ``[job]`` K, steps per function and merge, and the chunk size its dataset was cut into."""
+    j = cfg.job
+    return GroupSettings(
+        route=cfg.replication.route,
+        sync_every=min(j.sync_every, j.steps_per_function),
+        steps_per_function=j.steps_per_function,
+        merge=j.merge,
+        chunk_size=prepared.manifest.chunk_size,
+    )
+
+
+def make_hello(cfg: Config, name: str, role: str, res: Reservation, prepared: Prepared | None) -> dict[str, Any]:
+    d = cfg.daemon
+    ports = MemberPorts(res.data_port, res.session_port, tuple(res.tf_ports))
+    if role != mmp.HOST or prepared is None:
+        return mmp.make_hello(role, name, ports, tag=d.tag, want_tag=d.want_tag, advertise=d.advertise_host)
+    m = prepared.manifest
+    return mmp.make_hello(
+        role, name, ports, tag=d.tag, want_tag=d.want_tag, advertise=d.advertise_host,
+        job=prepared.job, dataset=DatasetRef(m.digest(), m.size, prepared.name[:255] or "dataset"),
+        settings=group_settings(cfg, prepared),
+    )
 
 
 async def register_until_grouped(
     role: str,
     hello: dict[str, Any],
+    states: StateMachine,
     view: StatusView,
     *,
     matchmaker: Callable[[], tuple[str, int]],
     heartbeat: float,
     backoff: Callable[[], Backoff],
-) -> dict[str, Any]:
+) -> SessionPlan:
     """Register (again and again) until the matchmaker sends this node's ``group`` frame.
     A host whose job the matchmaker refuses gets a :class:`SessionFailed`."""
     while True:
-        view.to(State.REGISTERING)
-        view.queue = None
+        states.to(State.REGISTERING)
         mm = matchmaker()
         try:
             return await register(mm, hello, heartbeat=heartbeat, on_wait=view.on_wait)
         except wire.RemoteError as exc:
-            if exc.code in (wire.ErrorCode.BAD_FIELD.value, wire.ErrorCode.VERSION.value) and role == "host":
+            if exc.code in (ErrorCode.BAD_FIELD, ErrorCode.VERSION) and role == mmp.HOST:
                 raise SessionFailed(f"the matchmaker refused this job: {exc.message}") from None
             why = f"the matchmaker said {exc.code}: {exc.message}"
         except (wire.ConnectionClosed, wire.FrameTimeout, wire.WireError, OSError) as exc:
@@ -65,4 +76,4 @@ async def register_until_grouped(
         await asyncio.sleep(delay)
 
 
-__all__ = ["make_hello", "register_until_grouped"]
+__all__ = ["group_settings", "make_hello", "register_until_grouped"]

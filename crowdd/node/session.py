@@ -3,21 +3,9 @@
 Each worker daemon keeps one TCP connection to the host's session port, authenticated with
 :mod:`crowdd.auth` (purpose ``"session"``, keyed by the group token). Frames (wire codec):
 
-worker → host::
-
-    {"type": "state", "state": S}
-    {"type": "replication", "done": bytes, "total": bytes, "source": index | null}
-    {"type": "ready"}                                   holds verified data
-    {"type": "job", "event": "started" | "exited", "code"?: int, "message"?: str}
-    {"type": "ping"}
-
-host → worker::
-
-    {"type": "members", "members": [...]}               the group's live view
-    {"type": "train", "cluster": {"ps": [...], "worker": [...]}, "index": J}
-    {"type": "progress", ...} / {"type": "eval", ...}   the host job's events, fanned out
-    {"type": "end", "test_accuracy": x | null, "model_path": p | null, "error": e | null}
-    {"type": "ping"}
+Messages: :mod:`crowdd.protocol.session` (typed, checked on arrival). The flows talk to
+:class:`HostSession` and :class:`WorkerSession` methods (``ready()``, ``report_replication()``,
+``start_training()``, ``end()``...), never to frame dicts.
 
 Heartbeats both ways: each side pings every ``heartbeat`` seconds and gives the other up
 after ``dead_after`` seconds of silence (or at once when the connection closes). A worker
@@ -37,12 +25,28 @@ from typing import Any
 
 from crowdd import auth, wire
 from crowdd.aio import cancel_and_wait, spawn_tracked
+from crowdd.plan import PlanMember, SessionPlan
+from crowdd.protocol.session import (
+    DROPPABLE,
+    End,
+    HostMessage,
+    JobReport,
+    MembersUpdate,
+    MemberView,
+    Ready,
+    ReplicationReport,
+    StateReport,
+    Train,
+    TrainingEvent,
+    WorkerMessage,
+    check_host_frame,
+    check_worker_frame,
+)
 
 logger = logging.getLogger(__name__)
 
 PURPOSE = "session"
 QUEUE_SIZE = 1024
-DROPPABLE = frozenset({"progress", "eval", "members", "replication", "ping", "state"})
 
 
 class PeerLost(Exception):
@@ -167,7 +171,6 @@ class Member:
     name: str
     address: str
     role: str
-    ports: dict[str, Any]
     state: str = "joining"
     done: int = 0
     total: int = 0
@@ -176,36 +179,26 @@ class Member:
     alive: bool = True
     ready: bool = False
     started: bool = False
+    tf_port: int = 0
     channel: Channel | None = field(default=None, repr=False)
 
+    def view(self) -> MemberView:
+        return MemberView(self.index, self.name, self.address, self.role, self.state, self.done, self.total)
+
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "index": self.index,
-            "name": self.name,
-            "address": self.address,
-            "role": self.role,
-            "state": self.state,
-            "replication": {"done": self.done, "total": self.total},
-        }
+        return self.view().to_dict()
 
     @classmethod
-    def from_group(cls, m: dict[str, Any], total: int) -> Member:
-        return cls(
-            index=int(m.get("index", 0)),
-            name=str(m.get("name", "")),
-            address=str(m.get("address", "")),
-            role=str(m.get("role", "worker")),
-            ports=dict(m.get("ports") or {}),
-            total=total,
-        )
+    def from_plan(cls, m: PlanMember, total: int) -> Member:
+        return cls(index=m.index, name=m.name, address=m.address, role=m.role, total=total,
+                   tf_port=m.ports.tf[0] if m.ports.tf else 0)
 
 
-def members_from_group(group: dict[str, Any]) -> list[Member]:
-    total = int((group.get("dataset") or {}).get("size", 0))
-    members = [Member.from_group(m, total) for m in group.get("members", [])]
-    if members:
-        members[0].done = total  # the host holds the data from the start
-        members[0].ready = members[0].connected = True
+def members_from_plan(plan: SessionPlan) -> list[Member]:
+    total = plan.dataset.size
+    members = [Member.from_plan(m, total) for m in plan.members]
+    members[0].done = total  # the host holds the data from the start
+    members[0].ready = members[0].connected = True
     return members
 
 
@@ -214,18 +207,18 @@ class HostSession:
 
     def __init__(
         self,
-        group: dict[str, Any],
+        plan: SessionPlan,
         sock: socket.socket,
         *,
         heartbeat: float,
         dead_after: float,
         on_change: Callable[[Member | None], None],
-        on_message: Callable[[Member, dict[str, Any]], None] | None = None,
+        on_message: Callable[[Member, WorkerMessage], None] | None = None,
         join_timeout: float = 30.0,
     ) -> None:
-        self.group = group
-        self.token = str(group["token"])
-        self.members = members_from_group(group)
+        self.plan = plan
+        self.token = plan.token
+        self.members = members_from_plan(plan)
         self._sock = sock
         self._heartbeat = heartbeat
         self._dead_after = dead_after
@@ -296,7 +289,7 @@ class HostSession:
         m.connected = True
         m.state = "replicating"
         self._touch(m)
-        channel.send({"type": "members", "members": self.member_dicts()})
+        channel.send(self.members_update().to_frame())
         try:
             await channel.run(lambda frame: self._on_frame(m, frame))
         except PeerLost as exc:
@@ -305,44 +298,56 @@ class HostSession:
             await channel.close()
 
     def _on_frame(self, m: Member, frame: dict[str, Any]) -> bool:
-        kind = frame["type"]
-        if kind == "state" and isinstance(frame.get("state"), str):
-            m.state = frame["state"]
-        elif kind == "replication":
-            done, total = frame.get("done"), frame.get("total")
-            if isinstance(done, int) and isinstance(total, int):
-                m.done, m.total = done, total
-            src = frame.get("source")
-            m.source = src if isinstance(src, int) else None
-        elif kind == "ready":
+        try:
+            msg = check_worker_frame(frame)
+        except wire.WireError as exc:
+            self._lose(m, f"it sent a bad frame ({exc.message})")
+            return True
+        if isinstance(msg, StateReport):
+            m.state = msg.state
+        elif isinstance(msg, ReplicationReport):
+            m.done, m.total, m.source = msg.done, msg.total, msg.source
+        elif isinstance(msg, Ready):
             m.ready = True
             m.done = m.total
             m.state = "ready"
-        elif kind == "job":
-            ev = frame.get("event")
-            if ev == "started":
+        elif isinstance(msg, JobReport):
+            if msg.event == "started":
                 m.started = True
                 m.state = "training"
-            elif ev == "exited":
-                self._lose(m, f"its job exited ({frame.get('message') or frame.get('code')})")
+            else:
+                self._lose(m, f"its job exited ({msg.message or msg.code})")
                 return True
         if self._on_message is not None:
-            self._on_message(m, frame)
+            self._on_message(m, msg)
         self._touch(m)
         return False
+
+    # ------------------------------------------------------------------ what the host says
+
+    def members_update(self) -> MembersUpdate:
+        return MembersUpdate(tuple(m.view() for m in self.members))
 
     def member_dicts(self) -> list[dict[str, Any]]:
         return [m.to_dict() for m in self.members]
 
-    def broadcast(self, msg: dict[str, Any]) -> None:
+    def _broadcast(self, frame: dict[str, Any]) -> None:
         for m in self.live_workers():
             if m.channel is not None:
-                m.channel.send(msg)
+                m.channel.send(frame)
 
-    def send(self, index: int, msg: dict[str, Any]) -> None:
-        m = self.members[index]
+    def push_members(self) -> None:
+        """Send every live worker the group's current member list."""
+        self._broadcast(self.members_update().to_frame())
+
+    def fan_out(self, event: dict[str, Any]) -> None:
+        """Send every live worker one of the host job's events (``progress``, ``eval``)."""
+        self._broadcast(TrainingEvent(event).to_frame())
+
+    def start_training(self, m: Member, cluster: dict[str, list[str]], task_index: int) -> None:
+        """Tell worker ``m`` to start its TF server as cluster worker ``task_index``."""
         if m.alive and m.channel is not None:
-            m.channel.send(msg)
+            m.channel.send(Train(cluster, task_index).to_frame())
 
     async def _wait_until(self, done: Callable[[], bool], timeout: float | None) -> bool:
         loop = asyncio.get_running_loop()
@@ -366,9 +371,9 @@ class HostSession:
         await self._wait_until(lambda: all(m.started or not m.alive for m in workers), timeout)
         return [m for m in workers if m.started and m.alive]
 
-    async def end(self, result: dict[str, Any]) -> None:
+    async def end(self, result: End) -> None:
         """Tell every worker the result, flush, close."""
-        self.broadcast({"type": "end", **result})
+        self._broadcast(result.to_frame())
         await asyncio.gather(
             *(m.channel.flush(2.0) for m in self.live_workers() if m.channel is not None), return_exceptions=True
         )
@@ -388,28 +393,25 @@ class HostSession:
 
 
 class WorkerSession:
-    """A worker's channel to its host."""
+    """A worker's channel to its host (the plan's member 0)."""
 
     def __init__(
         self,
-        host: str,
-        port: int,
-        token: str,
-        index: int,
+        plan: SessionPlan,
         *,
         heartbeat: float,
         dead_after: float,
-        on_message: Callable[[dict[str, Any]], None],
+        on_message: Callable[[HostMessage], None],
     ) -> None:
-        self._host = host
-        self._port = port
-        self._token = token
-        self._index = index
+        self._host = plan.host.address
+        self._port = plan.host.ports.session
+        self._token = plan.token
+        self._index = plan.index
         self._heartbeat = heartbeat
         self._dead_after = dead_after
         self._on_message = on_message
         self._channel: Channel | None = None
-        self.end: dict[str, Any] | None = None
+        self.end: End | None = None
 
     async def connect(self, retry_for: float = 15.0) -> None:
         loop = asyncio.get_running_loop()
@@ -430,21 +432,40 @@ class WorkerSession:
             reader, writer, heartbeat=self._heartbeat, dead_after=self._dead_after, name="session host"
         )
 
-    def send(self, msg: dict[str, Any]) -> None:
+    # ------------------------------------------------------------------ what the worker says
+
+    def _send(self, frame: dict[str, Any]) -> None:
         if self._channel is not None:
-            self._channel.send(msg)
+            self._channel.send(frame)
+
+    def report_state(self, state: str) -> None:
+        self._send(StateReport(state).to_frame())
+
+    def report_replication(self, done: int, total: int, source: int | None) -> None:
+        self._send(ReplicationReport(done, total, source).to_frame())
+
+    def ready(self) -> None:
+        """This node holds the dataset, verified."""
+        self._send(Ready().to_frame())
+
+    def job_started(self) -> None:
+        self._send(JobReport("started").to_frame())
+
+    def job_exited(self, code: int | None, message: str | None) -> None:
+        self._send(JobReport("exited", code, message).to_frame())
 
     def _on_frame(self, frame: dict[str, Any]) -> bool:
-        if frame["type"] == "end":
-            self.end = frame
+        msg = check_host_frame(frame)  # a bad frame ends the session (run() says HostLost)
+        if isinstance(msg, End):
+            self.end = msg
             return True
         try:
-            self._on_message(frame)
+            self._on_message(msg)
         except Exception:
             logger.exception("session message handler failed")
         return False
 
-    async def run(self) -> dict[str, Any]:
+    async def run(self) -> End:
         """Until the host says ``end`` (returned); :class:`HostLost` if the host goes away first."""
         if self._channel is None:
             raise HostLost("not connected")
@@ -452,6 +473,8 @@ class WorkerSession:
             await self._channel.run(self._on_frame)
         except PeerLost as exc:
             raise HostLost(str(exc)) from None
+        except wire.WireError as exc:
+            raise HostLost(f"the host sent a bad frame ({exc.message})") from None
         if self.end is None:  # pragma: no cover - run() returns only on end
             raise HostLost("session ended without a result")
         return self.end
@@ -472,5 +495,5 @@ __all__ = [
     "SessionRefused",
     "WorkerSession",
     "dead_after",
-    "members_from_group",
+    "members_from_plan",
 ]

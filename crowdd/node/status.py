@@ -1,9 +1,13 @@
-"""What a node reports: its state, role, queue place, group, job, training progress and
-result — the control socket's ``status`` and the events that keep subscribers current.
+"""What a node reports: a projection of the state authority (the daemon's
+:class:`~crowdd.node.states.StateMachine`) and the current session — the control socket's
+``status`` and the events that keep subscribers current.
 
-The daemon and its session flows write here; every change becomes a control event (and the
-state line an sd_notify ``STATUS=``). Member lists and training progress are merged and
-rate-limited here so a flood of updates never floods the subscribers.
+The view never owns state. Fields of a session (its queue place, plan, members, progress,
+result) live in a :class:`SessionRecord` that exists from the start of a cycle to its
+teardown; :meth:`StatusView.status` shows each only in the states where it is true, so status
+can never show a queue place while training, training after the session ended, or the last
+run's result as the current one. Member lists and training progress are rate-limited here so
+a flood of updates never floods the subscribers.
 """
 
 from __future__ import annotations
@@ -11,46 +15,62 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from crowdd import __version__
+from crowdd.hyperparams import Job
 from crowdd.idle import Verdict
-from crowdd.node.states import InvalidTransition, State, StateMachine
+from crowdd.node.states import State, StateMachine
+from crowdd.plan import SessionPlan
 from crowdd.systemd import Notifier
+from crowdd.protocol.matchmaker import Wait
 
 logger = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL = 0.25  # at most this often: replication reports, members broadcasts
+S = State
+DONATION_OFF = Verdict(False, None, "donation is off")
+CHECKING = Verdict(False, None, "checking the idle policy")
+_IN_GROUP = (S.REPLICATING, S.TRAINING, S.FINISHED)
 
 
 class MemberFanout(Protocol):
-    """The host's session as the view sees it: the member list, and a broadcast."""
+    """The host's session as the view sees it: the member list, and a push to the workers."""
 
     def member_dicts(self) -> list[dict[str, Any]]: ...
 
-    def broadcast(self, msg: dict[str, Any]) -> None: ...
+    def push_members(self) -> None: ...
+
+
+@dataclass
+class SessionRecord:
+    """One cycle of this node (a host leading or a worker following), from start to teardown."""
+
+    role: str
+    job: Job | None = None
+    dataset: dict[str, Any] | None = None
+    queue: Wait | None = None
+    plan: SessionPlan | None = None
+    members: list[dict[str, Any]] = field(default_factory=list)
+    training: dict[str, Any] | None = None
+    sps: dict[int, float] = field(default_factory=dict)
+    result: dict[str, Any] | None = None
+    error: str | None = None
 
 
 class StatusView:
     """A node's reported status. ``publish(kind, **fields)`` sends one control event."""
 
-    def __init__(self, name: str, publish: Callable[..., None], notifier: Notifier) -> None:
+    def __init__(self, name: str, states: StateMachine, publish: Callable[..., None], notifier: Notifier) -> None:
         self.name = name
+        self._states = states
         self._publish = publish
         self._notifier = notifier
-        self._sm = StateMachine(self._on_transition)
         self.donating = False
-        self.verdict = Verdict(False, None, "donation is off")
-        self.role: str | None = None
-        self.queue: dict[str, Any] | None = None
-        self.group: dict[str, Any] | None = None
-        self.members: list[dict[str, Any]] = []
-        self.job: dict[str, Any] | None = None
-        self.dataset: dict[str, Any] | None = None
-        self.training: dict[str, Any] | None = None
-        self._sps: dict[int, float] = {}
-        self.result: dict[str, Any] | None = None
-        self.error: str | None = None
+        self.verdict = DONATION_OFF
+        self.session: SessionRecord | None = None
+        self.last: SessionRecord | None = None
         self._last_members_push = 0.0
         self._members_pending: asyncio.TimerHandle | None = None
 
@@ -58,13 +78,11 @@ class StatusView:
 
     @property
     def state(self) -> State:
-        return self._sm.state
+        return self._states.state
 
-    def to(self, new: State) -> None:
-        try:
-            self._sm.to(new)
-        except InvalidTransition as exc:
-            logger.error("internal: refused state transition %s", exc)
+    @property
+    def role(self) -> str | None:
+        return self.session.role if self.session is not None else None
 
     def publish(self, kind: str, **fields: Any) -> None:
         self._publish(kind, **fields)
@@ -73,7 +91,8 @@ class StatusView:
         logger.log(level, "%s", message)
         self._publish("log", level=logging.getLevelName(level).lower(), message=message)
 
-    def _on_transition(self, old: State, new: State) -> None:
+    def on_transition(self, old: State, new: State) -> None:
+        """The state authority moved: log it, tell subscribers and systemd."""
         logger.info("%s: state %s -> %s", self.name, old.value, new.value)
         self._publish("state", state=new.value, previous=old.value)
         self._notifier.status(self.status_line())
@@ -82,65 +101,99 @@ class StatusView:
         role = f" ({self.role})" if self.role else ""
         return f"{self.state.value}{role}, donation {'on' if self.donating else 'off'}"
 
+    def set_donating(self, on: bool) -> None:
+        self.donating = on
+        self.verdict = CHECKING if on else DONATION_OFF
+
     def status(self) -> dict[str, Any]:
+        st = self.state
+        cur = self.session
+        plan = cur.plan if cur is not None else None
+        v = self.verdict if self.donating else DONATION_OFF
         group = None
-        if self.group is not None:
-            group = {"id": self.group.get("group_id"), "index": self.group.get("index"), "members": self.members}
-        v = self.verdict
+        if plan is not None and st in _IN_GROUP:
+            group = {"id": plan.group_id, "index": plan.index, "members": cur.members if cur else []}
+        job = plan.job if plan is not None else (cur.job if cur is not None else None)
+        dataset = plan.dataset.to_dict() if plan is not None else (cur.dataset if cur is not None else None)
+        queue = None
+        if cur is not None and cur.queue is not None and st == S.WAITING:
+            queue = {"position": cur.queue.position, "hosts": cur.queue.hosts, "workers": cur.queue.workers}
+        if cur is not None:
+            result = cur.result if st == S.FINISHED else None
+            error = cur.error
+        else:  # between sessions: what the last one ended with
+            result = self.last.result if self.last is not None else None
+            error = self.last.error if self.last is not None else None
         return {
             "version": __version__,
             "name": self.name,
-            "state": self.state.value,
+            "state": st.value,
             "donating": self.donating,
             "role": self.role,
             "idle": {"allowed": v.allowed, "rule": v.rule, "reason": v.reason},
-            "queue": self.queue,
+            "queue": queue,
             "group": group,
-            "job": self.job,
-            "dataset": self.dataset,
-            "training": self.training,
-            "result": self.result,
-            "error": self.error,
+            "job": job.to_dict() if job is not None else None,
+            "settings": plan.settings.to_dict() if plan is not None else None,
+            "dataset": dataset,
+            "training": cur.training if cur is not None and st in (S.TRAINING, S.FINISHED) else None,
+            "result": result,
+            "error": error,
         }
 
     # ------------------------------------------------------------------ a session's life
 
-    def joined(self, group: dict[str, Any]) -> None:
-        """The matchmaker's ``group`` frame arrived: report the group and its members."""
-        self.group = group
-        self.members = [dict(m, state="joining", replication={"done": 0, "total": 0}) for m in group["members"]]
-        self.job = dict(group.get("job") or {})
-        self.dataset = dict(group.get("dataset") or {})
+    def begin(self, role: str) -> SessionRecord:
+        """A cycle starts: a fresh record (the last session's result and error stop showing)."""
+        self.session = SessionRecord(role)
+        return self.session
 
-    def on_wait(self, frame: dict[str, Any]) -> None:
+    def joined(self, plan: SessionPlan) -> None:
+        """The matchmaker's ``group`` frame arrived: report the group and its members."""
+        rec = self._current()
+        rec.plan = plan
+        rec.queue = None
+        rec.members = [
+            {**m.to_dict(), "state": "joining", "replication": {"done": 0, "total": 0}} for m in plan.members
+        ]
+        for m in rec.members:
+            m.pop("ports", None)
+
+    def on_wait(self, wait: Wait) -> None:
         """A ``wait`` frame from the matchmaker: the node's place in the queue."""
-        self.queue = {"position": frame.get("position"), "hosts": frame.get("hosts"), "workers": frame.get("workers")}
-        if self.state != State.WAITING:
-            self.to(State.WAITING)
+        self._current().queue = wait
+        if self.state != S.WAITING:
+            self._states.to(S.WAITING)
         self._publish("status", **self.status())
 
-    def clear_session(self) -> None:
-        """The cycle is over: forget the session's details (the result and error stay)."""
+    def fail(self, message: str) -> None:
+        """The current session failed; the message is what the user sees as ``error``."""
+        self._current().error = message
+
+    def end(self) -> None:
+        """The cycle is over: the record becomes the last session (its result and error)."""
         if self._members_pending is not None:
             self._members_pending.cancel()
             self._members_pending = None
-        self.role = None
-        self.queue = None
-        self.group = None
-        self.members = []
-        self.training = None
-        self._sps = {}
+        if self.session is not None:
+            self.last = self.session
+        self.session = None
+
+    def _current(self) -> SessionRecord:
+        if self.session is None:
+            raise RuntimeError("no session is running")  # a daemon bug, never user input
+        return self.session
 
     # ------------------------------------------------------------------ progress plumbing
 
     def set_member(self, index: int, **fields: Any) -> None:
-        for m in self.members:
+        for m in self._current().members:
             if m.get("index") == index:
                 m.update(fields)
 
     def set_members(self, members: list[dict[str, Any]]) -> None:
         """The host's member list arrived (a worker): report it."""
-        self.members = members
+        self._current().members = members
         self._publish("members", members=members)
 
     def push_members(self, session: MemberFanout | None = None, *, now: bool = False) -> None:
@@ -156,15 +209,20 @@ class StatusView:
     def _push_members_now(self, session: MemberFanout | None) -> None:
         self._members_pending = None
         self._last_members_push = asyncio.get_running_loop().time()
+        rec = self.session
+        if rec is None:
+            return
         if session is not None:
-            self.members = session.member_dicts()
-            session.broadcast({"type": "members", "members": self.members})
-        self._publish("members", members=self.members)
+            rec.members = session.member_dicts()
+            session.push_members()
+        self._publish("members", members=rec.members)
 
     def on_training_event(self, ev: dict[str, Any]) -> None:
-        kind = ev.get("event") or ev.get("type")
-        tr = self.training or {
-            "epoch": 0, "epochs": (self.job or {}).get("epochs"), "step": 0, "loss": None,
+        """One of the host job's events (``event``: ``progress`` or ``eval``)."""
+        rec = self._current()
+        kind = ev.get("event")
+        tr = rec.training or {
+            "epoch": 0, "epochs": rec.plan.job.epochs if rec.plan else None, "step": 0, "loss": None,
             "accuracy": None, "test_accuracy": None, "samples_per_sec": None,
         }
         if kind == "progress":
@@ -172,22 +230,25 @@ class StatusView:
                 if k in ev:
                     tr[k] = ev[k]
             if isinstance(ev.get("samples_per_sec"), (int, float)):
-                self._sps[int(ev.get("worker") or 0)] = float(ev["samples_per_sec"])
-                tr["samples_per_sec"] = round(sum(self._sps.values()), 1)
-            self.training = tr
+                rec.sps[int(ev.get("worker") or 0)] = float(ev["samples_per_sec"])
+                tr["samples_per_sec"] = round(sum(rec.sps.values()), 1)
+            rec.training = tr
             self._publish("progress", **{k: tr.get(k) for k in ("epoch", "epochs", "step", "loss", "accuracy", "samples_per_sec")},
                           total_steps=ev.get("total_steps"), worker=ev.get("worker"))
         elif kind == "eval":
             tr["test_accuracy"] = ev.get("test_accuracy")
-            self.training = tr
+            rec.training = tr
             self._publish("eval", epoch=ev.get("epoch"), step=ev.get("step"), test_accuracy=ev.get("test_accuracy"),
                           test_loss=ev.get("test_loss"))
 
-    def finished(self, test_accuracy: Any, model_path: Any) -> None:
-        """The session's result: report it, move to FINISHED, publish a ``result`` event."""
-        self.result = {"test_accuracy": test_accuracy, "model_path": model_path}
-        self.to(State.FINISHED)
-        self._publish("result", **self.result)
+    def finished(self, test_accuracy: Any, model_path: str | None) -> None:
+        """The session's result (``model_path`` is this node's own file; a worker has none):
+        report it, then the caller moves the state authority to FINISHED."""
+        rec = self._current()
+        rec.result = {"test_accuracy": test_accuracy, "model_path": model_path}
+        if rec.training is not None:
+            rec.training["test_accuracy"] = test_accuracy
+        self._publish("result", **rec.result)
 
 
-__all__ = ["PROGRESS_INTERVAL", "StatusView", "MemberFanout"]
+__all__ = ["PROGRESS_INTERVAL", "MemberFanout", "SessionRecord", "StatusView"]

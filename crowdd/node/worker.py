@@ -1,6 +1,6 @@
 """A worker's side of a session: follow the host — report over the session channel, fetch
-the manifest, replicate the dataset from the group, start the TF server when the host sends
-``train``, and stop when the host ends the session (or goes away)."""
+the manifest, replicate the dataset from the group along the host's route, start the TF
+server when the host says ``train``, and stop when the host ends the session (or goes away)."""
 
 from __future__ import annotations
 
@@ -14,45 +14,36 @@ from typing import Any
 from crowdd import replication as rep
 from crowdd import wire
 from crowdd.auth import AuthError
-from crowdd.node.status import PROGRESS_INTERVAL
-from crowdd.node.context import SessionContext, SessionFailed
+from crowdd.errors import SessionFailed
 from crowdd.manifest import Manifest, ManifestError
+from crowdd.node.context import SessionContext
 from crowdd.node.ports import Reservation
-from crowdd.route import node_plan
-from crowdd.node.session import (
-    HostLost,
-    SessionRefused,
-    WorkerSession,
-    dead_after,
-)
+from crowdd.node.session import HostLost, SessionRefused, WorkerSession, dead_after
 from crowdd.node.states import State
+from crowdd.node.status import PROGRESS_INTERVAL
 from crowdd.aio import cancel_and_wait
+from crowdd.plan import SessionPlan
+from crowdd.protocol.session import End, HostMessage, MembersUpdate, Train, TrainingEvent
 
 
-async def follow(c: SessionContext, group: dict[str, Any], res: Reservation) -> None:
+async def follow(c: SessionContext, plan: SessionPlan, res: Reservation) -> None:
     d = c.cfg.daemon
     view = c.view
-    token = str(group["token"])
-    index = int(group["index"])
-    members = group["members"]
-    host = members[0]
-    n = len(members)
-    view.to(State.REPLICATING)
-    train: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+    index = plan.index
+    settings = plan.settings
+    c.to(State.REPLICATING)
+    train: asyncio.Future[Train] = asyncio.get_running_loop().create_future()
 
-    def on_message(frame: dict[str, Any]) -> None:
-        kind = frame["type"]
-        if kind == "members" and isinstance(frame.get("members"), list):
-            view.set_members(frame["members"])
-        elif kind == "train" and not train.done():
-            train.set_result(frame)
-        elif kind in ("progress", "eval"):
-            view.on_training_event(frame)
+    def on_message(msg: HostMessage) -> None:
+        if isinstance(msg, MembersUpdate):
+            view.set_members([m.to_dict() for m in msg.members])
+        elif isinstance(msg, Train) and not train.done():
+            train.set_result(msg)
+        elif isinstance(msg, TrainingEvent):
+            view.on_training_event(msg.event)
 
-    ws = WorkerSession(
-        str(host["address"]), int(host["ports"]["session"]), token, index,
-        heartbeat=d.heartbeat, dead_after=dead_after(d.heartbeat, d.peer_timeout), on_message=on_message,
-    )
+    ws = WorkerSession(plan, heartbeat=d.heartbeat, dead_after=dead_after(d.heartbeat, d.peer_timeout),
+                       on_message=on_message)
     store: rep.ChunkStore | None = None
     server: rep.DataServer | None = None
     tasks: list[asyncio.Task[Any]] = []
@@ -64,13 +55,12 @@ async def follow(c: SessionContext, group: dict[str, Any], res: Reservation) -> 
             raise SessionFailed(f"the host's session is unreachable: {exc}") from None
         session_task = asyncio.create_task(ws.run())
         tasks.append(session_task)
-        ws.send({"type": "state", "state": "replicating"})
-        peers = [rep.Peer(int(m["index"]), str(m["address"]), int(m["ports"]["data"])) for m in members]
-        manifest = await _fetch_manifest(c, peers[0], token, index, str(group["dataset"]["digest"]), session_task)
+        ws.report_state("replicating")
+        peers = [rep.Peer(m.index, m.address, m.ports.data) for m in plan.members]
+        manifest = await _fetch_manifest(c, peers[0], plan, session_task)
         store = rep.ChunkStore.open(c.cache, manifest)
-        plan = node_plan(n, index, c.cfg.replication.route)
-        server = rep.DataServer(token, manifest, store, sock=res.data_sock, targets=plan.targets, group_size=n,
-                            stall_timeout=c.cfg.replication.stall_timeout)
+        server = rep.DataServer(plan.token, manifest, store, sock=res.data_sock, targets=plan.route().targets,
+                                group_size=plan.size, stall_timeout=c.cfg.replication.stall_timeout)
         await server.start()
         last = [0.0]
         reported: list[tuple[int, int]] = [(-1, -1)]
@@ -85,10 +75,10 @@ async def follow(c: SessionContext, group: dict[str, Any], res: Reservation) -> 
             reported[0] = (p.done_bytes, p.total_bytes)
             view.set_member(index, replication={"done": p.done_bytes, "total": p.total_bytes})
             view.publish("replication", index=index, done=p.done_bytes, total=p.total_bytes, source=p.source)
-            ws.send({"type": "replication", "done": p.done_bytes, "total": p.total_bytes, "source": p.source})
+            ws.report_replication(p.done_bytes, p.total_bytes, p.source)
 
-        replicator = rep.Replicator(index, peers, token, manifest, c.cache, route=c.cfg.replication.route,
-                                stall_timeout=c.cfg.replication.stall_timeout, on_progress=on_progress, store=store)
+        replicator = rep.Replicator(index, peers, plan.token, manifest, c.cache, route=settings.route,
+                                    stall_timeout=c.cfg.replication.stall_timeout, on_progress=on_progress, store=store)
         rep_task = asyncio.create_task(replicator.run())
         tasks.append(rep_task)
         await _race(rep_task, session_task)
@@ -96,33 +86,34 @@ async def follow(c: SessionContext, group: dict[str, Any], res: Reservation) -> 
             data_path = rep_task.result()
         except rep.ReplicationError as exc:
             raise SessionFailed(f"replication failed: {exc}") from None
-        ws.send({"type": "ready"})
+        ws.ready()
         view.log(logging.INFO, f"dataset verified ({manifest.size:,} bytes); waiting for the host to start training")
         await _race(train, session_task)
-        frame = train.result()
-        view.to(State.TRAINING)
-        ws.send({"type": "state", "state": "training"})
-        workdir = c.jobs.job_dir(group, index)
+        order = train.result()
+        c.to(State.TRAINING)
+        ws.report_state("training")
+        workdir = c.jobs.job_dir(plan)
 
         def on_event(ev: dict[str, Any]) -> None:
             if ev.get("event") == "started":
-                ws.send({"type": "job", "event": "started"})
+                ws.job_started()
             elif ev.get("event") == "error":
                 view.log(logging.ERROR, f"worker job: {ev.get('message')}")
 
-        sup = await c.start_job("worker", int(frame["index"]), frame["cluster"], workdir, data_path, manifest, on_event, res)
+        sup = await c.start_job(plan, order.index, order.cluster, data_path, manifest, on_event, res)
         job_task = asyncio.create_task(sup.wait())
         tasks.append(job_task)
         await asyncio.wait({job_task, session_task}, return_when=asyncio.FIRST_COMPLETED)
         if not session_task.done():
             code = job_task.result()
-            ws.send({"type": "job", "event": "exited", "code": code, "message": sup.last_error})
+            ws.job_exited(code, sup.last_error)
             raise SessionFailed(f"this node's TF server exited (code {code}): {sup.last_error or 'see job.log'}")
         end = _session_result(session_task)
-        if end.get("error"):
-            raise SessionFailed(f"the host ended the session: {end['error']}")
-        view.finished(end.get("test_accuracy"), end.get("model_path"))
-        view.log(logging.INFO, f"session finished: test accuracy {end.get('test_accuracy')}")
+        if end.error:
+            raise SessionFailed(f"the host ended the session: {end.error}")
+        view.finished(end.test_accuracy, None)  # the model file is the host's, not this node's
+        c.to(State.FINISHED)
+        view.log(logging.INFO, f"session finished: test accuracy {end.test_accuracy}")
         await c.jobs.stop()
         await asyncio.sleep(c.linger)
     finally:
@@ -137,28 +128,28 @@ async def follow(c: SessionContext, group: dict[str, Any], res: Reservation) -> 
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _session_result(session_task: asyncio.Task[dict[str, Any]]) -> dict[str, Any]:
+def _session_result(session_task: asyncio.Task[End]) -> End:
     try:
         return session_task.result()
     except HostLost as exc:
         raise SessionFailed(f"the host went away ({exc})") from None
 
 
-async def _race(work: asyncio.Future[Any], session_task: asyncio.Task[dict[str, Any]]) -> None:
+async def _race(work: asyncio.Future[Any], session_task: asyncio.Task[End]) -> None:
     """Wait for ``work``; if the session ends first (host gone, or ended), stop."""
     await asyncio.wait({work, session_task}, return_when=asyncio.FIRST_COMPLETED)
     if not work.done():
         end = _session_result(session_task)
-        raise SessionFailed(f"the host ended the session early: {end.get('error') or 'no reason given'}")
+        raise SessionFailed(f"the host ended the session early: {end.error or 'no reason given'}")
 
 
 async def _fetch_manifest(
-    c: SessionContext, host: rep.Peer, token: str, index: int, digest: str, session_task: asyncio.Task[dict[str, Any]]
+    c: SessionContext, host: rep.Peer, plan: SessionPlan, session_task: asyncio.Task[End]
 ) -> Manifest:
     delay = 0.2
     deadline = time.monotonic() + c.cfg.daemon.peer_timeout
     while True:
-        fetch = asyncio.create_task(rep.fetch_manifest(host, token, index, digest))
+        fetch = asyncio.create_task(rep.fetch_manifest(host, plan.token, plan.index, plan.dataset.digest))
         await _race(fetch, session_task)
         try:
             return fetch.result()

@@ -13,6 +13,8 @@ import pytest
 
 from crowdd import wire
 from crowdd.config import MatchmakerConfig
+from crowdd.plan import SessionPlan
+from crowdd.protocol.matchmaker import Wait
 from crowdd.matchmaker import Matchmaker
 from crowdd.matchmaker_client import MatchmakerUnavailable, register
 
@@ -75,11 +77,11 @@ class Waiting:
     """A client task that registers and records its wait frames."""
 
     def __init__(self, mm: Matchmaker, hello: dict[str, Any], **kw: Any) -> None:
-        self.waits: list[dict[str, Any]] = []
+        self.waits: list[Wait] = []
         self.first_wait = asyncio.Event()
         self.task = asyncio.create_task(register(mm.address, hello, on_wait=self._on_wait, **kw))
 
-    def _on_wait(self, frame: dict[str, Any]) -> None:
+    def _on_wait(self, frame: Wait) -> None:
         self.waits.append(frame)
         self.first_wait.set()
 
@@ -87,7 +89,7 @@ class Waiting:
         await asyncio.wait_for(self.first_wait.wait(), 10)
         return self
 
-    async def group(self) -> dict[str, Any]:
+    async def group(self) -> SessionPlan:
         return await asyncio.wait_for(self.task, 10)
 
     async def leave(self) -> None:
@@ -131,19 +133,19 @@ def raw_hello(hello: dict[str, Any]) -> dict[str, Any]:
 
 async def test_host_and_worker_get_the_same_group(server: Matchmaker) -> None:
     w = await queue(server, worker_hello("w1"))
-    assert w.waits[0]["position"] == 1
+    assert w.waits[0].position == 1
     h = Waiting(server, host_hello("h1", epochs=3))
     hg, wg = await h.group(), await w.group()
-    assert hg["index"] == 0 and wg["index"] == 1
-    assert {**hg, "index": None} == {**wg, "index": None}
-    assert len(hg["token"]) == 64 and int(hg["token"], 16) >= 0
-    assert [m["role"] for m in hg["members"]] == ["host", "worker"]
-    assert [m["name"] for m in hg["members"]] == ["h1", "w1"]
-    assert all(m["address"] == "127.0.0.1" for m in hg["members"])
-    assert hg["members"][0]["ports"] == {"data": 7001, "session": 7002, "tf": [7003, 7004]}
-    assert hg["members"][1]["ports"] == {"data": 8001, "session": 8002, "tf": [8003]}
-    assert hg["job"]["epochs"] == 3 and hg["job"]["model"] == "mlp"  # defaults filled in
-    assert hg["dataset"] == {"digest": DIGEST, "size": 1234, "name": "digits"}
+    assert hg.index == 0 and wg.index == 1
+    assert dataclasses.replace(hg, index=0) == dataclasses.replace(wg, index=0)
+    assert len(hg.token) == 64 and int(hg.token, 16) >= 0
+    assert [m.role for m in hg.members] == ["host", "worker"]
+    assert [m.name for m in hg.members] == ["h1", "w1"]
+    assert all(m.address == "127.0.0.1" for m in hg.members)
+    assert hg.members[0].ports.to_dict() == {"data": 7001, "session": 7002, "tf": [7003, 7004]}
+    assert hg.members[1].ports.to_dict() == {"data": 8001, "session": 8002, "tf": [8003]}
+    assert hg.job.epochs == 3 and hg.job.model == "mlp"  # defaults filled in
+    assert hg.dataset.to_dict() == {"digest": DIGEST, "size": 1234, "name": "digits"}
     await until(lambda: server.stats()["connections"] == 0)
     assert server.stats()["groups"] == 1
 
@@ -154,19 +156,19 @@ async def test_tokens_and_ids_are_fresh_per_group(server: Matchmaker) -> None:
         w = await queue(server, worker_hello(f"w{i}"))
         await Waiting(server, host_hello(f"h{i}")).group()
         groups.append(await w.group())
-    assert len({g["token"] for g in groups}) == 3
-    assert len({g["group_id"] for g in groups}) == 3
+    assert len({g.token for g in groups}) == 3
+    assert len({g.group_id for g in groups}) == 3
 
 
 async def test_fifo_oldest_workers_and_position_updates(server: Matchmaker) -> None:
     ws = [await queue(server, worker_hello(f"w{i}")) for i in range(3)]
-    assert [w.waits[0]["position"] for w in ws] == [1, 2, 3]
+    assert [w.waits[0].position for w in ws] == [1, 2, 3]
     g = await Waiting(server, host_hello("h", workers=2)).group()
-    assert [m["name"] for m in g["members"]] == ["h", "w0", "w1"]
+    assert [m.name for m in g.members] == ["h", "w0", "w1"]
     await ws[0].group()
     await ws[1].group()
     # w2 moved from position 3 to 1 and is told so
-    await until(lambda: ws[2].waits[-1]["position"] == 1)
+    await until(lambda: ws[2].waits[-1].position == 1)
     assert not ws[2].task.done()
     await ws[2].leave()
 
@@ -174,15 +176,15 @@ async def test_fifo_oldest_workers_and_position_updates(server: Matchmaker) -> N
 async def test_oldest_host_first(server: Matchmaker) -> None:
     h1 = await queue(server, host_hello("h1"))
     h2 = await queue(server, host_hello("h2"))
-    assert h2.waits[0]["position"] == 2
+    assert h2.waits[0].position == 2
     w1 = Waiting(server, worker_hello("w1"))
     g = await w1.group()
-    assert g["members"][0]["name"] == "h1"
+    assert g.members[0].name == "h1"
     await h1.group()
     assert not h2.task.done()
-    await until(lambda: bool(h2.waits) and h2.waits[-1]["position"] == 1)
+    await until(lambda: bool(h2.waits) and h2.waits[-1].position == 1)
     g2 = await Waiting(server, worker_hello("w2")).group()
-    assert g2["members"][0]["name"] == "h2"
+    assert g2.members[0].name == "h2"
     await h2.group()
 
 
@@ -190,7 +192,7 @@ async def test_unsatisfiable_host_does_not_block_younger(server: Matchmaker) -> 
     big = await queue(server, host_hello("big", workers=5, min_workers=5))
     small = await queue(server, host_hello("small", workers=1))
     g = await Waiting(server, worker_hello("w")).group()
-    assert g["members"][0]["name"] == "small"
+    assert g.members[0].name == "small"
     await small.group()
     assert not big.task.done()
     await big.leave()
@@ -198,7 +200,7 @@ async def test_unsatisfiable_host_does_not_block_younger(server: Matchmaker) -> 
 
 async def test_host_with_zero_workers_groups_alone(server: Matchmaker) -> None:
     g = await Waiting(server, host_hello("solo", workers=0, min_workers=0)).group()
-    assert len(g["members"]) == 1 and g["index"] == 0
+    assert len(g.members) == 1 and g.index == 0
 
 
 # --------------------------------------------------------------------------- host targeting
@@ -208,7 +210,7 @@ async def test_worker_targets_tagged_host(server: Matchmaker) -> None:
     untagged = await queue(server, host_hello("plain"))
     lab = await queue(server, host_hello("labhost", tag="lab"))
     g = await Waiting(server, worker_hello("w", want_tag="lab")).group()
-    assert g["members"][0]["name"] == "labhost"
+    assert g.members[0].name == "labhost"
     await lab.group()
     assert not untagged.task.done()
     await untagged.leave()
@@ -218,7 +220,7 @@ async def test_host_targets_tagged_workers(server: Matchmaker) -> None:
     plain = await queue(server, worker_hello("plain"))
     gpu = await queue(server, worker_hello("gpu", tag="gpu"))
     g = await Waiting(server, host_hello("h", want_tag="gpu")).group()
-    assert [m["name"] for m in g["members"]] == ["h", "gpu"]
+    assert [m.name for m in g.members] == ["h", "gpu"]
     await gpu.group()
     assert not plain.task.done()
     await plain.leave()
@@ -230,7 +232,7 @@ async def test_targeting_worker_waits_for_matching_host(server: Matchmaker) -> N
     await asyncio.sleep(0.3)
     assert not w.task.done() and not h.task.done()
     h2 = Waiting(server, host_hello("h2", tag="nope"))
-    assert (await w.group())["members"][0]["name"] == "h2"
+    assert (await w.group()).members[0].name == "h2"
     await h2.group()
     await h.leave()
 
@@ -246,8 +248,8 @@ async def test_min_workers_accepted_after_wait(server: Matchmaker) -> None:
     g = await h.group()
     waited = loop.time() - start
     assert waited >= 0.55  # it cannot form before the host's wait runs out
-    assert [m["name"] for m in g["members"]] == ["h", "w"]
-    assert g["job"]["workers"] == 3
+    assert [m.name for m in g.members] == ["h", "w"]
+    assert g.job.workers == 3
     await w.group()
 
 
@@ -258,7 +260,7 @@ async def test_below_min_after_wait_keeps_waiting_until_enough(server: Matchmake
     assert not h.task.done()
     w2 = Waiting(server, worker_hello("w2"))
     g = await h.group()
-    assert [m["name"] for m in g["members"]] == ["h", "w1", "w2"]
+    assert [m.name for m in g.members] == ["h", "w1", "w2"]
     await w1.group()
     await w2.group()
 
@@ -276,7 +278,7 @@ async def test_disconnected_worker_is_never_grouped(server: Matchmaker) -> None:
     await asyncio.sleep(0.1)
     assert not h.task.done()
     w = Waiting(server, worker_hello("fresh"))
-    assert [m["name"] for m in (await h.group())["members"]] == ["h", "fresh"]
+    assert [m.name for m in (await h.group()).members] == ["h", "fresh"]
     await w.group()
 
 
@@ -334,7 +336,7 @@ async def test_stall_mid_frame_dropped_after_read_timeout(make_server: MakeServe
     assert loop.time() - start < 20  # well before the 30 s heartbeat timeout
     assert mm.stats()["workers"] == 1  # the other client is still queued
     g = await Waiting(mm, host_hello("h")).group()
-    assert g["members"][1]["name"] == "other"
+    assert g.members[1].name == "other"
     await other.group()
     writer.close()
 
@@ -395,7 +397,7 @@ async def test_malformed_frames_get_an_error_and_others_are_served(
     err = await _error_for(server, payload)
     assert err["code"] == code
     g = await Waiting(server, host_hello("h")).group()
-    assert g["members"][1]["name"] == "bystander"
+    assert g.members[1].name == "bystander"
     await w.group()
     await until(lambda: server.stats()["connections"] == 0)
 
@@ -501,8 +503,8 @@ async def test_advertise_ignored_unless_trusted(make_server: MakeServer) -> None
         mm = await make_server(trust_advertised=trusted)
         w = await queue(mm, worker_hello("w", advertise="203.0.113.7"))
         g = await Waiting(mm, host_hello("h")).group()
-        assert g["members"][1]["address"] == expect
-        assert g["members"][0]["address"] == "127.0.0.1"
+        assert g.members[1].address == expect
+        assert g.members[0].address == "127.0.0.1"
         await w.group()
 
 

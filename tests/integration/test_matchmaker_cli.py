@@ -66,7 +66,7 @@ async def test_serves_and_exits_cleanly(
     w = asyncio.create_task(register(address, hello_w, timeout=20))
     h = asyncio.create_task(register(address, hello_h, timeout=20))
     gw, gh = await w, await h
-    assert gw["group_id"] == gh["group_id"] and {gw["index"], gh["index"]} == {0, 1}
+    assert gw.group_id == gh.group_id and {gw.index, gh.index} == {0, 1}
     proc.send_signal(sig)
     async with asyncio.timeout(20):
         rc = await proc.wait()

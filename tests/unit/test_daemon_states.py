@@ -16,16 +16,9 @@ import pytest
 from crowdd import wire
 from crowdd.config import Config, MatchmakerConfig, Paths
 from crowdd.control import ControlClient, Endpoint
-from crowdd.node.daemon import (
-    TRANSITIONS,
-    Backoff,
-    Daemon,
-    InvalidTransition,
-    State,
-    StateMachine,
-    allowed,
-    make_policy,
-)
+from crowdd.node.backoff import Backoff
+from crowdd.node.daemon import Daemon, make_policy
+from crowdd.node.states import TRANSITIONS, InvalidTransition, State, StateMachine, allowed
 from crowdd.idle import AlwaysIdle, CpuReading, IdlePolicy, Probes, UserIdle, Verdict
 from crowdd.matchmaker import Matchmaker
 from crowdd.node.ports import free_port

@@ -10,16 +10,8 @@ import pytest
 from crowdd import wire
 from crowdd.config import MatchmakerConfig
 from crowdd.hyperparams import Job
-from crowdd.matchmaker import (
-    Grouper,
-    Hello,
-    Waiter,
-    admit,
-    check_hello,
-    group_frames,
-    matches,
-    observed_address,
-)
+from crowdd.matchmaker import Grouper, Waiter, admit, group_frames, matches
+from crowdd.protocol.matchmaker import Hello, check_hello, observed_address
 
 DIGEST = "0f" * 32
 

@@ -1,0 +1,294 @@
+"""The matchmaker protocol's messages (docs/protocol.md), used by the matchmaker and the daemon.
+
+A node says ``hello`` (:func:`make_hello`; the matchmaker checks it with :func:`check_hello`),
+hears ``wait`` while queued (:func:`make_wait` / :func:`check_wait`) and finally one ``group``
+frame (:func:`make_group`), which the node checks once on arrival with :func:`check_group` and
+turns into its :class:`crowdd.plan.SessionPlan`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from crowdd import wire
+from crowdd.hyperparams import GroupSettings, HyperparamError, Job, validate_job, validate_settings
+from crowdd.plan import DatasetRef, MemberPorts, PlanMember, SessionPlan
+
+HOST = "host"
+WORKER = "worker"
+ROLES = (HOST, WORKER)
+TF_PORTS = {HOST: 2, WORKER: 1}
+MAX_NAME = 64
+MAX_TAG = 64
+MAX_DATASET_NAME = 255
+MAX_MEMBERS = 1 + 1024
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+_HOSTNAME = re.compile(r"(?=.{1,253}\.?$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?")
+
+
+# --------------------------------------------------------------------------- hello
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """A validated hello: who this client is and where its peers can reach it."""
+
+    role: str
+    name: str
+    address: str
+    ports: dict[str, Any]
+    tag: str = ""
+    want_tag: str = ""
+    job: Job | None = None
+    dataset: dict[str, Any] | None = None
+    settings: GroupSettings | None = None
+
+    def member(self, index: int) -> dict[str, Any]:
+        return {"index": index, "role": self.role, "name": self.name, "address": self.address, "ports": self.ports}
+
+
+def _bad(name: str, message: str) -> wire.WireError:
+    return wire.WireError(wire.ErrorCode.BAD_FIELD, message, field=name)
+
+
+def _text(frame: Mapping[str, Any], name: str, lo: int, hi: int, default: str | None = None) -> str:
+    value = frame.get(name, default)
+    if not isinstance(value, str):
+        raise _bad(name, f"field {name!r} must be a string")
+    if not lo <= len(value) <= hi or not value.isprintable():
+        raise _bad(name, f"field {name!r} must be {lo}..{hi} printable characters")
+    return value
+
+
+def _port(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise _bad(name, f"field {name!r} must be a port 1..65535, got {value!r}")
+    return value
+
+
+def _ports(frame: Mapping[str, Any], role: str) -> dict[str, Any]:
+    ports = frame.get("ports")
+    if not isinstance(ports, dict):
+        raise _bad("ports", "field 'ports' must be an object {data, session, tf}")
+    tf = ports.get("tf")
+    want = TF_PORTS[role]
+    if not isinstance(tf, list) or len(tf) != want:
+        raise _bad("ports.tf", f"a {role} advertises exactly {want} TF port(s) in 'ports.tf'")
+    return {
+        "data": _port(ports.get("data"), "ports.data"),
+        "session": _port(ports.get("session"), "ports.session"),
+        "tf": [_port(p, "ports.tf") for p in tf],
+    }
+
+
+def _advertised(value: Any) -> str:
+    if not isinstance(value, str):
+        raise _bad("advertise", "field 'advertise' must be a string")
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        pass
+    if not _HOSTNAME.fullmatch(value):
+        raise _bad("advertise", f"field 'advertise' must be an IP address or a DNS name, got {value!r}")
+    return value
+
+
+def _dataset(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _bad("dataset", "a host sends 'dataset' = {digest, size, name}")
+    digest = value.get("digest")
+    if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
+        raise _bad("dataset.digest", "field 'dataset.digest' must be 64 lowercase hex characters (sha256)")
+    size = value.get("size")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise _bad("dataset.size", f"field 'dataset.size' must be an integer >= 0, got {size!r}")
+    name = value.get("name")
+    if not isinstance(name, str) or not 1 <= len(name) <= MAX_DATASET_NAME or not name.isprintable():
+        raise _bad("dataset.name", f"field 'dataset.name' must be 1..{MAX_DATASET_NAME} printable characters")
+    return {"digest": digest, "size": size, "name": name}
+
+
+def _settings(value: Any) -> GroupSettings:
+    try:
+        return validate_settings(value)
+    except HyperparamError as exc:
+        raise _bad(exc.field, f"group settings: {exc.message}") from None
+
+
+def observed_address(peer_ip: str) -> str:
+    """The address as peers should use it (an IPv4-mapped IPv6 address becomes plain IPv4)."""
+    try:
+        ip = ipaddress.ip_address(peer_ip.split("%", 1)[0])
+    except ValueError:
+        return peer_ip
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return peer_ip
+
+
+def check_hello(frame: Mapping[str, Any], peer_ip: str, *, trust_advertised: bool = False) -> Hello:
+    """Decide whether a hello is acceptable; raise :class:`wire.WireError` saying why not."""
+    if frame.get("type") != "hello":
+        raise wire.WireError(wire.ErrorCode.BAD_FRAME, f"the first frame must be a hello, got {frame.get('type')!r}")
+    wire.check_proto(frame)
+    role = frame.get("role")
+    if role not in ROLES:
+        raise _bad("role", f"field 'role' must be host or worker, got {role!r}")
+    name = _text(frame, "name", 1, MAX_NAME)
+    ports = _ports(frame, role)
+    tag = _text(frame, "tag", 0, MAX_TAG, "")
+    want_tag = _text(frame, "want_tag", 0, MAX_TAG, "")
+    address = observed_address(peer_ip)
+    if frame.get("advertise") is not None:
+        advertised = _advertised(frame["advertise"])
+        if trust_advertised:
+            address = advertised
+    job: Job | None = None
+    dataset: dict[str, Any] | None = None
+    settings: GroupSettings | None = None
+    if role == HOST:
+        if "job" not in frame:
+            raise _bad("job", "a host sends its 'job' (hyperparameters)")
+        try:
+            job = validate_job(frame["job"])
+        except HyperparamError as exc:
+            prefix = "" if exc.field == "job" else "job."
+            raise _bad(prefix + exc.field, f"job: {exc}") from None
+        dataset = _dataset(frame.get("dataset"))
+        settings = _settings(frame.get("settings", {}))
+    else:
+        for key in ("job", "dataset", "settings"):
+            if key in frame:
+                raise _bad(key, f"only a host sends {key!r}")
+    return Hello(role=role, name=name, address=address, ports=ports, tag=tag, want_tag=want_tag, job=job, dataset=dataset, settings=settings)
+
+
+def make_hello(
+    role: str,
+    name: str,
+    ports: MemberPorts,
+    *,
+    tag: str = "",
+    want_tag: str = "",
+    advertise: str = "",
+    job: Job | None = None,
+    dataset: DatasetRef | None = None,
+    settings: GroupSettings | None = None,
+) -> dict[str, Any]:
+    """A node's ``hello`` (``type`` and ``proto`` included). A host also sends its job, its
+    dataset's manifest digest and the group-wide settings it decided."""
+    hello: dict[str, Any] = {
+        "type": "hello", "proto": wire.PROTO, "role": role, "name": name, "ports": ports.to_dict(),
+        "tag": tag, "want_tag": want_tag,
+    }
+    if advertise:
+        hello["advertise"] = advertise
+    if role == HOST:
+        if job is None or dataset is None or settings is None:
+            raise ValueError("a host's hello needs its job, dataset and settings")
+        hello["job"] = job.to_dict()
+        hello["dataset"] = dataset.to_dict()
+        hello["settings"] = settings.to_dict()
+    return hello
+
+
+# --------------------------------------------------------------------------- wait
+
+
+def make_wait(position: int, hosts: int, workers: int) -> dict[str, Any]:
+    return {"type": "wait", "position": position, "hosts": hosts, "workers": workers}
+
+
+@dataclass(frozen=True)
+class Wait:
+    """A node's place in its queue, and how many hosts and workers are waiting."""
+
+    position: int
+    hosts: int
+    workers: int
+
+
+def check_wait(frame: Mapping[str, Any]) -> Wait:
+    return Wait(*(_count(frame, k) for k in ("position", "hosts", "workers")))
+
+
+def _count(frame: Mapping[str, Any], name: str) -> int:
+    v = frame.get(name)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise _bad(name, f"field {name!r} must be an integer >= 0, got {v!r}")
+    return v
+
+
+# --------------------------------------------------------------------------- group
+
+
+def make_group(
+    group_id: str, token: str, index: int, members: Sequence[Hello], job: Job, dataset: Mapping[str, Any],
+    settings: GroupSettings,
+) -> dict[str, Any]:
+    """The ``group`` frame for member ``index``; every member's is the same but for ``index``."""
+    return {
+        "type": "group",
+        "group_id": group_id,
+        "token": token,
+        "index": index,
+        "members": [m.member(i) for i, m in enumerate(members)],
+        "job": job.to_dict(),
+        "dataset": dict(dataset),
+        "settings": settings.to_dict(),
+    }
+
+
+def _member(value: Any, i: int) -> PlanMember:
+    where = f"members[{i}]"
+    if not isinstance(value, dict):
+        raise _bad(where, f"{where} must be an object")
+    if value.get("index") != i:
+        raise _bad(f"{where}.index", f"{where} must have index {i}")
+    role = value.get("role")
+    if role != (HOST if i == 0 else WORKER):
+        raise _bad(f"{where}.role", f"{where} must be the {'host' if i == 0 else 'a worker'}")
+    try:
+        ports = _ports(value, role)
+    except wire.WireError as exc:
+        raise _bad(f"{where}.{exc.field}", exc.message) from None
+    address = value.get("address")
+    if not isinstance(address, str) or not address:
+        raise _bad(f"{where}.address", f"{where} needs an address")
+    return PlanMember(
+        index=i, role=role, name=_text(value, "name", 1, MAX_NAME), address=address,
+        ports=MemberPorts(ports["data"], ports["session"], tuple(ports["tf"])),
+    )
+
+
+def check_group(frame: Mapping[str, Any]) -> SessionPlan:
+    """Check the matchmaker's ``group`` frame (the one trust boundary for it) and return this
+    node's :class:`SessionPlan`; raise :class:`wire.WireError` naming the bad field."""
+    group_id = _text(frame, "group_id", 1, 64)
+    token = _text(frame, "token", 16, 256)
+    index = wire.require(frame, "index", int)
+    members = wire.require(frame, "members", list)
+    if not 1 <= len(members) <= MAX_MEMBERS:
+        raise _bad("members", "a group has a host and at most 1024 workers")
+    if isinstance(index, bool) or not 0 <= index < len(members):
+        raise _bad("index", f"index {index} outside the member list")
+    plan_members = tuple(_member(m, i) for i, m in enumerate(members))
+    try:
+        job = validate_job(frame.get("job", {}))
+    except HyperparamError as exc:
+        raise _bad(f"job.{exc.field}", exc.message) from None
+    ds = _dataset(frame.get("dataset"))
+    return SessionPlan(
+        group_id=group_id, token=token, index=index, members=plan_members, job=job,
+        dataset=DatasetRef(ds["digest"], ds["size"], ds["name"]), settings=_settings(frame.get("settings", {})),
+    )
+
+
+__all__ = [
+    "HOST", "ROLES", "TF_PORTS", "WORKER", "Hello", "Wait", "check_group", "check_hello", "check_wait",
+    "make_group", "make_hello", "make_wait", "observed_address",
+]

@@ -1,0 +1,254 @@
+"""The group session's messages (after the matchmaker), used by the host and its workers.
+
+worker → host: :class:`StateReport`, :class:`ReplicationReport`, :class:`Ready`, :class:`JobReport`.
+host → worker: :class:`MembersUpdate`, :class:`Train`, :class:`TrainingEvent`, :class:`End`.
+Both ways: ``ping`` (heartbeats, handled by the channel). Each message turns into its frame
+with ``to_frame()``; :func:`check_worker_frame` and :func:`check_host_frame` check what arrives
+and return the typed message, or raise :class:`wire.WireError` naming the bad field.
+
+The host's job events travel as :class:`TrainingEvent` with the job's own ``event`` key
+(``progress``, ``eval``) kept end to end.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from crowdd import wire
+from crowdd.errors import ErrorCode
+
+#: What a member may report about itself (and what the host shows per member).
+MEMBER_STATES = ("joining", "replicating", "ready", "training", "finished", "gone")
+#: Job events the host fans out to its workers.
+TRAINING_EVENTS = ("progress", "eval")
+#: Frames a congested channel may drop (newer ones follow).
+DROPPABLE = frozenset({"training", "members", "replication", "ping", "state"})
+
+
+def _bad(name: str, message: str) -> wire.WireError:
+    return wire.WireError(ErrorCode.BAD_FIELD, message, field=name)
+
+
+def _req_int(frame: Mapping[str, Any], name: str, *, lo: int = 0) -> int:
+    v = frame.get(name)
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise _bad(name, f"field {name!r} must be an integer >= {lo}, got {v!r}")
+    return v
+
+
+def _int(frame: Mapping[str, Any], name: str, *, lo: int = 0, optional: bool = False) -> int | None:
+    if optional and frame.get(name) is None:
+        return None
+    return _req_int(frame, name, lo=lo)
+
+
+def _opt_str(frame: Mapping[str, Any], name: str, limit: int = 4096) -> str | None:
+    v = frame.get(name)
+    if v is None:
+        return None
+    if not isinstance(v, str):
+        raise _bad(name, f"field {name!r} must be a string or null")
+    return v[:limit]
+
+
+def _opt_number(frame: Mapping[str, Any], name: str) -> float | None:
+    v = frame.get(name)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise _bad(name, f"field {name!r} must be a finite number or null")
+    return float(v)
+
+
+# --------------------------------------------------------------------------- worker → host
+
+
+@dataclass(frozen=True)
+class StateReport:
+    state: str
+
+    def to_frame(self) -> dict[str, Any]:
+        return {"type": "state", "state": self.state}
+
+
+@dataclass(frozen=True)
+class ReplicationReport:
+    done: int
+    total: int
+    source: int | None = None
+
+    def to_frame(self) -> dict[str, Any]:
+        return {"type": "replication", "done": self.done, "total": self.total, "source": self.source}
+
+
+@dataclass(frozen=True)
+class Ready:
+    """The worker holds the dataset, verified against the manifest."""
+
+    def to_frame(self) -> dict[str, Any]:
+        return {"type": "ready"}
+
+
+@dataclass(frozen=True)
+class JobReport:
+    """The worker's TF server ``started``, or ``exited`` (with its code and last error)."""
+
+    event: str
+    code: int | None = None
+    message: str | None = None
+
+    def to_frame(self) -> dict[str, Any]:
+        frame: dict[str, Any] = {"type": "job", "event": self.event}
+        if self.event == "exited":
+            frame.update(code=self.code, message=self.message)
+        return frame
+
+
+WorkerMessage = Union[StateReport, ReplicationReport, Ready, JobReport]
+
+
+def check_worker_frame(frame: Mapping[str, Any]) -> WorkerMessage:
+    kind = frame.get("type")
+    if kind == "state":
+        state = frame.get("state")
+        if state not in MEMBER_STATES:
+            raise _bad("state", f"field 'state' must be one of {', '.join(MEMBER_STATES)}, got {state!r}")
+        return StateReport(str(state))
+    if kind == "replication":
+        done, total = _req_int(frame, "done"), _req_int(frame, "total")
+        if done > total:
+            raise _bad("done", f"done ({done}) exceeds total ({total})")
+        return ReplicationReport(done, total, _int(frame, "source", optional=True))
+    if kind == "ready":
+        return Ready()
+    if kind == "job":
+        event = frame.get("event")
+        if event == "started":
+            return JobReport("started")
+        if event == "exited":
+            return JobReport("exited", _int(frame, "code", lo=-255, optional=True), _opt_str(frame, "message"))
+        raise _bad("event", f"field 'event' must be started or exited, got {event!r}")
+    raise wire.WireError(ErrorCode.UNKNOWN_TYPE, f"unexpected frame {kind!r} from a worker")
+
+
+# --------------------------------------------------------------------------- host → worker
+
+
+@dataclass(frozen=True)
+class MemberView:
+    """One member as the host shows it to the group."""
+
+    index: int
+    name: str
+    address: str
+    role: str
+    state: str
+    done: int = 0
+    total: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "name": self.name, "address": self.address, "role": self.role,
+                "state": self.state, "replication": {"done": self.done, "total": self.total}}
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> MemberView:
+        if not isinstance(d, dict):
+            raise _bad(where, f"{where} must be an object")
+        rep: dict[str, Any] = d["replication"] if isinstance(d.get("replication"), dict) else {"done": 0, "total": 0}
+        state = d.get("state")
+        if state not in MEMBER_STATES:
+            raise _bad(f"{where}.state", f"unknown member state {state!r}")
+        name, address, role = d.get("name"), d.get("address"), d.get("role")
+        if not all(isinstance(x, str) for x in (name, address, role)):
+            raise _bad(where, f"{where} needs string name, address and role")
+        return cls(_req_int(d, "index"), str(name), str(address), str(role), str(state),
+                   _req_int(rep, "done"), _req_int(rep, "total"))
+
+
+@dataclass(frozen=True)
+class MembersUpdate:
+    members: tuple[MemberView, ...]
+
+    def to_frame(self) -> dict[str, Any]:
+        return {"type": "members", "members": [m.to_dict() for m in self.members]}
+
+
+@dataclass(frozen=True)
+class Train:
+    """Start your TF server: the cluster (``ps`` and ``worker`` addresses) and your task index."""
+
+    cluster: dict[str, list[str]]
+    index: int
+
+    def to_frame(self) -> dict[str, Any]:
+        return {"type": "train", "cluster": self.cluster, "index": self.index}
+
+
+@dataclass(frozen=True)
+class TrainingEvent:
+    """One of the host job's events (its own ``event`` key kept), fanned out to the group."""
+
+    event: dict[str, Any] = field(default_factory=dict)
+
+    def to_frame(self) -> dict[str, Any]:
+        return {**self.event, "type": "training"}
+
+
+@dataclass(frozen=True)
+class End:
+    """The session is over: its result, or why it failed."""
+
+    test_accuracy: float | None = None
+    model_path: str | None = None
+    error: str | None = None
+
+    def to_frame(self) -> dict[str, Any]:
+        return {"type": "end", "test_accuracy": self.test_accuracy, "model_path": self.model_path, "error": self.error}
+
+
+HostMessage = Union[MembersUpdate, Train, TrainingEvent, End]
+
+
+def _cluster(value: Any) -> dict[str, list[str]]:
+    if not isinstance(value, dict) or set(value) - {"ps", "worker", "chief"}:
+        raise _bad("cluster", "field 'cluster' must be an object of ps/worker address lists")
+    out: dict[str, list[str]] = {}
+    for job, addrs in value.items():
+        if not isinstance(addrs, list) or not all(isinstance(a, str) for a in addrs):
+            raise _bad(f"cluster.{job}", f"field 'cluster.{job}' must be a list of HOST:PORT strings")
+        out[job] = list(addrs)
+    if not out.get("ps") or not out.get("worker"):
+        raise _bad("cluster", "the cluster needs a ps and at least one worker")
+    return out
+
+
+def check_host_frame(frame: Mapping[str, Any]) -> HostMessage:
+    kind = frame.get("type")
+    if kind == "members":
+        members = frame.get("members")
+        if not isinstance(members, list):
+            raise _bad("members", "field 'members' must be a list")
+        return MembersUpdate(tuple(MemberView.from_dict(m, f"members[{i}]") for i, m in enumerate(members)))
+    if kind == "train":
+        cluster = _cluster(frame.get("cluster"))
+        index = _req_int(frame, "index", lo=1)
+        if index >= len(cluster["worker"]):
+            raise _bad("index", f"worker index {index} outside the cluster")
+        return Train(cluster, index)
+    if kind == "training":
+        if frame.get("event") not in TRAINING_EVENTS:
+            raise _bad("event", f"field 'event' must be one of {', '.join(TRAINING_EVENTS)}")
+        return TrainingEvent({k: v for k, v in frame.items() if k != "type"})
+    if kind == "end":
+        return End(_opt_number(frame, "test_accuracy"), _opt_str(frame, "model_path"), _opt_str(frame, "error"))
+    raise wire.WireError(ErrorCode.UNKNOWN_TYPE, f"unexpected frame {kind!r} from the host")
+
+
+__all__ = [
+    "DROPPABLE", "MEMBER_STATES", "TRAINING_EVENTS", "End", "HostMessage", "JobReport", "MemberView",
+    "MembersUpdate", "Ready", "ReplicationReport", "StateReport", "Train", "TrainingEvent", "WorkerMessage",
+    "check_host_frame", "check_worker_frame",
+]
