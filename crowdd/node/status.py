@@ -108,13 +108,16 @@ class StatusView:
     def status(self) -> dict[str, Any]:
         st = self.state
         cur = self.session
-        plan = cur.plan if cur is not None else None
+        # Between sessions the last one's job, dataset, result and error stay on show (what it
+        # ended with); from the start of the next cycle only that cycle's fields do.
+        shown = cur if cur is not None else self.last
+        plan = shown.plan if shown is not None else None
         v = self.verdict if self.donating else DONATION_OFF
         group = None
-        if plan is not None and st in _IN_GROUP:
+        if cur is not None and plan is not None and st in _IN_GROUP:
             group = {"id": plan.group_id, "index": plan.index, "members": cur.members if cur else []}
-        job = plan.job if plan is not None else (cur.job if cur is not None else None)
-        dataset = plan.dataset.to_dict() if plan is not None else (cur.dataset if cur is not None else None)
+        job = plan.job if plan is not None else (shown.job if shown is not None else None)
+        dataset = plan.dataset.to_dict() if plan is not None else (shown.dataset if shown is not None else None)
         queue = None
         if cur is not None and cur.queue is not None and st == S.WAITING:
             queue = {"position": cur.queue.position, "hosts": cur.queue.hosts, "workers": cur.queue.workers}

@@ -79,7 +79,9 @@ async def test_worker_killed_mid_training_host_finishes(crowd: Crowd, tmp_path: 
         assert Path(result["model_path"]).is_file()
         last = rec.of("host", "members")[-1]["members"]
         assert last[vi]["state"] == "gone" and last[3 - vi]["state"] != "gone"
-        assert (await rec.wait(crowd.workers[0].name, lambda e: e["event"] == "result", 30)) == result
+        worker_result = await rec.wait(crowd.workers[0].name, lambda e: e["event"] == "result", 30)
+        # the same accuracy; the model file is the host's, never shown as the worker's own
+        assert worker_result["test_accuracy"] == result["test_accuracy"] and worker_result["model_path"] is None
     # the SIGKILLed daemon's job died with it (PDEATHSIG; its TF server watches its parent)
     assert await no_jobs_left(victim.root)
 
