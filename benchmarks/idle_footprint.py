@@ -25,8 +25,8 @@ from pathlib import Path
 import psutil
 
 from crowdd.control import ControlClient, DaemonUnavailable
-from crowdd.demo import stop_group
 from crowdd.node.ports import free_port
+from crowdd.platform.process import kill_group as stop_group
 
 TARGET_RSS_MB = 40.0
 TARGET_CPU_PER_MIN = 0.2

@@ -29,7 +29,7 @@ from typing import Any
 
 from crowdd.manifest import Manifest
 from crowdd.testing.netns import NetnsLab, NetnsUnavailable, Shape
-from crowdd.testing.nodes import NodeCluster
+from crowdd.testing.replication_cluster import NodeCluster
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 10**6, "mb": 10**6, "mib": 1 << 20,
                "g": 10**9, "gb": 10**9, "gib": 1 << 30}

@@ -27,6 +27,7 @@ from typing import Any, TextIO
 
 from crowdd.control import ControlClient, DaemonUnavailable
 from crowdd.node.ports import free_port
+from crowdd.platform.process import SIGKILL, group_options, kill_group, signal_group
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 START_TIMEOUT = 60.0
@@ -64,7 +65,7 @@ class Processes:
         with open(log, "ab") as fh:
             proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
-                start_new_session=True, env=env, preexec_fn=_die_with_parent,  # noqa: PLW1509 - one prctl call
+                env=env, **group_options(death_signal=signal.SIGTERM),
             )
         self.procs.append(proc)
         return proc
@@ -73,42 +74,16 @@ class Processes:
         """SIGTERM every group (the daemons kill their jobs), then SIGKILL what is left."""
         live = [p for p in self.procs if p.poll() is None]
         for p in live:
-            _killpg(p.pid, signal.SIGTERM)
+            signal_group(p.pid, signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE
         for p in live:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(timeout=max(0.1, deadline - time.monotonic()))
         for p in self.procs:
-            _killpg(p.pid, signal.SIGKILL)
+            signal_group(p.pid, SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(timeout=5)
         self.procs = []
-
-
-def _die_with_parent() -> None:
-    """In the child before exec (Linux): SIGTERM when the demo dies, even by SIGKILL, so a
-    daemon shuts down cleanly (and ends its job) instead of lingering."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
-
-
-def _killpg(pgid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
-
-
-def stop_group(proc: subprocess.Popen[bytes], grace: float = STOP_GRACE, sig: int = signal.SIGTERM) -> None:
-    """Signal ``proc``'s process group (it leads one), then SIGKILL the group if ``proc`` has
-    not exited within ``grace`` seconds; returns once ``proc`` is reaped."""
-    if proc.poll() is None:
-        _killpg(proc.pid, sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=grace)
-    _killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
 
 
 def kill_strays(root: Path) -> int:
@@ -171,7 +146,7 @@ class Crowd:
 
     def stop_matchmaker(self, sig: int = signal.SIGTERM) -> None:
         if self.matchmaker is not None:
-            stop_group(self.matchmaker, 10.0, sig)
+            kill_group(self.matchmaker, 10.0, sig)
             self.matchmaker = None
 
     def start_node(self, node: Node) -> None:
@@ -192,7 +167,7 @@ class Crowd:
 
     def kill_node(self, node: Node, sig: int = signal.SIGKILL) -> None:
         if node.proc is not None:
-            _killpg(node.proc.pid, sig)
+            signal_group(node.proc.pid, sig)
             node.proc.wait(timeout=30)
 
     def close(self) -> None:
@@ -431,4 +406,4 @@ def main(args: argparse.Namespace) -> int:
         atexit.unregister(cleanup)
 
 
-__all__ = ["default_dataset", "free_port", "kill_strays", "main", "node_config", "permissive_idle_table", "stop_group"]
+__all__ = ["default_dataset", "free_port", "kill_strays", "main", "node_config", "permissive_idle_table"]

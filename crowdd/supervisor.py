@@ -1,7 +1,7 @@
 """Supervise one job child (``python -m crowdd.job host|worker --spec FILE``).
 
 The job runs in a session (and process group) of its own at the lowest CPU priority; its TF
-servers are its children in that group. :meth:`JobSupervisor.stop` signals the whole group
+servers are its children in that group (process control: :mod:`crowdd.platform.process`). :meth:`JobSupervisor.stop` signals the whole group
 (SIGTERM, then SIGKILL), so nothing the job started outlives it. On Linux the job also gets
 ``PR_SET_PDEATHSIG`` so that it dies with the daemon even when the daemon is killed with
 SIGKILL (the job's own children watch their parent in turn; see docs/job-spec.md).
@@ -15,52 +15,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import logging
 import os
 import signal
-import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from crowdd.platform.process import SIGKILL, group_options, resume_group, signal_group, suspend_group
+
 logger = logging.getLogger(__name__)
 
 EventCallback = Callable[[dict[str, Any]], None]
-_PR_SET_PDEATHSIG = 1
-SIGKILL = getattr(signal, "SIGKILL", signal.SIGTERM)
-SIGSTOP = getattr(signal, "SIGSTOP", -19)
-SIGCONT = getattr(signal, "SIGCONT", -18)
 MAX_LINE = 1 << 20
 
 
 class JobError(Exception):
     """The job could not be started."""
-
-
-def _lower_priority(nice: int) -> None:
-    """In the child, before exec: die with the parent, lowest CPU (and I/O) priority."""
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        except (OSError, AttributeError):
-            pass
-    with contextlib.suppress(OSError):
-        os.setpriority(os.PRIO_PROCESS, 0, nice)
-    if nice >= 19 and hasattr(os, "SCHED_IDLE"):
-        with contextlib.suppress(OSError):
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-
-
-def _child_options(nice: int) -> dict[str, Any]:
-    """POSIX: own session + priority/PDEATHSIG before exec. Windows: own process group, idle class."""
-    if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
-        flags = getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0) | getattr(subprocess, "IDLE_PRIORITY_CLASS", 0)
-        return {"creationflags": flags}
-    return {"start_new_session": True, "preexec_fn": lambda: _lower_priority(nice)}
 
 
 def job_command(role: str, spec_path: Path, python: str = sys.executable) -> list[str]:
@@ -122,7 +95,7 @@ class JobSupervisor:
                 stderr=stderr,
                 cwd=str(self._cwd) if self._cwd is not None else None,
                 env=self._env,
-                **_child_options(nice),
+                **group_options(nice=nice, death_signal=SIGKILL),
                 limit=MAX_LINE,
             )
         except OSError as exc:
@@ -212,25 +185,18 @@ class JobSupervisor:
         return code
 
     def _kill_group(self, sig: int) -> bool:
-        if self._proc is None:
-            return False
-        if not hasattr(os, "killpg"):  # pragma: no cover - Windows: the whole tree, via psutil
-            return _kill_tree_windows(self._proc.pid, sig)
-        try:
-            os.killpg(self._proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            return False
-        return True
+        return self._proc is not None and signal_group(self._proc.pid, sig)
 
     def suspend(self) -> None:
         """SIGSTOP the job's whole group (the idle policy says: not now)."""
-        if self.running and not self._suspended and self._kill_group(SIGSTOP):
+        if self._proc is not None and self.running and not self._suspended and suspend_group(self._proc.pid):
             self._suspended = True
             logger.info("job %s suspended", self.pid)
 
     def resume(self) -> None:
         if self._suspended:
-            self._kill_group(SIGCONT)
+            if self._proc is not None:
+                resume_group(self._proc.pid)
             self._suspended = False
             logger.info("job %s resumed", self.pid)
 
@@ -240,8 +206,8 @@ class JobSupervisor:
         if proc is None:
             return None
         if proc.returncode is None:
-            self._kill_group(signal.SIGTERM)
-            self._kill_group(SIGCONT)  # a stopped group must wake up to die
+            signal_group(proc.pid, signal.SIGTERM)
+            resume_group(proc.pid)  # a stopped group must wake up to die
             self._suspended = False
             try:
                 await asyncio.wait_for(self._leader_exited(), grace)
@@ -258,27 +224,6 @@ class JobSupervisor:
                 await self._reader
         self.returncode = code
         return code
-
-
-def _kill_tree_windows(pid: int, sig: int) -> bool:  # pragma: no cover - Windows only
-    import psutil
-
-    try:
-        root = psutil.Process(pid)
-        procs = [*root.children(recursive=True), root]
-    except psutil.NoSuchProcess:
-        return False
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            if sig == SIGSTOP:
-                p.suspend()
-            elif sig == SIGCONT:
-                p.resume()
-            elif sig == signal.SIGTERM:
-                p.terminate()
-            else:
-                p.kill()
-    return True
 
 
 __all__ = ["JobError", "JobSupervisor", "job_command"]

@@ -12,13 +12,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from crowdd.job import EXIT_FAILED, EXIT_OK
 from crowdd.job.events import EventWriter
-from crowdd.job.server import cap_threads, lower_priority, reachable, spawn
+from crowdd.job.server import cap_threads, reachable, spawn
 from crowdd.job.spec import INDEX_FILE, JobSpec
 from crowdd.manifest import Layout
+from crowdd.platform.process import lower_priority, watch_parent
 
 log = logging.getLogger(__name__)
 
@@ -76,15 +76,6 @@ def start_servers(spec: JobSpec, names: list[tuple[str, str, int]], children: Ch
         children.add(label, spawn(cluster, job_name, task, threads=spec.settings.threads, nice=spec.settings.nice))
     for label, _, _ in names:
         wait_ready(children.procs[label], label)
-
-
-def watch_parent(parent: int, on_death: Any) -> None:
-    def loop() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        on_death()
-
-    threading.Thread(target=loop, name="parent-watch", daemon=True).start()
 
 
 class Fatal:

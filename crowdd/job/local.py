@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from typing import Any
 
 from crowdd.job.events import parse_event
 from crowdd.node.ports import free_ports
+from crowdd.platform.process import group_options, kill_group
 
 
 @dataclass
@@ -91,7 +91,7 @@ def run_cluster(
                     stdout=subprocess.PIPE if i == 0 else subprocess.DEVNULL,
                     stderr=fh,
                     stdin=subprocess.DEVNULL,
-                    start_new_session=True,
+                    **group_options(),
                 )
             )
         host = procs[-1]
@@ -113,14 +113,7 @@ def run_cluster(
         return result
     finally:
         for p in procs:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
+            kill_group(p, grace=0)
         for fh in logs:
             fh.close()
 

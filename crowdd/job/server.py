@@ -2,7 +2,8 @@
 
 A TF server cannot be stopped cleanly and runs any graph it is sent, so it lives only in a
 child of the job: it lowers its own priority, caps its threads, and exits as soon as its
-parent (the job) dies (PR_SET_PDEATHSIG on Linux, plus a polling thread everywhere).
+parent (the job) dies (PR_SET_PDEATHSIG on Linux, plus a polling thread everywhere:
+:func:`crowdd.platform.process.exit_with_parent`).
 """
 
 from __future__ import annotations
@@ -14,50 +15,12 @@ import os
 import socket
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Sequence
 
 from crowdd.config import parse_hostport
+from crowdd.platform.process import exit_with_parent, lower_priority
 
 log = logging.getLogger(__name__)
-
-
-def lower_priority(nice: int) -> None:
-    """Raise our niceness to ``nice`` and, at 19 on Linux, use SCHED_IDLE."""
-    try:
-        current = os.nice(0)
-        if nice > current:
-            os.nice(nice - current)
-    except (AttributeError, OSError) as exc:
-        log.debug("cannot renice: %s", exc)
-    if nice >= 19 and hasattr(os, "sched_setscheduler") and hasattr(os, "SCHED_IDLE"):
-        try:
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-        except OSError as exc:
-            log.debug("cannot use SCHED_IDLE: %s", exc)
-
-
-def die_with_parent(parent: int) -> None:
-    """Exit at once when ``parent`` goes away (no orphan TF server survives the job)."""
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-
-            libc = ctypes.CDLL("libc.so.6", use_errno=True)
-            libc.prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
-        except OSError:
-            pass
-
-    def watch() -> None:
-        while True:
-            if os.getppid() != parent:
-                os._exit(0)
-            time.sleep(0.5)
-
-    if os.getppid() != parent:
-        os._exit(0)
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def reachable(address: str, timeout: float = 2.0) -> bool:
@@ -116,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format=f"[{args.job}{args.task}] %(message)s")
     if args.parent:
-        die_with_parent(args.parent)
+        exit_with_parent(args.parent)
     lower_priority(args.nice)
     cap_threads(args.threads)
     run_server(json.loads(args.cluster), args.job, args.task, args.threads)

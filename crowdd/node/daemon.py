@@ -39,13 +39,14 @@ from crowdd.control import ControlServer, Endpoint
 from crowdd.node.context import SessionContext, SessionFailed
 from crowdd.node.host import HostRequest, Prepared, lead, prepare_dataset
 from crowdd.hyperparams import HyperparamError, validate_job
-from crowdd.idle import AlwaysIdle, IdlePolicy, Policy, Probes, Verdict, system_probes
+from crowdd.idle.policy import AlwaysIdle, IdlePolicy, Policy, Verdict
+from crowdd.idle.probes import Probes, system_probes
 from crowdd.job.spec import Settings
 from crowdd.node.launcher import JobLauncher
 from crowdd.node.ports import Reservation
 from crowdd.node.registration import make_hello, register_until_grouped
 from crowdd.node.states import State, StateMachine
-from crowdd.systemd import Notifier
+from crowdd.platform.systemd import Notifier
 from crowdd.aio import cancel_and_wait
 from crowdd.node.worker import follow
 

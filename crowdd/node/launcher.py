@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from crowdd.errors import CrowddError
-from crowdd.idle import thread_env
+from crowdd.platform.threads import thread_env
 from crowdd.job.spec import Cluster, JobSpec, Settings, write_spec
 from crowdd.manifest import Manifest
 from crowdd.node.ports import Reservation

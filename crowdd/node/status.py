@@ -20,10 +20,10 @@ from typing import Any, Protocol
 
 from crowdd import __version__
 from crowdd.hyperparams import Job
-from crowdd.idle import Verdict
+from crowdd.idle.policy import Verdict
 from crowdd.node.states import State, StateMachine
 from crowdd.plan import SessionPlan
-from crowdd.systemd import Notifier
+from crowdd.platform.systemd import Notifier
 from crowdd.protocol.matchmaker import Wait
 
 logger = logging.getLogger(__name__)

@@ -26,6 +26,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from crowdd.platform.process import group_options, kill_group
+
 logger = logging.getLogger(__name__)
 
 IP = "ip"
@@ -152,7 +154,7 @@ class NetnsLab:
 
     def popen(self, index: int, argv: Sequence[str], **kw: Any) -> subprocess.Popen[Any]:
         """Start a process in host ``index`` (own process group; killed by :meth:`close`)."""
-        proc: subprocess.Popen[Any] = subprocess.Popen(self.argv(index, argv), start_new_session=True, **kw)
+        proc: subprocess.Popen[Any] = subprocess.Popen(self.argv(index, argv), **group_options(), **kw)
         self._procs.append(proc)
         return proc
 
@@ -188,14 +190,7 @@ class NetnsLab:
 
 def _kill_group(proc: subprocess.Popen[Any]) -> None:
     if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        logger.warning("process %d did not exit", proc.pid)
+        kill_group(proc, grace=0)
     for stream in (proc.stdin, proc.stdout, proc.stderr):
         if stream is not None:
             try:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from crowdd.config import Paths, load_config, parse_hostport
-from crowdd.service_runner import DaemonEntry, ServiceRunner, asyncio_entry
+from crowdd.platform.windows_service import DaemonEntry, ServiceRunner, asyncio_entry
 
 logger = logging.getLogger("crowdd.windows_service")
 

@@ -16,9 +16,10 @@ import pytest
 
 from crowdd.cli import build_parser
 from crowdd.commands import EXIT_NO_DAEMON, job_from_args
-from crowdd.demo import permissive_idle_table, stop_group
+from crowdd.demo import permissive_idle_table
 from crowdd.node.ports import free_port
 from crowdd.hyperparams import HyperparamError
+from crowdd.platform.process import kill_group as stop_group
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -26,7 +26,7 @@ from crowdd.replication import (
     fetch_manifest,
 )
 from crowdd.route import RouteError, node_plan
-from crowdd.testing.nodes import NodeCluster
+from crowdd.testing.replication_cluster import NodeCluster
 
 CHUNK = 64 << 10
 

@@ -15,7 +15,7 @@ import pytest
 from crowdd.manifest import Manifest
 from crowdd.route import node_plan
 from crowdd.testing.netns import NetnsLab, Shape, require_root
-from crowdd.testing.nodes import NodeCluster
+from crowdd.testing.replication_cluster import NodeCluster
 
 pytestmark = [
     pytest.mark.netns,

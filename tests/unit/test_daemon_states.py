@@ -19,7 +19,8 @@ from crowdd.control import ControlClient, Endpoint
 from crowdd.node.backoff import Backoff
 from crowdd.node.daemon import Daemon, make_policy
 from crowdd.node.states import TRANSITIONS, InvalidTransition, State, StateMachine, allowed
-from crowdd.idle import AlwaysIdle, CpuReading, IdlePolicy, Probes, UserIdle, Verdict
+from crowdd.idle.policy import AlwaysIdle, IdlePolicy, Verdict
+from crowdd.idle.probes import CpuReading, Probes, UserIdle
 from crowdd.matchmaker import Matchmaker
 from crowdd.node.ports import free_port
 
@@ -293,7 +294,7 @@ async def test_busy_machine_leaves_the_queue(tmp_path: Path) -> None:
 
 
 async def test_sd_notify_ready_status_watchdog_stopping(tmp_path: Path) -> None:
-    from crowdd.systemd import Notifier
+    from crowdd.platform.systemd import Notifier
 
     addr = str(tmp_path / "notify.sock")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

@@ -58,6 +58,10 @@ def import_in_fresh_interpreter(modules: list[str]) -> dict[str, list[str]]:
 def test_the_walk_finds_the_package() -> None:
     mods = all_modules()
     assert "crowdd.wire" in mods and "crowdd.hyperparams" in mods
+    # the platform layer and the idle package are headless too
+    for name in ("crowdd.platform.process", "crowdd.platform.systemd", "crowdd.platform.windows_service",
+                 "crowdd.platform.threads", "crowdd.idle.policy", "crowdd.idle.schedule", "crowdd.idle.probes"):
+        assert name in mods
     assert not any(m.startswith("crowdd.job") for m in mods)
 
 

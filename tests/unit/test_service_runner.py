@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from crowdd.service_runner import EXIT_CRASHED, ServiceRunner, asyncio_entry
+from crowdd.platform.windows_service import EXIT_CRASHED, ServiceRunner, asyncio_entry
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -16,6 +16,7 @@ from typing import Any
 import psutil
 import pytest
 
+from crowdd.platform.process import group_options, kill_group, signal_group
 from crowdd.supervisor import JobError, JobSupervisor, job_command
 
 pytestmark = pytest.mark.timeout(60)
@@ -149,7 +150,7 @@ def test_job_dies_with_a_killed_daemon(fake_job: Path, tmp_path: Path) -> None:
             await asyncio.sleep(600)
         asyncio.run(main())
     """))
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, **group_options())
     try:
         assert proc.stdout is not None
         job_pid = grandchild = 0
@@ -166,10 +167,9 @@ def test_job_dies_with_a_killed_daemon(fake_job: Path, tmp_path: Path) -> None:
         assert wait_gone_sync(job_pid)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            kill_group(proc, grace=0)
         if job_pid and not gone(job_pid):
-            os.killpg(job_pid, signal.SIGKILL)
+            signal_group(job_pid, signal.SIGKILL)
     # the job's own child is in the job's group; the job (the real one) watches its parent.
     # Here the stand-in does not, so clean it up: that is the job's contract, not ours.
     if grandchild and not gone(grandchild):

@@ -1,4 +1,4 @@
-"""Run replication nodes (:mod:`crowdd.testing.node`) as real processes and watch them.
+"""Run replication nodes (:mod:`crowdd.testing.replication_node`) as real processes and watch them.
 
 Works on loopback (every node on 127.0.0.1) or inside a :class:`~crowdd.testing.netns.NetnsLab`
 (pass ``launch=lab.popen`` and ``address=lambda i: lab.hosts[i].ip``).
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -16,6 +15,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from crowdd.platform.process import group_options, kill_group
 
 Launch = Callable[..., "subprocess.Popen[Any]"]
 
@@ -25,7 +26,7 @@ class NodeFailed(Exception):
 
 
 def _local_launch(index: int, argv: Sequence[str], **kw: Any) -> subprocess.Popen[Any]:
-    return subprocess.Popen(list(argv), start_new_session=True, **kw)
+    return subprocess.Popen(list(argv), **group_options(), **kw)
 
 
 class NodeProc:
@@ -122,7 +123,7 @@ class NodeCluster:
         for i in range(self.n):
             spec_path = self.workdir / f"node{i}.json"
             spec_path.write_text(json.dumps(self.spec(i)))
-            argv = [sys.executable, "-m", "crowdd.testing.node", "--spec", str(spec_path)]
+            argv = [sys.executable, "-m", "crowdd.testing.replication_node", "--spec", str(spec_path)]
             if self.verbose:
                 argv.append("-v")
             log = open(self.workdir / f"node{i}.log", "wb")  # noqa: SIM115 - owned by the child
@@ -157,12 +158,7 @@ class NodeCluster:
         return out
 
     def kill(self, i: int) -> None:
-        proc = self.nodes[i].proc
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=10)
+        kill_group(self.nodes[i].proc, grace=0)
 
     def log(self, i: int) -> str:
         try:
@@ -186,11 +182,7 @@ class NodeCluster:
             except subprocess.TimeoutExpired:
                 pass
             if node.proc.poll() is None:
-                try:
-                    os.killpg(node.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                node.proc.wait(timeout=10)
+                kill_group(node.proc, grace=0)
             for stream in (node.proc.stdin, node.proc.stdout):
                 if stream is not None:
                     try:

@@ -1,4 +1,4 @@
-"""One replication node as a real process: ``python -m crowdd.testing.node --spec FILE``.
+"""One replication node as a real process: ``python -m crowdd.testing.replication_node --spec FILE``.
 
 Used by the integration tests and ``benchmarks/replication.py`` (inside a network
 namespace or on loopback). The spec is a JSON object::
@@ -114,7 +114,7 @@ async def run_node(spec: dict[str, Any]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m crowdd.testing.node")
+    parser = argparse.ArgumentParser(prog="python -m crowdd.testing.replication_node")
     parser.add_argument("--spec", required=True, type=Path)
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)

@@ -1,0 +1,1 @@
+"""The platform layer: process control, service managers (systemd, Windows service)."""
