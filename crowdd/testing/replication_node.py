@@ -30,14 +30,10 @@ from typing import Any
 
 from crowdd.cache import DatasetCache
 from crowdd.manifest import Manifest
-from crowdd.replication import (
-    ChunkStore,
-    DataServer,
-    Peer,
-    Progress,
-    ReplicationError,
-    Replicator,
-)
+from crowdd.replication.errors import ReplicationError
+from crowdd.replication.replicator import Peer, Progress, Replicator
+from crowdd.replication.server import DataServer
+from crowdd.replication.store import ChunkStore
 from crowdd.route import node_plan
 
 logger = logging.getLogger(__name__)

@@ -16,15 +16,11 @@ import pytest
 from crowdd import auth, wire
 from crowdd.cache import DatasetCache
 from crowdd.manifest import Manifest, ManifestError
-from crowdd.replication import (
-    ChunkStore,
-    DataServer,
-    Peer,
-    Progress,
-    ReplicationError,
-    Replicator,
-    fetch_manifest,
-)
+from crowdd.protocol import data
+from crowdd.replication.errors import ReplicationError
+from crowdd.replication.replicator import Peer, Progress, Replicator, fetch_manifest
+from crowdd.replication.server import DataServer
+from crowdd.replication.store import ChunkStore
 from crowdd.route import RouteError, node_plan
 from crowdd.testing.replication_cluster import NodeCluster
 
@@ -200,10 +196,10 @@ async def test_peer_that_stalls_mid_frame_is_dropped(tmp_path: Path) -> None:
         try:
             await auth.accept(reader, writer, token, "data", timeout=2)
             req = await wire.read_frame(reader, timeout=2)
-            if req["type"] != "get":
+            if not isinstance(data.check_request(req, manifest.num_chunks), data.GetRequest):
                 return
             _, length = manifest.chunk_span(0)
-            writer.write(wire.encode({"type": "chunk", "index": 0, "blob": length}))
+            writer.write(wire.encode(data.Chunk(0, length).to_frame()))
             writer.write(src.read_bytes()[: length // 2])
             await writer.drain()
             stalled.set()
@@ -257,6 +253,7 @@ async def test_wrong_token_is_refused(group_factory) -> None:  # type: ignore[no
         ({"type": "get", "chunks": [10_000]}, "bad_field"),
         ({"type": "get", "chunks": "all"}, "bad_field"),
         ({"type": "get", "chunks": [True]}, "bad_field"),
+        ({"type": "get", "chunks": [0], "wait": "yes"}, "bad_field"),
         ({"type": "delete"}, "unknown_type"),
     ],
 )
@@ -275,7 +272,7 @@ async def test_bad_hello_index_is_refused(group_factory) -> None:  # type: ignor
     g: Group = await group_factory(n=2)
     for hello in ({"index": 99}, {"index": "1"}, {}):
         reader, writer, _ = await auth.connect("127.0.0.1", g.peers[0].port, g.token, "data", hello, timeout=2)
-        await wire.write_frame(writer, {"type": "have"})
+        await wire.write_frame(writer, data.HaveRequest().to_frame())
         answer = await wire.read_frame(reader, timeout=2)
         await wire.close_writer(writer)
         assert answer["code"] == "bad_field" and answer["field"] == "index"
@@ -304,14 +301,15 @@ async def test_source_serves_targets_in_plan_order_and_skips_a_late_one(tmp_path
         async def fetch(i: int, delay: float) -> None:
             await asyncio.sleep(delay)
             reader, writer, _ = await auth.connect("127.0.0.1", port, token, "data", {"index": i}, timeout=2)
-            await wire.write_frame(writer, {"type": "get", "chunks": list(range(manifest.num_chunks))})
+            await wire.write_frame(writer, data.GetRequest(tuple(range(manifest.num_chunks))).to_frame())
             first = True
             while True:
-                frame, _ = await wire.read_message(reader, timeout=5)
-                if frame["type"] == "chunk" and first:
+                frame, blob = await wire.read_message(reader, timeout=5)
+                msg = data.check_stream_frame(frame, len(blob), manifest.num_chunks)
+                if isinstance(msg, data.Chunk) and first:
                     order.append(i)
                     first = False
-                if frame["type"] == "end":
+                if isinstance(msg, data.End):
                     break
             await wire.close_writer(writer)
 
@@ -332,7 +330,7 @@ def test_chunk_store_refuses_a_chunk_that_does_not_match(tmp_path: Path) -> None
         assert not store.write(1, b"x" * CHUNK)
         assert store.count == 0 and store.missing() == [0, 1, 2]
         assert store.write(1, src.read_bytes()[CHUNK: 2 * CHUNK])
-        assert store.bitmap_hex() == "02"
+        assert store.held() == (False, True, False)
         with pytest.raises(ReplicationError, match="missing"):
             store.finish(DatasetCache(tmp_path / "c"))
     finally:
@@ -417,7 +415,7 @@ async def test_client_stuck_mid_request_is_dropped(tmp_path: Path) -> None:
     try:
         port = await server.start()
         reader, writer, _ = await auth.connect("127.0.0.1", port, token, "data", {"index": 1}, timeout=2)
-        writer.write(wire.encode({"type": "have"})[:6])  # half a frame, then nothing
+        writer.write(wire.encode(data.HaveRequest().to_frame())[:6])  # half a frame, then nothing
         await writer.drain()
         with pytest.raises(wire.ConnectionClosed):
             await wire.read_frame(reader, timeout=5)
