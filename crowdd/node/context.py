@@ -15,7 +15,7 @@ from crowdd.node.launcher import JobLauncher, LaunchError
 from crowdd.node.ports import Reservation
 from crowdd.node.states import State, StateMachine
 from crowdd.node.status import StatusView
-from crowdd.supervisor import JobSupervisor
+from crowdd.node.supervisor import JobSupervisor
 from crowdd.plan import SessionPlan
 
 

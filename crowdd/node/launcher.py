@@ -22,7 +22,7 @@ from crowdd.job.spec import Cluster, JobSpec, Settings, write_spec
 from crowdd.manifest import Manifest
 from crowdd.node.ports import Reservation
 from crowdd.plan import SessionPlan
-from crowdd.supervisor import JobError, JobSupervisor, job_command
+from crowdd.node.supervisor import JobError, JobSupervisor, job_command
 
 
 class LaunchError(CrowddError):

@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from crowdd.platform.process import group_options, kill_group, signal_group
-from crowdd.supervisor import JobError, JobSupervisor, job_command
+from crowdd.node.supervisor import JobError, JobSupervisor, job_command
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -142,7 +142,7 @@ def test_job_dies_with_a_killed_daemon(fake_job: Path, tmp_path: Path) -> None:
     script = tmp_path / "daemon.py"
     script.write_text(textwrap.dedent(f"""
         import asyncio, json, sys
-        from crowdd.supervisor import JobSupervisor
+        from crowdd.node.supervisor import JobSupervisor
         async def main():
             sup = JobSupervisor([sys.executable, {str(fake_job)!r}], on_event=lambda e: print(json.dumps(e), flush=True))
             await sup.start()
