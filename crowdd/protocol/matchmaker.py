@@ -259,8 +259,12 @@ def _member(value: Any, i: int) -> PlanMember:
     address = value.get("address")
     if not isinstance(address, str) or not address:
         raise _bad(f"{where}.address", f"{where} needs an address")
+    try:
+        name = _text(value, "name", 1, MAX_NAME)
+    except wire.WireError as exc:
+        raise _bad(f"{where}.name", exc.message) from None
     return PlanMember(
-        index=i, role=role, name=_text(value, "name", 1, MAX_NAME), address=address,
+        index=i, role=role, name=name, address=address,
         ports=MemberPorts(ports["data"], ports["session"], tuple(ports["tf"])),
     )
 
@@ -280,7 +284,7 @@ def check_group(frame: Mapping[str, Any]) -> SessionPlan:
     try:
         job = validate_job(frame.get("job", {}))
     except HyperparamError as exc:
-        raise _bad(f"job.{exc.field}", exc.message) from None
+        raise _bad("job" if exc.field == "job" else f"job.{exc.field}", exc.message) from None
     ds = _dataset(frame.get("dataset"))
     return SessionPlan(
         group_id=group_id, token=token, index=index, members=plan_members, job=job,

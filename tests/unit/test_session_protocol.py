@@ -1,0 +1,160 @@
+"""The group session's messages: every message survives to_frame → wire → check, and every
+malformed frame is refused naming its field."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+
+from crowdd import wire
+from crowdd.protocol import session as sp
+
+HEADER = wire.HEADER_SIZE
+
+
+def over_the_wire(frame: dict[str, Any]) -> dict[str, Any]:
+    """Encode and decode one frame, as a real connection would carry it."""
+    return wire.decode_body(wire.encode(frame)[HEADER:])
+
+
+CLUSTER = {"ps": ["10.0.0.1:7003"], "worker": ["10.0.0.1:7004", "10.0.0.2:8201", "10.0.0.3:8202"]}
+
+WORKER_MESSAGES: list[sp.WorkerMessage] = [
+    sp.StateReport("replicating"),
+    *(sp.StateReport(s) for s in sp.MEMBER_STATES),
+    sp.ReplicationReport(3, 10, 2),
+    sp.ReplicationReport(0, 0),
+    sp.ReplicationReport(10, 10, None),
+    sp.Ready(),
+    sp.JobReport("started"),
+    sp.JobReport("exited", 1, "TF server died"),
+    sp.JobReport("exited", -9, None),
+    sp.JobReport("exited"),
+]
+
+HOST_MESSAGES: list[sp.HostMessage] = [
+    sp.MembersUpdate((
+        sp.MemberView(0, "h", "10.0.0.1", "host", "training", 10, 10),
+        sp.MemberView(1, "w1", "10.0.0.2", "worker", "replicating", 4, 10),
+    )),
+    sp.MembersUpdate(()),
+    sp.Train(CLUSTER, 1),
+    sp.Train(CLUSTER, 2),
+    sp.TrainingEvent({"event": "progress", "epoch": 1, "epochs": 3, "step": 40, "loss": 0.7, "worker": 0}),
+    sp.TrainingEvent({"event": "eval", "epoch": 1, "test_accuracy": 0.91, "test_loss": 0.3}),
+    sp.End(0.93, "/var/lib/crowdd/jobs/g-0/output/model.keras"),
+    sp.End(None, None, "training failed: boom"),
+    sp.End(1, None),
+]
+
+
+@pytest.mark.parametrize("msg", WORKER_MESSAGES, ids=repr)
+def test_worker_messages_round_trip(msg: sp.WorkerMessage) -> None:
+    assert sp.check_worker_frame(msg.to_frame()) == msg
+    assert sp.check_worker_frame(over_the_wire(msg.to_frame())) == msg
+
+
+@pytest.mark.parametrize("msg", HOST_MESSAGES, ids=repr)
+def test_host_messages_round_trip(msg: sp.HostMessage) -> None:
+    assert sp.check_host_frame(msg.to_frame()) == msg
+    assert sp.check_host_frame(over_the_wire(msg.to_frame())) == msg
+
+
+def test_training_event_keeps_the_jobs_event_key() -> None:
+    ev = {"event": "progress", "step": 7, "loss": 1.25, "samples_per_sec": 300.0, "worker": 2}
+    frame = sp.TrainingEvent(ev).to_frame()
+    assert frame["type"] == "training" and frame["event"] == "progress"
+    got = sp.check_host_frame(over_the_wire(frame))
+    assert isinstance(got, sp.TrainingEvent)
+    assert got.event == ev
+    assert got.event["event"] == "progress"
+
+
+def test_a_training_event_cannot_overwrite_the_frame_type() -> None:
+    frame = sp.TrainingEvent({"event": "eval", "type": "end"}).to_frame()
+    assert frame["type"] == "training"
+
+
+def test_a_started_job_report_carries_no_exit_fields() -> None:
+    assert sp.JobReport("started", 3, "x").to_frame() == {"type": "job", "event": "started"}
+
+
+@pytest.mark.parametrize(
+    ("frame", "field"),
+    [
+        ({"type": "state", "state": "dancing"}, "state"),
+        ({"type": "state"}, "state"),
+        ({"type": "replication", "done": 11, "total": 10}, "done"),
+        ({"type": "replication", "done": -1, "total": 10}, "done"),
+        ({"type": "replication", "done": 1, "total": "10"}, "total"),
+        ({"type": "replication", "done": 1, "total": 10, "source": -2}, "source"),
+        ({"type": "replication", "done": True, "total": 10}, "done"),
+        ({"type": "job", "event": "crashed"}, "event"),
+        ({"type": "job", "event": "exited", "code": -256}, "code"),
+        ({"type": "job", "event": "exited", "code": 1, "message": 5}, "message"),
+    ],
+)
+def test_malformed_worker_frames_name_the_field(frame: dict[str, Any], field: str) -> None:
+    with pytest.raises(wire.WireError) as exc:
+        sp.check_worker_frame(frame)
+    assert exc.value.field == field
+    assert exc.value.code == wire.ErrorCode.BAD_FIELD
+
+
+@pytest.mark.parametrize(
+    ("frame", "field"),
+    [
+        ({"type": "members", "members": {}}, "members"),
+        ({"type": "members", "members": ["x"]}, "members[0]"),
+        ({"type": "members", "members": [{"index": 0, "name": "h", "address": "a", "role": "host", "state": "lost"}]},
+         "members[0].state"),
+        ({"type": "members", "members": [{"index": 0, "name": 1, "address": "a", "role": "host", "state": "ready"}]},
+         "members[0]"),
+        ({"type": "train", "cluster": CLUSTER, "index": 3}, "index"),
+        ({"type": "train", "cluster": CLUSTER, "index": 0}, "index"),
+        ({"type": "train", "cluster": CLUSTER}, "index"),
+        ({"type": "train", "cluster": {"ps": ["a:1"], "worker": []}, "index": 1}, "cluster"),
+        ({"type": "train", "cluster": {"ps": ["a:1"], "worker": ["b:2"], "evaluator": []}, "index": 1}, "cluster"),
+        ({"type": "train", "cluster": {"ps": ["a:1"], "worker": ["b:2", 3]}, "index": 1}, "cluster.worker"),
+        ({"type": "training", "event": "done"}, "event"),
+        ({"type": "training", "step": 3}, "event"),
+        ({"type": "end", "test_accuracy": math.nan}, "test_accuracy"),
+        ({"type": "end", "test_accuracy": math.inf}, "test_accuracy"),
+        ({"type": "end", "test_accuracy": "0.9"}, "test_accuracy"),
+        ({"type": "end", "test_accuracy": True}, "test_accuracy"),
+        ({"type": "end", "model_path": 3}, "model_path"),
+        ({"type": "end", "error": ["x"]}, "error"),
+    ],
+)
+def test_malformed_host_frames_name_the_field(frame: dict[str, Any], field: str) -> None:
+    with pytest.raises(wire.WireError) as exc:
+        sp.check_host_frame(frame)
+    assert exc.value.field == field
+    assert exc.value.code == wire.ErrorCode.BAD_FIELD
+
+
+@pytest.mark.parametrize("kind", ["train", "end", "members", "hello", None])
+def test_unknown_worker_frame_types_are_refused(kind: str | None) -> None:
+    with pytest.raises(wire.WireError) as exc:
+        sp.check_worker_frame({"type": kind})
+    assert exc.value.code == wire.ErrorCode.UNKNOWN_TYPE
+
+
+@pytest.mark.parametrize("kind", ["state", "ready", "job", "replication", "nonsense"])
+def test_unknown_host_frame_types_are_refused(kind: str) -> None:
+    with pytest.raises(wire.WireError) as exc:
+        sp.check_host_frame({"type": kind})
+    assert exc.value.code == wire.ErrorCode.UNKNOWN_TYPE
+
+
+def test_long_messages_are_cut() -> None:
+    got = sp.check_worker_frame({"type": "job", "event": "exited", "code": 1, "message": "x" * 10_000})
+    assert isinstance(got, sp.JobReport) and got.message == "x" * 4096
+
+
+def test_members_without_replication_count_zero() -> None:
+    got = sp.check_host_frame({"type": "members", "members": [
+        {"index": 1, "name": "w", "address": "10.0.0.2", "role": "worker", "state": "joining"}]})
+    assert got == sp.MembersUpdate((sp.MemberView(1, "w", "10.0.0.2", "worker", "joining", 0, 0),))
