@@ -268,8 +268,6 @@ def test_observed_address_unmaps_ipv4() -> None:
     assert mmp.observed_address("10.1.2.3") == "10.1.2.3"
 
 
-@pytest.mark.xfail(strict=True, reason="check_group names a member's bad name 'name', not 'members[i].name' "
-                   "(crowdd/protocol/matchmaker.py _member)")
 def test_a_members_bad_name_names_the_member() -> None:
     frame = group(1)
     frame["members"][2]["name"] = ""
@@ -278,8 +276,6 @@ def test_a_members_bad_name_names_the_member() -> None:
     assert field_of(exc) == "members[2].name"
 
 
-@pytest.mark.xfail(strict=True, reason="check_group names a non-object job 'job.job' (crowdd/protocol/matchmaker.py "
-                   "check_group; check_hello has the prefix rule)")
 def test_a_group_job_that_is_not_an_object_names_job() -> None:
     frame = group(1)
     frame["job"] = 7
