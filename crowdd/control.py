@@ -39,6 +39,19 @@ from typing import Any, Protocol
 from crowdd import wire
 from crowdd.config import Paths
 from crowdd.aio import cancel_and_wait
+from crowdd.errors import CrowddError
+from crowdd.protocol.control import (
+    REQUEST_TYPES,
+    HostRequest,
+    Status,
+    check_donate,
+    check_host,
+    make_donate,
+    make_host,
+    make_reload,
+    make_status,
+    make_stop,
+)
 from crowdd.wire import ErrorCode, WireError
 
 logger = logging.getLogger(__name__)
@@ -50,7 +63,6 @@ REQUEST_TIMEOUT = 10.0  # a client's reply must come within this
 BODY_TIMEOUT = 10.0  # once a frame header has arrived, its body must follow within this
 SUBSCRIBER_QUEUE = 256  # events buffered per subscriber before the oldest are dropped
 SUBSCRIBER_WRITE_TIMEOUT = 10.0  # a subscriber that reads nothing for this long is dropped
-REQUEST_TYPES = ("status", "subscribe", "donate", "host", "stop", "reload")
 
 
 class DaemonUnavailable(Exception):
@@ -128,11 +140,11 @@ def client_socket(
 class ControlHandler(Protocol):
     """What the daemon offers the control socket."""
 
-    def status(self) -> dict[str, Any]: ...
+    def status(self) -> Status: ...
 
     async def donate(self, on: bool) -> dict[str, Any]: ...
 
-    async def host(self, dataset: str, job: dict[str, Any], test_fraction: float | None = None) -> dict[str, Any]: ...
+    async def host(self, request: HostRequest) -> dict[str, Any]: ...
 
     async def stop(self) -> dict[str, Any]: ...
 
@@ -253,7 +265,7 @@ class ControlServer:
             self._connections.add(task)
         try:
             await self._conversation(reader, writer)
-        except WireError as err:
+        except CrowddError as err:
             logger.info("control client: %s", err)
             await wire.send_error_and_close(writer, err)
         except (wire.ConnectionClosed, wire.FrameTimeout, ConnectionError):
@@ -310,7 +322,7 @@ class ControlServer:
                 return
             try:
                 reply = await self._dispatch(kind, frame)
-            except WireError as err:
+            except CrowddError as err:
                 if err.code is not ErrorCode.BAD_FIELD:
                     raise
                 reply = err.to_frame()  # a well-formed request with a bad value: keep the connection
@@ -321,18 +333,9 @@ class ControlServer:
         if kind == "status":
             return {"type": "status", **h.status()}
         if kind == "donate":
-            return await h.donate(bool(wire.require(frame, "on", bool)))
+            return await h.donate(check_donate(frame))
         if kind == "host":
-            dataset = wire.require(frame, "dataset", str)
-            job = frame.get("job", {})
-            if not isinstance(job, dict):
-                raise WireError(ErrorCode.BAD_FIELD, "field 'job' must be an object", field="job")
-            tf = frame.get("test_fraction")
-            if tf is None:
-                return await h.host(dataset, job)
-            if isinstance(tf, bool) or not isinstance(tf, (int, float)):
-                raise WireError(ErrorCode.BAD_FIELD, "field 'test_fraction' must be a number", field="test_fraction")
-            return await h.host(dataset, job, float(tf))
+            return await h.host(check_host(frame))  # checked once, here: the daemon gets typed values
         if kind == "stop":
             return await h.stop()
         return await h.reload()
@@ -521,19 +524,19 @@ class ControlClient:
         return reply
 
     async def status(self) -> dict[str, Any]:
-        return await self.request({"type": "status"})
+        return await self.request(make_status())
 
     async def donate(self, on: bool) -> dict[str, Any]:
-        return await self.request({"type": "donate", "on": on})
+        return await self.request(make_donate(on))
 
-    async def host(self, dataset: str, job: Mapping[str, Any]) -> dict[str, Any]:
-        return await self.request({"type": "host", "dataset": dataset, "job": dict(job)})
+    async def host(self, dataset: str, job: Mapping[str, Any], test_fraction: float | None = None) -> dict[str, Any]:
+        return await self.request(make_host(dataset, job, test_fraction))
 
     async def stop(self) -> dict[str, Any]:
-        return await self.request({"type": "stop"})
+        return await self.request(make_stop())
 
     async def reload(self) -> dict[str, Any]:
-        return await self.request({"type": "reload"})
+        return await self.request(make_reload())
 
     async def subscribe(self) -> AsyncIterator[dict[str, Any]]:
         """Events from the daemon on a connection of their own, until it closes."""

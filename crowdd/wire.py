@@ -223,7 +223,7 @@ async def write_frame(
         raise FrameTimeout(f"peer did not read for {timeout} s") from None
 
 
-async def send_error_and_close(writer: asyncio.StreamWriter, err: WireError) -> None:
+async def send_error_and_close(writer: asyncio.StreamWriter, err: CrowddError) -> None:
     """Best effort: tell the peer what was wrong, then close."""
     try:
         await write_frame(writer, err.to_frame(), timeout=2.0)

@@ -37,8 +37,8 @@ from crowdd.cache import DatasetCache
 from crowdd.config import Config, ConfigError, Paths, load_config, parse_hostport
 from crowdd.control import ControlServer, Endpoint
 from crowdd.node.context import SessionContext, SessionFailed
-from crowdd.node.host import HostRequest, Prepared, lead, prepare_dataset
-from crowdd.hyperparams import HyperparamError, validate_job
+from crowdd.node.host import Prepared, lead, prepare_dataset
+from crowdd.protocol.control import HostRequest, Status
 from crowdd.idle.policy import AlwaysIdle, IdlePolicy, Policy, Verdict
 from crowdd.idle.probes import Probes, system_probes
 from crowdd.job.spec import Settings
@@ -195,7 +195,7 @@ class Daemon:
 
     # ------------------------------------------------------------------ requests (control)
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> Status:
         return self.view.status()
 
     async def donate(self, on: bool) -> dict[str, Any]:
@@ -208,27 +208,17 @@ class Daemon:
             self._wake.set()
         return {"type": "ok", "donating": self.donating}
 
-    async def host(self, dataset: str, job: dict[str, Any], test_fraction: float | None = None) -> dict[str, Any]:
-        try:
-            parsed = validate_job(job)
-        except HyperparamError as exc:
-            raise wire.WireError(wire.ErrorCode.BAD_FIELD, exc.message, field=exc.field) from None
-        path = Path(dataset)
-        if not path.is_absolute():
-            raise wire.WireError(wire.ErrorCode.BAD_FIELD, f"dataset path must be absolute, got {dataset!r}", field="dataset")
-        if not path.exists():
-            raise wire.WireError(wire.ErrorCode.BAD_FIELD, f"{dataset}: no such file or directory", field="dataset")
-        if test_fraction is not None and not 0 < test_fraction < 1:
-            raise wire.WireError(wire.ErrorCode.BAD_FIELD, "test_fraction must be between 0 and 1", field="test_fraction")
+    async def host(self, request: HostRequest) -> dict[str, Any]:
+        """Host ``request`` (checked at the control socket) once this node is free to."""
         role = self.view.role
         if self._host_request is not None or role == "host":
             raise wire.WireError(wire.ErrorCode.BUSY, "already hosting; `crowdd stop` ends that session first")
         if role == "worker" and self.state not in (S.STANDBY, S.REGISTERING, S.WAITING):
             raise wire.WireError(wire.ErrorCode.BUSY, f"this node is {self.state.value} as a worker; `crowdd stop` first")
-        self._host_request = HostRequest(path, parsed, test_fraction)
+        self._host_request = request
         if role == "worker":
             self._abort("switching to host")
-        self.view.log(logging.INFO, f"asked to host {path}")
+        self.view.log(logging.INFO, f"asked to host {request.dataset}")
         self._wake.set()
         return {"type": "ok"}
 

@@ -19,17 +19,11 @@ from crowdd.node.ports import Reservation
 from crowdd.node.session import HostSession, Member, dead_after
 from crowdd.node.states import State
 from crowdd.plan import SessionPlan
+from crowdd.protocol.control import HostRequest
 from crowdd.protocol.session import End
 from crowdd.replication import ChunkStore, DataServer
 
 JOB_START_TIMEOUT = 180.0  # workers' TF servers must be up within this (TF import is slow)
-
-
-@dataclass
-class HostRequest:
-    dataset: Path
-    job: Job
-    test_fraction: float | None = None
 
 
 @dataclass
@@ -150,4 +144,4 @@ async def lead(c: SessionContext, plan: SessionPlan, res: Reservation, prepared:
         store.close()
 
 
-__all__ = ["JOB_START_TIMEOUT", "HostRequest", "Prepared", "cluster_spec", "lead", "prepare_dataset"]
+__all__ = ["JOB_START_TIMEOUT", "Prepared", "cluster_spec", "lead", "prepare_dataset"]

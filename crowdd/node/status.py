@@ -24,6 +24,7 @@ from crowdd.idle.policy import Verdict
 from crowdd.node.states import State, StateMachine
 from crowdd.plan import SessionPlan
 from crowdd.platform.systemd import Notifier
+from crowdd.protocol.control import GroupStatus, QueueStatus, ResultStatus, Status
 from crowdd.protocol.matchmaker import Wait
 
 logger = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ class SessionRecord:
     members: list[dict[str, Any]] = field(default_factory=list)
     training: dict[str, Any] | None = None
     sps: dict[int, float] = field(default_factory=dict)
-    result: dict[str, Any] | None = None
+    result: ResultStatus | None = None
     error: str | None = None
 
 
@@ -105,7 +106,7 @@ class StatusView:
         self.donating = on
         self.verdict = CHECKING if on else DONATION_OFF
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> Status:
         st = self.state
         cur = self.session
         # Between sessions the last one's job, dataset, result and error stay on show (what it
@@ -113,14 +114,15 @@ class StatusView:
         shown = cur if cur is not None else self.last
         plan = shown.plan if shown is not None else None
         v = self.verdict if self.donating else DONATION_OFF
-        group = None
+        group: GroupStatus | None = None
         if cur is not None and plan is not None and st in _IN_GROUP:
-            group = {"id": plan.group_id, "index": plan.index, "members": cur.members if cur else []}
+            group = {"id": plan.group_id, "index": plan.index, "members": cur.members}
         job = plan.job if plan is not None else (shown.job if shown is not None else None)
         dataset = plan.dataset.to_dict() if plan is not None else (shown.dataset if shown is not None else None)
-        queue = None
+        queue: QueueStatus | None = None
         if cur is not None and cur.queue is not None and st == S.WAITING:
             queue = {"position": cur.queue.position, "hosts": cur.queue.hosts, "workers": cur.queue.workers}
+        result: ResultStatus | None
         if cur is not None:
             result = cur.result if st == S.FINISHED else None
             error = cur.error

@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 
 from crowdd import wire
+from crowdd.hyperparams import Job
+from crowdd.protocol.control import HostRequest
 from crowdd.control import (
     ControlClient,
     ControlServer,
@@ -21,9 +23,11 @@ from crowdd.control import (
     Endpoint,
     read_token_file,
 )
-from crowdd.wire import ErrorCode, WireError
 
 pytestmark = pytest.mark.timeout(60)
+
+
+DATASET = __file__  # any absolute path that exists
 
 
 class FakeDaemon:
@@ -43,10 +47,8 @@ class FakeDaemon:
         self.donating = on
         return {"type": "ok", "donating": on}
 
-    async def host(self, dataset: str, job: dict[str, Any], test_fraction: float | None = None) -> dict[str, Any]:
-        self.calls.append(("host", dataset, job, test_fraction))
-        if job.get("learning_rate") == -1:
-            raise WireError(ErrorCode.BAD_FIELD, "must be > 0", field="learning_rate")
+    async def host(self, request: HostRequest) -> dict[str, Any]:
+        self.calls.append(("host", str(request.dataset), request.job, request.test_fraction))
         return {"type": "ok"}
 
     async def stop(self) -> dict[str, Any]:
@@ -81,10 +83,11 @@ async def test_requests_round_trip(served: Any) -> None:
         st = await c.status()
         assert st["type"] == "status" and st["state"] == "off"
         assert (await c.donate(True)) == {"type": "ok", "donating": True}
-        assert (await c.host("/data/x.npz", {"epochs": 2}))["type"] == "ok"
+        assert (await c.host(DATASET, {"epochs": 2}, 0.25))["type"] == "ok"
         assert (await c.stop())["type"] == "ok"
         assert (await c.reload())["type"] == "ok"
-    assert handler.calls == [("donate", True), ("host", "/data/x.npz", {"epochs": 2}, None), ("stop",), ("reload",)]
+    # the handler gets typed values, checked once at the socket (defaults filled in)
+    assert handler.calls == [("donate", True), ("host", DATASET, Job(epochs=2), 0.25), ("stop",), ("reload",)]
 
 
 async def test_socket_mode_is_user_only(served: Any) -> None:
@@ -95,15 +98,21 @@ async def test_socket_mode_is_user_only(served: Any) -> None:
 
 
 async def test_bad_field_keeps_the_connection(served: Any) -> None:
-    _, _, ep = served
+    handler, _, ep = served
     async with ControlClient(ep.path) as c:
         with pytest.raises(wire.RemoteError) as err:
-            await c.host("/x", {"learning_rate": -1})
+            await c.host(DATASET, {"learning_rate": -1})
         assert err.value.code == "bad_field" and err.value.field == "learning_rate"
+        for dataset, tf, field in (("relative.npz", None, "dataset"), ("/no/such/file", None, "dataset"),
+                                   (DATASET, 1.5, "test_fraction")):
+            with pytest.raises(wire.RemoteError) as err:
+                await c.host(dataset, {}, tf)
+            assert err.value.field == field
         with pytest.raises(wire.RemoteError) as err:
             await c.request({"type": "donate", "on": "yes"})
         assert err.value.field == "on"
         assert (await c.status())["type"] == "status"  # same connection still serves
+    assert not [call for call in handler.calls if call[0] == "host"]  # bad input never reached the daemon
 
 
 @pytest.mark.parametrize(

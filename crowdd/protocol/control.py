@@ -1,0 +1,160 @@
+"""The control socket's messages: the requests the CLI, the TUI and the Windows service send,
+what the daemon answers, the status schema and the event kinds.
+
+Clients build requests with the ``make_*`` functions; the control server checks each request
+once with the ``check_*`` functions (the trust boundary for a local user's input) and hands the
+daemon typed values. :class:`Status` is the one status schema: the daemon produces it, ``crowdd
+status`` and the TUI read it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypedDict
+
+from crowdd import wire
+from crowdd.errors import ErrorCode, InputError
+from crowdd.hyperparams import HyperparamError, Job, validate_job
+
+REQUEST_TYPES = ("status", "subscribe", "donate", "host", "stop", "reload")
+#: Kinds of ``{"type": "event", "event": KIND, ...}`` frames a subscriber receives.
+EVENT_KINDS = ("status", "state", "log", "members", "replication", "progress", "eval", "result")
+
+
+# --------------------------------------------------------------------------- requests
+
+
+def make_status() -> dict[str, Any]:
+    return {"type": "status"}
+
+
+def make_subscribe() -> dict[str, Any]:
+    return {"type": "subscribe"}
+
+
+def make_donate(on: bool) -> dict[str, Any]:
+    return {"type": "donate", "on": on}
+
+
+def make_host(dataset: str, job: Mapping[str, Any], test_fraction: float | None = None) -> dict[str, Any]:
+    frame: dict[str, Any] = {"type": "host", "dataset": dataset, "job": dict(job)}
+    if test_fraction is not None:
+        frame["test_fraction"] = test_fraction
+    return frame
+
+
+def make_stop() -> dict[str, Any]:
+    return {"type": "stop"}
+
+
+def make_reload() -> dict[str, Any]:
+    return {"type": "reload"}
+
+
+def check_donate(frame: Mapping[str, Any]) -> bool:
+    return bool(wire.require(frame, "on", bool))
+
+
+@dataclass(frozen=True)
+class HostRequest:
+    """Host this dataset (an absolute path that exists) with this job."""
+
+    dataset: Path
+    job: Job
+    test_fraction: float | None = None
+
+
+def check_host(frame: Mapping[str, Any]) -> HostRequest:
+    """Check a ``host`` request: the job by :func:`validate_job`, the dataset path, the test
+    fraction; raise :class:`InputError` naming the field."""
+    dataset = frame.get("dataset")
+    if not isinstance(dataset, str):
+        raise InputError("field 'dataset' must be a string", field="dataset")
+    job = frame.get("job", {})
+    if not isinstance(job, dict):
+        raise InputError("field 'job' must be an object", field="job")
+    try:
+        parsed = validate_job(job)
+    except HyperparamError as exc:
+        raise InputError(exc.message, field=exc.field) from None
+    path = Path(dataset)
+    if not path.is_absolute():
+        raise InputError(f"dataset path must be absolute, got {dataset!r}", field="dataset")
+    if not path.exists():
+        raise InputError(f"{dataset}: no such file or directory", field="dataset")
+    tf = frame.get("test_fraction")
+    if tf is not None:
+        if isinstance(tf, bool) or not isinstance(tf, (int, float)):
+            raise InputError("field 'test_fraction' must be a number", field="test_fraction")
+        if not 0 < tf < 1:
+            raise InputError("test_fraction must be between 0 and 1", field="test_fraction")
+    return HostRequest(path, parsed, float(tf) if tf is not None else None)
+
+
+def ok(**fields: Any) -> dict[str, Any]:
+    return {"type": "ok", **fields}
+
+
+# --------------------------------------------------------------------------- status schema
+
+
+class IdleStatus(TypedDict):
+    allowed: bool
+    rule: str | None
+    reason: str
+
+
+class QueueStatus(TypedDict):
+    position: int
+    hosts: int
+    workers: int
+
+
+class GroupStatus(TypedDict):
+    id: str
+    index: int
+    members: list[dict[str, Any]]
+
+
+class ResultStatus(TypedDict):
+    test_accuracy: float | None
+    model_path: str | None
+
+
+class Status(TypedDict):
+    """What ``status`` answers (and the first event of a subscription)."""
+
+    version: str
+    name: str
+    state: str
+    donating: bool
+    role: str | None
+    idle: IdleStatus
+    queue: QueueStatus | None
+    group: GroupStatus | None
+    job: dict[str, Any] | None
+    settings: dict[str, Any] | None
+    dataset: dict[str, Any] | None
+    training: dict[str, Any] | None
+    result: ResultStatus | None
+    error: str | None
+
+
+STATUS_KEYS = tuple(Status.__annotations__)
+
+
+def check_status(frame: Mapping[str, Any]) -> Status:
+    """A ``status`` reply as a client receives it: every key of the schema must be there."""
+    missing = [k for k in STATUS_KEYS if k not in frame]
+    if missing:
+        raise wire.WireError(ErrorCode.BAD_FRAME, f"status reply lacks {', '.join(missing)}")
+    return Status(**{k: frame[k] for k in STATUS_KEYS})  # type: ignore[typeddict-item]
+
+
+__all__ = [
+    "EVENT_KINDS", "REQUEST_TYPES", "STATUS_KEYS", "GroupStatus", "HostRequest", "IdleStatus", "QueueStatus",
+    "ResultStatus", "Status", "check_donate", "check_host", "check_status", "make_donate", "make_host",
+    "make_reload", "make_status", "make_stop", "make_subscribe", "ok",
+]
