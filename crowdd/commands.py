@@ -167,6 +167,12 @@ def format_status(st: dict[str, Any], out: TextIO) -> None:
             f"  job:       {job.get('model')} {hidden} {job.get('optimizer')} lr {job.get('learning_rate')} "
             f"batch {job.get('batch_size')} epochs {job.get('epochs')} sharding {job.get('sharding')}\n"
         )
+    plan = st.get("settings")
+    if plan:
+        out.write(
+            f"  plan:      route {plan.get('route')}, K {plan.get('sync_every')} of {plan.get('steps_per_function')} "
+            f"steps per function, merge {plan.get('merge')} (the host's)\n"
+        )
     group = st.get("group")
     if group:
         members = group.get("members") or []
