@@ -32,6 +32,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from crowdd import wire
+from crowdd.errors import CrowddError, ErrorCode
 
 logger = logging.getLogger(__name__)
 
@@ -39,12 +40,16 @@ _DOMAIN = b"crowdd-auth/1"
 NONCE_BYTES = 32
 
 
-class AuthError(Exception):
-    """The peer could not prove group membership (or we could not)."""
+class AuthError(CrowddError):
+    """The peer could not prove group membership (or we could not). ``unreachable``: the
+    connection itself failed (worth retrying), as opposed to a refusal."""
 
-    def __init__(self, message: str, code: str = wire.ErrorCode.UNAUTHORIZED.value) -> None:
-        super().__init__(message)
-        self.code = code
+    default_code = ErrorCode.UNAUTHORIZED
+
+    def __init__(self, message: str, code: ErrorCode | None = None, *, unreachable: bool = False) -> None:
+        super().__init__(message, code=code)
+        self.args = (message,)
+        self.unreachable = unreachable
 
 
 def _key(token: str) -> bytes:
@@ -114,7 +119,7 @@ async def accept(
     except wire.WireError as exc:
         logger.info("refused %s connection: %s", purpose, exc.message)
         await wire.send_error_and_close(writer, exc)
-        raise AuthError(exc.message, exc.code.value) from None
+        raise AuthError(exc.message, exc.code) from None
     except (wire.ConnectionClosed, wire.FrameTimeout, OSError) as exc:
         await wire.close_writer(writer)
         raise AuthError(f"handshake failed: {exc}") from None
@@ -169,7 +174,7 @@ async def handshake(
         raise
     except (wire.WireError, wire.ConnectionClosed, wire.FrameTimeout, OSError) as exc:
         await wire.close_writer(writer)
-        raise AuthError(f"handshake failed: {exc}", "connection") from None
+        raise AuthError(f"handshake failed: {exc}", unreachable=True) from None
 
 
 async def connect(
@@ -187,8 +192,8 @@ async def connect(
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, limit=limit), timeout)
     except asyncio.TimeoutError:
-        raise AuthError(f"connect to {host}:{port} timed out", "connection") from None
+        raise AuthError(f"connect to {host}:{port} timed out", unreachable=True) from None
     except OSError as exc:
-        raise AuthError(f"cannot connect to {host}:{port}: {exc}", "connection") from None
+        raise AuthError(f"cannot connect to {host}:{port}: {exc}", unreachable=True) from None
     welcome = await handshake(reader, writer, token, purpose, hello, timeout=timeout)
     return reader, writer, welcome

@@ -1,8 +1,9 @@
 """The daemon's control socket: server, client, and where it lives.
 
 The CLI and the TUI talk to the daemon only through this socket, with the same wire codec
-as every other crowdd connection (:mod:`crowdd.wire`). The client's first frame carries
-``"proto": "crowdd/1"``. Requests and replies (see ``notes/common.md``):
+as every other crowdd connection (:mod:`crowdd.wire`), and the typed messages of
+:mod:`crowdd.protocol.control`. The client's first frame carries
+``"proto": "crowdd/1"``. Requests and replies:
 
 - ``status`` → ``{"type": "status", ...}``
 - ``subscribe`` → ``ok``, then a stream of ``{"type": "event", "event": KIND, ...}``

@@ -424,7 +424,7 @@ class WorkerSession:
                 )
                 break
             except auth.AuthError as exc:
-                if exc.code not in ("connection",) or loop.time() + delay > deadline:
+                if not exc.unreachable or loop.time() + delay > deadline:
                     raise SessionRefused(f"cannot join the session at {self._host}:{self._port}: {exc}") from None
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)

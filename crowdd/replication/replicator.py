@@ -177,7 +177,7 @@ class Replicator:
                 )
                 return reader, writer
             except auth.AuthError as exc:
-                if exc.code != "connection" or time.monotonic() + delay > deadline:
+                if not exc.unreachable or time.monotonic() + delay > deadline:
                     raise _SourceFailed(str(exc)) from None
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)

@@ -191,7 +191,7 @@ async def test_nobody_listening_is_a_connection_error() -> None:
     await sock_srv.wait_closed()
     with pytest.raises(auth.AuthError) as err:
         await auth.connect("127.0.0.1", port, TOKEN, "data", {}, timeout=2)
-    assert err.value.code == "connection"
+    assert err.value.unreachable
 
 
 def test_empty_token_is_rejected() -> None:
