@@ -113,8 +113,9 @@ async def test_e2e_across_namespaces(tmp_path: Path) -> None:
         res = result_of("host")
         assert res is not None, {n: [e.get("state") for e in events[n] if e["event"] == "state"] for n in names}
         assert res["test_accuracy"] > 0.8
-        for n in names[1:]:
-            assert result_of(n) == res
+        for n in names[1:]:  # the same accuracy; the model file is the host's, not shown as theirs
+            got = result_of(n)
+            assert got is not None and got["test_accuracy"] == res["test_accuracy"] and got["model_path"] is None
         # members saw each other at their own namespace addresses
         async with ControlClient(socks[1]) as c:
             st = await c.status()
