@@ -7,7 +7,7 @@ loopback TCP with its token in ``run\\control.token``, so ``crowdd status --root
 %ProgramData%\\crowdd`` (or the TUI with the same ``--root``) talks to it.
 
 Only the Windows part imports pywin32; the start/stop logic lives in
-:class:`crowdd.service_runner.ServiceRunner`, tested on Linux, and :func:`daemon_entry`
+:class:`crowdd.platform.windows_service.ServiceRunner`, tested on Linux, and :func:`daemon_entry`
 (the daemon behind a stop event) runs on any platform.
 """
 
