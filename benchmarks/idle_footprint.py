@@ -24,7 +24,8 @@ from pathlib import Path
 
 import psutil
 
-from crowdd.control import ControlClient, DaemonUnavailable
+from crowdd.control import ControlClient
+from crowdd.errors import Unavailable
 from crowdd.node.ports import free_port
 from crowdd.platform.process import kill_group as stop_group
 
@@ -41,7 +42,7 @@ async def wait_up(sock: Path, proc: subprocess.Popen[bytes], timeout: float = 60
         try:
             async with ControlClient(sock) as c:
                 return await c.status()
-        except DaemonUnavailable:
+        except Unavailable:
             if time.monotonic() > deadline:
                 raise SystemExit("the daemon did not open its control socket") from None
             await asyncio.sleep(0.1)

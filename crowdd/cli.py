@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from crowdd import __version__
-from crowdd.config import Config, ConfigError, Paths, load_config
+from crowdd.config import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -110,18 +110,6 @@ def setup_logging(verbosity: int, *, service: bool = False) -> None:
     verbosity += 1 if service else 0
     level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
-def resolve_config(args: argparse.Namespace) -> tuple[Config, Paths]:
-    """The settings and paths a subcommand uses (``--root`` > ``--system`` > per user)."""
-    if getattr(args, "root", None):
-        paths = Paths.under(args.root)
-    elif getattr(args, "system", False):
-        paths = Paths.for_system()
-    else:
-        paths = Paths.for_user()
-    cfg_file = getattr(args, "config", None) or paths.config_file
-    return load_config(cfg_file), paths
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,15 +16,11 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from crowdd import wire
-from crowdd.cli import resolve_config
-from crowdd.config import ConfigError, Paths
+from crowdd.client.resolve import client_endpoint, resolve_config
 from crowdd.control import (
-    SYSTEM_SOCKET,
     ControlClient,
-    DaemonUnavailable,
-    Endpoint,
-    client_socket,
 )
+from crowdd.errors import Unavailable
 from crowdd.hyperparams import HyperparamError, parse_hidden, validate_job
 
 logger = logging.getLogger(__name__)
@@ -49,31 +45,6 @@ _JOB_FLAGS: dict[str, tuple[str, str]] = {
 }
 
 
-def _paths(args: argparse.Namespace) -> Paths:
-    """The node's paths. A client needs no settings, so a broken config file must not stop
-    `crowdd status` or `crowdd reload` (which reports the error from the daemon)."""
-    try:
-        return resolve_config(args)[1]
-    except ConfigError:
-        if getattr(args, "root", None):
-            return Paths.under(args.root)
-        return Paths.for_system() if getattr(args, "system", False) else Paths.for_user()
-
-
-def client_endpoint(
-    args: argparse.Namespace, *, user_socket: Path | None = None, system_socket: Path = SYSTEM_SOCKET
-) -> Endpoint:
-    """The daemon a CLI client talks to (see :func:`crowdd.control.client_socket`: the system
-    service's socket when there is no per-user one). The socket paths are injectable for tests."""
-    system = bool(getattr(args, "system", False))
-    endpoint = Endpoint.for_paths(_paths(args), system=system)
-    if endpoint.is_tcp:
-        return endpoint
-    path = client_socket(getattr(args, "socket", None), getattr(args, "root", None), system=system,
-                         user_socket=user_socket, system_socket=system_socket)
-    return Endpoint(path=path, system=system or path == system_socket)
-
-
 def _call(args: argparse.Namespace, fn: Callable[[ControlClient], Awaitable[Any]]) -> tuple[int, Any]:
     """Run one client call; map failures to exit codes with a plain message on stderr."""
     client = ControlClient.for_endpoint(client_endpoint(args))
@@ -86,7 +57,7 @@ def _call(args: argparse.Namespace, fn: Callable[[ControlClient], Awaitable[Any]
 
     try:
         return EXIT_OK, asyncio.run(go())
-    except DaemonUnavailable as exc:
+    except Unavailable as exc:
         print(f"crowdd: {exc}", file=sys.stderr)
         return EXIT_NO_DAEMON, None
     except wire.RemoteError as exc:

@@ -40,7 +40,7 @@ from typing import Any, Protocol
 from crowdd import wire
 from crowdd.config import Paths
 from crowdd.aio import cancel_and_wait
-from crowdd.errors import CrowddError
+from crowdd.errors import CrowddError, Unavailable
 from crowdd.protocol.control import (
     REQUEST_TYPES,
     HostRequest,
@@ -64,10 +64,6 @@ REQUEST_TIMEOUT = 10.0  # a client's reply must come within this
 BODY_TIMEOUT = 10.0  # once a frame header has arrived, its body must follow within this
 SUBSCRIBER_QUEUE = 256  # events buffered per subscriber before the oldest are dropped
 SUBSCRIBER_WRITE_TIMEOUT = 10.0  # a subscriber that reads nothing for this long is dropped
-
-
-class DaemonUnavailable(Exception):
-    """No daemon listens on the control endpoint; the message says how to start one."""
 
 
 def how_to_start(system: bool = False) -> str:
@@ -420,7 +416,7 @@ def read_token_file(path: Path) -> tuple[str, int, str]:
     except FileNotFoundError:
         raise
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DaemonUnavailable(f"the control token file {path} is unreadable ({exc})") from None
+        raise Unavailable(f"the control token file {path} is unreadable ({exc})") from None
 
 
 # --------------------------------------------------------------------------- client
@@ -428,7 +424,7 @@ def read_token_file(path: Path) -> tuple[str, int, str]:
 
 class ControlClient:
     """Talks to a daemon's control socket. ``request`` raises :class:`wire.RemoteError` on an
-    ``error`` reply and :class:`DaemonUnavailable` when nothing listens."""
+    ``error`` reply and :class:`Unavailable` when nothing listens."""
 
     def __init__(
         self,
@@ -479,7 +475,7 @@ class ControlClient:
                         host, port = fhost, fport
                 r, w = await asyncio.wait_for(asyncio.open_connection(host, port), self._timeout)
         except (FileNotFoundError, ConnectionRefusedError, asyncio.TimeoutError, OSError) as exc:
-            raise DaemonUnavailable(
+            raise Unavailable(
                 f"no crowdd daemon is running (nothing answers on {self._where()}: "
                 f"{exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__}); "
                 f"{how_to_start(self._system)}"
@@ -506,7 +502,7 @@ class ControlClient:
         async with self._lock:
             await self.connect()
             if self._reader is None or self._writer is None:
-                raise DaemonUnavailable(f"not connected to {self._where()}")
+                raise Unavailable(f"not connected to {self._where()}")
             frame = {**msg, **self._first}
             try:
                 await wire.write_frame(self._writer, frame, timeout=self._timeout)
@@ -514,7 +510,7 @@ class ControlClient:
                 reply = await wire.read_frame(self._reader, timeout=self._timeout)
             except (wire.ConnectionClosed, wire.FrameTimeout, ConnectionError) as exc:
                 await self.close()
-                raise DaemonUnavailable(f"the daemon on {self._where()} went away ({exc})") from None
+                raise Unavailable(f"the daemon on {self._where()} went away ({exc})") from None
             except WireError:
                 await self.close()
                 raise
@@ -567,7 +563,7 @@ async def wait_for_daemon(
         client = client_factory()
         try:
             return await client.status()
-        except DaemonUnavailable:
+        except Unavailable:
             if loop.time() > deadline:
                 raise
             await asyncio.sleep(poll)
@@ -580,7 +576,7 @@ __all__ = [
     "ControlClient",
     "ControlHandler",
     "ControlServer",
-    "DaemonUnavailable",
+    "Unavailable",
     "Endpoint",
     "client_socket",
     "how_to_start",

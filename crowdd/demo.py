@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from crowdd.control import ControlClient, DaemonUnavailable
+from crowdd.control import ControlClient
+from crowdd.errors import Unavailable
 from crowdd.node.ports import free_port
 from crowdd.platform.process import SIGKILL, group_options, kill_group, signal_group
 
@@ -279,7 +280,7 @@ async def _wait_up(node: Node, timeout: float) -> None:
         try:
             await client.status()
             return
-        except DaemonUnavailable:
+        except Unavailable:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{node.name} did not open its control socket within {timeout:.0f} s; see {node.log}") from None
             await asyncio.sleep(0.2)

@@ -530,7 +530,7 @@ async def serve(cfg: MatchmakerConfig, host: str, port: int, stop: asyncio.Event
 
 def main(args: argparse.Namespace) -> int:
     """``crowdd matchmaker [--listen HOST:PORT] [--config FILE]``."""
-    from crowdd.cli import resolve_config
+    from crowdd.client.resolve import resolve_config
 
     cfg, _paths = resolve_config(args)
     mcfg = cfg.matchmaker

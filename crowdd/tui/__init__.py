@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from crowdd.client.resolve import client_endpoint
 from crowdd.control import SYSTEM_SOCKET, client_socket
 
 
@@ -19,9 +20,10 @@ def socket_path(args: argparse.Namespace) -> Path:
 def main(args: argparse.Namespace) -> int:
     """Run the TUI until the user quits (the daemon keeps running)."""
     from crowdd.tui.app import CrowddApp
-    from crowdd.tui.client import ControlDaemonClient
+    from crowdd.client.daemon_client import ControlDaemonClient
 
-    app = CrowddApp(ControlDaemonClient(socket_path(args)))
+    # the same endpoint the CLI uses: a Unix socket, or TCP + token where the node has one
+    app = CrowddApp(ControlDaemonClient(client_endpoint(args)))
     app.run()
     return int(app.return_code or 0)
 

@@ -1,4 +1,4 @@
-"""The crowdd terminal UI: a Textual app over a :class:`~crowdd.tui.client.DaemonClient`.
+"""The crowdd terminal UI: a Textual app over a :class:`~crowdd.client.daemon_client.DaemonClient`.
 
 The client comes in through the constructor. Only the app's ``@work`` workers call it;
 they turn replies, events and failures into messages, and the handlers below fold those
@@ -20,7 +20,8 @@ from textual.app import App
 from textual.binding import Binding, BindingType
 from textual.screen import Screen
 
-from crowdd.tui.client import DaemonClient, DaemonRequestError, DaemonUnavailableError
+from crowdd.client.daemon_client import DaemonClient
+from crowdd.errors import RemoteError, Unavailable
 from crowdd.tui.messages import (
     DaemonEvent,
     DaemonLost,
@@ -92,7 +93,7 @@ class CrowddApp(App[None]):
             ok = False
             try:
                 status = await self.client.status()
-            except DaemonUnavailableError as exc:
+            except Unavailable as exc:
                 self.post_message(DaemonLost(str(exc)))
             except Exception as exc:
                 logger.debug("status failed", exc_info=True)
@@ -115,7 +116,7 @@ class CrowddApp(App[None]):
                 async for event in self.client.subscribe():
                     if event.get("type") == "event":
                         self.post_message(DaemonEvent(event))
-            except DaemonUnavailableError:
+            except Unavailable:
                 pass
             except Exception:
                 logger.debug("event subscription failed", exc_info=True)
@@ -138,10 +139,10 @@ class CrowddApp(App[None]):
     async def _request(self, action: str, call: Any) -> None:
         try:
             reply = await call
-        except DaemonUnavailableError as exc:
+        except Unavailable as exc:
             self.post_message(RequestFailed(action, "the daemon is not running"))
             self.post_message(DaemonLost(str(exc)))
-        except DaemonRequestError as exc:
+        except RemoteError as exc:
             self.post_message(RequestFailed(action, exc.message, exc.field))
         except Exception as exc:
             logger.debug("%s failed", action, exc_info=True)

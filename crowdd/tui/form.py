@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from crowdd.errors import InputError
 from crowdd.hyperparams import (
     MODELS,
     OPTIMIZERS,
@@ -25,13 +26,13 @@ from crowdd.hyperparams import (
 DATASET_SUFFIXES = (".npz", ".csv")
 
 
-class FormError(ValueError):
+class FormError(InputError):
     """One field of the form is wrong; ``field`` names it."""
 
+    field: str
+
     def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
+        super().__init__(message, field=field)
 
 
 @dataclass(frozen=True)

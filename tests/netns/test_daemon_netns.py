@@ -15,7 +15,8 @@ import numpy as np
 import psutil
 import pytest
 
-from crowdd.control import ControlClient, DaemonUnavailable
+from crowdd.control import ControlClient
+from crowdd.errors import Unavailable
 from crowdd.datasets import load_digits
 from crowdd.demo import permissive_idle_table
 
@@ -53,7 +54,7 @@ async def wait_socket(path: Path, proc: subprocess.Popen[Any], timeout: float = 
             async with ControlClient(path) as c:
                 await c.status()
             return
-        except DaemonUnavailable:
+        except Unavailable:
             assert loop.time() < deadline, f"no control socket at {path}"
             await asyncio.sleep(0.2)
 

@@ -1,8 +1,8 @@
-"""The one fake in the TUI tests: an in-memory :class:`~crowdd.tui.client.DaemonClient`.
+"""The one fake in the TUI tests: an in-memory :class:`~crowdd.client.daemon_client.DaemonClient`.
 
 It keeps a status dict, answers requests the way the control socket does, and feeds
 events from an :class:`asyncio.Queue` to :meth:`subscribe`. ``go_down()`` makes every
-call fail with :class:`DaemonUnavailableError` (and ends the subscription) until
+call fail with :class:`Unavailable` (and ends the subscription) until
 ``come_back()``.
 """
 
@@ -13,8 +13,8 @@ import copy
 from collections.abc import AsyncIterator
 from typing import Any
 
+from crowdd.errors import ErrorCode, RemoteError, Unavailable
 from crowdd.hyperparams import HyperparamError, validate_job
-from crowdd.tui.client import DaemonRequestError, DaemonUnavailableError
 
 _END = {"type": "__end__"}
 
@@ -73,7 +73,7 @@ class FakeDaemonClient:
         self.available = available
         self.calls: list[tuple[Any, ...]] = []
         self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self.host_error: DaemonRequestError | None = None
+        self.host_error: RemoteError | None = None
         self.subscribers = 0
         self.closed = False
 
@@ -83,7 +83,7 @@ class FakeDaemonClient:
 
     def _check(self) -> None:
         if not self.available:
-            raise DaemonUnavailableError(f"no daemon answers on {self.where} (connection refused)")
+            raise Unavailable(f"no daemon answers on {self.where} (connection refused)")
 
     # ------------------------------------------------------------------ test controls
 
@@ -127,7 +127,7 @@ class FakeDaemonClient:
         try:
             validate_job(job)
         except HyperparamError as exc:
-            raise DaemonRequestError("bad_field", exc.message, exc.field) from None
+            raise RemoteError(exc.message, field=exc.field, code=ErrorCode("bad_field")) from None
         self.state["role"] = "host"
         self.state["job"] = job
         self._set_state("registering")
@@ -148,7 +148,7 @@ class FakeDaemonClient:
             while True:
                 event = await self.events.get()
                 if event is _END:
-                    raise DaemonUnavailableError("connection to the daemon lost")
+                    raise Unavailable("connection to the daemon lost")
                 yield event
         finally:
             self.subscribers -= 1

@@ -11,9 +11,9 @@ from fake_client import FakeDaemonClient, base_status, training_status
 from textual.pilot import Pilot
 from textual.widgets import Input, Label, ProgressBar, Select, Sparkline, Switch
 
+from crowdd.errors import ErrorCode, RemoteError
 from crowdd.hyperparams import Job
 from crowdd.tui.app import CrowddApp
-from crowdd.tui.client import DaemonRequestError
 from crowdd.tui.screens import (
     ConfirmStopScreen,
     HostScreen,
@@ -200,7 +200,7 @@ async def test_refused_donation_puts_the_switch_back() -> None:
     app = make_app(client)
 
     async def refuse(on: bool) -> dict[str, Any]:
-        raise DaemonRequestError("busy", "the daemon is shutting down")
+        raise RemoteError("the daemon is shutting down", code=ErrorCode("busy"))
 
     client.donate = refuse  # type: ignore[method-assign]
     async with app.run_test(size=SIZE) as pilot:
@@ -350,7 +350,7 @@ async def test_host_form_clears_message_when_fixed(dataset: Path) -> None:
 
 async def test_host_refused_by_daemon_shows_its_message(dataset: Path) -> None:
     client = FakeDaemonClient(base_status(state="standby", donating=True))
-    client.host_error = DaemonRequestError("bad_field", "cannot read the dataset: permission denied", "dataset")
+    client.host_error = RemoteError("cannot read the dataset: permission denied", field="dataset", code=ErrorCode("bad_field"))
     app = make_app(client)
     async with app.run_test(size=SIZE) as pilot:
         await connected(pilot, app)

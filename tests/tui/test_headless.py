@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from crowdd.errors import Unavailable
 from crowdd.config import Paths
 from crowdd.hyperparams import Job
 from crowdd.tui import SYSTEM_SOCKET, socket_path
-from crowdd.tui.client import ControlDaemonClient, DaemonUnavailableError
+from crowdd.client.daemon_client import ControlDaemonClient
 from crowdd.tui.form import (
     FIELDS,
     FormError,
@@ -29,7 +30,7 @@ from crowdd.tui.model import DaemonView, human_size
 def test_headless_modules_do_not_import_textual() -> None:
     code = (
         "import sys\n"
-        "import crowdd.tui, crowdd.tui.client, crowdd.tui.model, crowdd.tui.form\n"
+        "import crowdd.tui, crowdd.client.daemon_client, crowdd.tui.model, crowdd.tui.form\n"
         "bad = sorted(m for m in sys.modules if m == 'textual' or m.startswith('textual.'))\n"
         "assert not bad, bad\n"
         "assert 'tensorflow' not in sys.modules\n"
@@ -163,10 +164,10 @@ def test_human_size() -> None:
 
 async def test_adapter_reports_a_missing_daemon(tmp_path: Path) -> None:
     client = ControlDaemonClient(tmp_path / "nobody.sock")
-    with pytest.raises(DaemonUnavailableError) as exc:
+    with pytest.raises(Unavailable) as exc:
         await client.status()
     assert "crowdd daemon" in str(exc.value)
-    with pytest.raises(DaemonUnavailableError):
+    with pytest.raises(Unavailable):
         async for _ in client.subscribe():
             pass
     await client.close()
@@ -179,7 +180,7 @@ async def test_adapter_reports_a_socket_nobody_serves(tmp_path: Path) -> None:
     s = socket.socket(socket.AF_UNIX)
     s.bind(str(path))  # bound, never listening: connection refused
     try:
-        with pytest.raises(DaemonUnavailableError):
+        with pytest.raises(Unavailable):
             await ControlDaemonClient(path).donate(True)
     finally:
         s.close()

@@ -26,11 +26,8 @@ import pytest
 from textual.pilot import Pilot
 from textual.widgets import Label
 
-from crowdd.tui.client import (
-    ControlDaemonClient,
-    DaemonRequestError,
-    DaemonUnavailableError,
-)
+from crowdd.errors import RemoteError, Unavailable
+from crowdd.client.daemon_client import ControlDaemonClient
 
 
 def _daemon_missing() -> str | None:
@@ -78,7 +75,7 @@ def _status(sock: Path) -> dict[str, Any] | None:
         client = ControlDaemonClient(sock)
         try:
             return await client.status()
-        except DaemonUnavailableError:
+        except Unavailable:
             return None
         finally:
             await client.close()
@@ -166,13 +163,13 @@ async def test_toggle_donation_on_a_real_daemon(daemon: Path) -> None:
     final = await _ask(daemon)
     assert final["donating"] is False and final["state"] == "off"
 
-    # the daemon's refusals reach the app as DaemonRequestError naming the field
+    # the daemon's refusals reach the app as RemoteError naming the field
     client = ControlDaemonClient(daemon)
     try:
-        with pytest.raises(DaemonRequestError) as exc:
+        with pytest.raises(RemoteError) as exc:
             await client.host(str(daemon.parent / "missing.npz"), {})
         assert exc.value.field == "dataset" and "no such file" in exc.value.message
-        with pytest.raises(DaemonRequestError) as exc:
+        with pytest.raises(RemoteError) as exc:
             await client.host(str(daemon.parent), {"workers": 99_999})
         assert exc.value.field == "workers"
         assert (await client.status())["state"] == "off"  # the connection survives a refusal

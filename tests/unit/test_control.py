@@ -16,10 +16,10 @@ import pytest
 from crowdd import wire
 from crowdd.hyperparams import Job
 from crowdd.protocol.control import HostRequest
+from crowdd.errors import Unavailable
 from crowdd.control import (
     ControlClient,
     ControlServer,
-    DaemonUnavailable,
     Endpoint,
     read_token_file,
 )
@@ -239,7 +239,7 @@ async def test_slow_subscriber_never_blocks_publishing(tmp_path: Path) -> None:
 
 async def test_no_daemon_says_how_to_start_one(tmp_path: Path) -> None:
     c = ControlClient(tmp_path / "nothing.sock")
-    with pytest.raises(DaemonUnavailable) as err:
+    with pytest.raises(Unavailable) as err:
         await c.status()
     assert "no crowdd daemon is running" in str(err.value)
     assert "crowdd daemon" in str(err.value)
@@ -299,7 +299,7 @@ async def test_tcp_with_token(tmp_path: Path) -> None:
     finally:
         await server.close()
     assert not token_file.exists()
-    with pytest.raises(DaemonUnavailable):
+    with pytest.raises(Unavailable):
         await ControlClient(tcp=("127.0.0.1", server.port), token_file=tmp_path / "missing").status()
 
 

@@ -10,7 +10,7 @@ from textual.containers import Center, Vertical
 from textual.screen import Screen
 from textual.widgets import Footer, Label
 
-from crowdd.tui.client import START_HINT
+from crowdd.client.daemon_client import START_HINT
 
 
 def _detail(reason: str) -> str:

@@ -1,9 +1,10 @@
-"""What the TUI needs from the daemon, and the adapter over the real control socket.
+"""The daemon as a client sees it (:class:`DaemonClient`), and the adapter over the real
+control socket (:class:`ControlDaemonClient`, a Unix socket or TCP + token).
 
-The app takes a :class:`DaemonClient` in its constructor (a fake in widget tests, a
-:class:`ControlDaemonClient` otherwise). Every failure reaches the app as one of two
-exceptions: :class:`DaemonUnavailableError` (nothing answers, or the connection went
-away) and :class:`DaemonRequestError` (the daemon refused a request, naming the field).
+The TUI takes a :class:`DaemonClient` in its constructor (a fake in widget tests; a contract
+test suite holds both to the same behaviour). Every failure is one of two errors of the
+catalog: :class:`crowdd.errors.Unavailable` (nothing answers, or the connection went away) and
+:class:`crowdd.errors.RemoteError` (the daemon refused a request, naming the field).
 This module does not import textual.
 """
 
@@ -13,12 +14,12 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from crowdd import wire
+from crowdd.control import ControlClient, Endpoint
+from crowdd.errors import ErrorCode, RemoteError, Unavailable
 
-if TYPE_CHECKING:  # pragma: no cover - typing only
-    from crowdd.control import ControlClient
 
 logger = logging.getLogger(__name__)
 
@@ -26,20 +27,6 @@ START_HINT = (
     "Start it with `crowdd daemon`, or `systemctl start crowdd` for the system service "
     "(`systemctl --user start crowdd` for a user service)."
 )
-
-
-class DaemonUnavailableError(Exception):
-    """Nothing listens on the control socket, or the connection to it was lost."""
-
-
-class DaemonRequestError(Exception):
-    """The daemon answered a request with an error frame."""
-
-    def __init__(self, code: str, message: str, field: str | None = None) -> None:
-        super().__init__(f"{field + ': ' if field else ''}{message}")
-        self.code = code
-        self.message = message
-        self.field = field
 
 
 class DaemonClient(Protocol):
@@ -73,12 +60,7 @@ def _unavailable_types() -> tuple[type[BaseException], ...]:
         EOFError,
         asyncio.IncompleteReadError,
     ]
-    try:
-        from crowdd.control import DaemonUnavailable
-    except ImportError:  # the control module is optional for this adapter's import
-        pass
-    else:
-        kinds.append(DaemonUnavailable)
+    kinds.append(Unavailable)
     return tuple(kinds)
 
 
@@ -86,44 +68,37 @@ def _check_reply(reply: Any) -> dict[str, Any]:
     if reply is None:  # a client method that returns nothing on success
         return {"type": "ok"}
     if not isinstance(reply, dict):
-        raise DaemonRequestError("bad_frame", f"unexpected reply from the daemon: {reply!r}")
+        raise RemoteError(f"unexpected reply from the daemon: {reply!r}", code=ErrorCode.BAD_FRAME)
     if reply.get("type") == "error":
-        field = reply.get("field")
-        raise DaemonRequestError(
-            str(reply.get("code", "internal")),
-            str(reply.get("message", "the daemon refused the request")),
-            field if isinstance(field, str) else None,
-        )
+        raise RemoteError.from_frame(reply)
     return reply
 
 
 class ControlDaemonClient:
-    """:class:`DaemonClient` over :class:`crowdd.control.ControlClient` (a Unix socket).
+    """:class:`DaemonClient` over :class:`crowdd.control.ControlClient`, at an
+    :class:`~crowdd.control.Endpoint` (a Unix socket path is taken as one).
 
     One request connection, opened on first use and again after it breaks; requests are
     serialised on it. :meth:`subscribe` uses a connection of its own.
     """
 
-    def __init__(self, path: Path, *, token_file: Path | None = None) -> None:
-        self.path = Path(path)
-        self.token_file = token_file
+    def __init__(self, endpoint: Endpoint | Path) -> None:
+        self.endpoint = endpoint if isinstance(endpoint, Endpoint) else Endpoint(path=Path(endpoint))
         self._client: ControlClient | None = None
         self._lock = asyncio.Lock()
 
     @property
     def where(self) -> str:
-        return str(self.path)
+        return self.endpoint.describe()
 
     def _new(self) -> ControlClient:
-        from crowdd.control import ControlClient
+        return ControlClient.for_endpoint(self.endpoint)
 
-        return ControlClient(self.path, token_file=self.token_file)
-
-    def _unavailable(self, exc: BaseException) -> DaemonUnavailableError:
-        if type(exc).__name__ == "DaemonUnavailable":  # its message already says how to start one
-            return DaemonUnavailableError(str(exc))
+    def _unavailable(self, exc: BaseException) -> Unavailable:
+        if isinstance(exc, Unavailable):  # its message already says how to start one
+            return exc
         detail = str(exc) or type(exc).__name__
-        return DaemonUnavailableError(f"lost the daemon on {self.path} ({detail})")
+        return Unavailable(f"lost the daemon on {self.where} ({detail})")
 
     async def _drop(self) -> None:
         client, self._client = self._client, None
@@ -142,11 +117,11 @@ class ControlDaemonClient:
                     await client.connect()
                     self._client = client
                 reply = await getattr(self._client, name)(*args)
-            except wire.RemoteError as exc:
-                raise DaemonRequestError(exc.code, exc.message, exc.field) from None
+            except wire.RemoteError:
+                raise
             except wire.WireError as exc:
                 await self._drop()
-                raise DaemonRequestError(exc.code.value, exc.message, exc.field) from None
+                raise RemoteError(exc.message, field=exc.field, code=exc.code) from None
             except unavailable as exc:
                 await self._drop()
                 raise self._unavailable(exc) from None
@@ -171,8 +146,8 @@ class ControlDaemonClient:
             try:
                 async for event in client.subscribe():
                     yield _check_reply(event)
-            except wire.RemoteError as exc:
-                raise DaemonRequestError(exc.code, exc.message, exc.field) from None
+            except wire.RemoteError:
+                raise
             except unavailable as exc:
                 raise self._unavailable(exc) from None
         finally:
@@ -190,6 +165,4 @@ __all__ = [
     "START_HINT",
     "ControlDaemonClient",
     "DaemonClient",
-    "DaemonRequestError",
-    "DaemonUnavailableError",
 ]
