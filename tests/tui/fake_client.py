@@ -23,6 +23,7 @@ def base_status(**overrides: Any) -> dict[str, Any]:
     status: dict[str, Any] = {
         "type": "status",
         "version": "0.1.0",
+        "name": "alice",
         "state": "off",
         "donating": False,
         "role": None,
@@ -30,6 +31,7 @@ def base_status(**overrides: Any) -> dict[str, Any]:
         "queue": None,
         "group": None,
         "job": None,
+        "settings": None,
         "dataset": None,
         "training": None,
         "result": None,
@@ -145,6 +147,8 @@ class FakeDaemonClient:
         self._check()
         self.subscribers += 1
         try:
+            # like the real control socket: a subscription starts with the whole status
+            yield {"type": "event", "event": "status", **{k: v for k, v in self.state.items() if k != "type"}}
             while True:
                 event = await self.events.get()
                 if event is _END:
