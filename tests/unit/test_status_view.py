@@ -112,3 +112,65 @@ def test_no_session_means_no_session_fields() -> None:
     n = Node()
     with pytest.raises(RuntimeError):
         n.view.on_training_event({"event": "progress"})
+
+
+def test_dataset_and_job_of_the_last_session_stay_on_show_until_the_next_cycle() -> None:
+    n = Node()
+    rec = n.view.begin("host")
+    rec.job = Job(epochs=7)
+    rec.dataset = {"name": "mnist", "size": 10, "digest": "ab"}
+    n.walk(S.REGISTERING)
+    n.view.fail("refused")
+    n.view.end()
+    n.walk(S.STANDBY)
+    st = n.view.status()
+    assert st["dataset"] == {"name": "mnist", "size": 10, "digest": "ab"}
+    assert st["job"] is not None and st["job"]["epochs"] == 7 and st["error"] == "refused"
+    assert st["role"] is None and st["queue"] is None and st["group"] is None
+    n.view.begin("worker")
+    st = n.view.status()
+    assert st["dataset"] is None and st["job"] is None and st["error"] is None and st["role"] == "worker"
+
+
+def test_on_wait_moves_to_waiting_and_publishes_the_state_then_the_status() -> None:
+    n = Node()
+    n.view.begin("worker")
+    n.walk(S.STANDBY, S.REGISTERING)
+    n.events.clear()
+    n.view.on_wait(Wait(2, 0, 1))
+    kinds = [k for k, _ in n.events]
+    assert kinds == ["state", "status"]
+    assert n.events[0][1] == {"state": "waiting", "previous": "registering"}
+    assert n.events[1][1]["queue"] == {"position": 2, "hosts": 0, "workers": 1}
+    n.view.on_wait(Wait(1, 0, 1))  # already waiting: only the new place
+    assert [k for k, _ in n.events] == ["state", "status", "status"]
+    assert n.view.status()["queue"] == {"position": 1, "hosts": 0, "workers": 1}
+    n.walk(S.REGISTERING)  # back to registering (the matchmaker went away): no queue place shown
+    assert n.view.status()["queue"] is None
+
+
+def test_training_events_update_the_fields_they_name() -> None:
+    n = Node()
+    n.view.begin("host")
+    n.walk(S.REGISTERING, S.WAITING)
+    n.view.joined(plan(0))
+    n.walk(S.REPLICATING)
+    n.view.on_training_event({"event": "progress", "epoch": 2, "step": 40, "loss": 0.3, "accuracy": 0.8,
+                              "samples_per_sec": 10.0, "worker": 0})
+    assert n.view.status()["training"] is None  # not training yet: not shown
+    n.walk(S.TRAINING)
+    n.view.on_training_event({"event": "progress", "step": 41, "samples_per_sec": 5.0, "worker": 1})
+    n.view.on_training_event({"event": "bogus", "step": 999})
+    tr = n.view.status()["training"]
+    assert tr is not None
+    assert (tr["epoch"], tr["epochs"], tr["step"], tr["loss"], tr["accuracy"]) == (2, 3, 41, 0.3, 0.8)
+    assert tr["samples_per_sec"] == 15.0 and tr["test_accuracy"] is None
+    n.view.on_training_event({"event": "eval", "epoch": 2, "test_accuracy": 0.75})
+    assert n.view.status()["training"]["test_accuracy"] == 0.75  # type: ignore[index]
+    assert [k for k, _ in n.events if k in ("progress", "eval")] == ["progress", "progress", "eval"]
+    n.view.finished(0.77, "/m/model.keras")
+    n.walk(S.FINISHED)
+    st = n.view.status()
+    assert st["result"] == {"test_accuracy": 0.77, "model_path": "/m/model.keras"}
+    assert st["training"] is not None and st["training"]["test_accuracy"] == 0.77
+    assert ("result", {"test_accuracy": 0.77, "model_path": "/m/model.keras"}) in n.events
