@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -53,6 +54,7 @@ class DaemonConfig:
     peer_timeout: float = 15.0
     retry_min: float = 1.0
     retry_max: float = 60.0
+    matchmaker_fingerprint: str = ""
 
 
 @dataclass
@@ -97,12 +99,18 @@ class IdleConfig:
 
 
 @dataclass
+class SecurityConfig:
+    allow_exposed_tensorflow: bool = False
+
+
+@dataclass
 class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     matchmaker: MatchmakerConfig = field(default_factory=MatchmakerConfig)
     replication: ReplicationConfig = field(default_factory=ReplicationConfig)
     job: JobConfig = field(default_factory=JobConfig)
     idle: IdleConfig = field(default_factory=IdleConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
 
 _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
@@ -118,6 +126,7 @@ _POSITIVE = {
     ("job", "steps_per_function"), ("job", "sync_every"), ("job", "threads"), ("job", "checkpoint_secs"),
     ("idle", "cpu_window_seconds"), ("idle", "tf_threads"),
 }
+_FINGERPRINT = re.compile(r"sha256:[0-9a-f]{64}")
 _PORTS = {("daemon", "data_port"), ("daemon", "session_port")}
 
 
@@ -159,6 +168,8 @@ def _check(source: str, section: str, name: str, value: Any) -> None:
         raise ConfigError(source, key, f"expected a port 0..65535 (0 = any free port), got {value!r}")
     if (section, name) == ("job", "nice") and not -20 <= value <= 19:
         raise ConfigError(source, key, f"expected a nice value -20..19, got {value!r}")
+    if key == "daemon.matchmaker_fingerprint" and value and not _FINGERPRINT.fullmatch(value):
+        raise ConfigError(source, key, f"expected \"sha256:\" and 64 lowercase hex digits (crowdd matchmaker prints it), got {value!r}")
     if key in ("daemon.matchmaker", "matchmaker.listen"):
         try:
             parse_hostport(value)
@@ -243,6 +254,11 @@ class Paths:
     @property
     def jobs_dir(self) -> Path:
         return self.state_dir / "jobs"
+
+    @property
+    def identity_dir(self) -> Path:
+        """This node's TLS key and certificate (:mod:`crowdd.identity`)."""
+        return self.state_dir / "identity"
 
     @classmethod
     def for_user(cls) -> Paths:

@@ -32,18 +32,23 @@ class MemberPorts:
 
 @dataclass(frozen=True)
 class PlanMember:
-    """One member of the group as the matchmaker vouches for it. ``name`` is the identity it
-    registered with."""
+    """One member of the group as the matchmaker vouches for it. ``name`` is the name it
+    registered with; ``cert`` (PEM) and its ``fingerprint`` are the identity every peer pins
+    for it; ``reachable`` says whether the matchmaker could connect back to its data port."""
 
     index: int
     role: str
     name: str
     address: str
     ports: MemberPorts
+    cert: bytes = b""
+    fingerprint: str = ""
+    reachable: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return {"index": self.index, "role": self.role, "name": self.name, "address": self.address,
-                "ports": self.ports.to_dict()}
+                "ports": self.ports.to_dict(), "cert": self.cert.decode("ascii"), "fingerprint": self.fingerprint,
+                "reachable": self.reachable}
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from typing import Any
 from crowdd.cache import DatasetCache
 from crowdd.config import Config
 from crowdd.errors import SessionFailed
+from crowdd.identity import Identity
 from crowdd.manifest import Manifest
 from crowdd.node.launcher import JobLauncher, LaunchError
 from crowdd.node.ports import Reservation
@@ -23,7 +24,8 @@ from crowdd.plan import SessionPlan
 class SessionContext:
     """The collaborators of one cycle: this node's settings (as of its start; local things
     only — what the group computes comes from the plan), the state authority, the status view,
-    the job launcher, the dataset cache, and how long to linger in FINISHED."""
+    the job launcher, the dataset cache, how long to linger in FINISHED, and this node's TLS
+    identity (its peers pin it)."""
 
     cfg: Config
     states: StateMachine
@@ -31,6 +33,7 @@ class SessionContext:
     jobs: JobLauncher
     cache: DatasetCache
     linger: float
+    identity: Identity
 
     def to(self, state: State) -> None:
         """Move the state authority (an invalid move raises: it is a daemon bug)."""

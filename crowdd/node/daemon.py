@@ -41,6 +41,7 @@ from crowdd.node.host import Prepared, lead, prepare_dataset
 from crowdd.protocol.control import HostRequest, Status
 from crowdd.idle.policy import AlwaysIdle, IdlePolicy, Policy, Verdict
 from crowdd.idle.probes import Probes, system_probes
+from crowdd.identity import Identity
 from crowdd.job.spec import Settings
 from crowdd.node.launcher import JobLauncher
 from crowdd.node.ports import Reservation
@@ -119,6 +120,7 @@ class Daemon:
     async def start(self) -> None:
         self.paths.ensure()
         self.cache.ensure()
+        self.identity = Identity.load_or_create(self.paths.identity_dir, "node")
         self.view.set_donating(self._load_persisted().get("donating", False) is True)
         await self._control.start()
         self._main = asyncio.create_task(self._loop(), name="crowdd-daemon")
@@ -321,7 +323,7 @@ class Daemon:
             view.begin(role)
         res: Reservation | None = None
         watch = asyncio.create_task(self._policy_watch()) if role == "worker" else None
-        cycle = SessionContext(self.cfg, self.states, view, self._jobs, self.cache, self._linger)
+        cycle = SessionContext(self.cfg, self.states, view, self._jobs, self.cache, self._linger, self.identity)
         try:
             prepared: Prepared | None = None
             if role == "host":
@@ -336,7 +338,7 @@ class Daemon:
                 )
             except OSError as exc:
                 raise SessionFailed(f"cannot bind the session ports: {exc}") from None
-            hello = make_hello(self.cfg, self.name, role, res, prepared)
+            hello = make_hello(self.cfg, self.name, role, res, prepared, self.identity)
             plan = await register_until_grouped(
                 role, hello, self.states, view, matchmaker=lambda: self._mm, heartbeat=self.cfg.daemon.heartbeat,
                 backoff=lambda: self._backoff,

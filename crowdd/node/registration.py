@@ -12,6 +12,7 @@ from crowdd import wire
 from crowdd.config import Config
 from crowdd.errors import ErrorCode, SessionFailed
 from crowdd.hyperparams import GroupSettings
+from crowdd.identity import Identity
 from crowdd.matchmaker_client import register
 from crowdd.node.backoff import Backoff
 from crowdd.node.host import Prepared
@@ -35,14 +36,19 @@ def group_settings(cfg: Config, prepared: Prepared) -> GroupSettings:
     )
 
 
-def make_hello(cfg: Config, name: str, role: str, res: Reservation, prepared: Prepared | None) -> dict[str, Any]:
+def make_hello(
+    cfg: Config, name: str, role: str, res: Reservation, prepared: Prepared | None, identity: Identity
+) -> dict[str, Any]:
+    """This node's hello: its ports, its certificate (which the group will pin) and, for a
+    host, the job, the dataset's digest and the group-wide settings."""
     d = cfg.daemon
     ports = MemberPorts(res.data_port, res.session_port, tuple(res.tf_ports))
+    who = {"cert": identity.cert_pem, "fingerprint": identity.fingerprint}
     if role != mmp.HOST or prepared is None:
-        return mmp.make_hello(role, name, ports, tag=d.tag, want_tag=d.want_tag, advertise=d.advertise_host)
+        return mmp.make_hello(role, name, ports, tag=d.tag, want_tag=d.want_tag, advertise=d.advertise_host, **who)
     m = prepared.manifest
     return mmp.make_hello(
-        role, name, ports, tag=d.tag, want_tag=d.want_tag, advertise=d.advertise_host,
+        role, name, ports, tag=d.tag, want_tag=d.want_tag, advertise=d.advertise_host, **who,
         job=prepared.job, dataset=DatasetRef(m.digest(), m.size, prepared.name[:255] or "dataset"),
         settings=group_settings(cfg, prepared),
     )

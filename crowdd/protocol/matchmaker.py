@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from crowdd import wire
+from crowdd.errors import InputError
 from crowdd.hyperparams import GroupSettings, HyperparamError, Job, validate_job, validate_settings
+from crowdd.identity import check_certificate
 from crowdd.plan import DatasetRef, MemberPorts, PlanMember, SessionPlan
 
 HOST = "host"
@@ -46,9 +48,13 @@ class Hello:
     job: Job | None = None
     dataset: dict[str, Any] | None = None
     settings: GroupSettings | None = None
+    cert: str = ""
+    fingerprint: str = ""
+    reachable: bool = True
 
     def member(self, index: int) -> dict[str, Any]:
-        return {"index": index, "role": self.role, "name": self.name, "address": self.address, "ports": self.ports}
+        return {"index": index, "role": self.role, "name": self.name, "address": self.address, "ports": self.ports,
+                "cert": self.cert, "fingerprint": self.fingerprint, "reachable": self.reachable}
 
 
 def _bad(name: str, message: str) -> wire.WireError:
@@ -112,6 +118,23 @@ def _dataset(value: Any) -> dict[str, Any]:
     return {"digest": digest, "size": size, "name": name}
 
 
+def _cert(value: Any, where: str = "") -> tuple[str, str]:
+    """A member's certificate (PEM text) and its fingerprint; ``where`` prefixes the field."""
+    name = f"{where}.cert" if where else "cert"
+    if not isinstance(value, str):
+        raise _bad(name, f"field {name!r} must be the node's certificate (PEM)")
+    try:
+        return value, check_certificate(value.encode("ascii", "replace"))
+    except InputError as exc:
+        raise _bad(name, f"field {name!r}: {exc.message}") from None
+
+
+def _fingerprint_matches(frame: Mapping[str, Any], fingerprint: str, where: str = "") -> None:
+    name = f"{where}.fingerprint" if where else "fingerprint"
+    if frame.get("fingerprint") != fingerprint:
+        raise _bad(name, f"field {name!r} must be the certificate's fingerprint {fingerprint}")
+
+
 def _settings(value: Any) -> GroupSettings:
     try:
         return validate_settings(value)
@@ -140,6 +163,8 @@ def check_hello(frame: Mapping[str, Any], peer_ip: str, *, trust_advertised: boo
         raise _bad("role", f"field 'role' must be host or worker, got {role!r}")
     name = _text(frame, "name", 1, MAX_NAME)
     ports = _ports(frame, role)
+    cert, fingerprint = _cert(frame.get("cert"))
+    _fingerprint_matches(frame, fingerprint)
     tag = _text(frame, "tag", 0, MAX_TAG, "")
     want_tag = _text(frame, "want_tag", 0, MAX_TAG, "")
     address = observed_address(peer_ip)
@@ -164,7 +189,8 @@ def check_hello(frame: Mapping[str, Any], peer_ip: str, *, trust_advertised: boo
         for key in ("job", "dataset", "settings"):
             if key in frame:
                 raise _bad(key, f"only a host sends {key!r}")
-    return Hello(role=role, name=name, address=address, ports=ports, tag=tag, want_tag=want_tag, job=job, dataset=dataset, settings=settings)
+    return Hello(role=role, name=name, address=address, ports=ports, tag=tag, want_tag=want_tag, job=job,
+                 dataset=dataset, settings=settings, cert=cert, fingerprint=fingerprint)
 
 
 def make_hello(
@@ -172,6 +198,8 @@ def make_hello(
     name: str,
     ports: MemberPorts,
     *,
+    cert: bytes,
+    fingerprint: str,
     tag: str = "",
     want_tag: str = "",
     advertise: str = "",
@@ -179,11 +207,12 @@ def make_hello(
     dataset: DatasetRef | None = None,
     settings: GroupSettings | None = None,
 ) -> dict[str, Any]:
-    """A node's ``hello`` (``type`` and ``proto`` included). A host also sends its job, its
+    """A node's ``hello`` (``type`` and ``proto`` included): its certificate (PEM) and that
+    certificate's fingerprint, which the group's peers will pin. A host also sends its job, its
     dataset's manifest digest and the group-wide settings it decided."""
     hello: dict[str, Any] = {
         "type": "hello", "proto": wire.PROTO, "role": role, "name": name, "ports": ports.to_dict(),
-        "tag": tag, "want_tag": want_tag,
+        "tag": tag, "want_tag": want_tag, "cert": cert.decode("ascii"), "fingerprint": fingerprint,
     }
     if advertise:
         hello["advertise"] = advertise
@@ -263,9 +292,15 @@ def _member(value: Any, i: int) -> PlanMember:
         name = _text(value, "name", 1, MAX_NAME)
     except wire.WireError as exc:
         raise _bad(f"{where}.name", exc.message) from None
+    cert, fingerprint = _cert(value.get("cert"), where)
+    _fingerprint_matches(value, fingerprint, where)
+    reachable = value.get("reachable", True)
+    if not isinstance(reachable, bool):
+        raise _bad(f"{where}.reachable", f"{where}.reachable must be true or false")
     return PlanMember(
         index=i, role=role, name=name, address=address,
         ports=MemberPorts(ports["data"], ports["session"], tuple(ports["tf"])),
+        cert=cert.encode("ascii"), fingerprint=fingerprint, reachable=reachable,
     )
 
 
@@ -281,6 +316,9 @@ def check_group(frame: Mapping[str, Any]) -> SessionPlan:
     if isinstance(index, bool) or not 0 <= index < len(members):
         raise _bad("index", f"index {index} outside the member list")
     plan_members = tuple(_member(m, i) for i, m in enumerate(members))
+    fingerprints = [m.fingerprint for m in plan_members]
+    if len(set(fingerprints)) != len(fingerprints):
+        raise _bad("members", "two members of the group present the same certificate")
     try:
         job = validate_job(frame.get("job", {}))
     except HyperparamError as exc:
