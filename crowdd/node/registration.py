@@ -43,12 +43,13 @@ def make_hello(
     host, the job, the dataset's digest and the group-wide settings."""
     d = cfg.daemon
     ports = MemberPorts(res.data_port, res.session_port, tuple(res.tf_ports))
-    who = {"cert": identity.cert_pem, "fingerprint": identity.fingerprint}
+    cert, fingerprint = identity.cert_pem, identity.fingerprint
     if role != mmp.HOST or prepared is None:
-        return mmp.make_hello(role, name, ports, tag=d.tag, want_tag=d.want_tag, advertise=d.advertise_host, **who)
+        return mmp.make_hello(role, name, ports, tag=d.tag, want_tag=d.want_tag, advertise=d.advertise_host,
+                              cert=cert, fingerprint=fingerprint)
     m = prepared.manifest
     return mmp.make_hello(
-        role, name, ports, tag=d.tag, want_tag=d.want_tag, advertise=d.advertise_host, **who,
+        role, name, ports, tag=d.tag, want_tag=d.want_tag, advertise=d.advertise_host, cert=cert, fingerprint=fingerprint,
         job=prepared.job, dataset=DatasetRef(m.digest(), m.size, prepared.name[:255] or "dataset"),
         settings=group_settings(cfg, prepared),
     )
