@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Coroutine
 from typing import Any
@@ -33,4 +34,34 @@ def spawn_tracked(tasks: set[asyncio.Task[None]], coro: Coroutine[Any, Any, None
     return task
 
 
-__all__ = ["cancel_and_wait", "spawn_tracked"]
+SPLICE_BUFFER = 1 << 16
+
+
+async def splice(
+    a: tuple[asyncio.StreamReader, asyncio.StreamWriter], b: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+    *, buffer: int = SPLICE_BUFFER,
+) -> None:
+    """Copy bytes both ways between two connections until either side ends, then close both
+    (a tunnel carries one TF gRPC connection; once one end is gone the other is useless)."""
+
+    async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        while data := await src.read(buffer):
+            dst.write(data)
+            await dst.drain()
+
+    pumps = [asyncio.create_task(pump(a[0], b[1])), asyncio.create_task(pump(b[0], a[1]))]
+    try:
+        await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        await cancel_and_wait(*pumps)
+        for _, writer in (a, b):
+            writer.close()
+        for _, writer in (a, b):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.wait_closed(), 1.0)
+        for t in pumps:  # retrieve the exceptions (a reset connection is the normal end)
+            if t.done() and not t.cancelled():
+                t.exception()
+
+
+__all__ = ["cancel_and_wait", "splice", "spawn_tracked"]

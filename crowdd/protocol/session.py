@@ -188,6 +188,18 @@ class Train:
 
 
 @dataclass(frozen=True)
+class Dial:
+    """Open tunnel stream ``stream`` back to the host and connect it to your TF task ``task``
+    (the host's coordinator reaches a worker's TF server through the worker's outbound dial)."""
+
+    stream: int
+    task: int
+
+    def to_frame(self) -> dict[str, Any]:
+        return {"type": "dial", "stream": self.stream, "task": self.task}
+
+
+@dataclass(frozen=True)
 class TrainingEvent:
     """One of the host job's events (its own ``event`` key kept), fanned out to the group."""
 
@@ -209,7 +221,11 @@ class End:
         return {"type": "end", "test_accuracy": self.test_accuracy, "model_path": self.model_path, "error": self.error}
 
 
-HostMessage = Union[MembersUpdate, Train, TrainingEvent, End]
+HostMessage = Union[MembersUpdate, Train, Dial, TrainingEvent, End]
+
+#: Every TF address in a cluster is a port on each member's own private loopback
+#: (:mod:`crowdd.job.confine`); the tunnels carry it to the member that serves it.
+PRIVATE_HOST = "127.0.0.1"
 
 
 def _cluster(value: Any) -> dict[str, list[str]]:
@@ -217,12 +233,17 @@ def _cluster(value: Any) -> dict[str, list[str]]:
         raise _bad("cluster", "field 'cluster' must be an object of ps/worker address lists")
     out: dict[str, list[str]] = {}
     for job, addrs in value.items():
-        if not isinstance(addrs, list) or not all(isinstance(a, str) for a in addrs):
-            raise _bad(f"cluster.{job}", f"field 'cluster.{job}' must be a list of HOST:PORT strings")
+        if not isinstance(addrs, list) or not all(isinstance(a, str) and _private(a) for a in addrs):
+            raise _bad(f"cluster.{job}", f"field 'cluster.{job}' must be a list of {PRIVATE_HOST}:PORT strings")
         out[job] = list(addrs)
     if not out.get("ps") or not out.get("worker"):
         raise _bad("cluster", "the cluster needs a ps and at least one worker")
     return out
+
+
+def _private(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    return host == PRIVATE_HOST and port.isdigit() and 1 <= int(port) <= 65535 and str(int(port)) == port
 
 
 def check_host_frame(frame: Mapping[str, Any]) -> HostMessage:
@@ -238,6 +259,8 @@ def check_host_frame(frame: Mapping[str, Any]) -> HostMessage:
         if index >= len(cluster["worker"]):
             raise _bad("index", f"worker index {index} outside the cluster")
         return Train(cluster, index)
+    if kind == "dial":
+        return Dial(_req_int(frame, "stream"), _req_int(frame, "task", lo=1))
     if kind == "training":
         if frame.get("event") not in TRAINING_EVENTS:
             raise _bad("event", f"field 'event' must be one of {', '.join(TRAINING_EVENTS)}")
@@ -248,7 +271,7 @@ def check_host_frame(frame: Mapping[str, Any]) -> HostMessage:
 
 
 __all__ = [
-    "DROPPABLE", "MEMBER_STATES", "TRAINING_EVENTS", "End", "HostMessage", "JobReport", "MemberView",
+    "DROPPABLE", "MEMBER_STATES", "PRIVATE_HOST", "TRAINING_EVENTS", "Dial", "End", "HostMessage", "JobReport", "MemberView",
     "MembersUpdate", "Ready", "ReplicationReport", "StateReport", "Train", "TrainingEvent", "WorkerMessage",
     "check_host_frame", "check_worker_frame",
 ]

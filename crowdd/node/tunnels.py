@@ -1,0 +1,217 @@
+"""The daemon's ends of the group's TLS tunnels, which carry every TensorFlow connection.
+
+A job's TF servers live in its private network namespace (:mod:`crowdd.job.confine`); the
+only way in or out is a pair of Unix sockets per TF task in the session's socket directory:
+``NAME.in`` (the job serves it; connecting reaches that TF server) and ``NAME.out`` (the
+daemon serves it; the job connects to reach another member's task). The daemon carries each
+connection over one TLS stream on the host's session port (mutual TLS pinned to the group,
+plus the group token; :class:`crowdd.node.session.HostSession` checks both), so:
+
+- A worker's TF server reaches the host's PS: the worker's job connects to ``ps.out``, the
+  worker daemon dials the host (``{"tunnel": "ps"}``) and the host daemon connects the stream
+  to its job's ``ps.in``.
+- The host's coordinator reaches worker task ``t``: the host's job connects to ``wT.out``; the
+  host daemon asks that worker over the session channel to dial back (:class:`Dial`, a stream
+  id); the worker dials the host (``{"tunnel": "stream", "stream": id}``) and connects the
+  stream to its job's ``wT.in``. Workers only ever dial out: none needs an inbound port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import shutil
+import tempfile
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from crowdd.aio import cancel_and_wait, spawn_tracked, splice
+
+logger = logging.getLogger(__name__)
+
+Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+PS = "ps"
+#: How long the host waits for a worker to dial back a requested stream.
+DIAL_TIMEOUT = 20.0
+
+
+def task_name(task: int) -> str:
+    """The relay name of TF worker task ``task``."""
+    return f"w{task}"
+
+
+@dataclass(frozen=True)
+class RelaySetup:
+    """What the job's relay serves and reaches (see :mod:`crowdd.job.confine`)."""
+
+    directory: Path
+    serve: tuple[tuple[str, int], ...]
+    reach: tuple[tuple[str, int], ...]
+    isolated: bool = True
+
+    def argv(self) -> list[str]:
+        out = ["--dir", str(self.directory)]
+        out += [a for name, port in self.serve for a in ("--serve", f"{name}={port}")]
+        out += [a for name, port in self.reach for a in ("--reach", f"{name}={port}")]
+        return out + (["--isolated"] if self.isolated else [])
+
+
+def socket_dir() -> Path:
+    """A fresh private (0700) directory with a short path: a Unix socket path must fit in
+    108 bytes, which a test's or a user's runtime directory may not leave room for."""
+    return Path(tempfile.mkdtemp(prefix="crowdd-"))
+
+
+async def _open_in(directory: Path, name: str) -> Streams | None:
+    try:
+        return await asyncio.open_unix_connection(str(directory / f"{name}.in"))
+    except OSError as exc:
+        logger.info("tunnel: the job does not serve %s (%s)", name, exc.strerror or exc)
+        return None
+
+
+@dataclass
+class _Base:
+    directory: Path = field(default_factory=socket_dir)
+    _servers: list[asyncio.base_events.Server] = field(default_factory=list)
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    async def _listen(self, name: str, handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]) -> None:
+        path = self.directory / f"{name}.out"
+        path.unlink(missing_ok=True)
+        self._servers.append(await asyncio.start_unix_server(
+            lambda r, w: self._spawn(handler(r, w)), path=str(path)))
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        async def run() -> None:
+            await coro
+
+        spawn_tracked(self._tasks, run())
+
+    async def close(self) -> None:
+        for s in self._servers:
+            s.close()
+        await cancel_and_wait(*self._tasks)
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+@dataclass
+class HostTunnels(_Base):
+    """The host's ends. ``dial(member, stream, task)`` asks a worker (over its session channel)
+    to dial stream ``stream`` back for task ``task``; False if it cannot be asked."""
+
+    dial: Callable[[int, int, int], bool] = lambda member, stream, task: False
+    timeout: float = DIAL_TIMEOUT
+    _pending: dict[int, tuple[int, asyncio.Future[Streams]]] = field(default_factory=dict)
+    _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    _ps_members: set[int] = field(default_factory=set)
+
+    async def reach_workers(self, tasks: dict[int, int]) -> None:
+        """Serve ``wT.out`` for each worker task → member index in ``tasks``; the members in
+        ``tasks`` may reach this host's PS."""
+        self._ps_members = set(tasks.values())
+        for task, member in tasks.items():
+            await self._listen(task_name(task), self._outbound(member, task))
+
+    def _outbound(self, member: int, task: int) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+        async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            stream = await self.open_stream(member, task)
+            if stream is None:
+                w.close()
+                return
+            await splice((r, w), stream)
+
+        return handle
+
+    async def open_stream(self, member: int, task: int) -> Streams | None:
+        """Ask worker ``member`` to dial back a stream for its task ``task``; wait for it."""
+        stream = next(self._ids)
+        fut: asyncio.Future[Streams] = asyncio.get_running_loop().create_future()
+        self._pending[stream] = (member, fut)
+        try:
+            if not self.dial(member, stream, task):
+                return None
+            return await asyncio.wait_for(fut, self.timeout)
+        except asyncio.TimeoutError:
+            logger.warning("worker %d did not dial back tunnel stream %d within %.0f s", member, stream, self.timeout)
+            return None
+        finally:
+            self._pending.pop(stream, None)
+
+    async def probe(self, member: int, task: int) -> bool:
+        """Whether worker ``member`` can dial this host's tunnel port now."""
+        streams = await self.open_stream(member, task)
+        if streams is None:
+            return False
+        streams[1].close()
+        return True
+
+    async def accept(self, member: int, hello: dict[str, Any], streams: Streams) -> None:
+        """An authenticated tunnel connection from worker ``member`` (its hello says which)."""
+        kind = hello.get("tunnel")
+        if kind == PS:
+            if member not in self._ps_members:
+                logger.warning("tunnel: worker %d is not in the cluster; refused its PS stream", member)
+                streams[1].close()
+                return
+            job = await _open_in(self.directory, PS)
+            if job is None:
+                streams[1].close()
+                return
+            await splice(streams, job)
+            return
+        stream = hello.get("stream")
+        pending = self._pending.get(stream) if isinstance(stream, int) and not isinstance(stream, bool) else None
+        if kind != "stream" or pending is None or pending[0] != member or pending[1].done():
+            logger.warning("tunnel: refused an unrequested stream %r from worker %d", stream, member)
+            streams[1].close()
+            return
+        pending[1].set_result(streams)
+
+
+@dataclass
+class WorkerTunnels(_Base):
+    """A worker's ends. ``connect(hello)`` opens an authenticated TLS stream to the host."""
+
+    connect: Callable[[dict[str, Any]], Awaitable[Streams]] | None = None
+
+    async def reach_ps(self) -> None:
+        await self._listen(PS, self._to_ps)
+
+    async def _dial_host(self, hello: dict[str, Any]) -> Streams | None:
+        assert self.connect is not None
+        try:
+            return await self.connect(hello)
+        except Exception as exc:  # any failure ends this one stream; TF retries
+            logger.warning("tunnel: cannot dial the host: %s", exc)
+            return None
+
+    async def _to_ps(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        host = await self._dial_host({"tunnel": PS})
+        if host is None:
+            w.close()
+            return
+        await splice((r, w), host)
+
+    def on_dial(self, stream: int, task: int) -> None:
+        """The host asked for stream ``stream`` to this worker's task ``task``."""
+        self._spawn(self._dial_back(stream, task))
+
+    async def _dial_back(self, stream: int, task: int) -> None:
+        host = await self._dial_host({"tunnel": "stream", "stream": stream})
+        if host is None:
+            return
+        job = await _open_in(self.directory, task_name(task))
+        if job is None:  # a probe before the job runs, or the job is gone
+            host[1].close()
+            with contextlib.suppress(Exception):
+                await host[1].wait_closed()
+            return
+        await splice(host, job)
+
+
+__all__ = ["DIAL_TIMEOUT", "HostTunnels", "PS", "RelaySetup", "WorkerTunnels", "socket_dir", "task_name"]

@@ -1,0 +1,97 @@
+"""Confining a job to a private network namespace (Linux, unprivileged user namespaces).
+
+A TensorFlow server runs any graph it is sent and binds 0.0.0.0, so crowdd never lets one
+face the network: the job runs in a new user + network namespace (``unshare --user
+--map-root-user --net``), where 0.0.0.0 is that namespace's own loopback. Inside, the mapped
+root brings ``lo`` up (:func:`loopback_up`) and the job reaches the group only through
+path-based Unix sockets, which cross network namespaces (:mod:`crowdd.job.confine`).
+
+:func:`probe` finds out once whether this machine allows it (not Linux, no ``unshare``, or
+unprivileged user namespaces disabled, e.g. Ubuntu 24.04's AppArmor restriction, or a
+service sandbox with ``RestrictNamespaces=``) and says why not.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import logging
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
+
+UNSHARE = ("unshare", "--user", "--map-root-user", "--net", "--")
+_SIOCGIFFLAGS = 0x8913
+_SIOCSIFFLAGS = 0x8914
+_IFF_UP = 0x1
+_IFREQ = struct.Struct("16sH14x")
+PROBE_TIMEOUT = 20.0
+
+
+@dataclass(frozen=True)
+class Confinement:
+    """Whether jobs can be confined here, and if not, why (for status and the TUI)."""
+
+    available: bool
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, object]:
+        return {"confined": self.available, "reason": self.reason}
+
+
+def loopback_up() -> None:
+    """Bring ``lo`` up in this (new) network namespace; needs CAP_NET_ADMIN there (the
+    mapped root of the namespace's owning user namespace has it). Raises OSError."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        req = _IFREQ.pack(b"lo", 0)
+        flags = _IFREQ.unpack(fcntl.ioctl(s.fileno(), _SIOCGIFFLAGS, req))[1]
+        fcntl.ioctl(s.fileno(), _SIOCSIFFLAGS, _IFREQ.pack(b"lo", flags | _IFF_UP))
+
+
+def confined(argv: Sequence[str]) -> list[str]:
+    """``argv`` run in a new user + network namespace."""
+    return [*UNSHARE, *argv]
+
+
+_PROBE = (
+    "import socket\n"
+    "from crowdd.platform.userns import loopback_up\n"
+    "loopback_up()\n"
+    "s = socket.create_server(('127.0.0.1', 0)); c = socket.create_connection(s.getsockname(), timeout=5)\n"
+    "print('ok')\n"
+)
+
+
+def probe_now(python: str = sys.executable) -> Confinement:
+    """Try it: a child in a new user + network namespace brings ``lo`` up and talks to itself."""
+    if not sys.platform.startswith("linux"):
+        return Confinement(False, f"jobs can only be confined on Linux (this is {sys.platform})")
+    if shutil.which(UNSHARE[0]) is None:
+        return Confinement(False, "the unshare command (util-linux) is missing")
+    try:
+        done = subprocess.run(confined([python, "-c", _PROBE]), capture_output=True, text=True,
+                              timeout=PROBE_TIMEOUT, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return Confinement(False, f"cannot start a confined process: {exc}")
+    if done.returncode != 0 or done.stdout.strip() != "ok":
+        why = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+        return Confinement(False, f"unprivileged user and network namespaces are not allowed here ({why})")
+    return Confinement(True)
+
+
+@functools.lru_cache(maxsize=None)
+def probe(python: str = sys.executable) -> Confinement:
+    """:func:`probe_now`, once per process."""
+    result = probe_now(python)
+    if not result.available:
+        logger.warning("TensorFlow cannot be confined on this machine: %s", result.reason)
+    return result
+
+
+__all__ = ["Confinement", "confined", "loopback_up", "probe", "probe_now"]
