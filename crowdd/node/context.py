@@ -17,6 +17,8 @@ from crowdd.node.ports import Reservation
 from crowdd.node.states import State, StateMachine
 from crowdd.node.status import StatusView
 from crowdd.node.supervisor import JobSupervisor
+from crowdd.node.tunnels import RelaySetup
+from crowdd.platform.userns import Confinement
 from crowdd.plan import SessionPlan
 
 
@@ -25,7 +27,7 @@ class SessionContext:
     """The collaborators of one cycle: this node's settings (as of its start; local things
     only — what the group computes comes from the plan), the state authority, the status view,
     the job launcher, the dataset cache, how long to linger in FINISHED, and this node's TLS
-    identity (its peers pin it)."""
+    identity (its peers pin it), and whether its jobs can be confined to a private network."""
 
     cfg: Config
     states: StateMachine
@@ -34,6 +36,7 @@ class SessionContext:
     cache: DatasetCache
     linger: float
     identity: Identity
+    confinement: Confinement
 
     def to(self, state: State) -> None:
         """Move the state authority (an invalid move raises: it is a daemon bug)."""
@@ -41,12 +44,25 @@ class SessionContext:
 
     async def start_job(
         self, plan: SessionPlan, task_index: int, cluster: dict[str, list[str]], data: Path, manifest: Manifest,
-        on_event: Callable[[dict[str, Any]], None], res: Reservation,
+        on_event: Callable[[dict[str, Any]], None], res: Reservation, directory: Path,
+        serve: list[tuple[str, int]], reach: list[tuple[str, int]],
     ) -> JobSupervisor:
+        """Start this node's job; its TF tasks ``serve`` and ``reach`` go through the relay in
+        ``directory`` (:mod:`crowdd.node.tunnels`)."""
+        relay = RelaySetup(directory, tuple(serve), tuple(reach), isolated=self.confinement.available)
+        if not relay.isolated and not self.cfg.security.allow_exposed_tensorflow:
+            raise SessionFailed(exposed_refusal(self.confinement))
         try:
-            return await self.jobs.start(plan, task_index, cluster, data, manifest, on_event, res)
+            return await self.jobs.start(plan, task_index, cluster, data, manifest, on_event, res, relay)
         except LaunchError as exc:
             raise SessionFailed(exc.message) from None
 
 
-__all__ = ["SessionContext", "SessionFailed"]
+def exposed_refusal(confinement: Confinement) -> str:
+    """Why this node does not train, and how to change that (for status, the TUI and logs)."""
+    return (f"TensorFlow cannot be confined on this machine ({confinement.reason}); not training. "
+            "Allow unprivileged user namespaces, or on a trusted LAN only set "
+            "[security] allow_exposed_tensorflow = true")
+
+
+__all__ = ["SessionContext", "SessionFailed", "exposed_refusal"]

@@ -36,7 +36,7 @@ from crowdd.node.status import StatusView
 from crowdd.cache import DatasetCache
 from crowdd.config import Config, ConfigError, Paths, load_config, parse_hostport
 from crowdd.control import ControlServer, Endpoint
-from crowdd.node.context import SessionContext, SessionFailed
+from crowdd.node.context import SessionContext, SessionFailed, exposed_refusal
 from crowdd.node.host import Prepared, lead, prepare_dataset
 from crowdd.protocol.control import HostRequest, Status
 from crowdd.idle.policy import AlwaysIdle, IdlePolicy, Policy, Verdict
@@ -47,7 +47,9 @@ from crowdd.node.launcher import JobLauncher
 from crowdd.node.ports import Reservation
 from crowdd.node.registration import make_hello, register_until_grouped
 from crowdd.node.states import State, StateMachine
+from crowdd.platform import userns
 from crowdd.platform.systemd import Notifier
+from crowdd.platform.userns import Confinement
 from crowdd.aio import cancel_and_wait
 from crowdd.node.worker import follow
 
@@ -76,6 +78,7 @@ class Daemon:
         finished_linger: float = 2.0,
         policy_interval: float = 30.0,
         name: str | None = None,
+        confinement: Confinement | None = None,
     ) -> None:
         self.cfg = cfg
         self.paths = paths
@@ -102,6 +105,8 @@ class Daemon:
         self._abort_reason: str | None = None
         self._backoff = Backoff(cfg.daemon.retry_min, cfg.daemon.retry_max, self._rng)
         self._host_request: HostRequest | None = None
+        self._job_python = job_python
+        self.confinement = confinement
 
     # ------------------------------------------------------------------ life cycle
 
@@ -121,6 +126,9 @@ class Daemon:
         self.paths.ensure()
         self.cache.ensure()
         self.identity = Identity.load_or_create(self.paths.identity_dir, "node")
+        if self.confinement is None:
+            self.confinement = await asyncio.get_running_loop().run_in_executor(None, userns.probe, self._job_python)
+        self._show_tensorflow()
         self.view.set_donating(self._load_persisted().get("donating", False) is True)
         await self._control.start()
         self._main = asyncio.create_task(self._loop(), name="crowdd-daemon")
@@ -173,6 +181,24 @@ class Daemon:
             self._notifier.watchdog()
             await asyncio.sleep(interval)
 
+    @property
+    def can_train(self) -> bool:
+        """Whether this node may run a job: confined, or exposed where the config allows it."""
+        return self._confinement().available or self.cfg.security.allow_exposed_tensorflow
+
+    def _confinement(self) -> Confinement:
+        return self.confinement if self.confinement is not None else Confinement(False, "not checked yet")
+
+    def _show_tensorflow(self) -> None:
+        c = self._confinement()
+        self.view.tensorflow = {"confined": c.available, "allowed": self.can_train, "reason": c.reason}
+        if not c.available:
+            if self.can_train:
+                self.view.log(logging.WARNING, f"TensorFlow runs EXPOSED to the network ({c.reason}); "
+                              "[security] allow_exposed_tensorflow = true: trusted LANs only")
+            else:
+                self.view.log(logging.WARNING, exposed_refusal(c))
+
     # ------------------------------------------------------------------ persistence
 
     def _load_persisted(self) -> dict[str, Any]:
@@ -212,6 +238,8 @@ class Daemon:
 
     async def host(self, request: HostRequest) -> dict[str, Any]:
         """Host ``request`` (checked at the control socket) once this node is free to."""
+        if not self.can_train:
+            raise wire.WireError(wire.ErrorCode.BUSY, exposed_refusal(self._confinement()))
         role = self.view.role
         if self._host_request is not None or role == "host":
             raise wire.WireError(wire.ErrorCode.BUSY, "already hosting; `crowdd stop` ends that session first")
@@ -240,6 +268,7 @@ class Daemon:
         except ConfigError as exc:
             raise wire.WireError(wire.ErrorCode.BAD_FIELD, str(exc), field=exc.key) from None
         self.cfg = cfg
+        self._show_tensorflow()
         if not self._mm_fixed:
             with contextlib.suppress(ValueError):
                 self._mm = parse_hostport(cfg.daemon.matchmaker)
@@ -278,9 +307,12 @@ class Daemon:
             timeout: float | None = None
             if self.donating:
                 self.states.to(S.STANDBY)
-                if (await self._evaluate()).allowed:
+                if not self.can_train:
+                    pass  # status says why (tensorflow); a reload may allow it
+                elif (await self._evaluate()).allowed:
                     return "worker"
-                timeout = self._policy_interval
+                else:
+                    timeout = self._policy_interval
             else:
                 self.states.to(S.OFF)
             with contextlib.suppress(asyncio.TimeoutError):
@@ -323,7 +355,9 @@ class Daemon:
             view.begin(role)
         res: Reservation | None = None
         watch = asyncio.create_task(self._policy_watch()) if role == "worker" else None
-        cycle = SessionContext(self.cfg, self.states, view, self._jobs, self.cache, self._linger, self.identity)
+        cycle = SessionContext(
+            self.cfg, self.states, view, self._jobs, self.cache, self._linger, self.identity, self._confinement()
+        )
         try:
             prepared: Prepared | None = None
             if role == "host":

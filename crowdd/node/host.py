@@ -7,20 +7,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from crowdd.errors import SessionFailed
+from crowdd.group_tls import GroupTLS
 from crowdd.hyperparams import Job
 from crowdd.manifest import Manifest
 from crowdd.node.context import SessionContext
 from crowdd.node.ports import Reservation
 from crowdd.node.session import HostSession, Member, dead_after
 from crowdd.node.states import State
+from crowdd.node.tunnels import PS, HostTunnels, task_name
 from crowdd.plan import SessionPlan
 from crowdd.protocol.control import HostRequest
-from crowdd.protocol.session import End
+from crowdd.protocol.session import PRIVATE_HOST, End
 from crowdd.replication import ChunkStore, DataServer
 
 JOB_START_TIMEOUT = 180.0  # workers' TF servers must be up within this (TF import is slow)
@@ -64,13 +67,33 @@ async def prepare_dataset(c: SessionContext, req: HostRequest) -> Prepared:
     return prepared
 
 
-def cluster_spec(plan: SessionPlan, res: Reservation, live: list[Member]) -> dict[str, list[str]]:
-    """The TF cluster: the host's PS and worker 0, then each live worker's server."""
-    host = plan.host.address
+def cluster_spec(workers: int, base: int) -> dict[str, list[str]]:
+    """The TF cluster as every member's job sees it: the host's PS at ``base`` and TF workers
+    0 (the host's) to ``workers`` at the ports after it, all on the job's private loopback —
+    each member's relay serves its own tasks there and reaches the others' through the
+    tunnels (:mod:`crowdd.node.tunnels`)."""
     return {
-        "ps": [f"{host}:{res.tf_ports[0]}"],
-        "worker": [f"{host}:{res.tf_ports[1]}"] + [f"{m.address}:{m.tf_port}" for m in live],
+        "ps": [f"{PRIVATE_HOST}:{base}"],
+        "worker": [f"{PRIVATE_HOST}:{base + 1 + t}" for t in range(workers + 1)],
     }
+
+
+def tf_base(workers: int, rng: random.Random | None = None) -> int:
+    """A first TF port for this session. In a confined job any port is free; a random one
+    makes a clash unlikely where jobs run exposed on a shared loopback."""
+    return (rng or random.Random()).randrange(20000, 40000 - workers)
+
+
+async def check_tunnels(session: HostSession, tunnels: HostTunnels, live: list[Member], view: Any) -> list[Member]:
+    """Each live worker dials a tunnel stream back; those that cannot are dropped now, with
+    the reason, rather than holding up the start of training."""
+    ok = await asyncio.gather(*(tunnels.probe(m.index, m.index) for m in live))
+    for m, up in zip(live, ok):
+        if not up:
+            why = f"its tunnel to the host did not come up within {tunnels.timeout:g} s"
+            view.log(logging.WARNING, f"worker {m.index} ({m.name}) dropped: {why}")
+            session.drop(m, why)
+    return [m for m, up in zip(live, ok) if up and m.alive]
 
 
 async def lead(c: SessionContext, plan: SessionPlan, res: Reservation, prepared: Prepared) -> None:
@@ -79,27 +102,32 @@ async def lead(c: SessionContext, plan: SessionPlan, res: Reservation, prepared:
     manifest = prepared.manifest
     c.to(State.REPLICATING)
     store = ChunkStore.complete(prepared.data_path, manifest)
+    tls = GroupTLS(c.identity, plan)
     server = DataServer(plan.token, manifest, store, sock=res.data_sock, targets=plan.route().targets,
-                        group_size=plan.size, stall_timeout=c.cfg.replication.stall_timeout)
+                        group_size=plan.size, stall_timeout=c.cfg.replication.stall_timeout, tls=tls)
 
     def on_change(m: Member | None) -> None:
         if m is not None:
             view.publish("replication", index=m.index, done=m.done, total=m.total, source=m.source)
         view.push_members(session)
 
+    tunnels = HostTunnels(dial=lambda member, stream, task: session.dial(member, stream, task))
     session = HostSession(
-        plan, res.session_sock, heartbeat=d.heartbeat, dead_after=dead_after(d.heartbeat, d.peer_timeout),
-        on_change=on_change,
+        plan, res.session_sock, tls=tls, heartbeat=d.heartbeat, dead_after=dead_after(d.heartbeat, d.peer_timeout),
+        on_change=on_change, on_tunnel=tunnels.accept,
     )
     session.members[0].state = "replicating"
     try:
         await server.start()
         await session.start()
         view.push_members(session, now=True)
-        live = await session.wait_ready()
+        live = await check_tunnels(session, tunnels, await session.wait_ready(), view)
         c.to(State.TRAINING)
         session.members[0].state = "training"
-        cluster = cluster_spec(plan, res, live)
+        base = tf_base(len(live))
+        cluster = cluster_spec(len(live), base)
+        tasks = {j: m.index for j, m in enumerate(live, 1)}
+        await tunnels.reach_workers(tasks)
         for j, m in enumerate(live, 1):
             session.start_training(m, cluster, j)
         view.push_members(session, now=True)
@@ -121,7 +149,10 @@ async def lead(c: SessionContext, plan: SessionPlan, res: Reservation, prepared:
             elif kind == "error":
                 view.log(logging.ERROR, f"host job: {ev.get('message')}")
 
-        sup = await c.start_job(plan, 0, cluster, prepared.data_path, manifest, on_event, res)
+        sup = await c.start_job(
+            plan, 0, cluster, prepared.data_path, manifest, on_event, res, tunnels.directory,
+            serve=[(PS, base), (task_name(0), base + 1)], reach=[(task_name(j), base + 1 + j) for j in tasks],
+        )
         code = await sup.wait()
         if not done:
             err = sup.last_error or f"the host job exited with code {code}"
@@ -140,8 +171,9 @@ async def lead(c: SessionContext, plan: SessionPlan, res: Reservation, prepared:
         await asyncio.sleep(c.linger)
     finally:
         await session.close()
+        await tunnels.close()
         await server.close()
         store.close()
 
 
-__all__ = ["JOB_START_TIMEOUT", "Prepared", "cluster_spec", "lead", "prepare_dataset"]
+__all__ = ["JOB_START_TIMEOUT", "Prepared", "check_tunnels", "cluster_spec", "lead", "prepare_dataset", "tf_base"]

@@ -21,6 +21,8 @@ from crowdd.platform.threads import thread_env
 from crowdd.job.spec import Cluster, JobSpec, Settings, write_spec
 from crowdd.manifest import Manifest
 from crowdd.node.ports import Reservation
+from crowdd.node.tunnels import RelaySetup
+from crowdd.platform.userns import confined
 from crowdd.plan import SessionPlan
 from crowdd.node.supervisor import JobError, JobSupervisor, job_command
 
@@ -54,9 +56,10 @@ class JobLauncher:
 
     async def start(
         self, plan: SessionPlan, task_index: int, cluster: dict[str, list[str]], data: Path, manifest: Manifest,
-        on_event: Callable[[dict[str, Any]], None], res: Reservation,
+        on_event: Callable[[dict[str, Any]], None], res: Reservation, relay: RelaySetup,
     ) -> JobSupervisor:
-        """Write the spec, free the reserved TF ports and start the job (raises :class:`LaunchError`)."""
+        """Write the spec, free the reserved TF ports and start the job behind its relay, in its
+        own network namespace when ``relay.isolated`` (raises :class:`LaunchError`)."""
         role = "host" if plan.is_host else "worker"
         workdir = self.job_dir(plan)
         _link(data, workdir / "dataset.bin")
@@ -74,8 +77,11 @@ class JobLauncher:
         write_spec(spec, spec_path)
         res.release_tf()
         env = {**self._env, **thread_env(spec.settings.threads)}
+        command = [self._python, "-m", "crowdd.job.confine", *relay.argv(), "--", *job_command(role, spec_path, self._python)]
+        if relay.isolated:
+            command = confined(command)
         sup = JobSupervisor(
-            job_command(role, spec_path, self._python), on_event=on_event, cwd=workdir,
+            command, on_event=on_event, cwd=workdir,
             log_path=workdir / "job.log", env=env, nice=spec.settings.nice,
         )
         try:

@@ -1,7 +1,10 @@
 """The group session: after the matchmaker's ``group`` frame, the host daemon leads.
 
-Each worker daemon keeps one TCP connection to the host's session port, authenticated with
-:mod:`crowdd.auth` (purpose ``"session"``, keyed by the group token). Frames (wire codec):
+Each worker daemon keeps one connection to the host's session port: TLS 1.3, mutual, pinned to
+the group's certificates (:class:`crowdd.group_tls.GroupTLS`; the host checks that the
+certificate is the one of the member index claimed), then :mod:`crowdd.auth` (purpose
+``"session"``, keyed by the group token). The same port takes the workers' tunnel streams
+(a hello with ``"tunnel"``; :mod:`crowdd.node.tunnels`). Frames (wire codec):
 
 Messages: :mod:`crowdd.protocol.session` (typed, checked on arrival). The flows talk to
 :class:`HostSession` and :class:`WorkerSession` methods (``ready()``, ``report_replication()``,
@@ -19,15 +22,17 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from crowdd import auth, wire
 from crowdd.aio import cancel_and_wait, spawn_tracked
+from crowdd.group_tls import GroupTLS
 from crowdd.plan import PlanMember, SessionPlan
 from crowdd.protocol.session import (
     DROPPABLE,
+    Dial,
     End,
     HostMessage,
     JobReport,
@@ -47,6 +52,8 @@ logger = logging.getLogger(__name__)
 
 PURPOSE = "session"
 QUEUE_SIZE = 1024
+Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+OnTunnel = Callable[[int, dict[str, Any], Streams], Awaitable[None]]
 
 
 class PeerLost(Exception):
@@ -210,13 +217,17 @@ class HostSession:
         plan: SessionPlan,
         sock: socket.socket,
         *,
+        tls: GroupTLS,
         heartbeat: float,
         dead_after: float,
         on_change: Callable[[Member | None], None],
         on_message: Callable[[Member, WorkerMessage], None] | None = None,
+        on_tunnel: OnTunnel | None = None,
         join_timeout: float = 30.0,
     ) -> None:
         self.plan = plan
+        self.tls = tls
+        self.on_tunnel = on_tunnel
         self.token = plan.token
         self.members = members_from_plan(plan)
         self._sock = sock
@@ -237,7 +248,9 @@ class HostSession:
         return [m for m in self.workers if m.alive]
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._on_client, sock=self._sock)
+        self._server = await asyncio.start_server(
+            self._on_client, sock=self._sock, ssl=self.tls.server(), ssl_handshake_timeout=self.tls.handshake_timeout
+        )
         loop = asyncio.get_running_loop()
         loop.call_later(self._join_timeout, self._drop_absent)
 
@@ -278,7 +291,18 @@ class HostSession:
                 writer, wire.WireError(wire.ErrorCode.BAD_FIELD, "index is not a worker of this group", field="index")
             )
             return
+        try:
+            self.tls.check(writer, index)
+        except auth.AuthError as exc:
+            await wire.send_error_and_close(writer, wire.WireError(wire.ErrorCode.UNAUTHORIZED, exc.message))
+            return
         m = self.members[index]
+        if "tunnel" in hello:
+            if not m.alive or self.on_tunnel is None:
+                await wire.close_writer(writer)
+                return
+            await self.on_tunnel(index, hello, (reader, writer))
+            return
         if not m.alive or m.channel is not None:
             await wire.send_error_and_close(
                 writer, wire.WireError(wire.ErrorCode.BAD_FIELD, f"worker {index} is already in (or gone from) the session", field="index")
@@ -344,6 +368,21 @@ class HostSession:
         """Send every live worker one of the host job's events (``progress``, ``eval``)."""
         self._broadcast(TrainingEvent(event).to_frame())
 
+    def dial(self, member: int, stream: int, task: int) -> bool:
+        """Ask worker ``member`` to dial tunnel stream ``stream`` back for its TF task ``task``."""
+        m = self.members[member] if 0 < member < len(self.members) else None
+        if m is None or not m.alive or m.channel is None:
+            return False
+        m.channel.send(Dial(stream, task).to_frame())
+        return True
+
+    def drop(self, m: Member, why: str) -> None:
+        """Give worker ``m`` up and tell it why (it stays out of this session)."""
+        if m.channel is not None:
+            m.channel.send(End(error=f"the host dropped this worker: {why}").to_frame())
+        logger.warning("worker %d (%s) dropped: %s", m.index, m.name, why)
+        self._lose(m, why)
+
     def start_training(self, m: Member, cluster: dict[str, list[str]], task_index: int) -> None:
         """Tell worker ``m`` to start its TF server as cluster worker ``task_index``."""
         if m.alive and m.channel is not None:
@@ -399,10 +438,12 @@ class WorkerSession:
         self,
         plan: SessionPlan,
         *,
+        tls: GroupTLS,
         heartbeat: float,
         dead_after: float,
         on_message: Callable[[HostMessage], None],
     ) -> None:
+        self._tls = tls
         self._host = plan.host.address
         self._port = plan.host.ports.session
         self._token = plan.token
@@ -419,9 +460,7 @@ class WorkerSession:
         delay = 0.1
         while True:
             try:
-                reader, writer, _ = await auth.connect(
-                    self._host, self._port, self._token, PURPOSE, {"index": self._index}, timeout=self._dead_after
-                )
+                reader, writer = await self.open_stream({})
                 break
             except auth.AuthError as exc:
                 if not exc.unreachable or loop.time() + delay > deadline:
@@ -431,6 +470,15 @@ class WorkerSession:
         self._channel = Channel(
             reader, writer, heartbeat=self._heartbeat, dead_after=self._dead_after, name="session host"
         )
+
+    async def open_stream(self, extra: dict[str, Any]) -> Streams:
+        """A new authenticated connection to the host's session port, its hello carrying
+        ``extra`` (a tunnel stream). Raises :class:`auth.AuthError`."""
+        reader, writer, _ = await auth.connect(
+            self._host, self._port, self._token, PURPOSE, {"index": self._index, **extra}, timeout=self._dead_after,
+            ssl=self._tls.client(0),
+        )
+        return reader, writer
 
     # ------------------------------------------------------------------ what the worker says
 

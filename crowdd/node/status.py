@@ -24,7 +24,7 @@ from crowdd.idle.policy import Verdict
 from crowdd.node.states import State, StateMachine
 from crowdd.plan import SessionPlan
 from crowdd.platform.systemd import Notifier
-from crowdd.protocol.control import GroupStatus, QueueStatus, ResultStatus, Status
+from crowdd.protocol.control import GroupStatus, QueueStatus, ResultStatus, Status, TensorflowStatus
 from crowdd.protocol.matchmaker import Wait
 
 logger = logging.getLogger(__name__)
@@ -70,6 +70,7 @@ class StatusView:
         self._notifier = notifier
         self.donating = False
         self.verdict = DONATION_OFF
+        self.tensorflow: TensorflowStatus = {"confined": True, "allowed": True, "reason": ""}
         self.session: SessionRecord | None = None
         self.last: SessionRecord | None = None
         self._last_members_push = 0.0
@@ -136,6 +137,7 @@ class StatusView:
             "donating": self.donating,
             "role": self.role,
             "idle": {"allowed": v.allowed, "rule": v.rule, "reason": v.reason},
+            "tensorflow": {**self.tensorflow},
             "queue": queue,
             "group": group,
             "job": job.to_dict() if job is not None else None,

@@ -178,8 +178,12 @@ class WorkerTunnels(_Base):
     """A worker's ends. ``connect(hello)`` opens an authenticated TLS stream to the host."""
 
     connect: Callable[[dict[str, Any]], Awaitable[Streams]] | None = None
+    task: int | None = None
 
-    async def reach_ps(self) -> None:
+    async def reach_ps(self, task: int) -> None:
+        """This worker's job is TF worker ``task``: serve ``ps.out``, and connect the host's
+        streams for ``task`` (and no other) to the job."""
+        self.task = task
         await self._listen(PS, self._to_ps)
 
     async def _dial_host(self, hello: dict[str, Any]) -> Streams | None:
@@ -205,8 +209,8 @@ class WorkerTunnels(_Base):
         host = await self._dial_host({"tunnel": "stream", "stream": stream})
         if host is None:
             return
-        job = await _open_in(self.directory, task_name(task))
-        if job is None:  # a probe before the job runs, or the job is gone
+        job = await _open_in(self.directory, task_name(task)) if task == self.task else None
+        if job is None:  # a probe before the job runs, the job is gone, or not this worker's task
             host[1].close()
             with contextlib.suppress(Exception):
                 await host[1].wait_closed()

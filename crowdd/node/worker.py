@@ -15,15 +15,17 @@ from crowdd import replication as rep
 from crowdd import wire
 from crowdd.auth import AuthError
 from crowdd.errors import SessionFailed
+from crowdd.group_tls import GroupTLS
 from crowdd.manifest import Manifest, ManifestError
 from crowdd.node.context import SessionContext
 from crowdd.node.ports import Reservation
 from crowdd.node.session import HostLost, SessionRefused, WorkerSession, dead_after
 from crowdd.node.states import State
+from crowdd.node.tunnels import PS, WorkerTunnels, task_name
 from crowdd.node.status import PROGRESS_INTERVAL
 from crowdd.aio import cancel_and_wait
 from crowdd.plan import SessionPlan
-from crowdd.protocol.session import End, HostMessage, MembersUpdate, Train, TrainingEvent
+from crowdd.protocol.session import Dial, End, HostMessage, MembersUpdate, Train, TrainingEvent
 
 
 async def follow(c: SessionContext, plan: SessionPlan, res: Reservation) -> None:
@@ -33,17 +35,21 @@ async def follow(c: SessionContext, plan: SessionPlan, res: Reservation) -> None
     settings = plan.settings
     c.to(State.REPLICATING)
     train: asyncio.Future[Train] = asyncio.get_running_loop().create_future()
+    tls = GroupTLS(c.identity, plan)
 
     def on_message(msg: HostMessage) -> None:
         if isinstance(msg, MembersUpdate):
             view.set_members([m.to_dict() for m in msg.members])
+        elif isinstance(msg, Dial):
+            tunnels.on_dial(msg.stream, msg.task)
         elif isinstance(msg, Train) and not train.done():
             train.set_result(msg)
         elif isinstance(msg, TrainingEvent):
             view.on_training_event(msg.event)
 
-    ws = WorkerSession(plan, heartbeat=d.heartbeat, dead_after=dead_after(d.heartbeat, d.peer_timeout),
+    ws = WorkerSession(plan, tls=tls, heartbeat=d.heartbeat, dead_after=dead_after(d.heartbeat, d.peer_timeout),
                        on_message=on_message)
+    tunnels = WorkerTunnels(connect=ws.open_stream)
     store: rep.ChunkStore | None = None
     server: rep.DataServer | None = None
     tasks: list[asyncio.Task[Any]] = []
@@ -60,7 +66,7 @@ async def follow(c: SessionContext, plan: SessionPlan, res: Reservation) -> None
         manifest = await _fetch_manifest(c, peers[0], plan, session_task)
         store = rep.ChunkStore.open(c.cache, manifest)
         server = rep.DataServer(plan.token, manifest, store, sock=res.data_sock, targets=plan.route().targets,
-                                group_size=plan.size, stall_timeout=c.cfg.replication.stall_timeout)
+                                group_size=plan.size, stall_timeout=c.cfg.replication.stall_timeout, tls=tls)
         await server.start()
         last = [0.0]
         reported: list[tuple[int, int]] = [(-1, -1)]
@@ -78,7 +84,8 @@ async def follow(c: SessionContext, plan: SessionPlan, res: Reservation) -> None
             ws.report_replication(p.done_bytes, p.total_bytes, p.source)
 
         replicator = rep.Replicator(index, peers, plan.token, manifest, c.cache, route=settings.route,
-                                    stall_timeout=c.cfg.replication.stall_timeout, on_progress=on_progress, store=store)
+                                    stall_timeout=c.cfg.replication.stall_timeout, on_progress=on_progress, store=store,
+                                    tls=tls)
         rep_task = asyncio.create_task(replicator.run())
         tasks.append(rep_task)
         await _race(rep_task, session_task)
@@ -100,7 +107,12 @@ async def follow(c: SessionContext, plan: SessionPlan, res: Reservation) -> None
             elif ev.get("event") == "error":
                 view.log(logging.ERROR, f"worker job: {ev.get('message')}")
 
-        sup = await c.start_job(plan, order.index, order.cluster, data_path, manifest, on_event, res)
+        await tunnels.reach_ps(order.index)
+        sup = await c.start_job(
+            plan, order.index, order.cluster, data_path, manifest, on_event, res, tunnels.directory,
+            serve=[(task_name(order.index), _port(order.cluster["worker"][order.index]))],
+            reach=[(PS, _port(order.cluster["ps"][0]))],
+        )
         job_task = asyncio.create_task(sup.wait())
         tasks.append(job_task)
         await asyncio.wait({job_task, session_task}, return_when=asyncio.FIRST_COMPLETED)
@@ -119,6 +131,7 @@ async def follow(c: SessionContext, plan: SessionPlan, res: Reservation) -> None
     finally:
         await c.jobs.stop()
         await cancel_and_wait(*tasks)
+        await tunnels.close()
         await ws.close()
         if server is not None:
             await server.close()
@@ -126,6 +139,10 @@ async def follow(c: SessionContext, plan: SessionPlan, res: Reservation) -> None
             store.close()
         if workdir is not None:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _port(address: str) -> int:
+    return int(address.rpartition(":")[2])  # checked on arrival: 127.0.0.1:PORT
 
 
 def _session_result(session_task: asyncio.Task[End]) -> End:

@@ -106,6 +106,16 @@ class IdleStatus(TypedDict):
     reason: str
 
 
+class TensorflowStatus(TypedDict):
+    """Whether this node's TF servers run confined to a private network (``confined``), and if
+    not, why (``reason``) and whether the node trains anyway (``allowed``:
+    ``[security] allow_exposed_tensorflow``)."""
+
+    confined: bool
+    allowed: bool
+    reason: str
+
+
 class QueueStatus(TypedDict):
     position: int
     hosts: int
@@ -132,6 +142,7 @@ class Status(TypedDict):
     donating: bool
     role: str | None
     idle: IdleStatus
+    tensorflow: TensorflowStatus
     queue: QueueStatus | None
     group: GroupStatus | None
     job: dict[str, Any] | None
@@ -155,6 +166,6 @@ def check_status(frame: Mapping[str, Any]) -> Status:
 
 __all__ = [
     "EVENT_KINDS", "REQUEST_TYPES", "STATUS_KEYS", "GroupStatus", "HostRequest", "IdleStatus", "QueueStatus",
-    "ResultStatus", "Status", "check_donate", "check_host", "check_status", "make_donate", "make_host",
+    "ResultStatus", "Status", "TensorflowStatus", "check_donate", "check_host", "check_status", "make_donate", "make_host",
     "make_reload", "make_status", "make_stop", "make_subscribe", "ok",
 ]

@@ -73,6 +73,9 @@ class DaemonView:
     idle_allowed: bool | None = None
     idle_rule: str | None = None
     idle_reason: str = ""
+    tf_confined: bool = True
+    tf_allowed: bool = True
+    tf_reason: str = ""
     queue_position: int | None = None
     group_id: str | None = None
     members: list[Member] = field(default_factory=list)
@@ -100,6 +103,11 @@ class DaemonView:
             rule = idle.get("rule")
             self.idle_rule = rule if isinstance(rule, str) else None
             self.idle_reason = str(idle.get("reason") or "")
+        tf = status.get("tensorflow")
+        if isinstance(tf, Mapping):
+            self.tf_confined = tf.get("confined") is not False
+            self.tf_allowed = tf.get("allowed") is not False
+            self.tf_reason = str(tf.get("reason") or "")
         queue = status.get("queue")
         self.queue_position = _int(queue.get("position"), 0) if isinstance(queue, Mapping) else None
         group = status.get("group")
@@ -195,11 +203,14 @@ class DaemonView:
 
     @property
     def idle_text(self) -> str:
+        if not self.tf_allowed:
+            return f"not training: TensorFlow cannot be confined here ({self.tf_reason}); see [security] in the config"
         if self.idle_allowed is None:
             return "unknown"
         verdict = "idle, may work" if self.idle_allowed else "busy, not working"
         reason = self.idle_reason or (self.idle_rule or "")
-        return f"{verdict}: {reason}" if reason else verdict
+        text = f"{verdict}: {reason}" if reason else verdict
+        return text if self.tf_confined else f"{text} · TensorFlow EXPOSED (allow_exposed_tensorflow)"
 
     @property
     def role_text(self) -> str:
