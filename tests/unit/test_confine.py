@@ -1,0 +1,123 @@
+"""The job's private network (crowdd.job.confine under unshare): its TF-like servers answer
+only through the relay's Unix sockets, and reach other members only through the daemon's."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from crowdd.node.tunnels import RelaySetup, socket_dir
+from crowdd.platform.userns import confined, probe
+
+pytestmark = pytest.mark.skipif(not probe().available, reason=f"cannot confine here: {probe().reason}")
+
+# A stand-in job: an echo server on 0.0.0.0:PORT (as a TF server binds), and one connection
+# to 127.0.0.1:REACH whose answer it prints.
+JOB = textwrap.dedent("""
+    import socket, sys, threading
+    port, reach = int(sys.argv[1]), int(sys.argv[2])
+    srv = socket.create_server(("0.0.0.0", port))
+    print("listening", flush=True)
+    def serve():
+        while True:
+            c, _ = srv.accept()
+            c.sendall(b"echo:" + c.recv(100)); c.close()
+    threading.Thread(target=serve, daemon=True).start()
+    sys.stdin.readline()
+    try:
+        with socket.create_connection(("127.0.0.1", reach), timeout=10) as c:
+            c.sendall(b"hi from the job")
+            print("reply", c.recv(100).decode(), flush=True)
+    except OSError as exc:
+        print("refused", exc, flush=True)
+    sys.stdin.readline()
+""")
+
+
+def _start(directory: Path, *, isolated: bool, port: int, reach: int) -> subprocess.Popen[str]:
+    relay = RelaySetup(directory, (("job", port),), (("peer", reach),), isolated=isolated)
+    argv = [sys.executable, "-m", "crowdd.job.confine", *relay.argv(), "--", sys.executable, "-c", JOB, str(port), str(reach)]
+    return subprocess.Popen(confined(argv) if isolated else argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen[str], directory: Path) -> None:
+    """As the supervisor does: the whole process group (relay, job) goes."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+async def _exchange(path: Path, data: bytes) -> bytes:
+    r, w = await asyncio.open_unix_connection(str(path))
+    w.write(data)
+    await w.drain()
+    out = await asyncio.wait_for(r.read(100), 10)
+    w.close()
+    return out
+
+
+def test_confined_job_is_reachable_only_through_its_relay(tmp_path: Path) -> None:
+    directory = socket_dir()
+    peer_path = directory / "peer.out"
+    port = 23456
+    proc = _start(directory, isolated=True, port=port, reach=23457)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "listening"
+
+        async def scenario() -> str:
+            got: list[bytes] = []
+
+            async def peer(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+                got.append(await r.read(100))
+                w.write(b"hello job")
+                await w.drain()
+                w.close()
+
+            server = await asyncio.start_unix_server(peer, path=str(peer_path))
+            # in: the daemon's end of the job's server
+            assert await _exchange(directory / "job.in", b"ping") == b"echo:ping"
+            # out: the job reaches a "remote task" through the daemon's socket
+            assert proc.stdin is not None
+            proc.stdin.write("\n")
+            proc.stdin.flush()
+            line = await asyncio.get_running_loop().run_in_executor(None, proc.stdout.readline)  # type: ignore[union-attr]
+            server.close()
+            assert got == [b"hi from the job"]
+            return line.strip()
+
+        assert asyncio.run(scenario()) == "reply hello job"
+        # The attacker's view: the port the job's server listens on is closed on this host.
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    finally:
+        _stop(proc, directory)
+
+
+def test_relay_refuses_when_nothing_serves(tmp_path: Path) -> None:
+    """A connection to a task whose server is not up (or whose tunnel is not open) is closed,
+    and the relay goes on serving."""
+    directory = socket_dir()
+    proc = _start(directory, isolated=True, port=23458, reach=23459)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "listening"
+        assert proc.stdin is not None
+        proc.stdin.write("\n")
+        proc.stdin.flush()  # the job dials the peer, whose tunnel is not open: refused
+
+        async def after() -> bytes:
+            return await _exchange(directory / "job.in", b"still")
+
+        assert asyncio.run(after()) == b"echo:still"
+    finally:
+        _stop(proc, directory)
