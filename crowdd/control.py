@@ -35,12 +35,14 @@ import sys
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from crowdd import wire
 from crowdd.config import Paths
 from crowdd.aio import cancel_and_wait
-from crowdd.errors import CrowddError, Unavailable
+from crowdd.errors import CrowddError, ErrorCode, Unavailable
+from crowdd.identity import Identity
+from crowdd.tls import HANDSHAKE_TIMEOUT, client_context, open_tls, server_context
 from crowdd.protocol.control import (
     REQUEST_TYPES,
     HostRequest,
@@ -190,12 +192,16 @@ class ControlServer:
     def subscriber_count(self) -> int:
         return len(self._subscribers)
 
-    async def start(self) -> None:
+    async def start(self, identity: Identity | None = None) -> None:
+        """Serve. A TCP endpoint is TLS 1.3 presenting ``identity`` (required there); its token
+        file also names the identity's fingerprint, which clients pin."""
         ep = self._endpoint
         if ep.path is not None:
             await self._start_unix(ep.path)
         else:
-            await self._start_tcp()
+            if identity is None:
+                raise ValueError("a TCP control endpoint needs the daemon's identity (TLS)")
+            await self._start_tcp(identity)
 
     async def _start_unix(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -214,15 +220,18 @@ class ControlServer:
             _chgrp(path, SYSTEM_GROUP)
         logger.info("control socket listening on %s", path)
 
-    async def _start_tcp(self) -> None:
+    async def _start_tcp(self, identity: Identity) -> None:
         ep = self._endpoint
         if ep.token_file is None:
             raise ValueError("a TCP control endpoint needs a token file")
         self._token = secrets.token_urlsafe(32)
-        self._server = await asyncio.start_server(self._serve, host=ep.tcp_host, port=ep.tcp_port)
+        self._server = await asyncio.start_server(
+            self._serve, host=ep.tcp_host, port=ep.tcp_port, ssl=server_context(identity),
+            ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
+        )
         sock = self._server.sockets[0]
         self.port = int(sock.getsockname()[1])
-        write_token_file(ep.token_file, ep.tcp_host, self.port, self._token)
+        write_token_file(ep.token_file, TokenFile(ep.tcp_host, self.port, self._token, identity.fingerprint))
         logger.info("control socket listening on %s:%d (token in %s)", ep.tcp_host, self.port, ep.token_file)
 
     async def close(self, flush: float = 1.0) -> None:
@@ -396,23 +405,33 @@ def _chgrp(path: Path, group: str) -> None:
         logger.warning("cannot give %s to group %r: %s", path, group, exc)
 
 
-def write_token_file(path: Path, host: str, port: int, token: str) -> None:
-    """Write the TCP endpoint and its token to a file only this user can read (atomically)."""
+class TokenFile(NamedTuple):
+    """What a TCP control client needs: where, the token, and the daemon's TLS fingerprint."""
+
+    host: str
+    port: int
+    token: str
+    fingerprint: str
+
+
+def write_token_file(path: Path, tf: TokenFile) -> None:
+    """Write the TCP endpoint, its token and the daemon's certificate fingerprint to a file only
+    this user can read (atomically)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.write(fd, json.dumps({"host": host, "port": port, "token": token}).encode())
+        os.write(fd, json.dumps(tf._asdict()).encode())
     finally:
         os.close(fd)
     os.chmod(tmp, 0o600)  # On Windows the per-user profile directory's ACL does the real work.
     os.replace(tmp, path)
 
 
-def read_token_file(path: Path) -> tuple[str, int, str]:
+def read_token_file(path: Path) -> TokenFile:
     try:
         data = json.loads(path.read_text())
-        return str(data["host"]), int(data["port"]), str(data["token"])
+        return TokenFile(str(data["host"]), int(data["port"]), str(data["token"]), str(data["fingerprint"]))
     except FileNotFoundError:
         raise
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -468,12 +487,17 @@ class ControlClient:
                 r, w = await asyncio.wait_for(asyncio.open_unix_connection(str(self._path)), self._timeout)
             else:
                 host, port = self._tcp if self._tcp is not None else ("", 0)
-                if self._token_file is not None:
-                    fhost, fport, token = read_token_file(self._token_file)
-                    first["token"] = token
-                    if self._tcp is None:
-                        host, port = fhost, fport
-                r, w = await asyncio.wait_for(asyncio.open_connection(host, port), self._timeout)
+                if self._token_file is None:
+                    raise Unavailable("a TCP control client needs the daemon's token file")
+                tf = read_token_file(self._token_file)
+                first["token"] = tf.token
+                if self._tcp is None:
+                    host, port = tf.host, tf.port
+                r, w = await open_tls(host, port, client_context(None), expect=tf.fingerprint, timeout=self._timeout)
+        except CrowddError as exc:
+            if exc.code == ErrorCode.UNAUTHORIZED:
+                raise Unavailable(f"{self._where()} is not this node's daemon: {exc.message}") from None
+            raise
         except (FileNotFoundError, ConnectionRefusedError, asyncio.TimeoutError, OSError) as exc:
             raise Unavailable(
                 f"no crowdd daemon is running (nothing answers on {self._where()}: "
@@ -580,6 +604,7 @@ __all__ = [
     "Endpoint",
     "client_socket",
     "how_to_start",
+    "TokenFile",
     "read_token_file",
     "wait_for_daemon",
     "write_token_file",

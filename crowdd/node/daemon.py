@@ -130,7 +130,7 @@ class Daemon:
             self.confinement = await asyncio.get_running_loop().run_in_executor(None, userns.probe, self._job_python)
         self._show_tensorflow()
         self.view.set_donating(self._load_persisted().get("donating", False) is True)
-        await self._control.start()
+        await self._control.start(self.identity)
         self._main = asyncio.create_task(self._loop(), name="crowdd-daemon")
         interval = self._notifier.watchdog_interval
         if interval:

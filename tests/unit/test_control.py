@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 
 from crowdd import wire
+from crowdd.identity import Identity
+from crowdd.tls import client_context, open_tls
 from crowdd.hyperparams import Job
 from crowdd.protocol.control import HostRequest
 from crowdd.errors import Unavailable
@@ -21,7 +23,9 @@ from crowdd.control import (
     ControlClient,
     ControlServer,
     Endpoint,
+    TokenFile,
     read_token_file,
+    write_token_file,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -276,11 +280,13 @@ async def test_tcp_with_token(tmp_path: Path) -> None:
     ep = Endpoint(path=None, token_file=token_file)
     handler = FakeDaemon()
     server = ControlServer(handler, ep)
-    await server.start()
+    identity = Identity.load_or_create(tmp_path / "id", "node")
+    await server.start(identity)
     try:
         assert stat.S_IMODE(os.stat(token_file).st_mode) == 0o600
-        host, port, token = read_token_file(token_file)
+        host, port, token, fingerprint = read_token_file(token_file)
         assert host == "127.0.0.1" and port == server.port and len(token) >= 32
+        assert fingerprint == identity.fingerprint
         async with ControlClient.for_endpoint(ep) as c:  # address and token from the file
             assert (await c.donate(True))["donating"] is True
             events = []
@@ -290,11 +296,22 @@ async def test_tcp_with_token(tmp_path: Path) -> None:
             assert events[0]["event"] == "status"
         # a wrong or missing token is refused
         for first in ({"type": "status", "proto": wire.PROTO, "token": "guess"}, {"type": "status", "proto": wire.PROTO}):
-            r, w = await asyncio.open_connection(host, port)
+            r, w = await open_tls(host, port, client_context(None), expect=fingerprint, timeout=5)
             await wire.write_frame(w, first)
             reply = await wire.read_frame(r, timeout=5)
             assert reply["code"] == "unauthorized"
             w.close()
+        # a plaintext client gets nothing: the port speaks TLS only
+        r, w = await asyncio.open_connection(host, port)
+        await wire.write_frame(w, {"type": "status", "proto": wire.PROTO, "token": token})
+        with pytest.raises((wire.ConnectionClosed, wire.FrameTimeout, ConnectionError)):
+            await wire.read_frame(r, timeout=15)
+        w.close()
+        # a daemon impersonated on the recorded port (another certificate) is refused by the client
+        impostor = Identity.load_or_create(tmp_path / "id2", "node")
+        write_token_file(token_file, TokenFile(host, port, token, impostor.fingerprint))
+        with pytest.raises(Unavailable, match="not this node's daemon"):
+            await ControlClient(token_file=token_file).status()
         assert handler.calls == [("donate", True)]
     finally:
         await server.close()
