@@ -28,6 +28,7 @@ import hmac
 import json
 import logging
 import secrets
+import ssl as ssl_module
 from collections.abc import Mapping
 from typing import Any
 
@@ -186,11 +187,19 @@ async def connect(
     *,
     timeout: float = wire.DEFAULT_TIMEOUT,
     limit: int = 1 << 20,
+    ssl: ssl_module.SSLContext | None = None,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, dict[str, Any]]:
-    """Open a connection and prove membership; returns (reader, writer, welcome)."""
+    """Open a connection (TLS with ``ssl``: the context pins who the server must be) and prove
+    membership; returns (reader, writer, welcome). A server whose certificate the context does
+    not accept raises AuthError (not ``unreachable``)."""
     _key(token)
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, limit=limit), timeout)
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, limit=limit, ssl=ssl, ssl_handshake_timeout=timeout if ssl else None),
+            timeout,
+        )
+    except ssl_module.SSLCertVerificationError as exc:
+        raise AuthError(f"{host}:{port} is not the expected member: {exc.verify_message}") from None
     except asyncio.TimeoutError:
         raise AuthError(f"connect to {host}:{port} timed out", unreachable=True) from None
     except OSError as exc:
