@@ -40,7 +40,7 @@ from typing import Any, NamedTuple, Protocol
 from crowdd import wire
 from crowdd.config import Paths
 from crowdd.aio import cancel_and_wait
-from crowdd.errors import CrowddError, ErrorCode, Unavailable
+from crowdd.errors import CrowddError, Unavailable
 from crowdd.identity import Identity
 from crowdd.tls import HANDSHAKE_TIMEOUT, client_context, open_tls, server_context
 from crowdd.protocol.control import (

@@ -63,7 +63,7 @@ async def follow(c: SessionContext, plan: SessionPlan, res: Reservation) -> None
         tasks.append(session_task)
         ws.report_state("replicating")
         peers = [rep.Peer(m.index, m.address, m.ports.data) for m in plan.members]
-        manifest = await _fetch_manifest(c, peers[0], plan, session_task)
+        manifest = await _fetch_manifest(c, peers[0], plan, session_task, tls)
         store = rep.ChunkStore.open(c.cache, manifest)
         server = rep.DataServer(plan.token, manifest, store, sock=res.data_sock, targets=plan.route().targets,
                                 group_size=plan.size, stall_timeout=c.cfg.replication.stall_timeout, tls=tls)
@@ -161,12 +161,12 @@ async def _race(work: asyncio.Future[Any], session_task: asyncio.Task[End]) -> N
 
 
 async def _fetch_manifest(
-    c: SessionContext, host: rep.Peer, plan: SessionPlan, session_task: asyncio.Task[End]
+    c: SessionContext, host: rep.Peer, plan: SessionPlan, session_task: asyncio.Task[End], tls: GroupTLS
 ) -> Manifest:
     delay = 0.2
     deadline = time.monotonic() + c.cfg.daemon.peer_timeout
     while True:
-        fetch = asyncio.create_task(rep.fetch_manifest(host, plan.token, plan.index, plan.dataset.digest))
+        fetch = asyncio.create_task(rep.fetch_manifest(host, plan.token, plan.index, plan.dataset.digest, tls=tls))
         await _race(fetch, session_task)
         try:
             return fetch.result()

@@ -85,7 +85,7 @@ def probe_now(python: str = sys.executable) -> Confinement:
     return Confinement(True)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def probe(python: str = sys.executable) -> Confinement:
     """:func:`probe_now`, once per process."""
     result = probe_now(python)

@@ -12,13 +12,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from crowdd import auth, wire
+from crowdd import auth
+from crowdd import wire
+from crowdd.group_tls import GroupTLS
 from crowdd.cache import DatasetCache
 from crowdd.manifest import Manifest
 from crowdd.protocol import data
@@ -70,8 +73,10 @@ class Replicator:
         store: ChunkStore | None = None,
         give_up: float | None = None,
         rng: random.Random | None = None,
+        tls: GroupTLS | None = None,
     ) -> None:
         auth._key(token)
+        self.tls = tls
         self.index = index
         self.peers = {p.index: p for p in peers}
         if sorted(self.peers) != list(range(len(peers))):
@@ -90,6 +95,9 @@ class Replicator:
         self.failed: set[int] = set()  # peers that died or stalled (retried when no one else is left)
         self.corrupt_chunks = 0
         self.sources_used: list[int] = []
+
+    def _ssl(self, peer: Peer) -> ssl.SSLContext | None:
+        return self.tls.client(peer.index) if self.tls is not None else None
 
     def _report(self, source: int | None) -> None:
         if self.on_progress is not None and self.store is not None:
@@ -154,7 +162,8 @@ class Replicator:
         peer = self.peers[self.plan.source]
         try:
             reader, writer, _ = await auth.connect(
-                peer.host, peer.port, self.token, data.PURPOSE, data.make_hello(self.index), timeout=1.0
+                peer.host, peer.port, self.token, data.PURPOSE, data.make_hello(self.index), timeout=1.0,
+                ssl=self._ssl(peer),
             )
         except auth.AuthError:
             return
@@ -173,7 +182,7 @@ class Replicator:
             try:
                 reader, writer, _ = await auth.connect(
                     peer.host, peer.port, self.token, data.PURPOSE, data.make_hello(self.index),
-                    timeout=self.stall_timeout, limit=data.STREAM_LIMIT,
+                    ssl=self._ssl(peer), timeout=self.stall_timeout, limit=data.STREAM_LIMIT,
                 )
                 return reader, writer
             except auth.AuthError as exc:
@@ -242,7 +251,7 @@ class Replicator:
         try:
             reader, writer, _ = await auth.connect(
                 peer.host, peer.port, self.token, data.PURPOSE, data.make_hello(self.index),
-                timeout=min(self.stall_timeout, 3.0),
+                ssl=self._ssl(peer), timeout=min(self.stall_timeout, 3.0),
             )
         except auth.AuthError:
             return None
@@ -286,9 +295,14 @@ class Replicator:
         return None, False
 
 
-async def fetch_manifest(peer: Peer, token: str, index: int, digest: str, *, timeout: float = 10.0) -> Manifest:
+async def fetch_manifest(
+    peer: Peer, token: str, index: int, digest: str, *, timeout: float = 10.0, tls: GroupTLS | None = None
+) -> Manifest:
     """Get the manifest from a peer and check it against the matchmaker's digest."""
-    reader, writer, _ = await auth.connect(peer.host, peer.port, token, data.PURPOSE, data.make_hello(index), timeout=timeout)
+    reader, writer, _ = await auth.connect(
+        peer.host, peer.port, token, data.PURPOSE, data.make_hello(index), timeout=timeout,
+        ssl=tls.client(peer.index) if tls is not None else None,
+    )
     try:
         await wire.write_frame(writer, data.ManifestRequest().to_frame(), timeout=timeout)
         frame, blob = await wire.read_message(reader, timeout=timeout)

@@ -16,7 +16,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from crowdd import auth, wire
+from crowdd import auth
+from crowdd import wire
+from crowdd.group_tls import GroupTLS
 from crowdd.aio import spawn_tracked
 from crowdd.manifest import Manifest
 from crowdd.protocol import data
@@ -27,7 +29,11 @@ logger = logging.getLogger(__name__)
 
 
 class DataServer:
-    """Serves the chunks this node holds to authenticated members of the group."""
+    """Serves the chunks this node holds to authenticated members of the group.
+
+    ``tls``: mutual TLS pinned to the group, and each client must be the member it says it is.
+    None serves plaintext (in-process tests of the replication logic only; a node always
+    passes its group's :class:`GroupTLS`)."""
 
     def __init__(
         self,
@@ -44,8 +50,10 @@ class DataServer:
         keepalive: float | None = None,
         sock: socket.socket | None = None,
         rate_limit: float | None = None,
+        tls: GroupTLS | None = None,
     ) -> None:
         auth._key(token)
+        self.tls = tls
         if rate_limit is not None and rate_limit <= 0:
             raise ValueError("rate_limit must be positive (bytes per second) or None")
         self.rate_limit = rate_limit
@@ -67,11 +75,14 @@ class DataServer:
 
     async def start(self) -> int:
         """Bind and listen; returns the bound port."""
+        tls: dict[str, Any] = {}
+        if self.tls is not None:
+            tls = {"ssl": self.tls.server(), "ssl_handshake_timeout": self.tls.handshake_timeout}
         if self._sock is not None:
-            self._server = await asyncio.start_server(self._on_client, sock=self._sock, limit=data.STREAM_LIMIT)
+            self._server = await asyncio.start_server(self._on_client, sock=self._sock, limit=data.STREAM_LIMIT, **tls)
         else:
             self._server = await asyncio.start_server(
-                self._on_client, self.host, self.port, limit=data.STREAM_LIMIT, reuse_address=True
+                self._on_client, self.host, self.port, limit=data.STREAM_LIMIT, reuse_address=True, **tls
             )
         self.port = self._server.sockets[0].getsockname()[1]
         logger.info("data server listening on %s:%d", self.host, self.port)
@@ -108,6 +119,11 @@ class DataServer:
             return
         try:
             index = data.check_hello(hello, self.group_size)
+            if self.tls is not None:
+                try:
+                    self.tls.check(writer, index)
+                except auth.AuthError as exc:
+                    raise wire.WireError(wire.ErrorCode.UNAUTHORIZED, exc.message) from None
             while True:
                 try:
                     req = await wire.read_frame(reader, timeout=self.idle_timeout)
