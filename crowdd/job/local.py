@@ -15,9 +15,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from collections.abc import Sequence
 
 from crowdd.job.events import parse_event
+from crowdd.node.host import cluster_spec
 from crowdd.node.ports import free_ports
+from crowdd.node.tunnels import RelaySetup
+from crowdd.platform.userns import confined
 from crowdd.platform.process import group_options, kill_group
 
 
@@ -54,11 +58,21 @@ def run_cluster(
     *,
     timeout: float = 1800.0,
     log: Any = None,
+    relays: Sequence[RelaySetup] | None = None,
+    base: int = 0,
 ) -> RunResult:
-    """Run host + ``extra_workers`` workers to the end; return the host's events."""
+    """Run host + ``extra_workers`` workers to the end; return the host's events.
+
+    ``relays`` (one per member, e.g. from :class:`crowdd.testing.tunnel_bridge.TunnelBridge`):
+    each job runs behind its relay (in its own network namespace where ``isolated``) and the
+    cluster is the group's private one at ports ``base``..; else every TF server is on this
+    machine's loopback at free ports."""
     root.mkdir(parents=True, exist_ok=True)
-    ports = free_ports(extra_workers + 2)
-    cluster = {"ps": [f"127.0.0.1:{ports[0]}"], "worker": [f"127.0.0.1:{p}" for p in ports[1:]]}
+    if relays is not None:
+        cluster = cluster_spec(extra_workers, base)
+    else:
+        ports = free_ports(extra_workers + 2)
+        cluster = {"ps": [f"127.0.0.1:{ports[0]}"], "worker": [f"127.0.0.1:{p}" for p in ports[1:]]}
     procs: list[subprocess.Popen] = []
     logs = []
     result = RunResult()
@@ -85,9 +99,14 @@ def run_cluster(
         for i in order:
             fh = open(root / f"member{i}.log", "wb")  # noqa: SIM115 - closed in finally
             logs.append(fh)
+            argv = [sys.executable, "-m", "crowdd.job", "host" if i == 0 else "worker", "--spec", str(root / f"spec{i}.json")]
+            if relays is not None:
+                relay = relays[i]
+                argv = [sys.executable, "-m", "crowdd.job.confine", *relay.argv(), "--", *argv]
+                argv = confined(argv) if relay.isolated else argv
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "crowdd.job", "host" if i == 0 else "worker", "--spec", str(root / f"spec{i}.json")],
+                    argv,
                     stdout=subprocess.PIPE if i == 0 else subprocess.DEVNULL,
                     stderr=fh,
                     stdin=subprocess.DEVNULL,

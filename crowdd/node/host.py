@@ -84,16 +84,25 @@ def tf_base(workers: int, rng: random.Random | None = None) -> int:
     return (rng or random.Random()).randrange(20000, 40000 - workers)
 
 
-async def check_tunnels(session: HostSession, tunnels: HostTunnels, live: list[Member], view: Any) -> list[Member]:
+async def check_tunnels(
+    session: HostSession, tunnels: HostTunnels, live: list[Member], view: Any, min_workers: int
+) -> list[Member]:
     """Each live worker dials a tunnel stream back; those that cannot are dropped now, with
-    the reason, rather than holding up the start of training."""
+    the reason, rather than holding up the start of training. Fewer than ``min_workers`` left
+    (after a drop) fails the session."""
     ok = await asyncio.gather(*(tunnels.probe(m.index, m.index) for m in live))
     for m, up in zip(live, ok):
         if not up:
             why = f"its tunnel to the host did not come up within {tunnels.timeout:g} s"
             view.log(logging.WARNING, f"worker {m.index} ({m.name}) dropped: {why}")
             session.drop(m, why)
-    return [m for m, up in zip(live, ok) if up and m.alive]
+    kept = [m for m, up in zip(live, ok) if up and m.alive]
+    if len(kept) < len(live) and len(kept) < min_workers:
+        why = (f"only {len(kept)} worker(s) could reach this host through a tunnel; the job needs "
+               f"min_workers = {min_workers}")
+        await session.end(End(error=why))
+        raise SessionFailed(why)
+    return kept
 
 
 async def lead(c: SessionContext, plan: SessionPlan, res: Reservation, prepared: Prepared) -> None:
@@ -121,7 +130,7 @@ async def lead(c: SessionContext, plan: SessionPlan, res: Reservation, prepared:
         await server.start()
         await session.start()
         view.push_members(session, now=True)
-        live = await check_tunnels(session, tunnels, await session.wait_ready(), view)
+        live = await check_tunnels(session, tunnels, await session.wait_ready(), view, plan.job.min_workers)
         c.to(State.TRAINING)
         session.members[0].state = "training"
         base = tf_base(len(live))
