@@ -30,7 +30,7 @@ from crowdd.tls import peer_fingerprint
 PS = "ps"
 
 
-def _plan(identities: list[Identity], index: int) -> SessionPlan:
+def plan_for(identities: list[Identity], index: int) -> SessionPlan:
     members = tuple(
         PlanMember(i, "host" if i == 0 else "worker", f"m{i}", "127.0.0.1", MemberPorts(1, 1, (1,)),
                    cert=ident.cert_pem, fingerprint=ident.fingerprint)
@@ -48,7 +48,7 @@ class TunnelBridge:
         self.isolated = isolated
         self._tmp = tempfile.TemporaryDirectory(prefix="crowdd-bridge-")
         ids = [Identity.load_or_create(Path(self._tmp.name), f"m{i}") for i in range(workers + 1)]
-        self._tls = [GroupTLS(ids[i], _plan(ids, i)) for i in range(workers + 1)]
+        self._tls = [GroupTLS(ids[i], plan_for(ids, i)) for i in range(workers + 1)]
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="tunnel-bridge", daemon=True)
         self._thread.start()
@@ -116,4 +116,4 @@ class TunnelBridge:
         self._tmp.cleanup()
 
 
-__all__ = ["TunnelBridge"]
+__all__ = ["TunnelBridge", "plan_for"]

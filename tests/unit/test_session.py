@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import secrets
 import socket
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from crowdd import auth
+from crowdd.group_tls import GroupTLS
+from crowdd.identity import Identity
 from crowdd.hyperparams import GroupSettings, Job
 from crowdd.plan import DatasetRef, MemberPorts, PlanMember, SessionPlan
 from crowdd.protocol.session import End, HostMessage, MembersUpdate, Train, TrainingEvent
@@ -29,11 +35,28 @@ HB = 0.1
 DEAD = 0.6
 
 
+_IDS = tempfile.TemporaryDirectory(prefix="crowdd-test-ids-")
+
+
+@functools.cache
+def identity(name: str) -> Identity:
+    """Member identities, made once per test run (real P-256 keys and certificates)."""
+    return Identity.load_or_create(Path(_IDS.name), name)
+
+
 def group(n_workers: int = 2, *, port: int = 1, token: str | None = None, index: int = 0) -> SessionPlan:
-    members = [PlanMember(0, "host", "h", "127.0.0.1", MemberPorts(1, port, (1, 2)))]
-    members += [PlanMember(i, "worker", f"w{i}", "127.0.0.1", MemberPorts(1, 2, (3,))) for i in range(1, n_workers + 1)]
+    h, ws = identity("h"), [identity(f"w{i}") for i in range(1, n_workers + 1)]
+    members = [PlanMember(0, "host", "h", "127.0.0.1", MemberPorts(1, port, (1, 2)), h.cert_pem, h.fingerprint)]
+    members += [PlanMember(i, "worker", f"w{i}", "127.0.0.1", MemberPorts(1, 2, (3,)), w.cert_pem, w.fingerprint)
+                for i, w in enumerate(ws, 1)]
     return SessionPlan("g", token or secrets.token_hex(32), index, tuple(members), Job(),
                        DatasetRef("0" * 64, 1000, "d"), GroupSettings())
+
+
+def tls_for(g: SessionPlan, name: str | None = None) -> GroupTLS:
+    """Member ``g.index``'s TLS (or, with ``name``, someone holding that identity instead)."""
+    return GroupTLS(identity(name or g.me.name), g if name is None else dataclasses.replace(
+        g, members=tuple(dataclasses.replace(m, cert=b"", fingerprint="") if m.index == g.index else m for m in g.members)))
 
 
 def listener() -> socket.socket:
@@ -46,14 +69,15 @@ async def host_session(g: SessionPlan, **kw: Any) -> tuple[HostSession, int, lis
     changes: list[Member | None] = []
     sock = listener()
     port = sock.getsockname()[1]
-    hs = HostSession(g, sock, heartbeat=HB, dead_after=DEAD, on_change=changes.append, **kw)
+    hs = HostSession(g, sock, tls=tls_for(g), heartbeat=HB, dead_after=DEAD, on_change=changes.append, **kw)
     await hs.start()
     return hs, port, changes
 
 
-def worker(port: int, token: str, index: int, inbox: list[HostMessage]) -> WorkerSession:
-    plan = group(max(index, 1), port=port, token=token, index=index)
-    return WorkerSession(plan, heartbeat=HB, dead_after=DEAD, on_message=inbox.append)
+def worker(port: int, token: str, index: int, inbox: list[HostMessage], *, as_name: str | None = None) -> WorkerSession:
+    """Worker ``index`` (its own identity, or ``as_name``'s certificate claiming that index)."""
+    plan = group(max(index, 2), port=port, token=token, index=index)
+    return WorkerSession(plan, tls=tls_for(plan, as_name), heartbeat=HB, dead_after=DEAD, on_message=inbox.append)
 
 
 def test_dead_after_fits_the_peer_timeout() -> None:
@@ -108,8 +132,9 @@ async def test_wrong_token_and_bad_index_are_refused() -> None:
     try:
         with pytest.raises(SessionRefused):
             await worker(port, secrets.token_hex(32), 1, []).connect(retry_for=1)
+        w1 = tls_for(group(1, index=1))
         for index in (0, 5):
-            reader, writer, _ = await auth.connect("127.0.0.1", port, g.token, PURPOSE, {"index": index})
+            reader, writer, _ = await auth.connect("127.0.0.1", port, g.token, PURPOSE, {"index": index}, ssl=w1.client(0))
             from crowdd import wire
 
             frame = await wire.read_frame(reader, timeout=5)
@@ -125,7 +150,8 @@ async def test_silent_worker_is_dropped_and_absent_worker_too() -> None:
     hs, port, _ = await host_session(g, join_timeout=0.5)
     try:
         # worker 1 joins and then falls silent (no pings): the host gives it up
-        _reader, writer, _ = await auth.connect("127.0.0.1", port, g.token, PURPOSE, {"index": 1})
+        _reader, writer, _ = await auth.connect("127.0.0.1", port, g.token, PURPOSE, {"index": 1},
+                                              ssl=tls_for(group(1, index=1)).client(0))
         live = await asyncio.wait_for(hs.wait_ready(), 5)  # worker 2 never joins: dropped at join_timeout
         assert live == [] or all(m.index == 1 for m in live)
         for _ in range(100):
@@ -146,7 +172,7 @@ async def test_silent_host_is_lost_within_dead_after() -> None:
         await auth.accept(reader, writer, token, PURPOSE)
         await asyncio.sleep(30)  # never a ping
 
-    server = await asyncio.start_server(mute_host, "127.0.0.1", 0)
+    server = await asyncio.start_server(mute_host, "127.0.0.1", 0, ssl=tls_for(group(2)).server())
     port = server.sockets[0].getsockname()[1]
     w = worker(port, token, 1, [])
     try:
@@ -187,7 +213,8 @@ async def test_worker_sending_a_malformed_frame_is_dropped() -> None:
     g = group(1)
     hs, port, _ = await host_session(g)
     try:
-        reader, writer, _ = await auth.connect("127.0.0.1", port, g.token, PURPOSE, {"index": 1})
+        reader, writer, _ = await auth.connect("127.0.0.1", port, g.token, PURPOSE, {"index": 1},
+                                              ssl=tls_for(group(1, index=1)).client(0))
         from crowdd import wire
 
         await wire.write_frame(writer, {"type": "replication", "done": 10, "total": 5})
@@ -211,7 +238,7 @@ async def test_host_sending_a_malformed_frame_is_lost() -> None:
         await wire.write_frame(writer, {"type": "train", "cluster": {"ps": []}, "index": 1})
         await asyncio.sleep(5)
 
-    server = await asyncio.start_server(bad_host, "127.0.0.1", 0)
+    server = await asyncio.start_server(bad_host, "127.0.0.1", 0, ssl=tls_for(group(2)).server())
     port = server.sockets[0].getsockname()[1]
     inbox: list[HostMessage] = []
     w = worker(port, token, 1, inbox)
@@ -222,4 +249,105 @@ async def test_host_sending_a_malformed_frame_is_lost() -> None:
         assert inbox == []
     finally:
         await w.close()
+        server.close()
+
+
+# --------------------------------------------------------------------------- attackers
+
+
+def _expired_identity(directory: Path) -> Identity:
+    """A P-256 identity whose certificate expired yesterday."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "expired")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=30))
+            .not_valid_after(now - datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    directory.mkdir(parents=True, exist_ok=True)
+    key_path, cert_path = directory / "x.key", directory / "x.crt"
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    cert_path.write_bytes(cert_pem)
+    from crowdd.identity import fingerprint_of
+
+    return Identity(key_path, cert_path, cert_pem, fingerprint_of(cert_pem))
+
+
+async def _joins(port: int, g: SessionPlan) -> None:
+    """A legitimate worker 1 still gets in."""
+    w = worker(port, g.token, 1, [])
+    await w.connect(retry_for=2)
+    await w.close()
+
+
+async def test_session_port_refuses_impostors_and_keeps_serving(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An outsider's certificate, a member claiming another's index, a plaintext client, garbage
+    during the handshake, an expired certificate: each is refused (with a log line where the
+    application sees it) and the host goes on serving its members."""
+    from crowdd.tls import client_context
+
+    g = group(2)
+    hs, port, _ = await host_session(g)
+    try:
+        # an outsider (a certificate not in the group), even holding the token
+        outsider = identity("outsider")
+        with pytest.raises(auth.AuthError):
+            await auth.connect("127.0.0.1", port, g.token, PURPOSE, {"index": 1},
+                               ssl=client_context(outsider, pinned=[g.host.cert]), timeout=2)
+        # worker 2 (a real member) presenting its own certificate while claiming to be worker 1
+        with caplog.at_level("WARNING", logger="crowdd.group_tls"):
+            liar = worker(port, g.token, 1, [], as_name="w2")
+            await liar.connect(retry_for=0.5)  # TLS and the token pass: it is a member...
+            with pytest.raises(HostLost, match="unauthorized"):  # ...but not member 1
+                await asyncio.wait_for(liar.run(), 3)
+            await liar.close()
+        assert "claims to be member 1" in caplog.text
+        assert not hs.members[1].connected
+        # a plaintext client, and garbage instead of a TLS ClientHello
+        for payload in (b"\x00\x00\x00\x10" + b'{"type":"hello"}', b"\x16\x03\x01garbage" * 50):
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(payload)
+            await w.drain()
+            answer = await asyncio.wait_for(r.read(), 5)
+            assert answer == b"" or answer[:1] == b"\x15", answer  # closed, or a TLS alert: never a frame
+            w.close()
+        # an expired certificate (pinned as it is, but outside its validity)
+        expired = _expired_identity(tmp_path / "expired")
+        with pytest.raises(auth.AuthError):
+            await auth.connect("127.0.0.1", port, g.token, PURPOSE, {"index": 1},
+                               ssl=client_context(expired, pinned=[g.host.cert]), timeout=2)
+        await _joins(port, g)
+        assert hs.members[1].connected
+    finally:
+        await hs.close()
+
+
+async def test_worker_refuses_a_host_with_another_certificate() -> None:
+    """A server that is not the group's host (another certificate) is refused by the worker
+    before it sends anything."""
+    token = secrets.token_hex(32)
+    seen: list[bytes] = []
+
+    async def impostor(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await reader.read(100))
+
+    fake = GroupTLS(identity("outsider"), dataclasses.replace(group(2), members=tuple(
+        dataclasses.replace(m, cert=b"", fingerprint="") if m.index == 0 else m for m in group(2).members)))
+    server = await asyncio.start_server(impostor, "127.0.0.1", 0, ssl=fake.server())
+    port = server.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(SessionRefused, match="not the expected member"):
+            await worker(port, token, 1, []).connect(retry_for=0.5)
+        assert seen in ([], [b""])
+    finally:
         server.close()
