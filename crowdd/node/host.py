@@ -81,7 +81,7 @@ def cluster_spec(workers: int, base: int) -> dict[str, list[str]]:
 def tf_base(workers: int, rng: random.Random | None = None) -> int:
     """A first TF port for this session. In a confined job any port is free; a random one
     makes a clash unlikely where jobs run exposed on a shared loopback."""
-    return (rng or random.Random()).randrange(20000, 40000 - workers)
+    return (rng or random.Random()).randrange(20000, 40000 - workers - 1)
 
 
 async def check_tunnels(
