@@ -1,0 +1,123 @@
+"""The daemon's tunnel ends: TF connections both ways over pinned TLS, and what they refuse."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import pytest
+
+from crowdd.node.tunnels import HostTunnels, WorkerTunnels
+from crowdd.testing.tunnel_bridge import TunnelBridge
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def _echo_at(path: Path) -> asyncio.base_events.Server:
+    async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while data := await r.read(1 << 16):
+            w.write(data)
+            await w.drain()
+        w.close()
+
+    return await asyncio.start_unix_server(echo, path=str(path))
+
+
+async def _round_trip(path: Path, payload: bytes) -> bytes:
+    r, w = await asyncio.open_unix_connection(str(path))
+    w.write(payload)
+    await w.drain()
+    got = await asyncio.wait_for(r.readexactly(len(payload)), 10)
+    w.close()
+    return got
+
+
+def test_both_directions_through_the_tls_tunnels() -> None:
+    """A worker's job reaches the host's PS; the host's job reaches the worker's task (the
+    worker dials back). 4 MiB each way arrives intact."""
+    bridge = TunnelBridge(2, isolated=False)
+    try:
+        bridge.relays(21000)
+        host_dir, w1_dir, w2_dir = bridge.host.directory, bridge.worker_ends[0].directory, bridge.worker_ends[1].directory
+        payload = bytes(range(256)) * (1 << 14)
+
+        async def scenario() -> None:
+            servers = [await _echo_at(host_dir / "ps.in"), await _echo_at(w1_dir / "w1.in"),
+                       await _echo_at(w2_dir / "w2.in")]
+            try:
+                assert await _round_trip(w1_dir / "ps.out", payload) == payload
+                assert await _round_trip(w2_dir / "ps.out", b"from w2") == b"from w2"
+                assert await _round_trip(host_dir / "w1.out", payload) == payload
+                assert await _round_trip(host_dir / "w2.out", b"to w2") == b"to w2"
+            finally:
+                for s in servers:
+                    s.close()
+
+        asyncio.run(scenario())
+    finally:
+        bridge.close()
+    assert not host_dir.exists() and not w1_dir.exists()  # nothing left behind
+
+
+class _Writer:
+    """Records whether the tunnel end closed the connection it was handed."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+async def test_host_refuses_streams_it_did_not_ask_for(caplog: pytest.LogCaptureFixture) -> None:
+    asked: list[tuple[int, int, int]] = []
+    host = HostTunnels(dial=lambda m, s, t: asked.append((m, s, t)) is None, timeout=0.5)
+    try:
+        await host.reach_workers({1: 1})
+        reader = asyncio.StreamReader()
+        with caplog.at_level(logging.WARNING, logger="crowdd.node.tunnels"):
+            # a PS stream from a member that is not in the cluster
+            w = _Writer()
+            await host.accept(2, {"tunnel": "ps"}, (reader, w))  # type: ignore[arg-type]
+            assert w.closed and "not in the cluster" in caplog.text
+            # a reverse stream nobody asked for
+            w = _Writer()
+            await host.accept(1, {"tunnel": "stream", "stream": 99}, (reader, w))  # type: ignore[arg-type]
+            assert w.closed and "unrequested" in caplog.text
+            # a stream asked of worker 1, answered by worker 2
+            opening = asyncio.create_task(host.open_stream(1, 1))
+            await asyncio.sleep(0.05)
+            stream = asked[-1][1]
+            w = _Writer()
+            await host.accept(2, {"tunnel": "stream", "stream": stream}, (reader, w))  # type: ignore[arg-type]
+            assert w.closed
+            assert await opening is None  # and worker 1 never answered: timed out
+    finally:
+        await host.close()
+
+
+async def test_probe_says_whether_the_worker_dialled_back() -> None:
+    ends: dict[str, WorkerTunnels] = {}
+
+    async def connect(hello: dict) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        r, w = await asyncio.open_unix_connection(str(sink))
+        await host.accept(1, hello, (asyncio.StreamReader(), w))
+        return r, w
+
+    host = HostTunnels(dial=lambda m, s, t: ends["w"].on_dial(s, t) is None, timeout=1.0)
+    ends["w"] = WorkerTunnels(connect=connect)
+    sink = host.directory / "sink"
+    server = await asyncio.start_unix_server(lambda r, w: None, path=str(sink))
+    try:
+        assert await host.probe(1, 1) is True
+        mute = HostTunnels(dial=lambda m, s, t: True, timeout=0.3)  # asked, never dials
+        assert await mute.probe(1, 1) is False
+        await mute.close()
+        gone = HostTunnels(dial=lambda m, s, t: False)  # cannot even be asked
+        assert await gone.probe(1, 1) is False
+        await gone.close()
+    finally:
+        server.close()
+        await ends["w"].close()
+        await host.close()
