@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import time
 from collections.abc import Sequence
@@ -26,6 +27,9 @@ from crowdd.replication.store import ChunkStore
 from crowdd.replication.turns import Turns
 
 logger = logging.getLogger(__name__)
+
+#: Bytes read from the dataset file per write when a chunk goes through TLS.
+SPAN_PIECE = 256 << 10
 
 
 class DataServer:
@@ -162,12 +166,26 @@ class DataServer:
         wire.write_frame_nowait(writer, data.Chunk(k, length).to_frame())
         loop = asyncio.get_running_loop()
         try:
-            await asyncio.wait_for(loop.sendfile(writer.transport, self.store.file, off, length),
-                                   self.stall_timeout)
+            if writer.get_extra_info("ssl_object") is not None:  # no zero-copy through TLS
+                await asyncio.wait_for(self._write_span(writer, off, length), self.stall_timeout)
+            else:
+                await asyncio.wait_for(loop.sendfile(writer.transport, self.store.file, off, length),
+                                       self.stall_timeout)
         except asyncio.TimeoutError:
             raise wire.FrameTimeout(f"peer did not read for {self.stall_timeout} s") from None
         except (ConnectionResetError, BrokenPipeError) as exc:
             raise wire.ConnectionClosed(str(exc)) from None
+
+    async def _write_span(self, writer: asyncio.StreamWriter, off: int, length: int) -> None:
+        fd = self.store.file.fileno()
+        end = off + length
+        while off < end:
+            piece = os.pread(fd, min(SPAN_PIECE, end - off), off)
+            if not piece:
+                raise OSError(f"the dataset file ends before byte {end}")
+            writer.write(piece)
+            await writer.drain()
+            off += len(piece)
 
     async def _stream(self, index: int, chunks: list[int], wait: bool, writer: asyncio.StreamWriter) -> None:
         planned = self.turns.planned(index)

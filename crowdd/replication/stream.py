@@ -29,6 +29,7 @@ class DataStream(asyncio.BufferedProtocol):
         self._max_blob = max_blob
         self._on_frame = on_frame
         self._scratch = bytearray(64 << 10)
+        self._scratch_view = memoryview(self._scratch)
         self._pending = bytearray()
         self._blob = bytearray(max_blob)
         self._blob_frame: dict[str, Any] | None = None
@@ -41,7 +42,9 @@ class DataStream(asyncio.BufferedProtocol):
     def get_buffer(self, sizehint: int) -> memoryview | bytearray:
         if self._blob_frame is not None:
             return memoryview(self._blob)[self._blob_got : self._blob_len]
-        return self._scratch
+        # A memoryview, never the bytearray itself: asyncio's TLS transport fills a buffer in
+        # several reads into ``buf[offset:]``, which for a bytearray is a copy (lost bytes).
+        return self._scratch_view
 
     def buffer_updated(self, nbytes: int) -> None:
         self.last_rx = self._loop.time()
