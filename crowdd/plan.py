@@ -92,9 +92,15 @@ class SessionPlan:
     def is_host(self) -> bool:
         return self.index == HOST_INDEX
 
+    @property
+    def reachable(self) -> tuple[bool, ...]:
+        """Whether the matchmaker could connect back to each member (False: behind a NAT)."""
+        return tuple(m.reachable for m in self.members)
+
     def route(self, index: int | None = None) -> Plan:
-        """Where ``index`` (this node by default) fetches from and sends to, by the host's route."""
-        return node_plan(self.size, self.index if index is None else index, self.settings.route)
+        """Where ``index`` (this node by default) fetches from and sends to, by the host's
+        route; unreachable members are leaves fed by reachable ones."""
+        return node_plan(self.size, self.index if index is None else index, self.settings.route, self.reachable)
 
     def summary(self) -> dict[str, Any]:
         """What status shows of the plan (never the token)."""

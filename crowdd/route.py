@@ -11,6 +11,7 @@ the group size alone, so no coordinator is needed after matching.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 ROUTES = ("binomial", "chain", "star")
@@ -41,13 +42,23 @@ def binomial_sends(n: int) -> list[list[tuple[int, int]]]:
     return out
 
 
-def node_plan(n: int, i: int, route: str = "binomial") -> Plan:
+def node_plan(n: int, i: int, route: str = "binomial", reachable: Sequence[bool] | None = None) -> Plan:
     """Where node i gets the data from and whom it sends it to, in order.
+
+    ``reachable[j]`` False (the matchmaker could not connect back to node j: it is behind a
+    NAT) makes j a leaf: the route runs over the reachable nodes only (the host first), and
+    the unreachable ones fetch from a reachable holder each, round robin, after that
+    holder's own route targets. An unreachable node is never anyone's source. Everyone
+    reachable (or None) gives the plain route.
 
     >>> node_plan(8, 1)
     Plan(source=0, targets=(3, 5))
+    >>> node_plan(4, 1, "binomial", [True, False, True, True])
+    Plan(source=0, targets=())
     """
     _check(n, i)
+    if reachable is not None and not all(reachable):
+        return _with_leaves(n, i, route, list(reachable))
     if route == "binomial":
         source = None if i == 0 else i - (1 << (i.bit_length() - 1))
         targets = []
@@ -61,6 +72,22 @@ def node_plan(n: int, i: int, route: str = "binomial") -> Plan:
     if route == "star":
         return Plan(None if i == 0 else 0, tuple(range(1, n)) if i == 0 else ())
     raise RouteError(f"unknown route {route!r} (known: {', '.join(ROUTES)})")
+
+
+def _with_leaves(n: int, i: int, route: str, reachable: list[bool]) -> Plan:
+    if len(reachable) != n:
+        raise RouteError(f"reachable has {len(reachable)} entries for {n} nodes")
+    if not reachable[0]:
+        raise RouteError("the host (node 0) must be reachable")
+    held = [j for j in range(n) if reachable[j]]
+    leaves = [j for j in range(n) if not reachable[j]]
+    holder_of = {u: held[k % len(held)] for k, u in enumerate(leaves)}
+    if not reachable[i]:
+        return Plan(holder_of[i], ())
+    sub = node_plan(len(held), held.index(i), route)
+    own = tuple(held[t] for t in sub.targets)
+    extra = tuple(u for u in leaves if holder_of[u] == i)
+    return Plan(None if sub.source is None else held[sub.source], own + extra)
 
 
 def _check(n: int, i: int) -> None:

@@ -14,7 +14,7 @@ import logging
 import random
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,6 +74,7 @@ class Replicator:
         give_up: float | None = None,
         rng: random.Random | None = None,
         tls: GroupTLS | None = None,
+        reachable: Sequence[bool] | None = None,
     ) -> None:
         auth._key(token)
         self.tls = tls
@@ -82,7 +83,7 @@ class Replicator:
         if sorted(self.peers) != list(range(len(peers))):
             raise ValueError(f"peers must be numbered 0..{len(peers) - 1} exactly once")
         self.n = len(peers)
-        self.plan = node_plan(self.n, index, route)  # RouteError for an index outside the group
+        self.plan = node_plan(self.n, index, route, reachable)  # RouteError for an index outside the group
         self.token = token
         self.manifest = manifest
         self.cache = cache

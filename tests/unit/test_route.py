@@ -144,3 +144,44 @@ def test_unknown_route() -> None:
     with pytest.raises(RouteError, match="unknown route 'ring'"):
         node_plan(4, 1, "ring")
     assert issubclass(RouteError, ValueError)
+
+
+# --------------------------------------------------------------------------- NAT'd members
+
+
+@pytest.mark.parametrize("route", ["binomial", "chain", "star"])
+@pytest.mark.parametrize("n", [2, 3, 5, 8, 13])
+def test_unreachable_members_are_leaves_fed_by_reachable_holders(route: str, n: int) -> None:
+    import random
+
+    rng = random.Random(n)
+    for _ in range(20):
+        reachable = [True] + [rng.random() < 0.5 for _ in range(n - 1)]
+        plans = [node_plan(n, i, route, reachable) for i in range(n)]
+        for i, p in enumerate(plans):
+            if not reachable[i]:
+                assert p.targets == () and p.source is not None and reachable[p.source]
+            for t in p.targets:  # whoever sends to t is t's source, exactly once
+                assert plans[t].source == i
+            if p.source is not None:
+                assert reachable[p.source] and i in plans[p.source].targets
+        # everyone but the host has a source, and following sources always ends at the host
+        for i in range(1, n):
+            seen, j = set(), i
+            while j != 0:
+                assert j not in seen
+                seen.add(j)
+                j = plans[j].source  # type: ignore[assignment]
+
+
+def test_everyone_reachable_is_the_plain_route() -> None:
+    for route in ("binomial", "chain", "star"):
+        for n in (1, 4, 9):
+            assert [node_plan(n, i, route, [True] * n) for i in range(n)] == [node_plan(n, i, route) for i in range(n)]
+
+
+def test_reachability_must_cover_the_group_and_include_the_host() -> None:
+    with pytest.raises(RouteError, match="entries"):
+        node_plan(3, 1, "binomial", [True, False])
+    with pytest.raises(RouteError, match="host"):
+        node_plan(3, 1, "binomial", [False, True, True])
