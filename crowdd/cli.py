@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("matchmaker", help="run the central matchmaker that groups hosts and workers")
     _add_common(p)
     p.add_argument("--listen", help="HOST:PORT to listen on (default from config: 0.0.0.0:7700)")
+    p.add_argument("--cert", type=Path, help="the operator's TLS certificate (PEM); default: a self-signed one "
+                   "made once in the state directory (its fingerprint is printed at start)")
+    p.add_argument("--key", type=Path, help="the key of --cert (PEM)")
     p.set_defaults(func=_lazy("crowdd.matchmaker", "main"))
 
     p = sub.add_parser("daemon", help="run the crowdd daemon (normally as a service)")

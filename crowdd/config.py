@@ -67,6 +67,8 @@ class MatchmakerConfig:
     max_frame: int = 1 << 20
     status_interval: float = 60.0
     trust_advertised: bool = False
+    check_reachable: bool = True
+    reach_timeout: float = 3.0
 
 
 @dataclass
@@ -122,6 +124,7 @@ _POSITIVE = {
     ("daemon", "heartbeat"), ("daemon", "peer_timeout"), ("daemon", "retry_min"), ("daemon", "retry_max"),
     ("matchmaker", "max_clients"), ("matchmaker", "max_per_ip"), ("matchmaker", "heartbeat_timeout"),
     ("matchmaker", "read_timeout"), ("matchmaker", "max_frame"), ("matchmaker", "status_interval"),
+    ("matchmaker", "reach_timeout"),
     ("replication", "chunk_size"), ("replication", "stall_timeout"),
     ("job", "steps_per_function"), ("job", "sync_every"), ("job", "threads"), ("job", "checkpoint_secs"),
     ("idle", "cpu_window_seconds"), ("idle", "tf_threads"),

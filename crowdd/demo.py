@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from crowdd.config import Paths
+from crowdd.identity import Identity
 from crowdd.control import ControlClient
 from crowdd.errors import Unavailable
 from crowdd.node.ports import free_port
@@ -129,6 +131,16 @@ class Crowd:
         self.verbose = verbose
         self.job_settings = (steps_per_function, sync_every)
         self.nodes = [Node("host", root / "host")] + [Node(f"worker-{i}", root / f"worker-{i}") for i in range(1, workers + 1)]
+        self._matchmaker_fingerprint = ""
+
+    @property
+    def matchmaker_fingerprint(self) -> str:
+        """The matchmaker's certificate fingerprint, which every node pins. Its identity is
+        made here, before it starts, in the state directory ``crowdd matchmaker`` uses."""
+        if not self._matchmaker_fingerprint:
+            identity_dir = Paths.under(self.root / "matchmaker").identity_dir
+            self._matchmaker_fingerprint = Identity.load_or_create(identity_dir, "matchmaker").fingerprint
+        return self._matchmaker_fingerprint
 
     @property
     def host(self) -> Node:
@@ -139,6 +151,7 @@ class Crowd:
         return self.nodes[1:]
 
     def start_matchmaker(self) -> None:
+        self.matchmaker_fingerprint  # noqa: B018 - made before the matchmaker starts (it reuses it)
         self.matchmaker = self.procs.start(
             # --root names the demo's directory on its command line, so kill_strays finds it too.
             [self.python, "-m", "crowdd", "matchmaker", "--listen", self.matchmaker_addr, "--root", str(self.root / "matchmaker")],
@@ -152,7 +165,9 @@ class Crowd:
 
     def start_node(self, node: Node) -> None:
         node.root.mkdir(parents=True, exist_ok=True)
-        (node.root / "crowdd.toml").write_text(node_config(self.matchmaker_addr, node.name, self.nice, *self.job_settings) + self.extra_config)
+        (node.root / "crowdd.toml").write_text(node_config(
+            self.matchmaker_addr, node.name, self.nice, *self.job_settings, fingerprint=self.matchmaker_fingerprint,
+        ) + self.extra_config)
         node.log = node.root / "daemon.log"
         argv = [self.python, "-m", "crowdd", "daemon", "--root", str(node.root), "--matchmaker", self.matchmaker_addr]
         node.proc = self.procs.start(argv + (["-v"] if self.verbose else []), node.log)
@@ -206,11 +221,13 @@ def permissive_idle_table() -> str:
     )
 
 
-def node_config(matchmaker: str, name: str, nice: int, steps_per_function: int = 20, sync_every: int = 10) -> str:
+def node_config(matchmaker: str, name: str, nice: int, steps_per_function: int = 20, sync_every: int = 10, *,
+                fingerprint: str = "") -> str:
     return (
         "# written by `crowdd demo`\n"
         "[daemon]\n"
         f'matchmaker = "{matchmaker}"\n'
+        f'matchmaker_fingerprint = "{fingerprint}"\n'
         f'name = "{name}"\n'
         'listen_host = "127.0.0.1"\n'
         "retry_min = 0.5\n"

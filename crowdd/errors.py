@@ -25,6 +25,7 @@ class ErrorCode(str, enum.Enum):
     VERSION = "version"
     UNAUTHORIZED = "unauthorized"
     BUSY = "busy"
+    UNREACHABLE = "unreachable"
     INTERNAL = "internal"
 
     def __str__(self) -> str:  # "bad_field", not "ErrorCode.BAD_FIELD", in messages and f-strings

@@ -14,17 +14,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import logging
 import secrets
 import signal
+import ssl
 import sys
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from crowdd import wire
+from crowdd.aio import spawn_tracked
+from crowdd.errors import CrowddError, InputError
+from crowdd.identity import Identity, fingerprint_of
+from crowdd.tls import server_context
 from crowdd.config import MatchmakerConfig, parse_hostport
 from crowdd.hyperparams import GroupSettings, Job
 from crowdd.protocol.matchmaker import HOST, Hello, check_hello, make_group, make_wait
@@ -250,8 +257,15 @@ class _Conn(asyncio.Protocol):
             raise wire.WireError(wire.ErrorCode.UNKNOWN_TYPE, f"unknown frame type {kind!r}")
         if self.state == "new":
             hello = check_hello(frame, self.ip, trust_advertised=self.server.cfg.trust_advertised)
-            self.state = "waiting"
-            self.server._join(self, hello)
+            if self.server.cfg.check_reachable:
+                self.state = "checking"  # queued once the connect-back has answered
+                self.server._check_reachable(self, hello)
+            else:
+                self.state = "waiting"
+                self.server._join(self, hello)
+        elif self.state == "checking":
+            if kind == "hello":
+                raise wire.WireError(wire.ErrorCode.BAD_FRAME, "hello was already sent on this connection")
         elif kind == "hello":
             raise wire.WireError(wire.ErrorCode.BAD_FRAME, "hello was already sent on this connection")
         else:
@@ -322,6 +336,7 @@ class Matchmaker:
         self._form_scheduled = False
         self._deadline: asyncio.TimerHandle | None = None
         self._positions_dirty = False
+        self._checks: set[asyncio.Task[None]] = set()
 
     def now(self) -> float:
         return self._loop.time() if self._loop is not None else 0.0
@@ -337,10 +352,12 @@ class Matchmaker:
         host, port = self._server.sockets[0].getsockname()[:2]
         return str(host), int(port)
 
-    async def start(self, host: str, port: int) -> None:
+    async def start(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> None:
+        """Listen (TLS with ``tls``, which ``crowdd matchmaker`` always gives)."""
         self._loop = asyncio.get_running_loop()
         self._server = await self._loop.create_server(
-            lambda: _Conn(self), host or None, port, backlog=4096, reuse_address=True
+            lambda: _Conn(self), host or None, port, backlog=4096, reuse_address=True,
+            ssl=tls, ssl_handshake_timeout=self.cfg.read_timeout if tls is not None else None,
         )
         sweep = max(0.05, min(1.0, self.cfg.read_timeout / 4, self.cfg.heartbeat_timeout / 4))
         self._tasks = [
@@ -351,7 +368,7 @@ class Matchmaker:
         logger.info("matchmaker listening on %s:%d", *self.address)
 
     async def close(self) -> None:
-        for t in self._tasks:
+        for t in [*self._tasks, *self._checks]:
             t.cancel()
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
@@ -399,6 +416,25 @@ class Matchmaker:
     def _leave(self, conn: _Conn) -> None:
         if self.grouper.remove(conn.id) is not None:
             self._positions_dirty = True
+
+    def _check_reachable(self, conn: _Conn, hello: Hello) -> None:
+        spawn_tracked(self._checks, self._connect_back(conn, hello))
+
+    async def _connect_back(self, conn: _Conn, hello: Hello) -> None:
+        """Whether this member's data port accepts a connection from here (it is not behind a
+        NAT, or its ports are forwarded); then queue it, or refuse an unreachable host."""
+        port = int(hello.ports["data"])
+        ok = await connects(hello.address, port, self.cfg.reach_timeout)
+        if conn.state != "checking":
+            return  # it left meanwhile
+        if not ok and hello.role == HOST:
+            conn.fail(wire.WireError(wire.ErrorCode.UNREACHABLE, unreachable_host_message(hello)))
+            return
+        if not ok:
+            logger.info("matchmaker: worker %r at %s is not reachable (NAT?): it will fetch as a leaf",
+                        hello.name, hello.address)
+        conn.state = "waiting"
+        self._join(conn, dataclasses.replace(hello, reachable=ok))
 
     def _join(self, conn: _Conn, hello: Hello) -> None:
         conn.position = self.grouper.add(Waiter(conn.id, hello, self.now()))
@@ -501,7 +537,45 @@ def raise_nofile_limit() -> int | None:
     return int(soft)
 
 
-async def serve(cfg: MatchmakerConfig, host: str, port: int, stop: asyncio.Event | None = None) -> int:
+async def connects(host: str, port: int, timeout: float) -> bool:
+    """Whether a TCP connection to ``host:port`` opens within ``timeout`` seconds."""
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except (OSError, asyncio.TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(writer.wait_closed(), 1.0)
+    return True
+
+
+def unreachable_host_message(hello: Hello) -> str:
+    p = hello.ports
+    return (f"this host cannot be reached from the internet at {hello.address}:{p['data']}, so no worker could "
+            f"fetch its data or join its session. Forward TCP ports {p['data']} and {p['session']} on your router "
+            f"to this machine (fix them with [daemon] data_port and session_port), or set [daemon] advertise_host "
+            f"to an address that reaches it (the matchmaker must have trust_advertised = true)")
+
+
+def server_tls(cert: Path | None, key: Path | None, state_dir: Path) -> tuple[ssl.SSLContext, str]:
+    """The matchmaker's TLS 1.3 context and its certificate's fingerprint: the operator's
+    certificate and key, or else a self-signed identity kept in ``state_dir`` (made once)."""
+    if cert is not None and key is not None:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        try:
+            ctx.load_cert_chain(cert, key)
+            return ctx, fingerprint_of(cert.read_bytes())
+        except (OSError, ssl.SSLError, InputError) as exc:
+            raise InputError(f"cannot use the certificate {cert} with the key {key}: {exc}", field="cert") from None
+    identity = Identity.load_or_create(state_dir, "matchmaker")
+    return server_context(identity), identity.fingerprint
+
+
+async def serve(
+    cfg: MatchmakerConfig, host: str, port: int, stop: asyncio.Event | None = None, *,
+    tls: ssl.SSLContext | None = None, fingerprint: str = "",
+) -> int:
     """Run until ``stop`` is set or SIGINT/SIGTERM arrives."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -512,13 +586,16 @@ async def serve(cfg: MatchmakerConfig, host: str, port: int, stop: asyncio.Event
             installed.append(sig)
     mm = Matchmaker(cfg)
     try:
-        await mm.start(host, port)
+        await mm.start(host, port, tls)
         # Everything loaded so far lives for the whole run: keep it out of the collector's
         # full passes, which otherwise stall the loop in proportion to the heap.
         gc.collect()
         gc.freeze()
         bound_host, bound_port = mm.address
         print(f"crowdd matchmaker listening on {bound_host}:{bound_port}", file=sys.stderr, flush=True)
+        if fingerprint:
+            print(f"crowdd matchmaker fingerprint {fingerprint}\n"
+                  f"  volunteers pin it: [daemon] matchmaker_fingerprint = \"{fingerprint}\"", file=sys.stderr, flush=True)
         await stop.wait()
         logger.info("matchmaker: stopping")
     finally:
@@ -529,10 +606,19 @@ async def serve(cfg: MatchmakerConfig, host: str, port: int, stop: asyncio.Event
 
 
 def main(args: argparse.Namespace) -> int:
-    """``crowdd matchmaker [--listen HOST:PORT] [--config FILE]``."""
+    """``crowdd matchmaker [--listen HOST:PORT] [--cert CRT --key KEY] [--config FILE]``."""
     from crowdd.client.resolve import resolve_config
 
-    cfg, _paths = resolve_config(args)
+    cfg, paths = resolve_config(args)
+    cert, key = getattr(args, "cert", None), getattr(args, "key", None)
+    if (cert is None) != (key is None):
+        print("crowdd matchmaker: --cert and --key go together", file=sys.stderr)
+        return 2
+    try:
+        tls, fingerprint = server_tls(cert, key, paths.identity_dir)
+    except CrowddError as exc:
+        print(f"crowdd matchmaker: {exc.message}", file=sys.stderr)
+        return 2
     mcfg = cfg.matchmaker
     listen = getattr(args, "listen", None) or mcfg.listen
     try:
@@ -546,7 +632,7 @@ def main(args: argparse.Namespace) -> int:
             "open-file limit %d is below max_clients %d: the matchmaker may run out of sockets", limit, mcfg.max_clients
         )
     try:
-        return asyncio.run(serve(mcfg, host, port))
+        return asyncio.run(serve(mcfg, host, port, tls=tls, fingerprint=fingerprint))
     except OSError as exc:
         print(f"crowdd matchmaker: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
         return 1
@@ -560,9 +646,12 @@ __all__ = [
     "Waiter",
     "admit",
     "check_hello",
+    "connects",
     "group_frames",
     "main",
     "matches",
     "raise_nofile_limit",
     "serve",
+    "server_tls",
+    "unreachable_host_message",
 ]

@@ -10,18 +10,52 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from crowdd import wire
+from crowdd.errors import CrowddError
 from crowdd.plan import SessionPlan
 from crowdd.protocol.matchmaker import Wait, check_group, check_wait
+from crowdd.tls import client_context, open_tls
 
 logger = logging.getLogger(__name__)
 
 
 class MatchmakerUnavailable(wire.ConnectionClosed):
     """Nothing accepted the connection (the matchmaker is down or unreachable)."""
+
+
+class MatchmakerUntrusted(wire.ConnectionClosed):
+    """Something answered, but not the matchmaker this node trusts (another certificate)."""
+
+
+def _system_trust() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    return ctx
+
+
+async def _open(host: str, port: int, fingerprint: str, timeout: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """TLS 1.3 to the matchmaker: its certificate must have ``fingerprint`` (pinned), or, when
+    that is empty, verify against the system trust store for ``host``."""
+    try:
+        if fingerprint:
+            return await open_tls(host, port, client_context(None), expect=fingerprint, timeout=timeout)
+        return await asyncio.wait_for(
+            asyncio.open_connection(host, port, ssl=_system_trust(), server_hostname=host, ssl_handshake_timeout=timeout),
+            timeout,
+        )
+    except CrowddError as exc:  # open_tls: another certificate than the pinned one
+        raise MatchmakerUntrusted(
+            f"{host}:{port} is not the matchmaker: {exc.message} (check [daemon] matchmaker_fingerprint)"
+        ) from None
+    except ssl.SSLCertVerificationError as exc:
+        raise MatchmakerUntrusted(
+            f"the matchmaker at {host}:{port} presented a certificate the system does not trust "
+            f"({exc.verify_message}); pin it with [daemon] matchmaker_fingerprint"
+        ) from None
 
 
 async def _heartbeats(writer: asyncio.StreamWriter, interval: float, io_timeout: float) -> None:
@@ -84,6 +118,7 @@ async def register(
     io_timeout: float = 10.0,
     silence: float | None = None,
     max_frame: int = wire.MAX_FRAME,
+    fingerprint: str = "",
 ) -> SessionPlan:
     """Queue at the matchmaker at ``address`` and return this node's plan from the ``group`` frame.
 
@@ -93,7 +128,11 @@ async def register(
     ``silence`` is how long the matchmaker may send nothing before it counts as dead
     (default ``3 * heartbeat + 10`` s; it answers every heartbeat).
 
+    The connection is TLS 1.3: the matchmaker's certificate must have ``fingerprint``
+    (``[daemon] matchmaker_fingerprint``), or, when that is empty, be trusted by the system.
+
     Raises :class:`MatchmakerUnavailable` when the connection is refused or times out,
+    :class:`MatchmakerUntrusted` when the server is not the trusted matchmaker,
     :class:`wire.RemoteError` on an error frame (``.code``, ``.field``),
     :class:`wire.ConnectionClosed` when the matchmaker hangs up, :class:`wire.FrameTimeout`
     when it goes silent or ``timeout`` passes, :class:`wire.WireError` on a malformed frame.
@@ -102,7 +141,7 @@ async def register(
         raise ValueError("heartbeat must be > 0")
     host, port = address
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), io_timeout)
+        reader, writer = await _open(host, port, fingerprint, io_timeout)
     except asyncio.TimeoutError:
         raise MatchmakerUnavailable(f"matchmaker {host}:{port} did not answer within {io_timeout} s") from None
     except OSError as exc:
@@ -120,4 +159,4 @@ async def register(
         await wire.close_writer(writer)
 
 
-__all__ = ["MatchmakerUnavailable", "register"]
+__all__ = ["MatchmakerUnavailable", "MatchmakerUntrusted", "register"]

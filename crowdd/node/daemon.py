@@ -375,7 +375,7 @@ class Daemon:
             hello = make_hello(self.cfg, self.name, role, res, prepared, self.identity)
             plan = await register_until_grouped(
                 role, hello, self.states, view, matchmaker=lambda: self._mm, heartbeat=self.cfg.daemon.heartbeat,
-                backoff=lambda: self._backoff,
+                backoff=lambda: self._backoff, fingerprint=lambda: self.cfg.daemon.matchmaker_fingerprint,
             )
             self._backoff.reset()
             view.joined(plan)

@@ -64,17 +64,21 @@ async def register_until_grouped(
     matchmaker: Callable[[], tuple[str, int]],
     heartbeat: float,
     backoff: Callable[[], Backoff],
+    fingerprint: Callable[[], str] = lambda: "",
 ) -> SessionPlan:
     """Register (again and again) until the matchmaker sends this node's ``group`` frame.
-    A host whose job the matchmaker refuses gets a :class:`SessionFailed`."""
+    ``fingerprint()`` is the matchmaker's pinned certificate ("" = the system trust store).
+    A host whose job the matchmaker refuses, or that it cannot reach, gets a :class:`SessionFailed`."""
     while True:
         states.to(State.REGISTERING)
         mm = matchmaker()
         try:
-            return await register(mm, hello, heartbeat=heartbeat, on_wait=view.on_wait)
+            return await register(mm, hello, heartbeat=heartbeat, on_wait=view.on_wait, fingerprint=fingerprint())
         except wire.RemoteError as exc:
             if exc.code in (ErrorCode.BAD_FIELD, ErrorCode.VERSION) and role == mmp.HOST:
                 raise SessionFailed(f"the matchmaker refused this job: {exc.message}") from None
+            if exc.code == ErrorCode.UNREACHABLE and role == mmp.HOST:
+                raise SessionFailed(f"cannot host: {exc.message}") from None
             why = f"the matchmaker said {exc.code}: {exc.message}"
         except (wire.ConnectionClosed, wire.FrameTimeout, wire.WireError, OSError) as exc:
             why = str(exc) or type(exc).__name__

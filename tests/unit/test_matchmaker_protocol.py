@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from crowdd import wire
+from crowdd.testing.identities import identity
 from crowdd.hyperparams import GroupSettings, Job
 from crowdd.plan import DatasetRef, MemberPorts
 from crowdd.protocol import matchmaker as mmp
@@ -25,11 +26,16 @@ def worker_ports(i: int) -> MemberPorts:
 
 
 def host_hello(**kw: Any) -> dict[str, Any]:
-    return mmp.make_hello("host", "h", HOST_PORTS, job=JOB, dataset=DATASET, settings=SETTINGS, **kw)
+    return mmp.make_hello("host", "h", HOST_PORTS, job=JOB, dataset=DATASET, settings=SETTINGS, **_who("h"), **kw)
 
 
 def worker_hello(i: int = 1) -> dict[str, Any]:
-    return mmp.make_hello("worker", f"w{i}", worker_ports(i), tag="lab")
+    return mmp.make_hello("worker", f"w{i}", worker_ports(i), tag="lab", **_who(f"w{i}"))
+
+
+def _who(name: str) -> dict[str, Any]:
+    ident = identity(name)
+    return {"cert": ident.cert_pem, "fingerprint": ident.fingerprint}
 
 
 def field_of(exc: pytest.ExceptionInfo[wire.WireError]) -> str | None:
@@ -67,7 +73,7 @@ def test_worker_hello_round_trip() -> None:
 
 def test_make_hello_for_a_host_needs_job_dataset_and_settings() -> None:
     with pytest.raises(ValueError):
-        mmp.make_hello("host", "h", HOST_PORTS, job=JOB, dataset=DATASET)
+        mmp.make_hello("host", "h", HOST_PORTS, job=JOB, dataset=DATASET, **_who("h"))
 
 
 @pytest.mark.parametrize("key", ["settings", "job", "dataset"])
@@ -282,3 +288,66 @@ def test_a_group_job_that_is_not_an_object_names_job() -> None:
     with pytest.raises(wire.WireError) as exc:
         mmp.check_group(frame)
     assert field_of(exc) == "job"
+
+
+# --------------------------------------------------------------------------- identities
+
+
+def test_hello_and_group_carry_each_members_certificate() -> None:
+    plan = mmp.check_group(group(1))
+    for m, name in zip(plan.members, ("h", "w1", "w2")):
+        assert m.cert == identity(name).cert_pem and m.fingerprint == identity(name).fingerprint
+        assert m.reachable is True
+
+
+def _expired_pem() -> bytes:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "old")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now - datetime.timedelta(days=9))
+            .not_valid_after(now - datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "words"),
+    [
+        ({"cert": None}, "cert", "certificate"),
+        ({"cert": "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"}, "cert", "malformed"),
+        ({"cert": "hello"}, "cert", "PEM"),
+        ({"fingerprint": "sha256:" + "0" * 64}, "fingerprint", "fingerprint"),
+        ({"fingerprint": None}, "fingerprint", "fingerprint"),
+        ({"cert": _expired_pem().decode()}, "cert", "expired"),
+    ],
+)
+def test_a_hello_with_a_bad_identity_is_refused(change: dict[str, Any], field: str, words: str) -> None:
+    frame = {**worker_hello(), **change}
+    frame = {k: v for k, v in frame.items() if v is not None}
+    with pytest.raises(wire.WireError) as exc:
+        mmp.check_hello(frame, "192.0.2.7")
+    assert field_of(exc) == field and words in exc.value.message
+
+
+def test_a_group_frame_with_a_bad_or_shared_identity_is_refused() -> None:
+    frame = group(1)
+    frame["members"][2]["fingerprint"] = frame["members"][1]["fingerprint"]
+    with pytest.raises(wire.WireError) as exc:
+        mmp.check_group(frame)
+    assert field_of(exc) == "members[2].fingerprint"
+    frame = group(1)
+    frame["members"][2].update(cert=frame["members"][1]["cert"], fingerprint=frame["members"][1]["fingerprint"])
+    with pytest.raises(wire.WireError, match="same certificate"):
+        mmp.check_group(frame)
+    frame = group(1)
+    frame["members"][1]["reachable"] = "yes"
+    with pytest.raises(wire.WireError) as exc:
+        mmp.check_group(frame)
+    assert field_of(exc) == "members[1].reachable"

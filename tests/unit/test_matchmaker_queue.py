@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from crowdd import wire
+from crowdd.testing.identities import hello_identity
 from crowdd.config import MatchmakerConfig
 from crowdd.hyperparams import Job
 from crowdd.matchmaker import Grouper, Waiter, admit, group_frames, matches
@@ -20,12 +21,13 @@ def host(name: str = "h", *, tag: str = "", want_tag: str = "", **job: Any) -> H
     j = Job(**{"workers": 1, "min_workers": 1, "wait": 60.0, **job})
     return Hello(
         "host", name, "10.0.0.1", {"data": 1, "session": 2, "tf": [3, 4]}, tag, want_tag, j,
-        {"digest": DIGEST, "size": 1, "name": "d"},
+        {"digest": DIGEST, "size": 1, "name": "d"}, **hello_identity(name),
     )
 
 
-def worker(name: str = "w", *, tag: str = "", want_tag: str = "") -> Hello:
-    return Hello("worker", name, "10.0.0.2", {"data": 5, "session": 6, "tf": [7]}, tag, want_tag)
+def worker(name: str = "w", *, tag: str = "", want_tag: str = "", reachable: bool = True) -> Hello:
+    return Hello("worker", name, "10.0.0.2", {"data": 5, "session": 6, "tf": [7]}, tag, want_tag,
+                 reachable=reachable, **hello_identity(name))
 
 
 class Queue:
@@ -198,7 +200,7 @@ def test_next_deadline_earliest() -> None:
 
 def test_group_frames_identical_but_index() -> None:
     q = Queue()
-    w1, w2 = q.add(worker("w1")), q.add(worker("w2"))
+    w1, w2 = q.add(worker("w1")), q.add(worker("w2", reachable=False))  # w2 is behind a NAT
     hid = q.add(host("h", workers=2, epochs=4))
     (grp,) = q.g.form_groups(0.0)
     frames = group_frames(grp, "gid", "tok")
@@ -207,9 +209,12 @@ def test_group_frames_identical_but_index() -> None:
     f = frames[w1]
     assert f["type"] == "group" and f["group_id"] == "gid" and f["token"] == "tok"
     assert f["members"] == [
-        {"index": 0, "role": "host", "name": "h", "address": "10.0.0.1", "ports": {"data": 1, "session": 2, "tf": [3, 4]}},
-        {"index": 1, "role": "worker", "name": "w1", "address": "10.0.0.2", "ports": {"data": 5, "session": 6, "tf": [7]}},
-        {"index": 2, "role": "worker", "name": "w2", "address": "10.0.0.2", "ports": {"data": 5, "session": 6, "tf": [7]}},
+        {"index": 0, "role": "host", "name": "h", "address": "10.0.0.1", "ports": {"data": 1, "session": 2, "tf": [3, 4]},
+         **hello_identity("h"), "reachable": True},
+        {"index": 1, "role": "worker", "name": "w1", "address": "10.0.0.2", "ports": {"data": 5, "session": 6, "tf": [7]},
+         **hello_identity("w1"), "reachable": True},
+        {"index": 2, "role": "worker", "name": "w2", "address": "10.0.0.2", "ports": {"data": 5, "session": 6, "tf": [7]},
+         **hello_identity("w2"), "reachable": False},
     ]
     assert f["job"]["epochs"] == 4 and f["dataset"]["digest"] == DIGEST
     wire.encode(f)  # it is a valid frame
@@ -235,6 +240,7 @@ def hello_frame(role: Any = "worker", **kw: Any) -> dict[str, Any]:
     frame: dict[str, Any] = {
         "type": "hello", "proto": wire.PROTO, "role": role, "name": "n",
         "ports": {"data": 1, "session": 2, "tf": [3] if role == "worker" else [3, 4]},
+        **hello_identity("n"),
     }
     if role == "host":
         frame["job"] = {"workers": 2}

@@ -1,0 +1,27 @@
+"""Real node identities for tests, made once per process (P-256 keys are cheap, not free)."""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from crowdd.identity import Identity
+
+_DIR = tempfile.TemporaryDirectory(prefix="crowdd-test-ids-")
+
+
+@functools.cache
+def identity(name: str) -> Identity:
+    """The identity called ``name`` (the same object for the whole test run)."""
+    return Identity.load_or_create(Path(_DIR.name), name)
+
+
+def hello_identity(name: str) -> dict[str, Any]:
+    """The ``cert`` and ``fingerprint`` fields of a hello from ``name``."""
+    ident = identity(name)
+    return {"cert": ident.cert_pem.decode("ascii"), "fingerprint": ident.fingerprint}
+
+
+__all__ = ["hello_identity", "identity"]
