@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import functools
+import ssl
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from crowdd.identity import Identity
+from crowdd.tls import server_context
 
 _DIR = tempfile.TemporaryDirectory(prefix="crowdd-test-ids-")
 
@@ -24,4 +26,10 @@ def hello_identity(name: str) -> dict[str, Any]:
     return {"cert": ident.cert_pem.decode("ascii"), "fingerprint": ident.fingerprint}
 
 
-__all__ = ["hello_identity", "identity"]
+__all__ = ["hello_identity", "identity", "matchmaker_tls"]
+
+
+def matchmaker_tls() -> tuple[ssl.SSLContext, str]:
+    """A matchmaker's server context and the fingerprint its clients pin."""
+    ident = identity("matchmaker")
+    return server_context(ident), ident.fingerprint

@@ -22,6 +22,7 @@ from crowdd.node.states import TRANSITIONS, InvalidTransition, State, StateMachi
 from crowdd.idle.policy import AlwaysIdle, IdlePolicy, Verdict
 from crowdd.idle.probes import CpuReading, Probes, UserIdle
 from crowdd.matchmaker import Matchmaker
+from crowdd.testing.identities import matchmaker_tls
 from crowdd.node.ports import free_port
 
 pytestmark = pytest.mark.timeout(60)
@@ -100,11 +101,15 @@ class Refusing:
         pass
 
 
+MM_TLS, MM_FP = matchmaker_tls()
+
+
 def make(tmp_path: Path, mm_port: int, name: str = "node", policy: Any = None, notifier: Any = None) -> Daemon:
     cfg = Config()
     cfg.daemon.listen_host = "127.0.0.1"
     cfg.daemon.retry_min = 0.05
     cfg.daemon.retry_max = 0.2
+    cfg.daemon.matchmaker_fingerprint = MM_FP
     paths = Paths.under(tmp_path / name)
     return Daemon(cfg, paths, endpoint=Endpoint.for_paths(paths), matchmaker=("127.0.0.1", mm_port),
                   policy=policy or AlwaysIdle(), name=name, policy_interval=0.2, notifier=notifier)
@@ -125,7 +130,7 @@ async def running(tmp_path: Path, mm_port: int, **kw: Any) -> AsyncIterator[Daem
 async def matchmaker() -> AsyncIterator[Matchmaker]:
     """A matchmaker on a free loopback port, closed on the way out."""
     mm = Matchmaker(MatchmakerConfig())
-    await mm.start("127.0.0.1", 0)
+    await mm.start("127.0.0.1", 0, MM_TLS)
     try:
         yield mm
     finally:
@@ -192,7 +197,7 @@ async def test_matchmaker_down_never_kills_the_daemon(tmp_path: Path) -> None:
             assert d.state == S.REGISTERING
             # the matchmaker comes up: the daemon gets in line
             mm = Matchmaker(MatchmakerConfig())
-            await mm.start("127.0.0.1", port)
+            await mm.start("127.0.0.1", port, MM_TLS)
             try:
                 await until(lambda: d.state == S.WAITING)
                 st = d.status()

@@ -73,4 +73,5 @@ def test_summary_shows_the_plan_but_never_the_token() -> None:
 def test_member_to_dict() -> None:
     m = members(2)[1]
     assert m.to_dict() == {"index": 1, "role": "worker", "name": "w1", "address": "10.0.0.2",
-                           "ports": {"data": 8001, "session": 8101, "tf": [8201]}}
+                           "ports": {"data": 8001, "session": 8101, "tf": [8201]}, "cert": m.cert.decode(),
+                           "fingerprint": m.fingerprint, "reachable": True}

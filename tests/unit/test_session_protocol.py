@@ -19,7 +19,7 @@ def over_the_wire(frame: dict[str, Any]) -> dict[str, Any]:
     return wire.decode_body(wire.encode(frame)[HEADER:])
 
 
-CLUSTER = {"ps": ["10.0.0.1:7003"], "worker": ["10.0.0.1:7004", "10.0.0.2:8201", "10.0.0.3:8202"]}
+CLUSTER = {"ps": ["127.0.0.1:27003"], "worker": ["127.0.0.1:27004", "127.0.0.1:27005", "127.0.0.1:27006"]}
 
 WORKER_MESSAGES: list[sp.WorkerMessage] = [
     sp.StateReport("replicating"),
@@ -42,6 +42,7 @@ HOST_MESSAGES: list[sp.HostMessage] = [
     sp.MembersUpdate(()),
     sp.Train(CLUSTER, 1),
     sp.Train(CLUSTER, 2),
+    sp.Dial(7, 2),
     sp.TrainingEvent({"event": "progress", "epoch": 1, "epochs": 3, "step": 40, "loss": 0.7, "worker": 0}),
     sp.TrainingEvent({"event": "eval", "epoch": 1, "test_accuracy": 0.91, "test_loss": 0.3}),
     sp.End(0.93, "/var/lib/crowdd/jobs/g-0/output/model.keras"),
@@ -115,9 +116,19 @@ def test_malformed_worker_frames_name_the_field(frame: dict[str, Any], field: st
         ({"type": "train", "cluster": CLUSTER, "index": 3}, "index"),
         ({"type": "train", "cluster": CLUSTER, "index": 0}, "index"),
         ({"type": "train", "cluster": CLUSTER}, "index"),
-        ({"type": "train", "cluster": {"ps": ["a:1"], "worker": []}, "index": 1}, "cluster"),
-        ({"type": "train", "cluster": {"ps": ["a:1"], "worker": ["b:2"], "evaluator": []}, "index": 1}, "cluster"),
-        ({"type": "train", "cluster": {"ps": ["a:1"], "worker": ["b:2", 3]}, "index": 1}, "cluster.worker"),
+        ({"type": "train", "cluster": {"ps": ["127.0.0.1:1"], "worker": []}, "index": 1}, "cluster"),
+        ({"type": "train", "cluster": {"ps": ["127.0.0.1:1"], "worker": ["127.0.0.1:2"], "evaluator": []}, "index": 1},
+         "cluster"),
+        ({"type": "train", "cluster": {"ps": ["127.0.0.1:1"], "worker": ["127.0.0.1:2", 3]}, "index": 1}, "cluster.worker"),
+        # a malicious host pointing a worker's TF server at another machine
+        ({"type": "train", "cluster": {"ps": ["10.0.0.1:7003"], "worker": ["127.0.0.1:2", "127.0.0.1:3"]}, "index": 1},
+         "cluster.ps"),
+        ({"type": "train", "cluster": {"ps": ["127.0.0.1:1"], "worker": ["127.0.0.1:2", "evil.example:3"]}, "index": 1},
+         "cluster.worker"),
+        ({"type": "train", "cluster": {"ps": ["127.0.0.1:0x10"], "worker": ["127.0.0.1:2", "127.0.0.1:3"]}, "index": 1},
+         "cluster.ps"),
+        ({"type": "dial", "stream": -1, "task": 1}, "stream"),
+        ({"type": "dial", "stream": 3, "task": 0}, "task"),
         ({"type": "training", "event": "done"}, "event"),
         ({"type": "training", "step": 3}, "event"),
         ({"type": "end", "test_accuracy": math.nan}, "test_accuracy"),

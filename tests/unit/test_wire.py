@@ -82,7 +82,7 @@ def test_error_frames() -> None:
 
 def test_error_codes_are_the_documented_set() -> None:
     assert {c.value for c in ErrorCode} == {
-        "bad_frame", "too_large", "unknown_type", "bad_field", "version", "unauthorized", "busy", "internal",
+        "bad_frame", "too_large", "unknown_type", "bad_field", "version", "unauthorized", "busy", "unreachable", "internal",
     }
 
 
