@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import time
@@ -32,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 IP = "ip"
 TC = "tc"
+NFT = "nft"
 
 
 class NetnsError(Exception):
@@ -142,6 +144,47 @@ class NetnsLab:
         for ns, dev in ((h.netns, h.ifname), (self.bridge_ns, h.bridge_port)):
             _run([IP, "netns", "exec", ns, TC, "qdisc", "replace", "dev", dev, "root", "tbf",
                   "rate", shape.rate, "burst", shape.burst, "latency", shape.latency])
+
+    def add_home_router(self, router: int, lan_hosts: int, subnet: str = "192.168.77") -> list[Host]:
+        """Make host ``router`` a home NAT router with ``lan_hosts`` new hosts behind it.
+
+        The router's internet leg is its lab interface; a LAN bridge (``lan0``, ``SUBNET.1/24``)
+        joins the new hosts (``SUBNET.10``, ``.11``, ...; default route via the router). nftables
+        masquerades what leaves the internet leg, and a forward chain (``fwdchain``) passes
+        only LAN → internet and established/related replies: unsolicited inbound is dropped, as
+        a home router does. The new hosts are appended to :attr:`hosts` (run things in them
+        with :meth:`popen`) and removed with the lab. Needs ``nft`` (nftables).
+        """
+        if shutil.which(NFT) is None:
+            raise NetnsUnavailable("nft not found (install nftables)")
+        r = self.hosts[router]
+        self._batch(r.netns, ["link add lan0 type bridge", f"addr add {subnet}.1/24 dev lan0", "link set lan0 up"])
+        _run([IP, "netns", "exec", r.netns, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
+        added = []
+        for k in range(lan_hosts):
+            index = len(self.hosts)
+            h = Host(index, f"{self.prefix}-lan{k}", f"{subnet}.{10 + k}", "eth0", f"l{k}")
+            self._add_ns(h.netns)
+            _run([IP, "link", "add", h.ifname, "netns", h.netns, "type", "veth", "peer", "name", h.bridge_port,
+                  "netns", r.netns])
+            self._batch(h.netns, ["link set lo up", f"addr add {h.ip}/24 dev {h.ifname}", f"link set {h.ifname} up",
+                                  f"route add default via {subnet}.1"])
+            self._batch(r.netns, [f"link set {h.bridge_port} master lan0", f"link set {h.bridge_port} up"])
+            self.hosts.append(h)
+            added.append(h)
+        rules = (
+            "table ip crowdd_nat {\n"
+            "  chain postrouting { type nat hook postrouting priority 100; policy accept;\n"
+            f'    oifname "{r.ifname}" masquerade\n  }}\n'
+            "}\n"
+            "table inet crowdd_filter {\n"
+            "  chain fwdchain { type filter hook forward priority 0; policy drop;\n"
+            "    ct state established,related accept\n"
+            '    iifname "lan0" accept\n  }\n'
+            "}\n"
+        )
+        _run([IP, "netns", "exec", r.netns, NFT, "-f", "-"], input=rules)
+        return added
 
     # -- running things
 

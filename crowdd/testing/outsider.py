@@ -1,0 +1,115 @@
+"""An outsider's tools, for the security tests: a TCP connect-scan and the TensorFlow recipe
+that runs ops on any TF server it reaches (TF servers have no authentication).
+
+    python -m crowdd.testing.outsider scan IP [IP...]           → {"IP": [open ports]}
+    python -m crowdd.testing.outsider attack IP:PORT CANARY OUT → {"read": ..., "wrote": ...}
+
+``attack`` connects to ``IP:PORT`` as the cluster job ``victim`` and, on that task, reads the
+file ``CANARY`` and writes ``OUT``: what any outsider could do to a volunteer whose TF port it
+reaches. Run each attack in its own process with a timeout (:func:`tf_attack`): TF may hang on
+a port that is not a TF server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+ATTACK_TIMEOUT = 60.0
+
+
+async def _open(ip: str, port: int, timeout: float, gate: asyncio.Semaphore) -> bool:
+    async with gate:
+        try:
+            _, w = await asyncio.wait_for(asyncio.open_connection(ip, port), timeout)
+        except (OSError, asyncio.TimeoutError):
+            return False
+        w.close()
+        return True
+
+
+async def scan(ip: str, ports: Iterable[int] = range(1, 65536), *, concurrency: int = 512,
+               timeout: float = 1.0) -> list[int]:
+    """The TCP ports of ``ip`` that accept a connection."""
+    gate = asyncio.Semaphore(concurrency)
+    ports = list(ports)
+    found = await asyncio.gather(*(_open(ip, p, timeout, gate) for p in ports))
+    return [p for p, ok in zip(ports, found) if ok]
+
+
+@dataclass(frozen=True)
+class Attack:
+    target: str
+    read: bool
+    wrote: bool
+    error: str = ""
+
+    @property
+    def ran_an_op(self) -> bool:
+        return self.read or self.wrote
+
+
+def tf_attack(target: str, canary: str, out: str, *, argv_prefix: Sequence[str] = (),
+              timeout: float = ATTACK_TIMEOUT) -> Attack:
+    """Run :func:`_attack_main` against ``target`` in a child (``argv_prefix``: e.g. ``ip netns
+    exec NS``) and report what it managed."""
+    argv = [*argv_prefix, sys.executable, "-m", "crowdd.testing.outsider", "attack", target, canary, out]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return Attack(target, False, False, f"no answer within {timeout:g} s")
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+    if not lines:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return Attack(target, False, False, f"exit {done.returncode}: {tail}")
+    got = json.loads(lines[-1])
+    return Attack(target, bool(got.get("read")), bool(got.get("wrote")), str(got.get("error", "")))
+
+
+def _attack_main(target: str, canary: str, out: str) -> dict[str, object]:
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import tensorflow as tf
+
+    result: dict[str, object] = {"read": False, "wrote": False}
+    try:
+        tf.config.experimental_connect_to_cluster(tf.train.ClusterSpec({"victim": [target]}), job_name="attacker")
+        with tf.device("/job:victim/replica:0/task:0"):
+            try:
+                data = tf.io.read_file(canary).numpy()
+                result["read"] = bool(data)
+                result["content"] = data[:64].decode("utf-8", "replace")
+            except Exception as exc:  # noqa: BLE001 - report, then try the write
+                result["error"] = f"read: {type(exc).__name__}: {str(exc)[:200]}"
+            try:
+                tf.io.write_file(out, "written by an outsider")
+                result["wrote"] = True
+            except Exception as exc:  # noqa: BLE001
+                result["error"] = f"{result.get('error', '')} write: {type(exc).__name__}: {str(exc)[:200]}"
+    except Exception as exc:  # noqa: BLE001 - the attack failed: that is the point
+        result["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["scan"] and len(args) >= 2:
+        print(json.dumps({ip: asyncio.run(scan(ip)) for ip in args[1:]}), flush=True)
+        return 0
+    if args[:1] == ["attack"] and len(args) == 4:
+        print(json.dumps(_attack_main(args[1], args[2], args[3])), flush=True)
+        return 0
+    print(__doc__, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["Attack", "scan", "tf_attack"]
