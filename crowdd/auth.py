@@ -4,7 +4,9 @@ Used by replication (purpose ``"data"``) and the daemon's session channel (purpo
 ``"session"``). The token the matchmaker hands out never crosses the wire; both sides
 prove they hold it, and every proof is bound to the purpose, both nonces, the role
 (client/server) and the client's hello, so a proof made for one channel or one
-connection cannot be replayed on another.
+connection cannot be replayed on another. Between members this runs inside mutual TLS
+pinned to the group's identities (:mod:`crowdd.group_tls`; ``connect(ssl=...)`` on the client,
+``ssl=`` on the server's listener): the certificate is the first factor, the token the second.
 
 Handshake (all frames via :mod:`crowdd.wire`)::
 
@@ -188,14 +190,25 @@ async def connect(
     timeout: float = wire.DEFAULT_TIMEOUT,
     limit: int = 1 << 20,
     ssl: ssl_module.SSLContext | None = None,
+    ssl_handshake_timeout: float | None = None,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, dict[str, Any]]:
-    """Open a connection (TLS with ``ssl``: the context pins who the server must be) and prove
-    membership; returns (reader, writer, welcome). A server whose certificate the context does
-    not accept raises AuthError (not ``unreachable``)."""
+    """Open a connection and prove membership; returns (reader, writer, welcome).
+
+    With ``ssl`` the connection is TLS before the first frame (the context says who the server
+    must be and which certificate we present), and the token proof runs inside it as a second
+    factor. ``ssl_handshake_timeout`` (default ``timeout``) bounds the TLS handshake; the whole
+    connect, handshake included, is bounded by ``timeout`` too. A server whose certificate the
+    context does not accept raises AuthError (not ``unreachable``); a server that refuses our
+    certificate closes the connection with an alert, which surfaces as an ``unreachable``
+    AuthError from the token handshake (TLS 1.3 reports it after the client's handshake).
+    """
     _key(token)
+    if ssl is None and ssl_handshake_timeout is not None:
+        raise ValueError("ssl_handshake_timeout needs ssl")
+    tls_timeout = (ssl_handshake_timeout if ssl_handshake_timeout is not None else timeout) if ssl else None
     try:
         reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(host, port, limit=limit, ssl=ssl, ssl_handshake_timeout=timeout if ssl else None),
+            asyncio.open_connection(host, port, limit=limit, ssl=ssl, ssl_handshake_timeout=tls_timeout),
             timeout,
         )
     except ssl_module.SSLCertVerificationError as exc:

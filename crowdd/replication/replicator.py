@@ -19,10 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from crowdd import auth
-from crowdd import wire
-from crowdd.group_tls import GroupTLS
+from crowdd import auth, wire
 from crowdd.cache import DatasetCache
+from crowdd.group_tls import GroupTLS
 from crowdd.manifest import Manifest
 from crowdd.protocol import data
 from crowdd.replication.errors import ReplicationError
@@ -57,7 +56,10 @@ class _SourceFailed(Exception):
 
 
 class Replicator:
-    """Fetches the dataset for node ``index`` from its route source, with fallback."""
+    """Fetches the dataset for node ``index`` from its route source, with fallback.
+
+    ``tls``: this node's TLS for the group; every peer is dialled pinned to its own
+    certificate (``tls.client(peer.index)``) before the token proof."""
 
     def __init__(
         self,
@@ -73,7 +75,7 @@ class Replicator:
         store: ChunkStore | None = None,
         give_up: float | None = None,
         rng: random.Random | None = None,
-        tls: GroupTLS | None = None,
+        tls: GroupTLS,
         reachable: Sequence[bool] | None = None,
     ) -> None:
         auth._key(token)
@@ -97,8 +99,9 @@ class Replicator:
         self.corrupt_chunks = 0
         self.sources_used: list[int] = []
 
-    def _ssl(self, peer: Peer) -> ssl.SSLContext | None:
-        return self.tls.client(peer.index) if self.tls is not None else None
+    def _ssl(self, peer: Peer) -> ssl.SSLContext:
+        """TLS pinned to the member we dial: anyone else is refused before a frame is sent."""
+        return self.tls.client(peer.index)
 
     def _report(self, source: int | None) -> None:
         if self.on_progress is not None and self.store is not None:
@@ -297,12 +300,12 @@ class Replicator:
 
 
 async def fetch_manifest(
-    peer: Peer, token: str, index: int, digest: str, *, timeout: float = 10.0, tls: GroupTLS | None = None
+    peer: Peer, token: str, index: int, digest: str, *, timeout: float = 10.0, tls: GroupTLS
 ) -> Manifest:
-    """Get the manifest from a peer and check it against the matchmaker's digest."""
+    """Get the manifest from a peer (over TLS pinned to it) and check it against the matchmaker's digest."""
     reader, writer, _ = await auth.connect(
         peer.host, peer.port, token, data.PURPOSE, data.make_hello(index), timeout=timeout,
-        ssl=tls.client(peer.index) if tls is not None else None,
+        ssl=tls.client(peer.index),
     )
     try:
         await wire.write_frame(writer, data.ManifestRequest().to_frame(), timeout=timeout)

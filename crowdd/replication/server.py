@@ -5,6 +5,11 @@ binomial schedule holds); a target that has not connected within ``late_bound`` 
 its turn is skipped and served later. Other clients (nodes recovering from a dead source)
 are served at once. A chunk the fetcher is still receiving is sent on as soon as it arrives
 (the server and the fetcher share one :class:`ChunkStore`).
+
+Every connection is TLS 1.3, mutual and pinned to the group (:class:`crowdd.group_tls.GroupTLS`):
+only the other members' certificates get through the handshake, the token proof follows
+(:func:`crowdd.auth.accept`), and a client must then present the certificate of the member
+index its hello claims, or it is refused with ``unauthorized``.
 """
 
 from __future__ import annotations
@@ -17,10 +22,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from crowdd import auth
-from crowdd import wire
-from crowdd.group_tls import GroupTLS
+from crowdd import auth, wire
 from crowdd.aio import spawn_tracked
+from crowdd.group_tls import GroupTLS
 from crowdd.manifest import Manifest
 from crowdd.protocol import data
 from crowdd.replication.store import ChunkStore
@@ -35,9 +39,8 @@ SPAN_PIECE = 256 << 10
 class DataServer:
     """Serves the chunks this node holds to authenticated members of the group.
 
-    ``tls``: mutual TLS pinned to the group, and each client must be the member it says it is.
-    None serves plaintext (in-process tests of the replication logic only; a node always
-    passes its group's :class:`GroupTLS`)."""
+    ``tls``: this node's TLS for the group; clients are the other members only, and each
+    must be the member it says it is."""
 
     def __init__(
         self,
@@ -54,7 +57,7 @@ class DataServer:
         keepalive: float | None = None,
         sock: socket.socket | None = None,
         rate_limit: float | None = None,
-        tls: GroupTLS | None = None,
+        tls: GroupTLS,
     ) -> None:
         auth._key(token)
         self.tls = tls
@@ -79,9 +82,7 @@ class DataServer:
 
     async def start(self) -> int:
         """Bind and listen; returns the bound port."""
-        tls: dict[str, Any] = {}
-        if self.tls is not None:
-            tls = {"ssl": self.tls.server(), "ssl_handshake_timeout": self.tls.handshake_timeout}
+        tls: dict[str, Any] = {"ssl": self.tls.server(), "ssl_handshake_timeout": self.tls.handshake_timeout}
         if self._sock is not None:
             self._server = await asyncio.start_server(self._on_client, sock=self._sock, limit=data.STREAM_LIMIT, **tls)
         else:
@@ -89,7 +90,7 @@ class DataServer:
                 self._on_client, self.host, self.port, limit=data.STREAM_LIMIT, reuse_address=True, **tls
             )
         self.port = self._server.sockets[0].getsockname()[1]
-        logger.info("data server listening on %s:%d", self.host, self.port)
+        logger.info("data server listening on %s:%d (TLS, group members only)", self.host, self.port)
         return self.port
 
     async def close(self) -> None:
@@ -123,11 +124,10 @@ class DataServer:
             return
         try:
             index = data.check_hello(hello, self.group_size)
-            if self.tls is not None:
-                try:
-                    self.tls.check(writer, index)
-                except auth.AuthError as exc:
-                    raise wire.WireError(wire.ErrorCode.UNAUTHORIZED, exc.message) from None
+            try:
+                self.tls.check(writer, index)  # logs the refusal
+            except auth.AuthError as exc:
+                raise wire.WireError(wire.ErrorCode.UNAUTHORIZED, exc.message) from None
             while True:
                 try:
                     req = await wire.read_frame(reader, timeout=self.idle_timeout)
@@ -135,6 +135,7 @@ class DataServer:
                     return
                 await self._handle(index, req, writer)
         except wire.WireError as exc:
+            logger.info("refused data client %s: %s", writer.get_extra_info("peername"), exc.message)
             await wire.send_error_and_close(writer, exc)
             return
         except (wire.ConnectionClosed, wire.FrameTimeout, OSError) as exc:
@@ -155,7 +156,7 @@ class DataServer:
             await self._stream(index, list(req.chunks), req.wait, writer)
 
     async def _send_chunk(self, writer: asyncio.StreamWriter, k: int) -> None:
-        """One chunk frame; the bytes go file → socket with sendfile where the OS allows."""
+        """One chunk frame, its bytes read from the file in pieces (no sendfile through TLS)."""
         off, length = self.manifest.chunk_span(k)
         if self.rate_limit is not None:  # one shared budget for the whole upload
             now = time.monotonic()
@@ -164,13 +165,8 @@ class DataServer:
             if start > now:
                 await asyncio.sleep(start - now)
         wire.write_frame_nowait(writer, data.Chunk(k, length).to_frame())
-        loop = asyncio.get_running_loop()
         try:
-            if writer.get_extra_info("ssl_object") is not None:  # no zero-copy through TLS
-                await asyncio.wait_for(self._write_span(writer, off, length), self.stall_timeout)
-            else:
-                await asyncio.wait_for(loop.sendfile(writer.transport, self.store.file, off, length),
-                                       self.stall_timeout)
+            await asyncio.wait_for(self._write_span(writer, off, length), self.stall_timeout)
         except asyncio.TimeoutError:
             raise wire.FrameTimeout(f"peer did not read for {self.stall_timeout} s") from None
         except (ConnectionResetError, BrokenPipeError) as exc:

@@ -2,6 +2,11 @@
 
 Works on loopback (every node on 127.0.0.1) or inside a :class:`~crowdd.testing.netns.NetnsLab`
 (pass ``launch=lab.popen`` and ``address=lambda i: lab.hosts[i].ip``).
+
+Each node gets its own identity (``<workdir>/ids/m<i>.key``/``.crt``, made in :meth:`NodeCluster.
+start`) and every member's certificate, so all replication traffic is mutual TLS pinned to the
+group, as between real nodes. ``extra={i: {"identity": {"dir": D, "name": N}}}`` makes node i
+present another identity than the one its peers pin (an impostor).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from crowdd.identity import Identity
 from crowdd.platform.process import group_options, kill_group
 
 Launch = Callable[..., "subprocess.Popen[Any]"]
@@ -108,12 +114,23 @@ class NodeCluster:
         self.extra = extra or {}
         self.verbose = verbose
         self.nodes: list[NodeProc] = []
+        self.identities: list[Identity] = []
+
+    def make_identities(self) -> list[Identity]:
+        """The members' identities (made once, in ``<workdir>/ids``)."""
+        if not self.identities:
+            ids = self.workdir / "ids"
+            self.identities = [Identity.load_or_create(ids, f"m{i}") for i in range(self.n)]
+        return self.identities
 
     def spec(self, i: int) -> dict[str, Any]:
+        identities = self.make_identities()
         spec: dict[str, Any] = {
             "index": i, "n": self.n, "token": self.token, "manifest": str(self.manifest_path),
             "cache": str(self.workdir / f"cache{i}"), "route": self.route,
             "stall_timeout": self.stall_timeout, "listen": self.listen(i), "port": 0,
+            "identity": {"dir": str(identities[i].key_path.parent), "name": f"m{i}"},
+            "certs": [ident.cert_pem.decode("ascii") for ident in identities],
         }
         spec.update(self.extra.get(i, {}))
         return spec

@@ -1,5 +1,6 @@
-"""Replication on loopback: real sockets; in-process nodes for the fast cases, real processes
-for the group of 8 and the kill -9 of a relay."""
+"""Replication on loopback: real sockets, all mutual TLS pinned to the group (as between real
+nodes); in-process nodes for the fast cases, real processes for the group of 8 and the kill -9
+of a relay. Attacks on the TLS layer are in test_replication_tls.py."""
 
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from crowdd import auth, wire
 from crowdd.cache import DatasetCache
+from crowdd.group_tls import GroupTLS
 from crowdd.manifest import Manifest, ManifestError
 from crowdd.protocol import data
 from crowdd.replication.errors import ReplicationError
@@ -22,9 +25,16 @@ from crowdd.replication.replicator import Peer, Progress, Replicator, fetch_mani
 from crowdd.replication.server import DataServer
 from crowdd.replication.store import ChunkStore
 from crowdd.route import RouteError, node_plan
+from crowdd.testing.identities import identity
 from crowdd.testing.replication_cluster import NodeCluster
+from crowdd.testing.replication_node import group_tls
 
 CHUNK = 64 << 10
+
+
+def tls_for(n: int) -> list[GroupTLS]:
+    """Each member's TLS for a group of ``n`` (identities made once per test run)."""
+    return group_tls([identity(f"rep{i}") for i in range(n)])
 
 
 def make_file(path: Path, size: int, chunk: int = CHUNK) -> Manifest:
@@ -46,6 +56,10 @@ class Group:
     stores: dict[int, ChunkStore] = field(default_factory=dict)
     servers: dict[int, DataServer] = field(default_factory=dict)
     peers: list[Peer] = field(default_factory=list)
+    tls: list[GroupTLS] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.tls = tls_for(self.n)
 
     def cache(self, i: int) -> DatasetCache:
         return DatasetCache(self.tmp / f"cache{i}")
@@ -61,14 +75,15 @@ class Group:
                 self.stores[i] = store
                 server = DataServer(self.token, self.manifest, store, host="127.0.0.1",
                                     targets=node_plan(self.n, i, self.route).targets, group_size=self.n,
-                                    stall_timeout=self.stall, late_bound=0.5)
+                                    stall_timeout=self.stall, late_bound=0.5, tls=self.tls[i])
             self.servers[i] = server
             port = await server.start()
             self.peers.append(Peer(i, "127.0.0.1", port))
 
     def replicator(self, i: int, **kw: object) -> Replicator:
         return Replicator(i, self.peers, self.token, self.manifest, self.cache(i), route=self.route,
-                          stall_timeout=self.stall, store=self.stores.get(i), **kw)  # type: ignore[arg-type]
+                          stall_timeout=self.stall, store=self.stores.get(i), tls=self.tls[i],
+                          **kw)  # type: ignore[arg-type]
 
     async def close(self) -> None:
         for server in self.servers.values():
@@ -170,7 +185,7 @@ async def test_corrupt_chunk_is_detected_and_refetched_elsewhere(group_factory, 
     bad_store = ChunkStore.complete(bad, manifest)
     g = Group(tmp_path, 4, manifest, src, token=token)
     bad_server = DataServer(token, manifest, bad_store, host="127.0.0.1", targets=(3,), group_size=4,
-                            stall_timeout=2.0)
+                            stall_timeout=2.0, tls=g.tls[1])
     try:
         await g.start({1: bad_server})
         rep3 = g.replicator(3)
@@ -209,14 +224,16 @@ async def test_peer_that_stalls_mid_frame_is_dropped(tmp_path: Path) -> None:
         finally:
             writer.close()
 
-    bad = await asyncio.start_server(staller, "127.0.0.1", 0)
+    tls = tls_for(3)
+    bad = await asyncio.start_server(staller, "127.0.0.1", 0, ssl=tls[1].server())  # a member gone wrong
     host_store = ChunkStore.complete(src, manifest)
-    host = DataServer(token, manifest, host_store, host="127.0.0.1", group_size=3, stall_timeout=1.0)
+    host = DataServer(token, manifest, host_store, host="127.0.0.1", group_size=3, stall_timeout=1.0, tls=tls[0])
     try:
         peers = [Peer(0, "127.0.0.1", await host.start()), Peer(1, "127.0.0.1", bad.sockets[0].getsockname()[1])]
         # chain 0 → 1 → 2: node 2's source is the staller
         peers.append(Peer(2, "127.0.0.1", 1))
-        rep = Replicator(2, peers, token, manifest, DatasetCache(tmp_path / "c2"), route="chain", stall_timeout=1.0)
+        rep = Replicator(2, peers, token, manifest, DatasetCache(tmp_path / "c2"), route="chain", stall_timeout=1.0,
+                         tls=tls[2])
         path = await asyncio.wait_for(rep.run(), 30)
         assert stalled.is_set()
         assert digest(path) == manifest.sha256
@@ -239,9 +256,10 @@ async def test_dead_source_is_replaced_by_another_holder(group_factory) -> None:
 async def test_wrong_token_is_refused(group_factory) -> None:  # type: ignore[no-untyped-def]
     g: Group = await group_factory(n=2)
     with pytest.raises(auth.AuthError) as err:
-        await auth.connect("127.0.0.1", g.peers[0].port, "wrong", "data", {"index": 1}, timeout=2)
+        await auth.connect("127.0.0.1", g.peers[0].port, "wrong", "data", {"index": 1}, timeout=2,
+                           ssl=g.tls[1].client(0))
     assert err.value.code == "unauthorized"
-    rep = Replicator(1, g.peers, "wrong", g.manifest, g.cache(1), stall_timeout=0.5, give_up=1.0)
+    rep = Replicator(1, g.peers, "wrong", g.manifest, g.cache(1), stall_timeout=0.5, give_up=1.0, tls=g.tls[1])
     with pytest.raises(ReplicationError, match="no holder"):
         await asyncio.wait_for(rep.run(), 20)
     assert g.servers[0].served_chunks == 0
@@ -259,7 +277,8 @@ async def test_wrong_token_is_refused(group_factory) -> None:  # type: ignore[no
 )
 async def test_bad_requests_get_an_error_frame(group_factory, request_frame: dict, code: str) -> None:  # type: ignore[no-untyped-def]
     g: Group = await group_factory(n=2)
-    reader, writer, _ = await auth.connect("127.0.0.1", g.peers[0].port, g.token, "data", {"index": 1}, timeout=2)
+    reader, writer, _ = await auth.connect("127.0.0.1", g.peers[0].port, g.token, "data", {"index": 1}, timeout=2,
+                                           ssl=g.tls[1].client(0))
     await wire.write_frame(writer, request_frame)
     answer = await wire.read_frame(reader, timeout=2)
     await wire.close_writer(writer)
@@ -271,7 +290,8 @@ async def test_bad_requests_get_an_error_frame(group_factory, request_frame: dic
 async def test_bad_hello_index_is_refused(group_factory) -> None:  # type: ignore[no-untyped-def]
     g: Group = await group_factory(n=2)
     for hello in ({"index": 99}, {"index": "1"}, {}):
-        reader, writer, _ = await auth.connect("127.0.0.1", g.peers[0].port, g.token, "data", hello, timeout=2)
+        reader, writer, _ = await auth.connect("127.0.0.1", g.peers[0].port, g.token, "data", hello, timeout=2,
+                                               ssl=g.tls[1].client(0))
         await wire.write_frame(writer, data.HaveRequest().to_frame())
         answer = await wire.read_frame(reader, timeout=2)
         await wire.close_writer(writer)
@@ -280,10 +300,10 @@ async def test_bad_hello_index_is_refused(group_factory) -> None:  # type: ignor
 
 async def test_manifest_is_fetched_and_checked_against_the_digest(group_factory) -> None:  # type: ignore[no-untyped-def]
     g: Group = await group_factory(n=2)
-    got = await fetch_manifest(g.peers[0], g.token, 1, g.manifest.digest())
+    got = await fetch_manifest(g.peers[0], g.token, 1, g.manifest.digest(), tls=g.tls[1])
     assert got == g.manifest
     with pytest.raises(ManifestError, match="digest"):
-        await fetch_manifest(g.peers[0], g.token, 1, "0" * 64)
+        await fetch_manifest(g.peers[0], g.token, 1, "0" * 64, tls=g.tls[1])
 
 
 async def test_source_serves_targets_in_plan_order_and_skips_a_late_one(tmp_path: Path) -> None:
@@ -292,15 +312,17 @@ async def test_source_serves_targets_in_plan_order_and_skips_a_late_one(tmp_path
     manifest = make_file(src, 8 * CHUNK)
     token = secrets.token_hex(16)
     store = ChunkStore.complete(src, manifest)
+    tls = tls_for(4)
     server = DataServer(token, manifest, store, host="127.0.0.1", targets=(1, 2, 3), group_size=4,
-                        stall_timeout=2.0, late_bound=0.6, keepalive=0.1)
+                        stall_timeout=2.0, late_bound=0.6, keepalive=0.1, tls=tls[0])
     order: list[int] = []
     try:
         port = await server.start()
 
         async def fetch(i: int, delay: float) -> None:
             await asyncio.sleep(delay)
-            reader, writer, _ = await auth.connect("127.0.0.1", port, token, "data", {"index": i}, timeout=2)
+            reader, writer, _ = await auth.connect("127.0.0.1", port, token, "data", {"index": i}, timeout=2,
+                                                   ssl=tls[i].client(0))
             await wire.write_frame(writer, data.GetRequest(tuple(range(manifest.num_chunks))).to_frame())
             first = True
             while True:
@@ -340,12 +362,14 @@ def test_chunk_store_refuses_a_chunk_that_does_not_match(tmp_path: Path) -> None
 def test_replicator_rejects_an_index_outside_the_group(tmp_path: Path) -> None:
     src = tmp_path / "data.bin"
     manifest = make_file(src, CHUNK)
+    tls = tls_for(2)[0]
     with pytest.raises(RouteError, match="out of range"):
-        Replicator(5, [Peer(0, "127.0.0.1", 1)], "t", manifest, DatasetCache(tmp_path / "c"))
+        Replicator(5, [Peer(0, "127.0.0.1", 1)], "t", manifest, DatasetCache(tmp_path / "c"), tls=tls)
     with pytest.raises(ValueError, match="numbered"):
-        Replicator(0, [Peer(0, "127.0.0.1", 1), Peer(0, "127.0.0.1", 2)], "t", manifest, DatasetCache(tmp_path / "c"))
+        Replicator(0, [Peer(0, "127.0.0.1", 1), Peer(0, "127.0.0.1", 2)], "t", manifest, DatasetCache(tmp_path / "c"),
+                   tls=tls)
     with pytest.raises(ValueError, match="token"):
-        Replicator(0, [Peer(0, "127.0.0.1", 1)], "", manifest, DatasetCache(tmp_path / "c"))
+        Replicator(0, [Peer(0, "127.0.0.1", 1)], "", manifest, DatasetCache(tmp_path / "c"), tls=tls)
 
 
 # --------------------------------------------------------------------------- real processes
@@ -360,8 +384,8 @@ def cluster_factory(tmp_path: Path):  # type: ignore[no-untyped-def]
         manifest = make_file(src, size, chunk)
         mpath = tmp_path / f"manifest-{route}.json"
         mpath.write_bytes(manifest.to_json())
-        extra = kw.pop("extra", {}) or {}
-        extra.setdefault(0, {})["serve_file"] = str(src)  # type: ignore[union-attr]
+        extra: dict[int, dict[str, Any]] = dict(kw.pop("extra", None) or {})  # type: ignore[call-overload]
+        extra.setdefault(0, {})["serve_file"] = str(src)
         c = NodeCluster(tmp_path / f"run-{route}", n=n, token=secrets.token_hex(16), manifest_path=mpath,
                         route=route, extra=extra, **kw)  # type: ignore[arg-type]
         clusters.append(c)
@@ -411,10 +435,12 @@ async def test_client_stuck_mid_request_is_dropped(tmp_path: Path) -> None:
     manifest = make_file(src, 2 * CHUNK)
     token = secrets.token_hex(16)
     store = ChunkStore.complete(src, manifest)
-    server = DataServer(token, manifest, store, host="127.0.0.1", group_size=2, stall_timeout=0.2)
+    tls = tls_for(2)
+    server = DataServer(token, manifest, store, host="127.0.0.1", group_size=2, stall_timeout=0.2, tls=tls[0])
     try:
         port = await server.start()
-        reader, writer, _ = await auth.connect("127.0.0.1", port, token, "data", {"index": 1}, timeout=2)
+        reader, writer, _ = await auth.connect("127.0.0.1", port, token, "data", {"index": 1}, timeout=2,
+                                               ssl=tls[1].client(0))
         writer.write(wire.encode(data.HaveRequest().to_frame())[:6])  # half a frame, then nothing
         await writer.drain()
         with pytest.raises(wire.ConnectionClosed):

@@ -1,15 +1,18 @@
-"""Group-membership proof (crowdd.auth) over real loopback sockets."""
+"""Group-membership proof (crowdd.auth) over real loopback sockets, plaintext and inside TLS."""
 
 from __future__ import annotations
 
 import asyncio
 import secrets
+import ssl
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
 from crowdd import auth, wire
+from crowdd.testing.identities import identity
+from crowdd.tls import client_context, server_context
 
 TOKEN = secrets.token_hex(16)
 
@@ -35,8 +38,8 @@ class Server:
         await wire.write_frame(writer, {"type": "pong"})
         await wire.close_writer(writer)
 
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._on, "127.0.0.1", 0)
+    async def start(self, ssl_context: ssl.SSLContext | None = None) -> None:
+        self._server = await asyncio.start_server(self._on, "127.0.0.1", 0, ssl=ssl_context)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def close(self) -> None:
@@ -79,7 +82,7 @@ async def test_token_never_crosses_the_wire(server: Server) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     orig = writer.write
 
-    def spy(data: bytes) -> None:
+    def spy(data: bytes | bytearray | memoryview) -> None:
         sent.extend(data)
         orig(data)
 
@@ -203,3 +206,87 @@ def test_proof_binds_role_and_purpose() -> None:
     args = ("a" * 64, "b" * 64, "c" * 64)
     proofs = {auth.proof(TOKEN, r, p, *args) for r in ("client", "server") for p in ("data", "session")}
     assert len(proofs) == 4
+
+
+# --------------------------------------------------------------------------- inside TLS
+
+
+@pytest.fixture
+async def tls_server() -> AsyncIterator[Server]:
+    """The same server behind TLS 1.3 presenting "auth-a" and accepting only "auth-b"."""
+    srv = Server(TOKEN, "data")
+    await srv.start(server_context(identity("auth-a"), peers=[identity("auth-b").cert_pem]))
+    try:
+        yield srv
+    finally:
+        await srv.close()
+
+
+def _client(name: str | None = "auth-b", pinned: str = "auth-a") -> ssl.SSLContext:
+    return client_context(identity(name) if name else None, pinned=[identity(pinned).cert_pem])
+
+
+async def test_token_proof_runs_inside_tls_1_3(tls_server: Server) -> None:
+    reader, writer, welcome = await auth.connect("127.0.0.1", tls_server.port, TOKEN, "data", {"index": 3},
+                                                 timeout=2, ssl=_client(), ssl_handshake_timeout=2)
+    try:
+        assert welcome["type"] == "welcome"
+        assert writer.get_extra_info("ssl_object").version() == "TLSv1.3"
+        assert (await wire.read_frame(reader, timeout=2))["type"] == "pong"
+    finally:
+        await wire.close_writer(writer)
+    assert tls_server.hellos == [{"index": 3}]
+
+
+async def test_token_is_still_required_inside_tls(tls_server: Server) -> None:
+    with pytest.raises(auth.AuthError) as err:
+        await auth.connect("127.0.0.1", tls_server.port, "wrong", "data", {}, timeout=2, ssl=_client())
+    assert err.value.code == "unauthorized" and not err.value.unreachable
+
+
+async def test_a_server_that_is_not_the_pinned_one_is_refused(tls_server: Server) -> None:
+    with pytest.raises(auth.AuthError, match="not the expected member") as err:
+        await auth.connect("127.0.0.1", tls_server.port, TOKEN, "data", {}, timeout=2,
+                           ssl=_client(pinned="auth-c"))
+    assert not err.value.unreachable
+    assert tls_server.hellos == [] and tls_server.errors == []
+
+
+@pytest.mark.parametrize("name", ["auth-c", None], ids=["foreign-cert", "no-cert"])
+async def test_a_client_the_server_does_not_accept_never_reaches_the_token_handshake(
+    tls_server: Server, name: str | None
+) -> None:
+    with pytest.raises(auth.AuthError):
+        await auth.connect("127.0.0.1", tls_server.port, TOKEN, "data", {}, timeout=2, ssl=_client(name))
+    assert tls_server.hellos == [] and tls_server.errors == []
+
+
+async def test_plaintext_client_on_a_tls_server_is_refused(tls_server: Server) -> None:
+    with pytest.raises(auth.AuthError):
+        await auth.connect("127.0.0.1", tls_server.port, TOKEN, "data", {}, timeout=2)
+    assert tls_server.hellos == [] and tls_server.errors == []
+
+
+async def test_ssl_handshake_timeout_bounds_a_server_that_never_answers_tls() -> None:
+    async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(5)
+        writer.close()
+
+    srv = await asyncio.start_server(mute, "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    try:
+        with pytest.raises(auth.AuthError) as err:
+            await auth.connect("127.0.0.1", port, TOKEN, "data", {}, timeout=10, ssl=_client(),
+                               ssl_handshake_timeout=0.3)
+        assert err.value.unreachable
+        assert loop.time() - start < 3
+    finally:
+        srv.close()
+        await srv.wait_closed()
+
+
+async def test_ssl_handshake_timeout_needs_ssl() -> None:
+    with pytest.raises(ValueError, match="needs ssl"):
+        await auth.connect("127.0.0.1", 1, TOKEN, "data", {}, ssl_handshake_timeout=1.0)
