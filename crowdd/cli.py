@@ -46,8 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--listen", help="HOST:PORT to listen on (default from config: 0.0.0.0:7700)")
     p.add_argument("--cert", type=Path, help="the operator's TLS certificate (PEM); default: a self-signed one "
-                   "made once in the state directory (its fingerprint is printed at start)")
+                   "made once in --state-dir (its fingerprint is printed at start)")
     p.add_argument("--key", type=Path, help="the key of --cert (PEM)")
+    p.add_argument("--state-dir", type=Path, help="where the self-signed identity is kept (default: the "
+                   "identity directory of the state directory)")
     p.set_defaults(func=_lazy("crowdd.matchmaker", "main"))
 
     p = sub.add_parser("daemon", help="run the crowdd daemon (normally as a service)")

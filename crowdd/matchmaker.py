@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import gc
 import logging
 import secrets
@@ -24,6 +25,7 @@ import sys
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from asyncio import sslproto
 from pathlib import Path
 from typing import Any
 
@@ -174,6 +176,20 @@ def new_token() -> str:
 
 
 # --------------------------------------------------------------------------- I/O
+
+
+class _TLS(sslproto.SSLProtocol):
+    """asyncio's TLS layer for one client, with a 4 KiB read buffer instead of 256 KiB (matchmaker
+    frames are small, and 10,000 waiting clients must stay cheap); it remembers the peer's
+    address so that a failed handshake can be logged with it."""
+
+    max_size = 4 * 1024
+    peer = "?"
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = transport.get_extra_info("peername")
+        self.peer = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
+        super().connection_made(transport)  # type: ignore[no-untyped-call]
 
 
 class _Conn(asyncio.Protocol):
@@ -337,6 +353,8 @@ class Matchmaker:
         self._deadline: asyncio.TimerHandle | None = None
         self._positions_dirty = False
         self._checks: set[asyncio.Task[None]] = set()
+        self.tls: ssl.SSLContext | None = None
+        self.tls_refused = 0
 
     def now(self) -> float:
         return self._loop.time() if self._loop is not None else 0.0
@@ -355,9 +373,9 @@ class Matchmaker:
     async def start(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> None:
         """Listen (TLS with ``tls``, which ``crowdd matchmaker`` always gives)."""
         self._loop = asyncio.get_running_loop()
+        self.tls = tls
         self._server = await self._loop.create_server(
-            lambda: _Conn(self), host or None, port, backlog=4096, reuse_address=True,
-            ssl=tls, ssl_handshake_timeout=self.cfg.read_timeout if tls is not None else None,
+            self._protocol, host or None, port, backlog=4096, reuse_address=True,
         )
         sweep = max(0.05, min(1.0, self.cfg.read_timeout / 4, self.cfg.heartbeat_timeout / 4))
         self._tasks = [
@@ -385,6 +403,32 @@ class Matchmaker:
                 await asyncio.wait_for(self._server.wait_closed(), 5.0)
         self._server = None
 
+    def _protocol(self) -> asyncio.BaseProtocol:
+        """A new connection: plain, or wrapped in TLS (its :class:`_Conn` sees only the
+        decrypted stream, from a completed handshake on; a failed one is logged and closed)."""
+        conn = _Conn(self)
+        if self.tls is None or self._loop is None:
+            return conn
+        done = self._loop.create_future()
+        layer = _TLS(self._loop, conn, self.tls, done, server_side=True, ssl_handshake_timeout=self.cfg.read_timeout)
+        done.add_done_callback(functools.partial(self._handshaken, layer))
+        return layer
+
+    def _handshaken(self, layer: _TLS, done: asyncio.Future[None]) -> None:
+        exc = None if done.cancelled() else done.exception()
+        if exc is None:
+            return  # the connection is the _Conn's now (or the peer left before finishing)
+        self.tls_refused += 1
+        if isinstance(exc, ssl.SSLError) and exc.reason in ("WRONG_VERSION_NUMBER", "HTTP_REQUEST", "UNKNOWN_PROTOCOL"):
+            why = "it does not speak TLS (a plaintext client, an older crowdd, or not crowdd at all)"
+        elif isinstance(exc, ssl.SSLError) and exc.reason in ("UNSUPPORTED_PROTOCOL", "TLSV1_ALERT_PROTOCOL_VERSION"):
+            why = "it does not offer TLS 1.3"
+        elif isinstance(exc, ConnectionAbortedError):
+            why = f"no TLS handshake within {self.cfg.read_timeout} s"
+        else:
+            why = "the TLS handshake failed"
+        logger.info("matchmaker: refusing a connection from %s: %s (%s)", layer.peer, why, exc)
+
     def stats(self) -> dict[str, int]:
         return {
             "hosts": len(self.grouper.hosts),
@@ -392,6 +436,7 @@ class Matchmaker:
             "connections": len(self.conns),
             "groups": self.groups_formed,
             "dropped": self.dropped,
+            "tls_refused": self.tls_refused,
         }
 
     # connection bookkeeping
@@ -559,17 +604,21 @@ def unreachable_host_message(hello: Hello) -> str:
 
 def server_tls(cert: Path | None, key: Path | None, state_dir: Path) -> tuple[ssl.SSLContext, str]:
     """The matchmaker's TLS 1.3 context and its certificate's fingerprint: the operator's
-    certificate and key, or else a self-signed identity kept in ``state_dir`` (made once)."""
+    certificate and key, or else a self-signed identity kept in ``state_dir`` (made once).
+    No client certificate is requested (a volunteer's identity travels in its hello)."""
     if cert is not None and key is not None:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_3
         try:
             ctx.load_cert_chain(cert, key)
-            return ctx, fingerprint_of(cert.read_bytes())
+            fingerprint = fingerprint_of(cert.read_bytes())
         except (OSError, ssl.SSLError, InputError) as exc:
             raise InputError(f"cannot use the certificate {cert} with the key {key}: {exc}", field="cert") from None
-    identity = Identity.load_or_create(state_dir, "matchmaker")
-    return server_context(identity), identity.fingerprint
+    else:
+        identity = Identity.load_or_create(state_dir, "matchmaker")
+        ctx, fingerprint = server_context(identity), identity.fingerprint
+    ctx.num_tickets = 0  # clients never resume a session: no tickets to send or keep
+    return ctx, fingerprint
 
 
 async def serve(
@@ -596,6 +645,7 @@ async def serve(
         if fingerprint:
             print(f"crowdd matchmaker fingerprint {fingerprint}\n"
                   f"  volunteers pin it: [daemon] matchmaker_fingerprint = \"{fingerprint}\"", file=sys.stderr, flush=True)
+            logger.info("matchmaker fingerprint %s  put it in [daemon] matchmaker_fingerprint", fingerprint)
         await stop.wait()
         logger.info("matchmaker: stopping")
     finally:
@@ -606,7 +656,7 @@ async def serve(
 
 
 def main(args: argparse.Namespace) -> int:
-    """``crowdd matchmaker [--listen HOST:PORT] [--cert CRT --key KEY] [--config FILE]``."""
+    """``crowdd matchmaker [--listen HOST:PORT] [--cert CRT --key KEY] [--state-dir DIR] [--config FILE]``."""
     from crowdd.client.resolve import resolve_config
 
     cfg, paths = resolve_config(args)
@@ -615,7 +665,8 @@ def main(args: argparse.Namespace) -> int:
         print("crowdd matchmaker: --cert and --key go together", file=sys.stderr)
         return 2
     try:
-        tls, fingerprint = server_tls(cert, key, paths.identity_dir)
+        state_dir = getattr(args, "state_dir", None)
+        tls, fingerprint = server_tls(cert, key, state_dir if state_dir is not None else paths.identity_dir)
     except CrowddError as exc:
         print(f"crowdd matchmaker: {exc.message}", file=sys.stderr)
         return 2

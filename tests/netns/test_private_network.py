@@ -75,7 +75,7 @@ async def test_outsider_reaches_no_tensorflow_and_natd_workers_train(tmp_path: P
     tasks: list[asyncio.Task[None]] = []
     capture = tmp_path / "internet.pcap"
     try:
-        tcpdump = subprocess.Popen(["ip", "netns", "exec", lab.bridge_ns, "tcpdump", "-i", "br0", "-U", "-s", "0",
+        tcpdump = subprocess.Popen(["ip", "netns", "exec", lab.bridge_ns, "tcpdump", "-i", "br0", "-U", "-s", "0",  # noqa: ASYNC220
                                     "-w", str(capture)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         mm_root = tmp_path / "mm"
         fingerprint = Identity.load_or_create(Paths.under(mm_root).identity_dir, "matchmaker").fingerprint
