@@ -15,7 +15,9 @@ import numpy as np
 import psutil
 import pytest
 
+from crowdd.config import Paths
 from crowdd.control import ControlClient
+from crowdd.identity import Identity
 from crowdd.errors import Unavailable
 from crowdd.datasets import load_digits
 from crowdd.demo import permissive_idle_table
@@ -30,10 +32,11 @@ pytestmark = [
 MM_PORT = 7700
 
 
-def node_config(name: str) -> str:
+def node_config(name: str, fingerprint: str) -> str:
     return (
         "[daemon]\n"
         f'name = "{name}"\n'
+        f'matchmaker_fingerprint = "{fingerprint}"\n'
         'listen_host = "0.0.0.0"\n'
         "retry_min = 0.3\nretry_max = 2.0\n"
         "[job]\nnice = 10\nsteps_per_function = 20\n"
@@ -75,14 +78,16 @@ async def test_e2e_across_namespaces(tmp_path: Path) -> None:
     try:
         mm_ip = lab.hosts[0].ip
         fd = log_fd(tmp_path / "mm.log")
-        lab.popen(0, [sys.executable, "-m", "crowdd", "matchmaker", "--listen", f"0.0.0.0:{MM_PORT}"],
-                  stdout=fd, stderr=subprocess.STDOUT)
+        mm_root = tmp_path / "mm"
+        fingerprint = Identity.load_or_create(Paths.under(mm_root).identity_dir, "matchmaker").fingerprint
+        lab.popen(0, [sys.executable, "-m", "crowdd", "matchmaker", "--listen", f"0.0.0.0:{MM_PORT}",
+                      "--root", str(mm_root)], stdout=fd, stderr=subprocess.STDOUT)
         os.close(fd)
         names = ["host", "worker-1", "worker-2"]
         roots = [tmp_path / n for n in names]
         for i, (name, root) in enumerate(zip(names, roots), start=1):
             root.mkdir()
-            (root / "crowdd.toml").write_text(node_config(name))
+            (root / "crowdd.toml").write_text(node_config(name, fingerprint))
             fd = log_fd(root / "daemon.log")
             daemons.append(lab.popen(i, [sys.executable, "-m", "crowdd", "daemon", "-v", "--root", str(root),
                                          "--matchmaker", f"{mm_ip}:{MM_PORT}"], stdout=fd, stderr=subprocess.STDOUT))

@@ -162,7 +162,9 @@ def test_daemon_unit_settings() -> None:
     assert int(values(unit, "WatchdogSec")[0]) > 0
     families = values(unit, "RestrictAddressFamilies")[0].split()
     assert {"AF_UNIX", "AF_INET", "AF_INET6"} <= set(families)
-    assert values(unit, "PrivateNetwork") in ([], ["no"])  # it serves peers and TF over the network
+    assert values(unit, "PrivateNetwork") in ([], ["no"])  # it serves peers over the network
+    # a job's private network needs exactly a user and a network namespace, and nothing more
+    assert values(unit, "RestrictNamespaces") == ["user net"]
     # nothing writable outside the state/runtime/log directories
     assert not values(unit, "ReadWritePaths")
 
