@@ -30,6 +30,7 @@ def scan(ip: str, ports: Iterable[int] = range(1, 65536), *, batch: int = 4000, 
     connects at a time, each given ``timeout`` seconds to answer)."""
     todo = list(ports)
     found: list[int] = []
+    batch = max(1, min(batch, _socket_budget(batch) - 64))
     for start in range(0, len(todo), batch):
         pending: dict[int, tuple[socket.socket, int]] = {}
         poller = select.poll()
@@ -56,6 +57,24 @@ def scan(ip: str, ports: Iterable[int] = range(1, 65536), *, batch: int = 4000, 
         for s, _ in pending.values():
             s.close()
     return sorted(found)
+
+
+def _socket_budget(want: int) -> int:
+    """How many descriptors this process may open: the soft limit, raised toward the hard one
+    when ``want`` needs more (a 1024 soft limit is common; a scan batch must stay below it)."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return want + 64
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < want + 64:
+        target = want + 64 if hard == resource.RLIM_INFINITY else min(hard, want + 64)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return want + 64 if soft == resource.RLIM_INFINITY else int(soft)
 
 
 @dataclass(frozen=True)
