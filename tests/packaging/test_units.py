@@ -127,6 +127,24 @@ def test_exposure_score(name: str, tmp_path: Path) -> None:
 
 
 @needs_analyze
+@pytest.mark.parametrize(
+    ("name", "quoted"),
+    [
+        ("crowdd.service", r"`systemd-analyze security crowdd` scores it ([0-9.]+)"),
+        ("crowdd-matchmaker.service", r"\(exposure ([0-9.]+);"),
+    ],
+)
+def test_install_doc_quotes_the_exposure(name: str, quoted: str, tmp_path: Path) -> None:
+    """docs/install.md states each unit's exposure: it is the figure systemd-analyze gives."""
+    unit = runnable_copy(UNITS / name, tmp_path / "units")
+    res = analyze("security", "--offline=yes", "--no-pager", str(unit), tmp=tmp_path)
+    doc = " ".join((ROOT / "docs" / "install.md").read_text().split())
+    m = re.search(quoted, doc)
+    assert m, f"docs/install.md no longer quotes {name}'s exposure"
+    assert float(m.group(1)) == exposure(res.stdout + res.stderr, name)
+
+
+@needs_analyze
 def test_exposure_of_a_bare_unit_is_high(tmp_path: Path) -> None:
     """The score parser reads real output: a unit without hardening scores badly."""
     bare = tmp_path / "bare" / "bare.service"
