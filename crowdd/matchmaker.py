@@ -306,8 +306,9 @@ class _Conn(asyncio.Protocol):
 
         Closing a socket with unread input (say, a heartbeat in flight) makes the kernel send
         a reset, which can destroy the last frame before the peer reads it. So: send, shut
-        down our side (FIN after the frame), discard input until the peer closes, and abort
-        only if it has not closed within ``read_timeout``.
+        down our side (FIN after the frame; over TLS, which asyncio cannot half-close, nothing),
+        discard input until the peer closes, and abort only if it has not closed within
+        ``read_timeout``.
         """
         self.send(frame)
         self.server._leave(self)
@@ -320,8 +321,8 @@ class _Conn(asyncio.Protocol):
             self._linger = self.server._loop.call_later(self.server.cfg.read_timeout, t.abort)
         if t.can_write_eof():
             t.write_eof()
-        else:  # pragma: no cover - TCP transports can always half-close
-            t.close()
+        # asyncio's TLS cannot half-close: there the frame simply stays the last one sent,
+        # and the connection ends when the peer closes (or the linger above aborts it)
 
     def fail(self, err: wire.WireError) -> None:
         logger.info("matchmaker: client %s (%s): %s", self.id, self.ip, err)
@@ -410,7 +411,8 @@ class Matchmaker:
         if self.tls is None or self._loop is None:
             return conn
         done = self._loop.create_future()
-        layer = _TLS(self._loop, conn, self.tls, done, server_side=True, ssl_handshake_timeout=self.cfg.read_timeout)
+        layer = _TLS(self._loop, conn, self.tls, done, server_side=True,
+                     ssl_handshake_timeout=self.cfg.read_timeout)  # type: ignore[arg-type]  # typeshed: int
         done.add_done_callback(functools.partial(self._handshaken, layer))
         return layer
 

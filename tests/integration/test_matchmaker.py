@@ -1,10 +1,13 @@
-"""The matchmaker on loopback with real clients (the library client and raw sockets)."""
+"""The matchmaker on loopback with real clients (the library client and raw TLS sockets)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import dataclasses
+import logging
+import socket
+import ssl
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -15,10 +18,22 @@ from crowdd import wire
 from crowdd.config import MatchmakerConfig
 from crowdd.plan import SessionPlan
 from crowdd.protocol.matchmaker import Wait
+from crowdd import matchmaker as mm_module
 from crowdd.matchmaker import Matchmaker
-from crowdd.matchmaker_client import MatchmakerUnavailable, register
+from crowdd.matchmaker_client import MatchmakerUnavailable, MatchmakerUntrusted
+from crowdd.matchmaker_client import register as _register
+from crowdd.testing.identities import hello_identity, identity, matchmaker_tls
+from crowdd.tls import client_context
 
 pytestmark = pytest.mark.timeout(60)
+
+MM_TLS, MM_FP = matchmaker_tls()
+
+
+def register(address: tuple[str, int], hello: dict[str, Any], **kw: Any) -> Awaitable[SessionPlan]:
+    """The library client, pinning the test matchmaker's certificate unless told otherwise."""
+    kw.setdefault("fingerprint", MM_FP)
+    return _register(address, hello, **kw)
 
 DIGEST = "ab" * 32
 
@@ -32,6 +47,7 @@ def host_hello(name: str = "h", *, tag: str = "", want_tag: str = "", **job: Any
         "want_tag": want_tag,
         "job": {"workers": 1, "min_workers": 1, "wait": 60, **job},
         "dataset": {"digest": DIGEST, "size": 1234, "name": "digits"},
+        **hello_identity(name),
     }
 
 
@@ -42,6 +58,7 @@ def worker_hello(name: str = "w", *, tag: str = "", want_tag: str = "", **extra:
         "ports": {"data": 8001, "session": 8002, "tf": [8003]},
         "tag": tag,
         "want_tag": want_tag,
+        **hello_identity(name),
         **extra,
     }
 
@@ -54,10 +71,11 @@ async def make_server() -> AsyncIterator[MakeServer]:
     servers: list[Matchmaker] = []
 
     async def make(**overrides: Any) -> Matchmaker:
-        base = {"read_timeout": 5.0, "heartbeat_timeout": 10.0, "status_interval": 0.2}
+        # nothing listens on the hellos' ports: reachability has its own tests
+        base = {"read_timeout": 5.0, "heartbeat_timeout": 10.0, "status_interval": 0.2, "check_reachable": False}
         cfg = dataclasses.replace(MatchmakerConfig(), **{**base, **overrides})
         mm = Matchmaker(cfg, wait_interval=0.05)
-        await mm.start("127.0.0.1", 0)
+        await mm.start("127.0.0.1", 0, MM_TLS)
         servers.append(mm)
         return mm
 
@@ -109,18 +127,27 @@ async def until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
             await asyncio.sleep(0.01)
 
 
-async def raw(mm: Matchmaker, local_ip: str | None = None) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def raw(
+    mm: Matchmaker, local_ip: str | None = None, *, tls: bool = True
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw connection: TLS 1.3 (not checking the certificate), or plaintext with ``tls=False``."""
     kw: dict[str, Any] = {"local_addr": (local_ip, 0)} if local_ip else {}
+    if tls:
+        kw["ssl"] = client_context(None)
     return await asyncio.open_connection(*mm.address, **kw)
 
 
 async def read_until_closed(reader: asyncio.StreamReader) -> list[dict[str, Any]]:
-    """Every frame the server sends until it closes the connection."""
+    """Every frame the server sends until it closes the connection, or until its last frame
+    (``error`` or ``group``: after it, the server waits for the client to close, as TLS
+    cannot half-close)."""
     frames = []
     while True:
         try:
             frames.append(await wire.read_frame(reader, timeout=10))
         except wire.ConnectionClosed:
+            return frames
+        if frames[-1]["type"] in ("error", "group"):
             return frames
 
 
@@ -538,7 +565,7 @@ async def test_client_detects_silent_server() -> None:
     async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await asyncio.sleep(30)
 
-    srv = await asyncio.start_server(mute, "127.0.0.1", 0)
+    srv = await asyncio.start_server(mute, "127.0.0.1", 0, ssl=MM_TLS)
     try:
         with pytest.raises(wire.FrameTimeout):
             await asyncio.wait_for(register(srv.sockets[0].getsockname()[:2], worker_hello(), silence=0.3), 20)
@@ -552,7 +579,7 @@ async def test_client_rejects_unknown_server_frame() -> None:
         await wire.write_frame(writer, {"type": "surprise"})
         await asyncio.sleep(5)
 
-    srv = await asyncio.start_server(odd, "127.0.0.1", 0)
+    srv = await asyncio.start_server(odd, "127.0.0.1", 0, ssl=MM_TLS)
     try:
         with pytest.raises(wire.WireError, match="surprise"):
             await register(srv.sockets[0].getsockname()[:2], worker_hello(), timeout=10)
@@ -615,3 +642,194 @@ async def test_lingering_peer_is_aborted_after_read_timeout(make_server: MakeSer
     # we never close our side: the server gives up on us after read_timeout
     await until(lambda: mm.stats()["connections"] == 0)
     writer.close()
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+async def _read_all(reader: asyncio.StreamReader) -> bytes:
+    out = b""
+    with contextlib.suppress(ConnectionError):
+        while chunk := await asyncio.wait_for(reader.read(65536), 10):
+            out += chunk
+    return out
+
+
+def _refusals(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "refusing a connection from 127.0.0.1" in r.getMessage()]
+
+
+@pytest.mark.parametrize(
+    ("payload", "why"),
+    [
+        (wire.encode(raw_hello(worker_hello("plain"))), "does not speak TLS"),  # an older crowdd
+        (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "does not speak TLS"),
+        (b"\x16\x03\x01\x00\x05" + b"\xff" * 5, "TLS handshake failed"),  # a record of garbage
+        (bytes(range(256)) * 4, "does not speak TLS"),  # not even a TLS record
+    ],
+    ids=["plaintext-hello", "http", "garbage-record", "garbage"],
+)
+async def test_a_client_without_tls_is_refused_and_others_are_served(
+    server: Matchmaker, caplog: pytest.LogCaptureFixture, payload: bytes, why: str
+) -> None:
+    caplog.set_level(logging.INFO, logger="crowdd.matchmaker")
+    w = await queue(server, worker_hello("bystander"))
+    reader, writer = await raw(server, tls=False)
+    writer.write(payload)
+    await writer.drain()
+    got = await _read_all(reader)  # the server closes; nothing it sent is a crowdd frame
+    writer.close()
+    assert b'"type"' not in got and b"wait" not in got
+    await until(lambda: bool(_refusals(caplog)))
+    assert why in _refusals(caplog)[0]
+    assert server.stats()["tls_refused"] == 1 and server.stats()["workers"] == 1
+    g = await Waiting(server, host_hello("h")).group()
+    assert g.members[1].name == "bystander"
+    await w.group()
+
+
+async def test_a_client_offering_only_tls_1_2_is_refused(server: Matchmaker, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="crowdd.matchmaker")
+    old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    old.check_hostname, old.verify_mode = False, ssl.CERT_NONE
+    old.maximum_version = ssl.TLSVersion.TLSv1_2
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        await asyncio.open_connection(*server.address, ssl=old)
+    await until(lambda: bool(_refusals(caplog)))
+    assert "TLS" in _refusals(caplog)[0]
+
+
+async def test_a_stalled_handshake_is_cut_off(make_server: MakeServer, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="crowdd.matchmaker")
+    mm = await make_server(read_timeout=0.3)
+    reader, writer = await raw(mm, tls=False)  # connects, never starts the handshake
+    assert await _read_all(reader) == b""
+    writer.close()
+    await until(lambda: bool(_refusals(caplog)))
+    assert "no TLS handshake within 0.3 s" in _refusals(caplog)[0]
+    w = await queue(mm, worker_hello("after"))  # still serving
+    await w.leave()
+
+
+async def test_a_wrong_fingerprint_is_not_the_matchmaker(server: Matchmaker) -> None:
+    with pytest.raises(MatchmakerUntrusted, match="is not the matchmaker.*matchmaker_fingerprint"):
+        await register(server.address, worker_hello("w"), timeout=10, fingerprint=identity("impostor").fingerprint)
+    assert server.stats()["workers"] == 0
+
+
+async def test_without_a_pin_the_system_trust_store_decides(server: Matchmaker) -> None:
+    """A self-signed matchmaker is not trusted by the system: the error says to pin it."""
+    with pytest.raises(MatchmakerUntrusted, match="does not trust.*matchmaker_fingerprint"):
+        await register(server.address, worker_hello("w"), timeout=10, fingerprint="")
+    assert server.stats()["workers"] == 0
+
+
+async def test_the_client_speaks_tls_to_a_plaintext_server() -> None:
+    """A plaintext server (not the matchmaker, or an old one) never gets the hello."""
+    got: list[bytes] = []
+
+    async def plain(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        got.append(await reader.read(65536))
+        writer.close()
+
+    srv = await asyncio.start_server(plain, "127.0.0.1", 0)
+    try:
+        with pytest.raises((MatchmakerUnavailable, MatchmakerUntrusted, wire.ConnectionClosed)):
+            await register(srv.sockets[0].getsockname()[:2], worker_hello("w"), timeout=10)
+        assert got and got[0][:1] == b"\x16" and b"hello" not in got[0]  # a TLS ClientHello, no crowdd frame
+    finally:
+        srv.close()
+
+
+# --------------------------------------------------------------------------- reachability (connect-back)
+
+
+@pytest.fixture
+def listener() -> Callable[[], socket.socket]:
+    socks: list[socket.socket] = []
+
+    def make() -> socket.socket:
+        s = socket.create_server(("127.0.0.1", 0))
+        socks.append(s)
+        return s
+
+    yield make  # type: ignore[misc]
+    for s in socks:
+        s.close()
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _at(hello: dict[str, Any], data_port: int) -> dict[str, Any]:
+    return {**hello, "ports": {**hello["ports"], "data": data_port}}
+
+
+async def test_reachability_is_checked_and_said_per_member(
+    make_server: MakeServer, listener: Callable[[], socket.socket]
+) -> None:
+    mm = await make_server(check_reachable=True, reach_timeout=1.0)
+    open_w = await queue(mm, _at(worker_hello("open"), listener().getsockname()[1]))
+    natd = await queue(mm, _at(worker_hello("natd"), _closed_port()))
+    reader, writer = await raw(mm)  # the host, raw, to see the group frame itself
+    await wire.write_frame(writer, raw_hello(_at(host_hello("h", workers=2), listener().getsockname()[1])))
+    frames = await read_until_closed(reader)
+    writer.close()
+    group = frames[-1]
+    assert group["type"] == "group"
+    assert [(m["name"], m["reachable"]) for m in group["members"]] == [("h", True), ("open", True), ("natd", False)]
+    plan = await natd.group()
+    assert plan.reachable == (True, True, False)
+    assert plan.route().source in (0, 1) and plan.route().targets == ()  # a leaf, fed by a reachable member
+    await open_w.group()
+
+
+async def test_an_unreachable_host_is_refused_at_once_with_the_fix(make_server: MakeServer) -> None:
+    mm = await make_server(check_reachable=True, reach_timeout=1.0)
+    hello = _at(host_hello("h"), _closed_port())
+    with pytest.raises(wire.RemoteError) as info:
+        await register(mm.address, hello, timeout=10)
+    assert info.value.code == "unreachable"
+    msg = info.value.message
+    assert f"Forward TCP ports {hello['ports']['data']} and {hello['ports']['session']}" in msg
+    assert "advertise_host" in msg and "trust_advertised" in msg
+    assert mm.stats()["hosts"] == 0
+
+
+async def test_a_slow_connect_back_blocks_nobody_and_groups_nobody_early(
+    make_server: MakeServer, listener: Callable[[], socket.socket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A member is queued only once its check has answered; meanwhile everyone else is served."""
+    slow_port = listener().getsockname()[1]
+    real = mm_module.connects
+    release = asyncio.Event()
+
+    async def connects(host: str, port: int, timeout: float) -> bool:
+        if port == slow_port:
+            await release.wait()
+        return await real(host, port, timeout)
+
+    monkeypatch.setattr(mm_module, "connects", connects)
+    mm = await make_server(check_reachable=True, reach_timeout=5.0)
+    slow = Waiting(mm, _at(worker_hello("slow"), slow_port))
+    await until(lambda: any(c.state == "checking" for c in mm.conns.values()))
+    fast = await queue(mm, _at(worker_hello("fast"), listener().getsockname()[1]))
+    g = await Waiting(mm, _at(host_hello("h"), listener().getsockname()[1])).group()
+    assert [m.name for m in g.members] == ["h", "fast"]  # the one still being checked is not taken
+    await fast.group()
+    assert not slow.waits and not slow.task.done()
+    release.set()
+    await slow.queued()
+    assert slow.waits[0].position == 1
+    await slow.leave()
+
+
+async def test_the_check_can_be_switched_off(make_server: MakeServer) -> None:
+    mm = await make_server(check_reachable=False)
+    w = await queue(mm, _at(worker_hello("w"), _closed_port()))
+    g = await Waiting(mm, _at(host_hello("h"), _closed_port())).group()
+    assert g.reachable == (True, True)  # not checked: taken as reachable
+    await w.group()
