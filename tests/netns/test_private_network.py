@@ -6,6 +6,19 @@ group trains, the outsider connect-scans every TCP port of every member (the rou
 for the NAT'd ones) and tries the TensorFlow recipe on each open port: no attempt may run an
 op. The NAT'd workers train (their TF tasks' progress reaches the host) and the run finishes.
 A capture on the internet bridge holds no plaintext crowdd frame and no dataset bytes.
+
+It fails on a daemon whose TF servers face the network. To see that, run it against the tree
+from before the private network (3d2a98b), with this file and today's harness:
+
+    git archive 3d2a98b | tar -x -C /tmp/old
+    cp crowdd/testing/{netns,outsider}.py /tmp/old/crowdd/testing/
+    cp tests/netns/test_private_network.py /tmp/old/tests/netns/
+    cd /tmp/old && PYTHONPATH=/tmp/old /path/to/.venv/bin/python -m pytest tests/netns/test_private_network.py
+
+→ the outsider reads the canary and writes a file through the host's PS and worker-0 ports
+and the public worker's port (``read=True, wrote=True``); the NAT'd workers' TF servers are
+unreachable, so the host never starts training; the capture holds every plaintext frame and
+the dataset bytes.
 """
 
 from __future__ import annotations
