@@ -10,15 +10,15 @@ A capture on the internet bridge holds no plaintext crowdd frame and no dataset 
 It fails on a daemon whose TF servers face the network. To see that, run it against the tree
 from before the private network (3d2a98b), with this file and today's harness:
 
-    git archive 3d2a98b | tar -x -C /tmp/old
+    mkdir /tmp/old && git archive 3d2a98b | tar -x -C /tmp/old
     cp crowdd/testing/{netns,outsider}.py /tmp/old/crowdd/testing/
     cp tests/netns/test_private_network.py /tmp/old/tests/netns/
     cd /tmp/old && PYTHONPATH=/tmp/old /path/to/.venv/bin/python -m pytest tests/netns/test_private_network.py
 
 → the outsider reads the canary and writes a file through the host's PS and worker-0 ports
 and the public worker's port (``read=True, wrote=True``); the NAT'd workers' TF servers are
-unreachable, so the host never starts training; the capture holds every plaintext frame and
-the dataset bytes.
+unreachable, so training never starts (the host job gives up at its start timeout); the
+capture holds every plaintext frame and the dataset bytes.
 """
 
 from __future__ import annotations
