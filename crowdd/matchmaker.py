@@ -42,6 +42,10 @@ logger = logging.getLogger(__name__)
 
 WAIT_INTERVAL = 1.0
 MAX_UNSENT = 1 << 20
+#: New connections between two :meth:`Matchmaker._settle` passes.
+SETTLE_EVERY = 256
+#: Closed connections (at least) between two full passes that reclaim frozen garbage.
+RECLAIM_MIN = 1024
 
 
 def admit(total: int, from_ip: int, cfg: MatchmakerConfig) -> wire.WireError | None:
@@ -227,6 +231,8 @@ class _Conn(asyncio.Protocol):
 
     # asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # over TLS this is after the handshake: the hello's read_timeout starts now
+        self.connected_at = self.last_rx = self.server.now()
         self.transport = typing.cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.ip = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
@@ -356,6 +362,8 @@ class Matchmaker:
         self._checks: set[asyncio.Task[None]] = set()
         self.tls: ssl.SSLContext | None = None
         self.tls_refused = 0
+        self._unsettled = 0
+        self._closed = 0
 
     def now(self) -> float:
         return self._loop.time() if self._loop is not None else 0.0
@@ -413,13 +421,16 @@ class Matchmaker:
         done = self._loop.create_future()
         layer = _TLS(self._loop, conn, self.tls, done, server_side=True,
                      ssl_handshake_timeout=self.cfg.read_timeout)  # type: ignore[arg-type]  # typeshed: int
-        done.add_done_callback(functools.partial(self._handshaken, layer))
+        done.add_done_callback(functools.partial(self._handshaken, layer, conn))
         return layer
 
-    def _handshaken(self, layer: _TLS, done: asyncio.Future[None]) -> None:
+    def _handshaken(self, layer: _TLS, conn: _Conn, done: asyncio.Future[None]) -> None:
         exc = None if done.cancelled() else done.exception()
+        if exc is None and conn.transport is not None:
+            return  # the connection is the _Conn's now
+        self._closed += 1
         if exc is None:
-            return  # the connection is the _Conn's now (or the peer left before finishing)
+            return  # the peer left before finishing the handshake
         self.tls_refused += 1
         if isinstance(exc, ssl.SSLError) and exc.reason in ("WRONG_VERSION_NUMBER", "HTTP_REQUEST", "UNKNOWN_PROTOCOL"):
             why = "it does not speak TLS (a plaintext client, an older crowdd, or not crowdd at all)"
@@ -450,9 +461,11 @@ class Matchmaker:
             return
         self.conns[conn.id] = conn
         self.per_ip[conn.ip] = self.per_ip.get(conn.ip, 0) + 1
+        self._unsettled += 1
 
     def _disconnected(self, conn: _Conn) -> None:
         self._leave(conn)
+        self._closed += 1
         if self.conns.pop(conn.id, None) is not None:
             left = self.per_ip.get(conn.ip, 1) - 1
             if left > 0:
@@ -541,7 +554,29 @@ class Matchmaker:
                 if pos != conn.sent_position:
                     conn.send_wait()
 
+    def _settle(self) -> None:
+        """Keep the collector's full passes few and short. A waiting client is a few dozen
+        tracked objects (its TLS layer, transports, hello), so with 10,000 of them each full
+        pass stalls the loop for a good part of a second, and Python makes one whenever the
+        heap has grown by a quarter: over a dozen while the queue fills. Instead, once
+        ``SETTLE_EVERY`` clients have arrived, collect the garbage among the objects made
+        since the last pass and freeze the survivors, so the next pass walks only what is
+        new. A frozen object is still freed by reference counting, but one in a cycle is not
+        (asyncio's socket transport is one, with its own bound method): once as many
+        connections have closed as are open (and ``RECLAIM_MIN`` at least), one full pass
+        over everything reclaims them, so collecting costs O(1) per connection."""
+        if self._closed >= max(RECLAIM_MIN, len(self.conns)):
+            self._closed = self._unsettled = 0
+            gc.unfreeze()
+            gc.collect()
+            gc.freeze()
+        elif self._unsettled >= SETTLE_EVERY:
+            self._unsettled = 0
+            gc.collect()
+            gc.freeze()
+
     def _sweep(self) -> None:
+        self._settle()
         now = self.now()
         cfg = self.cfg
         for conn in list(self.conns.values()):

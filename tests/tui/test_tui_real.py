@@ -28,6 +28,7 @@ from textual.widgets import Label
 
 from crowdd.errors import RemoteError, Unavailable
 from crowdd.client.daemon_client import ControlDaemonClient
+from crowdd.identity import Identity
 
 
 def _daemon_missing() -> str | None:
@@ -94,9 +95,14 @@ def daemon(tmp_path: Path) -> Iterator[Path]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("NOTIFY_SOCKET", None)
     try:
+        mm_state = tmp_path / "matchmaker"
+        fingerprint = Identity.load_or_create(mm_state, "matchmaker").fingerprint  # the one it will serve
+        root.mkdir()
+        (root / "crowdd.toml").write_text(f'[daemon]\nmatchmaker_fingerprint = "{fingerprint}"\n')
         mm_out = (logs / "matchmaker.log").open("wb")
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "crowdd", "matchmaker", "--listen", f"127.0.0.1:{port}"],
+            [sys.executable, "-m", "crowdd", "matchmaker", "--listen", f"127.0.0.1:{port}", "--root", str(mm_state),
+             "--state-dir", str(mm_state)],
             stdout=mm_out, stderr=subprocess.STDOUT, start_new_session=True, env=env,
         ))
         d_out = (logs / "daemon.log").open("wb")
