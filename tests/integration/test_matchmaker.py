@@ -833,3 +833,36 @@ async def test_the_check_can_be_switched_off(make_server: MakeServer) -> None:
     g = await Waiting(mm, _at(host_hello("h"), _closed_port())).group()
     assert g.reachable == (True, True)  # not checked: taken as reachable
     await w.group()
+
+
+# --------------------------------------------------------------------------- the collector
+
+
+@pytest.mark.parametrize("reclaim", [True, False])
+async def test_settling_freezes_arrivals_and_reclaims_closed_connections(
+    make_server: MakeServer, monkeypatch: pytest.MonkeyPatch, reclaim: bool
+) -> None:
+    """Arrivals are frozen (full passes stay short), and the cycles that closed connections
+    leave among frozen objects (asyncio's socket transports) are reclaimed once enough have
+    closed; without the reclaim they would stay (the control case)."""
+    import gc
+
+    monkeypatch.setattr(mm_module, "SETTLE_EVERY", 8)
+    monkeypatch.setattr(mm_module, "RECLAIM_MIN", 16 if reclaim else 10**9)
+    mm = await make_server()
+    try:
+        gc.collect()
+        gc.freeze()
+        before = gc.get_freeze_count()
+        ws = [await queue(mm, worker_hello(f"w{i}")) for i in range(20)]
+        mm._settle()
+        assert gc.get_freeze_count() > before  # the waiting clients' objects are frozen
+        for w in ws:
+            await w.leave()
+        await until(lambda: mm.stats()["connections"] == 0)
+        mm._settle()  # reclaim: 20 closed >= RECLAIM_MIN
+        gc.unfreeze()
+        left = gc.collect()  # what frozen garbage was left behind
+        assert (left < 40) if reclaim else (left >= 20 * 4)  # a closed transport is a cycle of ~5
+    finally:
+        gc.unfreeze()
