@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -46,6 +47,8 @@ MAX_UNSENT = 1 << 20
 SETTLE_EVERY = 256
 #: Closed connections (at least) between two full passes that reclaim frozen garbage.
 RECLAIM_MIN = 1024
+#: TLS handshakes run at once; later connections wait their turn (reading paused, no TLS state).
+MAX_HANDSHAKES = 256
 
 
 def admit(total: int, from_ip: int, cfg: MatchmakerConfig) -> wire.WireError | None:
@@ -182,12 +185,34 @@ def new_token() -> str:
 # --------------------------------------------------------------------------- I/O
 
 
-class _TLS(sslproto.SSLProtocol):
-    """asyncio's TLS layer for one client, with a 4 KiB read buffer instead of 256 KiB (matchmaker
-    frames are small, and 10,000 waiting clients must stay cheap); it remembers the peer's
-    address so that a failed handshake can be logged with it."""
+class _Arrival(asyncio.Protocol):
+    """A raw connection waiting for a handshake slot: nothing is read and no TLS state is
+    made until :meth:`Matchmaker._next_handshake` hands its transport to a :class:`_TLS`."""
 
-    max_size = 4 * 1024
+    __slots__ = ("arrived", "server", "transport")
+
+    def __init__(self, server: Matchmaker) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.arrived = server.now()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = typing.cast(asyncio.Transport, transport)
+        self.transport.pause_reading()  # before asyncio starts reading: the handshake reads first
+        self.server._arrived(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None  # gone while waiting; skipped when its turn comes
+        self.server._closed += 1
+
+
+class _TLS(sslproto.SSLProtocol):
+    """asyncio's TLS layer for one client, with a 1 KiB read buffer instead of 256 KiB (a
+    waiting client sends a hello of a kilobyte or two, then heartbeats of a few bytes, and
+    10,000 of them must stay cheap: OpenSSL's own state is already ~18 KiB a connection); it
+    remembers the peer's address so that a failed handshake can be logged with it."""
+
+    max_size = 1024
     peer = "?"
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -364,6 +389,8 @@ class Matchmaker:
         self.tls_refused = 0
         self._unsettled = 0
         self._closed = 0
+        self._arrivals: collections.deque[_Arrival] = collections.deque()
+        self._handshaking = 0
 
     def now(self) -> float:
         return self._loop.time() if self._loop is not None else 0.0
@@ -407,24 +434,55 @@ class Matchmaker:
             self._server.close()
         for conn in list(self.conns.values()):
             conn.drop()
+        while self._arrivals:
+            waiting = self._arrivals.popleft().transport
+            if waiting is not None:
+                waiting.abort()
         if self._server is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._server.wait_closed(), 5.0)
         self._server = None
 
     def _protocol(self) -> asyncio.BaseProtocol:
-        """A new connection: plain, or wrapped in TLS (its :class:`_Conn` sees only the
-        decrypted stream, from a completed handshake on; a failed one is logged and closed)."""
-        conn = _Conn(self)
-        if self.tls is None or self._loop is None:
-            return conn
-        done = self._loop.create_future()
-        layer = _TLS(self._loop, conn, self.tls, done, server_side=True,
-                     ssl_handshake_timeout=self.cfg.read_timeout)  # type: ignore[arg-type]  # typeshed: int
-        done.add_done_callback(functools.partial(self._handshaken, layer, conn))
-        return layer
+        """A new connection: plain, or (with TLS) an :class:`_Arrival` that waits for one
+        of ``MAX_HANDSHAKES`` handshake slots, so that a burst of arrivals costs a socket
+        each, not a TLS state each, and the handshakes run as fast as the CPU allows."""
+        return _Conn(self) if self.tls is None else _Arrival(self)
+
+    def _arrived(self, arrival: _Arrival) -> None:
+        self._arrivals.append(arrival)
+        self._next_handshake()
+
+    def _next_handshake(self) -> None:
+        """Start waiting handshakes while slots are free. The layer's :class:`_Conn` sees
+        only the decrypted stream, from a completed handshake on; a failed one is logged."""
+        loop, tls = self._loop, self.tls
+        while self._handshaking < MAX_HANDSHAKES and self._arrivals and loop is not None and tls is not None:
+            arrival = self._arrivals.popleft()
+            t = arrival.transport
+            if t is None or t.is_closing():
+                continue
+            conn = _Conn(self)
+            done = loop.create_future()
+            layer = _TLS(loop, conn, tls, done, server_side=True,
+                         ssl_handshake_timeout=self.cfg.read_timeout)  # type: ignore[arg-type]  # typeshed: int
+            done.add_done_callback(functools.partial(self._handshaken, layer, conn))
+            self._handshaking += 1
+            t.set_protocol(layer)  # what loop.start_tls does, without a task per connection
+            layer.connection_made(t)
+            t.resume_reading()
+
+    def _expire_arrivals(self, now: float) -> None:
+        """Close connections that waited ``read_timeout`` for a handshake slot."""
+        while self._arrivals and now - self._arrivals[0].arrived > self.cfg.read_timeout:
+            t = self._arrivals.popleft().transport
+            if t is not None:
+                self.dropped += 1
+                t.abort()
 
     def _handshaken(self, layer: _TLS, conn: _Conn, done: asyncio.Future[None]) -> None:
+        self._handshaking -= 1
+        self._next_handshake()
         exc = None if done.cancelled() else done.exception()
         if exc is None and conn.transport is not None:
             return  # the connection is the _Conn's now
@@ -450,6 +508,8 @@ class Matchmaker:
             "groups": self.groups_formed,
             "dropped": self.dropped,
             "tls_refused": self.tls_refused,
+            "handshaking": self._handshaking,
+            "arrivals": len(self._arrivals),
         }
 
     # connection bookkeeping
@@ -578,6 +638,7 @@ class Matchmaker:
     def _sweep(self) -> None:
         self._settle()
         now = self.now()
+        self._expire_arrivals(now)
         cfg = self.cfg
         for conn in list(self.conns.values()):
             reason = None

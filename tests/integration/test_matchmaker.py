@@ -866,3 +866,42 @@ async def test_settling_freezes_arrivals_and_reclaims_closed_connections(
         assert (left < 40) if reclaim else (left >= 20 * 4)  # a closed transport is a cycle of ~5
     finally:
         gc.unfreeze()
+
+
+# --------------------------------------------------------------------------- handshake slots
+
+
+async def test_handshakes_take_turns(make_server: MakeServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With every handshake slot taken, a newcomer waits (no TLS state yet) and goes on as
+    soon as a slot frees."""
+    monkeypatch.setattr(mm_module, "MAX_HANDSHAKES", 1)
+    mm = await make_server(read_timeout=5.0)
+    _, staller = await raw(mm, tls=False)  # takes the only slot and never says ClientHello
+    await until(lambda: mm.stats()["handshaking"] == 1)
+    w = Waiting(mm, worker_hello("w"))
+    await until(lambda: mm.stats()["arrivals"] == 1)
+    await asyncio.sleep(0.3)
+    assert not w.waits and mm.stats()["workers"] == 0  # still waiting for its turn
+    staller.close()  # the slot frees: the newcomer's handshake runs
+    await w.queued()
+    assert mm.stats()["handshaking"] == 0 and mm.stats()["arrivals"] == 0
+    await w.leave()
+
+
+async def test_a_connection_waiting_too_long_for_a_slot_is_closed(
+    make_server: MakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(mm_module, "MAX_HANDSHAKES", 1)
+    mm = await make_server(read_timeout=0.6)
+    _, staller = await raw(mm, tls=False)
+    await until(lambda: mm.stats()["handshaking"] == 1)
+    _, second = await raw(mm, tls=False)
+    reader3, third = await raw(mm, tls=False)
+    await until(lambda: mm.stats()["arrivals"] == 2)
+    assert await _read_all(reader3) == b""  # closed after waiting read_timeout for a slot
+    assert mm.stats()["dropped"] == 1  # (the other two: their handshakes timed out)
+    await until(lambda: mm.stats()["arrivals"] == 0 and mm.stats()["handshaking"] == 0)
+    for w in (staller, second, third):
+        w.close()
+    ok = await queue(mm, worker_hello("later"))  # serving as before
+    await ok.leave()
