@@ -309,9 +309,12 @@ class Daemon:
                 self.states.to(S.STANDBY)
                 if not self.can_train:
                     pass  # status says why (tensorflow); a reload may allow it
-                elif (await self._evaluate()).allowed:
-                    return "worker"
                 else:
+                    allowed = (await self._evaluate()).allowed
+                    if not self.donating or self._host_request is not None:
+                        continue  # switched off, or asked to host, while the policy was asked
+                    if allowed:
+                        return "worker"
                     timeout = self._policy_interval
             else:
                 self.states.to(S.OFF)
