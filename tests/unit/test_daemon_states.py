@@ -22,6 +22,7 @@ from crowdd.node.states import TRANSITIONS, InvalidTransition, State, StateMachi
 from crowdd.idle.policy import AlwaysIdle, IdlePolicy, Verdict
 from crowdd.idle.probes import CpuReading, Probes, UserIdle
 from crowdd.matchmaker import Matchmaker
+from crowdd.platform.userns import Confinement
 from crowdd.testing.identities import matchmaker_tls
 from crowdd.node.ports import free_port
 
@@ -104,7 +105,8 @@ class Refusing:
 MM_TLS, MM_FP = matchmaker_tls()
 
 
-def make(tmp_path: Path, mm_port: int, name: str = "node", policy: Any = None, notifier: Any = None) -> Daemon:
+def make(tmp_path: Path, mm_port: int, name: str = "node", policy: Any = None, notifier: Any = None,
+         confinement: Confinement | None = None) -> Daemon:
     cfg = Config()
     cfg.daemon.listen_host = "127.0.0.1"
     cfg.daemon.retry_min = 0.05
@@ -112,7 +114,8 @@ def make(tmp_path: Path, mm_port: int, name: str = "node", policy: Any = None, n
     cfg.daemon.matchmaker_fingerprint = MM_FP
     paths = Paths.under(tmp_path / name)
     return Daemon(cfg, paths, endpoint=Endpoint.for_paths(paths), matchmaker=("127.0.0.1", mm_port),
-                  policy=policy or AlwaysIdle(), name=name, policy_interval=0.2, notifier=notifier)
+                  policy=policy or AlwaysIdle(), name=name, policy_interval=0.2, notifier=notifier,
+                  confinement=confinement)
 
 
 @contextlib.asynccontextmanager
@@ -363,3 +366,25 @@ async def test_default_config_applies_the_idle_policy(tmp_path: Path) -> None:
         await until(lambda: d.state == S.REGISTERING)
         st = await c.status()
         assert st["idle"]["allowed"] is True and st["idle"]["rule"] is None and st["role"] == "worker"
+
+
+async def test_a_node_that_cannot_confine_tensorflow_neither_trains_nor_hosts(tmp_path: Path) -> None:
+    """No user namespaces (say, Ubuntu's AppArmor restriction): status says so and why, donation
+    does not register, hosting is refused with the fix; the opt-in flips it (trusted LANs)."""
+    from crowdd import wire
+    from crowdd.hyperparams import Job
+    from crowdd.protocol.control import HostRequest
+
+    no = Confinement(False, "unprivileged user namespaces are not allowed here (test)")
+    async with matchmaker() as mm, running(tmp_path, mm.address[1], confinement=no) as d:
+        st = d.status()
+        assert st["tensorflow"] == {"confined": False, "allowed": False, "reason": no.reason}
+        await d.donate(True)
+        await asyncio.sleep(0.5)
+        assert d.state == State.STANDBY and mm.stats()["workers"] == 0
+        with pytest.raises(wire.WireError, match="allow_exposed_tensorflow"):
+            await d.host(HostRequest(tmp_path, Job()))
+        d.cfg.security.allow_exposed_tensorflow = True
+        d._show_tensorflow()
+        assert d.status()["tensorflow"]["allowed"] is True
+        assert d.can_train
