@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from crowdd.aio import spawn_tracked, splice
-from crowdd.platform.process import exit_with_parent
+from crowdd.platform.process import die_with_parent, exit_with_parent
 from crowdd.platform.userns import loopback_up
 
 log = logging.getLogger(__name__)
@@ -115,6 +115,10 @@ def _run_relay(relay: Relay, ready: threading.Event, failed: list[BaseException]
     asyncio.run(main())
 
 
+def _die_with_us() -> None:
+    die_with_parent(signal.SIGKILL)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     if "--" not in args_list:
@@ -144,7 +148,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if failed:
         print(f"cannot start the job's relay: {failed[0]}", file=sys.stderr)
         return EXIT_SETUP
-    child = subprocess.Popen(job_argv)
+    # the job goes with this process (the daemon's death reaches us through exit_with_parent;
+    # the job is in another network namespace, where nothing else would ever reap it)
+    child = subprocess.Popen(job_argv, preexec_fn=_die_with_us)  # noqa: PLW1509 - one prctl call
     signal.signal(signal.SIGTERM, lambda signum, _frame: child.send_signal(signum))
     return child.wait()
 

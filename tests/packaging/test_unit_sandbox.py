@@ -336,8 +336,8 @@ def test_job_confinement_works_in_the_service_sandbox(shipped: dict[str, object]
     assert _result(shipped, "user only") == {"rc": 0, "err": ""}
 
 
-@pytest.mark.skipif(ROOT.is_relative_to("/home") or ROOT.is_relative_to("/root"),
-                    reason="the service cannot see this checkout (ProtectHome=yes)")
+@pytest.mark.skipif(any(ROOT.is_relative_to(d) for d in ("/home", "/root", "/tmp", "/var/tmp")),
+                    reason="the service cannot see this checkout (ProtectHome=yes, PrivateTmp=yes)")
 def test_crowdds_own_probe_says_jobs_can_be_confined(shipped: dict[str, object]) -> None:
     """crowdd.platform.userns.probe_now, run in the sandbox, finds confinement available."""
     assert _result(shipped, "crowdd probe") == {"confined": True, "reason": ""}

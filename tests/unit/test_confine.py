@@ -121,3 +121,23 @@ def test_relay_refuses_when_nothing_serves(tmp_path: Path) -> None:
         assert asyncio.run(after()) == b"echo:still"
     finally:
         _stop(proc, directory)
+
+
+def test_the_job_goes_when_its_relay_does(tmp_path: Path) -> None:
+    """The job lives in its own network namespace, where no netns teardown would find it: when
+    the relay process dies (the daemon died, say), the kernel kills the job too."""
+    import psutil
+
+    directory = socket_dir()
+    relay = RelaySetup(directory, (), (), isolated=True)
+    argv = [sys.executable, "-m", "crowdd.job.confine", *relay.argv(), "--", sys.executable, "-c",
+            "import os, time; print(os.getpid(), flush=True); time.sleep(600)"]
+    proc = subprocess.Popen(confined(argv), stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        job = psutil.Process(int(proc.stdout.readline()))
+        proc.kill()  # the relay alone, not its process group
+        proc.wait(10)
+        job.wait(10)  # raises TimeoutExpired if the job outlived its relay
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
