@@ -94,12 +94,6 @@ class Relay:
             return
         await splice((r, w), peer)
 
-    async def close(self) -> None:
-        for s in self._servers:
-            s.close()
-        for t in list(self._tasks):
-            t.cancel()
-
 
 def _run_relay(relay: Relay, ready: threading.Event, failed: list[BaseException]) -> None:
     async def main() -> None:
