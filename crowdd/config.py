@@ -86,6 +86,7 @@ class JobConfig:
     threads: int = 1
     nice: int = 19
     checkpoint_secs: float = 30.0
+    max_memory_mb: int = 4096  # the whole job (its TF servers too); 0 = no cap
 
 
 @dataclass
@@ -103,6 +104,7 @@ class IdleConfig:
 @dataclass
 class SecurityConfig:
     allow_exposed_tensorflow: bool = False
+    allow_unsandboxed: bool = False
 
 
 @dataclass
@@ -169,6 +171,8 @@ def _check(source: str, section: str, name: str, value: Any) -> None:
         raise ConfigError(source, key, f"expected a value > 0, got {value!r}")
     if (section, name) in _PORTS and not 0 <= value <= 65535:
         raise ConfigError(source, key, f"expected a port 0..65535 (0 = any free port), got {value!r}")
+    if (section, name) == ("job", "max_memory_mb") and not (value == 0 or value >= 64):
+        raise ConfigError(source, key, f"expected a number of MB >= 64 (0 = no cap), got {value!r}")
     if (section, name) == ("job", "nice") and not -20 <= value <= 19:
         raise ConfigError(source, key, f"expected a nice value -20..19, got {value!r}")
     if key == "daemon.matchmaker_fingerprint" and value and not _FINGERPRINT.fullmatch(value):

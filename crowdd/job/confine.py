@@ -15,6 +15,12 @@ in or out is the daemon's end of those Unix sockets. Without ``--isolated`` (a m
 cannot confine jobs, ``[security] allow_exposed_tensorflow``) the same relay runs on the real
 loopback and the TF servers are exposed.
 
+With ``--sandbox`` the job (and every TF server it starts) runs under the Landlock policy
+of :mod:`crowdd.platform.sandbox`: read-only runtime and ``--data``, read-write ``--workdir``,
+TCP bind only to the ``--serve`` ports (and ``--own`` ones), connect only to those and the
+``--reach`` ones; no capabilities, ``no_new_privs``; and, in a new user namespace, no nested
+one. ``--guard DIR`` names a directory (the daemon's state) no runtime path may expose.
+
 The relay runs in this process (no TensorFlow here, so it never waits behind TF's GIL use).
 """
 
@@ -33,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from crowdd.aio import spawn_tracked, splice
+from crowdd.platform import sandbox
 from crowdd.platform.process import die_with_parent, exit_with_parent
 from crowdd.platform.userns import loopback_up
 
@@ -109,8 +116,35 @@ def _run_relay(relay: Relay, ready: threading.Event, failed: list[BaseException]
     asyncio.run(main())
 
 
+def _port(value: str) -> int:
+    if not value.isdigit() or not 1 <= int(value) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port, got {value!r}")
+    return int(value)
+
+
 def _die_with_us() -> None:
     die_with_parent(signal.SIGKILL)
+
+
+def _sandboxed(prepared: sandbox.Prepared) -> Callable[[], None]:
+    def enter() -> None:
+        die_with_parent(signal.SIGKILL)
+        prepared.enforce()
+
+    return enter
+
+
+def _prepare_sandbox(args: argparse.Namespace) -> sandbox.Prepared:
+    """The job's Landlock ruleset from the arguments (raises :class:`sandbox.SandboxError`)."""
+    serve = [port for _, port in args.serve] + list(args.own)
+    policy = sandbox.job_policy(
+        args.workdir, args.data, bind=serve, connect=serve + [port for _, port in args.reach], guarded=args.guard,
+    )
+    prepared = sandbox.prepare(policy)
+    log.info("sandbox: Landlock ABI %d; %s", prepared.abi, policy.describe())
+    if policy.skipped:
+        log.warning("sandbox: left out of the job's reach: %s", ", ".join(policy.skipped))
+    return prepared
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -124,7 +158,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--serve", action="append", type=_pair, default=[])
     p.add_argument("--reach", action="append", type=_pair, default=[])
     p.add_argument("--isolated", action="store_true", help="this is a new network namespace: bring lo up")
+    p.add_argument("--sandbox", action="store_true", help="run the job under Landlock (crowdd.platform.sandbox)")
+    p.add_argument("--workdir", type=Path, help="the job's read-write directory (with --sandbox)")
+    p.add_argument("--data", type=Path, help="the job's dataset file, read-only (with --sandbox)")
+    p.add_argument("--own", action="append", type=_port, default=[], help="another TCP port the job binds")
+    p.add_argument("--guard", action="append", type=Path, default=[], help="a directory kept out of reach")
     args = p.parse_args(args_list[:cut])
+    if args.sandbox and args.workdir is None:
+        p.error("--sandbox needs --workdir")
     job_argv = args_list[cut + 1:]
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="[relay] %(message)s")
     exit_with_parent(os.getppid())  # entering the user namespace cleared the launcher's death signal
@@ -133,6 +174,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             loopback_up()
         except OSError as exc:
             print(f"cannot bring up the job's loopback: {exc}", file=sys.stderr)
+            return EXIT_SETUP
+        if args.sandbox and (why := sandbox.close_nested_user_namespaces()) is not None:
+            log.warning("sandbox: %s", why)
+    prepared: sandbox.Prepared | None = None
+    if args.sandbox:
+        try:
+            prepared = _prepare_sandbox(args)
+        except (sandbox.SandboxError, OSError) as exc:
+            print(f"cannot sandbox the job: {exc}", file=sys.stderr)
             return EXIT_SETUP
     relay = Relay(args.dir, args.serve, args.reach)
     ready = threading.Event()
@@ -144,7 +194,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_SETUP
     # the job goes with this process (the daemon's death reaches us through exit_with_parent;
     # the job is in another network namespace, where nothing else would ever reap it)
-    child = subprocess.Popen(job_argv, preexec_fn=_die_with_us)  # noqa: PLW1509 - one prctl call
+    enter = _die_with_us if prepared is None else _sandboxed(prepared)
+    env = None
+    if prepared is not None:  # libraries look for their settings in ~ (Keras: ~/.keras): the job's own
+        env = {**os.environ, "HOME": str(args.workdir), "KERAS_HOME": str(args.workdir / ".keras")}
+    try:
+        child = subprocess.Popen(job_argv, preexec_fn=enter, env=env)  # noqa: PLW1509 - system calls only
+    except (OSError, subprocess.SubprocessError) as exc:
+        print(f"cannot start the job{' in its sandbox' if prepared else ''}: {exc}", file=sys.stderr)
+        return EXIT_SETUP
     signal.signal(signal.SIGTERM, lambda signum, _frame: child.send_signal(signum))
     return child.wait()
 

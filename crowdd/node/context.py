@@ -12,12 +12,13 @@ from crowdd.config import Config
 from crowdd.errors import SessionFailed
 from crowdd.identity import Identity
 from crowdd.manifest import Manifest
-from crowdd.node.launcher import JobLauncher, LaunchError
+from crowdd.node.launcher import JobLauncher, JobLimits, LaunchError
 from crowdd.node.ports import Reservation
 from crowdd.node.states import State, StateMachine
 from crowdd.node.status import StatusView
 from crowdd.node.supervisor import JobSupervisor
 from crowdd.node.tunnels import RelaySetup
+from crowdd.platform.sandbox import SandboxSupport
 from crowdd.platform.userns import Confinement
 from crowdd.plan import SessionPlan
 
@@ -27,7 +28,8 @@ class SessionContext:
     """The collaborators of one cycle: this node's settings (as of its start; local things
     only — what the group computes comes from the plan), the state authority, the status view,
     the job launcher, the dataset cache, how long to linger in FINISHED, and this node's TLS
-    identity (its peers pin it), and whether its jobs can be confined to a private network."""
+    identity (its peers pin it), and whether its jobs can be confined to a private network and
+    sandboxed."""
 
     cfg: Config
     states: StateMachine
@@ -37,6 +39,7 @@ class SessionContext:
     linger: float
     identity: Identity
     confinement: Confinement
+    sandbox: SandboxSupport
 
     def to(self, state: State) -> None:
         """Move the state authority (an invalid move raises: it is a daemon bug)."""
@@ -50,10 +53,12 @@ class SessionContext:
         """Start this node's job; its TF tasks ``serve`` and ``reach`` go through the relay in
         ``directory`` (:mod:`crowdd.node.tunnels`)."""
         relay = RelaySetup(directory, tuple(serve), tuple(reach), isolated=self.confinement.available)
-        if not relay.isolated and not self.cfg.security.allow_exposed_tensorflow:
-            raise SessionFailed(exposed_refusal(self.confinement))
+        refusal = training_refusal(self.cfg, self.confinement, self.sandbox)
+        if refusal is not None:
+            raise SessionFailed(refusal)
+        limits = JobLimits(sandbox=self.sandbox.available, max_memory_mb=self.cfg.job.max_memory_mb)
         try:
-            return await self.jobs.start(plan, task_index, cluster, data, manifest, on_event, res, relay)
+            return await self.jobs.start(plan, task_index, cluster, data, manifest, on_event, res, relay, limits)
         except LaunchError as exc:
             raise SessionFailed(exc.message) from None
 
@@ -65,4 +70,19 @@ def exposed_refusal(confinement: Confinement) -> str:
             "[security] allow_exposed_tensorflow = true")
 
 
-__all__ = ["SessionContext", "SessionFailed", "exposed_refusal"]
+def unsandboxed_refusal(sandbox: SandboxSupport) -> str:
+    return (f"TensorFlow cannot be sandboxed on this machine ({sandbox.reason}); not training. "
+            "Use a kernel with Landlock (Linux 5.13+), or on a trusted group only set "
+            "[security] allow_unsandboxed = true")
+
+
+def training_refusal(cfg: Config, confinement: Confinement, sandbox: SandboxSupport) -> str | None:
+    """Why this node may not run a job as configured, or None when it may."""
+    if not confinement.available and not cfg.security.allow_exposed_tensorflow:
+        return exposed_refusal(confinement)
+    if not sandbox.available and not cfg.security.allow_unsandboxed:
+        return unsandboxed_refusal(sandbox)
+    return None
+
+
+__all__ = ["SessionContext", "SessionFailed", "exposed_refusal", "training_refusal", "unsandboxed_refusal"]

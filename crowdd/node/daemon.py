@@ -36,7 +36,7 @@ from crowdd.node.status import StatusView
 from crowdd.cache import DatasetCache
 from crowdd.config import Config, ConfigError, Paths, load_config, parse_hostport
 from crowdd.control import ControlServer, Endpoint
-from crowdd.node.context import SessionContext, SessionFailed, exposed_refusal
+from crowdd.node.context import SessionContext, SessionFailed, training_refusal
 from crowdd.node.host import Prepared, lead, prepare_dataset
 from crowdd.protocol.control import HostRequest, Status
 from crowdd.idle.policy import AlwaysIdle, IdlePolicy, Policy, Verdict
@@ -47,7 +47,9 @@ from crowdd.node.launcher import JobLauncher
 from crowdd.node.ports import Reservation
 from crowdd.node.registration import make_hello, register_until_grouped
 from crowdd.node.states import State, StateMachine
+from crowdd.platform import sandbox as landlock
 from crowdd.platform import userns
+from crowdd.platform.sandbox import SandboxSupport
 from crowdd.platform.systemd import Notifier
 from crowdd.platform.userns import Confinement
 from crowdd.aio import cancel_and_wait
@@ -79,6 +81,7 @@ class Daemon:
         policy_interval: float = 30.0,
         name: str | None = None,
         confinement: Confinement | None = None,
+        sandbox: SandboxSupport | None = None,
     ) -> None:
         self.cfg = cfg
         self.paths = paths
@@ -96,7 +99,10 @@ class Daemon:
         self._control = ControlServer(self, endpoint)
         self.states = StateMachine(self._on_transition)
         self.view = StatusView(self.name, self.states, self._control.publish, self._notifier)
-        self._jobs = JobLauncher(paths.jobs_dir, job_python, job_env if job_env is not None else os.environ, self._local_settings)
+        self._jobs = JobLauncher(
+            paths.jobs_dir, job_python, job_env if job_env is not None else os.environ, self._local_settings,
+            guard=(paths.state_dir, paths.config_file.parent, paths.cache_dir, paths.runtime_dir, paths.log_dir),
+        )
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._main: asyncio.Task[None] | None = None
@@ -107,6 +113,7 @@ class Daemon:
         self._host_request: HostRequest | None = None
         self._job_python = job_python
         self.confinement = confinement
+        self.sandbox = sandbox
 
     # ------------------------------------------------------------------ life cycle
 
@@ -128,6 +135,8 @@ class Daemon:
         self.identity = Identity.load_or_create(self.paths.identity_dir, "node")
         if self.confinement is None:
             self.confinement = await asyncio.get_running_loop().run_in_executor(None, userns.probe, self._job_python)
+        if self.sandbox is None:
+            self.sandbox = landlock.probe()
         self._show_tensorflow()
         self.view.set_donating(self._load_persisted().get("donating", False) is True)
         await self._control.start(self.identity)
@@ -183,21 +192,34 @@ class Daemon:
 
     @property
     def can_train(self) -> bool:
-        """Whether this node may run a job: confined, or exposed where the config allows it."""
-        return self._confinement().available or self.cfg.security.allow_exposed_tensorflow
+        """Whether this node may run a job: confined and sandboxed, or not where the config
+        allows it."""
+        return self._refusal() is None
+
+    def _refusal(self) -> str | None:
+        return training_refusal(self.cfg, self._confinement(), self._sandbox())
 
     def _confinement(self) -> Confinement:
         return self.confinement if self.confinement is not None else Confinement(False, "not checked yet")
 
+    def _sandbox(self) -> SandboxSupport:
+        return self.sandbox if self.sandbox is not None else SandboxSupport(False, 0, "not checked yet")
+
     def _show_tensorflow(self) -> None:
-        c = self._confinement()
-        self.view.tensorflow = {"confined": c.available, "allowed": self.can_train, "reason": c.reason}
+        c, sb = self._confinement(), self._sandbox()
+        refusal = self._refusal()
+        reasons = [r for r in (c.reason, sb.reason) if r]
+        self.view.tensorflow = {"confined": c.available, "sandboxed": sb.available, "landlock_abi": sb.abi,
+                                "allowed": refusal is None, "reason": refusal or "; ".join(reasons)}
+        if refusal is not None:
+            self.view.log(logging.WARNING, refusal)
+            return
         if not c.available:
-            if self.can_train:
-                self.view.log(logging.WARNING, f"TensorFlow runs EXPOSED to the network ({c.reason}); "
-                              "[security] allow_exposed_tensorflow = true: trusted LANs only")
-            else:
-                self.view.log(logging.WARNING, exposed_refusal(c))
+            self.view.log(logging.WARNING, f"TensorFlow runs EXPOSED to the network ({c.reason}); "
+                          "[security] allow_exposed_tensorflow = true: trusted LANs only")
+        if not sb.available:
+            self.view.log(logging.WARNING, f"TensorFlow runs UNSANDBOXED ({sb.reason}): group members' graphs can "
+                          "touch this user's files; [security] allow_unsandboxed = true: trusted groups only")
 
     # ------------------------------------------------------------------ persistence
 
@@ -238,8 +260,9 @@ class Daemon:
 
     async def host(self, request: HostRequest) -> dict[str, Any]:
         """Host ``request`` (checked at the control socket) once this node is free to."""
-        if not self.can_train:
-            raise wire.WireError(wire.ErrorCode.BUSY, exposed_refusal(self._confinement()))
+        refusal = self._refusal()
+        if refusal is not None:
+            raise wire.WireError(wire.ErrorCode.BUSY, refusal)
         role = self.view.role
         if self._host_request is not None or role == "host":
             raise wire.WireError(wire.ErrorCode.BUSY, "already hosting; `crowdd stop` ends that session first")
@@ -359,7 +382,8 @@ class Daemon:
         res: Reservation | None = None
         watch = asyncio.create_task(self._policy_watch()) if role == "worker" else None
         cycle = SessionContext(
-            self.cfg, self.states, view, self._jobs, self.cache, self._linger, self.identity, self._confinement()
+            self.cfg, self.states, view, self._jobs, self.cache, self._linger, self.identity, self._confinement(),
+            self._sandbox(),
         )
         try:
             prepared: Prepared | None = None

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
-import shutil
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from crowdd.errors import CrowddError
 from crowdd.platform.threads import thread_env
-from crowdd.job.spec import Cluster, JobSpec, Settings, write_spec
+from crowdd.config import parse_hostport
+from crowdd.job.spec import Cluster, JobSpec, Settings, port_of, write_spec
 from crowdd.manifest import Manifest
 from crowdd.node.ports import Reservation
 from crowdd.node.tunnels import RelaySetup
@@ -31,12 +31,26 @@ class LaunchError(CrowddError):
     """The job could not be started; the message is for the user."""
 
 
+@dataclass(frozen=True)
+class JobLimits:
+    """How this node runs a job: in the Landlock sandbox or not, and its memory cap in MB (0 =
+    none) over the job and all its processes."""
+
+    sandbox: bool = True
+    max_memory_mb: int = 0
+
+
 class JobLauncher:
     """Starts job children below ``jobs_dir``. ``local()`` gives this node's local job settings
-    (threads, nice, checkpoint interval) at start."""
+    (threads, nice, checkpoint interval) at start. ``guard``: directories no runtime path of a
+    sandboxed job may expose (the daemon's state, config, cache)."""
 
-    def __init__(self, jobs_dir: Path, python: str, env: Mapping[str, str], local: Callable[[], Settings]) -> None:
+    def __init__(
+        self, jobs_dir: Path, python: str, env: Mapping[str, str], local: Callable[[], Settings],
+        guard: tuple[Path, ...] = (),
+    ) -> None:
         self._jobs_dir = jobs_dir
+        self._guard = guard
         self._python = python
         self._env = dict(env)
         self._local = local
@@ -57,16 +71,22 @@ class JobLauncher:
     async def start(
         self, plan: SessionPlan, task_index: int, cluster: dict[str, list[str]], data: Path, manifest: Manifest,
         on_event: Callable[[dict[str, Any]], None], res: Reservation, relay: RelaySetup,
+        limits: JobLimits = JobLimits(),
     ) -> JobSupervisor:
         """Write the spec, free the reserved TF ports and start the job behind its relay, in its
-        own network namespace when ``relay.isolated`` (raises :class:`LaunchError`)."""
+        own network namespace when ``relay.isolated``, in its sandbox when ``limits.sandbox``
+        (raises :class:`LaunchError`). Every member's TF graph reads ``dataset.bin`` in its work
+        directory: a symbolic link to the cache's file, which the sandbox keeps read-only (a
+        hard link would share the work directory's write access)."""
         role = "host" if plan.is_host else "worker"
         workdir = self.job_dir(plan)
-        _link(data, workdir / "dataset.bin")
+        link = workdir / "dataset.bin"
+        link.unlink(missing_ok=True)
+        link.symlink_to(data.resolve())
         (workdir / "dataset.manifest.json").write_bytes(manifest.to_json())
         spec = JobSpec(
             role=role, index=task_index,
-            cluster=Cluster(tuple(cluster["ps"]), tuple(cluster["worker"])),
+            cluster=_cluster(cluster, role),
             job=plan.job,
             data="dataset.bin", manifest="dataset.manifest.json",
             output_dir="output" if role == "host" else None,
@@ -77,12 +97,13 @@ class JobLauncher:
         write_spec(spec, spec_path)
         res.release_tf()
         env = {**self._env, **thread_env(spec.settings.threads)}
-        command = [self._python, "-m", "crowdd.job.confine", *relay.argv(), "--", *job_command(role, spec_path, self._python)]
+        command = [self._python, "-m", "crowdd.job.confine", *relay.argv(), *self._sandbox_argv(limits, workdir, data, spec),
+                   "--", *job_command(role, spec_path, self._python)]
         if relay.isolated:
             command = confined(command)
         sup = JobSupervisor(
             command, on_event=on_event, cwd=workdir,
-            log_path=workdir / "job.log", env=env, nice=spec.settings.nice,
+            log_path=workdir / "job.log", env=env, nice=spec.settings.nice, max_memory_mb=limits.max_memory_mb,
         )
         try:
             await sup.start()
@@ -91,6 +112,13 @@ class JobLauncher:
         self.current = sup
         return sup
 
+    def _sandbox_argv(self, limits: JobLimits, workdir: Path, data: Path, spec: JobSpec) -> list[str]:
+        if not limits.sandbox:
+            return []
+        out = ["--sandbox", "--workdir", str(workdir), "--data", str(data.resolve())]
+        out += [a for addr in spec.cluster.chief for a in ("--own", str(port_of(addr)))]
+        return out + [a for g in self._guard for a in ("--guard", str(g))]
+
     async def stop(self) -> None:
         """End the running job (and its process group), if any; not cancellable half-way."""
         sup, self.current = self.current, None
@@ -98,15 +126,16 @@ class JobLauncher:
             await asyncio.shield(sup.stop())
 
 
-def _link(src: Path, dst: Path) -> None:
-    dst.unlink(missing_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError:
-        try:
-            dst.symlink_to(src)
-        except OSError:
-            shutil.copyfile(src, dst)
+def _cluster(cluster: dict[str, list[str]], role: str) -> Cluster:
+    """The job's cluster; the host's coordinator gets its own port after the group's (else TF
+    would pick one at random, which its sandbox could not allow it to bind)."""
+    ps, workers = tuple(cluster["ps"]), tuple(cluster["worker"])
+    if role != "host":
+        return Cluster(ps, workers)
+    host, _ = parse_hostport(ps[0], 0)
+    last = max(port_of(a) for a in (*ps, *workers))
+    return Cluster(ps, workers, (f"{host}:{last + 1}",))
 
 
-__all__ = ["JobLauncher", "LaunchError"]
+
+__all__ = ["JobLauncher", "JobLimits", "LaunchError"]

@@ -70,7 +70,9 @@ class StatusView:
         self._notifier = notifier
         self.donating = False
         self.verdict = DONATION_OFF
-        self.tensorflow: TensorflowStatus = {"confined": True, "allowed": True, "reason": ""}
+        self.tensorflow: TensorflowStatus = {
+            "confined": True, "sandboxed": True, "landlock_abi": 0, "allowed": True, "reason": "",
+        }
         self.session: SessionRecord | None = None
         self.last: SessionRecord | None = None
         self._last_members_push = 0.0

@@ -24,12 +24,33 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from crowdd.platform.process import SIGKILL, group_options, resume_group, signal_group, suspend_group
 
 logger = logging.getLogger(__name__)
 
 EventCallback = Callable[[dict[str, Any]], None]
 MAX_LINE = 1 << 20
+MEMORY_POLL = 1.0
+
+
+def group_memory_mb(pgid: int) -> float:
+    """The memory of every process in process group ``pgid``, in MB: the sum of their PSS
+    (shared pages split among those that map them, so TF's libraries count once), or RSS where
+    PSS cannot be read."""
+    total = 0
+    for p in psutil.process_iter(["pid"]):
+        try:
+            if os.getpgid(p.pid) != pgid:
+                continue
+            try:
+                total += p.memory_full_info().pss
+            except (psutil.AccessDenied, AttributeError):
+                total += p.memory_info().rss
+        except (ProcessLookupError, psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+            continue
+    return total / 2**20
 
 
 class JobError(Exception):
@@ -52,6 +73,7 @@ class JobSupervisor:
         log_path: Path | None = None,
         env: Mapping[str, str] | None = None,
         nice: int = 19,
+        max_memory_mb: int = 0,
     ) -> None:
         self._command = list(command)
         self._on_event = on_event
@@ -59,11 +81,14 @@ class JobSupervisor:
         self._log_path = log_path
         self._env = dict(env) if env is not None else None
         self._nice = nice
+        self._max_memory_mb = max_memory_mb
+        self._memory_watch: asyncio.Task[None] | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task[None] | None = None
         self._suspended = False
         self.returncode: int | None = None
         self.last_error: str | None = None
+        self.memory_exceeded = False
 
     @property
     def pid(self) -> int | None:
@@ -105,6 +130,28 @@ class JobSupervisor:
                 os.close(log_fd)
         logger.info("job started: pid %d: %s", self._proc.pid, " ".join(self._command[1:]))
         self._reader = asyncio.create_task(self._read_events())
+        if self._max_memory_mb:
+            self._memory_watch = asyncio.create_task(self._watch_memory(), name="job-memory")
+
+    async def _watch_memory(self) -> None:
+        """Every :data:`MEMORY_POLL` s: the job's whole process group over its cap is killed,
+        with an ``error`` event saying so (the daemon stays up)."""
+        proc = self._proc
+        assert proc is not None
+        cap = self._max_memory_mb
+        while proc.returncode is None:
+            await asyncio.sleep(MEMORY_POLL)
+            used = await asyncio.get_running_loop().run_in_executor(None, group_memory_mb, proc.pid)
+            if used > cap:
+                message = (f"the job used {used:.0f} MB of memory, over this node's cap of {cap} MB "
+                           "([job] max_memory_mb); it was stopped")
+                logger.warning("%s", message)
+                self._kill_group(SIGKILL)
+                self.last_error = message
+                self.memory_exceeded = True
+                with contextlib.suppress(Exception):
+                    self._on_event({"event": "error", "message": message})
+                return
 
     async def _read_events(self) -> None:
         proc = self._proc
@@ -129,6 +176,8 @@ class JobSupervisor:
             if not isinstance(event, dict) or not isinstance(event.get("event"), str):
                 logger.info("job: %s", text)
                 continue
+            if self.memory_exceeded:
+                continue  # killed for memory: that is the error, not what its dying processes said
             if event["event"] == "error":
                 self.last_error = str(event.get("message", "job error"))
             try:
@@ -177,12 +226,19 @@ class JobSupervisor:
             raise JobError("the job was never started")
         await self._leader_exited()
         self._kill_group(SIGKILL)  # the leader is gone; take any straggler with it
+        await self._stop_watch()
         code = await self._proc.wait()
         if self._reader is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(self._reader), 5.0)
         self.returncode = code
         return code
+
+    async def _stop_watch(self) -> None:
+        if self._memory_watch is not None:
+            self._memory_watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._memory_watch
 
     def _kill_group(self, sig: int) -> bool:
         return self._proc is not None and signal_group(self._proc.pid, sig)
@@ -218,6 +274,7 @@ class JobSupervisor:
             if proc.returncode is None:
                 proc.kill()
         code = await proc.wait()
+        await self._stop_watch()
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

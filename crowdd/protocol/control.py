@@ -107,11 +107,14 @@ class IdleStatus(TypedDict):
 
 
 class TensorflowStatus(TypedDict):
-    """Whether this node's TF servers run confined to a private network (``confined``), and if
-    not, why (``reason``) and whether the node trains anyway (``allowed``:
-    ``[security] allow_exposed_tensorflow``)."""
+    """Whether this node's TF servers run confined to a private network (``confined``) and in
+    the Landlock sandbox (``sandboxed``, ``landlock_abi``: 0 without Landlock); if not, why
+    (``reason``) and whether the node trains anyway (``allowed``: ``[security]
+    allow_exposed_tensorflow``, ``allow_unsandboxed``)."""
 
     confined: bool
+    sandboxed: bool
+    landlock_abi: int
     allowed: bool
     reason: str
 

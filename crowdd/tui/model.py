@@ -74,6 +74,7 @@ class DaemonView:
     idle_rule: str | None = None
     idle_reason: str = ""
     tf_confined: bool = True
+    tf_sandboxed: bool = True
     tf_allowed: bool = True
     tf_reason: str = ""
     queue_position: int | None = None
@@ -106,6 +107,7 @@ class DaemonView:
         tf = status.get("tensorflow")
         if isinstance(tf, Mapping):
             self.tf_confined = tf.get("confined") is not False
+            self.tf_sandboxed = tf.get("sandboxed") is not False
             self.tf_allowed = tf.get("allowed") is not False
             self.tf_reason = str(tf.get("reason") or "")
         queue = status.get("queue")
@@ -204,13 +206,17 @@ class DaemonView:
     @property
     def idle_text(self) -> str:
         if not self.tf_allowed:
-            return f"not training: TensorFlow cannot be confined here ({self.tf_reason}); see [security] in the config"
+            return f"not training: {self.tf_reason or 'TensorFlow cannot be confined or sandboxed here'}"
         if self.idle_allowed is None:
             return "unknown"
         verdict = "idle, may work" if self.idle_allowed else "busy, not working"
         reason = self.idle_reason or (self.idle_rule or "")
         text = f"{verdict}: {reason}" if reason else verdict
-        return text if self.tf_confined else f"{text} · TensorFlow EXPOSED (allow_exposed_tensorflow)"
+        if not self.tf_confined:
+            text = f"{text} · TensorFlow EXPOSED (allow_exposed_tensorflow)"
+        if not self.tf_sandboxed:
+            text = f"{text} · TensorFlow UNSANDBOXED (allow_unsandboxed)"
+        return text
 
     @property
     def role_text(self) -> str:

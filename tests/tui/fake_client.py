@@ -28,7 +28,7 @@ def base_status(**overrides: Any) -> dict[str, Any]:
         "donating": False,
         "role": None,
         "idle": {"allowed": True, "rule": None, "reason": "user idle for 12 min"},
-        "tensorflow": {"confined": True, "allowed": True, "reason": ""},
+        "tensorflow": {"confined": True, "sandboxed": True, "landlock_abi": 7, "allowed": True, "reason": ""},
         "queue": None,
         "group": None,
         "job": None,

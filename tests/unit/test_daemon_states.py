@@ -22,6 +22,7 @@ from crowdd.node.states import TRANSITIONS, InvalidTransition, State, StateMachi
 from crowdd.idle.policy import AlwaysIdle, IdlePolicy, Verdict
 from crowdd.idle.probes import CpuReading, Probes, UserIdle
 from crowdd.matchmaker import Matchmaker
+from crowdd.platform.sandbox import SandboxSupport
 from crowdd.platform.userns import Confinement
 from crowdd.testing.identities import matchmaker_tls
 from crowdd.node.ports import free_port
@@ -106,7 +107,7 @@ MM_TLS, MM_FP = matchmaker_tls()
 
 
 def make(tmp_path: Path, mm_port: int, name: str = "node", policy: Any = None, notifier: Any = None,
-         confinement: Confinement | None = None) -> Daemon:
+         confinement: Confinement | None = None, sandbox: SandboxSupport | None = None) -> Daemon:
     cfg = Config()
     cfg.daemon.listen_host = "127.0.0.1"
     cfg.daemon.retry_min = 0.05
@@ -115,7 +116,7 @@ def make(tmp_path: Path, mm_port: int, name: str = "node", policy: Any = None, n
     paths = Paths.under(tmp_path / name)
     return Daemon(cfg, paths, endpoint=Endpoint.for_paths(paths), matchmaker=("127.0.0.1", mm_port),
                   policy=policy or AlwaysIdle(), name=name, policy_interval=0.2, notifier=notifier,
-                  confinement=confinement)
+                  confinement=confinement, sandbox=sandbox)
 
 
 @contextlib.asynccontextmanager
@@ -371,20 +372,34 @@ async def test_default_config_applies_the_idle_policy(tmp_path: Path) -> None:
 async def test_a_node_that_cannot_confine_tensorflow_neither_trains_nor_hosts(tmp_path: Path) -> None:
     """No user namespaces (say, Ubuntu's AppArmor restriction): status says so and why, donation
     does not register, hosting is refused with the fix; the opt-in flips it (trusted LANs)."""
+    no = Confinement(False, "unprivileged user namespaces are not allowed here (test)")
+    await _refuses_until_allowed(tmp_path, "allow_exposed_tensorflow", confinement=no, sandbox=SandboxSupport(True, 7))
+
+
+async def test_a_node_that_cannot_sandbox_tensorflow_neither_trains_nor_hosts(tmp_path: Path) -> None:
+    """No Landlock (an old kernel): the same, with its own reason and opt-in."""
+    no = SandboxSupport(False, 0, "this kernel has no Landlock (test)")
+    await _refuses_until_allowed(tmp_path, "allow_unsandboxed", confinement=Confinement(True), sandbox=no)
+
+
+async def _refuses_until_allowed(tmp_path: Path, opt_in: str, *, confinement: Confinement,
+                                 sandbox: SandboxSupport) -> None:
     from crowdd import wire
     from crowdd.hyperparams import Job
     from crowdd.protocol.control import HostRequest
 
-    no = Confinement(False, "unprivileged user namespaces are not allowed here (test)")
-    async with matchmaker() as mm, running(tmp_path, mm.address[1], confinement=no) as d:
+    async with matchmaker() as mm, running(tmp_path, mm.address[1], confinement=confinement, sandbox=sandbox) as d:
         st = d.status()
-        assert st["tensorflow"] == {"confined": False, "allowed": False, "reason": no.reason}
+        tf = st["tensorflow"]
+        assert (tf["confined"], tf["sandboxed"], tf["landlock_abi"], tf["allowed"]) == (
+            confinement.available, sandbox.available, sandbox.abi, False)
+        assert (confinement.reason or sandbox.reason) in tf["reason"] and opt_in in tf["reason"]
         await d.donate(True)
         await asyncio.sleep(0.5)
         assert d.state == State.STANDBY and mm.stats()["workers"] == 0
-        with pytest.raises(wire.WireError, match="allow_exposed_tensorflow"):
+        with pytest.raises(wire.WireError, match=opt_in):
             await d.host(HostRequest(tmp_path, Job()))
-        d.cfg.security.allow_exposed_tensorflow = True
+        setattr(d.cfg.security, opt_in, True)
         d._show_tensorflow()
         assert d.status()["tensorflow"]["allowed"] is True
         assert d.can_train
