@@ -1,0 +1,196 @@
+"""A malicious group member, for real: during a session, from inside a job's network namespace
+(where the host's coordinator and each worker's relay reach the group's TF servers), run TF ops
+on every TF server of the group — the host's parameter server, its worker server and its
+coordinator, and each worker's server through its tunnel — that try to read the daemons' state
+(a canary, the identity key, the config), a canary in the user's home, list those directories,
+write outside the job's directory, and make the server connect to a port outside the cluster.
+Every attempt fails; the same ops inside the job's own directory work (so the attack did reach
+the server); every job process runs with no capability and ``no_new_privs``; training
+finishes with the usual accuracy and leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from crowdd.demo import Crowd, Node
+from crowdd.platform.sandbox import probe
+from crowdd.platform.userns import probe as userns_probe
+
+from test_daemon_e2e import ACCURACY_THRESHOLD, TEST_CONFIG, Recorder, digits_npz, donate_all, host_job, job_processes
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
+
+LISTEN_PORT = 47999  # outside every cluster (TF ports are 20000..40000)
+ATTACK_TIMEOUT = 120.0
+
+
+@pytest.fixture
+async def crowd(tmp_path: Path) -> AsyncIterator[Crowd]:
+    if not probe().available:
+        pytest.skip(f"no Landlock here: {probe().reason}")
+    if not userns_probe().available:
+        pytest.skip(f"jobs cannot be confined here: {userns_probe().reason}")
+    c = Crowd(tmp_path / "crowd", 2, extra_config=TEST_CONFIG)
+    try:
+        c.start()
+        await c.wait_up()
+        yield c
+    finally:
+        c.close()
+        assert not job_processes(c.root), "a job outlived the test"
+
+
+def relay_of(node: Node) -> psutil.Process:
+    """The node's job relay (``crowdd.job.confine``): it lives in the job's namespaces."""
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info.get("cmdline") or []
+        if "crowdd.job.confine" in cmd and any(str(node.root) in a for a in cmd):
+            return p
+    raise AssertionError(f"{node.name} runs no job")
+
+
+def job_tree(node: Node) -> list[psutil.Process]:
+    """The node's job and TF servers (below its relay, which is not sandboxed: no TF in it)."""
+    return relay_of(node).children(recursive=True)
+
+
+async def run(argv: list[str], timeout: float) -> str:
+    proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.DEVNULL)
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    except asyncio.TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise AssertionError(f"{argv[-1]}: no answer within {timeout} s") from None
+    return out.decode()
+
+
+async def attack(netns_pid: int, target: str, what: list[str]) -> dict[str, Any]:
+    out = await run(["nsenter", "-t", str(netns_pid), "-n", sys.executable, "-m", "crowdd.testing.member_attack",
+                     "attack", target, *what], ATTACK_TIMEOUT)
+    lines = [ln for ln in out.splitlines() if ln.startswith("{")]
+    assert lines, f"the attack on {target} printed nothing"
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
+
+
+@contextlib.asynccontextmanager
+async def listener(netns_pid: int, seconds: float) -> AsyncIterator[list[dict[str, Any]]]:
+    """A TCP listener on LISTEN_PORT in that namespace; yields the connections it saw (filled in
+    on the way out)."""
+    proc = await asyncio.create_subprocess_exec(
+        "nsenter", "-t", str(netns_pid), "-n", sys.executable, "-m", "crowdd.testing.member_attack",
+        "listen", str(LISTEN_PORT), str(seconds), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+    assert proc.stdout is not None
+    seen: list[dict[str, Any]] = []
+    try:
+        assert (await asyncio.wait_for(proc.stdout.readline(), 30)).strip() == b"ready"
+        yield seen
+        out, _ = await asyncio.wait_for(proc.communicate(b""), 30)  # stdin closes: it reports
+        seen.extend(json.loads(out.decode().strip().splitlines()[-1]))
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+def secrets(crowd: Crowd, home_canary: Path) -> tuple[list[str], list[str], list[str]]:
+    """What a member must not read, list, or write: per node its state canary, identity key and
+    config; the user's home."""
+    reads = [str(home_canary)]
+    lists = [str(home_canary.parent)]
+    writes = [str(home_canary.parent / f".crowdd-pwned-{uuid.uuid4().hex}"), str(crowd.root / "pwned")]
+    for n in crowd.nodes:
+        canary = n.root / "state" / "canary.txt"
+        canary.write_text(f"state of {n.name}")
+        reads += [str(canary), str(n.root / "state" / "identity" / "node.key"), str(n.root / "crowdd.toml")]
+        lists += [str(n.root / "state")]
+        writes += [str(n.root / "state" / "pwned"), str(n.root / "state" / "jobs" / "pwned")]
+    for r in reads:
+        assert Path(r).is_file(), r
+    return reads, lists, writes
+
+
+async def test_a_malicious_member_touches_nothing_outside_the_job(crowd: Crowd, tmp_path: Path) -> None:
+    home_canary = Path.home() / f".crowdd-canary-{uuid.uuid4().hex}"
+    home_canary.write_text("the volunteer's own file")
+    data = digits_npz(tmp_path / "digits.npz")
+    rec = Recorder(crowd.nodes)
+    await rec.start()
+    try:
+        reads, lists, writes = secrets(crowd, home_canary)
+        what = [*(a for r in reads for a in ("--read", r)), *(a for d in lists for a in ("--list", d)),
+                *(a for w in writes for a in ("--write", w)), "--connect", str(LISTEN_PORT),
+                # the job's own directory: reachable (proof that the ops ran on the server)
+                "--read", "spec.json", "--write", "member-wrote-here"]
+        await donate_all(crowd.workers)
+        await host_job(crowd.host, data, {"workers": 2, "min_workers": 2, "epochs": 400, "learning_rate": 0.1,
+                                          "sharding": "full"})
+        for n in crowd.nodes:
+            await rec.wait(n.name, lambda e: e["event"] == "state" and e["state"] == "training", 180)
+        await rec.wait("host", lambda e: e["event"] == "eval", 120)  # TF is up everywhere
+        host, w1, w2 = crowd.nodes
+        spec = json.loads(next((host.root / "state" / "jobs").glob("*/spec.json")).read_text())
+        cluster = spec["cluster"]
+        targets = {"host ps": cluster["ps"][0], "host worker 0": cluster["worker"][0], "host coordinator":
+                   cluster["chief"][0], "worker-1 (tunnel)": cluster["worker"][1], "worker-2 (tunnel)": cluster["worker"][2]}
+        relays = {n.name: relay_of(n).pid for n in crowd.nodes}
+        victims = {n.name: {p.pid for p in job_tree(n)} for n in crowd.nodes}
+        for n in crowd.nodes:
+            for p in job_tree(n):
+                status = Path(f"/proc/{p.pid}/status").read_text()
+                assert "NoNewPrivs:\t1" in status and "CapEff:\t0000000000000000" in status, (n.name, p.cmdline())
+
+        results: dict[str, dict[str, Any]] = {}
+        async with listener(relays["host"], 300) as seen_h, listener(relays["worker-1"], 300) as seen_1, \
+                listener(relays["worker-2"], 300) as seen_2:
+            gate = asyncio.Semaphore(2)
+
+            async def one(label: str, netns: int, target: str) -> None:
+                async with gate:
+                    results[label] = await attack(netns, target, what)
+
+            await asyncio.gather(
+                *(one(f"host netns → {label}", relays["host"], t) for label, t in targets.items()),
+                one("worker-1 netns → host ps", relays["worker-1"], cluster["ps"][0]),
+            )
+        assert crowd.host.name and rec.states("host")[-1] == "training", "training ended before the attacks did"
+        for label, got in results.items():
+            assert got["ran_op"], f"{label}: the attack did not reach the server: {got.get('error')}"
+            assert got["read"]["spec.json"]["ok"] and got["write"]["member-wrote-here"]["ok"], (label, got)
+            for r in reads:
+                assert not got["read"][r]["ok"], f"{label} read {r}: {got['read'][r]}"
+                assert "Permission denied" in got["read"][r]["error"], (label, r, got["read"][r])
+            for d in lists:
+                assert not got["list"][d]["ok"], f"{label} listed {d}: {got['list'][d]}"
+            for w in writes:
+                assert not got["write"][w]["ok"] and not Path(w).exists(), f"{label} wrote {w}"
+        for name, seen in (("host", seen_h), ("worker-1", seen_1), ("worker-2", seen_2)):
+            from_victim = [c for c in seen if c.get("pid") in victims[name]]
+            assert not from_victim, f"{name}'s TF server connected outside the cluster: {from_victim}"
+            assert all(c.get("pid") for c in seen), seen  # every connection is accounted for
+
+        result = await rec.host_result(crowd.host, 300)
+        assert result["test_accuracy"] > ACCURACY_THRESHOLD
+    finally:
+        await rec.close()
+        home_canary.unlink(missing_ok=True)
+        for p in home_canary.parent.glob(".crowdd-pwned-*"):
+            p.unlink()
+    for _ in range(50):
+        if not job_processes(crowd.root):
+            break
+        await asyncio.sleep(0.2)
+    assert not job_processes(crowd.root)
