@@ -107,7 +107,12 @@ def _connect(tf: Any, port: int) -> dict[str, Any]:
 def listen(port: int, seconds: float) -> list[dict[str, Any]]:
     seen: list[dict[str, Any]] = []
     closed = threading.Event()
-    threading.Thread(target=lambda: (sys.stdin.read(), closed.set()), daemon=True).start()
+
+    def wait_stdin() -> None:
+        sys.stdin.read()
+        closed.set()
+
+    threading.Thread(target=wait_stdin, daemon=True).start()
     with socket.create_server(("127.0.0.1", port)) as srv:
         print("ready", flush=True)
         deadline = time.monotonic() + seconds
