@@ -185,3 +185,47 @@ async def test_missing_program_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_job_command() -> None:
     assert job_command("worker", Path("/s.json"), "/py") == ["/py", "-m", "crowdd.job", "worker", "--spec", "/s.json"]
+
+
+# A job whose TF-server-like child grows: each holds `mb` MB, touched (resident), then sleeps.
+HUNGRY_JOB = textwrap.dedent(
+    """
+    import json, subprocess, sys, time
+    mb = int(sys.argv[1])
+    grow = "b = bytearray(%d << 20); import time; time.sleep(600)"
+    child = subprocess.Popen([sys.executable, "-c", grow % mb])
+    print(json.dumps({"event": "started", "pid": child.pid}), flush=True)
+    hold = bytearray(mb << 20)
+    print(json.dumps({"event": "progress", "step": 1}), flush=True)
+    time.sleep(600 if "--stay" in sys.argv else 3)
+    """
+)
+
+
+async def test_a_job_over_its_memory_cap_is_stopped_with_a_clear_error(tmp_path: Path) -> None:
+    """The cap counts the job and its children together (2 × 150 MB > 200 MB): the whole group
+    is killed, the error says what it used and which setting capped it; nothing is left."""
+    script = tmp_path / "hungry.py"
+    script.write_text(HUNGRY_JOB)
+    events: list[dict[str, Any]] = []
+    sup = JobSupervisor([sys.executable, str(script), "150", "--stay"], on_event=events.append, max_memory_mb=200)
+    await sup.start()
+    code = await asyncio.wait_for(sup.wait(), 30)
+    child = int(next(e for e in events if e["event"] == "started")["pid"])
+    assert code == -signal.SIGKILL
+    assert sup.memory_exceeded and sup.last_error is not None
+    assert "over this node's cap of 200 MB ([job] max_memory_mb)" in sup.last_error, sup.last_error
+    used = int(sup.last_error.split("used ")[1].split(" MB")[0])
+    assert 200 < used < 600, sup.last_error
+    assert events[-1] == {"event": "error", "message": sup.last_error}
+    assert await wait_gone(child)
+
+
+async def test_a_job_under_its_memory_cap_runs_to_its_end(tmp_path: Path) -> None:
+    script = tmp_path / "hungry.py"
+    script.write_text(HUNGRY_JOB)
+    events: list[dict[str, Any]] = []
+    sup = JobSupervisor([sys.executable, str(script), "30"], on_event=events.append, max_memory_mb=400)
+    await sup.start()
+    assert await asyncio.wait_for(sup.wait(), 30) == 0
+    assert not sup.memory_exceeded and sup.last_error is None
