@@ -11,7 +11,12 @@ on the same pipeline is printed for context. The cluster settings (K = ``sync_ev
 ``steps_per_function``, ``merge``) default to ``crowdd.config.JobConfig()``'s, so the shipped
 defaults are what is measured. Prints the ratio (tunneled / direct) last; target >= 0.85.
 
-    .venv/bin/python benchmarks/train_overhead.py [--epochs N] [--sync-every K] [--json out.json]
+With ``--sandbox`` the two runs are both tunneled and confined, the reference unsandboxed and
+the other with every job in its Landlock sandbox (:mod:`crowdd.platform.sandbox`), as the
+daemon runs it; prints the kernel's Landlock ABI and the ratio (sandboxed / unsandboxed) last;
+target >= 0.95.
+
+    .venv/bin/python benchmarks/train_overhead.py [--sandbox] [--epochs N] [--sync-every K] [--json out.json]
 """
 
 from __future__ import annotations
@@ -90,7 +95,10 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seconds", type=float, default=10.0, help="local loop measuring time")
     p.add_argument("--json", type=Path)
+    p.add_argument("--sandbox", action="store_true", help="measure the Landlock sandbox's cost instead (see above)")
     args = p.parse_args()
+    if args.sandbox:
+        return sandbox_main(args)
 
     from crowdd.datasets import convert
     from crowdd.job.local import run_cluster
@@ -152,6 +160,63 @@ def main() -> int:
     where = "confined, relay + TLS tunnels" if confinement.available else "relay + TLS tunnels, NOT confined"
     print(f"2-worker cluster, tunneled:    {tunnel_rate:10.0f} samples/s ({where})")
     print(f"ratio tunneled/direct: {ratio:.3f}")
+    return 0
+
+
+def tunneled_run(root: Path, prep: Any, job: dict[str, Any], settings: dict[str, Any], *, isolated: bool,
+                 sandbox: bool = False) -> Any:
+    from crowdd.job.local import run_cluster
+    from crowdd.node.host import tf_base
+    from crowdd.testing.tunnel_bridge import TunnelBridge
+
+    bridge = TunnelBridge(1, isolated=isolated)
+    try:
+        base = tf_base(1)
+        return run_cluster(root, prep.data_path, prep.manifest_path, 1, job, settings, timeout=900,
+                           relays=bridge.relays(base), base=base, sandbox=sandbox)
+    finally:
+        bridge.close()
+
+
+def sandbox_main(args: argparse.Namespace) -> int:
+    from crowdd.datasets import convert
+    from crowdd.platform.sandbox import probe as landlock
+    from crowdd.platform.userns import probe
+
+    support = landlock()
+    if not support.available:
+        print(f"cannot measure the sandbox: {support.reason}", file=sys.stderr)
+        return 1
+    job = {"model": "mlp", "hidden": [100], "learning_rate": 0.1, "batch_size": args.batch, "epochs": args.epochs}
+    settings = {"steps_per_function": args.steps_per_function, "sync_every": args.sync_every, "threads": args.threads,
+                "nice": 0, "checkpoint_secs": 3600.0, "merge": args.merge}
+    isolated = probe().available
+    with tempfile.TemporaryDirectory(prefix="crowdd-sandbox-") as tmp:
+        root = Path(tmp)
+        prep = convert(args.dataset, root / "cache")
+        plain = tunneled_run(root / "plain", prep, job, settings, isolated=isolated)
+        boxed = tunneled_run(root / "sandboxed", prep, job, settings, isolated=isolated, sandbox=True)
+        for name, run in (("unsandboxed", plain), ("sandboxed", boxed)):
+            if run.done is None:
+                print(f"{name} cluster run failed: {run.error}", file=sys.stderr)
+                return 1
+        plain_rate = cluster_rate(plain.events, args.batch)
+        boxed_rate = cluster_rate(boxed.events, args.batch)
+    ratio = boxed_rate / plain_rate
+    result = {
+        "model": "mlp 784-100-10", "batch": args.batch, "sync_every": args.sync_every,
+        "steps_per_function": args.steps_per_function, "merge": args.merge, "threads": args.threads, "workers": 2,
+        "confined": isolated, "landlock_abi": support.abi,
+        "unsandboxed_samples_per_sec": round(plain_rate, 1), "sandboxed_samples_per_sec": round(boxed_rate, 1),
+        "sandboxed_test_accuracy": boxed.done["test_accuracy"] if boxed.done else None,
+        "ratio": round(ratio, 3), "target": 0.95,
+    }
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    print(f"Landlock ABI {support.abi}; jobs {'confined' if isolated else 'NOT confined'}, tunneled")
+    print(f"2-worker cluster, unsandboxed: {plain_rate:10.0f} samples/s")
+    print(f"2-worker cluster, sandboxed:   {boxed_rate:10.0f} samples/s (test accuracy {result['sandboxed_test_accuracy']})")
+    print(f"ratio sandboxed/unsandboxed: {ratio:.3f}")
     return 0
 
 

@@ -42,6 +42,7 @@ from crowdd.config import Paths
 from crowdd.aio import cancel_and_wait
 from crowdd.errors import CrowddError, Unavailable
 from crowdd.identity import Identity
+from crowdd.platform.userns import in_other_user_namespace, peer_pid
 from crowdd.tls import HANDSHAKE_TIMEOUT, client_context, open_tls, server_context
 from crowdd.protocol.control import (
     REQUEST_TYPES,
@@ -308,6 +309,8 @@ class ControlServer:
         return frame
 
     async def _conversation(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._endpoint.path is not None:
+            _refuse_jobs(writer)
         first = True
         while True:
             frame = await self._read(reader)
@@ -374,6 +377,17 @@ class ControlServer:
                 return
             finally:
                 sub.queue.task_done()
+
+
+def _refuse_jobs(writer: asyncio.StreamWriter) -> None:
+    """A confined job runs as this user (its namespace's root maps to it), so the socket's mode
+    lets it in: refuse a peer in another user namespace. Landlock (ABI >= 9) also stops it
+    from reaching the socket at all."""
+    sock = writer.get_extra_info("socket")
+    pid = peer_pid(sock) if sock is not None else None
+    if pid is not None and in_other_user_namespace(pid):
+        logger.warning("control socket: refused process %d, which runs in another user namespace (a job?)", pid)
+        raise WireError(ErrorCode.UNAUTHORIZED, "the control socket does not serve processes in another user namespace")
 
 
 async def _clear_stale_socket(path: Path) -> None:

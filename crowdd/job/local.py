@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 from crowdd.job.events import parse_event
 from crowdd.node.host import cluster_spec
+from crowdd.node.launcher import job_cluster, sandbox_argv
 from crowdd.node.ports import free_ports
 from crowdd.node.tunnels import RelaySetup
 from crowdd.platform.userns import confined
@@ -60,13 +61,15 @@ def run_cluster(
     log: Any = None,
     relays: Sequence[RelaySetup] | None = None,
     base: int = 0,
+    sandbox: bool = False,
 ) -> RunResult:
     """Run host + ``extra_workers`` workers to the end; return the host's events.
 
     ``relays`` (one per member, e.g. from :class:`crowdd.testing.tunnel_bridge.TunnelBridge`):
     each job runs behind its relay (in its own network namespace where ``isolated``) and the
     cluster is the group's private one at ports ``base``..; else every TF server is on this
-    machine's loopback at free ports."""
+    machine's loopback at free ports. ``sandbox`` (with ``relays``): each job in its Landlock
+    sandbox, as the daemon runs it (:mod:`crowdd.platform.sandbox`)."""
     root.mkdir(parents=True, exist_ok=True)
     if relays is not None:
         cluster = cluster_spec(extra_workers, base)
@@ -80,12 +83,18 @@ def run_cluster(
         for i in range(extra_workers + 1):
             wd = root / f"member{i}"
             wd.mkdir(exist_ok=True)
-            _place(data, wd / "dataset.bin")
+            if sandbox:  # as the launcher does: a link the sandbox keeps read-only
+                (wd / "dataset.bin").unlink(missing_ok=True)
+                (wd / "dataset.bin").symlink_to(data.resolve())
+            else:
+                _place(data, wd / "dataset.bin")
             _place(manifest, wd / "dataset.manifest.json")
+            role = "host" if i == 0 else "worker"
+            own = job_cluster(cluster, role) if sandbox else None
             spec: dict[str, Any] = {
-                "role": "host" if i == 0 else "worker",
+                "role": role,
                 "index": i,
-                "cluster": cluster,
+                "cluster": own.to_dict() if own is not None else cluster,
                 "job": job,
                 "dataset": {"data": "dataset.bin", "manifest": "dataset.manifest.json"},
                 "workdir": str(wd),
@@ -102,7 +111,9 @@ def run_cluster(
             argv = [sys.executable, "-m", "crowdd.job", "host" if i == 0 else "worker", "--spec", str(root / f"spec{i}.json")]
             if relays is not None:
                 relay = relays[i]
-                argv = [sys.executable, "-m", "crowdd.job.confine", *relay.argv(), "--", *argv]
+                jail = sandbox_argv(root / f"member{i}", data, job_cluster(cluster, "host" if i == 0 else "worker")) \
+                    if sandbox else []
+                argv = [sys.executable, "-m", "crowdd.job.confine", *relay.argv(), *jail, "--", *argv]
                 argv = confined(argv) if relay.isolated else argv
             procs.append(
                 subprocess.Popen(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,7 +86,7 @@ class JobLauncher:
         (workdir / "dataset.manifest.json").write_bytes(manifest.to_json())
         spec = JobSpec(
             role=role, index=task_index,
-            cluster=_cluster(cluster, role),
+            cluster=job_cluster(cluster, role),
             job=plan.job,
             data="dataset.bin", manifest="dataset.manifest.json",
             output_dir="output" if role == "host" else None,
@@ -97,7 +97,7 @@ class JobLauncher:
         write_spec(spec, spec_path)
         res.release_tf()
         env = {**self._env, **thread_env(spec.settings.threads)}
-        command = [self._python, "-m", "crowdd.job.confine", *relay.argv(), *self._sandbox_argv(limits, workdir, data, spec),
+        command = [self._python, "-m", "crowdd.job.confine", *relay.argv(), *(sandbox_argv(workdir, data, spec.cluster, self._guard) if limits.sandbox else []),
                    "--", *job_command(role, spec_path, self._python)]
         if relay.isolated:
             command = confined(command)
@@ -112,13 +112,6 @@ class JobLauncher:
         self.current = sup
         return sup
 
-    def _sandbox_argv(self, limits: JobLimits, workdir: Path, data: Path, spec: JobSpec) -> list[str]:
-        if not limits.sandbox:
-            return []
-        out = ["--sandbox", "--workdir", str(workdir), "--data", str(data.resolve())]
-        out += [a for addr in spec.cluster.chief for a in ("--own", str(port_of(addr)))]
-        return out + [a for g in self._guard for a in ("--guard", str(g))]
-
     async def stop(self) -> None:
         """End the running job (and its process group), if any; not cancellable half-way."""
         sup, self.current = self.current, None
@@ -126,7 +119,7 @@ class JobLauncher:
             await asyncio.shield(sup.stop())
 
 
-def _cluster(cluster: dict[str, list[str]], role: str) -> Cluster:
+def job_cluster(cluster: dict[str, list[str]], role: str) -> Cluster:
     """The job's cluster; the host's coordinator gets its own port after the group's (else TF
     would pick one at random, which its sandbox could not allow it to bind)."""
     ps, workers = tuple(cluster["ps"]), tuple(cluster["worker"])
@@ -137,5 +130,12 @@ def _cluster(cluster: dict[str, list[str]], role: str) -> Cluster:
     return Cluster(ps, workers, (f"{host}:{last + 1}",))
 
 
+def sandbox_argv(workdir: Path, data: Path, cluster: Cluster, guard: Sequence[Path] = ()) -> list[str]:
+    """The relay's arguments that run a job in its sandbox (:mod:`crowdd.job.confine`)."""
+    out = ["--sandbox", "--workdir", str(workdir), "--data", str(data.resolve())]
+    out += [a for addr in cluster.chief for a in ("--own", str(port_of(addr)))]
+    return out + [a for g in guard for a in ("--guard", str(g))]
 
-__all__ = ["JobLauncher", "JobLimits", "LaunchError"]
+
+
+__all__ = ["JobLauncher", "JobLimits", "LaunchError", "job_cluster", "sandbox_argv"]

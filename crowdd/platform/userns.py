@@ -16,6 +16,7 @@ from __future__ import annotations
 import fcntl
 import functools
 import logging
+import os
 import shutil
 import socket
 import struct
@@ -23,6 +24,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -94,4 +96,26 @@ def probe(python: str = sys.executable) -> Confinement:
     return result
 
 
-__all__ = ["Confinement", "confined", "loopback_up", "probe", "probe_now"]
+def in_other_user_namespace(pid: int) -> bool:
+    """Whether process ``pid`` is known to live in another user namespace than this process
+    (a confined job does). False where that cannot be read (not Linux; another user's process,
+    whose namespaces are not ours to see)."""
+    try:
+        return os.readlink(f"/proc/{pid}/ns/user") != os.readlink("/proc/self/ns/user")
+    except OSError:
+        return False
+
+
+def peer_pid(sock: Any) -> int | None:
+    """The pid of the process at the other end of a Unix stream socket (Linux: SO_PEERCRED)."""
+    opt = getattr(socket, "SO_PEERCRED", None)
+    if opt is None:
+        return None
+    try:
+        pid, _uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, opt, struct.calcsize("3i")))
+    except OSError:
+        return None
+    return pid or None
+
+
+__all__ = ["Confinement", "confined", "in_other_user_namespace", "loopback_up", "peer_pid", "probe", "probe_now"]

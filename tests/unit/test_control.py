@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import stat
+import sys
 import struct
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from crowdd.tls import client_context, open_tls
 from crowdd.hyperparams import Job
 from crowdd.protocol.control import HostRequest
 from crowdd.errors import Unavailable
+from crowdd.platform.userns import probe as userns_probe
 from crowdd.control import (
     ControlClient,
     ControlServer,
@@ -99,6 +101,30 @@ async def test_socket_mode_is_user_only(served: Any) -> None:
     mode = stat.S_IMODE(os.stat(ep.path).st_mode)
     assert mode == 0o600
     assert stat.S_IMODE(os.stat(ep.path.parent).st_mode) == 0o700
+
+
+@pytest.mark.skipif(not userns_probe().available, reason="no unprivileged user namespaces here")
+async def test_a_job_in_its_user_namespace_is_refused(served: Any) -> None:
+    """A confined job runs as this user, so the socket's mode lets it connect: as a job would
+    (``unshare --user --map-root-user``), a client asking to stop the daemon is refused; the
+    same client outside is served (the control)."""
+    handler, _, ep = served
+    client = ("import asyncio, sys; from crowdd.control import ControlClient\n"
+              "async def main():\n"
+              "    async with ControlClient(sys.argv[1]) as c:\n"
+              "        print((await c.stop())['type'])\n"
+              "try:\n    asyncio.run(main())\nexcept Exception as exc:\n    print('refused:', exc)\n")
+
+    async def run(prefix: list[str]) -> str:
+        proc = await asyncio.create_subprocess_exec(*prefix, sys.executable, "-c", client, str(ep.path),
+                                                    stdout=asyncio.subprocess.PIPE)
+        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+        return out.decode().strip()
+
+    got = await run(["unshare", "--user", "--map-root-user", "--"])
+    assert got.startswith("refused:") and "another user namespace" in got, got
+    assert handler.calls == []
+    assert await run([]) == "ok" and handler.calls == [("stop",)]
 
 
 async def test_bad_field_keeps_the_connection(served: Any) -> None:
