@@ -102,13 +102,13 @@ def run_cluster(
             }
             if i == 0:
                 spec["output_dir"] = "out"
-            spec_path = root / f"spec{i}.json"
+            spec_path = wd / "spec.json"  # inside the job directory: a sandboxed job reads only that
             spec_path.write_text(json.dumps(spec))
         order = list(range(1, extra_workers + 1)) + [0]
         for i in order:
             fh = open(root / f"member{i}.log", "wb")  # noqa: SIM115 - closed in finally
             logs.append(fh)
-            argv = [sys.executable, "-m", "crowdd.job", "host" if i == 0 else "worker", "--spec", str(root / f"spec{i}.json")]
+            argv = [sys.executable, "-m", "crowdd.job", "host" if i == 0 else "worker", "--spec", str(root / f"member{i}" / "spec.json")]
             if relays is not None:
                 relay = relays[i]
                 jail = sandbox_argv(root / f"member{i}", data, job_cluster(cluster, "host" if i == 0 else "worker")) \
