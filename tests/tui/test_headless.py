@@ -120,6 +120,19 @@ def test_build_request_names_the_first_bad_field(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------- view model
 
 
+def test_view_says_why_tensorflow_does_not_train_or_runs_unprotected() -> None:
+    view = DaemonView()
+    idle = {"allowed": True, "rule": None, "reason": "user idle 10 min"}
+    refusal = "TensorFlow cannot be sandboxed on this machine (no Landlock); not training. ..."
+    view.apply_status({"state": "standby", "idle": idle, "tensorflow": {
+        "confined": True, "sandboxed": False, "landlock_abi": 0, "allowed": False, "reason": refusal}})
+    assert view.idle_text == f"not training: {refusal}"
+    view.apply_status({"state": "standby", "idle": idle, "tensorflow": {
+        "confined": False, "sandboxed": False, "landlock_abi": 0, "allowed": True, "reason": "no userns; no Landlock"}})
+    assert view.idle_text == ("idle, may work: user idle 10 min · TensorFlow EXPOSED (allow_exposed_tensorflow)"
+                              " · TensorFlow UNSANDBOXED (allow_unsandboxed)")
+
+
 def test_view_folds_status_and_events() -> None:
     view = DaemonView()
     view.apply_status({
