@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import sys
 from collections.abc import Awaitable, Callable
@@ -97,7 +96,7 @@ def status(args: argparse.Namespace) -> int:
         return code
     if getattr(args, "json", False):
         st.pop("type", None)
-        print(json.dumps(st, indent=2, sort_keys=True))
+        print(wire.dumps(st, indent=2, sort_keys=True))
     else:
         format_status(st, sys.stdout)
     return EXIT_OK
