@@ -15,6 +15,7 @@ from pathlib import Path
 
 from crowdd.job import EXIT_FAILED, EXIT_OK
 from crowdd.job.events import EventWriter
+from crowdd.job.health import Diverged, all_finite, finite
 from crowdd.job.server import cap_threads, reachable, spawn
 from crowdd.job.spec import INDEX_FILE, JobSpec
 from crowdd.manifest import Layout
@@ -303,6 +304,19 @@ class Coordinator:
         self.out = out
         self.job = spec.job
         self.num_workers = spec.cluster.num_workers
+        self.store = CheckpointStore(out / "checkpoints")
+
+    def run(self) -> int:
+        """Train to the end; a diverged loss ends the run with the advice and the last finite
+        checkpoint kept (every checkpoint saved was checked finite first)."""
+        try:
+            return self._train()
+        except Diverged as exc:
+            latest = self.store.latest()
+            log.error("%s (last finite checkpoint: %s)", exc, latest)
+            self.events.emit("error", message=str(exc), field="job.learning_rate", step=exc.step,
+                             checkpoint=str(latest) if latest is not None else None)
+            return EXIT_FAILED
 
     def total_steps(self) -> int:
         from crowdd.job.shards import total_steps
@@ -310,7 +324,7 @@ class Coordinator:
         job = self.job
         return total_steps(job.sharding, self.num_workers, self.layout.train_count, job.batch_size, job.epochs)
 
-    def run(self) -> int:
+    def _train(self) -> int:
         import numpy as np
         import tensorflow as tf
 
@@ -358,7 +372,14 @@ class Coordinator:
         local = build_model(self.job, self.layout, center)
         variables = state.variables()
 
-        store = CheckpointStore(self.out / "checkpoints")
+        store = self.store
+        lr = self.job.learning_rate
+
+        def finite_variables(step: int) -> list:
+            arrays = [v.numpy() for v in variables]
+            if not all_finite(arrays):
+                raise Diverged(step, lr)
+            return arrays
         done = 0
         latest = store.latest()
         if latest is not None:
@@ -394,6 +415,8 @@ class Coordinator:
             local.set_weights([v.numpy() for v in state.weights])
             probs = local.predict(x_test, batch_size=1000, verbose=0)
             test_loss = float(loss_fn(y_test, probs))
+            if not finite(test_loss):
+                raise Diverged(step, lr)
             acc = float(np.mean(np.argmax(probs, axis=-1) == y_test))
             with writer.as_default(step=step):
                 scalar("test/accuracy", acc)
@@ -422,6 +445,8 @@ class Coordinator:
                 continue
             budget.succeeded()
             done += n
+            if not finite(loss_sum):
+                raise Diverged(done, lr)
             now = time.monotonic()
             ws = stats[int(widx)]
             ws.add(float(loss_sum), float(correct), float(samples))
@@ -446,12 +471,12 @@ class Coordinator:
                 evals_done += 1
                 last_eval = evaluate(evals_done, done)
             if now - last_ckpt >= self.spec.settings.checkpoint_secs and done < total:
-                path = store.save(done, [v.numpy() for v in variables])
+                path = store.save(done, finite_variables(done))
                 self.events.emit("checkpoint", path=str(path), step=done)
                 last_ckpt = time.monotonic()
         del next_epoch
         last_eval = evaluate(job.epochs, done)
-        path = store.save(done, [v.numpy() for v in variables])
+        path = store.save(done, finite_variables(done))
         self.events.emit("checkpoint", path=str(path), step=done)
         model_path = self.out / "model.keras"
         local.save(model_path)

@@ -1,0 +1,57 @@
+"""A run whose loss stops being a number ends cleanly: the advice, the last finite checkpoint,
+no model of NaNs, and nothing left running (real job processes on loopback)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from crowdd.datasets import ArraySet, convert
+from crowdd.job.local import run_cluster
+
+pytestmark = pytest.mark.slow
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def unscaled(n: int = 600) -> ArraySet:
+    """Two classes told apart by features in the tens of thousands (a CSV nobody scaled)."""
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, n)
+    x = rng.normal(0, 1, (n, 8)) * 30_000 + y[:, None] * 20_000
+    return ArraySet(x[:500], y[:500], x[500:], y[500:])
+
+
+def test_a_diverging_run_ends_with_the_advice_and_a_finite_checkpoint(tmp_path: Path) -> None:
+    prepared = convert(unscaled(), tmp_path / "data")
+    job = {"epochs": 50, "batch_size": 20, "learning_rate": 50.0, "hidden": [64, 64]}
+    settings = {"steps_per_function": 5, "sync_every": 5, "threads": 1, "nice": 5, "checkpoint_secs": 0.1}
+    result = run_cluster(tmp_path / "run", prepared.data_path, prepared.manifest_path, 1, job, settings,
+                         timeout=300)
+    error = result.error
+    assert error is not None, [e["event"] for e in result.events]
+    assert result.done is None
+    assert error["message"].startswith("loss diverged at step "), error
+    assert "lower the learning rate (e.g. --lr 5)" in error["message"]
+    assert "or scale the features" in error["message"]
+    assert result.returncode == 1  # the host job ended by itself, not killed
+    out = tmp_path / "run" / "member0" / "out"
+    assert not (out / "model.keras").exists()  # no model of NaNs
+    if error.get("checkpoint"):
+        with np.load(error["checkpoint"]) as z:
+            assert all(np.isfinite(z[k]).all() for k in z.files)
+    started = next(e for e in result.events if e["event"] == "started")
+    for pid in started["children"].values():
+        assert not alive(pid), "a TF server outlived the diverged run"
+    # the job's scratch directory went with it
+    assert not (tmp_path / "run" / "member0" / "tmp").exists()
+    assert os.path.isdir(tmp_path / "run" / "member0")
