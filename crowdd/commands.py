@@ -16,9 +16,7 @@ from typing import Any, TextIO
 
 from crowdd import wire
 from crowdd.client.resolve import client_endpoint, resolve_config
-from crowdd.control import (
-    ControlClient,
-)
+from crowdd.control import HOST_TIMEOUT, ControlClient
 from crowdd.errors import Unavailable
 from crowdd.hyperparams import HyperparamError, parse_hidden, validate_job
 
@@ -28,6 +26,7 @@ EXIT_OK = 0
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
 EXIT_NO_DAEMON = 3
+FOLLOW_PROGRESS_EVERY = 5.0  # seconds between progress lines of `crowdd host --follow`
 
 #: argparse dest → job field (the CLI flag a field comes from, for error messages)
 _JOB_FLAGS: dict[str, tuple[str, str]] = {
@@ -236,10 +235,91 @@ def host(args: argparse.Namespace) -> int:
             print(f"crowdd host: --test-fraction: must be between 0 and 1, got {test_fraction}", file=sys.stderr)
             return EXIT_USAGE
         request["test_fraction"] = test_fraction
-    code, _ = _call(args, lambda c: c.request(request))
+    if getattr(args, "follow", False):
+        return _host_and_follow(args, request)
+    code, reply = _call(args, lambda c: c.request(request, timeout=HOST_TIMEOUT))
     if code == EXIT_OK:
-        print(f"hosting {dataset}: the daemon is preparing it and looking for workers (see `crowdd status`)")
+        print(accepted_line(reply))
+        print("follow it with `crowdd status` (or `crowdd host … --follow`)")
     return code
 
 
-__all__ = ["client_endpoint", "daemon", "donate", "format_status", "host", "job_from_args", "reload", "status", "stop"]
+def accepted_line(reply: dict[str, Any]) -> str:
+    """The user's confirmation that the daemon took the dataset, and what it made of it."""
+    ds = reply.get("dataset") or {}
+    what = ""
+    if isinstance(ds.get("train"), int):
+        shape = "x".join(str(d) for d in ds.get("shape") or [])
+        what = (f": {ds['train']:,} training + {ds.get('test', 0):,} test records of {shape or '?'} features, "
+                f"{ds.get('classes')} classes")
+    return f"hosting {ds.get('name', '?')} ({str(ds.get('digest') or '-')[:12]}){what}; looking for workers"
+
+
+def _host_and_follow(args: argparse.Namespace, request: dict[str, Any]) -> int:
+    """Host, then stream the session's progress until it ends: 0 with a result, 1 without."""
+
+    async def go(c: ControlClient) -> int:
+        events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        watcher = ControlClient.for_endpoint(client_endpoint(args))
+
+        async def pump() -> None:
+            try:
+                async for ev in watcher.subscribe():
+                    await events.put(ev)
+            finally:
+                await events.put(None)
+
+        task = asyncio.create_task(pump())
+        try:
+            reply = await c.request(request, timeout=HOST_TIMEOUT)  # refused: raises, no session
+            print(accepted_line(reply), flush=True)
+            return await follow_session(events, sys.stdout, c)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    code, result = _call(args, go)
+    return code if code != EXIT_OK else int(result)
+
+
+async def follow_session(events: asyncio.Queue[dict[str, Any] | None], out: TextIO, client: ControlClient) -> int:
+    """Print one line per state change, progress (at most every few seconds), evaluation and
+    warning, until the session is over; then its result or error from the status."""
+    last_progress = 0.0
+    began = False  # a worker's cycle that hosting ends also goes back to standby: skip it
+    loop = asyncio.get_running_loop()
+    while True:
+        ev = await events.get()
+        if ev is None:
+            out.write("crowdd: the daemon went away\n")
+            return EXIT_REFUSED
+        kind = ev.get("event")
+        if kind == "state":
+            out.write(f"state: {ev.get('state')}\n")
+            began = began or ev.get("state") == "registering"
+            if began and ev.get("state") in ("standby", "off"):
+                break
+        elif kind == "progress" and loop.time() - last_progress >= FOLLOW_PROGRESS_EVERY:
+            last_progress = loop.time()
+            out.write(f"epoch {ev.get('epoch')}/{ev.get('epochs')} step {ev.get('step')}/{ev.get('total_steps') or '?'} "
+                      f"loss {_num(ev.get('loss'))} accuracy {_num(ev.get('accuracy'))}\n")
+        elif kind == "eval":
+            out.write(f"epoch {ev.get('epoch')}: test accuracy {_num(ev.get('test_accuracy'), '.4f')}\n")
+        elif kind == "log" and ev.get("level") in ("warning", "error"):
+            out.write(f"{ev.get('level')}: {ev.get('message')}\n")
+        out.flush()
+    st = await client.status()
+    res, err = st.get("result"), st.get("error")
+    if err:
+        out.write(f"crowdd host: {err}\n")
+        out.flush()
+        return EXIT_REFUSED
+    if res:
+        out.write(f"done: test accuracy {_num(res.get('test_accuracy'), '.4f')}; model: {res.get('model_path') or '-'}\n")
+        out.flush()
+        return EXIT_OK
+    out.write("crowdd host: the session ended without a result\n")
+    return EXIT_REFUSED
+
+
+__all__ = ["accepted_line", "client_endpoint", "daemon", "follow_session", "donate", "format_status", "host", "job_from_args", "reload", "status", "stop"]

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from crowdd.errors import SessionFailed
+from crowdd.cache import DatasetCache
+from crowdd.errors import InputError, SessionFailed
 from crowdd.group_tls import GroupTLS
 from crowdd.hyperparams import Job
 from crowdd.manifest import Manifest
@@ -40,31 +41,30 @@ class Prepared:
     job: Job
 
 
-async def prepare_dataset(c: SessionContext, req: HostRequest) -> Prepared:
-    """Convert the dataset to the canonical file + manifest in the cache (in a thread)."""
-    rec = c.view.session
-    if rec is not None:
-        rec.job = req.job
+def convert_dataset(cache: DatasetCache, chunk_size: int, req: HostRequest) -> Prepared:
+    """Convert the dataset to the canonical file + manifest in the cache (blocking: run it in
+    a thread). A dataset that cannot be hosted raises :class:`InputError` (field ``dataset``)
+    naming the file and what is wrong, so the control socket refuses the request with it."""
+    from crowdd import datasets  # numpy: only when hosting
 
-    def convert() -> Prepared:
-        from crowdd import datasets  # numpy: only when hosting
-
-        try:
-            p = datasets.convert(req.dataset, c.cache.root, chunk_size=c.cfg.replication.chunk_size,
-                                 test_fraction=req.test_fraction)
-        except datasets.DatasetError as exc:
-            raise SessionFailed(f"cannot host {req.dataset}: {exc}") from None
-        path = c.cache.has(p.manifest) or p.data_path
-        return Prepared(path, p.manifest, p.manifest.name or req.dataset.name, req.job)
-
-    c.view.log(logging.INFO, f"preparing {req.dataset}")
     try:
-        prepared = await asyncio.get_running_loop().run_in_executor(None, convert)
+        p = datasets.convert(req.dataset, cache.root, chunk_size=chunk_size, test_fraction=req.test_fraction)
+    except datasets.DatasetError as exc:
+        raise InputError(f"cannot host {req.dataset}: {exc}", field="dataset") from None
     except OSError as exc:
-        raise SessionFailed(f"cannot host {req.dataset}: {exc}") from None
-    if rec is not None:
-        rec.dataset = {"name": prepared.name, "size": prepared.manifest.size, "digest": prepared.manifest.digest()}
-    return prepared
+        raise InputError(f"cannot host {req.dataset}: {exc}", field="dataset") from None
+    path = cache.has(p.manifest) or p.data_path
+    return Prepared(path, p.manifest, p.manifest.name or req.dataset.name, req.job)
+
+
+def describe(prepared: Prepared) -> dict[str, Any]:
+    """What the host's ``ok`` reply and its status say about an accepted dataset."""
+    m = prepared.manifest
+    d: dict[str, Any] = {"name": prepared.name, "size": m.size, "digest": m.digest()}
+    if m.layout is not None:
+        d.update(train=m.layout.train_count, test=m.layout.test_count, classes=m.layout.num_classes,
+                 shape=list(m.layout.feature_shape))
+    return d
 
 
 def cluster_spec(workers: int, base: int) -> dict[str, list[str]]:
@@ -185,4 +185,4 @@ async def lead(c: SessionContext, plan: SessionPlan, res: Reservation, prepared:
         store.close()
 
 
-__all__ = ["JOB_START_TIMEOUT", "Prepared", "check_tunnels", "cluster_spec", "lead", "prepare_dataset", "tf_base"]
+__all__ = ["JOB_START_TIMEOUT", "Prepared", "check_tunnels", "cluster_spec", "convert_dataset", "describe", "lead", "tf_base"]

@@ -169,6 +169,7 @@ class StatusView:
     def on_wait(self, wait: Wait) -> None:
         """A ``wait`` frame from the matchmaker: the node's place in the queue."""
         self._current().queue = wait
+        self._current().error = None  # the matchmaker answers
         if self.state != S.WAITING:
             self._states.to(S.WAITING)
         self._publish("status", **self.status())
@@ -176,6 +177,14 @@ class StatusView:
     def fail(self, message: str) -> None:
         """The current session failed; the message is what the user sees as ``error``."""
         self._current().error = message
+
+    def problem(self, message: str | None) -> None:
+        """What keeps the current session from going on right now (the matchmaker cannot be
+        reached, …), shown as ``error`` until it clears (``None``); publishes the status."""
+        rec = self._current()
+        if rec.error != message:
+            rec.error = message
+            self._publish("status", **self.status())
 
     def end(self) -> None:
         """The cycle is over: the record becomes the last session (its result and error)."""
