@@ -178,9 +178,13 @@ def donate(args: argparse.Namespace) -> int:
 
 
 def stop(args: argparse.Namespace) -> int:
-    code, _ = _call(args, lambda c: c.stop())
+    code, reply = _call(args, lambda c: c.stop())
     if code == EXIT_OK:
-        print("the current session is stopping (donation stays as it was)")
+        if reply.get("keeps_model"):
+            print("stopping this host's session: the whole group's training ends now; the latest checkpoint "
+                  "is kept and the model trained so far is written (its path: `crowdd status`)")
+        else:
+            print("the current session is stopping (donation stays as it was)")
     return code
 
 

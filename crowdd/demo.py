@@ -28,7 +28,7 @@ from typing import Any, TextIO
 from crowdd.config import Paths
 from crowdd.identity import Identity
 from crowdd.control import ControlClient
-from crowdd.errors import Unavailable
+from crowdd.errors import RemoteError, Unavailable
 from crowdd.node.ports import free_port
 from crowdd.platform.process import SIGKILL, group_options, kill_group, signal_group
 
@@ -370,7 +370,10 @@ async def _run(args: argparse.Namespace, crowd: Crowd, out: TextIO) -> int:
                 await c.donate(True)
         job = {**DEMO_JOB, "epochs": epochs, "workers": len(crowd.workers), "min_workers": len(crowd.workers)}
         async with ControlClient(crowd.host.socket) as c:
-            await c.host(str(dataset), job)
+            try:
+                await c.host(str(dataset), job)
+            except RemoteError as exc:
+                raise RuntimeError(f"the host refused the dataset: {exc.message}") from None
         display.line("demo", f"workers donating; host asked to train {job['model']} {job['hidden']} for {epochs} epoch(s)")
         res = await asyncio.wait_for(result, RUN_TIMEOUT)
     finally:

@@ -13,5 +13,8 @@ EVENT_KINDS = ("started", "progress", "eval", "checkpoint", "resumed", "done", "
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_BAD_SPEC = 2
+#: A file of this name in the host job's working directory asks it to stop early: it
+#: evaluates, checkpoints, saves the model trained so far and ends with ``done`` (``stopped``).
+STOP_FILE = "crowdd-stop"
 
-__all__ = ["EVENT_KINDS", "EXIT_BAD_SPEC", "EXIT_FAILED", "EXIT_OK"]
+__all__ = ["EVENT_KINDS", "EXIT_BAD_SPEC", "EXIT_FAILED", "EXIT_OK", "STOP_FILE"]

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from crowdd.job import EXIT_FAILED, EXIT_OK
+from crowdd.job import EXIT_FAILED, EXIT_OK, STOP_FILE
 from crowdd.job.events import EventWriter
 from crowdd.job.health import Diverged, all_finite, finite
 from crowdd.job.server import cap_threads, reachable, spawn
@@ -425,7 +425,12 @@ class Coordinator:
             return {"test_accuracy": acc, "test_loss": test_loss}
 
         log.info("training %d steps on %d workers", total, w)
+        stopped = False
         while done < total:
+            if os.path.exists(STOP_FILE):  # the host asked to stop early: keep what is trained
+                log.info("asked to stop at step %d of %d", done, total)
+                stopped = True
+                break
             # scheduled counts steps done or in flight; a failed function's steps go back
             while scheduled < total and len(in_flight) < 2 * w:
                 n = min(spf, total - scheduled)
@@ -475,7 +480,7 @@ class Coordinator:
                 self.events.emit("checkpoint", path=str(path), step=done)
                 last_ckpt = time.monotonic()
         del next_epoch
-        last_eval = evaluate(job.epochs, done)
+        last_eval = evaluate(min(job.epochs, int(done // per_epoch) + 1) if stopped else job.epochs, done)
         path = store.save(done, finite_variables(done))
         self.events.emit("checkpoint", path=str(path), step=done)
         model_path = self.out / "model.keras"
@@ -488,6 +493,9 @@ class Coordinator:
             model_path=str(model_path),
             tensorboard_dir=str(tb_dir),
             steps=done,
+            total_steps=total,
+            stopped=stopped,
+            checkpoint=str(path),
             seconds=round(time.monotonic() - t0, 3),
         )
         return EXIT_OK

@@ -38,7 +38,7 @@ from crowdd.config import Config, ConfigError, Paths, load_config, parse_hostpor
 from crowdd.errors import InputError
 from crowdd.control import ControlServer, Endpoint
 from crowdd.node.context import SessionContext, SessionFailed, exposed_refusal
-from crowdd.node.host import Prepared, convert_dataset, describe, lead
+from crowdd.node.host import GracefulStop, Prepared, convert_dataset, describe, lead
 from crowdd.protocol.control import HostRequest, Status
 from crowdd.idle.policy import AlwaysIdle, IdlePolicy, Policy, Verdict
 from crowdd.idle.probes import Probes, system_probes
@@ -57,6 +57,7 @@ from crowdd.node.worker import follow
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "daemon.json"
+STOP_GRACE = 120.0  # seconds a host job has to save its model after `crowdd stop`
 S = State
 
 
@@ -108,6 +109,8 @@ class Daemon:
         self._host_request: HostRequest | None = None
         self._host_prepared: Prepared | None = None
         self._host_pending: HostRequest | None = None  # its dataset is being converted
+        self._graceful = GracefulStop()  # the current host cycle's
+        self.stop_grace = STOP_GRACE
         self._job_python = job_python
         self.confinement = confinement
 
@@ -278,8 +281,22 @@ class Daemon:
 
     async def stop(self) -> dict[str, Any]:
         self._host_request = self._host_prepared = self._host_pending = None
-        if self._cycle is not None:
-            self._abort("stopped by the user")
+        cycle = self._cycle
+        if cycle is None:
+            return {"type": "ok"}
+        if self.view.role == "host" and self.state == S.TRAINING and self._graceful.request():
+            # The job ends the group's training itself, keeping the checkpoint and the model
+            # trained so far; if it cannot within the grace period it is stopped the hard way.
+            self.view.log(logging.INFO, "stopping: the whole group's training ends; keeping the latest "
+                          "checkpoint and writing the model trained so far")
+
+            def hard_stop() -> None:
+                if self._cycle is cycle:
+                    self._abort(f"stopped by the user (the job did not end within {self.stop_grace:g} s)")
+
+            asyncio.get_running_loop().call_later(self.stop_grace, hard_stop)
+            return {"type": "ok", "keeps_model": True}
+        self._abort("stopped by the user")
         return {"type": "ok"}
 
     async def reload(self) -> dict[str, Any]:
@@ -413,7 +430,8 @@ class Daemon:
             view.joined(plan)
             view.log(logging.INFO, f"joined group {plan.group_id} as node {plan.index} of {plan.size}")
             if role == "host" and prepared is not None:
-                await lead(cycle, plan, res, prepared)
+                self._graceful = GracefulStop()
+                await lead(cycle, plan, res, prepared, self._graceful)
             else:
                 await follow(cycle, plan, res)
         except SessionFailed as exc:

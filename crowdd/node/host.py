@@ -17,6 +17,7 @@ from crowdd.errors import InputError, SessionFailed
 from crowdd.group_tls import GroupTLS
 from crowdd.hyperparams import Job
 from crowdd.manifest import Manifest
+from crowdd.job import STOP_FILE
 from crowdd.node.context import SessionContext
 from crowdd.node.ports import Reservation
 from crowdd.node.session import HostSession, Member, dead_after
@@ -26,6 +27,8 @@ from crowdd.plan import SessionPlan
 from crowdd.protocol.control import HostRequest
 from crowdd.protocol.session import PRIVATE_HOST, End
 from crowdd.replication import ChunkStore, DataServer
+
+log = logging.getLogger(__name__)
 
 JOB_START_TIMEOUT = 180.0  # workers' TF servers must be up within this (TF import is slow)
 
@@ -67,6 +70,32 @@ def describe(prepared: Prepared) -> dict[str, Any]:
     return d
 
 
+class GracefulStop:
+    """``crowdd stop`` on a host mid-training: ask the job to end early, keeping its work.
+
+    :meth:`request` writes the job's stop file (:data:`crowdd.job.STOP_FILE`); the job then
+    evaluates, checkpoints and saves the model trained so far, and ends with ``done``."""
+
+    def __init__(self) -> None:
+        self.workdir: Path | None = None
+        self.requested = False
+
+    def arm(self, workdir: Path | None) -> None:
+        self.workdir = workdir
+
+    def request(self) -> bool:
+        """Ask the running job to stop; False when no host job is training (stop it the hard way)."""
+        if self.workdir is None:
+            return False
+        try:
+            (self.workdir / STOP_FILE).touch()
+        except OSError as exc:
+            log.warning("cannot ask the job to stop (%s); stopping it at once", exc)
+            return False
+        self.requested = True
+        return True
+
+
 def cluster_spec(workers: int, base: int) -> dict[str, list[str]]:
     """The TF cluster as every member's job sees it: the host's PS at ``base`` and TF workers
     0 (the host's) to ``workers`` at the ports after it, all on the job's private loopback —
@@ -105,7 +134,9 @@ async def check_tunnels(
     return kept
 
 
-async def lead(c: SessionContext, plan: SessionPlan, res: Reservation, prepared: Prepared) -> None:
+async def lead(
+    c: SessionContext, plan: SessionPlan, res: Reservation, prepared: Prepared, graceful: GracefulStop | None = None
+) -> None:
     d = c.cfg.daemon
     view = c.view
     manifest = prepared.manifest
@@ -162,7 +193,11 @@ async def lead(c: SessionContext, plan: SessionPlan, res: Reservation, prepared:
             plan, 0, cluster, prepared.data_path, manifest, on_event, res, tunnels.directory,
             serve=[(PS, base), (task_name(0), base + 1)], reach=[(task_name(j), base + 1 + j) for j in tasks],
         )
+        if graceful is not None:
+            graceful.arm(workdir)
         code = await sup.wait()
+        if graceful is not None:
+            graceful.arm(None)
         if not done:
             err = sup.last_error or f"the host job exited with code {code}"
             await session.end(End(error=err))
@@ -171,6 +206,9 @@ async def lead(c: SessionContext, plan: SessionPlan, res: Reservation, prepared:
         if isinstance(model, str) and model and not os.path.isabs(model):
             model = str(workdir / model)
         accuracy = done.get("test_accuracy")
+        if done.get("stopped"):
+            view.log(logging.INFO, f"stopped by the user at step {done.get('steps')} of {done.get('total_steps')}: "
+                     f"kept the checkpoint {done.get('checkpoint')} and the model trained so far")
         view.finished(accuracy, model if isinstance(model, str) else None)
         c.to(State.FINISHED)
         session.members[0].state = "finished"
@@ -185,4 +223,4 @@ async def lead(c: SessionContext, plan: SessionPlan, res: Reservation, prepared:
         store.close()
 
 
-__all__ = ["JOB_START_TIMEOUT", "Prepared", "check_tunnels", "cluster_spec", "convert_dataset", "describe", "lead", "tf_base"]
+__all__ = ["JOB_START_TIMEOUT", "Prepared", "check_tunnels", "cluster_spec", "GracefulStop", "convert_dataset", "describe", "lead", "tf_base"]

@@ -397,6 +397,9 @@ async def test_stop_confirmed(how: str) -> None:
         await pilot.press("s")
         await until(pilot, lambda: isinstance(app.screen, ConfirmStopScreen), "confirmation")
         assert not any(c[0] == "stop" for c in client.calls)
+        # a host is warned that the whole group's training ends, and that its model is kept
+        said = " ".join(str(label.render()) for label in app.screen.query(Label))
+        assert "ends the whole group's training" in said and "model trained so far" in said
         if how == "key-y":
             await pilot.press("y")
         else:

@@ -55,3 +55,36 @@ def test_a_diverging_run_ends_with_the_advice_and_a_finite_checkpoint(tmp_path: 
     # the job's scratch directory went with it
     assert not (tmp_path / "run" / "member0" / "tmp").exists()
     assert os.path.isdir(tmp_path / "run" / "member0")
+
+
+def test_a_host_asked_to_stop_keeps_its_checkpoint_and_writes_the_model_so_far(tmp_path: Path) -> None:
+    import threading
+    import time
+
+    from crowdd.job import STOP_FILE
+
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 3, 900)
+    x = rng.normal(0, 1, (900, 6)) + y[:, None]
+    prepared = convert(ArraySet(x[:800], y[:800], x[800:], y[800:]), tmp_path / "data")
+    job = {"epochs": 5000, "batch_size": 20, "learning_rate": 0.1}
+    settings = {"steps_per_function": 10, "sync_every": 5, "threads": 1, "nice": 5, "checkpoint_secs": 30.0}
+    workdir = tmp_path / "run" / "member0"
+
+    def ask_to_stop(event: dict) -> None:
+        if event["event"] == "progress" and event["step"] >= 100:
+            threading.Timer(0.0, lambda: (workdir / STOP_FILE).touch()).start()
+
+    t0 = time.monotonic()
+    result = run_cluster(tmp_path / "run", prepared.data_path, prepared.manifest_path, 1, job, settings,
+                         timeout=300, log=ask_to_stop)
+    done = result.done
+    assert done is not None, result.events
+    assert done["stopped"] is True and 100 <= done["steps"] < done["total_steps"]
+    assert result.returncode == 0
+    assert Path(done["checkpoint"]).is_file()
+    with np.load(done["checkpoint"]) as z:
+        assert int(z["step"]) == done["steps"]
+    assert Path(done["model_path"]).is_file()
+    assert done["test_accuracy"] > 0.5  # three separable classes: it learned something
+    assert time.monotonic() - t0 < 200
