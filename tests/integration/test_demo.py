@@ -154,3 +154,24 @@ def test_demo_nodes_donate_whatever_the_load() -> None:
 
     cfg = config_from_dict(tomllib.loads(crowdd.demo.node_config("127.0.0.1:1", "n", 10)))
     assert cfg.idle.user_idle_minutes == 0 and cfg.idle.max_other_cpu_percent == 100 and cfg.idle.allow_on_battery
+
+
+def test_a_diverging_demo_ends_with_the_advice_and_leaves_nothing_running(tmp_path: Path) -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 400)
+    x = rng.normal(0, 1, (400, 6)) * 50_000 + y[:, None] * 30_000  # a CSV nobody scaled
+    data = tmp_path / "unscaled.csv"
+    np.savetxt(data, np.column_stack([y, x]), delimiter=",", header="label," + ",".join(f"f{i}" for i in range(6)),
+               comments="", fmt="%.6g")
+    root = tmp_path / "demo"
+    try:
+        code, out = run_demo(["--workers", "1", "--dataset", str(data), "--epochs", "200", "--root", str(root)], 240)
+    finally:
+        strays = crowdd.demo.kill_strays(root)
+    assert code == 1, out[-3000:]
+    assert re.search(r"loss diverged at step \d+; lower the learning rate \(e\.g\. --lr 0\.05\) or scale the features",
+                     out), out[-3000:]
+    assert "not JSON compliant" not in out and "Traceback" not in out
+    assert strays == 0 and not leftovers(root)
