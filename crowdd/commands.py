@@ -219,6 +219,8 @@ def job_from_args(args: argparse.Namespace) -> dict[str, Any]:
     except HyperparamError as exc:
         flag = _JOB_FLAGS.get(exc.field, (exc.field, exc.field))[1]
         raise HyperparamError(flag, exc.message) from None
+    if job.get("workers") == 0:
+        raise HyperparamError("--workers", "must be at least 1: the host trains with a crowd of workers")
     return job
 
 

@@ -39,6 +39,12 @@ log = logging.getLogger(__name__)
 #: Labels must be integers in 0..MAX_CLASSES-1 (a larger label is almost surely a bug,
 #: and the model would need an output unit per class).
 MAX_CLASSES = 100_000
+#: At most this fraction of the rows may be classes: more looks like a quantity to predict
+#: (a regression target such as scikit-learn's diabetes, 347 "classes" for 442 rows).
+MAX_CLASS_FRACTION = 0.5
+#: Class numbers 0..max may leave at most max(this, the number used) of them unused
+#: (labels {0, 99999} would make a 100,000-output model for two classes).
+MAX_UNUSED_CLASSES = 10
 #: Fraction of a CSV carved off as the test split when neither a test file nor a fraction
 #: is given.
 DEFAULT_TEST_FRACTION = 0.2
@@ -215,11 +221,13 @@ def load_csv(path: Path, *, test_file: Path | None = None, test_fraction: float 
     if test_file is not None and test_fraction is not None:
         raise DatasetError(f"{path}: give a test file or a test fraction, not both")
     table = read_csv_table(path)
+    check_table(path, table)
     if test_file is not None:
         test_file = Path(test_file)
         if not test_file.exists():
             raise DatasetError(f"{test_file}: no such file or directory")
         test = read_csv_table(test_file)
+        check_table(test_file, test)
         if test.shape[1] != table.shape[1]:
             raise DatasetError(f"{test_file} has {test.shape[1]} columns but {path} has {table.shape[1]}")
         return ArraySet(table[:, 1:], table[:, 0], test[:, 1:], test[:, 0])
@@ -265,6 +273,49 @@ def read_csv_table(path: Path) -> np.ndarray:
     if table.shape[1] < 2:
         raise DatasetError(f"{path}: needs a label column and at least one feature column")
     return table
+
+
+def check_table(path: Path, table: np.ndarray) -> None:
+    """Every value a finite number and every label (column 1) a class number 0, 1, 2, …;
+    the first that is not is named by its file, line and column (before any shuffle)."""
+    labels = table[:, 0]
+    bad = ~np.isfinite(table)
+    if bad.any():
+        row, col = np.argwhere(bad)[0]
+        raise DatasetError(f"{path} line {_line_of(path, int(row))}, column {int(col) + 1}: "
+                           f"{_cell(table[row, col])} is not a finite number")
+    for mask, why in (
+        (labels != np.round(labels), "is not a class number (labels are integers 0..N-1; a quantity to "
+                                     "predict is a regression target, which crowdd does not train yet)"),
+        (labels < 0, "is negative (labels are class numbers 0..N-1)"),
+        (labels >= MAX_CLASSES, f"is out of range 0..{MAX_CLASSES - 1}"),
+    ):
+        if mask.any():
+            row = int(np.argmax(mask))
+            raise DatasetError(f"{path} line {_line_of(path, row)}, column 1 (the label): label {_cell(labels[row])} {why}")
+
+
+def _cell(value: Any) -> str:
+    f = float(value)
+    return str(int(f)) if f.is_integer() else repr(f)
+
+
+def _line_of(path: Path, row: int) -> int:
+    """The line number (1-based) of data row ``row`` of a CSV (after its header, blank lines skipped)."""
+    header = _has_header(path)
+    try:
+        with _open_text(path) as fh:
+            reader = csv.reader(fh)
+            seen = -1 if header else 0
+            for fields in reader:
+                if not fields or not any(f.strip() for f in fields):
+                    continue
+                if seen == row:
+                    return reader.line_num
+                seen += 1
+    except (EOFError, OSError, zlib.error, csv.Error, UnicodeDecodeError):
+        pass
+    return row + 1 + int(header)
 
 
 def _open_text(path: Path) -> IO[str]:
@@ -359,6 +410,7 @@ def check(arrays: ArraySet, *, origin: str = "dataset") -> Layout:
     num_classes = int(max(y_train.max(), y_test.max() if len(y_test) else 0)) + 1
     if num_classes < 2:
         raise DatasetError(f"{origin}: every label is 0; a classifier needs at least 2 classes")
+    check_classes(y_train, y_test, num_classes, origin)
     dtype, scale = _feature_encoding(x_train, x_test)
     return Layout(
         feature_shape=shape,
@@ -368,6 +420,28 @@ def check(arrays: ArraySet, *, origin: str = "dataset") -> Layout:
         train_count=len(x_train),
         test_count=len(x_test),
     )
+
+
+def check_classes(y_train: np.ndarray, y_test: np.ndarray, num_classes: int, origin: str) -> None:
+    """Refuse labels no sane classifier has: more classes than a fraction of the rows (a
+    regression target), or class numbers with wide gaps (a model with an output per number)."""
+    rows = len(y_train) + len(y_test)
+    used = np.unique(np.concatenate([y_train, y_test]))
+    limit = max(MAX_UNUSED_CLASSES, int(rows * MAX_CLASS_FRACTION))
+    unused = num_classes - len(used)
+    gaps = unused > max(MAX_UNUSED_CLASSES, len(used))
+    if len(used) > limit or (num_classes > limit and not gaps):
+        raise DatasetError(
+            f"{origin}: labels: {len(used)} distinct values up to {num_classes - 1} make {num_classes} classes for "
+            f"{rows} rows (at most {limit}): this looks like a quantity to predict (a regression target), which "
+            "crowdd does not train yet; a classifier needs class numbers 0..N-1 with several rows each"
+        )
+    if gaps:
+        shown = ", ".join(str(int(v)) for v in used[:5]) + (", …" if len(used) > 5 else "")
+        raise DatasetError(
+            f"{origin}: labels: {{{shown}}} leave {unused} of the class numbers 0..{num_classes - 1} unused "
+            f"(the model would need {num_classes} outputs for {len(used)} classes); number the classes 0..N-1"
+        )
 
 
 def _feature_shape(x: np.ndarray) -> tuple[int, ...]:

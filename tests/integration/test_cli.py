@@ -142,6 +142,9 @@ def test_host_collects_only_given_flags() -> None:
     with pytest.raises(HyperparamError) as err:
         job_from_args(_args("--epochs", "0"))
     assert err.value.field == "--epochs"
+    with pytest.raises(HyperparamError) as err:
+        job_from_args(_args("--workers", "0"))
+    assert err.value.field == "--workers" and "at least 1" in err.value.message
 
 
 def test_human_status_shows_everything() -> None:

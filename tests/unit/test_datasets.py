@@ -416,15 +416,17 @@ def test_csv_only_label_column(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("labels", "pattern"),
+    ("labels", "pattern", "csv_pattern"),
     [
-        ([0, 1, -1], r"y_train: negative label -1 at index 2"),
-        ([0, 1.5, 1], r"y_train: non-integer label 1\.5 at index 1"),
-        ([0, 1, 10**9], r"y_train: label 1000000000 at index 2 out of range 0\.\.99999"),
-        ([0, 0, 0], r"every label is 0"),
+        ([0, 1, -1], r"y_train: negative label -1 at index 2", r"line 3, column 1 \(the label\): label -1 is negative"),
+        ([0, 1.5, 1], r"y_train: non-integer label 1\.5 at index 1",
+         r"line 2, column 1 \(the label\): label 1\.5 is not a class number .*regression target"),
+        ([0, 1, 10**9], r"y_train: label 1000000000 at index 2 out of range 0\.\.99999",
+         r"line 3, column 1 \(the label\): label 1000000000 is out of range 0\.\.99999"),
+        ([0, 0, 0], r"every label is 0", r"every label is 0"),
     ],
 )
-def test_bad_labels(tmp_path: Path, labels: list[float], pattern: str) -> None:
+def test_bad_labels(tmp_path: Path, labels: list[float], pattern: str, csv_pattern: str) -> None:
     npz = tmp_path / "l.npz"
     np.savez(npz, x_train=np.ones((3, 2)), y_train=np.array(labels), x_test=np.ones((1, 2)), y_test=np.array([0]))
     with pytest.raises(DatasetError, match=rf"l\.npz: {pattern}"):
@@ -432,8 +434,43 @@ def test_bad_labels(tmp_path: Path, labels: list[float], pattern: str) -> None:
     rows = [[lab, 1, 2] for lab in labels]
     src = write_csv(tmp_path / "l.csv", rows)
     test = write_csv(tmp_path / "t.csv", [[0, 1, 2]])
-    with pytest.raises(DatasetError, match=rf"l\.csv: {pattern}"):
+    with pytest.raises(DatasetError, match=rf"l\.csv:? {csv_pattern}"):
         load(src, test_file=test)
+
+
+def test_csv_errors_name_the_line_and_column_in_the_file_not_the_shuffled_split(tmp_path: Path) -> None:
+    rows = "".join(f"{i % 3},{i},{i * 0.5}\n" for i in range(40))
+    src = tmp_path / "s.csv"
+    src.write_text("label,a,b\n" + rows + "\n2.5,1,1\n")  # a blank line, then a float target on line 43
+    with pytest.raises(DatasetError, match=r"s\.csv line 43, column 1 \(the label\): label 2\.5 is not a class number"):
+        load(src)
+    src.write_text("label,a,b\n" + rows.replace("7,3.5", "7,nan") )  # NaN parses as a float: named anyway
+    with pytest.raises(DatasetError, match=r"s\.csv line 9, column 3: nan is not a finite number"):
+        load(src)
+    src.write_text("label,a,b\n" + rows.replace("\n1,10,", "\n1,inf,"))
+    with pytest.raises(DatasetError, match=r"s\.csv line 12, column 2: inf is not a finite number"):
+        load(src)
+
+
+def test_a_regression_target_is_not_silently_a_classifier(tmp_path: Path) -> None:
+    """scikit-learn's diabetes: 442 rows, integer targets 25..346 — not 347 classes."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(25, 347, 442)
+    x = rng.normal(size=(442, 10))
+    src = write_csv(tmp_path / "diabetes.csv", np.column_stack([y, x]).tolist())
+    with pytest.raises(DatasetError, match=r"diabetes\.csv: labels: \d+ distinct values up to \d+ make \d+ classes for "
+                                           r"442 rows \(at most 221\): this looks like a quantity to predict"):
+        load(src)
+
+
+def test_labels_with_wide_gaps_are_refused(tmp_path: Path) -> None:
+    rows = [[0 if i % 2 else 99999, i, 1] for i in range(50)]
+    src = write_csv(tmp_path / "gaps.csv", rows)
+    with pytest.raises(DatasetError, match=r"gaps\.csv: labels: \{0, 99999\} leave 99998 of the class numbers "
+                                           r"0\.\.99999 unused \(the model would need 100000 outputs for 2 classes\)"):
+        load(src)
+    ok = write_csv(tmp_path / "ok.csv", [[1 + i % 3, i, 1] for i in range(50)])  # 0 unused: fine
+    assert datasets.check(load(ok)).num_classes == 4
 
 
 def test_bad_label_shapes() -> None:
