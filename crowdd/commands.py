@@ -18,6 +18,7 @@ from crowdd import wire
 from crowdd.client.resolve import client_endpoint, resolve_config
 from crowdd.control import HOST_TIMEOUT, ControlClient
 from crowdd.errors import Unavailable
+from crowdd.job.card import usage_hint
 from crowdd.hyperparams import HyperparamError, parse_hidden, validate_job
 
 logger = logging.getLogger(__name__)
@@ -162,6 +163,9 @@ def format_status(st: dict[str, Any], out: TextIO) -> None:
     res = st.get("result")
     if res:
         out.write(f"  result:    test accuracy {_num(res.get('test_accuracy'), '.4f')}; model: {res.get('model_path') or '-'}\n")
+        if res.get("model_path"):
+            for line in usage_hint(str(res["model_path"])):
+                out.write(f"             {line}\n")
     if st.get("error"):
         out.write(f"  error:     {st['error']}\n")
 
@@ -322,6 +326,8 @@ async def follow_session(events: asyncio.Queue[dict[str, Any] | None], out: Text
         return EXIT_REFUSED
     if res:
         out.write(f"done: test accuracy {_num(res.get('test_accuracy'), '.4f')}; model: {res.get('model_path') or '-'}\n")
+        if res.get("model_path"):
+            out.write("".join(f"  {line}\n" for line in usage_hint(str(res["model_path"]))))
         out.flush()
         return EXIT_OK
     out.write("crowdd host: the session ended without a result\n")

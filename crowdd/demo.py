@@ -29,6 +29,7 @@ from crowdd.config import Paths
 from crowdd.identity import Identity
 from crowdd.control import ControlClient
 from crowdd.errors import RemoteError, Unavailable
+from crowdd.job.card import usage_hint
 from crowdd.node.ports import free_port
 from crowdd.platform.process import SIGKILL, group_options, kill_group, signal_group
 
@@ -384,6 +385,8 @@ async def _run(args: argparse.Namespace, crowd: Crowd, out: TextIO) -> int:
     display.line("demo", "done")
     out.write(f"\nfinal test accuracy: {_fmt(acc, '.4f')}\n")
     out.write(f"model: {res.get('model_path')}\n")
+    if res.get("model_path"):
+        out.write("".join(f"  {line}\n" for line in usage_hint(str(res["model_path"]))))
     out.write(f"logs and state: {root}\n")
     out.write(f"total time: {time.monotonic() - t0:.1f} s\n")
     out.flush()

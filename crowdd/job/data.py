@@ -16,12 +16,11 @@ def _decode(layout: Layout):
     feat_len = layout.record_bytes - layout.label_bytes
     out_dtype = tf.uint8 if layout.feature_dtype == "uint8" else tf.float32
     shape = [-1, *layout.feature_shape]
-    scale = float(layout.scale)
 
     def decode(records: tf.Tensor, widx: tf.Tensor):
         labels = tf.io.decode_raw(tf.strings.substr(records, 0, 4), tf.int32, little_endian=True)
         feats = tf.io.decode_raw(tf.strings.substr(records, 4, feat_len), out_dtype, little_endian=True)
-        x = tf.reshape(tf.cast(feats, tf.float32) * scale, shape)
+        x = tf.reshape(tf.cast(feats, tf.float32), shape)  # raw: the model scales (build_model)
         return x, tf.reshape(labels, [-1]), widx
 
     return decode
@@ -53,19 +52,20 @@ def worker_dataset(path: str, layout: Layout, sharding: str, num_workers: int, b
 
 
 def read_split(path: Path, layout: Layout, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """The train or test split as float32 features (scaled) and int32 labels, with numpy."""
+    """The train or test split as float32 features (raw, as the user gave them: the model
+    scales them itself) and int32 labels, with numpy."""
     feat = np.dtype("u1") if layout.feature_dtype == "uint8" else np.dtype("<f4")
     rec = np.dtype([("y", "<i4"), ("x", feat, (layout.feature_count,))])
     offset, count = (0, layout.train_count) if split == "train" else (layout.test_offset, layout.test_count)
     arr = np.fromfile(path, dtype=rec, count=count, offset=offset)
     if len(arr) != count:
         raise ValueError(f"{path}: expected {count} {split} records, found {len(arr)}")
-    x = arr["x"].astype(np.float32) * np.float32(layout.scale)
+    x = arr["x"].astype(np.float32)
     return x.reshape(count, *layout.feature_shape), arr["y"].astype(np.int32)
 
 
 def train_mean(path: Path, layout: Layout, chunk: int = 10_000) -> np.ndarray:
-    """Per-feature mean of the training split's model inputs (scaled), float32, in chunks."""
+    """Per-feature mean of the training split's raw features, float32, in chunks."""
     feat = np.dtype("u1") if layout.feature_dtype == "uint8" else np.dtype("<f4")
     rec = np.dtype([("y", "<i4"), ("x", feat, (layout.feature_count,))])
     n = layout.train_count
@@ -76,7 +76,7 @@ def train_mean(path: Path, layout: Layout, chunk: int = 10_000) -> np.ndarray:
         if len(arr) != count:
             raise ValueError(f"{path}: expected {n} training records, found {start + len(arr)}")
         total += arr["x"].sum(axis=0, dtype=np.float64)
-    mean = total / max(n, 1) * float(layout.scale)
+    mean = total / max(n, 1)
     return mean.astype(np.float32).reshape(layout.feature_shape)
 
 

@@ -10,15 +10,17 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from typing import Any
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from crowdd.job import EXIT_FAILED, EXIT_OK, STOP_FILE
+from crowdd.job.card import CARD_NAME, build_card, usage, write_card
 from crowdd.job.events import EventWriter
 from crowdd.job.health import Diverged, all_finite, finite
 from crowdd.job.server import cap_threads, reachable, spawn
 from crowdd.job.spec import INDEX_FILE, JobSpec
-from crowdd.manifest import Layout
+from crowdd.manifest import Layout, Manifest, ManifestError
 from crowdd.platform.process import lower_priority, watch_parent
 
 log = logging.getLogger(__name__)
@@ -324,6 +326,14 @@ class Coordinator:
         job = self.job
         return total_steps(job.sharding, self.num_workers, self.layout.train_count, job.batch_size, job.epochs)
 
+    def dataset_info(self) -> dict[str, Any]:
+        """The dataset's name and digests, from its manifest (for the model card)."""
+        try:
+            m = Manifest.from_json(Path(self.spec.manifest).read_bytes())
+        except (OSError, ManifestError):
+            return {}
+        return {"name": m.name, "digest": m.digest(), "sha256": m.sha256, "size": m.size}
+
     def _train(self) -> int:
         import numpy as np
         import tensorflow as tf
@@ -411,6 +421,9 @@ class Coordinator:
         last_eval: dict[str, float] = {}
         evals_done = int(done // per_epoch) if done else 0
 
+        evaluations: list[dict[str, Any]] = []
+        started = time.time()
+
         def evaluate(epoch: int, step: int) -> dict[str, float]:
             local.set_weights([v.numpy() for v in state.weights])
             probs = local.predict(x_test, batch_size=1000, verbose=0)
@@ -422,6 +435,8 @@ class Coordinator:
                 scalar("test/accuracy", acc)
                 scalar("test/loss", test_loss)
             self.events.emit("eval", epoch=epoch, step=step, test_accuracy=acc, test_loss=test_loss)
+            evaluations.append({"epoch": epoch, "step": step, "test_accuracy": acc, "test_loss": test_loss,
+                                "time": round(time.time(), 3)})
             return {"test_accuracy": acc, "test_loss": test_loss}
 
         log.info("training %d steps on %d workers", total, w)
@@ -485,12 +500,20 @@ class Coordinator:
         self.events.emit("checkpoint", path=str(path), step=done)
         model_path = self.out / "model.keras"
         local.save(model_path)
+        card_path = self.out / CARD_NAME
+        write_card(card_path, build_card(
+            model_path=model_path, layout=self.layout, dataset=self.dataset_info(), job=job.to_dict(),
+            settings=asdict(self.spec.settings), workers=w, evaluations=evaluations, started=started, steps=done,
+            total_steps=total, stopped=stopped, checkpoint=str(path),
+        ))
         writer.flush()
         self.events.emit(
             "done",
             test_accuracy=last_eval["test_accuracy"],
             test_loss=last_eval["test_loss"],
             model_path=str(model_path),
+            card_path=str(card_path),
+            usage=usage(model_path, self.layout),
             tensorboard_dir=str(tb_dir),
             steps=done,
             total_steps=total,

@@ -4,8 +4,9 @@ Every model starts by subtracting the training set's per-feature mean (``center`
 by the host with :func:`crowdd.job.data.train_mean`): zero-mean inputs are the classic
 conditioning fix for SGD (LeCun et al., "Efficient BackProp", 1998, section 4.3). On
 Fashion-MNIST it is worth about two points of test accuracy at the paper's learning rate 0.5
-(docs/accuracy.md). The mean is a constant of the model, so ``model.keras`` takes the same
-raw (scaled) inputs as training did.
+(docs/accuracy.md). The same layer also applies the dataset's ``scale`` (1/255 for pixels),
+so the model takes the features exactly as the user gave them: ``model.keras`` predicts on
+raw inputs, with nothing to multiply first.
 """
 
 from __future__ import annotations
@@ -20,20 +21,22 @@ from crowdd.manifest import Layout
 def build_model(job: Job, layout: Layout, center: np.ndarray | None = None) -> keras.Model:
     """A softmax classifier for ``layout``'s features; built (its variables exist).
 
-    ``center``: per-feature means (shape ``layout.feature_shape``) subtracted from the inputs
-    first; None leaves the inputs as they are.
+    ``center``: per-feature means of the raw features (shape ``layout.feature_shape``),
+    subtracted first, then the difference is multiplied by ``layout.scale``; None applies the
+    scale alone.
     """
     shape = tuple(layout.feature_shape)
     inputs = keras.Input(shape=shape, name="features")
     x = inputs
-    if center is not None:
-        mean = np.asarray(center, np.float32)
-        if mean.shape != shape:
-            raise ValueError(f"center has shape {mean.shape}, the features {shape}")
-        # Constants, not variables: nothing for the parameter server to hold or train.
-        x = keras.layers.Normalization(
-            axis=tuple(range(1, len(shape) + 1)), mean=mean, variance=np.ones_like(mean), name="center"
-        )(x)
+    mean = np.zeros(shape, np.float32) if center is None else np.asarray(center, np.float32)
+    if mean.shape != shape:
+        raise ValueError(f"center has shape {mean.shape}, the features {shape}")
+    # (x - mean) / sqrt(variance) = (x - mean) * scale. Constants, not variables: nothing for
+    # the parameter server to hold or train.
+    variance = np.full(shape, (1.0 / float(layout.scale)) ** 2, np.float32)
+    x = keras.layers.Normalization(
+        axis=tuple(range(1, len(shape) + 1)), mean=mean, variance=variance, name="center"
+    )(x)
     if job.model == "mlp":
         x = keras.layers.Flatten()(x) if len(shape) > 1 else x
         for i, units in enumerate(job.hidden):

@@ -18,6 +18,7 @@ from crowdd.group_tls import GroupTLS
 from crowdd.hyperparams import Job
 from crowdd.manifest import Manifest
 from crowdd.job import STOP_FILE
+from crowdd.job.card import add_members
 from crowdd.node.context import SessionContext
 from crowdd.node.ports import Reservation
 from crowdd.node.session import HostSession, Member, dead_after
@@ -206,6 +207,16 @@ async def lead(
         if isinstance(model, str) and model and not os.path.isabs(model):
             model = str(workdir / model)
         accuracy = done.get("test_accuracy")
+        card = done.get("card_path")
+        if isinstance(card, str) and card:
+            add_members(workdir / card, [
+                {"index": m.index, "role": m.role, "name": m.name, "fingerprint": m.fingerprint,
+                 "trained": m.index == 0 or any(w.index == m.index for w in live)}
+                for m in plan.members
+            ])
+            view.log(logging.INFO, f"model card: {workdir / card}")
+        if isinstance(done.get("usage"), str):
+            view.log(logging.INFO, f"use the model: {done['usage']}")
         if done.get("stopped"):
             view.log(logging.INFO, f"stopped by the user at step {done.get('steps')} of {done.get('total_steps')}: "
                      f"kept the checkpoint {done.get('checkpoint')} and the model trained so far")

@@ -174,7 +174,9 @@ def test_human_status_shows_everything() -> None:
     text = out.getvalue()
     for needle in ("training as worker", "donation:  on", "fashion-mnist (54,880,000 bytes", "mlp 100 sgd",
                    "3f2c9a1e7b6d4c08 (this node is 1 of 2)", "bob", "50%", "epoch 1/2 step 120",
-                   "test accuracy 0.8761", "model.keras", "error:     the host went away"):
+                   "test accuracy 0.8761", "model.keras", "error:     the host went away",
+                   "keras.models.load_model('/var/lib/crowdd/jobs/x/output/model.keras')",
+                   "model card (classes, metrics, how it was trained): /var/lib/crowdd/jobs/x/output/model.card.json"):
         assert needle in text, needle
     held = {**st, "idle": {"allowed": False, "rule": "user_idle", "reason": "active 2 min ago"},
             "dataset": {"name": None, "size": None, "digest": None}, "group": None, "training": None}
