@@ -78,7 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", "--batch-size", dest="batch_size", type=int, help="batch size")
     p.add_argument("--epochs", type=int, help="passes over each worker's shard")
     p.add_argument("--hidden", help="hidden layer sizes, e.g. 100 or 128,64")
-    p.add_argument("--model", choices=("mlp", "cnn"))
+    p.add_argument("--model", choices=("mlp", "cnn"), help="a preset network (default mlp)")
+    p.add_argument("--model-file", type=Path,
+                   help="your own Keras 3 model (.keras; weights, when saved, are the starting point); "
+                        "it takes the raw features and ends in a softmax with one unit per class")
     p.add_argument("--optimizer", choices=("sgd", "adam"))
     p.add_argument("--sharding", choices=("overlap", "disjoint", "full"))
     p.add_argument("--test-fraction", type=float, help="CSV only: carve this fraction off as the test split")

@@ -245,6 +245,13 @@ def host(args: argparse.Namespace) -> int:
             print(f"crowdd host: --test-fraction: must be between 0 and 1, got {test_fraction}", file=sys.stderr)
             return EXIT_USAGE
         request["test_fraction"] = test_fraction
+    model_file = getattr(args, "model_file", None)
+    if model_file is not None:
+        model_path = Path(model_file).expanduser().absolute()
+        if not model_path.is_file():
+            print(f"crowdd host: --model-file: {model_path}: no such file", file=sys.stderr)
+            return EXIT_USAGE
+        request["model_file"] = str(model_path)
     if getattr(args, "follow", False):
         return _host_and_follow(args, request)
     code, reply = _call(args, lambda c: c.request(request, timeout=HOST_TIMEOUT))

@@ -16,5 +16,8 @@ EXIT_BAD_SPEC = 2
 #: A file of this name in the host job's working directory asks it to stop early: it
 #: evaluates, checkpoints, saves the model trained so far and ends with ``done`` (``stopped``).
 STOP_FILE = "crowdd-stop"
+#: The host's own Keras model (``job.model`` "file"), copied into the host job's working
+#: directory by its daemon.
+MODEL_FILE = "host-model.keras"
 
-__all__ = ["EVENT_KINDS", "EXIT_BAD_SPEC", "EXIT_FAILED", "EXIT_OK", "STOP_FILE"]
+__all__ = ["EVENT_KINDS", "EXIT_BAD_SPEC", "EXIT_FAILED", "EXIT_OK", "MODEL_FILE", "STOP_FILE"]

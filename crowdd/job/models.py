@@ -11,10 +11,14 @@ raw inputs, with nothing to multiply first.
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 import keras
 import numpy as np
 
 from crowdd.hyperparams import Job
+from crowdd.job import MODEL_FILE
 from crowdd.manifest import Layout
 
 
@@ -26,6 +30,8 @@ def build_model(job: Job, layout: Layout, center: np.ndarray | None = None) -> k
     scale alone.
     """
     shape = tuple(layout.feature_shape)
+    if job.model == "file":
+        return load_host_model(Path(MODEL_FILE), layout)
     inputs = keras.Input(shape=shape, name="features")
     x = inputs
     mean = np.zeros(shape, np.float32) if center is None else np.asarray(center, np.float32)
@@ -54,10 +60,28 @@ def build_model(job: Job, layout: Layout, center: np.ndarray | None = None) -> k
     return keras.Model(inputs, outputs, name=f"crowdd_{job.model}")
 
 
+def load_host_model(path: Path, layout: Layout) -> keras.Model:
+    """The host's own model (Keras safe mode: no Lambda, no custom code), its weights kept
+    (fine-tuning), fed the raw features; a reshape in front when only the shape's 1s differ.
+    Raises ValueError naming what does not fit the dataset."""
+    model = keras.saving.load_model(path, compile=False, safe_mode=True)
+    shape = tuple(layout.feature_shape)
+    have = tuple(model.input_shape[1:])
+    out = tuple(model.output_shape[1:])
+    if out != (layout.num_classes,):
+        raise ValueError(f"the model's output shape is {list(out)}; the dataset has {layout.num_classes} classes")
+    if have == shape:
+        return model
+    if math.prod(d or 0 for d in have) != math.prod(shape):
+        raise ValueError(f"the model takes inputs of shape {list(have)} but the dataset's samples are {list(shape)}")
+    inputs = keras.Input(shape=shape, name="features")
+    return keras.Model(inputs, model(keras.layers.Reshape(have)(inputs)), name="crowdd_file")
+
+
 def loss_function(job: Job) -> keras.losses.Loss:
     if job.loss == "sparse_categorical_crossentropy":
         return keras.losses.SparseCategoricalCrossentropy()
     raise ValueError(f"unknown loss {job.loss!r}")
 
 
-__all__ = ["build_model", "loss_function"]
+__all__ = ["build_model", "load_host_model", "loss_function"]

@@ -8,6 +8,7 @@ import asyncio
 import logging
 import os
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,8 @@ from crowdd.errors import InputError, SessionFailed
 from crowdd.group_tls import GroupTLS
 from crowdd.hyperparams import Job
 from crowdd.manifest import Manifest
-from crowdd.job import STOP_FILE
+from crowdd.modelfile import check_model_file
+from crowdd.job import MODEL_FILE, STOP_FILE
 from crowdd.job.card import add_members
 from crowdd.node.context import SessionContext
 from crowdd.node.ports import Reservation
@@ -43,6 +45,7 @@ class Prepared:
     manifest: Manifest
     name: str
     job: Job
+    model_file: Path | None = None  # the host's own Keras model, checked against the dataset
 
 
 def convert_dataset(cache: DatasetCache, chunk_size: int, req: HostRequest) -> Prepared:
@@ -57,8 +60,10 @@ def convert_dataset(cache: DatasetCache, chunk_size: int, req: HostRequest) -> P
         raise InputError(f"cannot host {req.dataset}: {exc}", field="dataset") from None
     except OSError as exc:
         raise InputError(f"cannot host {req.dataset}: {exc}", field="dataset") from None
+    if req.model_file is not None and p.manifest.layout is not None:
+        check_model_file(req.model_file, p.manifest.layout)  # InputError naming what does not fit
     path = cache.has(p.manifest) or p.data_path
-    return Prepared(path, p.manifest, p.manifest.name or req.dataset.name, req.job)
+    return Prepared(path, p.manifest, p.manifest.name or req.dataset.name, req.job, req.model_file)
 
 
 def describe(prepared: Prepared) -> dict[str, Any]:
@@ -178,6 +183,12 @@ async def lead(
             if len(started) < len(live):
                 view.log(logging.WARNING, f"{len(live) - len(started)} worker(s) did not start; training without them")
         workdir = c.jobs.job_dir(plan)
+        if prepared.model_file is not None:  # the host job builds the network from it
+            try:
+                shutil.copyfile(prepared.model_file, workdir / MODEL_FILE)
+            except OSError as exc:
+                await session.end(End(error=f"cannot read the model file: {exc}"))
+                raise SessionFailed(f"cannot read the model file {prepared.model_file}: {exc}") from None
         done: dict[str, Any] = {}
 
         def on_event(ev: dict[str, Any]) -> None:

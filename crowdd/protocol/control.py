@@ -10,6 +10,7 @@ status`` and the TUI read it.
 from __future__ import annotations
 
 from collections.abc import Mapping
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict
@@ -38,10 +39,13 @@ def make_donate(on: bool) -> dict[str, Any]:
     return {"type": "donate", "on": on}
 
 
-def make_host(dataset: str, job: Mapping[str, Any], test_fraction: float | None = None) -> dict[str, Any]:
+def make_host(dataset: str, job: Mapping[str, Any], test_fraction: float | None = None,
+              model_file: str | None = None) -> dict[str, Any]:
     frame: dict[str, Any] = {"type": "host", "dataset": dataset, "job": dict(job)}
     if test_fraction is not None:
         frame["test_fraction"] = test_fraction
+    if model_file is not None:
+        frame["model_file"] = model_file
     return frame
 
 
@@ -64,6 +68,7 @@ class HostRequest:
     dataset: Path
     job: Job
     test_fraction: float | None = None
+    model_file: Path | None = None  # the host's own Keras model (job.model "file")
 
 
 def check_host(frame: Mapping[str, Any]) -> HostRequest:
@@ -90,7 +95,25 @@ def check_host(frame: Mapping[str, Any]) -> HostRequest:
             raise InputError("field 'test_fraction' must be a number", field="test_fraction")
         if not 0 < tf < 1:
             raise InputError("test_fraction must be between 0 and 1", field="test_fraction")
-    return HostRequest(path, parsed, float(tf) if tf is not None else None)
+    model_file = _model_file(frame.get("model_file"))
+    if model_file is not None:
+        parsed = dataclasses.replace(parsed, model="file")
+    elif parsed.model == "file":
+        raise InputError("model 'file' needs a model_file (crowdd host --model-file PATH)", field="model_file")
+    return HostRequest(path, parsed, float(tf) if tf is not None else None, model_file)
+
+
+def _model_file(value: Any) -> Path | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InputError("field 'model_file' must be a string", field="model_file")
+    path = Path(value)
+    if not path.is_absolute():
+        raise InputError(f"model file path must be absolute, got {value!r}", field="model_file")
+    if not path.is_file():
+        raise InputError(f"{value}: no such file", field="model_file")
+    return path
 
 
 def ok(**fields: Any) -> dict[str, Any]:

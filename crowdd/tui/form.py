@@ -14,7 +14,7 @@ from typing import Any
 
 from crowdd.errors import InputError
 from crowdd.hyperparams import (
-    MODELS,
+    PRESETS,
     OPTIMIZERS,
     SHARDINGS,
     HyperparamError,
@@ -52,7 +52,7 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("batch_size", "Batch size", "int", str(_DEFAULT.batch_size)),
     FieldSpec("epochs", "Epochs", "int", str(_DEFAULT.epochs)),
     FieldSpec("hidden", "Hidden layers", "text", ",".join(str(h) for h in _DEFAULT.hidden)),
-    FieldSpec("model", "Model", "choice", _DEFAULT.model, MODELS),
+    FieldSpec("model", "Model", "choice", _DEFAULT.model, PRESETS),
     FieldSpec("sharding", "Sharding", "choice", _DEFAULT.sharding, SHARDINGS),
     FieldSpec("optimizer", "Optimizer", "choice", _DEFAULT.optimizer, OPTIMIZERS),
 )

@@ -290,6 +290,31 @@ async def test_bad_dataset_is_refused_at_once_with_the_reason(tmp_path: Path) ->
         assert err.value.code == "busy"
 
 
+async def test_a_model_file_that_does_not_fit_the_dataset_is_refused_at_once(tmp_path: Path) -> None:
+    import json
+    import zipfile
+
+    data = tmp_path / "d.csv"
+    data.write_text("".join(f"{i % 3},{i},{i * 2}\n" for i in range(30)))  # 2 features, 3 classes
+    model = tmp_path / "m.keras"
+    with zipfile.ZipFile(model, "w") as z:
+        z.writestr("config.json", json.dumps({"module": "keras", "class_name": "Sequential", "config": {"layers": [
+            {"module": "keras.layers", "class_name": "InputLayer", "config": {"batch_shape": [None, 2]}},
+            {"module": "keras.layers", "class_name": "Dense", "config": {"units": 10, "activation": "softmax"}}]}}))
+    async with running(tmp_path, free_port()) as d, ControlClient(d.paths.control_socket) as c:
+        with pytest.raises(wire.RemoteError) as err:
+            await c.host(str(data), {}, model_file=str(model))
+        assert err.value.field == "model_file"
+        assert f"{model}: the model's output layer has 10 units but the dataset has 3 classes" in err.value.message
+        with pytest.raises(wire.RemoteError) as err:
+            await c.host(str(data), {"model": "file"})
+        assert err.value.field == "model_file" and "--model-file" in err.value.message
+        with pytest.raises(wire.RemoteError) as err:
+            await c.host(str(data), {}, model_file=str(tmp_path / "missing.keras"))
+        assert err.value.field == "model_file" and "no such file" in err.value.message
+        assert d.status()["role"] is None
+
+
 async def test_crowdd_host_waits_for_the_verdict_and_exits_non_zero_on_a_bad_dataset(tmp_path: Path) -> None:
     bad = tmp_path / "bad.csv"
     bad.write_text("label,a,b\n0,1,2\n1,3,oops\n0,5,6\n")
