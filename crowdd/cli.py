@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", choices=("sgd", "adam"))
     p.add_argument("--sharding", choices=("overlap", "disjoint", "full"))
     p.add_argument("--test-fraction", type=float, help="CSV only: carve this fraction off as the test split")
+    p.add_argument("--label", metavar="COLUMN", help="CSV with a header: the label column's name (default: the first)")
     p.add_argument("--follow", action="store_true",
                    help="stay and print the session's progress until it ends (exit 1 if it fails)")
     p.set_defaults(func=_lazy("crowdd.commands", "host"))

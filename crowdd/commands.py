@@ -245,6 +245,8 @@ def host(args: argparse.Namespace) -> int:
             print(f"crowdd host: --test-fraction: must be between 0 and 1, got {test_fraction}", file=sys.stderr)
             return EXIT_USAGE
         request["test_fraction"] = test_fraction
+    if getattr(args, "label", None) is not None:
+        request["label"] = args.label
     model_file = getattr(args, "model_file", None)
     if model_file is not None:
         model_path = Path(model_file).expanduser().absolute()

@@ -553,9 +553,9 @@ class ControlClient:
         return await self.request(make_donate(on))
 
     async def host(self, dataset: str, job: Mapping[str, Any], test_fraction: float | None = None,
-                   model_file: str | None = None) -> dict[str, Any]:
+                   model_file: str | None = None, label: str | None = None) -> dict[str, Any]:
         """Ask to host; the reply comes once the daemon has accepted (converted) or refused the dataset."""
-        return await self.request(make_host(dataset, job, test_fraction, model_file),
+        return await self.request(make_host(dataset, job, test_fraction, model_file, label),
                                   timeout=max(self._timeout, HOST_TIMEOUT))
 
     async def stop(self) -> dict[str, Any]:

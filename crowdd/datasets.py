@@ -90,7 +90,9 @@ class Prepared:
 # --------------------------------------------------------------------------- loading
 
 
-def load(source: Path, *, test_file: Path | None = None, test_fraction: float | None = None) -> ArraySet:
+def load(
+    source: Path, *, test_file: Path | None = None, test_fraction: float | None = None, label: str | None = None
+) -> ArraySet:
     """Load a dataset from an ``.npz``, an IDX directory or a CSV file.
 
     ``test_file`` and ``test_fraction`` apply to CSV only (at most one of them); a CSV with
@@ -102,12 +104,14 @@ def load(source: Path, *, test_file: Path | None = None, test_fraction: float | 
     kind = _kind(source)
     if kind != "csv" and (test_file is not None or test_fraction is not None):
         raise DatasetError(f"{source}: a test file or test fraction applies to CSV only; {kind} has its own test split")
+    if kind != "csv" and label is not None:
+        raise DatasetError(f"{source}: a label column applies to CSV only")
     if kind == "idx":
         arrays = load_idx_dir(source)
     elif kind == "npz":
         arrays = load_npz(source)
     else:
-        arrays = load_csv(source, test_file=test_file, test_fraction=test_fraction)
+        arrays = load_csv(source, test_file=test_file, test_fraction=test_fraction, label=label)
     check(arrays, origin=str(source))
     return arrays
 
@@ -216,18 +220,19 @@ def _read_maybe_gzip(path: Path) -> bytes:
 # ---- CSV
 
 
-def load_csv(path: Path, *, test_file: Path | None = None, test_fraction: float | None = None) -> ArraySet:
-    """Load a CSV with the label first; the test split from ``test_file`` or a fraction."""
+def load_csv(
+    path: Path, *, test_file: Path | None = None, test_fraction: float | None = None, label: str | None = None
+) -> ArraySet:
+    """Load a CSV with the label first, or in the header's column ``label``; the test split
+    from ``test_file`` (same columns) or a fraction."""
     if test_file is not None and test_fraction is not None:
         raise DatasetError(f"{path}: give a test file or a test fraction, not both")
-    table = read_csv_table(path)
-    check_table(path, table)
+    table = label_first(path, read_csv_table(path), label)
     if test_file is not None:
         test_file = Path(test_file)
         if not test_file.exists():
             raise DatasetError(f"{test_file}: no such file or directory")
-        test = read_csv_table(test_file)
-        check_table(test_file, test)
+        test = label_first(test_file, read_csv_table(test_file), label)
         if test.shape[1] != table.shape[1]:
             raise DatasetError(f"{test_file} has {test.shape[1]} columns but {path} has {table.shape[1]}")
         return ArraySet(table[:, 1:], table[:, 0], test[:, 1:], test[:, 0])
@@ -275,10 +280,45 @@ def read_csv_table(path: Path) -> np.ndarray:
     return table
 
 
-def check_table(path: Path, table: np.ndarray) -> None:
-    """Every value a finite number and every label (column 1) a class number 0, 1, 2, …;
-    the first that is not is named by its file, line and column (before any shuffle)."""
-    labels = table[:, 0]
+def label_first(path: Path, table: np.ndarray, label: str | None) -> np.ndarray:
+    """The table with the header's column named ``label`` moved first (None: it is first)."""
+    if label is None:
+        check_table(path, table, 0)
+        return table
+    names = csv_header(path)
+    if names is None:
+        raise DatasetError(f"{path}: --label {label!r} needs a header row naming the columns; this file has none")
+    if label not in names:
+        shown = ", ".join(names[:20]) + (", …" if len(names) > 20 else "")
+        raise DatasetError(f"{path} line 1: no column named {label!r} (the columns: {shown})")
+    if names.count(label) > 1:
+        raise DatasetError(f"{path} line 1: {names.count(label)} columns are named {label!r}")
+    i = names.index(label)
+    if len(names) != table.shape[1]:
+        raise DatasetError(f"{path} line 1: the header names {len(names)} columns, the rows have {table.shape[1]}")
+    check_table(path, table, i)
+    return np.concatenate([table[:, i : i + 1], table[:, :i], table[:, i + 1 :]], axis=1)
+
+
+def csv_header(path: Path) -> list[str] | None:
+    """The names of a CSV's columns, or None when its first row is data."""
+    if not _has_header(path):
+        return None
+    try:
+        with _open_text(path) as fh:
+            for row in csv.reader(fh):
+                if row and any(f.strip() for f in row):
+                    return [f.strip() for f in row]
+    except (EOFError, OSError, zlib.error, csv.Error, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{path}: cannot read ({exc})") from None
+    return None
+
+
+def check_table(path: Path, table: np.ndarray, label_index: int = 0) -> None:
+    """Every value a finite number and every label (column ``label_index`` + 1) a class
+    number 0, 1, 2, …; the first that is not is named by its file, line and column (before
+    any shuffle)."""
+    labels = table[:, label_index]
     bad = ~np.isfinite(table)
     if bad.any():
         row, col = np.argwhere(bad)[0]
@@ -292,7 +332,8 @@ def check_table(path: Path, table: np.ndarray) -> None:
     ):
         if mask.any():
             row = int(np.argmax(mask))
-            raise DatasetError(f"{path} line {_line_of(path, row)}, column 1 (the label): label {_cell(labels[row])} {why}")
+            raise DatasetError(f"{path} line {_line_of(path, row)}, column {label_index + 1} (the label): "
+                               f"label {_cell(labels[row])} {why}")
 
 
 def _cell(value: Any) -> str:
@@ -583,6 +624,7 @@ def convert(
     name: str = "",
     test_file: Path | None = None,
     test_fraction: float | None = None,
+    label: str | None = None,
 ) -> Prepared:
     """Load ``source`` (or take the arrays), write ``<sha>.data`` and ``<sha>.manifest.json``
     in ``out_dir``. ``name`` defaults to the source's file or directory name."""
@@ -590,11 +632,11 @@ def convert(
         raise DatasetError(f"chunk size must be a positive integer, got {chunk_size!r}")
     if isinstance(source, ArraySet):
         arrays = source
-        if test_file is not None or test_fraction is not None:
-            raise DatasetError("a test file or fraction applies to a CSV source, not to arrays")
+        if test_file is not None or test_fraction is not None or label is not None:
+            raise DatasetError("a test file, fraction or label column applies to a CSV source, not to arrays")
     else:
         source = Path(source)
-        arrays = load(source, test_file=test_file, test_fraction=test_fraction)
+        arrays = load(source, test_file=test_file, test_fraction=test_fraction, label=label)
         if not name:
             name = _default_name(source)
     out_dir = Path(out_dir)

@@ -55,7 +55,8 @@ def convert_dataset(cache: DatasetCache, chunk_size: int, req: HostRequest) -> P
     from crowdd import datasets  # numpy: only when hosting
 
     try:
-        p = datasets.convert(req.dataset, cache.root, chunk_size=chunk_size, test_fraction=req.test_fraction)
+        p = datasets.convert(req.dataset, cache.root, chunk_size=chunk_size, test_fraction=req.test_fraction,
+                             label=req.label)
     except datasets.DatasetError as exc:
         raise InputError(f"cannot host {req.dataset}: {exc}", field="dataset") from None
     except OSError as exc:

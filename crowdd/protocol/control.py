@@ -40,12 +40,14 @@ def make_donate(on: bool) -> dict[str, Any]:
 
 
 def make_host(dataset: str, job: Mapping[str, Any], test_fraction: float | None = None,
-              model_file: str | None = None) -> dict[str, Any]:
+              model_file: str | None = None, label: str | None = None) -> dict[str, Any]:
     frame: dict[str, Any] = {"type": "host", "dataset": dataset, "job": dict(job)}
     if test_fraction is not None:
         frame["test_fraction"] = test_fraction
     if model_file is not None:
         frame["model_file"] = model_file
+    if label is not None:
+        frame["label"] = label
     return frame
 
 
@@ -69,6 +71,7 @@ class HostRequest:
     job: Job
     test_fraction: float | None = None
     model_file: Path | None = None  # the host's own Keras model (job.model "file")
+    label: str | None = None  # a CSV's label column, by its header name
 
 
 def check_host(frame: Mapping[str, Any]) -> HostRequest:
@@ -100,7 +103,10 @@ def check_host(frame: Mapping[str, Any]) -> HostRequest:
         parsed = dataclasses.replace(parsed, model="file")
     elif parsed.model == "file":
         raise InputError("model 'file' needs a model_file (crowdd host --model-file PATH)", field="model_file")
-    return HostRequest(path, parsed, float(tf) if tf is not None else None, model_file)
+    label = frame.get("label")
+    if label is not None and (not isinstance(label, str) or not label.strip() or len(label) > 256):
+        raise InputError("field 'label' must be a column name (1..256 characters)", field="label")
+    return HostRequest(path, parsed, float(tf) if tf is not None else None, model_file, label)
 
 
 def _model_file(value: Any) -> Path | None:

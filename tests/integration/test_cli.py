@@ -96,6 +96,14 @@ def test_cli_against_a_real_daemon(
     assert bad.returncode == 2 and "no such file" in bad.stderr
     bad = crowdd("host", str(data), "--test-fraction", "1.5", root=root)
     assert bad.returncode == 2 and "--test-fraction" in bad.stderr
+    named = tmp_path / "named.csv"
+    named.write_text("a,b,kind\n" + "".join(f"{i},{i},{i % 2}\n" for i in range(20)))
+    bad = crowdd("host", str(named), "--label", "class", root=root)
+    assert bad.returncode == 2 and "no column named 'class' (the columns: a, b, kind)" in bad.stderr, bad.stderr
+    bad = crowdd("host", str(named), "--label", "kind", "--model-file", str(tmp_path / "none.keras"), root=root)
+    assert bad.returncode == 2 and "--model-file" in bad.stderr
+    bad = crowdd("host", str(named), "--workers", "0", root=root)
+    assert bad.returncode == 2 and "--workers: must be at least 1" in bad.stderr
 
     monkeypatch.chdir(tmp_path)  # a relative dataset path is made absolute by the CLI
     r = crowdd("host", "data.npz", "--epochs", "2", "--workers", "1", root=root)

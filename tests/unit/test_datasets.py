@@ -568,3 +568,26 @@ def test_read_canonical_size_mismatch(tmp_path: Path) -> None:
 def test_bad_chunk_size(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="chunk size"):
         convert(small_arrays(), tmp_path, chunk_size=0)
+
+
+def test_csv_label_column_by_name(tmp_path: Path) -> None:
+    rows = "".join(f"{i},{i * 2},{i % 3}\n" for i in range(30))
+    src = tmp_path / "named.csv"
+    src.write_text("alcohol,ash,cultivar\n" + rows)
+    arrays = load(src, label="cultivar")
+    assert sorted(np.concatenate([arrays.y_train, arrays.y_test]).tolist()) == sorted(i % 3 for i in range(30))
+    assert arrays.x_train.shape[1] == 2
+    first = arrays.x_train[0]
+    assert first[1] == 2 * first[0]  # the features keep their order, the label left them
+    with pytest.raises(DatasetError, match=r"named\.csv line 1: no column named 'kind' \(the columns: alcohol, ash, cultivar\)"):
+        load(src, label="kind")
+    src.write_text("alcohol,ash,cultivar\n" + rows + "1,2,0.5\n")
+    with pytest.raises(DatasetError, match=r"named\.csv line 32, column 3 \(the label\): label 0\.5 is not a class number"):
+        load(src, label="cultivar")
+    bare = write_csv(tmp_path / "bare.csv", [[0, 1, 2], [1, 2, 3]])
+    with pytest.raises(DatasetError, match=r"needs a header row"):
+        load(bare, label="cultivar")
+    npz = tmp_path / "a.npz"
+    np.savez(npz, x_train=np.ones((3, 2)), y_train=np.array([0, 1, 0]), x_test=np.ones((1, 2)), y_test=np.array([1]))
+    with pytest.raises(DatasetError, match="label column applies to CSV only"):
+        load(npz, label="y")
