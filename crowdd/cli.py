@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("host", help="host a dataset: find workers and train a model on it")
     _add_common(p)
-    p.add_argument("dataset", type=Path, help=".npz (Keras layout), a directory of IDX files, or a CSV (label first)")
+    p.add_argument("dataset", type=Path, help=".npz (Keras layout), a directory of IDX files, a CSV (label first, "
+                   "or --label), or a folder of images with one subfolder per class")
     p.add_argument("--workers", type=int, help="workers wanted (default 2)")
     p.add_argument("--min-workers", type=int, help="fewest workers to accept after --wait seconds")
     p.add_argument("--wait", type=float, help="seconds to wait for the full group")
@@ -84,7 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "it takes the raw features and ends in a softmax with one unit per class")
     p.add_argument("--optimizer", choices=("sgd", "adam"))
     p.add_argument("--sharding", choices=("overlap", "disjoint", "full"))
-    p.add_argument("--test-fraction", type=float, help="CSV only: carve this fraction off as the test split")
+    p.add_argument("--test-fraction", type=float, help="CSV and image folders: carve this fraction off as the test "
+                   "split (default 0.2; an image folder with train/ and test/ uses those)")
+    p.add_argument("--image-size", metavar="HxW", help="image folders: resize every image to this (default: "
+                   "the first image's size, which all must have)")
+    p.add_argument("--color", choices=("rgb", "grayscale"), help="image folders: colour mode (default: the first image's)")
     p.add_argument("--label", metavar="COLUMN", help="CSV with a header: the label column's name (default: the first)")
     p.add_argument("--follow", action="store_true",
                    help="stay and print the session's progress until it ends (exit 1 if it fails)")

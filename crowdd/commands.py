@@ -247,6 +247,15 @@ def host(args: argparse.Namespace) -> int:
         request["test_fraction"] = test_fraction
     if getattr(args, "label", None) is not None:
         request["label"] = args.label
+    if getattr(args, "color", None) is not None:
+        request["color"] = args.color
+    if getattr(args, "image_size", None) is not None:
+        try:
+            h, w = (int(v) for v in str(args.image_size).lower().split("x"))
+        except ValueError:
+            print(f"crowdd host: --image-size: expected HxW like 28x28, got {args.image_size!r}", file=sys.stderr)
+            return EXIT_USAGE
+        request["image_size"] = [h, w]
     model_file = getattr(args, "model_file", None)
     if model_file is not None:
         model_path = Path(model_file).expanduser().absolute()

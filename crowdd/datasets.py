@@ -22,6 +22,8 @@ import gzip
 import logging
 import math
 import os
+import subprocess
+import sys
 import tempfile
 import warnings
 import zipfile
@@ -76,6 +78,17 @@ class ArraySet:
     y_train: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
+    class_names: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    """How a folder of images becomes arrays: ``size`` (H, W) to resize every image to
+    (None: the first image's, which every image must have) and ``color`` ("rgb",
+    "grayscale"; None: the first image's)."""
+
+    size: tuple[int, int] | None = None
+    color: str | None = None
 
 
 @dataclass(frozen=True)
@@ -91,7 +104,8 @@ class Prepared:
 
 
 def load(
-    source: Path, *, test_file: Path | None = None, test_fraction: float | None = None, label: str | None = None
+    source: Path, *, test_file: Path | None = None, test_fraction: float | None = None, label: str | None = None,
+    images: ImageOptions | None = None,
 ) -> ArraySet:
     """Load a dataset from an ``.npz``, an IDX directory or a CSV file.
 
@@ -102,12 +116,19 @@ def load(
     if not source.exists():
         raise DatasetError(f"{source}: no such file or directory")
     kind = _kind(source)
-    if kind != "csv" and (test_file is not None or test_fraction is not None):
-        raise DatasetError(f"{source}: a test file or test fraction applies to CSV only; {kind} has its own test split")
+    if kind not in ("csv", "images") and (test_file is not None or test_fraction is not None):
+        raise DatasetError(f"{source}: a test file or test fraction applies to CSV and image folders only; "
+                           f"{kind} has its own test split")
+    if kind == "images" and test_file is not None:
+        raise DatasetError(f"{source}: an image folder's test split is its test/ subfolder or a fraction")
+    if kind != "images" and images is not None and images != ImageOptions():
+        raise DatasetError(f"{source}: an image size or colour applies to a folder of images only")
     if kind != "csv" and label is not None:
         raise DatasetError(f"{source}: a label column applies to CSV only")
     if kind == "idx":
         arrays = load_idx_dir(source)
+    elif kind == "images":
+        arrays = load_image_dir(source, images or ImageOptions(), test_fraction)
     elif kind == "npz":
         arrays = load_npz(source)
     else:
@@ -118,7 +139,9 @@ def load(
 
 def _kind(source: Path) -> str:
     if source.is_dir():
-        return "idx"
+        idx = any(p.name.endswith(("-ubyte", "-ubyte.gz")) for p in source.iterdir())
+        has_dirs = any(p.is_dir() and not p.name.startswith(".") for p in source.iterdir())
+        return "images" if has_dirs and not idx else "idx"
     name = source.name.lower()
     if name.endswith(".npz"):
         return "npz"
@@ -145,6 +168,46 @@ def load_npz(path: Path) -> ArraySet:
     except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         raise DatasetError(f"{path}: not a readable .npz file ({exc})") from None
     return ArraySet(**arrays)
+
+
+# ---- image folders
+
+
+IMAGE_TIMEOUT = 3600.0
+
+
+def load_image_dir(directory: Path, options: ImageOptions, test_fraction: float | None) -> ArraySet:
+    """One subdirectory per class (PNG/JPEG), or ``train/`` and ``test/`` holding those; the
+    test split is ``test/`` or a fraction (:data:`DEFAULT_TEST_FRACTION`). Decoded by
+    TensorFlow in a child process (:mod:`crowdd.job.images`): the daemon never imports it."""
+    split_dirs = (directory / "train").is_dir() and (directory / "test").is_dir()
+    if split_dirs and test_fraction is not None:
+        raise DatasetError(f"{directory}: has train/ and test/ folders; a test fraction does not apply")
+    with tempfile.TemporaryDirectory(prefix="crowdd-images-") as tmp:
+        out = Path(tmp) / "images.npz"
+        argv = [sys.executable, "-m", "crowdd.job.images", str(directory), str(out)]
+        if options.size is not None:
+            argv += ["--size", f"{options.size[0]}x{options.size[1]}"]
+        if options.color is not None:
+            argv += ["--color", options.color]
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=IMAGE_TIMEOUT, check=False,
+                                  stdin=subprocess.DEVNULL)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise DatasetError(f"{directory}: cannot decode the images ({exc})") from None
+        if proc.returncode != 0:
+            lines = [x for x in proc.stderr.strip().splitlines() if x.strip()]
+            why = lines[-1] if lines else f"exit code {proc.returncode}"
+            raise DatasetError(why if proc.returncode == 2 else f"{directory}: cannot decode the images ({why})")
+        with np.load(out, allow_pickle=False) as z:
+            x_train, y_train, x_test, y_test = (z[k] for k in NPZ_KEYS)
+            names = tuple(str(n) for n in z["class_names"])
+    if split_dirs:
+        return ArraySet(x_train, y_train, x_test, y_test, names)
+    fraction = DEFAULT_TEST_FRACTION if test_fraction is None else test_fraction
+    arrays = split(x_train, y_train, fraction, origin=str(directory))
+    arrays.class_names = names
+    return arrays
 
 
 # ---- IDX
@@ -181,7 +244,7 @@ def load_idx_dir(directory: Path) -> ArraySet:
                 f"{images_path} has {images.shape[0]} images but {labels_path} has {labels.shape[0]} labels"
             )
         out[f"x_{split}"], out[f"y_{split}"] = images, labels
-    return ArraySet(**out)
+    return ArraySet(out["x_train"], out["y_train"], out["x_test"], out["y_test"])
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -453,7 +516,11 @@ def check(arrays: ArraySet, *, origin: str = "dataset") -> Layout:
         raise DatasetError(f"{origin}: every label is 0; a classifier needs at least 2 classes")
     check_classes(y_train, y_test, num_classes, origin)
     dtype, scale = _feature_encoding(x_train, x_test)
+    names = tuple(arrays.class_names)
+    if names and len(names) != num_classes:
+        raise DatasetError(f"{origin}: {len(names)} class names for {num_classes} classes")
     return Layout(
+        class_names=names,
         feature_shape=shape,
         feature_dtype=dtype,
         scale=scale,
@@ -625,6 +692,7 @@ def convert(
     test_file: Path | None = None,
     test_fraction: float | None = None,
     label: str | None = None,
+    images: ImageOptions | None = None,
 ) -> Prepared:
     """Load ``source`` (or take the arrays), write ``<sha>.data`` and ``<sha>.manifest.json``
     in ``out_dir``. ``name`` defaults to the source's file or directory name."""
@@ -636,7 +704,7 @@ def convert(
             raise DatasetError("a test file, fraction or label column applies to a CSV source, not to arrays")
     else:
         source = Path(source)
-        arrays = load(source, test_file=test_file, test_fraction=test_fraction, label=label)
+        arrays = load(source, test_file=test_file, test_fraction=test_fraction, label=label, images=images)
         if not name:
             name = _default_name(source)
     out_dir = Path(out_dir)

@@ -18,7 +18,7 @@ CARD_NAME = "model.card.json"
 
 def class_names(layout: Layout) -> list[str]:
     """The name of each output unit, in order (the class numbers of the labels)."""
-    return [str(i) for i in range(layout.num_classes)]
+    return list(layout.class_names) or [str(i) for i in range(layout.num_classes)]
 
 
 def usage(model_path: Path, layout: Layout) -> str:

@@ -56,7 +56,7 @@ def convert_dataset(cache: DatasetCache, chunk_size: int, req: HostRequest) -> P
 
     try:
         p = datasets.convert(req.dataset, cache.root, chunk_size=chunk_size, test_fraction=req.test_fraction,
-                             label=req.label)
+                             label=req.label, images=datasets.ImageOptions(req.image_size, req.color))
     except datasets.DatasetError as exc:
         raise InputError(f"cannot host {req.dataset}: {exc}", field="dataset") from None
     except OSError as exc:

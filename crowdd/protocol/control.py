@@ -72,6 +72,8 @@ class HostRequest:
     test_fraction: float | None = None
     model_file: Path | None = None  # the host's own Keras model (job.model "file")
     label: str | None = None  # a CSV's label column, by its header name
+    image_size: tuple[int, int] | None = None  # image folders: resize every image to H x W
+    color: str | None = None  # image folders: "rgb" or "grayscale"
 
 
 def check_host(frame: Mapping[str, Any]) -> HostRequest:
@@ -106,7 +108,15 @@ def check_host(frame: Mapping[str, Any]) -> HostRequest:
     label = frame.get("label")
     if label is not None and (not isinstance(label, str) or not label.strip() or len(label) > 256):
         raise InputError("field 'label' must be a column name (1..256 characters)", field="label")
-    return HostRequest(path, parsed, float(tf) if tf is not None else None, model_file, label)
+    size = frame.get("image_size")
+    if size is not None and (not isinstance(size, list) or len(size) != 2
+                             or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 4096 for v in size)):
+        raise InputError("field 'image_size' must be [height, width] in pixels, 1..4096 each", field="image_size")
+    color = frame.get("color")
+    if color is not None and color not in ("rgb", "grayscale"):
+        raise InputError("field 'color' must be rgb or grayscale", field="color")
+    return HostRequest(path, parsed, float(tf) if tf is not None else None, model_file, label,
+                       (size[0], size[1]) if size is not None else None, color)
 
 
 def _model_file(value: Any) -> Path | None:
