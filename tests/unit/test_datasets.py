@@ -405,7 +405,7 @@ def test_csv_split_options(tmp_path: Path) -> None:
         load(src, test_fraction=0.01)
     npz = tmp_path / "a.npz"
     np.savez(npz, **vars(small_arrays()))
-    with pytest.raises(DatasetError, match="applies to CSV only"):
+    with pytest.raises(DatasetError, match="applies to CSV and image folders only"):
         load(npz, test_fraction=0.5)
 
 
