@@ -79,6 +79,11 @@ class ArraySet:
     x_test: np.ndarray
     y_test: np.ndarray
     class_names: tuple[str, ...] = ()
+    #: "classification" (labels are class numbers) or "regression" (targets are numbers)
+    task: str = "classification"
+
+
+TASKS = ("classification", "regression")
 
 
 @dataclass(frozen=True)
@@ -105,7 +110,7 @@ class Prepared:
 
 def load(
     source: Path, *, test_file: Path | None = None, test_fraction: float | None = None, label: str | None = None,
-    images: ImageOptions | None = None,
+    images: ImageOptions | None = None, task: str = "classification",
 ) -> ArraySet:
     """Load a dataset from an ``.npz``, an IDX directory or a CSV file.
 
@@ -125,6 +130,10 @@ def load(
         raise DatasetError(f"{source}: an image size or colour applies to a folder of images only")
     if kind != "csv" and label is not None:
         raise DatasetError(f"{source}: a label column applies to CSV only")
+    if task not in TASKS:
+        raise DatasetError(f"{source}: task must be one of {', '.join(TASKS)}, got {task!r}")
+    if task == "regression" and kind in ("idx", "images"):
+        raise DatasetError(f"{source}: {kind} datasets hold classes; regression needs a CSV or an .npz of targets")
     if kind == "idx":
         arrays = load_idx_dir(source)
     elif kind == "images":
@@ -132,7 +141,9 @@ def load(
     elif kind == "npz":
         arrays = load_npz(source)
     else:
-        arrays = load_csv(source, test_file=test_file, test_fraction=test_fraction, label=label)
+        arrays = load_csv(source, test_file=test_file, test_fraction=test_fraction, label=label,
+                          regression=task == "regression")
+    arrays.task = task
     check(arrays, origin=str(source))
     return arrays
 
@@ -284,18 +295,19 @@ def _read_maybe_gzip(path: Path) -> bytes:
 
 
 def load_csv(
-    path: Path, *, test_file: Path | None = None, test_fraction: float | None = None, label: str | None = None
+    path: Path, *, test_file: Path | None = None, test_fraction: float | None = None, label: str | None = None,
+    regression: bool = False,
 ) -> ArraySet:
     """Load a CSV with the label first, or in the header's column ``label``; the test split
     from ``test_file`` (same columns) or a fraction."""
     if test_file is not None and test_fraction is not None:
         raise DatasetError(f"{path}: give a test file or a test fraction, not both")
-    table = label_first(path, read_csv_table(path), label)
+    table = label_first(path, read_csv_table(path), label, regression)
     if test_file is not None:
         test_file = Path(test_file)
         if not test_file.exists():
             raise DatasetError(f"{test_file}: no such file or directory")
-        test = label_first(test_file, read_csv_table(test_file), label)
+        test = label_first(test_file, read_csv_table(test_file), label, regression)
         if test.shape[1] != table.shape[1]:
             raise DatasetError(f"{test_file} has {test.shape[1]} columns but {path} has {table.shape[1]}")
         return ArraySet(table[:, 1:], table[:, 0], test[:, 1:], test[:, 0])
@@ -343,10 +355,10 @@ def read_csv_table(path: Path) -> np.ndarray:
     return table
 
 
-def label_first(path: Path, table: np.ndarray, label: str | None) -> np.ndarray:
+def label_first(path: Path, table: np.ndarray, label: str | None, regression: bool = False) -> np.ndarray:
     """The table with the header's column named ``label`` moved first (None: it is first)."""
     if label is None:
-        check_table(path, table, 0)
+        check_table(path, table, 0, regression)
         return table
     names = csv_header(path)
     if names is None:
@@ -359,7 +371,7 @@ def label_first(path: Path, table: np.ndarray, label: str | None) -> np.ndarray:
     i = names.index(label)
     if len(names) != table.shape[1]:
         raise DatasetError(f"{path} line 1: the header names {len(names)} columns, the rows have {table.shape[1]}")
-    check_table(path, table, i)
+    check_table(path, table, i, regression)
     return np.concatenate([table[:, i : i + 1], table[:, :i], table[:, i + 1 :]], axis=1)
 
 
@@ -377,7 +389,7 @@ def csv_header(path: Path) -> list[str] | None:
     return None
 
 
-def check_table(path: Path, table: np.ndarray, label_index: int = 0) -> None:
+def check_table(path: Path, table: np.ndarray, label_index: int = 0, regression: bool = False) -> None:
     """Every value a finite number and every label (column ``label_index`` + 1) a class
     number 0, 1, 2, …; the first that is not is named by its file, line and column (before
     any shuffle)."""
@@ -387,9 +399,11 @@ def check_table(path: Path, table: np.ndarray, label_index: int = 0) -> None:
         row, col = np.argwhere(bad)[0]
         raise DatasetError(f"{path} line {_line_of(path, int(row))}, column {int(col) + 1}: "
                            f"{_cell(table[row, col])} is not a finite number")
+    if regression:
+        return  # a target is any finite number
     for mask, why in (
-        (labels != np.round(labels), "is not a class number (labels are integers 0..N-1; a quantity to "
-                                     "predict is a regression target, which crowdd does not train yet)"),
+        (labels != np.round(labels), "is not a class number (labels are integers 0..N-1; for a quantity to "
+                                     "predict, use --task regression)"),
         (labels < 0, "is negative (labels are class numbers 0..N-1)"),
         (labels >= MAX_CLASSES, f"is out of range 0..{MAX_CLASSES - 1}"),
     ):
@@ -497,8 +511,11 @@ def check(arrays: ArraySet, *, origin: str = "dataset") -> Layout:
     """Validate an :class:`ArraySet` and return the layout it converts to."""
     x_train = _features(arrays.x_train, f"{origin}: x_train")
     x_test = _features(arrays.x_test, f"{origin}: x_test")
-    y_train = _labels(arrays.y_train, f"{origin}: y_train")
-    y_test = _labels(arrays.y_test, f"{origin}: y_test")
+    regression = arrays.task == "regression"
+    if arrays.task not in TASKS:
+        raise DatasetError(f"{origin}: task must be one of {', '.join(TASKS)}, got {arrays.task!r}")
+    y_train = (_targets if regression else _labels)(arrays.y_train, f"{origin}: y_train")
+    y_test = (_targets if regression else _labels)(arrays.y_test, f"{origin}: y_test")
     for split_name, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
         if len(x) != len(y):
             raise DatasetError(f"{origin}: x_{split_name} has {len(x)} samples but y_{split_name} has {len(y)} labels")
@@ -511,6 +528,10 @@ def check(arrays: ArraySet, *, origin: str = "dataset") -> Layout:
         )
     if not shape or min(shape) < 1:
         raise DatasetError(f"{origin}: samples have no features (shape {shape})")
+    if regression:
+        dtype, scale = _feature_encoding(x_train, x_test)
+        return Layout(feature_shape=shape, feature_dtype=dtype, scale=scale, num_classes=1,
+                      train_count=len(x_train), test_count=len(x_test), task="regression")
     num_classes = int(max(y_train.max(), y_test.max() if len(y_test) else 0)) + 1
     if num_classes < 2:
         raise DatasetError(f"{origin}: every label is 0; a classifier needs at least 2 classes")
@@ -541,8 +562,8 @@ def check_classes(y_train: np.ndarray, y_test: np.ndarray, num_classes: int, ori
     if len(used) > limit or (num_classes > limit and not gaps):
         raise DatasetError(
             f"{origin}: labels: {len(used)} distinct values up to {num_classes - 1} make {num_classes} classes for "
-            f"{rows} rows (at most {limit}): this looks like a quantity to predict (a regression target), which "
-            "crowdd does not train yet; a classifier needs class numbers 0..N-1 with several rows each"
+            f"{rows} rows (at most {limit}): this looks like a quantity to predict: use --task regression; a "
+            "classifier needs class numbers 0..N-1 with several rows each"
         )
     if gaps:
         shown = ", ".join(str(int(v)) for v in used[:5]) + (", …" if len(used) > 5 else "")
@@ -592,6 +613,24 @@ def _labels(y: Any, what: str) -> np.ndarray:
     return arr.astype(np.int64)
 
 
+def _targets(y: Any, what: str) -> np.ndarray:
+    """Regression targets: one finite number per sample, as float32."""
+    arr = np.asarray(y)
+    if arr.ndim == 2 and arr.shape[1] == 1:
+        arr = arr[:, 0]
+    if arr.ndim != 1:
+        raise DatasetError(f"{what}: targets must be one number per sample, got shape {arr.shape}")
+    if arr.dtype.kind not in "biuf":
+        raise DatasetError(f"{what}: non-numeric targets (dtype {arr.dtype})")
+    with np.errstate(over="ignore"):
+        out = arr.astype(np.float32)
+    bad = ~np.isfinite(out)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise DatasetError(f"{what}: target {arr[i].item()!r} at index {i} is not a finite float32 number")
+    return out
+
+
 def _num(v: Any) -> int | float:
     """A label for a message: 3 rather than 3.0 or np.int64(3)."""
     f = float(v)
@@ -617,7 +656,8 @@ def _feature_encoding(x_train: np.ndarray, x_test: np.ndarray) -> tuple[str, flo
 def record_dtype(layout: Layout) -> np.dtype[Any]:
     """The numpy dtype of one canonical record (packed, little-endian)."""
     feature = "<f4" if layout.feature_dtype == "float32" else "u1"
-    dt: np.dtype[Any] = np.dtype([("label", "<i4"), ("x", feature, (layout.feature_count,))])
+    label = "<f4" if layout.task == "regression" else "<i4"
+    dt: np.dtype[Any] = np.dtype([("label", label), ("x", feature, (layout.feature_count,))])
     if dt.itemsize != layout.record_bytes:  # pragma: no cover - numpy packs unaligned dtypes
         raise DatasetError(f"record dtype is {dt.itemsize} bytes, layout says {layout.record_bytes}")
     return dt
@@ -643,8 +683,9 @@ def write_canonical(arrays: ArraySet, path: Path) -> Layout:
     """Write the canonical file atomically (a temporary file beside ``path``, then rename)."""
     path = Path(path)
     layout = check(arrays, origin=str(path))
-    y_train = _labels(arrays.y_train, "y_train")
-    y_test = _labels(arrays.y_test, "y_test")
+    labels = _targets if layout.task == "regression" else _labels
+    y_train = labels(arrays.y_train, "y_train")
+    y_test = labels(arrays.y_test, "y_test")
     x_train, x_test = np.asarray(arrays.x_train), np.asarray(arrays.x_test)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -679,7 +720,7 @@ def read_canonical(path: Path, layout: Layout) -> ArraySet:
     shape = layout.feature_shape
     n = layout.train_count
     x = rec["x"].reshape((len(rec), *shape))
-    y = rec["label"].astype(np.int32)
+    y = rec["label"].astype(np.float32 if layout.task == "regression" else np.int32)
     return ArraySet(x[:n], y[:n], x[n:], y[n:])
 
 
@@ -693,6 +734,7 @@ def convert(
     test_fraction: float | None = None,
     label: str | None = None,
     images: ImageOptions | None = None,
+    task: str = "classification",
 ) -> Prepared:
     """Load ``source`` (or take the arrays), write ``<sha>.data`` and ``<sha>.manifest.json``
     in ``out_dir``. ``name`` defaults to the source's file or directory name."""
@@ -704,7 +746,7 @@ def convert(
             raise DatasetError("a test file, fraction or label column applies to a CSV source, not to arrays")
     else:
         source = Path(source)
-        arrays = load(source, test_file=test_file, test_fraction=test_fraction, label=label, images=images)
+        arrays = load(source, test_file=test_file, test_fraction=test_fraction, label=label, images=images, task=task)
         if not name:
             name = _default_name(source)
     out_dir = Path(out_dir)

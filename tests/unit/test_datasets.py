@@ -420,7 +420,7 @@ def test_csv_only_label_column(tmp_path: Path) -> None:
     [
         ([0, 1, -1], r"y_train: negative label -1 at index 2", r"line 3, column 1 \(the label\): label -1 is negative"),
         ([0, 1.5, 1], r"y_train: non-integer label 1\.5 at index 1",
-         r"line 2, column 1 \(the label\): label 1\.5 is not a class number .*regression target"),
+         r"line 2, column 1 \(the label\): label 1\.5 is not a class number .*--task regression"),
         ([0, 1, 10**9], r"y_train: label 1000000000 at index 2 out of range 0\.\.99999",
          r"line 3, column 1 \(the label\): label 1000000000 is out of range 0\.\.99999"),
         ([0, 0, 0], r"every label is 0", r"every label is 0"),
@@ -459,8 +459,26 @@ def test_a_regression_target_is_not_silently_a_classifier(tmp_path: Path) -> Non
     x = rng.normal(size=(442, 10))
     src = write_csv(tmp_path / "diabetes.csv", np.column_stack([y, x]).tolist())
     with pytest.raises(DatasetError, match=r"diabetes\.csv: labels: \d+ distinct values up to \d+ make \d+ classes for "
-                                           r"442 rows \(at most 221\): this looks like a quantity to predict"):
+                                           r"442 rows \(at most 221\): this looks like a quantity to predict: use --task regression"):
         load(src)
+    arrays = load(src, task="regression")  # what the host meant
+    layout = datasets.check(arrays)
+    assert layout.task == "regression" and layout.num_classes == 1
+    prepared = datasets.convert(src, tmp_path / "out", task="regression")
+    back = datasets.read_canonical(prepared.data_path, prepared.manifest.layout)
+    assert back.y_train.dtype == np.float32 and set(back.y_train.tolist()) <= set(y.astype(float).tolist())
+
+
+def test_regression_targets_are_any_finite_number(tmp_path: Path) -> None:
+    src = tmp_path / "r.csv"
+    src.write_text("x,price\n" + "".join(f"{i},{i * 1.5 - 3}\n" for i in range(30)))
+    arrays = load(src, label="price", task="regression")
+    assert sorted(np.concatenate([arrays.y_train, arrays.y_test]).tolist()) == [i * 1.5 - 3 for i in range(30)]
+    src.write_text("x,price\n" + "".join(f"{i},{i * 1.5}\n" for i in range(30)) + "4,inf\n")
+    with pytest.raises(DatasetError, match=r"r\.csv line 32, column 2: inf is not a finite number"):
+        load(src, label="price", task="regression")
+    with pytest.raises(DatasetError, match="task must be one of classification, regression"):
+        load(src, task="ranking")
 
 
 def test_labels_with_wide_gaps_are_refused(tmp_path: Path) -> None:
