@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", metavar="HxW", help="image folders: resize every image to this (default: "
                    "the first image's size, which all must have)")
     p.add_argument("--color", choices=("rgb", "grayscale"), help="image folders: colour mode (default: the first image's)")
+    p.add_argument("--task", choices=("classification", "regression"),
+                   help="regression: the label column is a number to predict (MSE/MAE reported); default classification")
     p.add_argument("--label", metavar="COLUMN", help="CSV with a header: the label column's name (default: the first)")
     p.add_argument("--follow", action="store_true",
                    help="stay and print the session's progress until it ends (exit 1 if it fails)")
@@ -114,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int,
                    help="epochs (default 2; 20 for an .npz under 2 MiB, e.g. the digits fallback)")
     p.add_argument("--root", type=Path, help="where the nodes keep their files (default: a temporary directory)")
+    p.add_argument("--model-file", type=Path, help="the host's own Keras 3 model (.keras), as for `crowdd host`")
+    p.add_argument("--task", choices=("classification", "regression"), help="as for `crowdd host`")
+    p.add_argument("--label", metavar="COLUMN", help="CSV: the label column's name, as for `crowdd host`")
+    p.add_argument("--lr", "--learning-rate", dest="learning_rate", type=float, help="learning rate (default 0.5)")
     p.set_defaults(func=_lazy("crowdd.demo", "main"))
     return parser
 

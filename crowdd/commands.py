@@ -113,6 +113,13 @@ def _num(value: Any, fmt: str = ".3f") -> str:
     return format(value, fmt) if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
 
 
+def score(d: dict[str, Any]) -> str:
+    """A result's or evaluation's score: test MAE/MSE for regression, else test accuracy."""
+    if isinstance(d.get("test_mae"), (int, float)):
+        return f"test MAE {_num(d.get('test_mae'), '.4g')}, MSE {_num(d.get('test_mse'), '.4g')}"
+    return f"test accuracy {_num(d.get('test_accuracy'), '.4f')}"
+
+
 def format_status(st: dict[str, Any], out: TextIO) -> None:
     """Human-readable status (what ``crowdd status`` prints)."""
     role = f" as {st['role']}" if st.get("role") else ""
@@ -162,7 +169,7 @@ def format_status(st: dict[str, Any], out: TextIO) -> None:
         )
     res = st.get("result")
     if res:
-        out.write(f"  result:    test accuracy {_num(res.get('test_accuracy'), '.4f')}; model: {res.get('model_path') or '-'}\n")
+        out.write(f"  result:    {score(res)}; model: {res.get('model_path') or '-'}\n")
         if res.get("model_path"):
             for line in usage_hint(str(res["model_path"])):
                 out.write(f"             {line}\n")
@@ -247,6 +254,8 @@ def host(args: argparse.Namespace) -> int:
         request["test_fraction"] = test_fraction
     if getattr(args, "label", None) is not None:
         request["label"] = args.label
+    if getattr(args, "task", None) is not None:
+        request["task"] = args.task
     if getattr(args, "color", None) is not None:
         request["color"] = args.color
     if getattr(args, "image_size", None) is not None:
@@ -332,7 +341,7 @@ async def follow_session(events: asyncio.Queue[dict[str, Any] | None], out: Text
             out.write(f"epoch {ev.get('epoch')}/{ev.get('epochs')} step {ev.get('step')}/{ev.get('total_steps') or '?'} "
                       f"loss {_num(ev.get('loss'))} accuracy {_num(ev.get('accuracy'))}\n")
         elif kind == "eval":
-            out.write(f"epoch {ev.get('epoch')}: test accuracy {_num(ev.get('test_accuracy'), '.4f')}\n")
+            out.write(f"epoch {ev.get('epoch')}: {score(ev)}\n")
         elif kind == "log" and ev.get("level") in ("warning", "error"):
             out.write(f"{ev.get('level')}: {ev.get('message')}\n")
         out.flush()
@@ -343,7 +352,7 @@ async def follow_session(events: asyncio.Queue[dict[str, Any] | None], out: Text
         out.flush()
         return EXIT_REFUSED
     if res:
-        out.write(f"done: test accuracy {_num(res.get('test_accuracy'), '.4f')}; model: {res.get('model_path') or '-'}\n")
+        out.write(f"done: {score(res)}; model: {res.get('model_path') or '-'}\n")
         if res.get("model_path"):
             out.write("".join(f"  {line}\n" for line in usage_hint(str(res["model_path"]))))
         out.flush()

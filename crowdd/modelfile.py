@@ -151,6 +151,13 @@ def check_fits(path: Path, info: ModelInfo, layout: Layout) -> None:
                                                   != tuple(d for d in want if d != 1)):
         raise _fail(path, f"the model takes inputs of shape {list(have)} but the dataset's samples are "
                           f"{list(want)}")
+    if layout.task == "regression":
+        if info.output_units is not None and info.output_units != 1:
+            raise _fail(path, f"the model's output layer has {info.output_units} units; a regression model "
+                              "predicts one number (Dense(1))")
+        if info.output_activation == "softmax":
+            raise _fail(path, "the model ends in a softmax; a regression model predicts a number (Dense(1))")
+        return
     if info.output_units is not None and info.output_units != layout.num_classes:
         raise _fail(path, f"the model's output layer has {info.output_units} units but the dataset has "
                           f"{layout.num_classes} classes")

@@ -24,9 +24,9 @@ def class_names(layout: Layout) -> list[str]:
 def usage(model_path: Path, layout: Layout) -> str:
     """One line of Python that loads the model and predicts on raw features."""
     shape = ", ".join(str(d) for d in layout.feature_shape)
+    what = "y = model.predict(x)[:, 0]" if layout.task == "regression" else "classes = model.predict(x).argmax(-1)"
     return (f"import keras, numpy as np; model = keras.models.load_model({str(model_path)!r}); "
-            f"classes = model.predict(np.asarray(x, 'float32').reshape(-1, {shape})).argmax(-1)"
-            "  # x: raw features, as in the dataset")
+            f"x = np.asarray(x, 'float32').reshape(-1, {shape}); {what}  # x: raw features, as in the dataset")
 
 
 def usage_hint(model_path: str) -> list[str]:
@@ -50,15 +50,17 @@ def build_card(
         "usage": usage(model_path, layout),
         "input": {"shape": list(layout.feature_shape), "raw": True,
                   "note": "features as in the dataset; scaling and centering are inside the model"},
-        "output": {"kind": "classification", "classes": class_names(layout),
-                   "note": "softmax probabilities, one per class; argmax is the class index"},
+        "output": ({"kind": "regression", "note": "one number per sample, in the target's units"}
+                   if layout.task == "regression" else
+                   {"kind": "classification", "classes": class_names(layout),
+                    "note": "softmax probabilities, one per class; argmax is the class index"}),
         "dataset": {**dataset, "train_records": layout.train_count, "test_records": layout.test_count},
         "hyperparameters": job,
         "plan": settings,
         "workers": workers,
         "members": [],
         "evaluations": evaluations,
-        "test_accuracy": last.get("test_accuracy"),
+        **{k: last.get(k) for k in (("test_mae", "test_mse") if layout.task == "regression" else ("test_accuracy",))},
         "test_loss": last.get("test_loss"),
         "steps": steps,
         "total_steps": total_steps,

@@ -338,7 +338,7 @@ class Coordinator:
         import numpy as np
         import tensorflow as tf
 
-        from crowdd.job.data import read_split, train_mean, worker_dataset
+        from crowdd.job.data import read_split, target_stats, train_mean, worker_dataset
         from crowdd.job.faults import (
             RETRYABLE,
             RetiringFailureHandler,
@@ -372,14 +372,16 @@ class Coordinator:
             coordinator, list(self.spec.cluster.worker), lambda: guard.ps_dead() is None, on_retire
         )
         budget = RetryBudget(guard.ps_dead)
-        loss_fn = loss_function(self.job)
+        regression = self.layout.task == "regression"
+        target = target_stats(Path(self.spec.data), self.layout) if regression else (0.0, 1.0)
+        loss_fn = loss_function(self.job, self.layout, target[1])
         center = train_mean(Path(self.spec.data), self.layout)
         with strategy.scope():
-            model = build_model(self.job, self.layout, center)
+            model = build_model(self.job, self.layout, center, target)
             state = TrainState(model, self.job)
         scale = 1.0 if self.spec.settings.merge == "sum" else 1.0 / self.num_workers
-        train_fn = make_train_fn(state, loss_fn, self.spec.settings.sync_every, scale)
-        local = build_model(self.job, self.layout, center)
+        train_fn = make_train_fn(state, loss_fn, self.spec.settings.sync_every, scale, regression)
+        local = build_model(self.job, self.layout, center, target)
         variables = state.variables()
 
         store = self.store
@@ -418,26 +420,34 @@ class Coordinator:
         last_ckpt = time.monotonic()
         scheduled = done
         in_flight: collections.deque = collections.deque()
-        last_eval: dict[str, float] = {}
+        last_eval: dict[str, Any] = {}
         evals_done = int(done // per_epoch) if done else 0
 
         evaluations: list[dict[str, Any]] = []
         started = time.time()
 
         def evaluate(epoch: int, step: int) -> dict[str, float]:
-            local.set_weights([v.numpy() for v in state.weights])
+            # trainable weights only: non-trainable ones (a Normalization's statistics) never change
+            for var, value in zip(local.trainable_variables, state.weights):
+                var.assign(value.numpy())
             probs = local.predict(x_test, batch_size=1000, verbose=0)
             test_loss = float(loss_fn(y_test, probs))
             if not finite(test_loss):
                 raise Diverged(step, lr)
-            acc = float(np.mean(np.argmax(probs, axis=-1) == y_test))
+            metrics: dict[str, Any]
+            if regression:
+                err = np.asarray(probs, np.float64).reshape(-1) - y_test.astype(np.float64)
+                metrics = {"test_mse": float(np.mean(err**2)), "test_mae": float(np.mean(np.abs(err)))}
+            else:
+                metrics = {"test_accuracy": float(np.mean(np.argmax(probs, axis=-1) == y_test))}
             with writer.as_default(step=step):
-                scalar("test/accuracy", acc)
+                for key, value in metrics.items():
+                    scalar(key.replace("_", "/", 1), value)
                 scalar("test/loss", test_loss)
-            self.events.emit("eval", epoch=epoch, step=step, test_accuracy=acc, test_loss=test_loss)
-            evaluations.append({"epoch": epoch, "step": step, "test_accuracy": acc, "test_loss": test_loss,
+            self.events.emit("eval", epoch=epoch, step=step, test_loss=test_loss, **metrics)
+            evaluations.append({"epoch": epoch, "step": step, "test_loss": test_loss, **metrics,
                                 "time": round(time.time(), 3)})
-            return {"test_accuracy": acc, "test_loss": test_loss}
+            return {"test_loss": test_loss, **metrics}
 
         log.info("training %d steps on %d workers", total, w)
         stopped = False
@@ -479,13 +489,13 @@ class Coordinator:
                     step=done,
                     total_steps=total,
                     loss=ws.loss / ws.samples,
-                    accuracy=ws.correct / ws.samples,
+                    **({"mae": ws.correct / ws.samples} if regression else {"accuracy": ws.correct / ws.samples}),
                     samples_per_sec=ws.samples / max(now - ws.since, 1e-9),
                     worker=int(widx),
                 )
                 with writer.as_default(step=done):
                     scalar(f"train/loss_worker{int(widx)}", ws.loss / ws.samples)
-                    scalar(f"train/accuracy_worker{int(widx)}", ws.correct / ws.samples)
+                    scalar(f"train/{'mae' if regression else 'accuracy'}_worker{int(widx)}", ws.correct / ws.samples)
                 ws.reset(now)
             while evals_done < job.epochs - 1 and done >= (evals_done + 1) * per_epoch:
                 evals_done += 1
@@ -509,8 +519,7 @@ class Coordinator:
         writer.flush()
         self.events.emit(
             "done",
-            test_accuracy=last_eval["test_accuracy"],
-            test_loss=last_eval["test_loss"],
+            **last_eval,
             model_path=str(model_path),
             card_path=str(card_path),
             usage=usage(model_path, self.layout),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
@@ -22,12 +23,16 @@ from crowdd.job import MODEL_FILE
 from crowdd.manifest import Layout
 
 
-def build_model(job: Job, layout: Layout, center: np.ndarray | None = None) -> keras.Model:
+def build_model(
+    job: Job, layout: Layout, center: np.ndarray | None = None, target: tuple[float, float] = (0.0, 1.0)
+) -> keras.Model:
     """A softmax classifier for ``layout``'s features; built (its variables exist).
 
     ``center``: per-feature means of the raw features (shape ``layout.feature_shape``),
     subtracted first, then the difference is multiplied by ``layout.scale``; None applies the
-    scale alone.
+    scale alone. ``target``: a regression target's mean and standard deviation: the last
+    layer predicts in standard deviations, a constant layer after it turns that into the
+    target's units.
     """
     shape = tuple(layout.feature_shape)
     if job.model == "file":
@@ -56,6 +61,11 @@ def build_model(job: Job, layout: Layout, center: np.ndarray | None = None) -> k
         x = keras.layers.Dense(job.hidden[0], activation="relu", name="hidden0")(x)
     else:  # validate_job rules this out
         raise ValueError(f"unknown model {job.model!r}")
+    if layout.task == "regression":
+        t_mean, t_std = target
+        z = keras.layers.Dense(1, name="target_z")(x)
+        outputs = keras.layers.Rescaling(scale=float(t_std), offset=float(t_mean), name="target")(z)
+        return keras.Model(inputs, outputs, name=f"crowdd_{job.model}_regression")
     outputs = keras.layers.Dense(layout.num_classes, activation="softmax", name="classes")(x)
     return keras.Model(inputs, outputs, name=f"crowdd_{job.model}")
 
@@ -68,7 +78,9 @@ def load_host_model(path: Path, layout: Layout) -> keras.Model:
     shape = tuple(layout.feature_shape)
     have = tuple(model.input_shape[1:])
     out = tuple(model.output_shape[1:])
-    if out != (layout.num_classes,):
+    if layout.task == "regression" and out != (1,):
+        raise ValueError(f"the model's output shape is {list(out)}; a regression model predicts one number")
+    if layout.task != "regression" and out != (layout.num_classes,):
         raise ValueError(f"the model's output shape is {list(out)}; the dataset has {layout.num_classes} classes")
     if have == shape:
         return model
@@ -78,7 +90,19 @@ def load_host_model(path: Path, layout: Layout) -> keras.Model:
     return keras.Model(inputs, model(keras.layers.Reshape(have)(inputs)), name="crowdd_file")
 
 
-def loss_function(job: Job) -> keras.losses.Loss:
+def loss_function(job: Job, layout: Layout | None = None, target_std: float = 1.0) -> Any:
+    """``loss(y, predictions)``: cross-entropy for classes; for a regression target the mean
+    squared error in the target's standard deviations (well-conditioned whatever its units)."""
+    if layout is not None and layout.task == "regression":
+        import tensorflow as tf
+
+        inv = 1.0 / float(target_std)
+
+        def mse_z(y: Any, pred: Any) -> Any:
+            y = tf.reshape(tf.cast(y, tf.float32), [-1, 1])
+            return tf.reduce_mean(tf.square((tf.reshape(pred, [-1, 1]) - y) * inv))
+
+        return mse_z
     if job.loss == "sparse_categorical_crossentropy":
         return keras.losses.SparseCategoricalCrossentropy()
     raise ValueError(f"unknown loss {job.loss!r}")

@@ -56,7 +56,7 @@ def convert_dataset(cache: DatasetCache, chunk_size: int, req: HostRequest) -> P
 
     try:
         p = datasets.convert(req.dataset, cache.root, chunk_size=chunk_size, test_fraction=req.test_fraction,
-                             label=req.label, images=datasets.ImageOptions(req.image_size, req.color))
+                             label=req.label, images=datasets.ImageOptions(req.image_size, req.color), task=req.task)
     except datasets.DatasetError as exc:
         raise InputError(f"cannot host {req.dataset}: {exc}", field="dataset") from None
     except OSError as exc:
@@ -232,10 +232,12 @@ async def lead(
         if done.get("stopped"):
             view.log(logging.INFO, f"stopped by the user at step {done.get('steps')} of {done.get('total_steps')}: "
                      f"kept the checkpoint {done.get('checkpoint')} and the model trained so far")
-        view.finished(accuracy, model if isinstance(model, str) else None)
+        metrics = {k: done[k] for k in ("test_mae", "test_mse") if isinstance(done.get(k), (int, float))}
+        view.finished(accuracy, model if isinstance(model, str) else None, **metrics)
         c.to(State.FINISHED)
         session.members[0].state = "finished"
-        view.log(logging.INFO, f"training finished: test accuracy {accuracy}, model {model}")
+        score = f"test MAE {metrics['test_mae']:.4g}" if "test_mae" in metrics else f"test accuracy {accuracy}"
+        view.log(logging.INFO, f"training finished: {score}, model {model}")
         await session.end(End(accuracy if isinstance(accuracy, (int, float)) else None,
                               model if isinstance(model, str) else None))
         await asyncio.sleep(c.linger)

@@ -74,6 +74,7 @@ class HostRequest:
     label: str | None = None  # a CSV's label column, by its header name
     image_size: tuple[int, int] | None = None  # image folders: resize every image to H x W
     color: str | None = None  # image folders: "rgb" or "grayscale"
+    task: str = "classification"  # or "regression": the label column is a number to predict
 
 
 def check_host(frame: Mapping[str, Any]) -> HostRequest:
@@ -115,8 +116,11 @@ def check_host(frame: Mapping[str, Any]) -> HostRequest:
     color = frame.get("color")
     if color is not None and color not in ("rgb", "grayscale"):
         raise InputError("field 'color' must be rgb or grayscale", field="color")
+    task = frame.get("task", "classification")
+    if task not in ("classification", "regression"):
+        raise InputError("field 'task' must be classification or regression", field="task")
     return HostRequest(path, parsed, float(tf) if tf is not None else None, model_file, label,
-                       (size[0], size[1]) if size is not None else None, color)
+                       (size[0], size[1]) if size is not None else None, color, task)
 
 
 def _model_file(value: Any) -> Path | None:
@@ -167,9 +171,11 @@ class GroupStatus(TypedDict):
     members: list[dict[str, Any]]
 
 
-class ResultStatus(TypedDict):
-    test_accuracy: float | None
-    model_path: str | None
+class ResultStatus(TypedDict, total=False):
+    test_accuracy: float | None  # classification; always present (None for regression)
+    model_path: str | None  # always present
+    test_mae: float | None  # regression only
+    test_mse: float | None  # regression only
 
 
 class Status(TypedDict):

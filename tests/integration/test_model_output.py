@@ -59,3 +59,43 @@ def test_the_saved_model_predicts_on_raw_inputs_as_reported_and_has_a_card(tmp_p
     assert card["test_accuracy"] == done["test_accuracy"] and card["steps"] == done["steps"]
     assert card["seconds"] > 0 and card["stopped_early"] is False
     assert "keras.models.load_model" in card["usage"] and done["model_path"] in card["usage"]
+
+
+def test_a_regression_target_trains_the_mlp_preset_and_reports_mae(tmp_path: Path) -> None:
+    """scikit-learn's diabetes (integer targets 25..346) as a regression, not 347 classes."""
+    from sklearn.datasets import load_diabetes
+
+    from crowdd.datasets import read_canonical
+
+    d = load_diabetes()
+    csv = tmp_path / "diabetes.csv"
+    np.savetxt(csv, np.column_stack([d.data, d.target]), delimiter=",", fmt="%.8g",
+               header=",".join([*d.feature_names, "progression"]), comments="")
+    prepared = convert(csv, tmp_path / "data", label="progression", task="regression")
+    layout = prepared.manifest.layout
+    assert layout is not None and layout.task == "regression" and layout.num_classes == 1
+    job = {"epochs": 60, "batch_size": 20, "learning_rate": 0.05, "hidden": [32]}
+    settings = {"steps_per_function": 20, "sync_every": 5, "threads": 1, "nice": 5}
+    result = run_cluster(tmp_path / "run", prepared.data_path, prepared.manifest_path, 1, job, settings, timeout=300)
+    done = result.done
+    assert done is not None, result.events
+    assert "test_accuracy" not in done and done["test_mae"] < 55, done  # predicting the mean: ~64
+    assert done["test_mse"] > done["test_mae"]
+    evals = [e for e in result.events if e["event"] == "eval"]
+    assert evals and all("test_mae" in e and "test_mse" in e for e in evals)
+    progress = [e for e in result.events if e["event"] == "progress"]
+    assert progress and all("mae" in e and "accuracy" not in e for e in progress)
+
+    raw = read_canonical(prepared.data_path, layout)
+    npz = tmp_path / "test.npz"
+    np.savez(npz, x_test=raw.x_test, y_test=raw.y_test)
+    script = ("import sys, numpy as np, keras\nz = np.load(sys.argv[2])\n"
+              "p = keras.models.load_model(sys.argv[1]).predict(z['x_test'], verbose=0)[:, 0]\n"
+              "print(float(np.mean(np.abs(p - z['y_test']))))\n")
+    fresh = subprocess.run([sys.executable, "-c", script, done["model_path"], str(npz)],
+                           capture_output=True, text=True, timeout=180, check=False,
+                           env={"PATH": "/usr/bin:/bin", "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    assert float(fresh.stdout.strip().splitlines()[-1]) == pytest.approx(done["test_mae"], abs=0.01)
+    card = json.loads(Path(done["card_path"]).read_text())
+    assert card["output"]["kind"] == "regression" and card["test_mae"] == done["test_mae"]
