@@ -226,3 +226,31 @@ def test_demo_trains_the_hosts_regression_mlp_on_a_csv(tmp_path: Path) -> None:
     assert fresh.returncode == 0, fresh.stderr[-2000:]
     assert float(fresh.stdout.strip().splitlines()[-1]) == pytest.approx(mae, abs=0.01)
     assert not leftovers(root)
+
+
+def test_demo_trains_the_hosts_cnn_on_an_image_folder(tmp_path: Path) -> None:
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import keras
+    from test_own_model import digit_folder
+
+    folder = tmp_path / "digits"
+    digit_folder(folder / "train", {"one": 1, "seven": 7, "zero": 0}, per_class=100)
+    digit_folder(folder / "test", {"one": 1, "seven": 7, "zero": 0}, per_class=100)  # same images: a smoke test
+    model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Rescaling(1 / 255),
+                              keras.layers.Conv2D(8, 3, activation="relu", padding="same"), keras.layers.Flatten(),
+                              keras.layers.Dense(3, activation="softmax")])
+    model_file = tmp_path / "cnn.keras"
+    model.save(model_file)
+    root = tmp_path / "demo"
+    try:
+        code, out = run_demo(["--workers", "1", "--dataset", str(folder), "--model-file", str(model_file),
+                              "--epochs", "10", "--lr", "0.1", "--root", str(root)], 240)
+    finally:
+        crowdd.demo.kill_strays(root)
+    assert code == 0, out[-3000:]
+    m = re.search(r"final test accuracy: (\d\.\d+)", out)
+    assert m and float(m.group(1)) > 0.9, out[-3000:]
+    assert "model card (classes, metrics, how it was trained):" in out
+    assert not leftovers(root)
