@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -191,3 +192,62 @@ def test_human_status_shows_everything() -> None:
     out = io.StringIO()
     format_status(held, out)
     assert "held back by user_idle (active 2 min ago)" in out.getvalue()
+
+
+class _StatusOnly:
+    def __init__(self, st: dict[str, Any]) -> None:
+        self.st = st
+
+    async def status(self) -> dict[str, Any]:
+        return self.st
+
+
+def _follow(events: list[dict[str, Any] | None], st: dict[str, Any]) -> tuple[int, str]:
+    import asyncio
+    import io
+
+    from crowdd.commands import follow_session
+
+    async def go() -> tuple[int, str]:
+        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        for ev in events:
+            queue.put_nowait(ev)
+        out = io.StringIO()
+        code = await follow_session(queue, out, _StatusOnly(st))  # type: ignore[arg-type]
+        return code, out.getvalue()
+
+    return asyncio.run(go())
+
+
+def test_host_follow_streams_the_session_to_its_end() -> None:
+    events: list[dict[str, Any] | None] = [
+        {"event": "state", "state": "standby", "previous": "waiting"},  # a worker cycle that hosting ended
+        {"event": "state", "state": "registering", "previous": "standby"},
+        {"event": "state", "state": "training", "previous": "replicating"},
+        {"event": "progress", "epoch": 1, "epochs": 2, "step": 10, "total_steps": 20, "loss": 0.5, "accuracy": 0.8},
+        {"event": "eval", "epoch": 1, "test_accuracy": 0.85},
+        {"event": "log", "level": "warning", "message": "worker 2 dropped"},
+        {"event": "state", "state": "finished", "previous": "training"},
+        {"event": "state", "state": "standby", "previous": "finished"},
+        {"event": "progress", "epoch": 9},  # after the end: not read
+    ]
+    st = {"result": {"test_accuracy": 0.87, "model_path": "/x/output/model.keras"}, "error": None}
+    code, out = _follow(events, st)
+    assert code == 0, out
+    for needle in ("state: registering", "epoch 1/2 step 10/20 loss 0.500 accuracy 0.800", "epoch 1: test accuracy 0.8500",
+                   "warning: worker 2 dropped", "done: test accuracy 0.8700; model: /x/output/model.keras",
+                   "keras.models.load_model('/x/output/model.keras')"):
+        assert needle in out, needle
+    assert "epoch 9" not in out
+
+
+def test_host_follow_fails_with_the_sessions_error() -> None:
+    events: list[dict[str, Any] | None] = [
+        {"event": "state", "state": "registering", "previous": "off"},
+        {"event": "log", "level": "error", "message": "training failed: loss diverged at step 40; lower the learning rate"},
+        {"event": "state", "state": "off", "previous": "training"},
+    ]
+    code, out = _follow(events, {"result": None, "error": "training failed: loss diverged at step 40"})
+    assert code == 1 and "crowdd host: training failed: loss diverged at step 40" in out
+    code, out = _follow([None], {})
+    assert code == 1 and "the daemon went away" in out
