@@ -97,7 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stay and print the session's progress until it ends (exit 1 if it fails)")
     p.set_defaults(func=_lazy("crowdd.commands", "host"))
 
-    p = sub.add_parser("stop", help="stop the current session (donation stays as it is)")
+    p = sub.add_parser("model", help="the last trained model: where it is, its card, how to load it")
+    _add_common(p)
+    msub = p.add_subparsers(dest="model_command", metavar="ACTION")
+    e = msub.add_parser("export", help="copy the model and its card into a directory")
+    _add_common(e)
+    e.add_argument("dest", type=Path, help="directory to copy model.keras and model.card.json into")
+    p.set_defaults(func=_lazy("crowdd.export", "model"), dest=None)
+
+    p = sub.add_parser("stop", help="stop the current session (ends the whole group's training when hosting; "
+                       "a host keeps its checkpoint and the model trained so far)")
     _add_common(p)
     p.set_defaults(func=_lazy("crowdd.commands", "stop"))
 

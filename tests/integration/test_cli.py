@@ -251,3 +251,33 @@ def test_host_follow_fails_with_the_sessions_error() -> None:
     assert code == 1 and "crowdd host: training failed: loss diverged at step 40" in out
     code, out = _follow([None], {})
     assert code == 1 and "the daemon went away" in out
+
+
+def test_model_describes_the_card_and_how_to_load_it(tmp_path: Path) -> None:
+    import io
+
+    from crowdd.export import describe
+
+    model = tmp_path / "model.keras"
+    model.write_bytes(b"zip")
+    (tmp_path / "model.card.json").write_text(json.dumps({
+        "output": {"kind": "classification", "classes": ["cat", "dog"]}, "test_accuracy": 0.91,
+        "dataset": {"name": "pets", "digest": "ab" * 32}, "input": {"shape": [8, 8, 1]}, "steps": 120, "seconds": 3.5,
+        "stopped_early": True}))
+    out = io.StringIO()
+    describe(model, out)
+    text = out.getvalue()
+    for needle in (f"model: {model}", "test accuracy 0.91; classes cat, dog", "dataset pets (abababababab)",
+                   "[8, 8, 1] raw features; 120 steps in 3.5 s (stopped early)", f"keras.models.load_model({str(model)!r})"):
+        assert needle in text, needle
+    args = build_parser().parse_args(["model", "export", str(tmp_path / "out")])
+    assert args.dest == tmp_path / "out"
+    assert build_parser().parse_args(["model"]).dest is None
+
+
+def test_model_without_a_daemon_or_a_model_says_so(tmp_path: Path, daemon: tuple[Path, subprocess.Popen[bytes]]) -> None:
+    r = crowdd("model", root=tmp_path / "nobody")
+    assert r.returncode == EXIT_NO_DAEMON
+    root, _ = daemon
+    r = crowdd("model", root=root)
+    assert r.returncode == 1 and "no trained model" in r.stderr

@@ -165,6 +165,19 @@ async def test_every_state_and_a_trained_model(crowd: Crowd, tmp_path: Path) -> 
         st = json.loads(stdout)
         assert st["state"] == "off" and st["result"]["test_accuracy"] == result["test_accuracy"]
         assert st["dataset"]["name"] == "digits" and st["error"] is None
+
+        # `crowdd model export`: the model and its card, with the members the host daemon added
+        dest = tmp_path / "export"
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "crowdd", "model", "export", str(dest), "--root", str(crowd.host.root),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0, stderr
+        assert (dest / "model.keras").is_file() and "keras.models.load_model" in stdout.decode()
+        card = json.loads((dest / "model.card.json").read_text())
+        assert [m["index"] for m in card["members"]] == [0, 1, 2] and all(m["trained"] for m in card["members"])
+        assert card["test_accuracy"] == result["test_accuracy"] and len(card["evaluations"]) == 10
     finally:
         await rec.close()
     # the workers' job directories are cleaned up; no job process is left
