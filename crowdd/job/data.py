@@ -77,19 +77,30 @@ def target_stats(path: Path, layout: Layout) -> tuple[float, float]:
 
 def train_mean(path: Path, layout: Layout, chunk: int = 10_000) -> np.ndarray:
     """Per-feature mean of the training split's raw features, float32, in chunks."""
+    return train_moments(path, layout, chunk)[0]
+
+
+def train_moments(path: Path, layout: Layout, chunk: int = 10_000) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and variance of the training split's raw features (float32, shape
+    ``feature_shape``), in chunks."""
     feat = np.dtype("u1") if layout.feature_dtype == "uint8" else np.dtype("<f4")
     rec = np.dtype([("y", "<i4"), ("x", feat, (layout.feature_count,))])  # the label's bytes, whatever its type
     n = layout.train_count
     total = np.zeros(layout.feature_count, np.float64)
+    squares = np.zeros(layout.feature_count, np.float64)
     for start in range(0, n, chunk):
         count = min(chunk, n - start)
         arr = np.fromfile(path, dtype=rec, count=count, offset=start * rec.itemsize)
         if len(arr) != count:
             raise ValueError(f"{path}: expected {n} training records, found {start + len(arr)}")
-        total += arr["x"].sum(axis=0, dtype=np.float64)
+        x = arr["x"].astype(np.float64)
+        total += x.sum(axis=0)
+        squares += np.square(x).sum(axis=0)
     mean = total / max(n, 1)
-    return mean.astype(np.float32).reshape(layout.feature_shape)
+    var = np.maximum(squares / max(n, 1) - np.square(mean), 0.0)
+    shape = layout.feature_shape
+    return mean.astype(np.float32).reshape(shape), var.astype(np.float32).reshape(shape)
 
 
-__all__ = ["read_split", "segments", "shard_bounds", "steps_per_epoch", "target_stats", "train_mean",
+__all__ = ["read_split", "segments", "shard_bounds", "steps_per_epoch", "target_stats", "train_mean", "train_moments",
            "worker_dataset"]

@@ -338,7 +338,7 @@ class Coordinator:
         import numpy as np
         import tensorflow as tf
 
-        from crowdd.job.data import read_split, target_stats, train_mean, worker_dataset
+        from crowdd.job.data import read_split, target_stats, train_moments, worker_dataset
         from crowdd.job.faults import (
             RETRYABLE,
             RetiringFailureHandler,
@@ -375,13 +375,15 @@ class Coordinator:
         regression = self.layout.task == "regression"
         target = target_stats(Path(self.spec.data), self.layout) if regression else (0.0, 1.0)
         loss_fn = loss_function(self.job, self.layout, target[1])
-        center = train_mean(Path(self.spec.data), self.layout)
+        center, variance = train_moments(Path(self.spec.data), self.layout)
+        # images (uint8) share one scale; measurements (float) are standardized feature by feature
+        spread = variance if self.layout.feature_dtype == "float32" else None
         with strategy.scope():
-            model = build_model(self.job, self.layout, center, target)
+            model = build_model(self.job, self.layout, center, target, spread)
             state = TrainState(model, self.job)
         scale = 1.0 if self.spec.settings.merge == "sum" else 1.0 / self.num_workers
         train_fn = make_train_fn(state, loss_fn, self.spec.settings.sync_every, scale, regression)
-        local = build_model(self.job, self.layout, center, target)
+        local = build_model(self.job, self.layout, center, target, spread)
         variables = state.variables()
 
         store = self.store

@@ -24,13 +24,17 @@ from crowdd.manifest import Layout
 
 
 def build_model(
-    job: Job, layout: Layout, center: np.ndarray | None = None, target: tuple[float, float] = (0.0, 1.0)
+    job: Job, layout: Layout, center: np.ndarray | None = None, target: tuple[float, float] = (0.0, 1.0),
+    variance: np.ndarray | None = None,
 ) -> keras.Model:
     """A softmax classifier for ``layout``'s features; built (its variables exist).
 
     ``center``: per-feature means of the raw features (shape ``layout.feature_shape``),
     subtracted first, then the difference is multiplied by ``layout.scale``; None applies the
-    scale alone. ``target``: a regression target's mean and standard deviation: the last
+    scale alone. ``variance``: per-feature variances of the raw features (float data): each
+    feature is then standardized instead of multiplied by ``layout.scale`` — unscaled
+    everyday data (a CSV of measurements in different units) trains at the default learning
+    rate; a feature that never varies is left unscaled. ``target``: a regression target's mean and standard deviation: the last
     layer predicts in standard deviations, a constant layer after it turns that into the
     target's units.
     """
@@ -44,9 +48,15 @@ def build_model(
         raise ValueError(f"center has shape {mean.shape}, the features {shape}")
     # (x - mean) / sqrt(variance) = (x - mean) * scale. Constants, not variables: nothing for
     # the parameter server to hold or train.
-    variance = np.full(shape, (1.0 / float(layout.scale)) ** 2, np.float32)
+    if variance is None:
+        spread = np.full(shape, (1.0 / float(layout.scale)) ** 2, np.float32)
+    else:
+        spread = np.asarray(variance, np.float32)
+        if spread.shape != shape:
+            raise ValueError(f"variance has shape {spread.shape}, the features {shape}")
+        spread = np.where(spread > 1e-12, spread, 1.0).astype(np.float32)
     x = keras.layers.Normalization(
-        axis=tuple(range(1, len(shape) + 1)), mean=mean, variance=variance, name="center"
+        axis=tuple(range(1, len(shape) + 1)), mean=mean, variance=spread, name="center"
     )(x)
     if job.model == "mlp":
         x = keras.layers.Flatten()(x) if len(shape) > 1 else x

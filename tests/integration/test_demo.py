@@ -165,9 +165,14 @@ def test_a_diverging_demo_ends_with_the_advice_and_leaves_nothing_running(tmp_pa
     data = tmp_path / "unscaled.csv"
     np.savetxt(data, np.column_stack([y, x]), delimiter=",", header="label," + ",".join(f"f{i}" for i in range(6)),
                comments="", fmt="%.6g")
+    from test_runs_end_well import unscaling_model
+
+    model = tmp_path / "raw.keras"
+    unscaling_model(model, 6, 2)  # the host's own model: no scaling layer
     root = tmp_path / "demo"
     try:
-        code, out = run_demo(["--workers", "1", "--dataset", str(data), "--epochs", "200", "--root", str(root)], 240)
+        code, out = run_demo(["--workers", "1", "--dataset", str(data), "--epochs", "200", "--model-file", str(model),
+                              "--root", str(root)], 240)
     finally:
         strays = crowdd.demo.kill_strays(root)
     assert code == 1, out[-3000:]

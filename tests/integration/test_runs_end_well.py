@@ -31,9 +31,22 @@ def unscaled(n: int = 600) -> ArraySet:
     return ArraySet(x[:500], y[:500], x[500:], y[500:])
 
 
+def unscaling_model(path: Path, features: int, classes: int) -> None:
+    """A host's own model that feeds the raw features straight in (no scaling layer)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import keras
+
+    keras.Sequential([keras.Input((features,)), keras.layers.Dense(64, activation="relu"),
+                      keras.layers.Dense(classes, activation="softmax")]).save(path)
+
+
 def test_a_diverging_run_ends_with_the_advice_and_a_finite_checkpoint(tmp_path: Path) -> None:
+    from crowdd.job import MODEL_FILE
+
     prepared = convert(unscaled(), tmp_path / "data")
-    job = {"epochs": 50, "batch_size": 20, "learning_rate": 50.0, "hidden": [64, 64]}
+    (tmp_path / "run" / "member0").mkdir(parents=True)
+    unscaling_model(tmp_path / "run" / "member0" / MODEL_FILE, 8, 2)
+    job = {"model": "file", "epochs": 50, "batch_size": 20, "learning_rate": 50.0}
     settings = {"steps_per_function": 5, "sync_every": 5, "threads": 1, "nice": 5, "checkpoint_secs": 0.1}
     result = run_cluster(tmp_path / "run", prepared.data_path, prepared.manifest_path, 1, job, settings,
                          timeout=300)
@@ -88,3 +101,19 @@ def test_a_host_asked_to_stop_keeps_its_checkpoint_and_writes_the_model_so_far(t
     assert Path(done["model_path"]).is_file()
     assert done["test_accuracy"] > 0.5  # three separable classes: it learned something
     assert time.monotonic() - t0 < 200
+
+
+def test_unscaled_everyday_data_trains_at_the_default_learning_rate(tmp_path: Path) -> None:
+    """scikit-learn's wine (proline in the thousands, hue around 1) with the mlp preset at lr 0.5:
+    the model standardizes each feature itself."""
+    from sklearn.datasets import load_wine
+
+    d = load_wine()
+    order = np.random.default_rng(0).permutation(len(d.target))
+    x, y = d.data[order], d.target[order]
+    prepared = convert(ArraySet(x[:140], y[:140], x[140:], y[140:]), tmp_path / "data")
+    job = {"epochs": 30, "batch_size": 10}  # learning rate: the default 0.5
+    settings = {"steps_per_function": 10, "sync_every": 5, "threads": 1, "nice": 5}
+    result = run_cluster(tmp_path / "run", prepared.data_path, prepared.manifest_path, 1, job, settings, timeout=300)
+    assert result.error is None, result.error
+    assert result.done is not None and result.done["test_accuracy"] >= 0.85, result.done
