@@ -118,6 +118,8 @@ def parse_field(name: str, text: str) -> Any:
     else:
         value = raw
     message = check_field(name, value)
+    if message is None and name == "workers" and value == 0:
+        message = "must be at least 1: the host trains with a crowd of workers"
     if message is not None:
         raise FormError(name, message)
     return value
