@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import sys
 from collections.abc import Awaitable, Callable
@@ -17,10 +16,9 @@ from typing import Any, TextIO
 
 from crowdd import wire
 from crowdd.client.resolve import client_endpoint, resolve_config
-from crowdd.control import (
-    ControlClient,
-)
+from crowdd.control import HOST_TIMEOUT, ControlClient
 from crowdd.errors import Unavailable
+from crowdd.job.card import usage_hint
 from crowdd.hyperparams import HyperparamError, parse_hidden, validate_job
 
 logger = logging.getLogger(__name__)
@@ -29,6 +27,7 @@ EXIT_OK = 0
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
 EXIT_NO_DAEMON = 3
+FOLLOW_PROGRESS_EVERY = 5.0  # seconds between progress lines of `crowdd host --follow`
 
 #: argparse dest → job field (the CLI flag a field comes from, for error messages)
 _JOB_FLAGS: dict[str, tuple[str, str]] = {
@@ -97,7 +96,7 @@ def status(args: argparse.Namespace) -> int:
         return code
     if getattr(args, "json", False):
         st.pop("type", None)
-        print(json.dumps(st, indent=2, sort_keys=True))
+        print(wire.dumps(st, indent=2, sort_keys=True))
     else:
         format_status(st, sys.stdout)
     return EXIT_OK
@@ -112,6 +111,13 @@ def _pct(done: Any, total: Any) -> str:
 
 def _num(value: Any, fmt: str = ".3f") -> str:
     return format(value, fmt) if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
+
+
+def score(d: dict[str, Any]) -> str:
+    """A result's or evaluation's score: test MAE/MSE for regression, else test accuracy."""
+    if isinstance(d.get("test_mae"), (int, float)):
+        return f"test MAE {_num(d.get('test_mae'), '.4g')}, MSE {_num(d.get('test_mse'), '.4g')}"
+    return f"test accuracy {_num(d.get('test_accuracy'), '.4f')}"
 
 
 def format_status(st: dict[str, Any], out: TextIO) -> None:
@@ -163,7 +169,10 @@ def format_status(st: dict[str, Any], out: TextIO) -> None:
         )
     res = st.get("result")
     if res:
-        out.write(f"  result:    test accuracy {_num(res.get('test_accuracy'), '.4f')}; model: {res.get('model_path') or '-'}\n")
+        out.write(f"  result:    {score(res)}; model: {res.get('model_path') or '-'}\n")
+        if res.get("model_path"):
+            for line in usage_hint(str(res["model_path"])):
+                out.write(f"             {line}\n")
     if st.get("error"):
         out.write(f"  error:     {st['error']}\n")
 
@@ -180,9 +189,13 @@ def donate(args: argparse.Namespace) -> int:
 
 
 def stop(args: argparse.Namespace) -> int:
-    code, _ = _call(args, lambda c: c.stop())
+    code, reply = _call(args, lambda c: c.stop())
     if code == EXIT_OK:
-        print("the current session is stopping (donation stays as it was)")
+        if reply.get("keeps_model"):
+            print("stopping this host's session: the whole group's training ends now; the latest checkpoint "
+                  "is kept and the model trained so far is written (its path: `crowdd status`)")
+        else:
+            print("the current session is stopping (donation stays as it was)")
     return code
 
 
@@ -217,6 +230,8 @@ def job_from_args(args: argparse.Namespace) -> dict[str, Any]:
     except HyperparamError as exc:
         flag = _JOB_FLAGS.get(exc.field, (exc.field, exc.field))[1]
         raise HyperparamError(flag, exc.message) from None
+    if job.get("workers") == 0:
+        raise HyperparamError("--workers", "must be at least 1: the host trains with a crowd of workers")
     return job
 
 
@@ -237,10 +252,113 @@ def host(args: argparse.Namespace) -> int:
             print(f"crowdd host: --test-fraction: must be between 0 and 1, got {test_fraction}", file=sys.stderr)
             return EXIT_USAGE
         request["test_fraction"] = test_fraction
-    code, _ = _call(args, lambda c: c.request(request))
+    if getattr(args, "label", None) is not None:
+        request["label"] = args.label
+    if getattr(args, "task", None) is not None:
+        request["task"] = args.task
+    if getattr(args, "color", None) is not None:
+        request["color"] = args.color
+    if getattr(args, "image_size", None) is not None:
+        try:
+            h, w = (int(v) for v in str(args.image_size).lower().split("x"))
+        except ValueError:
+            print(f"crowdd host: --image-size: expected HxW like 28x28, got {args.image_size!r}", file=sys.stderr)
+            return EXIT_USAGE
+        request["image_size"] = [h, w]
+    model_file = getattr(args, "model_file", None)
+    if model_file is not None:
+        model_path = Path(model_file).expanduser().absolute()
+        if not model_path.is_file():
+            print(f"crowdd host: --model-file: {model_path}: no such file", file=sys.stderr)
+            return EXIT_USAGE
+        request["model_file"] = str(model_path)
+    if getattr(args, "follow", False):
+        return _host_and_follow(args, request)
+    code, reply = _call(args, lambda c: c.request(request, timeout=HOST_TIMEOUT))
     if code == EXIT_OK:
-        print(f"hosting {dataset}: the daemon is preparing it and looking for workers (see `crowdd status`)")
+        print(accepted_line(reply))
+        print("follow it with `crowdd status` (or `crowdd host … --follow`)")
     return code
 
 
-__all__ = ["client_endpoint", "daemon", "donate", "format_status", "host", "job_from_args", "reload", "status", "stop"]
+def accepted_line(reply: dict[str, Any]) -> str:
+    """The user's confirmation that the daemon took the dataset, and what it made of it."""
+    ds = reply.get("dataset") or {}
+    what = ""
+    if isinstance(ds.get("train"), int):
+        shape = "x".join(str(d) for d in ds.get("shape") or [])
+        what = (f": {ds['train']:,} training + {ds.get('test', 0):,} test records of {shape or '?'} features, "
+                f"{ds.get('classes')} classes")
+    return f"hosting {ds.get('name', '?')} ({str(ds.get('digest') or '-')[:12]}){what}; looking for workers"
+
+
+def _host_and_follow(args: argparse.Namespace, request: dict[str, Any]) -> int:
+    """Host, then stream the session's progress until it ends: 0 with a result, 1 without."""
+
+    async def go(c: ControlClient) -> int:
+        events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        watcher = ControlClient.for_endpoint(client_endpoint(args))
+
+        async def pump() -> None:
+            try:
+                async for ev in watcher.subscribe():
+                    await events.put(ev)
+            finally:
+                await events.put(None)
+
+        task = asyncio.create_task(pump())
+        try:
+            reply = await c.request(request, timeout=HOST_TIMEOUT)  # refused: raises, no session
+            print(accepted_line(reply), flush=True)
+            return await follow_session(events, sys.stdout, c)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    code, result = _call(args, go)
+    return code if code != EXIT_OK else int(result)
+
+
+async def follow_session(events: asyncio.Queue[dict[str, Any] | None], out: TextIO, client: ControlClient) -> int:
+    """Print one line per state change, progress (at most every few seconds), evaluation and
+    warning, until the session is over; then its result or error from the status."""
+    last_progress = 0.0
+    began = False  # a worker's cycle that hosting ends also goes back to standby: skip it
+    loop = asyncio.get_running_loop()
+    while True:
+        ev = await events.get()
+        if ev is None:
+            out.write("crowdd: the daemon went away\n")
+            return EXIT_REFUSED
+        kind = ev.get("event")
+        if kind == "state":
+            out.write(f"state: {ev.get('state')}\n")
+            began = began or ev.get("state") == "registering"
+            if began and ev.get("state") in ("standby", "off"):
+                break
+        elif kind == "progress" and loop.time() - last_progress >= FOLLOW_PROGRESS_EVERY:
+            last_progress = loop.time()
+            out.write(f"epoch {ev.get('epoch')}/{ev.get('epochs')} step {ev.get('step')}/{ev.get('total_steps') or '?'} "
+                      f"loss {_num(ev.get('loss'))} accuracy {_num(ev.get('accuracy'))}\n")
+        elif kind == "eval":
+            out.write(f"epoch {ev.get('epoch')}: {score(ev)}\n")
+        elif kind == "log" and ev.get("level") in ("warning", "error"):
+            out.write(f"{ev.get('level')}: {ev.get('message')}\n")
+        out.flush()
+    st = await client.status()
+    res, err = st.get("result"), st.get("error")
+    if err:
+        out.write(f"crowdd host: {err}\n")
+        out.flush()
+        return EXIT_REFUSED
+    if res:
+        out.write(f"done: {score(res)}; model: {res.get('model_path') or '-'}\n")
+        if res.get("model_path"):
+            out.write("".join(f"  {line}\n" for line in usage_hint(str(res["model_path"]))))
+        out.flush()
+        return EXIT_OK
+    out.write("crowdd host: the session ended without a result\n")
+    return EXIT_REFUSED
+
+
+__all__ = ["accepted_line", "client_endpoint", "daemon", "follow_session", "donate", "format_status", "host", "job_from_args", "reload", "status", "stop"]

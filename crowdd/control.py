@@ -64,6 +64,7 @@ SYSTEM_GROUP = "crowdd"
 #: The system service's control socket (systemd ``RuntimeDirectory=crowdd``).
 SYSTEM_SOCKET = Path("/run/crowdd/control.sock")
 REQUEST_TIMEOUT = 10.0  # a client's reply must come within this
+HOST_TIMEOUT = 900.0  # a host request's reply waits for the dataset's conversion
 BODY_TIMEOUT = 10.0  # once a frame header has arrived, its body must follow within this
 SUBSCRIBER_QUEUE = 256  # events buffered per subscriber before the oldest are dropped
 SUBSCRIBER_WRITE_TIMEOUT = 10.0  # a subscriber that reads nothing for this long is dropped
@@ -536,7 +537,8 @@ class ControlClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def request(self, msg: Mapping[str, Any]) -> dict[str, Any]:
+    async def request(self, msg: Mapping[str, Any], *, timeout: float | None = None) -> dict[str, Any]:
+        """One request and its reply; ``timeout`` for the reply (default: the client's)."""
         async with self._lock:
             await self.connect()
             if self._reader is None or self._writer is None:
@@ -545,7 +547,7 @@ class ControlClient:
             try:
                 await wire.write_frame(self._writer, frame, timeout=self._timeout)
                 self._first = {}
-                reply = await wire.read_frame(self._reader, timeout=self._timeout)
+                reply = await wire.read_frame(self._reader, timeout=timeout or self._timeout)
             except (wire.ConnectionClosed, wire.FrameTimeout, ConnectionError) as exc:
                 await self.close()
                 raise Unavailable(f"the daemon on {self._where()} went away ({exc})") from None
@@ -564,8 +566,11 @@ class ControlClient:
     async def donate(self, on: bool) -> dict[str, Any]:
         return await self.request(make_donate(on))
 
-    async def host(self, dataset: str, job: Mapping[str, Any], test_fraction: float | None = None) -> dict[str, Any]:
-        return await self.request(make_host(dataset, job, test_fraction))
+    async def host(self, dataset: str, job: Mapping[str, Any], test_fraction: float | None = None,
+                   model_file: str | None = None, label: str | None = None) -> dict[str, Any]:
+        """Ask to host; the reply comes once the daemon has accepted (converted) or refused the dataset."""
+        return await self.request(make_host(dataset, job, test_fraction, model_file, label),
+                                  timeout=max(self._timeout, HOST_TIMEOUT))
 
     async def stop(self) -> dict[str, Any]:
         return await self.request(make_stop())

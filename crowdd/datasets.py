@@ -22,6 +22,8 @@ import gzip
 import logging
 import math
 import os
+import subprocess
+import sys
 import tempfile
 import warnings
 import zipfile
@@ -39,6 +41,12 @@ log = logging.getLogger(__name__)
 #: Labels must be integers in 0..MAX_CLASSES-1 (a larger label is almost surely a bug,
 #: and the model would need an output unit per class).
 MAX_CLASSES = 100_000
+#: At most this fraction of the rows may be classes: more looks like a quantity to predict
+#: (a regression target such as scikit-learn's diabetes, 347 "classes" for 442 rows).
+MAX_CLASS_FRACTION = 0.5
+#: Class numbers 0..max may leave at most max(this, the number used) of them unused
+#: (labels {0, 99999} would make a 100,000-output model for two classes).
+MAX_UNUSED_CLASSES = 10
 #: Fraction of a CSV carved off as the test split when neither a test file nor a fraction
 #: is given.
 DEFAULT_TEST_FRACTION = 0.2
@@ -70,6 +78,22 @@ class ArraySet:
     y_train: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
+    class_names: tuple[str, ...] = ()
+    #: "classification" (labels are class numbers) or "regression" (targets are numbers)
+    task: str = "classification"
+
+
+TASKS = ("classification", "regression")
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    """How a folder of images becomes arrays: ``size`` (H, W) to resize every image to
+    (None: the first image's, which every image must have) and ``color`` ("rgb",
+    "grayscale"; None: the first image's)."""
+
+    size: tuple[int, int] | None = None
+    color: str | None = None
 
 
 @dataclass(frozen=True)
@@ -84,7 +108,10 @@ class Prepared:
 # --------------------------------------------------------------------------- loading
 
 
-def load(source: Path, *, test_file: Path | None = None, test_fraction: float | None = None) -> ArraySet:
+def load(
+    source: Path, *, test_file: Path | None = None, test_fraction: float | None = None, label: str | None = None,
+    images: ImageOptions | None = None, task: str = "classification",
+) -> ArraySet:
     """Load a dataset from an ``.npz``, an IDX directory or a CSV file.
 
     ``test_file`` and ``test_fraction`` apply to CSV only (at most one of them); a CSV with
@@ -94,21 +121,38 @@ def load(source: Path, *, test_file: Path | None = None, test_fraction: float | 
     if not source.exists():
         raise DatasetError(f"{source}: no such file or directory")
     kind = _kind(source)
-    if kind != "csv" and (test_file is not None or test_fraction is not None):
-        raise DatasetError(f"{source}: a test file or test fraction applies to CSV only; {kind} has its own test split")
+    if kind not in ("csv", "images") and (test_file is not None or test_fraction is not None):
+        raise DatasetError(f"{source}: a test file or test fraction applies to CSV and image folders only; "
+                           f"{kind} has its own test split")
+    if kind == "images" and test_file is not None:
+        raise DatasetError(f"{source}: an image folder's test split is its test/ subfolder or a fraction")
+    if kind != "images" and images is not None and images != ImageOptions():
+        raise DatasetError(f"{source}: an image size or colour applies to a folder of images only")
+    if kind != "csv" and label is not None:
+        raise DatasetError(f"{source}: a label column applies to CSV only")
+    if task not in TASKS:
+        raise DatasetError(f"{source}: task must be one of {', '.join(TASKS)}, got {task!r}")
+    if task == "regression" and kind in ("idx", "images"):
+        raise DatasetError(f"{source}: {kind} datasets hold classes; regression needs a CSV or an .npz of targets")
     if kind == "idx":
         arrays = load_idx_dir(source)
+    elif kind == "images":
+        arrays = load_image_dir(source, images or ImageOptions(), test_fraction)
     elif kind == "npz":
         arrays = load_npz(source)
     else:
-        arrays = load_csv(source, test_file=test_file, test_fraction=test_fraction)
+        arrays = load_csv(source, test_file=test_file, test_fraction=test_fraction, label=label,
+                          regression=task == "regression")
+    arrays.task = task
     check(arrays, origin=str(source))
     return arrays
 
 
 def _kind(source: Path) -> str:
     if source.is_dir():
-        return "idx"
+        idx = any(p.name.endswith(("-ubyte", "-ubyte.gz")) for p in source.iterdir())
+        has_dirs = any(p.is_dir() and not p.name.startswith(".") for p in source.iterdir())
+        return "images" if has_dirs and not idx else "idx"
     name = source.name.lower()
     if name.endswith(".npz"):
         return "npz"
@@ -135,6 +179,46 @@ def load_npz(path: Path) -> ArraySet:
     except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         raise DatasetError(f"{path}: not a readable .npz file ({exc})") from None
     return ArraySet(**arrays)
+
+
+# ---- image folders
+
+
+IMAGE_TIMEOUT = 3600.0
+
+
+def load_image_dir(directory: Path, options: ImageOptions, test_fraction: float | None) -> ArraySet:
+    """One subdirectory per class (PNG/JPEG), or ``train/`` and ``test/`` holding those; the
+    test split is ``test/`` or a fraction (:data:`DEFAULT_TEST_FRACTION`). Decoded by
+    TensorFlow in a child process (:mod:`crowdd.job.images`): the daemon never imports it."""
+    split_dirs = (directory / "train").is_dir() and (directory / "test").is_dir()
+    if split_dirs and test_fraction is not None:
+        raise DatasetError(f"{directory}: has train/ and test/ folders; a test fraction does not apply")
+    with tempfile.TemporaryDirectory(prefix="crowdd-images-") as tmp:
+        out = Path(tmp) / "images.npz"
+        argv = [sys.executable, "-m", "crowdd.job.images", str(directory), str(out)]
+        if options.size is not None:
+            argv += ["--size", f"{options.size[0]}x{options.size[1]}"]
+        if options.color is not None:
+            argv += ["--color", options.color]
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=IMAGE_TIMEOUT, check=False,
+                                  stdin=subprocess.DEVNULL)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise DatasetError(f"{directory}: cannot decode the images ({exc})") from None
+        if proc.returncode != 0:
+            lines = [x for x in proc.stderr.strip().splitlines() if x.strip()]
+            why = lines[-1] if lines else f"exit code {proc.returncode}"
+            raise DatasetError(why if proc.returncode == 2 else f"{directory}: cannot decode the images ({why})")
+        with np.load(out, allow_pickle=False) as z:
+            x_train, y_train, x_test, y_test = (z[k] for k in NPZ_KEYS)
+            names = tuple(str(n) for n in z["class_names"])
+    if split_dirs:
+        return ArraySet(x_train, y_train, x_test, y_test, names)
+    fraction = DEFAULT_TEST_FRACTION if test_fraction is None else test_fraction
+    arrays = split(x_train, y_train, fraction, origin=str(directory))
+    arrays.class_names = names
+    return arrays
 
 
 # ---- IDX
@@ -171,7 +255,7 @@ def load_idx_dir(directory: Path) -> ArraySet:
                 f"{images_path} has {images.shape[0]} images but {labels_path} has {labels.shape[0]} labels"
             )
         out[f"x_{split}"], out[f"y_{split}"] = images, labels
-    return ArraySet(**out)
+    return ArraySet(out["x_train"], out["y_train"], out["x_test"], out["y_test"])
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -210,16 +294,20 @@ def _read_maybe_gzip(path: Path) -> bytes:
 # ---- CSV
 
 
-def load_csv(path: Path, *, test_file: Path | None = None, test_fraction: float | None = None) -> ArraySet:
-    """Load a CSV with the label first; the test split from ``test_file`` or a fraction."""
+def load_csv(
+    path: Path, *, test_file: Path | None = None, test_fraction: float | None = None, label: str | None = None,
+    regression: bool = False,
+) -> ArraySet:
+    """Load a CSV with the label first, or in the header's column ``label``; the test split
+    from ``test_file`` (same columns) or a fraction."""
     if test_file is not None and test_fraction is not None:
         raise DatasetError(f"{path}: give a test file or a test fraction, not both")
-    table = read_csv_table(path)
+    table = label_first(path, read_csv_table(path), label, regression)
     if test_file is not None:
         test_file = Path(test_file)
         if not test_file.exists():
             raise DatasetError(f"{test_file}: no such file or directory")
-        test = read_csv_table(test_file)
+        test = label_first(test_file, read_csv_table(test_file), label, regression)
         if test.shape[1] != table.shape[1]:
             raise DatasetError(f"{test_file} has {test.shape[1]} columns but {path} has {table.shape[1]}")
         return ArraySet(table[:, 1:], table[:, 0], test[:, 1:], test[:, 0])
@@ -265,6 +353,87 @@ def read_csv_table(path: Path) -> np.ndarray:
     if table.shape[1] < 2:
         raise DatasetError(f"{path}: needs a label column and at least one feature column")
     return table
+
+
+def label_first(path: Path, table: np.ndarray, label: str | None, regression: bool = False) -> np.ndarray:
+    """The table with the header's column named ``label`` moved first (None: it is first)."""
+    if label is None:
+        check_table(path, table, 0, regression)
+        return table
+    names = csv_header(path)
+    if names is None:
+        raise DatasetError(f"{path}: --label {label!r} needs a header row naming the columns; this file has none")
+    if label not in names:
+        shown = ", ".join(names[:20]) + (", …" if len(names) > 20 else "")
+        raise DatasetError(f"{path} line 1: no column named {label!r} (the columns: {shown})")
+    if names.count(label) > 1:
+        raise DatasetError(f"{path} line 1: {names.count(label)} columns are named {label!r}")
+    i = names.index(label)
+    if len(names) != table.shape[1]:
+        raise DatasetError(f"{path} line 1: the header names {len(names)} columns, the rows have {table.shape[1]}")
+    check_table(path, table, i, regression)
+    return np.concatenate([table[:, i : i + 1], table[:, :i], table[:, i + 1 :]], axis=1)
+
+
+def csv_header(path: Path) -> list[str] | None:
+    """The names of a CSV's columns, or None when its first row is data."""
+    if not _has_header(path):
+        return None
+    try:
+        with _open_text(path) as fh:
+            for row in csv.reader(fh):
+                if row and any(f.strip() for f in row):
+                    return [f.strip() for f in row]
+    except (EOFError, OSError, zlib.error, csv.Error, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{path}: cannot read ({exc})") from None
+    return None
+
+
+def check_table(path: Path, table: np.ndarray, label_index: int = 0, regression: bool = False) -> None:
+    """Every value a finite number and every label (column ``label_index`` + 1) a class
+    number 0, 1, 2, …; the first that is not is named by its file, line and column (before
+    any shuffle)."""
+    labels = table[:, label_index]
+    bad = ~np.isfinite(table)
+    if bad.any():
+        row, col = np.argwhere(bad)[0]
+        raise DatasetError(f"{path} line {_line_of(path, int(row))}, column {int(col) + 1}: "
+                           f"{_cell(table[row, col])} is not a finite number")
+    if regression:
+        return  # a target is any finite number
+    for mask, why in (
+        (labels != np.round(labels), "is not a class number (labels are integers 0..N-1; for a quantity to "
+                                     "predict, use --task regression)"),
+        (labels < 0, "is negative (labels are class numbers 0..N-1)"),
+        (labels >= MAX_CLASSES, f"is out of range 0..{MAX_CLASSES - 1}"),
+    ):
+        if mask.any():
+            row = int(np.argmax(mask))
+            raise DatasetError(f"{path} line {_line_of(path, row)}, column {label_index + 1} (the label): "
+                               f"label {_cell(labels[row])} {why}")
+
+
+def _cell(value: Any) -> str:
+    f = float(value)
+    return str(int(f)) if f.is_integer() else repr(f)
+
+
+def _line_of(path: Path, row: int) -> int:
+    """The line number (1-based) of data row ``row`` of a CSV (after its header, blank lines skipped)."""
+    header = _has_header(path)
+    try:
+        with _open_text(path) as fh:
+            reader = csv.reader(fh)
+            seen = -1 if header else 0
+            for fields in reader:
+                if not fields or not any(f.strip() for f in fields):
+                    continue
+                if seen == row:
+                    return reader.line_num
+                seen += 1
+    except (EOFError, OSError, zlib.error, csv.Error, UnicodeDecodeError):
+        pass
+    return row + 1 + int(header)
 
 
 def _open_text(path: Path) -> IO[str]:
@@ -342,8 +511,11 @@ def check(arrays: ArraySet, *, origin: str = "dataset") -> Layout:
     """Validate an :class:`ArraySet` and return the layout it converts to."""
     x_train = _features(arrays.x_train, f"{origin}: x_train")
     x_test = _features(arrays.x_test, f"{origin}: x_test")
-    y_train = _labels(arrays.y_train, f"{origin}: y_train")
-    y_test = _labels(arrays.y_test, f"{origin}: y_test")
+    regression = arrays.task == "regression"
+    if arrays.task not in TASKS:
+        raise DatasetError(f"{origin}: task must be one of {', '.join(TASKS)}, got {arrays.task!r}")
+    y_train = (_targets if regression else _labels)(arrays.y_train, f"{origin}: y_train")
+    y_test = (_targets if regression else _labels)(arrays.y_test, f"{origin}: y_test")
     for split_name, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
         if len(x) != len(y):
             raise DatasetError(f"{origin}: x_{split_name} has {len(x)} samples but y_{split_name} has {len(y)} labels")
@@ -356,11 +528,20 @@ def check(arrays: ArraySet, *, origin: str = "dataset") -> Layout:
         )
     if not shape or min(shape) < 1:
         raise DatasetError(f"{origin}: samples have no features (shape {shape})")
+    if regression:
+        dtype, scale = _feature_encoding(x_train, x_test)
+        return Layout(feature_shape=shape, feature_dtype=dtype, scale=scale, num_classes=1,
+                      train_count=len(x_train), test_count=len(x_test), task="regression")
     num_classes = int(max(y_train.max(), y_test.max() if len(y_test) else 0)) + 1
     if num_classes < 2:
         raise DatasetError(f"{origin}: every label is 0; a classifier needs at least 2 classes")
+    check_classes(y_train, y_test, num_classes, origin)
     dtype, scale = _feature_encoding(x_train, x_test)
+    names = tuple(arrays.class_names)
+    if names and len(names) != num_classes:
+        raise DatasetError(f"{origin}: {len(names)} class names for {num_classes} classes")
     return Layout(
+        class_names=names,
         feature_shape=shape,
         feature_dtype=dtype,
         scale=scale,
@@ -368,6 +549,28 @@ def check(arrays: ArraySet, *, origin: str = "dataset") -> Layout:
         train_count=len(x_train),
         test_count=len(x_test),
     )
+
+
+def check_classes(y_train: np.ndarray, y_test: np.ndarray, num_classes: int, origin: str) -> None:
+    """Refuse labels no sane classifier has: more classes than a fraction of the rows (a
+    regression target), or class numbers with wide gaps (a model with an output per number)."""
+    rows = len(y_train) + len(y_test)
+    used = np.unique(np.concatenate([y_train, y_test]))
+    limit = max(MAX_UNUSED_CLASSES, int(rows * MAX_CLASS_FRACTION))
+    unused = num_classes - len(used)
+    gaps = unused > max(MAX_UNUSED_CLASSES, len(used))
+    if len(used) > limit or (num_classes > limit and not gaps):
+        raise DatasetError(
+            f"{origin}: labels: {len(used)} distinct values up to {num_classes - 1} make {num_classes} classes for "
+            f"{rows} rows (at most {limit}): this looks like a quantity to predict: use --task regression; a "
+            "classifier needs class numbers 0..N-1 with several rows each"
+        )
+    if gaps:
+        shown = ", ".join(str(int(v)) for v in used[:5]) + (", …" if len(used) > 5 else "")
+        raise DatasetError(
+            f"{origin}: labels: {{{shown}}} leave {unused} of the class numbers 0..{num_classes - 1} unused "
+            f"(the model would need {num_classes} outputs for {len(used)} classes); number the classes 0..N-1"
+        )
 
 
 def _feature_shape(x: np.ndarray) -> tuple[int, ...]:
@@ -410,6 +613,24 @@ def _labels(y: Any, what: str) -> np.ndarray:
     return arr.astype(np.int64)
 
 
+def _targets(y: Any, what: str) -> np.ndarray:
+    """Regression targets: one finite number per sample, as float32."""
+    arr = np.asarray(y)
+    if arr.ndim == 2 and arr.shape[1] == 1:
+        arr = arr[:, 0]
+    if arr.ndim != 1:
+        raise DatasetError(f"{what}: targets must be one number per sample, got shape {arr.shape}")
+    if arr.dtype.kind not in "biuf":
+        raise DatasetError(f"{what}: non-numeric targets (dtype {arr.dtype})")
+    with np.errstate(over="ignore"):
+        out = arr.astype(np.float32)
+    bad = ~np.isfinite(out)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise DatasetError(f"{what}: target {arr[i].item()!r} at index {i} is not a finite float32 number")
+    return out
+
+
 def _num(v: Any) -> int | float:
     """A label for a message: 3 rather than 3.0 or np.int64(3)."""
     f = float(v)
@@ -435,7 +656,8 @@ def _feature_encoding(x_train: np.ndarray, x_test: np.ndarray) -> tuple[str, flo
 def record_dtype(layout: Layout) -> np.dtype[Any]:
     """The numpy dtype of one canonical record (packed, little-endian)."""
     feature = "<f4" if layout.feature_dtype == "float32" else "u1"
-    dt: np.dtype[Any] = np.dtype([("label", "<i4"), ("x", feature, (layout.feature_count,))])
+    label = "<f4" if layout.task == "regression" else "<i4"
+    dt: np.dtype[Any] = np.dtype([("label", label), ("x", feature, (layout.feature_count,))])
     if dt.itemsize != layout.record_bytes:  # pragma: no cover - numpy packs unaligned dtypes
         raise DatasetError(f"record dtype is {dt.itemsize} bytes, layout says {layout.record_bytes}")
     return dt
@@ -461,8 +683,9 @@ def write_canonical(arrays: ArraySet, path: Path) -> Layout:
     """Write the canonical file atomically (a temporary file beside ``path``, then rename)."""
     path = Path(path)
     layout = check(arrays, origin=str(path))
-    y_train = _labels(arrays.y_train, "y_train")
-    y_test = _labels(arrays.y_test, "y_test")
+    labels = _targets if layout.task == "regression" else _labels
+    y_train = labels(arrays.y_train, "y_train")
+    y_test = labels(arrays.y_test, "y_test")
     x_train, x_test = np.asarray(arrays.x_train), np.asarray(arrays.x_test)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -497,7 +720,7 @@ def read_canonical(path: Path, layout: Layout) -> ArraySet:
     shape = layout.feature_shape
     n = layout.train_count
     x = rec["x"].reshape((len(rec), *shape))
-    y = rec["label"].astype(np.int32)
+    y = rec["label"].astype(np.float32 if layout.task == "regression" else np.int32)
     return ArraySet(x[:n], y[:n], x[n:], y[n:])
 
 
@@ -509,6 +732,9 @@ def convert(
     name: str = "",
     test_file: Path | None = None,
     test_fraction: float | None = None,
+    label: str | None = None,
+    images: ImageOptions | None = None,
+    task: str = "classification",
 ) -> Prepared:
     """Load ``source`` (or take the arrays), write ``<sha>.data`` and ``<sha>.manifest.json``
     in ``out_dir``. ``name`` defaults to the source's file or directory name."""
@@ -516,11 +742,11 @@ def convert(
         raise DatasetError(f"chunk size must be a positive integer, got {chunk_size!r}")
     if isinstance(source, ArraySet):
         arrays = source
-        if test_file is not None or test_fraction is not None:
-            raise DatasetError("a test file or fraction applies to a CSV source, not to arrays")
+        if test_file is not None or test_fraction is not None or label is not None:
+            raise DatasetError("a test file, fraction or label column applies to a CSV source, not to arrays")
     else:
         source = Path(source)
-        arrays = load(source, test_file=test_file, test_fraction=test_fraction)
+        arrays = load(source, test_file=test_file, test_fraction=test_fraction, label=label, images=images, task=task)
         if not name:
             name = _default_name(source)
     out_dir = Path(out_dir)

@@ -27,8 +27,10 @@ from typing import Any, TextIO
 
 from crowdd.config import Paths
 from crowdd.identity import Identity
-from crowdd.control import ControlClient
-from crowdd.errors import Unavailable
+from crowdd.commands import score
+from crowdd.control import HOST_TIMEOUT, ControlClient
+from crowdd.errors import RemoteError, Unavailable
+from crowdd.job.card import usage_hint
 from crowdd.node.ports import free_port
 from crowdd.platform.process import SIGKILL, group_options, kill_group, signal_group
 
@@ -334,7 +336,7 @@ async def _watch(node: Node, display: Display, result: asyncio.Future[dict[str, 
                 frac,
             )
         elif kind == "eval" and is_host:
-            display.line("eval", f"epoch {ev.get('epoch')}: test accuracy {_fmt(ev.get('test_accuracy'), '.4f')}")
+            display.line("eval", f"epoch {ev.get('epoch')}: {score(ev)}")
         elif kind == "log" and ev.get("level") in ("warning", "error"):
             display.line(node.name, f"{ev.get('level')}: {ev.get('message')}")
         if not is_host or result.done():
@@ -369,18 +371,34 @@ async def _run(args: argparse.Namespace, crowd: Crowd, out: TextIO) -> int:
             async with ControlClient(node.socket) as c:
                 await c.donate(True)
         job = {**DEMO_JOB, "epochs": epochs, "workers": len(crowd.workers), "min_workers": len(crowd.workers)}
+        if getattr(args, "learning_rate", None) is not None:
+            job["learning_rate"] = args.learning_rate
+        request: dict[str, Any] = {"type": "host", "dataset": str(dataset), "job": job}
+        if getattr(args, "model_file", None) is not None:
+            request["model_file"] = str(Path(args.model_file).expanduser().absolute())
+            job["model"] = "file"
+        for key in ("task", "label"):
+            if getattr(args, key, None) is not None:
+                request[key] = getattr(args, key)
         async with ControlClient(crowd.host.socket) as c:
-            await c.host(str(dataset), job)
+            try:
+                await c.request(request, timeout=HOST_TIMEOUT)
+            except RemoteError as exc:
+                raise RuntimeError(f"the host refused the dataset: {exc.message}") from None
         display.line("demo", f"workers donating; host asked to train {job['model']} {job['hidden']} for {epochs} epoch(s)")
         res = await asyncio.wait_for(result, RUN_TIMEOUT)
     finally:
         for w in watchers:
             w.cancel()
         await asyncio.gather(*watchers, return_exceptions=True)
-    acc = res.get("test_accuracy")
     display.line("demo", "done")
-    out.write(f"\nfinal test accuracy: {_fmt(acc, '.4f')}\n")
+    if isinstance(res.get("test_mae"), (int, float)):
+        out.write(f"\nfinal test MAE: {_fmt(res.get('test_mae'), '.4f')} (MSE {_fmt(res.get('test_mse'), '.4f')})\n")
+    else:
+        out.write(f"\nfinal test accuracy: {_fmt(res.get('test_accuracy'), '.4f')}\n")
     out.write(f"model: {res.get('model_path')}\n")
+    if res.get("model_path"):
+        out.write("".join(f"  {line}\n" for line in usage_hint(str(res["model_path"]))))
     out.write(f"logs and state: {root}\n")
     out.write(f"total time: {time.monotonic() - t0:.1f} s\n")
     out.flush()

@@ -14,7 +14,9 @@ from typing import Any
 
 from crowdd.errors import InputError
 
-MODELS = ("mlp", "cnn")
+#: "file": the host's own Keras model file (``crowdd host --model-file``); the others are presets.
+PRESETS = ("mlp", "cnn")
+MODELS = (*PRESETS, "file")
 OPTIMIZERS = ("sgd", "adam")
 SHARDINGS = ("overlap", "disjoint", "full")
 LOSSES = ("sparse_categorical_crossentropy",)
@@ -211,6 +213,7 @@ __all__ = [
     "check_field",
     "parse_hidden",
     "MODELS",
+    "PRESETS",
     "OPTIMIZERS",
     "SHARDINGS",
     "LOSSES",

@@ -39,6 +39,11 @@ class Layout:
     num_classes: int
     train_count: int
     test_count: int
+    #: the name of each class (image folders: the subdirectory names); () means 0, 1, 2, …
+    class_names: tuple[str, ...] = ()
+    #: "classification" (int32 labels, one output per class) or "regression" (float32
+    #: targets, ``num_classes`` 1)
+    task: str = "classification"
 
     @property
     def feature_count(self) -> int:
@@ -67,6 +72,13 @@ class Layout:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["feature_shape"] = list(self.feature_shape)
+        # optional keys only when set: an older layout keeps its digest
+        d.pop("class_names")
+        d.pop("task")
+        if self.class_names:
+            d["class_names"] = list(self.class_names)
+        if self.task != "classification":
+            d["task"] = self.task
         d["record_bytes"] = self.record_bytes
         d["label_bytes"] = self.label_bytes
         d["test_offset"] = self.test_offset
@@ -84,6 +96,8 @@ class Layout:
                 num_classes=int(d["num_classes"]),
                 train_count=int(d["train_count"]),
                 test_count=int(d["test_count"]),
+                class_names=tuple(str(n) for n in d.get("class_names", ())),
+                task=str(d.get("task", "classification")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ManifestError(f"bad layout: {exc!r}") from None
@@ -91,7 +105,15 @@ class Layout:
             raise ManifestError(f"unknown feature_dtype {layout.feature_dtype!r}")
         if not layout.feature_shape or min(layout.feature_shape) < 1:
             raise ManifestError("feature_shape must be positive")
-        if layout.num_classes < 2 or layout.train_count < 1 or layout.test_count < 0:
+        if layout.task not in ("classification", "regression"):
+            raise ManifestError(f"unknown task {layout.task!r}")
+        if layout.task == "regression" and (layout.num_classes != 1 or layout.class_names):
+            raise ManifestError("a regression layout has one output and no class names")
+        if layout.task == "classification" and layout.num_classes < 2:
+            raise ManifestError("layout needs >= 2 classes and >= 1 training record")
+        if layout.class_names and len(layout.class_names) != layout.num_classes:
+            raise ManifestError(f"{len(layout.class_names)} class names for {layout.num_classes} classes")
+        if layout.train_count < 1 or layout.test_count < 0:
             raise ManifestError("layout needs >= 2 classes and >= 1 training record")
         derived = layout.to_dict()
         for key in ("record_bytes", "label_bytes", "test_offset"):

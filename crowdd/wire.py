@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
+import numbers
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -66,11 +68,34 @@ def raise_if_error(frame: Mapping[str, Any]) -> None:
 # --------------------------------------------------------------------------- codec (no I/O)
 
 
+def finite(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, ±inf: a diverged loss) replaced by None.
+
+    Strict JSON has no NaN or infinity; a number that is not one is reported as ``null``
+    rather than failing the whole frame (or the status, or the job's event)."""
+    if isinstance(obj, numbers.Real) and not isinstance(obj, numbers.Integral):  # numpy floats too
+        value = float(obj)
+        return value if math.isfinite(value) else None
+    if isinstance(obj, Mapping):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def dumps(obj: Any, **kw: Any) -> str:
+    """Strict JSON (no NaN/inf tokens); non-finite floats become ``null`` (:func:`finite`)."""
+    try:
+        return json.dumps(obj, allow_nan=False, **kw)
+    except ValueError:
+        return json.dumps(finite(obj), allow_nan=False, **kw)
+
+
 def encode(msg: Mapping[str, Any], *, max_size: int = MAX_FRAME) -> bytes:
-    """Encode one frame (header + JSON body)."""
+    """Encode one frame (header + JSON body); a NaN or infinity is sent as ``null``."""
     if not isinstance(msg.get("type"), str):
         raise ValueError("a frame needs a string 'type'")
-    body = json.dumps(msg, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    body = dumps(msg, separators=(",", ":")).encode("utf-8")
     if len(body) > max_size:
         raise WireError(ErrorCode.TOO_LARGE, f"frame of {len(body)} bytes exceeds {max_size}")
     return _HEADER.pack(len(body)) + body

@@ -41,7 +41,7 @@ class DaemonClient(Protocol):
 
     async def donate(self, on: bool) -> dict[str, Any]: ...
 
-    async def host(self, dataset: str, job: dict[str, Any]) -> dict[str, Any]: ...
+    async def host(self, dataset: str, job: dict[str, Any], model_file: str | None = None) -> dict[str, Any]: ...
 
     async def stop(self) -> dict[str, Any]: ...
 
@@ -133,8 +133,10 @@ class ControlDaemonClient:
     async def donate(self, on: bool) -> dict[str, Any]:
         return await self._call("donate", on)
 
-    async def host(self, dataset: str, job: dict[str, Any]) -> dict[str, Any]:
-        return await self._call("host", dataset, job)
+    async def host(self, dataset: str, job: dict[str, Any], model_file: str | None = None) -> dict[str, Any]:
+        if model_file is None:
+            return await self._call("host", dataset, job)
+        return await self._call("host", dataset, job, None, model_file)
 
     async def stop(self) -> dict[str, Any]:
         return await self._call("stop")

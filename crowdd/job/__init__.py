@@ -13,5 +13,11 @@ EVENT_KINDS = ("started", "progress", "eval", "checkpoint", "resumed", "done", "
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_BAD_SPEC = 2
+#: A file of this name in the host job's working directory asks it to stop early: it
+#: evaluates, checkpoints, saves the model trained so far and ends with ``done`` (``stopped``).
+STOP_FILE = "crowdd-stop"
+#: The host's own Keras model (``job.model`` "file"), copied into the host job's working
+#: directory by its daemon.
+MODEL_FILE = "host-model.keras"
 
-__all__ = ["EVENT_KINDS", "EXIT_BAD_SPEC", "EXIT_FAILED", "EXIT_OK"]
+__all__ = ["EVENT_KINDS", "EXIT_BAD_SPEC", "EXIT_FAILED", "EXIT_OK", "MODEL_FILE", "STOP_FILE"]

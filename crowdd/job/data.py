@@ -15,13 +15,13 @@ from crowdd.manifest import Layout
 def _decode(layout: Layout):
     feat_len = layout.record_bytes - layout.label_bytes
     out_dtype = tf.uint8 if layout.feature_dtype == "uint8" else tf.float32
+    label_dtype = tf.float32 if layout.task == "regression" else tf.int32
     shape = [-1, *layout.feature_shape]
-    scale = float(layout.scale)
 
     def decode(records: tf.Tensor, widx: tf.Tensor):
-        labels = tf.io.decode_raw(tf.strings.substr(records, 0, 4), tf.int32, little_endian=True)
+        labels = tf.io.decode_raw(tf.strings.substr(records, 0, 4), label_dtype, little_endian=True)
         feats = tf.io.decode_raw(tf.strings.substr(records, 4, feat_len), out_dtype, little_endian=True)
-        x = tf.reshape(tf.cast(feats, tf.float32) * scale, shape)
+        x = tf.reshape(tf.cast(feats, tf.float32), shape)  # raw: the model scales (build_model)
         return x, tf.reshape(labels, [-1]), widx
 
     return decode
@@ -53,31 +53,54 @@ def worker_dataset(path: str, layout: Layout, sharding: str, num_workers: int, b
 
 
 def read_split(path: Path, layout: Layout, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """The train or test split as float32 features (scaled) and int32 labels, with numpy."""
+    """The train or test split as float32 features (raw, as the user gave them: the model
+    scales them itself) and int32 labels, with numpy."""
     feat = np.dtype("u1") if layout.feature_dtype == "uint8" else np.dtype("<f4")
-    rec = np.dtype([("y", "<i4"), ("x", feat, (layout.feature_count,))])
+    label = np.dtype("<f4") if layout.task == "regression" else np.dtype("<i4")
+    rec = np.dtype([("y", label), ("x", feat, (layout.feature_count,))])
     offset, count = (0, layout.train_count) if split == "train" else (layout.test_offset, layout.test_count)
     arr = np.fromfile(path, dtype=rec, count=count, offset=offset)
     if len(arr) != count:
         raise ValueError(f"{path}: expected {count} {split} records, found {len(arr)}")
-    x = arr["x"].astype(np.float32) * np.float32(layout.scale)
-    return x.reshape(count, *layout.feature_shape), arr["y"].astype(np.int32)
+    x = arr["x"].astype(np.float32)
+    y = arr["y"].astype(np.float32 if layout.task == "regression" else np.int32)
+    return x.reshape(count, *layout.feature_shape), y
+
+
+def target_stats(path: Path, layout: Layout) -> tuple[float, float]:
+    """Mean and standard deviation of the training targets (regression); the model predicts
+    in these units and the loss is measured in standard deviations."""
+    _, y = read_split(path, layout, "train")
+    std = float(np.std(y, dtype=np.float64))
+    return float(np.mean(y, dtype=np.float64)), std if std > 0 else 1.0
 
 
 def train_mean(path: Path, layout: Layout, chunk: int = 10_000) -> np.ndarray:
-    """Per-feature mean of the training split's model inputs (scaled), float32, in chunks."""
+    """Per-feature mean of the training split's raw features, float32, in chunks."""
+    return train_moments(path, layout, chunk)[0]
+
+
+def train_moments(path: Path, layout: Layout, chunk: int = 10_000) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and variance of the training split's raw features (float32, shape
+    ``feature_shape``), in chunks."""
     feat = np.dtype("u1") if layout.feature_dtype == "uint8" else np.dtype("<f4")
-    rec = np.dtype([("y", "<i4"), ("x", feat, (layout.feature_count,))])
+    rec = np.dtype([("y", "<i4"), ("x", feat, (layout.feature_count,))])  # the label's bytes, whatever its type
     n = layout.train_count
     total = np.zeros(layout.feature_count, np.float64)
+    squares = np.zeros(layout.feature_count, np.float64)
     for start in range(0, n, chunk):
         count = min(chunk, n - start)
         arr = np.fromfile(path, dtype=rec, count=count, offset=start * rec.itemsize)
         if len(arr) != count:
             raise ValueError(f"{path}: expected {n} training records, found {start + len(arr)}")
-        total += arr["x"].sum(axis=0, dtype=np.float64)
-    mean = total / max(n, 1) * float(layout.scale)
-    return mean.astype(np.float32).reshape(layout.feature_shape)
+        x = arr["x"].astype(np.float64)
+        total += x.sum(axis=0)
+        squares += np.square(x).sum(axis=0)
+    mean = total / max(n, 1)
+    var = np.maximum(squares / max(n, 1) - np.square(mean), 0.0)
+    shape = layout.feature_shape
+    return mean.astype(np.float32).reshape(shape), var.astype(np.float32).reshape(shape)
 
 
-__all__ = ["read_split", "segments", "shard_bounds", "steps_per_epoch", "train_mean", "worker_dataset"]
+__all__ = ["read_split", "segments", "shard_bounds", "steps_per_epoch", "target_stats", "train_mean", "train_moments",
+           "worker_dataset"]

@@ -8,6 +8,7 @@ import time
 from typing import IO, Any
 
 from crowdd.job import EVENT_KINDS
+from crowdd.wire import dumps
 
 
 class EventWriter:
@@ -22,7 +23,7 @@ class EventWriter:
         if kind not in EVENT_KINDS:
             raise ValueError(f"unknown event kind {kind!r}")
         event = {"event": kind, "time": round(float(self._clock()), 3), **fields}
-        line = json.dumps(event, separators=(",", ":"), default=_plain)
+        line = dumps(event, separators=(",", ":"), default=_plain)  # NaN/inf → null
         with self._lock:
             try:
                 self._stream.write(line + "\n")

@@ -10,14 +10,17 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from typing import Any
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from crowdd.job import EXIT_FAILED, EXIT_OK
+from crowdd.job import EXIT_FAILED, EXIT_OK, STOP_FILE
+from crowdd.job.card import CARD_NAME, build_card, usage, write_card
 from crowdd.job.events import EventWriter
+from crowdd.job.health import Diverged, all_finite, finite
 from crowdd.job.server import cap_threads, reachable, spawn
 from crowdd.job.spec import INDEX_FILE, JobSpec
-from crowdd.manifest import Layout
+from crowdd.manifest import Layout, Manifest, ManifestError
 from crowdd.platform.process import lower_priority, watch_parent
 
 log = logging.getLogger(__name__)
@@ -303,6 +306,19 @@ class Coordinator:
         self.out = out
         self.job = spec.job
         self.num_workers = spec.cluster.num_workers
+        self.store = CheckpointStore(out / "checkpoints")
+
+    def run(self) -> int:
+        """Train to the end; a diverged loss ends the run with the advice and the last finite
+        checkpoint kept (every checkpoint saved was checked finite first)."""
+        try:
+            return self._train()
+        except Diverged as exc:
+            latest = self.store.latest()
+            log.error("%s (last finite checkpoint: %s)", exc, latest)
+            self.events.emit("error", message=str(exc), field="job.learning_rate", step=exc.step,
+                             checkpoint=str(latest) if latest is not None else None)
+            return EXIT_FAILED
 
     def total_steps(self) -> int:
         from crowdd.job.shards import total_steps
@@ -310,11 +326,19 @@ class Coordinator:
         job = self.job
         return total_steps(job.sharding, self.num_workers, self.layout.train_count, job.batch_size, job.epochs)
 
-    def run(self) -> int:
+    def dataset_info(self) -> dict[str, Any]:
+        """The dataset's name and digests, from its manifest (for the model card)."""
+        try:
+            m = Manifest.from_json(Path(self.spec.manifest).read_bytes())
+        except (OSError, ManifestError):
+            return {}
+        return {"name": m.name, "digest": m.digest(), "sha256": m.sha256, "size": m.size}
+
+    def _train(self) -> int:
         import numpy as np
         import tensorflow as tf
 
-        from crowdd.job.data import read_split, train_mean, worker_dataset
+        from crowdd.job.data import read_split, target_stats, train_moments, worker_dataset
         from crowdd.job.faults import (
             RETRYABLE,
             RetiringFailureHandler,
@@ -348,17 +372,28 @@ class Coordinator:
             coordinator, list(self.spec.cluster.worker), lambda: guard.ps_dead() is None, on_retire
         )
         budget = RetryBudget(guard.ps_dead)
-        loss_fn = loss_function(self.job)
-        center = train_mean(Path(self.spec.data), self.layout)
+        regression = self.layout.task == "regression"
+        target = target_stats(Path(self.spec.data), self.layout) if regression else (0.0, 1.0)
+        loss_fn = loss_function(self.job, self.layout, target[1])
+        center, variance = train_moments(Path(self.spec.data), self.layout)
+        # images (uint8) share one scale; measurements (float) are standardized feature by feature
+        spread = variance if self.layout.feature_dtype == "float32" else None
         with strategy.scope():
-            model = build_model(self.job, self.layout, center)
+            model = build_model(self.job, self.layout, center, target, spread)
             state = TrainState(model, self.job)
         scale = 1.0 if self.spec.settings.merge == "sum" else 1.0 / self.num_workers
-        train_fn = make_train_fn(state, loss_fn, self.spec.settings.sync_every, scale)
-        local = build_model(self.job, self.layout, center)
+        train_fn = make_train_fn(state, loss_fn, self.spec.settings.sync_every, scale, regression)
+        local = build_model(self.job, self.layout, center, target, spread)
         variables = state.variables()
 
-        store = CheckpointStore(self.out / "checkpoints")
+        store = self.store
+        lr = self.job.learning_rate
+
+        def finite_variables(step: int) -> list:
+            arrays = [v.numpy() for v in variables]
+            if not all_finite(arrays):
+                raise Diverged(step, lr)
+            return arrays
         done = 0
         latest = store.latest()
         if latest is not None:
@@ -387,22 +422,42 @@ class Coordinator:
         last_ckpt = time.monotonic()
         scheduled = done
         in_flight: collections.deque = collections.deque()
-        last_eval: dict[str, float] = {}
+        last_eval: dict[str, Any] = {}
         evals_done = int(done // per_epoch) if done else 0
 
+        evaluations: list[dict[str, Any]] = []
+        started = time.time()
+
         def evaluate(epoch: int, step: int) -> dict[str, float]:
-            local.set_weights([v.numpy() for v in state.weights])
+            # trainable weights only: non-trainable ones (a Normalization's statistics) never change
+            for var, value in zip(local.trainable_variables, state.weights):
+                var.assign(value.numpy())
             probs = local.predict(x_test, batch_size=1000, verbose=0)
             test_loss = float(loss_fn(y_test, probs))
-            acc = float(np.mean(np.argmax(probs, axis=-1) == y_test))
+            if not finite(test_loss):
+                raise Diverged(step, lr)
+            metrics: dict[str, Any]
+            if regression:
+                err = np.asarray(probs, np.float64).reshape(-1) - y_test.astype(np.float64)
+                metrics = {"test_mse": float(np.mean(err**2)), "test_mae": float(np.mean(np.abs(err)))}
+            else:
+                metrics = {"test_accuracy": float(np.mean(np.argmax(probs, axis=-1) == y_test))}
             with writer.as_default(step=step):
-                scalar("test/accuracy", acc)
+                for key, value in metrics.items():
+                    scalar(key.replace("_", "/", 1), value)
                 scalar("test/loss", test_loss)
-            self.events.emit("eval", epoch=epoch, step=step, test_accuracy=acc, test_loss=test_loss)
-            return {"test_accuracy": acc, "test_loss": test_loss}
+            self.events.emit("eval", epoch=epoch, step=step, test_loss=test_loss, **metrics)
+            evaluations.append({"epoch": epoch, "step": step, "test_loss": test_loss, **metrics,
+                                "time": round(time.time(), 3)})
+            return {"test_loss": test_loss, **metrics}
 
         log.info("training %d steps on %d workers", total, w)
+        stopped = False
         while done < total:
+            if os.path.exists(STOP_FILE):  # the host asked to stop early: keep what is trained
+                log.info("asked to stop at step %d of %d", done, total)
+                stopped = True
+                break
             # scheduled counts steps done or in flight; a failed function's steps go back
             while scheduled < total and len(in_flight) < 2 * w:
                 n = min(spf, total - scheduled)
@@ -422,6 +477,8 @@ class Coordinator:
                 continue
             budget.succeeded()
             done += n
+            if not finite(loss_sum):
+                raise Diverged(done, lr)
             now = time.monotonic()
             ws = stats[int(widx)]
             ws.add(float(loss_sum), float(correct), float(samples))
@@ -434,35 +491,45 @@ class Coordinator:
                     step=done,
                     total_steps=total,
                     loss=ws.loss / ws.samples,
-                    accuracy=ws.correct / ws.samples,
+                    **({"mae": ws.correct / ws.samples} if regression else {"accuracy": ws.correct / ws.samples}),
                     samples_per_sec=ws.samples / max(now - ws.since, 1e-9),
                     worker=int(widx),
                 )
                 with writer.as_default(step=done):
                     scalar(f"train/loss_worker{int(widx)}", ws.loss / ws.samples)
-                    scalar(f"train/accuracy_worker{int(widx)}", ws.correct / ws.samples)
+                    scalar(f"train/{'mae' if regression else 'accuracy'}_worker{int(widx)}", ws.correct / ws.samples)
                 ws.reset(now)
             while evals_done < job.epochs - 1 and done >= (evals_done + 1) * per_epoch:
                 evals_done += 1
                 last_eval = evaluate(evals_done, done)
             if now - last_ckpt >= self.spec.settings.checkpoint_secs and done < total:
-                path = store.save(done, [v.numpy() for v in variables])
+                path = store.save(done, finite_variables(done))
                 self.events.emit("checkpoint", path=str(path), step=done)
                 last_ckpt = time.monotonic()
         del next_epoch
-        last_eval = evaluate(job.epochs, done)
-        path = store.save(done, [v.numpy() for v in variables])
+        last_eval = evaluate(min(job.epochs, int(done // per_epoch) + 1) if stopped else job.epochs, done)
+        path = store.save(done, finite_variables(done))
         self.events.emit("checkpoint", path=str(path), step=done)
         model_path = self.out / "model.keras"
         local.save(model_path)
+        card_path = self.out / CARD_NAME
+        write_card(card_path, build_card(
+            model_path=model_path, layout=self.layout, dataset=self.dataset_info(), job=job.to_dict(),
+            settings=asdict(self.spec.settings), workers=w, evaluations=evaluations, started=started, steps=done,
+            total_steps=total, stopped=stopped, checkpoint=str(path),
+        ))
         writer.flush()
         self.events.emit(
             "done",
-            test_accuracy=last_eval["test_accuracy"],
-            test_loss=last_eval["test_loss"],
+            **last_eval,
             model_path=str(model_path),
+            card_path=str(card_path),
+            usage=usage(model_path, self.layout),
             tensorboard_dir=str(tb_dir),
             steps=done,
+            total_steps=total,
+            stopped=stopped,
+            checkpoint=str(path),
             seconds=round(time.monotonic() - t0, 3),
         )
         return EXIT_OK

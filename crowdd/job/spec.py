@@ -15,6 +15,7 @@ from typing import Any
 from crowdd.errors import InputError
 from crowdd.config import JobConfig, parse_hostport
 from crowdd.hyperparams import HyperparamError, Job, validate_job
+from crowdd.job import MODEL_FILE
 from crowdd.job.shards import segments
 from crowdd.manifest import Layout, Manifest, ManifestError
 
@@ -278,6 +279,8 @@ def check_job_fits(spec: JobSpec, layout: Layout) -> None:
         )
     if spec.job.model == "cnn" and len(layout.feature_shape) not in (2, 3):
         raise SpecError("job.model", f"cnn needs image data (HxW or HxWxC), got shape {list(layout.feature_shape)}")
+    if spec.role == "host" and spec.job.model == "file" and not _resolve(MODEL_FILE, spec.workdir).is_file():
+        raise SpecError("job.model", f"model 'file' needs the host's model as {MODEL_FILE} in the working directory")
     if layout.test_count < 1:
         raise SpecError("dataset.manifest", "the dataset has no test records to evaluate on")
 

@@ -49,8 +49,9 @@ def _update(job: Job, weights: list, slots: list, grads: list) -> tuple[list, li
     return new, [*m, *v, t]
 
 
-def make_train_fn(state: TrainState, loss_fn, sync_every: int, push_scale: float = 1.0):
-    """``fn(iterator, n) -> (loss_sum, correct, samples, worker_index)`` for ``n`` steps.
+def make_train_fn(state: TrainState, loss_fn, sync_every: int, push_scale: float = 1.0, regression: bool = False):
+    """``fn(iterator, n) -> (loss_sum, correct, samples, worker_index)`` for ``n`` steps
+    (``regression``: ``correct`` is the sum of absolute errors instead).
 
     ``push_scale`` multiplies each pushed change: 1 adds every worker's whole change (Downpour
     SGD, the paper's asynchronous updates); 1/W averages the W workers' changes (model
@@ -78,8 +79,11 @@ def make_train_fn(state: TrainState, loss_fn, sync_every: int, push_scale: float
             weights, slots = _update(job, weights, slots, grads)
             batch = tf.cast(tf.shape(y)[0], tf.float32)
             loss_sum += loss * batch
-            hits = tf.equal(tf.argmax(probs, axis=-1, output_type=tf.int32), y)
-            correct += tf.reduce_sum(tf.cast(hits, tf.float32))
+            if regression:
+                correct += tf.reduce_sum(tf.abs(tf.reshape(probs, [-1]) - tf.reshape(y, [-1])))
+            else:
+                hits = tf.equal(tf.argmax(probs, axis=-1, output_type=tf.int32), y)
+                correct += tf.reduce_sum(tf.cast(hits, tf.float32))
             samples += batch
         return weights, slots, loss_sum, correct, samples, widx
 

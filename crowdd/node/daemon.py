@@ -35,9 +35,10 @@ from crowdd.node.backoff import Backoff
 from crowdd.node.status import StatusView
 from crowdd.cache import DatasetCache
 from crowdd.config import Config, ConfigError, Paths, load_config, parse_hostport
+from crowdd.errors import InputError
 from crowdd.control import ControlServer, Endpoint
 from crowdd.node.context import SessionContext, SessionFailed, training_refusal
-from crowdd.node.host import Prepared, lead, prepare_dataset
+from crowdd.node.host import GracefulStop, Prepared, convert_dataset, describe, lead
 from crowdd.protocol.control import HostRequest, Status
 from crowdd.idle.policy import AlwaysIdle, IdlePolicy, Policy, Verdict
 from crowdd.idle.probes import Probes, system_probes
@@ -58,6 +59,7 @@ from crowdd.node.worker import follow
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "daemon.json"
+STOP_GRACE = 120.0  # seconds a host job has to save its model after `crowdd stop`
 S = State
 
 
@@ -111,6 +113,10 @@ class Daemon:
         self._abort_reason: str | None = None
         self._backoff = Backoff(cfg.daemon.retry_min, cfg.daemon.retry_max, self._rng)
         self._host_request: HostRequest | None = None
+        self._host_prepared: Prepared | None = None
+        self._host_pending: HostRequest | None = None  # its dataset is being converted
+        self._graceful = GracefulStop()  # the current host cycle's
+        self.stop_grace = STOP_GRACE
         self._job_python = job_python
         self.confinement = confinement
         self.sandbox = sandbox
@@ -263,22 +269,57 @@ class Daemon:
         refusal = self._refusal()
         if refusal is not None:
             raise wire.WireError(wire.ErrorCode.BUSY, refusal)
+        self._check_can_host()
+        # The reply waits for the dataset's conversion: the user learns at once whether it is
+        # accepted, and why not (file, line, column) when it is not.
+        self._host_pending = request
+        self.view.log(logging.INFO, f"asked to host {request.dataset}; preparing it")
+        try:
+            prepared = await asyncio.get_running_loop().run_in_executor(
+                None, convert_dataset, self.cache, self.cfg.replication.chunk_size, request
+            )
+        except InputError as exc:
+            self.view.log(logging.ERROR, exc.message)
+            raise
+        finally:
+            if self._host_pending is request:
+                self._host_pending = None
+            else:  # stopped while it was being prepared
+                raise wire.WireError(wire.ErrorCode.BUSY, "stopped while the dataset was being prepared")
+        self._check_can_host(preparing=False)
+        self._host_request, self._host_prepared = request, prepared
+        if self.view.role == "worker":
+            self._abort("switching to host")
+        info = describe(prepared)
+        self.view.log(logging.INFO, f"hosting {info['name']} ({info['digest'][:12]}); looking for workers")
+        self._wake.set()
+        return {"type": "ok", "dataset": info}
+
+    def _check_can_host(self, *, preparing: bool = True) -> None:
         role = self.view.role
-        if self._host_request is not None or role == "host":
+        if self._host_request is not None or role == "host" or (preparing and self._host_pending is not None):
             raise wire.WireError(wire.ErrorCode.BUSY, "already hosting; `crowdd stop` ends that session first")
         if role == "worker" and self.state not in (S.STANDBY, S.REGISTERING, S.WAITING):
             raise wire.WireError(wire.ErrorCode.BUSY, f"this node is {self.state.value} as a worker; `crowdd stop` first")
-        self._host_request = request
-        if role == "worker":
-            self._abort("switching to host")
-        self.view.log(logging.INFO, f"asked to host {request.dataset}")
-        self._wake.set()
-        return {"type": "ok"}
 
     async def stop(self) -> dict[str, Any]:
-        self._host_request = None
-        if self._cycle is not None:
-            self._abort("stopped by the user")
+        self._host_request = self._host_prepared = self._host_pending = None
+        cycle = self._cycle
+        if cycle is None:
+            return {"type": "ok"}
+        if self.view.role == "host" and self.state == S.TRAINING and self._graceful.request():
+            # The job ends the group's training itself, keeping the checkpoint and the model
+            # trained so far; if it cannot within the grace period it is stopped the hard way.
+            self.view.log(logging.INFO, "stopping: the whole group's training ends; keeping the latest "
+                          "checkpoint and writing the model trained so far")
+
+            def hard_stop() -> None:
+                if self._cycle is cycle:
+                    self._abort(f"stopped by the user (the job did not end within {self.stop_grace:g} s)")
+
+            asyncio.get_running_loop().call_later(self.stop_grace, hard_stop)
+            return {"type": "ok", "keeps_model": True}
+        self._abort("stopped by the user")
         return {"type": "ok"}
 
     async def reload(self) -> dict[str, Any]:
@@ -389,9 +430,14 @@ class Daemon:
             prepared: Prepared | None = None
             if role == "host":
                 self.states.to(S.REGISTERING)
-                if self._host_request is None:
+                prepared = self._host_prepared
+                if self._host_request is None or prepared is None:
                     raise SessionFailed("nothing to host")
-                prepared = await prepare_dataset(cycle, self._host_request)
+                rec = view.session
+                if rec is not None:
+                    rec.job = prepared.job
+                    info = describe(prepared)
+                    rec.dataset = {k: info[k] for k in ("name", "size", "digest")}
             try:
                 res = Reservation(
                     self.cfg.daemon.listen_host, self.cfg.daemon.data_port, self.cfg.daemon.session_port,
@@ -408,7 +454,8 @@ class Daemon:
             view.joined(plan)
             view.log(logging.INFO, f"joined group {plan.group_id} as node {plan.index} of {plan.size}")
             if role == "host" and prepared is not None:
-                await lead(cycle, plan, res, prepared)
+                self._graceful = GracefulStop()
+                await lead(cycle, plan, res, prepared, self._graceful)
             else:
                 await follow(cycle, plan, res)
         except SessionFailed as exc:
@@ -443,7 +490,7 @@ class Daemon:
         if res is not None:
             res.close()
         if self.view.role == "host":
-            self._host_request = None
+            self._host_request = self._host_prepared = None
         self.view.end()
         self.states.to(S.STANDBY if self.donating else S.OFF)
 

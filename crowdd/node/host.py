@@ -8,14 +8,19 @@ import asyncio
 import logging
 import os
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from crowdd.errors import SessionFailed
+from crowdd.cache import DatasetCache
+from crowdd.errors import InputError, SessionFailed
 from crowdd.group_tls import GroupTLS
 from crowdd.hyperparams import Job
 from crowdd.manifest import Manifest
+from crowdd.modelfile import check_model_file
+from crowdd.job import MODEL_FILE, STOP_FILE
+from crowdd.job.card import add_members
 from crowdd.node.context import SessionContext
 from crowdd.node.ports import Reservation
 from crowdd.node.session import HostSession, Member, dead_after
@@ -25,6 +30,8 @@ from crowdd.plan import SessionPlan
 from crowdd.protocol.control import HostRequest
 from crowdd.protocol.session import PRIVATE_HOST, End
 from crowdd.replication import ChunkStore, DataServer
+
+log = logging.getLogger(__name__)
 
 JOB_START_TIMEOUT = 180.0  # workers' TF servers must be up within this (TF import is slow)
 
@@ -38,33 +45,62 @@ class Prepared:
     manifest: Manifest
     name: str
     job: Job
+    model_file: Path | None = None  # the host's own Keras model, checked against the dataset
 
 
-async def prepare_dataset(c: SessionContext, req: HostRequest) -> Prepared:
-    """Convert the dataset to the canonical file + manifest in the cache (in a thread)."""
-    rec = c.view.session
-    if rec is not None:
-        rec.job = req.job
+def convert_dataset(cache: DatasetCache, chunk_size: int, req: HostRequest) -> Prepared:
+    """Convert the dataset to the canonical file + manifest in the cache (blocking: run it in
+    a thread). A dataset that cannot be hosted raises :class:`InputError` (field ``dataset``)
+    naming the file and what is wrong, so the control socket refuses the request with it."""
+    from crowdd import datasets  # numpy: only when hosting
 
-    def convert() -> Prepared:
-        from crowdd import datasets  # numpy: only when hosting
-
-        try:
-            p = datasets.convert(req.dataset, c.cache.root, chunk_size=c.cfg.replication.chunk_size,
-                                 test_fraction=req.test_fraction)
-        except datasets.DatasetError as exc:
-            raise SessionFailed(f"cannot host {req.dataset}: {exc}") from None
-        path = c.cache.has(p.manifest) or p.data_path
-        return Prepared(path, p.manifest, p.manifest.name or req.dataset.name, req.job)
-
-    c.view.log(logging.INFO, f"preparing {req.dataset}")
     try:
-        prepared = await asyncio.get_running_loop().run_in_executor(None, convert)
+        p = datasets.convert(req.dataset, cache.root, chunk_size=chunk_size, test_fraction=req.test_fraction,
+                             label=req.label, images=datasets.ImageOptions(req.image_size, req.color), task=req.task)
+    except datasets.DatasetError as exc:
+        raise InputError(f"cannot host {req.dataset}: {exc}", field="dataset") from None
     except OSError as exc:
-        raise SessionFailed(f"cannot host {req.dataset}: {exc}") from None
-    if rec is not None:
-        rec.dataset = {"name": prepared.name, "size": prepared.manifest.size, "digest": prepared.manifest.digest()}
-    return prepared
+        raise InputError(f"cannot host {req.dataset}: {exc}", field="dataset") from None
+    if req.model_file is not None and p.manifest.layout is not None:
+        check_model_file(req.model_file, p.manifest.layout)  # InputError naming what does not fit
+    path = cache.has(p.manifest) or p.data_path
+    return Prepared(path, p.manifest, p.manifest.name or req.dataset.name, req.job, req.model_file)
+
+
+def describe(prepared: Prepared) -> dict[str, Any]:
+    """What the host's ``ok`` reply and its status say about an accepted dataset."""
+    m = prepared.manifest
+    d: dict[str, Any] = {"name": prepared.name, "size": m.size, "digest": m.digest()}
+    if m.layout is not None:
+        d.update(train=m.layout.train_count, test=m.layout.test_count, classes=m.layout.num_classes,
+                 shape=list(m.layout.feature_shape))
+    return d
+
+
+class GracefulStop:
+    """``crowdd stop`` on a host mid-training: ask the job to end early, keeping its work.
+
+    :meth:`request` writes the job's stop file (:data:`crowdd.job.STOP_FILE`); the job then
+    evaluates, checkpoints and saves the model trained so far, and ends with ``done``."""
+
+    def __init__(self) -> None:
+        self.workdir: Path | None = None
+        self.requested = False
+
+    def arm(self, workdir: Path | None) -> None:
+        self.workdir = workdir
+
+    def request(self) -> bool:
+        """Ask the running job to stop; False when no host job is training (stop it the hard way)."""
+        if self.workdir is None:
+            return False
+        try:
+            (self.workdir / STOP_FILE).touch()
+        except OSError as exc:
+            log.warning("cannot ask the job to stop (%s); stopping it at once", exc)
+            return False
+        self.requested = True
+        return True
 
 
 def cluster_spec(workers: int, base: int) -> dict[str, list[str]]:
@@ -105,7 +141,9 @@ async def check_tunnels(
     return kept
 
 
-async def lead(c: SessionContext, plan: SessionPlan, res: Reservation, prepared: Prepared) -> None:
+async def lead(
+    c: SessionContext, plan: SessionPlan, res: Reservation, prepared: Prepared, graceful: GracefulStop | None = None
+) -> None:
     d = c.cfg.daemon
     view = c.view
     manifest = prepared.manifest
@@ -146,6 +184,12 @@ async def lead(c: SessionContext, plan: SessionPlan, res: Reservation, prepared:
             if len(started) < len(live):
                 view.log(logging.WARNING, f"{len(live) - len(started)} worker(s) did not start; training without them")
         workdir = c.jobs.job_dir(plan)
+        if prepared.model_file is not None:  # the host job builds the network from it
+            try:
+                shutil.copyfile(prepared.model_file, workdir / MODEL_FILE)
+            except OSError as exc:
+                await session.end(End(error=f"cannot read the model file: {exc}"))
+                raise SessionFailed(f"cannot read the model file {prepared.model_file}: {exc}") from None
         done: dict[str, Any] = {}
 
         def on_event(ev: dict[str, Any]) -> None:
@@ -162,7 +206,11 @@ async def lead(c: SessionContext, plan: SessionPlan, res: Reservation, prepared:
             plan, 0, cluster, prepared.data_path, manifest, on_event, res, tunnels.directory,
             serve=[(PS, base), (task_name(0), base + 1)], reach=[(task_name(j), base + 1 + j) for j in tasks],
         )
+        if graceful is not None:
+            graceful.arm(workdir)
         code = await sup.wait()
+        if graceful is not None:
+            graceful.arm(None)
         if not done:
             err = sup.last_error or f"the host job exited with code {code}"
             await session.end(End(error=err))
@@ -171,10 +219,25 @@ async def lead(c: SessionContext, plan: SessionPlan, res: Reservation, prepared:
         if isinstance(model, str) and model and not os.path.isabs(model):
             model = str(workdir / model)
         accuracy = done.get("test_accuracy")
-        view.finished(accuracy, model if isinstance(model, str) else None)
+        card = done.get("card_path")
+        if isinstance(card, str) and card:
+            add_members(workdir / card, [
+                {"index": m.index, "role": m.role, "name": m.name, "fingerprint": m.fingerprint,
+                 "trained": m.index == 0 or any(w.index == m.index for w in live)}
+                for m in plan.members
+            ])
+            view.log(logging.INFO, f"model card: {workdir / card}")
+        if isinstance(done.get("usage"), str):
+            view.log(logging.INFO, f"use the model: {done['usage']}")
+        if done.get("stopped"):
+            view.log(logging.INFO, f"stopped by the user at step {done.get('steps')} of {done.get('total_steps')}: "
+                     f"kept the checkpoint {done.get('checkpoint')} and the model trained so far")
+        metrics = {k: done[k] for k in ("test_mae", "test_mse") if isinstance(done.get(k), (int, float))}
+        view.finished(accuracy, model if isinstance(model, str) else None, **metrics)
         c.to(State.FINISHED)
         session.members[0].state = "finished"
-        view.log(logging.INFO, f"training finished: test accuracy {accuracy}, model {model}")
+        score = f"test MAE {metrics['test_mae']:.4g}" if "test_mae" in metrics else f"test accuracy {accuracy}"
+        view.log(logging.INFO, f"training finished: {score}, model {model}")
         await session.end(End(accuracy if isinstance(accuracy, (int, float)) else None,
                               model if isinstance(model, str) else None))
         await asyncio.sleep(c.linger)
@@ -185,4 +248,4 @@ async def lead(c: SessionContext, plan: SessionPlan, res: Reservation, prepared:
         store.close()
 
 
-__all__ = ["JOB_START_TIMEOUT", "Prepared", "check_tunnels", "cluster_spec", "lead", "prepare_dataset", "tf_base"]
+__all__ = ["JOB_START_TIMEOUT", "Prepared", "check_tunnels", "cluster_spec", "GracefulStop", "convert_dataset", "describe", "lead", "tf_base"]

@@ -73,7 +73,9 @@ async def register_until_grouped(
         states.to(State.REGISTERING)
         mm = matchmaker()
         try:
-            return await register(mm, hello, heartbeat=heartbeat, on_wait=view.on_wait, fingerprint=fingerprint())
+            plan = await register(mm, hello, heartbeat=heartbeat, on_wait=view.on_wait, fingerprint=fingerprint())
+            view.problem(None)
+            return plan
         except wire.RemoteError as exc:
             if exc.code in (ErrorCode.BAD_FIELD, ErrorCode.VERSION) and role == mmp.HOST:
                 raise SessionFailed(f"the matchmaker refused this job: {exc.message}") from None
@@ -83,6 +85,7 @@ async def register_until_grouped(
         except (wire.ConnectionClosed, wire.FrameTimeout, wire.WireError, OSError) as exc:
             why = str(exc) or type(exc).__name__
         delay = backoff().next()
+        view.problem(f"cannot reach the matchmaker {mm[0]}:{mm[1]}: {why} (retrying)")
         view.log(logging.WARNING, f"matchmaker {mm[0]}:{mm[1]}: {why}; retrying in {delay:.1f} s")
         await asyncio.sleep(delay)
 

@@ -171,6 +171,7 @@ class StatusView:
     def on_wait(self, wait: Wait) -> None:
         """A ``wait`` frame from the matchmaker: the node's place in the queue."""
         self._current().queue = wait
+        self._current().error = None  # the matchmaker answers
         if self.state != S.WAITING:
             self._states.to(S.WAITING)
         self._publish("status", **self.status())
@@ -178,6 +179,14 @@ class StatusView:
     def fail(self, message: str) -> None:
         """The current session failed; the message is what the user sees as ``error``."""
         self._current().error = message
+
+    def problem(self, message: str | None) -> None:
+        """What keeps the current session from going on right now (the matchmaker cannot be
+        reached, …), shown as ``error`` until it clears (``None``); publishes the status."""
+        rec = self._current()
+        if rec.error != message:
+            rec.error = message
+            self._publish("status", **self.status())
 
     def end(self) -> None:
         """The cycle is over: the record becomes the last session (its result and error)."""
@@ -235,7 +244,7 @@ class StatusView:
             "accuracy": None, "test_accuracy": None, "samples_per_sec": None,
         }
         if kind == "progress":
-            for k in ("epoch", "epochs", "step", "loss", "accuracy"):
+            for k in ("epoch", "epochs", "step", "loss", "accuracy", "mae"):
                 if k in ev:
                     tr[k] = ev[k]
             if isinstance(ev.get("samples_per_sec"), (int, float)):
@@ -246,15 +255,20 @@ class StatusView:
                           total_steps=ev.get("total_steps"), worker=ev.get("worker"))
         elif kind == "eval":
             tr["test_accuracy"] = ev.get("test_accuracy")
+            extra: dict[str, Any] = {k: ev[k] for k in ("test_mae", "test_mse") if k in ev}
+            tr.update(extra)
             rec.training = tr
             self._publish("eval", epoch=ev.get("epoch"), step=ev.get("step"), test_accuracy=ev.get("test_accuracy"),
-                          test_loss=ev.get("test_loss"))
+                          test_loss=ev.get("test_loss"), **extra)
 
-    def finished(self, test_accuracy: Any, model_path: str | None) -> None:
+    def finished(self, test_accuracy: Any, model_path: str | None, **metrics: float) -> None:
         """The session's result (``model_path`` is this node's own file; a worker has none):
         report it, then the caller moves the state authority to FINISHED."""
         rec = self._current()
         rec.result = {"test_accuracy": test_accuracy, "model_path": model_path}
+        for key in ("test_mae", "test_mse"):
+            if key in metrics:
+                rec.result[key] = metrics[key]  # type: ignore[literal-required]
         if rec.training is not None:
             rec.training["test_accuracy"] = test_accuracy
         self._publish("result", **rec.result)

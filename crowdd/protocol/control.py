@@ -10,6 +10,7 @@ status`` and the TUI read it.
 from __future__ import annotations
 
 from collections.abc import Mapping
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict
@@ -38,10 +39,15 @@ def make_donate(on: bool) -> dict[str, Any]:
     return {"type": "donate", "on": on}
 
 
-def make_host(dataset: str, job: Mapping[str, Any], test_fraction: float | None = None) -> dict[str, Any]:
+def make_host(dataset: str, job: Mapping[str, Any], test_fraction: float | None = None,
+              model_file: str | None = None, label: str | None = None) -> dict[str, Any]:
     frame: dict[str, Any] = {"type": "host", "dataset": dataset, "job": dict(job)}
     if test_fraction is not None:
         frame["test_fraction"] = test_fraction
+    if model_file is not None:
+        frame["model_file"] = model_file
+    if label is not None:
+        frame["label"] = label
     return frame
 
 
@@ -64,6 +70,11 @@ class HostRequest:
     dataset: Path
     job: Job
     test_fraction: float | None = None
+    model_file: Path | None = None  # the host's own Keras model (job.model "file")
+    label: str | None = None  # a CSV's label column, by its header name
+    image_size: tuple[int, int] | None = None  # image folders: resize every image to H x W
+    color: str | None = None  # image folders: "rgb" or "grayscale"
+    task: str = "classification"  # or "regression": the label column is a number to predict
 
 
 def check_host(frame: Mapping[str, Any]) -> HostRequest:
@@ -90,7 +101,39 @@ def check_host(frame: Mapping[str, Any]) -> HostRequest:
             raise InputError("field 'test_fraction' must be a number", field="test_fraction")
         if not 0 < tf < 1:
             raise InputError("test_fraction must be between 0 and 1", field="test_fraction")
-    return HostRequest(path, parsed, float(tf) if tf is not None else None)
+    model_file = _model_file(frame.get("model_file"))
+    if model_file is not None:
+        parsed = dataclasses.replace(parsed, model="file")
+    elif parsed.model == "file":
+        raise InputError("model 'file' needs a model_file (crowdd host --model-file PATH)", field="model_file")
+    label = frame.get("label")
+    if label is not None and (not isinstance(label, str) or not label.strip() or len(label) > 256):
+        raise InputError("field 'label' must be a column name (1..256 characters)", field="label")
+    size = frame.get("image_size")
+    if size is not None and (not isinstance(size, list) or len(size) != 2
+                             or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 4096 for v in size)):
+        raise InputError("field 'image_size' must be [height, width] in pixels, 1..4096 each", field="image_size")
+    color = frame.get("color")
+    if color is not None and color not in ("rgb", "grayscale"):
+        raise InputError("field 'color' must be rgb or grayscale", field="color")
+    task = frame.get("task", "classification")
+    if task not in ("classification", "regression"):
+        raise InputError("field 'task' must be classification or regression", field="task")
+    return HostRequest(path, parsed, float(tf) if tf is not None else None, model_file, label,
+                       (size[0], size[1]) if size is not None else None, color, task)
+
+
+def _model_file(value: Any) -> Path | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InputError("field 'model_file' must be a string", field="model_file")
+    path = Path(value)
+    if not path.is_absolute():
+        raise InputError(f"model file path must be absolute, got {value!r}", field="model_file")
+    if not path.is_file():
+        raise InputError(f"{value}: no such file", field="model_file")
+    return path
 
 
 def ok(**fields: Any) -> dict[str, Any]:
@@ -131,9 +174,11 @@ class GroupStatus(TypedDict):
     members: list[dict[str, Any]]
 
 
-class ResultStatus(TypedDict):
-    test_accuracy: float | None
-    model_path: str | None
+class ResultStatus(TypedDict, total=False):
+    test_accuracy: float | None  # classification; always present (None for regression)
+    model_path: str | None  # always present
+    test_mae: float | None  # regression only
+    test_mse: float | None  # regression only
 
 
 class Status(TypedDict):

@@ -129,8 +129,8 @@ class CrowddApp(App[None]):
         await self._request("donate", self.client.donate(on))
 
     @work(group="host", exclusive=True, exit_on_error=False)
-    async def request_host(self, dataset: str, job: dict[str, Any]) -> None:
-        await self._request("host", self.client.host(dataset, job))
+    async def request_host(self, dataset: str, job: dict[str, Any], model_file: str | None = None) -> None:
+        await self._request("host", self.client.host(dataset, job, model_file))
 
     @work(group="stop", exclusive=True, exit_on_error=False)
     async def request_stop(self) -> None:
@@ -160,7 +160,7 @@ class CrowddApp(App[None]):
         self.request_donate(message.on)
 
     def on_host_requested(self, message: HostRequested) -> None:
-        self.request_host(message.dataset, message.job)
+        self.request_host(message.dataset, message.job, message.model_file)
 
     def on_stop_requested(self, message: StopRequested) -> None:
         self.request_stop()

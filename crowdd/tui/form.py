@@ -14,7 +14,7 @@ from typing import Any
 
 from crowdd.errors import InputError
 from crowdd.hyperparams import (
-    MODELS,
+    PRESETS,
     OPTIMIZERS,
     SHARDINGS,
     HyperparamError,
@@ -52,7 +52,7 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("batch_size", "Batch size", "int", str(_DEFAULT.batch_size)),
     FieldSpec("epochs", "Epochs", "int", str(_DEFAULT.epochs)),
     FieldSpec("hidden", "Hidden layers", "text", ",".join(str(h) for h in _DEFAULT.hidden)),
-    FieldSpec("model", "Model", "choice", _DEFAULT.model, MODELS),
+    FieldSpec("model", "Model", "choice", _DEFAULT.model, PRESETS),
     FieldSpec("sharding", "Sharding", "choice", _DEFAULT.sharding, SHARDINGS),
     FieldSpec("optimizer", "Optimizer", "choice", _DEFAULT.optimizer, OPTIMIZERS),
 )
@@ -79,6 +79,25 @@ def check_dataset(text: str) -> str | None:
     return None
 
 
+def check_model_file(text: str) -> str | None:
+    """An error message for the optional model file path, or None (empty: the preset)."""
+    text = text.strip()
+    if not text:
+        return None
+    path = Path(text).expanduser()
+    if path.suffix.lower() != ".keras":
+        return "must be a Keras 3 .keras file (or empty for the preset model)"
+    if not path.is_file():
+        return "no such file"
+    return None
+
+
+def model_file_path(text: str) -> str | None:
+    """The absolute path of the model file the form names, or None."""
+    text = text.strip()
+    return str(Path(text).expanduser().resolve()) if text else None
+
+
 def parse_field(name: str, text: str) -> Any:
     """The value of one field from its text; raises :class:`FormError` with a clear message."""
     spec = SPECS.get(name)
@@ -99,6 +118,8 @@ def parse_field(name: str, text: str) -> Any:
     else:
         value = raw
     message = check_field(name, value)
+    if message is None and name == "workers" and value == 0:
+        message = "must be at least 1: the host trains with a crowd of workers"
     if message is not None:
         raise FormError(name, message)
     return value
@@ -108,6 +129,8 @@ def field_error(name: str, text: str) -> str | None:
     """The message to show beside a field, or None when its text is fine."""
     if name == "dataset":
         return check_dataset(text)
+    if name == "model_file":
+        return check_model_file(text)
     try:
         parse_field(name, text)
     except FormError as exc:
@@ -121,6 +144,9 @@ def build_request(values: Mapping[str, str]) -> tuple[str, dict[str, Any]]:
     message = check_dataset(dataset)
     if message is not None:
         raise FormError("dataset", message)
+    message = check_model_file(values.get("model_file", ""))
+    if message is not None:
+        raise FormError("model_file", message)
     job = {spec.name: parse_field(spec.name, values.get(spec.name, spec.default)) for spec in FIELDS}
     try:
         checked = validate_job(job)
@@ -129,4 +155,5 @@ def build_request(values: Mapping[str, str]) -> tuple[str, dict[str, Any]]:
     return str(Path(dataset.strip()).expanduser().resolve()), checked.to_dict()
 
 
-__all__ = ["FIELDS", "SPECS", "FieldSpec", "FormError", "build_request", "check_dataset", "field_error", "parse_field"]
+__all__ = ["FIELDS", "SPECS", "FieldSpec", "FormError", "build_request", "check_dataset", "check_model_file",
+           "field_error", "model_file_path", "parse_field"]

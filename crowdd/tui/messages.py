@@ -61,10 +61,11 @@ class DonateRequested(Message):
 class HostRequested(Message):
     """The user submitted a valid Host form."""
 
-    def __init__(self, dataset: str, job: dict[str, Any]) -> None:
+    def __init__(self, dataset: str, job: dict[str, Any], model_file: str | None = None) -> None:
         super().__init__()
         self.dataset = dataset
         self.job = job
+        self.model_file = model_file  # the host's own Keras model, or None for the preset
 
 
 class StopRequested(Message):

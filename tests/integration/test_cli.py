@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -96,13 +97,21 @@ def test_cli_against_a_real_daemon(
     assert bad.returncode == 2 and "no such file" in bad.stderr
     bad = crowdd("host", str(data), "--test-fraction", "1.5", root=root)
     assert bad.returncode == 2 and "--test-fraction" in bad.stderr
+    named = tmp_path / "named.csv"
+    named.write_text("a,b,kind\n" + "".join(f"{i},{i},{i % 2}\n" for i in range(20)))
+    bad = crowdd("host", str(named), "--label", "class", root=root)
+    assert bad.returncode == 2 and "no column named 'class' (the columns: a, b, kind)" in bad.stderr, bad.stderr
+    bad = crowdd("host", str(named), "--label", "kind", "--model-file", str(tmp_path / "none.keras"), root=root)
+    assert bad.returncode == 2 and "--model-file" in bad.stderr
+    bad = crowdd("host", str(named), "--workers", "0", root=root)
+    assert bad.returncode == 2 and "--workers: must be at least 1" in bad.stderr
 
     monkeypatch.chdir(tmp_path)  # a relative dataset path is made absolute by the CLI
     r = crowdd("host", "data.npz", "--epochs", "2", "--workers", "1", root=root)
-    assert r.returncode == 0, r.stderr
-    st = wait_state(root, "off")  # not a real dataset: the daemon reports and gives up
-    assert st["error"] and str(data) in str(st["error"])
-    assert st["job"] is None or st["job"]["epochs"] == 2
+    # not a real dataset: `crowdd host` waits for the daemon's verdict and fails with it
+    assert r.returncode == 2 and "cannot host" in r.stderr and str(data) in r.stderr, r.stderr
+    st = wait_state(root, "off")
+    assert st["role"] is None
 
     r = crowdd("stop", root=root)
     assert r.returncode == 0 and "stopping" in r.stdout
@@ -142,6 +151,9 @@ def test_host_collects_only_given_flags() -> None:
     with pytest.raises(HyperparamError) as err:
         job_from_args(_args("--epochs", "0"))
     assert err.value.field == "--epochs"
+    with pytest.raises(HyperparamError) as err:
+        job_from_args(_args("--workers", "0"))
+    assert err.value.field == "--workers" and "at least 1" in err.value.message
 
 
 def test_human_status_shows_everything() -> None:
@@ -171,10 +183,101 @@ def test_human_status_shows_everything() -> None:
     text = out.getvalue()
     for needle in ("training as worker", "donation:  on", "fashion-mnist (54,880,000 bytes", "mlp 100 sgd",
                    "3f2c9a1e7b6d4c08 (this node is 1 of 2)", "bob", "50%", "epoch 1/2 step 120",
-                   "test accuracy 0.8761", "model.keras", "error:     the host went away"):
+                   "test accuracy 0.8761", "model.keras", "error:     the host went away",
+                   "keras.models.load_model('/var/lib/crowdd/jobs/x/output/model.keras')",
+                   "model card (classes, metrics, how it was trained): /var/lib/crowdd/jobs/x/output/model.card.json"):
         assert needle in text, needle
     held = {**st, "idle": {"allowed": False, "rule": "user_idle", "reason": "active 2 min ago"},
             "dataset": {"name": None, "size": None, "digest": None}, "group": None, "training": None}
     out = io.StringIO()
     format_status(held, out)
     assert "held back by user_idle (active 2 min ago)" in out.getvalue()
+
+
+class _StatusOnly:
+    def __init__(self, st: dict[str, Any]) -> None:
+        self.st = st
+
+    async def status(self) -> dict[str, Any]:
+        return self.st
+
+
+def _follow(events: list[dict[str, Any] | None], st: dict[str, Any]) -> tuple[int, str]:
+    import asyncio
+    import io
+
+    from crowdd.commands import follow_session
+
+    async def go() -> tuple[int, str]:
+        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        for ev in events:
+            queue.put_nowait(ev)
+        out = io.StringIO()
+        code = await follow_session(queue, out, _StatusOnly(st))  # type: ignore[arg-type]
+        return code, out.getvalue()
+
+    return asyncio.run(go())
+
+
+def test_host_follow_streams_the_session_to_its_end() -> None:
+    events: list[dict[str, Any] | None] = [
+        {"event": "state", "state": "standby", "previous": "waiting"},  # a worker cycle that hosting ended
+        {"event": "state", "state": "registering", "previous": "standby"},
+        {"event": "state", "state": "training", "previous": "replicating"},
+        {"event": "progress", "epoch": 1, "epochs": 2, "step": 10, "total_steps": 20, "loss": 0.5, "accuracy": 0.8},
+        {"event": "eval", "epoch": 1, "test_accuracy": 0.85},
+        {"event": "log", "level": "warning", "message": "worker 2 dropped"},
+        {"event": "state", "state": "finished", "previous": "training"},
+        {"event": "state", "state": "standby", "previous": "finished"},
+        {"event": "progress", "epoch": 9},  # after the end: not read
+    ]
+    st = {"result": {"test_accuracy": 0.87, "model_path": "/x/output/model.keras"}, "error": None}
+    code, out = _follow(events, st)
+    assert code == 0, out
+    for needle in ("state: registering", "epoch 1/2 step 10/20 loss 0.500 accuracy 0.800", "epoch 1: test accuracy 0.8500",
+                   "warning: worker 2 dropped", "done: test accuracy 0.8700; model: /x/output/model.keras",
+                   "keras.models.load_model('/x/output/model.keras')"):
+        assert needle in out, needle
+    assert "epoch 9" not in out
+
+
+def test_host_follow_fails_with_the_sessions_error() -> None:
+    events: list[dict[str, Any] | None] = [
+        {"event": "state", "state": "registering", "previous": "off"},
+        {"event": "log", "level": "error", "message": "training failed: loss diverged at step 40; lower the learning rate"},
+        {"event": "state", "state": "off", "previous": "training"},
+    ]
+    code, out = _follow(events, {"result": None, "error": "training failed: loss diverged at step 40"})
+    assert code == 1 and "crowdd host: training failed: loss diverged at step 40" in out
+    code, out = _follow([None], {})
+    assert code == 1 and "the daemon went away" in out
+
+
+def test_model_describes_the_card_and_how_to_load_it(tmp_path: Path) -> None:
+    import io
+
+    from crowdd.export import describe
+
+    model = tmp_path / "model.keras"
+    model.write_bytes(b"zip")
+    (tmp_path / "model.card.json").write_text(json.dumps({
+        "output": {"kind": "classification", "classes": ["cat", "dog"]}, "test_accuracy": 0.91,
+        "dataset": {"name": "pets", "digest": "ab" * 32}, "input": {"shape": [8, 8, 1]}, "steps": 120, "seconds": 3.5,
+        "stopped_early": True}))
+    out = io.StringIO()
+    describe(model, out)
+    text = out.getvalue()
+    for needle in (f"model: {model}", "test accuracy 0.91; classes cat, dog", "dataset pets (abababababab)",
+                   "[8, 8, 1] raw features; 120 steps in 3.5 s (stopped early)", f"keras.models.load_model({str(model)!r})"):
+        assert needle in text, needle
+    args = build_parser().parse_args(["model", "export", str(tmp_path / "out")])
+    assert args.dest == tmp_path / "out"
+    assert build_parser().parse_args(["model"]).dest is None
+
+
+def test_model_without_a_daemon_or_a_model_says_so(tmp_path: Path, daemon: tuple[Path, subprocess.Popen[bytes]]) -> None:
+    r = crowdd("model", root=tmp_path / "nobody")
+    assert r.returncode == EXIT_NO_DAEMON
+    root, _ = daemon
+    r = crowdd("model", root=root)
+    assert r.returncode == 1 and "no trained model" in r.stderr

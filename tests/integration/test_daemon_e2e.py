@@ -165,11 +165,59 @@ async def test_every_state_and_a_trained_model(crowd: Crowd, tmp_path: Path) -> 
         st = json.loads(stdout)
         assert st["state"] == "off" and st["result"]["test_accuracy"] == result["test_accuracy"]
         assert st["dataset"]["name"] == "digits" and st["error"] is None
+
+        # `crowdd model export`: the model and its card, with the members the host daemon added
+        dest = tmp_path / "export"
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "crowdd", "model", "export", str(dest), "--root", str(crowd.host.root),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0, stderr
+        assert (dest / "model.keras").is_file() and "keras.models.load_model" in stdout.decode()
+        card = json.loads((dest / "model.card.json").read_text())
+        assert [m["index"] for m in card["members"]] == [0, 1, 2] and all(m["trained"] for m in card["members"])
+        assert card["test_accuracy"] == result["test_accuracy"] and len(card["evaluations"]) == 10
     finally:
         await rec.close()
     # the workers' job directories are cleaned up; no job process is left
     for w in crowd.workers:
         assert not list((w.root / "state" / "jobs").glob("*/spec.json"))
+    for _ in range(50):
+        if not job_processes(crowd.root):
+            break
+        await asyncio.sleep(0.2)
+    assert not job_processes(crowd.root)
+
+
+async def test_stop_on_a_host_mid_training_keeps_the_model_so_far(crowd: Crowd, tmp_path: Path) -> None:
+    data = digits_npz(tmp_path / "digits.npz")
+    rec = Recorder(crowd.nodes)
+    await rec.start()
+    try:
+        await donate_all(crowd.workers)
+        await host_job(crowd.host, data,
+                       {"workers": 2, "min_workers": 2, "epochs": 5000, "learning_rate": 0.1, "sharding": "full"})
+        await rec.wait("host", lambda e: e["event"] == "eval", 240)  # an epoch done; thousands to go
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "crowdd", "stop", "--root", str(crowd.host.root),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0, stderr
+        assert "the whole group's training ends now" in stdout.decode() and "model trained so far" in stdout.decode()
+        result = await rec.host_result(crowd.host, 120)
+        assert result["test_accuracy"] > 0.5 and Path(result["model_path"]).is_file()
+        card = json.loads(Path(result["model_path"]).with_name("model.card.json").read_text())
+        assert card["stopped_early"] is True and card["steps"] < card["total_steps"]
+        assert Path(card["checkpoint"]).is_file()
+        logs = [e["message"] for e in rec.of("host", "log")]
+        assert any(m.startswith("stopped by the user at step ") and "kept the checkpoint" in m for m in logs), logs
+        for w in crowd.workers:  # every member ends cleanly, with the host's result
+            ev = await rec.wait(w.name, lambda e: e["event"] == "result", 30)
+            assert ev["test_accuracy"] == result["test_accuracy"]
+    finally:
+        await rec.close()
     for _ in range(50):
         if not job_processes(crowd.root):
             break

@@ -122,9 +122,9 @@ class FakeDaemonClient:
             self._set_state("standby")
         return {"type": "ok", "donating": on}
 
-    async def host(self, dataset: str, job: dict[str, Any]) -> dict[str, Any]:
+    async def host(self, dataset: str, job: dict[str, Any], model_file: str | None = None) -> dict[str, Any]:
         self._check()
-        self.calls.append(("host", dataset, job))
+        self.calls.append(("host", dataset, job) if model_file is None else ("host", dataset, job, model_file))
         if self.host_error is not None:
             raise self.host_error
         try:

@@ -250,7 +250,8 @@ async def test_host_form_valid(dataset: Path) -> None:
         await connected(pilot, app)
         form = await open_form(pilot, app)
         await fill(pilot, form, "dataset", str(dataset))
-        assert str(form.query_one("#msg-dataset", Label).content) == ".npz, .csv, or a directory of IDX files"
+        assert str(form.query_one("#msg-dataset", Label).content) == (
+            ".npz, .csv, an IDX directory, or a folder of class folders of images")
         await fill(pilot, form, "workers", "3")
         await fill(pilot, form, "learning_rate", "0.1")
         await fill(pilot, form, "batch_size", "64")
@@ -269,6 +270,30 @@ async def test_host_form_valid(dataset: Path) -> None:
         assert job == expected
         await until(pilot, lambda: main_text(app, "#state") == "registering", "registering")
         assert main_text(app, "#role") == "host"
+
+
+async def test_host_form_sends_the_hosts_model_file(dataset: Path, tmp_path: Path) -> None:
+    client = FakeDaemonClient(base_status(state="standby", donating=True))
+    app = make_app(client)
+    async with app.run_test(size=SIZE) as pilot:
+        await connected(pilot, app)
+        form = await open_form(pilot, app)
+        await fill(pilot, form, "dataset", str(dataset))
+        await fill(pilot, form, "model_file", str(tmp_path / "missing.keras"))
+        assert "no such file" in str(form.query_one("#msg-model_file", Label).content)
+        await fill(pilot, form, "model_file", str(dataset))
+        assert "must be a Keras 3 .keras file" in str(form.query_one("#msg-model_file", Label).content)
+        await pilot.click("#host-submit")
+        await pilot.pause()
+        assert not any(c[0] == "host" for c in client.calls)
+        model = tmp_path / "mine.keras"
+        model.write_bytes(b"zip")
+        await fill(pilot, form, "model_file", str(model))
+        assert str(form.query_one("#msg-model_file", Label).content) == ""
+        await pilot.click("#host-submit")
+        await until(pilot, lambda: any(c[0] == "host" for c in client.calls), "host sent")
+        (_, sent_path, _job, sent_model), = [c for c in client.calls if c[0] == "host"]
+        assert sent_path == str(dataset.resolve()) and sent_model == str(model.resolve())
 
 
 async def test_host_form_directory_dataset_and_enter_submits(tmp_path: Path) -> None:
@@ -397,6 +422,9 @@ async def test_stop_confirmed(how: str) -> None:
         await pilot.press("s")
         await until(pilot, lambda: isinstance(app.screen, ConfirmStopScreen), "confirmation")
         assert not any(c[0] == "stop" for c in client.calls)
+        # a host is warned that the whole group's training ends, and that its model is kept
+        said = " ".join(str(label.render()) for label in app.screen.query(Label))
+        assert "ends the whole group's training" in said and "model trained so far" in said
         if how == "key-y":
             await pilot.press("y")
         else:

@@ -74,6 +74,18 @@ def test_dataset_checks(tmp_path: Path) -> None:
     assert "must be a .npz file" in (check_dataset(str(tmp_path / "c.txt")) or "")
 
 
+def test_check_model_file(tmp_path: Path) -> None:
+    from crowdd.tui.form import check_model_file, model_file_path
+
+    assert check_model_file("") is None and model_file_path("  ") is None  # the preset
+    assert check_model_file(str(tmp_path / "m.keras")) == "no such file"
+    (tmp_path / "m.h5").write_bytes(b"x")
+    assert "must be a Keras 3 .keras file" in (check_model_file(str(tmp_path / "m.h5")) or "")
+    (tmp_path / "m.keras").write_bytes(b"x")
+    assert check_model_file(str(tmp_path / "m.keras")) is None
+    assert model_file_path(str(tmp_path / "m.keras")) == str((tmp_path / "m.keras").resolve())
+
+
 @pytest.mark.parametrize(
     ("field", "text", "value"),
     [("workers", " 4 ", 4), ("learning_rate", "0.25", 0.25), ("batch_size", "32", 32), ("epochs", "3", 3),
@@ -86,7 +98,8 @@ def test_parse_field_ok(field: str, text: str, value: object) -> None:
 
 @pytest.mark.parametrize(
     ("field", "text", "message"),
-    [("workers", "x", "whole number"), ("workers", "-1", "between 0 and 1024"), ("learning_rate", "nan", "finite"),
+    [("workers", "x", "whole number"), ("workers", "-1", "between 0 and 1024"), ("workers", "0", "at least 1"),
+     ("learning_rate", "nan", "finite"),
      ("learning_rate", "-1", "> 0"), ("epochs", "1e3", "whole number"), ("hidden", "", "non-empty"),
      ("optimizer", "rmsprop", "must be one of sgd, adam"), ("sharding", "random", "must be one of"),
      ("nonsense", "1", "unknown field")],

@@ -7,6 +7,7 @@ import contextlib
 import itertools
 import random
 import socket
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -199,6 +200,7 @@ async def test_matchmaker_down_never_kills_the_daemon(tmp_path: Path) -> None:
             await d.donate(True)
             await until(lambda: sum(1 for e in events if e.get("event") == "log" and "retrying" in e.get("message", "")) >= 3)
             assert d.state == S.REGISTERING
+            assert d.status()["error"].startswith(f"cannot reach the matchmaker 127.0.0.1:{port}: ")
             # the matchmaker comes up: the daemon gets in line
             mm = Matchmaker(MatchmakerConfig())
             await mm.start("127.0.0.1", port, MM_TLS)
@@ -206,6 +208,7 @@ async def test_matchmaker_down_never_kills_the_daemon(tmp_path: Path) -> None:
                 await until(lambda: d.state == S.WAITING)
                 st = d.status()
                 assert st["queue"]["position"] == 1 and st["role"] == "worker"
+                assert st["error"] is None  # reached: the problem cleared
             finally:
                 await mm.close()
             await until(lambda: d.state == S.REGISTERING)  # it went away again: back in the retry loop
@@ -268,15 +271,63 @@ async def test_host_request_is_checked(tmp_path: Path) -> None:
         assert (await c.status())["state"] == "off"  # nothing changed
 
 
-async def test_bad_dataset_is_reported_not_retried(tmp_path: Path) -> None:
+async def test_bad_dataset_is_refused_at_once_with_the_reason(tmp_path: Path) -> None:
     bad = tmp_path / "bad.npz"
     bad.write_bytes(b"this is not a zip file")
     async with running(tmp_path, free_port()) as d, ControlClient(d.paths.control_socket) as c:
-        assert (await c.host(str(bad), {"workers": 1}))["type"] == "ok"
-        await until(lambda: d.status()["error"] is not None and d.state == S.OFF)
+        with pytest.raises(wire.RemoteError) as err:
+            await c.host(str(bad), {"workers": 1})
+        assert err.value.field == "dataset" and err.value.code == "bad_field"
+        assert "cannot host" in err.value.message and str(bad) in err.value.message
         st = await c.status()
-        assert "cannot host" in st["error"] and str(bad) in st["error"]
-        assert st["role"] is None
+        assert st["role"] is None and st["state"] == "off"  # nothing was started
+        good = tmp_path / "good.csv"
+        good.write_text("".join(f"{i % 2},{i},{i * 2}\n" for i in range(20)))
+        reply = await c.host(str(good), {"workers": 1})  # the refusal left nothing behind
+        assert reply["type"] == "ok"
+        assert reply["dataset"]["train"] == 16 and reply["dataset"]["test"] == 4 and reply["dataset"]["classes"] == 2
+        with pytest.raises(wire.RemoteError) as err:
+            await c.host(str(good), {"workers": 1})
+        assert err.value.code == "busy"
+
+
+async def test_a_model_file_that_does_not_fit_the_dataset_is_refused_at_once(tmp_path: Path) -> None:
+    import json
+    import zipfile
+
+    data = tmp_path / "d.csv"
+    data.write_text("".join(f"{i % 3},{i},{i * 2}\n" for i in range(30)))  # 2 features, 3 classes
+    model = tmp_path / "m.keras"
+    with zipfile.ZipFile(model, "w") as z:
+        z.writestr("config.json", json.dumps({"module": "keras", "class_name": "Sequential", "config": {"layers": [
+            {"module": "keras.layers", "class_name": "InputLayer", "config": {"batch_shape": [None, 2]}},
+            {"module": "keras.layers", "class_name": "Dense", "config": {"units": 10, "activation": "softmax"}}]}}))
+    async with running(tmp_path, free_port()) as d, ControlClient(d.paths.control_socket) as c:
+        with pytest.raises(wire.RemoteError) as err:
+            await c.host(str(data), {}, model_file=str(model))
+        assert err.value.field == "model_file"
+        assert f"{model}: the model's output layer has 10 units but the dataset has 3 classes" in err.value.message
+        with pytest.raises(wire.RemoteError) as err:
+            await c.host(str(data), {"model": "file"})
+        assert err.value.field == "model_file" and "--model-file" in err.value.message
+        with pytest.raises(wire.RemoteError) as err:
+            await c.host(str(data), {}, model_file=str(tmp_path / "missing.keras"))
+        assert err.value.field == "model_file" and "no such file" in err.value.message
+        assert d.status()["role"] is None
+
+
+async def test_crowdd_host_waits_for_the_verdict_and_exits_non_zero_on_a_bad_dataset(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text("label,a,b\n0,1,2\n1,3,oops\n0,5,6\n")
+    async with running(tmp_path, free_port()) as d:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "crowdd", "host", str(bad), "--socket", str(d.paths.control_socket),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 50)
+        assert proc.returncode == 2, (out, err)
+        assert f"{bad} line 3, column 3: non-numeric value 'oops'" in err.decode(), err
+        assert d.status()["role"] is None
 
 
 class Switchable(Refusing):

@@ -405,7 +405,7 @@ def test_csv_split_options(tmp_path: Path) -> None:
         load(src, test_fraction=0.01)
     npz = tmp_path / "a.npz"
     np.savez(npz, **vars(small_arrays()))
-    with pytest.raises(DatasetError, match="applies to CSV only"):
+    with pytest.raises(DatasetError, match="applies to CSV and image folders only"):
         load(npz, test_fraction=0.5)
 
 
@@ -416,15 +416,17 @@ def test_csv_only_label_column(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("labels", "pattern"),
+    ("labels", "pattern", "csv_pattern"),
     [
-        ([0, 1, -1], r"y_train: negative label -1 at index 2"),
-        ([0, 1.5, 1], r"y_train: non-integer label 1\.5 at index 1"),
-        ([0, 1, 10**9], r"y_train: label 1000000000 at index 2 out of range 0\.\.99999"),
-        ([0, 0, 0], r"every label is 0"),
+        ([0, 1, -1], r"y_train: negative label -1 at index 2", r"line 3, column 1 \(the label\): label -1 is negative"),
+        ([0, 1.5, 1], r"y_train: non-integer label 1\.5 at index 1",
+         r"line 2, column 1 \(the label\): label 1\.5 is not a class number .*--task regression"),
+        ([0, 1, 10**9], r"y_train: label 1000000000 at index 2 out of range 0\.\.99999",
+         r"line 3, column 1 \(the label\): label 1000000000 is out of range 0\.\.99999"),
+        ([0, 0, 0], r"every label is 0", r"every label is 0"),
     ],
 )
-def test_bad_labels(tmp_path: Path, labels: list[float], pattern: str) -> None:
+def test_bad_labels(tmp_path: Path, labels: list[float], pattern: str, csv_pattern: str) -> None:
     npz = tmp_path / "l.npz"
     np.savez(npz, x_train=np.ones((3, 2)), y_train=np.array(labels), x_test=np.ones((1, 2)), y_test=np.array([0]))
     with pytest.raises(DatasetError, match=rf"l\.npz: {pattern}"):
@@ -432,8 +434,61 @@ def test_bad_labels(tmp_path: Path, labels: list[float], pattern: str) -> None:
     rows = [[lab, 1, 2] for lab in labels]
     src = write_csv(tmp_path / "l.csv", rows)
     test = write_csv(tmp_path / "t.csv", [[0, 1, 2]])
-    with pytest.raises(DatasetError, match=rf"l\.csv: {pattern}"):
+    with pytest.raises(DatasetError, match=rf"l\.csv:? {csv_pattern}"):
         load(src, test_file=test)
+
+
+def test_csv_errors_name_the_line_and_column_in_the_file_not_the_shuffled_split(tmp_path: Path) -> None:
+    rows = "".join(f"{i % 3},{i},{i * 0.5}\n" for i in range(40))
+    src = tmp_path / "s.csv"
+    src.write_text("label,a,b\n" + rows + "\n2.5,1,1\n")  # a blank line, then a float target on line 43
+    with pytest.raises(DatasetError, match=r"s\.csv line 43, column 1 \(the label\): label 2\.5 is not a class number"):
+        load(src)
+    src.write_text("label,a,b\n" + rows.replace("7,3.5", "7,nan") )  # NaN parses as a float: named anyway
+    with pytest.raises(DatasetError, match=r"s\.csv line 9, column 3: nan is not a finite number"):
+        load(src)
+    src.write_text("label,a,b\n" + rows.replace("\n1,10,", "\n1,inf,"))
+    with pytest.raises(DatasetError, match=r"s\.csv line 12, column 2: inf is not a finite number"):
+        load(src)
+
+
+def test_a_regression_target_is_not_silently_a_classifier(tmp_path: Path) -> None:
+    """scikit-learn's diabetes: 442 rows, integer targets 25..346 — not 347 classes."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(25, 347, 442)
+    x = rng.normal(size=(442, 10))
+    src = write_csv(tmp_path / "diabetes.csv", np.column_stack([y, x]).tolist())
+    with pytest.raises(DatasetError, match=r"diabetes\.csv: labels: \d+ distinct values up to \d+ make \d+ classes for "
+                                           r"442 rows \(at most 221\): this looks like a quantity to predict: use --task regression"):
+        load(src)
+    arrays = load(src, task="regression")  # what the host meant
+    layout = datasets.check(arrays)
+    assert layout.task == "regression" and layout.num_classes == 1
+    prepared = datasets.convert(src, tmp_path / "out", task="regression")
+    back = datasets.read_canonical(prepared.data_path, prepared.manifest.layout)
+    assert back.y_train.dtype == np.float32 and set(back.y_train.tolist()) <= set(y.astype(float).tolist())
+
+
+def test_regression_targets_are_any_finite_number(tmp_path: Path) -> None:
+    src = tmp_path / "r.csv"
+    src.write_text("x,price\n" + "".join(f"{i},{i * 1.5 - 3}\n" for i in range(30)))
+    arrays = load(src, label="price", task="regression")
+    assert sorted(np.concatenate([arrays.y_train, arrays.y_test]).tolist()) == [i * 1.5 - 3 for i in range(30)]
+    src.write_text("x,price\n" + "".join(f"{i},{i * 1.5}\n" for i in range(30)) + "4,inf\n")
+    with pytest.raises(DatasetError, match=r"r\.csv line 32, column 2: inf is not a finite number"):
+        load(src, label="price", task="regression")
+    with pytest.raises(DatasetError, match="task must be one of classification, regression"):
+        load(src, task="ranking")
+
+
+def test_labels_with_wide_gaps_are_refused(tmp_path: Path) -> None:
+    rows = [[0 if i % 2 else 99999, i, 1] for i in range(50)]
+    src = write_csv(tmp_path / "gaps.csv", rows)
+    with pytest.raises(DatasetError, match=r"gaps\.csv: labels: \{0, 99999\} leave 99998 of the class numbers "
+                                           r"0\.\.99999 unused \(the model would need 100000 outputs for 2 classes\)"):
+        load(src)
+    ok = write_csv(tmp_path / "ok.csv", [[1 + i % 3, i, 1] for i in range(50)])  # 0 unused: fine
+    assert datasets.check(load(ok)).num_classes == 4
 
 
 def test_bad_label_shapes() -> None:
@@ -531,3 +586,26 @@ def test_read_canonical_size_mismatch(tmp_path: Path) -> None:
 def test_bad_chunk_size(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="chunk size"):
         convert(small_arrays(), tmp_path, chunk_size=0)
+
+
+def test_csv_label_column_by_name(tmp_path: Path) -> None:
+    rows = "".join(f"{i},{i * 2},{i % 3}\n" for i in range(30))
+    src = tmp_path / "named.csv"
+    src.write_text("alcohol,ash,cultivar\n" + rows)
+    arrays = load(src, label="cultivar")
+    assert sorted(np.concatenate([arrays.y_train, arrays.y_test]).tolist()) == sorted(i % 3 for i in range(30))
+    assert arrays.x_train.shape[1] == 2
+    first = arrays.x_train[0]
+    assert first[1] == 2 * first[0]  # the features keep their order, the label left them
+    with pytest.raises(DatasetError, match=r"named\.csv line 1: no column named 'kind' \(the columns: alcohol, ash, cultivar\)"):
+        load(src, label="kind")
+    src.write_text("alcohol,ash,cultivar\n" + rows + "1,2,0.5\n")
+    with pytest.raises(DatasetError, match=r"named\.csv line 32, column 3 \(the label\): label 0\.5 is not a class number"):
+        load(src, label="cultivar")
+    bare = write_csv(tmp_path / "bare.csv", [[0, 1, 2], [1, 2, 3]])
+    with pytest.raises(DatasetError, match=r"needs a header row"):
+        load(bare, label="cultivar")
+    npz = tmp_path / "a.npz"
+    np.savez(npz, x_train=np.ones((3, 2)), y_train=np.array([0, 1, 0]), x_test=np.ones((1, 2)), y_test=np.array([1]))
+    with pytest.raises(DatasetError, match="label column applies to CSV only"):
+        load(npz, label="y")

@@ -36,9 +36,30 @@ def test_encode_needs_string_type() -> None:
         wire.encode({"type": 3})
 
 
-def test_encode_refuses_nan() -> None:
-    with pytest.raises(ValueError):
-        wire.encode({"type": "x", "v": float("nan")})
+def test_encode_sends_nan_and_infinity_as_null() -> None:
+    import numpy as np
+
+    frame = {"type": "x", "v": float("nan"), "deep": [{"a": float("inf")}, (float("-inf"), 1.5)],
+             "np": np.float32("nan"), "ok": np.float32(0.5)}
+    body = wire.encode(frame)[wire.HEADER_SIZE:]
+    assert b"NaN" not in body and b"Infinity" not in body
+    assert wire.decode_body(body) == {"type": "x", "v": None, "deep": [{"a": None}, [None, 1.5]],
+                                      "np": None, "ok": 0.5}
+
+
+def test_job_events_carry_a_diverged_loss_as_null() -> None:
+    import io
+
+    import numpy as np
+
+    from crowdd.job.events import EventWriter, parse_event
+
+    out = io.StringIO()
+    EventWriter(out, clock=lambda: 1.0).emit("progress", loss=np.float32("nan"), accuracy=float("inf"), step=3)
+    line = out.getvalue()
+    assert "NaN" not in line and "Infinity" not in line
+    json.loads(line, parse_constant=lambda c: pytest.fail(f"non-standard JSON token {c}"))
+    assert parse_event(line) == {"event": "progress", "time": 1.0, "loss": None, "accuracy": None, "step": 3}
 
 
 def test_encode_too_large() -> None:

@@ -19,10 +19,18 @@ class ConfirmStopScreen(ModalScreen[bool]):
         Binding("n,escape", "answer(False)", "Cancel"),
     ]
 
+    WORKER = "The group is left and training ends on this machine. Donation stays as it is."
+    HOST = ("This ends the whole group's training, on every member. The latest checkpoint is kept "
+            "and the model trained so far is written.")
+
+    def __init__(self, *, hosting: bool = False) -> None:
+        super().__init__()
+        self.hosting = hosting
+
     def compose(self) -> ComposeResult:
         with Vertical(id="confirm-dialog", classes="dialog"):
             yield Label("Stop the current session?", classes="dialog-title")
-            yield Label("The group is left and training ends on this machine. Donation stays as it is.")
+            yield Label(self.HOST if self.hosting else self.WORKER)
             with Horizontal(classes="dialog-buttons"):
                 yield Button("Stop", id="confirm-stop", variant="error", compact=True)
                 yield Button("Cancel", id="confirm-cancel", compact=True)

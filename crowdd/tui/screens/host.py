@@ -17,10 +17,10 @@ from textual.screen import ModalScreen
 from textual.validation import ValidationResult, Validator
 from textual.widgets import Button, Footer, Input, Label, Select
 
-from crowdd.tui.form import FIELDS, FormError, build_request, field_error
+from crowdd.tui.form import FIELDS, FormError, build_request, field_error, model_file_path
 from crowdd.tui.messages import HostRequested
 
-DATASET_HINT = ".npz, .csv, or a directory of IDX files"
+DATASET_HINT = ".npz, .csv, an IDX directory, or a folder of class folders of images"
 
 
 class FieldCheck(Validator):
@@ -58,6 +58,16 @@ class HostScreen(ModalScreen[None]):
                         compact=True,
                     )
                 yield Label(DATASET_HINT, id="msg-dataset", classes="field-msg dataset-msg")
+                with Horizontal(classes="field-row"):
+                    yield Label("Model file", classes="field-label")
+                    yield Input(
+                        "",
+                        placeholder="optional .keras",
+                        id="field-model_file",
+                        validators=[FieldCheck("model_file")],
+                        compact=True,
+                    )
+                yield Label("", id="msg-model_file", classes="field-msg")
                 for spec in FIELDS:
                     with Horizontal(classes="field-row"):
                         yield Label(spec.label, classes="field-label")
@@ -113,7 +123,8 @@ class HostScreen(ModalScreen[None]):
         self.action_submit()
 
     def _values(self) -> dict[str, str]:
-        values = {"dataset": self.query_one("#field-dataset", Input).value}
+        values = {"dataset": self.query_one("#field-dataset", Input).value,
+                  "model_file": self.query_one("#field-model_file", Input).value}
         for spec in FIELDS:
             widget = self.query_one(f"#field-{spec.name}")
             if isinstance(widget, Select):
@@ -149,7 +160,7 @@ class HostScreen(ModalScreen[None]):
         status.remove_class("error")
         status.update("Asking the daemon to host…")
         self.query_one("#host-submit", Button).disabled = True
-        self.post_message(HostRequested(dataset, job))
+        self.post_message(HostRequested(dataset, job, model_file_path(values.get("model_file", ""))))
 
     # ------------------------------------------------------------------ buttons
 

@@ -34,6 +34,7 @@ class MainScreen(Screen[None]):
         self.where = where
         self.timestamp = timestamp
         self.donating = False
+        self.hosting = False
         self._ready = False
         self._pending_view: DaemonView | None = None
         self._pending_lines: list[tuple[str, str]] = []
@@ -64,6 +65,7 @@ class MainScreen(Screen[None]):
 
     def show(self, view: DaemonView) -> None:
         self.donating = view.donating
+        self.hosting = view.role == "host"
         if not self._ready:  # messages can arrive before the screen is composed
             self._pending_view = view
             return
@@ -123,4 +125,4 @@ class MainScreen(Screen[None]):
             if yes:
                 self.post_message(StopRequested())
 
-        self.app.push_screen(ConfirmStopScreen(), confirmed)
+        self.app.push_screen(ConfirmStopScreen(hosting=self.hosting), confirmed)
