@@ -75,9 +75,12 @@ def _call(args: argparse.Namespace, fn: Callable[[ControlClient], Awaitable[Any]
 def daemon(args: argparse.Namespace) -> int:
     from crowdd.node.daemon import run  # the daemon's modules only when running it
 
+    from crowdd import logs
+
     cfg, paths = resolve_config(args)
-    if not getattr(args, "verbose", 0):
-        logging.getLogger().setLevel(logging.INFO)  # a service logs its transitions by default
+    # a service logs its transitions by default; to stderr (the journal) and its rotating file
+    level = logging.getLogger().level if getattr(args, "verbose", 0) else logging.INFO
+    logs.configure(level, log_dir=paths.log_dir)
     return run(
         cfg,
         paths,

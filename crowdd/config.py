@@ -205,11 +205,11 @@ def load_config(path: Path | str | None) -> Config:
     if path is None:
         return Config()
     path = Path(path)
-    if not path.exists():
-        return Config()
     try:
         with path.open("rb") as fh:
             data = tomllib.load(fh)
+    except (FileNotFoundError, NotADirectoryError):
+        return Config()
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(path), "(syntax)", f"not valid TOML: {exc}") from None
     except OSError as exc:
