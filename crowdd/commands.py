@@ -20,7 +20,8 @@ from crowdd.client.resolve import client_endpoint, resolve_config
 from crowdd.control import (
     ControlClient,
 )
-from crowdd.errors import Unavailable
+from crowdd.errors import InputError, Unavailable
+from crowdd.handoff import open_dataset
 from crowdd.hyperparams import HyperparamError, parse_hidden, validate_job
 
 logger = logging.getLogger(__name__)
@@ -240,7 +241,20 @@ def host(args: argparse.Namespace) -> int:
             print(f"crowdd host: --test-fraction: must be between 0 and 1, got {test_fraction}", file=sys.stderr)
             return EXIT_USAGE
         request["test_fraction"] = test_fraction
-    code, _ = _call(args, lambda c: c.request(request))
+    if client_endpoint(args).is_tcp:  # (Windows) the service reads the path itself
+        code, _ = _call(args, lambda c: c.request(request))
+    else:
+        # The dataset is opened here, with this user's permissions, and handed to the daemon
+        # (crowdd.handoff): the system service sees no /home and reads nothing on a user's behalf.
+        try:
+            files = open_dataset(dataset)
+        except InputError as exc:
+            print(f"crowdd host: {exc.message}", file=sys.stderr)
+            return EXIT_USAGE
+        try:
+            code, _ = _call(args, lambda c: c.host_files(files, job, test_fraction))
+        finally:
+            files.close()
     if code == EXIT_OK:
         print(f"hosting {dataset}: the daemon is preparing it and looking for workers (see `crowdd status`)")
     return code

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
 import random
+import secrets
 import signal
 import socket
 import sys
@@ -35,6 +37,8 @@ from crowdd.node.backoff import Backoff
 from crowdd.node.status import StatusView
 from crowdd.cache import DatasetCache
 from crowdd.config import Config, ConfigError, Paths, load_config, parse_hostport
+from crowdd.errors import CrowddError
+from crowdd.handoff import remove_staging
 from crowdd.control import ControlServer, Endpoint
 from crowdd.node.context import SessionContext, SessionFailed, exposed_refusal
 from crowdd.node.host import Prepared, lead, prepare_dataset
@@ -56,6 +60,7 @@ from crowdd.node.worker import follow
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "daemon.json"
+INCOMING = "incoming"  # under the cache directory: datasets handed over, until converted
 S = State
 
 
@@ -105,6 +110,7 @@ class Daemon:
         self._abort_reason: str | None = None
         self._backoff = Backoff(cfg.daemon.retry_min, cfg.daemon.retry_max, self._rng)
         self._host_request: HostRequest | None = None
+        self._staging: Path | None = None  # the copy of a handed-over dataset (crowdd.handoff)
         self._job_python = job_python
         self.confinement = confinement
 
@@ -125,6 +131,7 @@ class Daemon:
     async def start(self) -> None:
         self.paths.ensure()
         self.cache.ensure()
+        remove_staging(self.paths.cache_dir / INCOMING)  # left by a daemon that was killed
         self.identity = Identity.load_or_create(self.paths.identity_dir, "node")
         if self.confinement is None:
             self.confinement = await asyncio.get_running_loop().run_in_executor(None, userns.probe, self._job_python)
@@ -143,6 +150,7 @@ class Daemon:
         logger.info("crowdd daemon %s stopping", self.name)
         await cancel_and_wait(self._main, self._watchdog, timeout=60.0)
         await self._control.close()
+        self._drop_staging()
 
     async def main(self) -> int:
         """Run until SIGTERM/SIGINT (or :meth:`request_shutdown`), then shut down cleanly."""
@@ -245,15 +253,48 @@ class Daemon:
             raise wire.WireError(wire.ErrorCode.BUSY, "already hosting; `crowdd stop` ends that session first")
         if role == "worker" and self.state not in (S.STANDBY, S.REGISTERING, S.WAITING):
             raise wire.WireError(wire.ErrorCode.BUSY, f"this node is {self.state.value} as a worker; `crowdd stop` first")
+        origin = request.dataset
+        if request.upload is not None:
+            request = await self._stage(request)
+            if self._host_request is not None:  # another request won while this one was copied
+                self._drop_staging()
+                raise wire.WireError(wire.ErrorCode.BUSY, "already hosting; `crowdd stop` ends that session first")
         self._host_request = request
         if role == "worker":
             self._abort("switching to host")
-        self.view.log(logging.INFO, f"asked to host {request.dataset}")
+        handed = f" (handed over, copied to {request.dataset})" if self._staging is not None else ""
+        self.view.log(logging.INFO, f"asked to host {origin}{handed}")
         self._wake.set()
         return {"type": "ok"}
 
+    async def _stage(self, request: HostRequest) -> HostRequest:
+        """Copy the files a client handed over into the cache's ``incoming`` directory; the
+        request then names that copy. Kept while the request is, then removed."""
+        upload = request.upload
+        assert upload is not None
+        if self._staging is not None:
+            raise wire.WireError(wire.ErrorCode.BUSY, "already receiving a dataset")
+        staging = self.paths.cache_dir / INCOMING / secrets.token_hex(8)
+        self._staging = staging
+        target = staging / (request.dataset.name or "dataset") if upload.is_dir else staging
+        try:
+            path = await asyncio.to_thread(upload.copy_into, target)
+        except OSError as exc:
+            self._drop_staging()
+            raise CrowddError(f"cannot copy the dataset into {staging.parent}: {exc.strerror or exc}") from None
+        except BaseException:
+            self._drop_staging()
+            raise
+        return dataclasses.replace(request, dataset=path, upload=None, origin=request.dataset)
+
+    def _drop_staging(self) -> None:
+        staging, self._staging = self._staging, None
+        if staging is not None:
+            remove_staging(staging)
+
     async def stop(self) -> dict[str, Any]:
         self._host_request = None
+        self._drop_staging()
         if self._cycle is not None:
             self._abort("stopped by the user")
         return {"type": "ok"}
@@ -368,6 +409,7 @@ class Daemon:
                 if self._host_request is None:
                     raise SessionFailed("nothing to host")
                 prepared = await prepare_dataset(cycle, self._host_request)
+                self._drop_staging()  # converted into the cache: the handed-over copy has served
             try:
                 res = Reservation(
                     self.cfg.daemon.listen_host, self.cfg.daemon.data_port, self.cfg.daemon.session_port,
@@ -420,6 +462,7 @@ class Daemon:
             res.close()
         if self.view.role == "host":
             self._host_request = None
+            self._drop_staging()
         self.view.end()
         self.states.to(S.STANDBY if self.donating else S.OFF)
 

@@ -51,17 +51,17 @@ async def prepare_dataset(c: SessionContext, req: HostRequest) -> Prepared:
 
         try:
             p = datasets.convert(req.dataset, c.cache.root, chunk_size=c.cfg.replication.chunk_size,
-                                 test_fraction=req.test_fraction)
+                                 test_fraction=req.test_fraction, name=datasets.default_name(req.shown))
         except datasets.DatasetError as exc:
-            raise SessionFailed(f"cannot host {req.dataset}: {exc}") from None
+            raise SessionFailed(f"cannot host {req.shown}: {req.as_shown(str(exc))}") from None
         path = c.cache.has(p.manifest) or p.data_path
-        return Prepared(path, p.manifest, p.manifest.name or req.dataset.name, req.job)
+        return Prepared(path, p.manifest, p.manifest.name or req.shown.name, req.job)
 
-    c.view.log(logging.INFO, f"preparing {req.dataset}")
+    c.view.log(logging.INFO, f"preparing {req.shown}")
     try:
         prepared = await asyncio.get_running_loop().run_in_executor(None, convert)
     except OSError as exc:
-        raise SessionFailed(f"cannot host {req.dataset}: {exc}") from None
+        raise SessionFailed(f"cannot host {req.shown}: {req.as_shown(str(exc))}") from None
     if rec is not None:
         rec.dataset = {"name": prepared.name, "size": prepared.manifest.size, "digest": prepared.manifest.digest()}
     return prepared
