@@ -18,7 +18,8 @@ from typing import Any, Protocol
 
 from crowdd import wire
 from crowdd.control import ControlClient, Endpoint
-from crowdd.errors import ErrorCode, RemoteError, Unavailable
+from crowdd.errors import ErrorCode, InputError, RemoteError, Unavailable
+from crowdd.handoff import open_dataset
 
 
 logger = logging.getLogger(__name__)
@@ -134,7 +135,17 @@ class ControlDaemonClient:
         return await self._call("donate", on)
 
     async def host(self, dataset: str, job: dict[str, Any]) -> dict[str, Any]:
-        return await self._call("host", dataset, job)
+        if self.endpoint.path is None or not self.endpoint.system:
+            return await self._call("host", dataset, job)
+        # the system service reads no paths: open the dataset here, as this user, and hand it over
+        try:
+            files = open_dataset(Path(dataset))
+        except InputError as exc:
+            raise RemoteError(exc.message, field=exc.field, code=exc.code) from None
+        try:
+            return await self._call("host_files", files, job)
+        finally:
+            files.close()
 
     async def stop(self) -> dict[str, Any]:
         return await self._call("stop")

@@ -261,3 +261,24 @@ async def test_announced_files_that_never_come(tmp_path: Path) -> None:
         assert rec.got == []
     finally:
         await server.close()
+
+
+async def test_the_tuis_client_hands_files_to_the_system_service(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from crowdd.client.daemon_client import ControlDaemonClient
+    from crowdd.errors import RemoteError
+
+    monkeypatch.setenv("HANDOFF_TMP", str(tmp_path))
+    f = tmp_path / "d.npz"
+    f.write_bytes(b"tui")
+    rec, server, ep = await _serve(tmp_path, system=True)
+    client = ControlDaemonClient(ep)
+    try:
+        assert (await client.host(str(f), {}))["type"] == "ok"
+        with pytest.raises(RemoteError, match="no such file or directory") as err:
+            await client.host(str(tmp_path / "missing.npz"), {})
+        assert err.value.field == "dataset"
+        assert rec.got == [(str(f), ["d.npz"], b"tui")]
+    finally:
+        await client.close()
+        await server.close()
