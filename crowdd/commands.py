@@ -231,8 +231,16 @@ def host(args: argparse.Namespace) -> int:
         print(f"crowdd host: {exc.field}: {exc.message}", file=sys.stderr)
         return EXIT_USAGE
     dataset = Path(args.dataset).expanduser().absolute()
-    if not dataset.exists():
+    try:
+        dataset.stat()
+    except FileNotFoundError:
         print(f"crowdd host: {dataset}: no such file or directory", file=sys.stderr)
+        return EXIT_USAGE
+    except PermissionError:
+        print(f"crowdd host: {dataset}: permission denied (you cannot read it, so you cannot host it)", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:
+        print(f"crowdd host: {dataset}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_USAGE
     request: dict[str, Any] = {"type": "host", "dataset": str(dataset), "job": job}
     test_fraction = getattr(args, "test_fraction", None)

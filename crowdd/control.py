@@ -451,6 +451,8 @@ def _chgrp(path: Path, group: str) -> None:
     except KeyError:
         logger.warning("group %r does not exist; %s stays root-only (create it with sysusers.d)", group, path)
         return
+    if path.stat().st_gid == gid:  # born so (the service's own group): no chown, which its syscall filter forbids
+        return
     try:
         os.chown(path, -1, gid)
     except PermissionError as exc:
