@@ -5,7 +5,8 @@ namespaces (it shares this machine's root file system and network) in about a se
 
 - a cgroup made below this process's own becomes the container's whole cgroup hierarchy, and
   is removed (with anything left in it) at the end;
-- tmpfs over ``/run``, ``/var/lib``, ``/var/log``, ``/tmp`` and ``/var/tmp``, and an overlay over
+- tmpfs over ``/run``, ``/var/lib``, ``/var/log``, ``/tmp`` and ``/var/tmp`` (but for the
+  directories it is told to ``keep``), and an overlay over
   ``/etc`` whose upper layer is a temporary directory: whatever the tests install (units,
   sysusers, config, the users that ``systemd-sysusers`` creates) never reaches the machine;
 - systemd logs to a pty read from here (:meth:`Container.console`); it boots into an empty
@@ -76,16 +77,18 @@ class Container:
     """systemd as PID 1 in new namespaces; see the module docstring."""
 
     def __init__(self, tmp: Path, *, setup: Sequence[str] = (), unit: str = TEST_TARGET,
-                 boot_timeout: float = 60.0, exit_on_unit_end: bool = False) -> None:
+                 boot_timeout: float = 60.0, exit_on_unit_end: bool = False, keep: Sequence[Path] = ()) -> None:
         """``setup``: shell commands run inside, as root, after the mounts and before systemd
         starts (install units, run systemd-sysusers, write config). ``unit``: what systemd
         starts (the empty test target by default). ``exit_on_unit_end``: the caller's unit
-        ends the boot itself (``SuccessAction=exit-force``): :meth:`wait` for it."""
+        ends the boot itself (``SuccessAction=exit-force``): :meth:`wait` for it. ``keep``:
+        directories of this machine under /tmp or /var/tmp that stay visible inside."""
         self.tmp = Path(tmp)
         self.setup = list(setup)
         self.unit = unit
         self.boot_timeout = boot_timeout
         self.exit_on_unit_end = exit_on_unit_end
+        self.keep = [Path(p) for p in keep]
         self.proc: subprocess.Popen[bytes] | None = None
         self.pid1 = 0
         self._console: list[bytes] = []
@@ -109,9 +112,13 @@ class Container:
             "mount -t tmpfs -o mode=0755 tmpfs /var/log",
             f"mount -t overlay overlay -o lowerdir=/etc,upperdir={q(str(upper))},workdir={q(str(work))} /etc",
             *self.setup,
-            # (after the setup, which may read from this machine's /tmp)
+            # (after the setup, which may read from this machine's /tmp); ``keep`` stays visible
+            *(f"mkdir -p /run/crowdd-test-keep/{i} && mount --bind {q(str(p))} /run/crowdd-test-keep/{i}"
+              for i, p in enumerate(self.keep)),
             "mount -t tmpfs -o mode=1777 tmpfs /tmp",
             "mount -t tmpfs -o mode=1777 tmpfs /var/tmp",
+            *(f"mkdir -p {q(str(p))} && mount --move /run/crowdd-test-keep/{i} {q(str(p))}"
+              for i, p in enumerate(self.keep)),
             f"printf %s {q(target)} > /etc/systemd/system/{TEST_TARGET}",
             # the machine's network-online.target would pull its own wait-online services in
             "ln -sf /dev/null /etc/systemd/system/network-online.target",
