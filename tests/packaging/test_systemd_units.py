@@ -300,3 +300,51 @@ def test_tensorflow_trains_under_the_hardened_unit_and_stop_leaves_nothing(crowd
             assert not [p for p in c.run("ps", "-eo", "user=", check=False).stdout.split() if p == "crowdd"]
         finally:
             crowd.close()
+
+
+# --------------------------------------------------------------------------- the user unit
+
+
+def test_the_user_unit_with_systemctl_user(crowdd_bin: Path, tmp_path: Path) -> None:
+    """packaging/systemd/user/crowdd.service, installed as docs/install.md says (the unit in
+    ~/.config/systemd/user, crowdd in ~/.local/bin), runs under alice's own service manager:
+    `systemctl --user start` returns once it is READY, `crowdd status` finds it with no options,
+    it runs with NoNewPrivs and the architecture filter, logs to its file, and stops clean.
+    (A real login starts the manager as user@UID.service through logind; logind and D-Bus are
+    not booted here, so the test starts the same `systemd --user` as a transient unit with a
+    delegated cgroup, which is what user@.service gives it.)"""
+    q = shlex.quote
+    unit = UNITS / "user" / "crowdd.service"
+    setup = [
+        "mount -t tmpfs -o mode=0755 tmpfs /home",
+        "useradd -m alice",
+        f"runuser -u alice -- install -Dm644 {q(str(unit))} /home/alice/.config/systemd/user/crowdd.service",
+        f"runuser -u alice -- sh -c 'mkdir -p ~/.local/bin && ln -s {q(str(crowdd_bin))} ~/.local/bin/crowdd'",
+    ]
+    with Container(tmp_path, setup=setup) as c:
+        uid = c.run("id", "-u", "alice").stdout.strip()
+        runtime = f"/run/user/{uid}"
+        c.run("sh", "-c", f"mkdir -p -m 0755 /run/user && install -d -m 0700 -o alice -g alice {runtime}")
+        c.run("systemd-run", "--unit=user-manager-alice", "-p", "DefaultDependencies=no", "-p", "Type=notify",
+              "-p", "Delegate=yes", "--uid=alice", f"--setenv=XDG_RUNTIME_DIR={runtime}",
+              "--setenv=HOME=/home/alice", "/lib/systemd/systemd", "--user")
+        env = {"XDG_RUNTIME_DIR": runtime, "HOME": "/home/alice"}
+
+        def user(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+            return c.run("runuser", "-u", "alice", "--", *cmd, check=check, env=env)
+
+        user("systemctl", "--user", "start", "crowdd")
+        props = dict(line.split("=", 1) for line in user(
+            "systemctl", "--user", "show", "crowdd", "-p", "ActiveState", "-p", "StatusText", "-p", "MainPID",
+            "-p", "Type").stdout.splitlines())
+        assert props["ActiveState"] == "active" and props["Type"] == "notify", props
+        assert props["StatusText"].startswith("off"), props
+        st = user(str(crowdd_bin), "status")  # the per-user socket in $XDG_RUNTIME_DIR/crowdd
+        assert "crowdd 0.1.0: off" in st.stdout or ": off" in st.stdout, st.stdout
+        status = proc_status(c.host_pid(int(props["MainPID"])))
+        assert status["NoNewPrivs"] == "1" and status["Seccomp"] == "2", status
+        logs = user(str(crowdd_bin), "logs")
+        assert "crowdd daemon" in logs.stdout and "ready" in logs.stdout, logs.stderr
+        user("systemctl", "--user", "stop", "crowdd")
+        assert user("systemctl", "--user", "is-active", "crowdd", check=False).stdout.strip() == "inactive"
+        assert "crowdd daemon" not in c.run("ps", "-eo", "args=").stdout
