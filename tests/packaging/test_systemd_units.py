@@ -336,7 +336,9 @@ def test_the_user_unit_with_systemctl_user(crowdd_bin: Path, tmp_path: Path) -> 
         user("systemctl", "--user", "start", "crowdd")
         props = dict(line.split("=", 1) for line in user(
             "systemctl", "--user", "show", "crowdd", "-p", "ActiveState", "-p", "StatusText", "-p", "MainPID",
-            "-p", "Type").stdout.splitlines())
+            "-p", "Type", "-p", "Documentation").stdout.splitlines())
+        # Documentation= names where pipx puts the docs (the wheel ships them), %h expanded
+        assert props["Documentation"] == "file:///home/alice/.local/share/pipx/venvs/crowdd/share/doc/crowdd/install.md"
         assert props["ActiveState"] == "active" and props["Type"] == "notify", props
         assert props["StatusText"].startswith("off"), props
         st = user(str(crowdd_bin), "status")  # the per-user socket in $XDG_RUNTIME_DIR/crowdd
