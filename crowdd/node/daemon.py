@@ -33,11 +33,12 @@ from pathlib import Path
 from typing import Any
 
 from crowdd import wire
+from crowdd.node import disk
 from crowdd.node.backoff import Backoff
 from crowdd.node.status import StatusView
 from crowdd.cache import DatasetCache
 from crowdd.config import Config, ConfigError, Paths, load_config, parse_hostport
-from crowdd.errors import CrowddError
+from crowdd.errors import CrowddError, InputError
 from crowdd.handoff import remove_staging
 from crowdd.control import ControlServer, Endpoint
 from crowdd.node.context import SessionContext, SessionFailed, exposed_refusal
@@ -132,6 +133,7 @@ class Daemon:
         self.paths.ensure()
         self.cache.ensure()
         remove_staging(self.paths.cache_dir / INCOMING)  # left by a daemon that was killed
+        await self._prune()
         self.identity = Identity.load_or_create(self.paths.identity_dir, "node")
         if self.confinement is None:
             self.confinement = await asyncio.get_running_loop().run_in_executor(None, userns.probe, self._job_python)
@@ -277,8 +279,14 @@ class Daemon:
         staging = self.paths.cache_dir / INCOMING / secrets.token_hex(8)
         self._staging = staging
         target = staging / (request.dataset.name or "dataset") if upload.is_dir else staging
+        cap = self._disk_cap()
+        if cap is not None and upload.total() > cap:
+            self._staging = None
+            raise InputError(f"the dataset ({upload.total():,} bytes) is larger than this node may keep "
+                             f"([limits] disk_max_gb = {self.cfg.limits.disk_max_gb:g})", field="dataset")
+        await self._prune(reserve=upload.total())
         try:
-            path = await asyncio.to_thread(upload.copy_into, target)
+            path = await asyncio.to_thread(upload.copy_into, target, max_bytes=cap)
         except OSError as exc:
             self._drop_staging()
             raise CrowddError(f"cannot copy the dataset into {staging.parent}: {exc.strerror or exc}") from None
@@ -286,6 +294,21 @@ class Daemon:
             self._drop_staging()
             raise
         return dataclasses.replace(request, dataset=path, upload=None, origin=request.dataset)
+
+    def _disk_cap(self) -> int | None:
+        gb = self.cfg.limits.disk_max_gb
+        return disk.gb_to_bytes(gb) if gb > 0 else None
+
+    async def _prune(self, *, keep: tuple[Path, ...] = (), reserve: int = 0) -> None:
+        """Keep the dataset cache and the job directories under ``[limits] disk_max_gb``."""
+        cap = self._disk_cap()
+        if cap is None:
+            return
+        try:
+            await asyncio.to_thread(disk.prune, self.paths.dataset_cache, self.paths.jobs_dir, cap, keep=keep,
+                                    reserve=reserve)
+        except OSError as exc:
+            logger.warning("disk cap: cannot prune: %s", exc)
 
     def _drop_staging(self) -> None:
         staging, self._staging = self._staging, None
@@ -463,6 +486,7 @@ class Daemon:
         if self.view.role == "host":
             self._host_request = None
             self._drop_staging()
+        await self._prune()  # the session's files are the newest: older ones go first
         self.view.end()
         self.states.to(S.STANDBY if self.donating else S.OFF)
 

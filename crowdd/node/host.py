@@ -113,7 +113,8 @@ async def lead(c: SessionContext, plan: SessionPlan, res: Reservation, prepared:
     store = ChunkStore.complete(prepared.data_path, manifest)
     tls = GroupTLS(c.identity, plan)
     server = DataServer(plan.token, manifest, store, sock=res.data_sock, targets=plan.route().targets,
-                        group_size=plan.size, stall_timeout=c.cfg.replication.stall_timeout, tls=tls)
+                        group_size=plan.size, stall_timeout=c.cfg.replication.stall_timeout, tls=tls,
+                        rate_limit=c.cfg.replication.upload_rate())
 
     def on_change(m: Member | None) -> None:
         if m is not None:
