@@ -8,7 +8,10 @@ as every other crowdd connection (:mod:`crowdd.wire`), and the typed messages of
 - ``status`` → ``{"type": "status", ...}``
 - ``subscribe`` → ``ok``, then a stream of ``{"type": "event", "event": KIND, ...}``
 - ``donate`` (``on``) → ``{"type": "ok", "donating": bool}``
-- ``host`` (``dataset``, ``job``) → ``ok`` or ``error`` bad_field naming the field
+- ``host`` (``dataset``, ``job``) → ``ok`` or ``error`` bad_field naming the field. With
+  ``files`` (names and sizes) the client hands over the open files instead of a path: the
+  server answers ``send_files``, takes the descriptors off the socket (``SCM_RIGHTS``,
+  :mod:`crowdd.handoff`), then ``ok``/``error``. The system service takes only this form.
 - ``stop`` / ``reload`` → ``ok``
 
 Where it lives: a Unix socket (user mode: the runtime dir, mode 0600; system mode:
