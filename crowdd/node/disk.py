@@ -42,14 +42,16 @@ class Entry:
                 p.unlink(missing_ok=True)
 
 
-def _walk(path: Path) -> tuple[int, float]:
-    """(bytes, newest mtime) of a file or a directory tree; links are not followed."""
+def _walk(path: Path, seen: set[tuple[int, int]]) -> tuple[int, float]:
+    """(bytes, newest mtime) of a file or a directory tree; links are not followed, and a file
+    counts once however many hard links it has (a job links the cached dataset in): ``seen``
+    holds the (device, inode) of every file counted so far."""
     try:
         st = path.lstat()
     except FileNotFoundError:
         return 0, 0.0
     if not path.is_dir() or path.is_symlink():
-        return st.st_size, st.st_mtime
+        return _count(st, seen), st.st_mtime
     size, newest = 0, st.st_mtime
     for root, dirs, files in os.walk(path):
         for name in files + dirs:
@@ -58,14 +60,23 @@ def _walk(path: Path) -> tuple[int, float]:
             except FileNotFoundError:
                 continue
             if name in files:
-                size += s.st_size
+                size += _count(s, seen)
             newest = max(newest, s.st_mtime)
     return size, newest
+
+
+def _count(st: os.stat_result, seen: set[tuple[int, int]]) -> int:
+    key = (st.st_dev, st.st_ino)
+    if key in seen:
+        return 0
+    seen.add(key)
+    return st.st_size
 
 
 def entries(dataset_cache: Path, jobs_dir: Path) -> list[Entry]:
     """Every dataset in the cache and every job directory."""
     out: list[Entry] = []
+    seen: set[tuple[int, int]] = set()
     groups: dict[str, list[Path]] = {}
     if dataset_cache.is_dir():
         for p in dataset_cache.iterdir():
@@ -74,12 +85,12 @@ def entries(dataset_cache: Path, jobs_dir: Path) -> list[Entry]:
                     groups.setdefault(p.name[: -len(suffix)], []).append(p)
                     break
     for sha, paths in groups.items():
-        sizes = [_walk(p) for p in paths]
+        sizes = [_walk(p, seen) for p in paths]
         out.append(Entry("dataset", sha, tuple(sorted(paths)), sum(s for s, _ in sizes), max(m for _, m in sizes)))
     if jobs_dir.is_dir():
         for d in jobs_dir.iterdir():
             if d.is_dir() and not d.is_symlink():
-                size, mtime = _walk(d)
+                size, mtime = _walk(d, seen)
                 out.append(Entry("job", d.name, (d,), size, mtime))
     return out
 

@@ -77,3 +77,11 @@ def test_reserve_makes_room_for_what_comes(tmp_path: Path) -> None:
 
 def test_gb() -> None:
     assert disk.gb_to_bytes(1.5) == 1_500_000_000
+
+
+def test_a_dataset_linked_into_a_job_counts_once(tmp_path: Path) -> None:
+    cache, jobs = tmp_path / "cache", tmp_path / "jobs"
+    _dataset(cache, SHA[0], 1000, 100)
+    job = _job(jobs, "g1-1", 10, 200)
+    os.link(cache / f"{SHA[0]}.data", job / "data.bin")  # as crowdd.node.launcher links it
+    assert sum(e.size for e in disk.entries(cache, jobs)) == 1000 + 15 + 10
