@@ -202,8 +202,7 @@ def main(args: argparse.Namespace, out: TextIO | None = None) -> int:
     try:
         try:
             fh = path.open("r", encoding="utf-8", errors="replace")
-            out.writelines(deque(fh, maxlen=args.lines))
-            fh.seek(0, os.SEEK_END)
+            out.writelines(deque(fh, maxlen=args.lines))  # read to the end: -f goes on from exactly there
             out.flush()
         except FileNotFoundError:
             if not args.follow:
