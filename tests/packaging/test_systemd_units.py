@@ -29,13 +29,20 @@ from typing import Any
 
 import pytest
 
-from crowdd.testing.systemd_boot import Container, install_venv, why_not
+from crowdd.testing.systemd_boot import SYSTEMD, Container, install_venv, why_not
 
 ROOT = Path(__file__).resolve().parents[2]
 UNITS = ROOT / "packaging" / "systemd"
 SOCK = "/run/crowdd/control.sock"
 
-pytestmark = [pytest.mark.skipif(why_not() is not None, reason=why_not() or ""), pytest.mark.timeout(300)]
+
+
+def _why_not() -> str | None:
+    missing = [t for t in ("useradd", "runuser", "systemd-run", "journalctl", "ps") if shutil.which(t) is None]
+    return why_not() or ("missing: " + ", ".join(missing) if missing else None)
+
+
+pytestmark = [pytest.mark.skipif(_why_not() is not None, reason=_why_not() or ""), pytest.mark.timeout(300)]
 
 
 @pytest.fixture(scope="module")
@@ -327,7 +334,7 @@ def test_the_user_unit_with_systemctl_user(crowdd_bin: Path, tmp_path: Path) -> 
         c.run("sh", "-c", f"mkdir -p -m 0755 /run/user && install -d -m 0700 -o alice -g alice {runtime}")
         c.run("systemd-run", "--unit=user-manager-alice", "-p", "DefaultDependencies=no", "-p", "Type=notify",
               "-p", "Delegate=yes", "--uid=alice", f"--setenv=XDG_RUNTIME_DIR={runtime}",
-              "--setenv=HOME=/home/alice", "/lib/systemd/systemd", "--user")
+              "--setenv=HOME=/home/alice", str(SYSTEMD), "--user")
         env = {"XDG_RUNTIME_DIR": runtime, "HOME": "/home/alice"}
 
         def user(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
