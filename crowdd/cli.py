@@ -114,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=_lazy("crowdd.commands", "reload"))
 
+    p = sub.add_parser("logs", help="show the daemon's log (its rotating file in the log directory)")
+    _add_common(p)
+    p.add_argument("--system", action="store_true", help="the system service's log (/var/log/crowdd)")
+    p.add_argument("-n", "--lines", type=int, default=50, help="how many of the last lines to show (default 50)")
+    p.add_argument("-f", "--follow", action="store_true", help="keep showing new lines as they come (Ctrl-C ends)")
+    p.set_defaults(func=_lazy("crowdd.logs", "main"))
+
     p = sub.add_parser("tui", help="open the terminal UI")
     _add_common(p)
     p.set_defaults(func=_lazy("crowdd.tui", "main"))
@@ -140,7 +147,9 @@ def setup_logging(verbosity: int, *, service: bool = False) -> None:
     """WARNING for clients, INFO for long-running services; each -v goes one level further."""
     verbosity += 1 if service else 0
     level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from crowdd import logs
+
+    logs.configure(level)  # stderr; with journal priorities under systemd
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,7 +17,8 @@ from typing import Any, TextIO
 from crowdd import wire
 from crowdd.client.resolve import client_endpoint, resolve_config
 from crowdd.control import HOST_TIMEOUT, ControlClient
-from crowdd.errors import Unavailable
+from crowdd.errors import InputError, Unavailable
+from crowdd.handoff import OpenFiles, can_hand_over, open_dataset
 from crowdd.job.card import usage_hint
 from crowdd.hyperparams import HyperparamError, parse_hidden, validate_job
 
@@ -74,9 +75,12 @@ def _call(args: argparse.Namespace, fn: Callable[[ControlClient], Awaitable[Any]
 def daemon(args: argparse.Namespace) -> int:
     from crowdd.node.daemon import run  # the daemon's modules only when running it
 
+    from crowdd import logs
+
     cfg, paths = resolve_config(args)
-    if not getattr(args, "verbose", 0):
-        logging.getLogger().setLevel(logging.INFO)  # a service logs its transitions by default
+    # a service logs its transitions by default; to stderr (the journal) and its rotating file
+    level = logging.getLogger().level if getattr(args, "verbose", 0) else logging.INFO
+    logs.configure(level, log_dir=paths.log_dir)
     return run(
         cfg,
         paths,
@@ -242,8 +246,16 @@ def host(args: argparse.Namespace) -> int:
         print(f"crowdd host: {exc.field}: {exc.message}", file=sys.stderr)
         return EXIT_USAGE
     dataset = Path(args.dataset).expanduser().absolute()
-    if not dataset.exists():
+    try:
+        dataset.stat()
+    except FileNotFoundError:
         print(f"crowdd host: {dataset}: no such file or directory", file=sys.stderr)
+        return EXIT_USAGE
+    except PermissionError:
+        print(f"crowdd host: {dataset}: permission denied (you cannot read it, so you cannot host it)", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:
+        print(f"crowdd host: {dataset}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_USAGE
     request: dict[str, Any] = {"type": "host", "dataset": str(dataset), "job": job}
     test_fraction = getattr(args, "test_fraction", None)
@@ -272,9 +284,23 @@ def host(args: argparse.Namespace) -> int:
             print(f"crowdd host: --model-file: {model_path}: no such file", file=sys.stderr)
             return EXIT_USAGE
         request["model_file"] = str(model_path)
-    if getattr(args, "follow", False):
-        return _host_and_follow(args, request)
-    code, reply = _call(args, lambda c: c.request(request, timeout=HOST_TIMEOUT))
+    files: OpenFiles | None = None
+    if not client_endpoint(args).is_tcp and can_hand_over(dataset):
+        # The dataset is opened here, with this user's permissions, and handed to the daemon
+        # (crowdd.handoff): the system service sees no /home and reads nothing on a user's
+        # behalf. Over TCP (Windows) and for image folders the daemon reads the path itself.
+        try:
+            files = open_dataset(dataset)
+        except InputError as exc:
+            print(f"crowdd host: {exc.message}", file=sys.stderr)
+            return EXIT_USAGE
+    try:
+        if getattr(args, "follow", False):
+            return _host_and_follow(args, request, files)
+        code, reply = _call(args, lambda c: send_host(c, request, files))
+    finally:
+        if files is not None:
+            files.close()
     if code == EXIT_OK:
         print(accepted_line(reply))
         print("follow it with `crowdd status` (or `crowdd host … --follow`)")
@@ -292,7 +318,15 @@ def accepted_line(reply: dict[str, Any]) -> str:
     return f"hosting {ds.get('name', '?')} ({str(ds.get('digest') or '-')[:12]}){what}; looking for workers"
 
 
-def _host_and_follow(args: argparse.Namespace, request: dict[str, Any]) -> int:
+async def send_host(c: ControlClient, request: dict[str, Any], files: OpenFiles | None) -> dict[str, Any]:
+    """The host request, with the dataset's open files handed over when there are any."""
+    if files is None:
+        return await c.request(request, timeout=HOST_TIMEOUT)
+    extra = {k: v for k, v in request.items() if k not in ("type", "dataset", "job", "test_fraction")}
+    return await c.host_files(files, request["job"], request.get("test_fraction"), extra=extra)
+
+
+def _host_and_follow(args: argparse.Namespace, request: dict[str, Any], files: OpenFiles | None) -> int:
     """Host, then stream the session's progress until it ends: 0 with a result, 1 without."""
 
     async def go(c: ControlClient) -> int:
@@ -308,7 +342,7 @@ def _host_and_follow(args: argparse.Namespace, request: dict[str, Any]) -> int:
 
         task = asyncio.create_task(pump())
         try:
-            reply = await c.request(request, timeout=HOST_TIMEOUT)  # refused: raises, no session
+            reply = await send_host(c, request, files)  # refused: raises, no session
             print(accepted_line(reply), flush=True)
             return await follow_session(events, sys.stdout, c)
         finally:

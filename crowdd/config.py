@@ -76,6 +76,18 @@ class ReplicationConfig:
     route: str = "binomial"
     chunk_size: int = 1 << 20
     stall_timeout: float = 10.0
+    #: cap on the upload bandwidth for serving the dataset to other members (0 = none)
+    max_upload_mbit: float = 0.0
+
+    def upload_rate(self) -> float | None:
+        """The cap in bytes per second, or None."""
+        return self.max_upload_mbit * 1e6 / 8 if self.max_upload_mbit > 0 else None
+
+
+@dataclass
+class LimitsConfig:
+    #: the dataset cache and the job directories together; pruned oldest first (0 = no cap)
+    disk_max_gb: float = 20.0
 
 
 @dataclass
@@ -115,6 +127,7 @@ class Config:
     job: JobConfig = field(default_factory=JobConfig)
     idle: IdleConfig = field(default_factory=IdleConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
 
 
 _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
@@ -131,6 +144,7 @@ _POSITIVE = {
     ("job", "steps_per_function"), ("job", "sync_every"), ("job", "threads"), ("job", "checkpoint_secs"),
     ("idle", "cpu_window_seconds"), ("idle", "tf_threads"),
 }
+_NOT_NEGATIVE = {("replication", "max_upload_mbit"), ("limits", "disk_max_gb")}
 _FINGERPRINT = re.compile(r"sha256:[0-9a-f]{64}")
 _PORTS = {("daemon", "data_port"), ("daemon", "session_port")}
 
@@ -173,6 +187,8 @@ def _check(source: str, section: str, name: str, value: Any) -> None:
         raise ConfigError(source, key, f"expected a port 0..65535 (0 = any free port), got {value!r}")
     if (section, name) == ("job", "max_memory_mb") and not (value == 0 or value >= 64):
         raise ConfigError(source, key, f"expected a number of MB >= 64 (0 = no cap), got {value!r}")
+    if (section, name) in _NOT_NEGATIVE and value < 0:
+        raise ConfigError(source, key, f"expected a value >= 0 (0 = no cap), got {value!r}")
     if (section, name) == ("job", "nice") and not -20 <= value <= 19:
         raise ConfigError(source, key, f"expected a nice value -20..19, got {value!r}")
     if key == "daemon.matchmaker_fingerprint" and value and not _FINGERPRINT.fullmatch(value):
@@ -209,11 +225,11 @@ def load_config(path: Path | str | None) -> Config:
     if path is None:
         return Config()
     path = Path(path)
-    if not path.exists():
-        return Config()
     try:
         with path.open("rb") as fh:
             data = tomllib.load(fh)
+    except (FileNotFoundError, NotADirectoryError):
+        return Config()
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(path), "(syntax)", f"not valid TOML: {exc}") from None
     except OSError as exc:

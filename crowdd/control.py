@@ -8,7 +8,10 @@ as every other crowdd connection (:mod:`crowdd.wire`), and the typed messages of
 - ``status`` → ``{"type": "status", ...}``
 - ``subscribe`` → ``ok``, then a stream of ``{"type": "event", "event": KIND, ...}``
 - ``donate`` (``on``) → ``{"type": "ok", "donating": bool}``
-- ``host`` (``dataset``, ``job``) → ``ok`` or ``error`` bad_field naming the field
+- ``host`` (``dataset``, ``job``) → ``ok`` or ``error`` bad_field naming the field. With
+  ``files`` (names and sizes) the client hands over the open files instead of a path: the
+  server answers ``send_files``, takes the descriptors off the socket (``SCM_RIGHTS``,
+  :mod:`crowdd.handoff`), then ``ok``/``error``. The system service takes only this form.
 - ``stop`` / ``reload`` → ``ok``
 
 Where it lives: a Unix socket (user mode: the runtime dir, mode 0600; system mode:
@@ -25,22 +28,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
 import os
 import secrets
+import socket
 import stat
+import struct
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, cast
 
-from crowdd import wire
+from crowdd import handoff, wire
 from crowdd.config import Paths
 from crowdd.aio import cancel_and_wait
-from crowdd.errors import CrowddError, Unavailable
+from crowdd.errors import CrowddError, InputError, Unavailable
+from crowdd.handoff import OpenFiles, Upload
 from crowdd.identity import Identity
 from crowdd.platform.userns import in_other_user_namespace, peer_pid
 from crowdd.tls import HANDSHAKE_TIMEOUT, client_context, open_tls, server_context
@@ -331,24 +338,60 @@ class ControlServer:
                 await self._stream(reader, writer)
                 return
             try:
-                reply = await self._dispatch(kind, frame)
+                reply = await self._dispatch(kind, frame, writer)
             except CrowddError as err:
                 if err.code is not ErrorCode.BAD_FIELD:
                     raise
                 reply = err.to_frame()  # a well-formed request with a bad value: keep the connection
             await wire.write_frame(writer, reply, timeout=self._write_timeout)
 
-    async def _dispatch(self, kind: str, frame: Mapping[str, Any]) -> dict[str, Any]:
+    async def _dispatch(self, kind: str, frame: Mapping[str, Any], writer: asyncio.StreamWriter) -> dict[str, Any]:
         h = self._handler
         if kind == "status":
             return {"type": "status", **h.status()}
         if kind == "donate":
             return await h.donate(check_donate(frame))
         if kind == "host":
-            return await h.host(check_host(frame))  # checked once, here: the daemon gets typed values
+            request = check_host(frame)  # checked once, here: the daemon gets typed values
+            if not request.files:
+                if self._endpoint.system:
+                    raise InputError("the system service opens no paths for you: hand it the files "
+                                     "(`crowdd host PATH` does, with your own permissions)", field="dataset")
+                return await h.host(request)
+            upload = await self._receive_files(request, writer)
+            try:
+                return await h.host(dataclasses.replace(request, upload=upload))
+            finally:
+                upload.close()
         if kind == "stop":
             return await h.stop()
         return await h.reload()
+
+    async def _receive_files(self, request: HostRequest, writer: asyncio.StreamWriter) -> Upload:
+        """The open files a ``host`` request announced, passed with SCM_RIGHTS
+        (:mod:`crowdd.handoff`): stop reading the stream, ask for them, take them off the
+        socket directly, read on."""
+        sock = writer.get_extra_info("socket")
+        if self._endpoint.path is None or sock is None or getattr(sock, "family", None) != socket.AF_UNIX:
+            raise InputError("open files can be handed over only on a Unix control socket", field="files")
+        transport = cast(asyncio.Transport, writer.transport)
+        transport.pause_reading()  # the descriptors ride on the next byte: the stream must not eat it
+        try:
+            await wire.write_frame(writer, {"type": "send_files"}, timeout=self._write_timeout)
+            raw = socket.socket(fileno=os.dup(sock.fileno()))
+            try:
+                raw.settimeout(self._body_timeout)
+                fds = await asyncio.to_thread(handoff.receive, raw, len(request.files))
+            except (OSError, TimeoutError) as exc:
+                raise WireError(ErrorCode.BAD_FRAME, f"the announced files did not come ({exc})") from None
+            finally:
+                raw.close()
+        finally:
+            if not transport.is_closing():
+                transport.resume_reading()
+        peer = _peer(sock)
+        logger.info("%d file(s) of %s handed over%s", len(fds), request.dataset, peer)
+        return Upload([n for n, _ in request.files], fds, [size for _, size in request.files])
 
     async def _stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sub = _Subscriber(writer, self._queue_size)
@@ -406,6 +449,18 @@ async def _clear_stale_socket(path: Path) -> None:
     raise FileExistsError(f"another crowdd daemon is already listening on {path}")
 
 
+def _peer(sock: Any) -> str:
+    """`` by uid N (pid P)`` of a Unix socket's peer, where the platform says."""
+    opt = getattr(socket, "SO_PEERCRED", None)
+    if opt is None:
+        return ""
+    try:
+        pid, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, opt, struct.calcsize("3i")))
+    except (OSError, struct.error):
+        return ""
+    return f" by uid {uid} (pid {pid})"
+
+
 def _chgrp(path: Path, group: str) -> None:
     import grp  # POSIX only
 
@@ -413,6 +468,8 @@ def _chgrp(path: Path, group: str) -> None:
         gid = grp.getgrnam(group).gr_gid
     except KeyError:
         logger.warning("group %r does not exist; %s stays root-only (create it with sysusers.d)", group, path)
+        return
+    if path.stat().st_gid == gid:  # born so (the service's own group): no chown, which its syscall filter forbids
         return
     try:
         os.chown(path, -1, gid)
@@ -571,6 +628,44 @@ class ControlClient:
         """Ask to host; the reply comes once the daemon has accepted (converted) or refused the dataset."""
         return await self.request(make_host(dataset, job, test_fraction, model_file, label),
                                   timeout=max(self._timeout, HOST_TIMEOUT))
+
+    async def host_files(self, files: OpenFiles, job: Mapping[str, Any], test_fraction: float | None = None,
+                         extra: Mapping[str, Any] | None = None, *, timeout: float = 3600.0) -> dict[str, Any]:
+        """Host a dataset this process has opened (:func:`crowdd.handoff.open_dataset`): its
+        descriptors go over the Unix socket; the daemon copies and converts them (``timeout``
+        covers that) and answers. ``extra``: the host request's other fields (label, task, …).
+        ``files`` stays open; the caller closes it."""
+        if self._path is None:
+            raise InputError("open files can be handed over only on a Unix control socket", field="dataset")
+        frame = {**make_host(str(files.dataset), job, test_fraction, files=files.describe()), **(extra or {})}
+        async with self._lock:
+            await self.connect()
+            if self._reader is None or self._writer is None:
+                raise Unavailable(f"not connected to {self._where()}")
+            try:
+                await wire.write_frame(self._writer, {**frame, **self._first}, timeout=self._timeout)
+                self._first = {}
+                reply = await wire.read_frame(self._reader, timeout=self._timeout)
+                if reply.get("type") == "send_files":
+                    sock = self._writer.get_extra_info("socket")
+                    raw = socket.socket(fileno=os.dup(sock.fileno()))
+                    try:
+                        raw.settimeout(self._timeout)
+                        handoff.send(raw, files.fds)
+                    finally:
+                        raw.close()
+                    reply = await wire.read_frame(self._reader, timeout=timeout)
+            except (wire.ConnectionClosed, wire.FrameTimeout, ConnectionError) as exc:
+                await self.close()
+                raise Unavailable(f"the daemon on {self._where()} went away ({exc})") from None
+            except WireError:
+                await self.close()
+                raise
+        if reply.get("type") == "error":
+            if reply.get("code") != ErrorCode.BAD_FIELD.value:
+                await self.close()
+            wire.raise_if_error(reply)
+        return reply
 
     async def stop(self) -> dict[str, Any]:
         return await self.request(make_stop())

@@ -748,7 +748,7 @@ def convert(
         source = Path(source)
         arrays = load(source, test_file=test_file, test_fraction=test_fraction, label=label, images=images, task=task)
         if not name:
-            name = _default_name(source)
+            name = default_name(source)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=out_dir, prefix=".convert-", suffix=".data")
@@ -776,7 +776,8 @@ def convert(
     return Prepared(data_path, manifest_path, manifest)
 
 
-def _default_name(source: Path) -> str:
+def default_name(source: Path) -> str:
+    """A dataset's name from its file or directory name (``fashion.csv.gz`` → ``fashion``)."""
     name = source.name
     for suffix in (".csv.gz", ".csv", ".npz"):
         if name.lower().endswith(suffix):

@@ -18,7 +18,8 @@ from typing import Any, Protocol
 
 from crowdd import wire
 from crowdd.control import ControlClient, Endpoint
-from crowdd.errors import ErrorCode, RemoteError, Unavailable
+from crowdd.errors import ErrorCode, InputError, RemoteError, Unavailable
+from crowdd.handoff import can_hand_over, open_dataset
 
 
 logger = logging.getLogger(__name__)
@@ -134,9 +135,20 @@ class ControlDaemonClient:
         return await self._call("donate", on)
 
     async def host(self, dataset: str, job: dict[str, Any], model_file: str | None = None) -> dict[str, Any]:
-        if model_file is None:
-            return await self._call("host", dataset, job)
-        return await self._call("host", dataset, job, None, model_file)
+        path = Path(dataset)
+        if self.endpoint.path is None or not self.endpoint.system or not can_hand_over(path):
+            if model_file is None:
+                return await self._call("host", dataset, job)
+            return await self._call("host", dataset, job, None, model_file)
+        # the system service reads no paths: open the dataset here, as this user, and hand it over
+        try:
+            files = open_dataset(path)
+        except InputError as exc:
+            raise RemoteError(exc.message, field=exc.field, code=exc.code) from None
+        try:
+            return await self._call("host_files", files, job, None, {"model_file": model_file} if model_file else None)
+        finally:
+            files.close()
 
     async def stop(self) -> dict[str, Any]:
         return await self._call("stop")

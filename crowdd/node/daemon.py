@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
 import random
+import secrets
 import signal
 import socket
 import sys
@@ -31,11 +33,13 @@ from pathlib import Path
 from typing import Any
 
 from crowdd import wire
+from crowdd.node import disk
 from crowdd.node.backoff import Backoff
 from crowdd.node.status import StatusView
 from crowdd.cache import DatasetCache
 from crowdd.config import Config, ConfigError, Paths, load_config, parse_hostport
-from crowdd.errors import InputError
+from crowdd.errors import CrowddError, InputError
+from crowdd.handoff import remove_staging
 from crowdd.control import ControlServer, Endpoint
 from crowdd.node.context import SessionContext, SessionFailed, training_refusal
 from crowdd.node.host import GracefulStop, Prepared, convert_dataset, describe, lead
@@ -60,6 +64,7 @@ logger = logging.getLogger(__name__)
 
 STATE_FILE = "daemon.json"
 STOP_GRACE = 120.0  # seconds a host job has to save its model after `crowdd stop`
+INCOMING = "incoming"  # under the cache directory: datasets handed over, until converted
 S = State
 
 
@@ -117,6 +122,7 @@ class Daemon:
         self._host_pending: HostRequest | None = None  # its dataset is being converted
         self._graceful = GracefulStop()  # the current host cycle's
         self.stop_grace = STOP_GRACE
+        self._staging: Path | None = None  # the copy of a handed-over dataset (crowdd.handoff)
         self._job_python = job_python
         self.confinement = confinement
         self.sandbox = sandbox
@@ -138,6 +144,8 @@ class Daemon:
     async def start(self) -> None:
         self.paths.ensure()
         self.cache.ensure()
+        remove_staging(self.paths.cache_dir / INCOMING)  # left by a daemon that was killed
+        await self._prune()
         self.identity = Identity.load_or_create(self.paths.identity_dir, "node")
         if self.confinement is None:
             self.confinement = await asyncio.get_running_loop().run_in_executor(None, userns.probe, self._job_python)
@@ -158,6 +166,7 @@ class Daemon:
         logger.info("crowdd daemon %s stopping", self.name)
         await cancel_and_wait(self._main, self._watchdog, timeout=60.0)
         await self._control.close()
+        self._drop_staging()
 
     async def main(self) -> int:
         """Run until SIGTERM/SIGINT (or :meth:`request_shutdown`), then shut down cleanly."""
@@ -273,8 +282,14 @@ class Daemon:
         # The reply waits for the dataset's conversion: the user learns at once whether it is
         # accepted, and why not (file, line, column) when it is not.
         self._host_pending = request
-        self.view.log(logging.INFO, f"asked to host {request.dataset}; preparing it")
+        pending = request
         try:
+            if request.upload is not None:  # handed over (crowdd.handoff): copy it in first
+                request = await self._stage(request)
+                self.view.log(logging.INFO, f"asked to host {request.shown} (handed over, copied to "
+                              f"{request.dataset}); preparing it")
+            else:
+                self.view.log(logging.INFO, f"asked to host {request.shown}; preparing it")
             prepared = await asyncio.get_running_loop().run_in_executor(
                 None, convert_dataset, self.cache, self.cfg.replication.chunk_size, request
             )
@@ -282,7 +297,8 @@ class Daemon:
             self.view.log(logging.ERROR, exc.message)
             raise
         finally:
-            if self._host_pending is request:
+            self._drop_staging()  # converted into the cache (or refused): the copy has served
+            if self._host_pending is pending:
                 self._host_pending = None
             else:  # stopped while it was being prepared
                 raise wire.WireError(wire.ErrorCode.BUSY, "stopped while the dataset was being prepared")
@@ -302,8 +318,55 @@ class Daemon:
         if role == "worker" and self.state not in (S.STANDBY, S.REGISTERING, S.WAITING):
             raise wire.WireError(wire.ErrorCode.BUSY, f"this node is {self.state.value} as a worker; `crowdd stop` first")
 
+    async def _stage(self, request: HostRequest) -> HostRequest:
+        """Copy the files a client handed over into the cache's ``incoming`` directory; the
+        request then names that copy. Kept while the request is, then removed."""
+        upload = request.upload
+        assert upload is not None
+        if self._staging is not None:
+            raise wire.WireError(wire.ErrorCode.BUSY, "already receiving a dataset")
+        staging = self.paths.cache_dir / INCOMING / secrets.token_hex(8)
+        self._staging = staging
+        target = staging / (request.dataset.name or "dataset") if upload.is_dir else staging
+        cap = self._disk_cap()
+        if cap is not None and upload.total() > cap:
+            self._staging = None
+            raise InputError(f"the dataset ({upload.total():,} bytes) is larger than this node may keep "
+                             f"([limits] disk_max_gb = {self.cfg.limits.disk_max_gb:g})", field="dataset")
+        await self._prune(reserve=upload.total())
+        try:
+            path = await asyncio.to_thread(upload.copy_into, target, max_bytes=cap)
+        except OSError as exc:
+            self._drop_staging()
+            raise CrowddError(f"cannot copy the dataset into {staging.parent}: {exc.strerror or exc}") from None
+        except BaseException:
+            self._drop_staging()
+            raise
+        return dataclasses.replace(request, dataset=path, upload=None, origin=request.dataset)
+
+    def _disk_cap(self) -> int | None:
+        gb = self.cfg.limits.disk_max_gb
+        return disk.gb_to_bytes(gb) if gb > 0 else None
+
+    async def _prune(self, *, keep: tuple[Path, ...] = (), reserve: int = 0) -> None:
+        """Keep the dataset cache and the job directories under ``[limits] disk_max_gb``."""
+        cap = self._disk_cap()
+        if cap is None:
+            return
+        try:
+            await asyncio.to_thread(disk.prune, self.paths.dataset_cache, self.paths.jobs_dir, cap, keep=keep,
+                                    reserve=reserve)
+        except OSError as exc:
+            logger.warning("disk cap: cannot prune: %s", exc)
+
+    def _drop_staging(self) -> None:
+        staging, self._staging = self._staging, None
+        if staging is not None:
+            remove_staging(staging)
+
     async def stop(self) -> dict[str, Any]:
         self._host_request = self._host_prepared = self._host_pending = None
+        self._drop_staging()
         cycle = self._cycle
         if cycle is None:
             return {"type": "ok"}
@@ -491,6 +554,7 @@ class Daemon:
             res.close()
         if self.view.role == "host":
             self._host_request = self._host_prepared = None
+        await self._prune()  # the session's files are the newest: older ones go first
         self.view.end()
         self.states.to(S.STANDBY if self.donating else S.OFF)
 

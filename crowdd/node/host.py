@@ -56,15 +56,16 @@ def convert_dataset(cache: DatasetCache, chunk_size: int, req: HostRequest) -> P
 
     try:
         p = datasets.convert(req.dataset, cache.root, chunk_size=chunk_size, test_fraction=req.test_fraction,
-                             label=req.label, images=datasets.ImageOptions(req.image_size, req.color), task=req.task)
+                             label=req.label, images=datasets.ImageOptions(req.image_size, req.color), task=req.task,
+                             name=datasets.default_name(req.shown))
     except datasets.DatasetError as exc:
-        raise InputError(f"cannot host {req.dataset}: {exc}", field="dataset") from None
+        raise InputError(f"cannot host {req.shown}: {req.as_shown(str(exc))}", field="dataset") from None
     except OSError as exc:
-        raise InputError(f"cannot host {req.dataset}: {exc}", field="dataset") from None
+        raise InputError(f"cannot host {req.shown}: {req.as_shown(str(exc))}", field="dataset") from None
     if req.model_file is not None and p.manifest.layout is not None:
         check_model_file(req.model_file, p.manifest.layout)  # InputError naming what does not fit
     path = cache.has(p.manifest) or p.data_path
-    return Prepared(path, p.manifest, p.manifest.name or req.dataset.name, req.job, req.model_file)
+    return Prepared(path, p.manifest, p.manifest.name or req.shown.name, req.job, req.model_file)
 
 
 def describe(prepared: Prepared) -> dict[str, Any]:
@@ -151,7 +152,8 @@ async def lead(
     store = ChunkStore.complete(prepared.data_path, manifest)
     tls = GroupTLS(c.identity, plan)
     server = DataServer(plan.token, manifest, store, sock=res.data_sock, targets=plan.route().targets,
-                        group_size=plan.size, stall_timeout=c.cfg.replication.stall_timeout, tls=tls)
+                        group_size=plan.size, stall_timeout=c.cfg.replication.stall_timeout, tls=tls,
+                        rate_limit=c.cfg.replication.upload_rate())
 
     def on_change(m: Member | None) -> None:
         if m is not None:

@@ -66,7 +66,8 @@ async def follow(c: SessionContext, plan: SessionPlan, res: Reservation) -> None
         manifest = await _fetch_manifest(c, peers[0], plan, session_task, tls)
         store = rep.ChunkStore.open(c.cache, manifest)
         server = rep.DataServer(plan.token, manifest, store, sock=res.data_sock, targets=plan.route().targets,
-                                group_size=plan.size, stall_timeout=c.cfg.replication.stall_timeout, tls=tls)
+                                group_size=plan.size, stall_timeout=c.cfg.replication.stall_timeout, tls=tls,
+                                rate_limit=c.cfg.replication.upload_rate())
         await server.start()
         last = [0.0]
         reported: list[tuple[int, int]] = [(-1, -1)]

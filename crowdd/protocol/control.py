@@ -9,14 +9,16 @@ status`` and the TUI read it.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict
 
 from crowdd import wire
 from crowdd.errors import ErrorCode, InputError
+from crowdd.handoff import IDX_NAME, MAX_FILES, Upload, check_name
 from crowdd.hyperparams import HyperparamError, Job, validate_job
 
 REQUEST_TYPES = ("status", "subscribe", "donate", "host", "stop", "reload")
@@ -40,8 +42,13 @@ def make_donate(on: bool) -> dict[str, Any]:
 
 
 def make_host(dataset: str, job: Mapping[str, Any], test_fraction: float | None = None,
-              model_file: str | None = None, label: str | None = None) -> dict[str, Any]:
+              model_file: str | None = None, label: str | None = None,
+              files: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """``files``: the dataset's files the client hands over (:mod:`crowdd.handoff`); then
+    ``dataset`` only names where they came from."""
     frame: dict[str, Any] = {"type": "host", "dataset": dataset, "job": dict(job)}
+    if files is not None:
+        frame["files"] = files
     if test_fraction is not None:
         frame["test_fraction"] = test_fraction
     if model_file is not None:
@@ -65,7 +72,9 @@ def check_donate(frame: Mapping[str, Any]) -> bool:
 
 @dataclass(frozen=True)
 class HostRequest:
-    """Host this dataset (an absolute path that exists) with this job."""
+    """Host this dataset (an absolute path that exists) with this job. ``files``: the
+    (name, size) of each file the client hands over instead (:mod:`crowdd.handoff`); the
+    daemon then gets them as ``upload``, and ``dataset`` only says where they came from."""
 
     dataset: Path
     job: Job
@@ -75,6 +84,19 @@ class HostRequest:
     image_size: tuple[int, int] | None = None  # image folders: resize every image to H x W
     color: str | None = None  # image folders: "rgb" or "grayscale"
     task: str = "classification"  # or "regression": the label column is a number to predict
+    files: tuple[tuple[str, int], ...] = ()
+    upload: Upload | None = field(default=None, compare=False)
+    #: where the client had the dataset, when ``dataset`` is the daemon's copy of it
+    origin: Path | None = None
+
+    @property
+    def shown(self) -> Path:
+        """The dataset as its owner knows it (for messages)."""
+        return self.origin or self.dataset
+
+    def as_shown(self, text: str) -> str:
+        """``text`` with the daemon's copy's path replaced by the owner's."""
+        return text.replace(str(self.dataset), str(self.origin)) if self.origin is not None else text
 
 
 def check_host(frame: Mapping[str, Any]) -> HostRequest:
@@ -93,8 +115,15 @@ def check_host(frame: Mapping[str, Any]) -> HostRequest:
     path = Path(dataset)
     if not path.is_absolute():
         raise InputError(f"dataset path must be absolute, got {dataset!r}", field="dataset")
-    if not path.exists():
-        raise InputError(f"{dataset}: no such file or directory", field="dataset")
+    files = _check_files(frame.get("files"))
+    if not files:
+        try:
+            os.stat(path)
+        except FileNotFoundError:
+            raise InputError(f"{dataset}: no such file or directory", field="dataset") from None
+        except OSError as exc:  # EACCES: the daemon may not look there (hand it the files instead)
+            raise InputError(f"{dataset}: the daemon cannot see it ({exc.strerror}); `crowdd host` hands the files "
+                             "over with your permissions", field="dataset") from None
     tf = frame.get("test_fraction")
     if tf is not None:
         if isinstance(tf, bool) or not isinstance(tf, (int, float)):
@@ -120,7 +149,7 @@ def check_host(frame: Mapping[str, Any]) -> HostRequest:
     if task not in ("classification", "regression"):
         raise InputError("field 'task' must be classification or regression", field="task")
     return HostRequest(path, parsed, float(tf) if tf is not None else None, model_file, label,
-                       (size[0], size[1]) if size is not None else None, color, task)
+                       (size[0], size[1]) if size is not None else None, color, task, files)
 
 
 def _model_file(value: Any) -> Path | None:
@@ -134,6 +163,26 @@ def _model_file(value: Any) -> Path | None:
     if not path.is_file():
         raise InputError(f"{value}: no such file", field="model_file")
     return path
+
+
+def _check_files(files: Any) -> tuple[tuple[str, int], ...]:
+    if files is None:
+        return ()
+    if not isinstance(files, list) or not 1 <= len(files) <= MAX_FILES:
+        raise InputError(f"field 'files' must be a list of 1 to {MAX_FILES} files", field="files")
+    out: list[tuple[str, int]] = []
+    for i, f in enumerate(files):
+        if not isinstance(f, dict):
+            raise InputError("each file must be an object with name and size", field=f"files[{i}]")
+        size = f.get("size")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise InputError(f"size must be an integer >= 0, got {size!r}", field=f"files[{i}].size")
+        out.append((check_name(f.get("name"), f"files[{i}].name"), size))
+    if len({name for name, _ in out}) != len(out):
+        raise InputError("two handed files have the same name", field="files")
+    if len(out) > 1 and not all(IDX_NAME.fullmatch(name) for name, _ in out):
+        raise InputError("several files must be a directory's IDX files", field="files")
+    return tuple(out)
 
 
 def ok(**fields: Any) -> dict[str, Any]:

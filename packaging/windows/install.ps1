@@ -5,7 +5,8 @@
 .DESCRIPTION
     Run from an elevated PowerShell in this directory:
 
-        .\install.ps1                      # install crowdd (pip), register and start the service
+        .\install.ps1                      # pip install this checkout, register and start the service
+        .\install.ps1 -Source C:\dl\crowdd-0.1.0-py3-none-any.whl   # ... from a built wheel instead
         .\install.ps1 -User alice          # ... and let alice control it (group "crowdd")
         .\install.ps1 -Uninstall           # stop and remove the service (keeps the data)
         .\install.ps1 -Uninstall -Purge    # ... and delete %ProgramData%\crowdd
@@ -22,6 +23,8 @@ param(
     [string]$Python = "",
     [string]$Root = (Join-Path $env:ProgramData "crowdd"),
     [string[]]$User = @(),
+    # a wheel (python -m build --wheel) or a checkout; default: the checkout this script is in
+    [string]$Source = "",
     [switch]$SkipPip,
     [switch]$Firewall
 )
@@ -85,8 +88,22 @@ if ($Uninstall) {
     exit 0
 }
 
+function Resolve-Source {
+    # crowdd is not on a package index: install it from a wheel or a checkout
+    if ($Source) {
+        if (-not (Test-Path $Source)) { throw "-Source ${Source}: no such wheel or directory" }
+        return (Resolve-Path $Source).Path
+    }
+    $checkout = (Resolve-Path (Join-Path $PSScriptRoot "..\..")).Path
+    if (-not (Test-Path (Join-Path $checkout "pyproject.toml"))) {
+        throw "no checkout around $PSScriptRoot: pass -Source C:\path\to\crowdd-VERSION-py3-none-any.whl (or a checkout)"
+    }
+    return $checkout
+}
+
 if (-not $SkipPip) {
-    Invoke-Checked "pip install crowdd" { & $py -m pip install --upgrade crowdd pywin32 }
+    $src = Resolve-Source
+    Invoke-Checked "pip install $src" { & $py -m pip install --upgrade $src pywin32 }
 }
 # pywin32 registers pythonservice.exe and its DLLs machine-wide
 & $py -m pywin32_postinstall -install -quiet 2>$null

@@ -28,15 +28,13 @@ import base64
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import textwrap
-import threading
-import time
-import uuid
 from pathlib import Path
 
 import pytest
+
+from crowdd.testing.systemd_boot import Container, why_not
 
 ROOT = Path(__file__).resolve().parents[2]
 UNITS = ROOT / "packaging" / "systemd"
@@ -44,35 +42,15 @@ SYSUSERS = UNITS / "sysusers.d" / "crowdd.conf"
 PROBE_UNIT = "crowdd-sandbox-probe.service"
 BOOT_TIMEOUT = 90
 
-SYSTEMD = next((p for p in ("/usr/lib/systemd/systemd", "/lib/systemd/systemd") if os.access(p, os.X_OK)), None)
 # The service cannot see /root or /home (ProtectHome=yes): the probe needs a system python.
 PYTHON = next((p for p in ("/usr/bin/python3", "/usr/local/bin/python3") if os.access(p, os.X_OK)), None)
 NAMESPACES_REFUSED = ("mount", "pid", "ipc", "uts", "cgroup")
 
 
-def _cgroup2_mount() -> Path | None:
-    for line in Path("/proc/self/mounts").read_text().splitlines():
-        fields = line.split()
-        if len(fields) > 2 and fields[2] == "cgroup2":
-            return Path(fields[1])
-    return None
-
-
 def _why_not() -> str | None:
-    if not hasattr(os, "geteuid") or os.geteuid() != 0:
-        return "needs root (it boots systemd in namespaces)"
-    missing = [tool for tool in ("unshare", "mount", "systemd-sysusers") if shutil.which(tool) is None]
-    if SYSTEMD is None:
-        missing.append("systemd")
-    if PYTHON is None:
-        missing.append("a python3 outside /root and /home")
-    if missing:
-        return "missing: " + ", ".join(missing)
-    if _cgroup2_mount() is None:
-        return "no cgroup2 hierarchy mounted"
-    if "overlay" not in Path("/proc/filesystems").read_text():
-        return "no overlayfs"
-    return None
+    if PYTHON is None and why_not() is None:
+        return "missing: a python3 outside /root and /home"
+    return why_not()
 
 
 pytestmark = pytest.mark.skipif(_why_not() is not None, reason=_why_not() or "")
@@ -209,88 +187,25 @@ def probe_unit(shipped: Path, out_file: Path, override: dict[str, str] | None = 
 
 
 def boot(unit_text: str, tmp: Path) -> tuple[int, str]:
-    """Boot systemd as PID 1 in new namespaces with only ``unit_text`` (as PROBE_UNIT) to start;
-    it exits when that unit ends. Returns systemd's exit status and its console output."""
-    assert SYSTEMD and PYTHON
+    """Boot systemd as PID 1 in new namespaces (crowdd.testing.systemd_boot) with only
+    ``unit_text`` (as PROBE_UNIT) to start; it exits when that unit ends. Returns systemd's
+    exit status and its console output."""
     (tmp / "units").mkdir()
     (tmp / "units" / PROBE_UNIT).write_text(unit_text)
-    for d in ("etc-upper", "etc-work"):
-        (tmp / d).mkdir()
-    # systemd as PID 1 logs to /dev/console, which must be a terminal: a pty read from here
-    console_master, console_slave = os.openpty()
-    console_chunks: list[bytes] = []
-    reader = threading.Thread(target=_drain, args=(console_master, console_chunks), daemon=True)
-    reader.start()
-    mount = _cgroup2_mount()
-    assert mount is not None
-    own = next(line[3:] for line in Path("/proc/self/cgroup").read_text().splitlines() if line.startswith("0::"))
-    cgroup = mount / own.lstrip("/") / f"crowdd-test-{uuid.uuid4().hex[:12]}"
-    cgroup.mkdir()
     q = shlex.quote
-    inner = " && ".join([
-        "set -e",
-        # this namespace's cgroup root (the cgroup made above) becomes systemd's whole hierarchy
-        "mount -t cgroup2 cgroup2 /sys/fs/cgroup",
-        "mount -t tmpfs -o mode=0755 tmpfs /run",
-        "mkdir -p /run/systemd/system",
+    setup = [
         f"cp {q(str(tmp / 'units' / PROBE_UNIT))} /run/systemd/system/",
-        "mount -t tmpfs -o mode=0755 tmpfs /var/lib",
-        "mount -t tmpfs -o mode=0755 tmpfs /var/log",
-        f"mount -t overlay overlay -o lowerdir=/etc,upperdir={q(str(tmp / 'etc-upper'))},"
-        f"workdir={q(str(tmp / 'etc-work'))} /etc",
         # the user and group exactly as the package creates them
         f"systemd-sysusers {q(str(SYSUSERS))}",
-        f"mount --bind {q(os.ttyname(console_slave))} /dev/console",
-        f"exec env -i container=crowdd-test SYSTEMD_LOG_TARGET=console SYSTEMD_LOG_LEVEL=info {q(SYSTEMD)} --system --unit={PROBE_UNIT}"
-        " --log-target=console --log-level=info --show-status=no",
-    ])
-    outer = (
-        f"echo $$ > {q(str(cgroup / 'cgroup.procs'))} && exec unshare --pid --mount --uts --ipc --cgroup"
-        f" --fork --kill-child --propagation private --mount-proc -- sh -c {q(inner)}"
-    )
+    ]
+    container = Container(tmp, setup=setup, unit=PROBE_UNIT, exit_on_unit_end=True, boot_timeout=BOOT_TIMEOUT,
+                          keep=[tmp])
     try:
-        done = subprocess.run(["sh", "-c", outer], capture_output=True, text=True, timeout=BOOT_TIMEOUT,
-                              stdin=subprocess.DEVNULL, check=False)
-        rc = done.returncode
+        container.boot()
+        rc = container.wait(BOOT_TIMEOUT)
+        return rc, container.console()
     finally:
-        os.close(console_slave)
-        reader.join(timeout=5)
-        os.close(console_master)
-        _remove_cgroup(cgroup)
-    log = done.stdout + done.stderr + b"".join(console_chunks).decode(errors="replace")
-    return rc, log
-
-
-def _drain(fd: int, chunks: list[bytes]) -> None:
-    while True:
-        try:
-            data = os.read(fd, 65536)
-        except OSError:  # EIO: the last holder of the other end has gone
-            return
-        if not data:
-            return
-        chunks.append(data)
-
-
-def _remove_cgroup(cgroup: Path) -> None:
-    if not cgroup.exists():
-        return
-    for child in sorted((p for p in cgroup.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
-        procs = child / "cgroup.procs"
-        if procs.exists():
-            for pid in procs.read_text().split():
-                try:
-                    os.kill(int(pid), 9)
-                except ProcessLookupError:
-                    pass
-    for _ in range(50):
-        try:
-            for child in sorted((p for p in cgroup.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
-                child.rmdir()
-            cgroup.rmdir()
-            return
-        except OSError:
-            time.sleep(0.1)
+        container.close()
 
 
 def run_probe(tmp: Path, override: dict[str, str] | None = None) -> dict[str, object]:

@@ -154,3 +154,15 @@ def test_paths_under(tmp_path: Path) -> None:
     assert p.control_socket == tmp_path / "run" / "control.sock"
     p.ensure()
     assert all(d.is_dir() for d in (p.state_dir, p.cache_dir, p.log_dir, p.runtime_dir))
+
+
+def test_limits_and_upload_cap(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, "[limits]\ndisk_max_gb = 1.5\n[replication]\nmax_upload_mbit = 8\n"))
+    assert cfg.limits.disk_max_gb == 1.5
+    assert cfg.replication.upload_rate() == 1_000_000.0  # 8 Mbit/s = 1 MB/s
+    assert Config().replication.upload_rate() is None and Config().limits.disk_max_gb == 20.0
+    for text, key in (("[limits]\ndisk_max_gb = -1\n", "limits.disk_max_gb"),
+                      ("[replication]\nmax_upload_mbit = -0.5\n", "replication.max_upload_mbit")):
+        with pytest.raises(ConfigError, match="expected a value >= 0") as err:
+            load_config(write(tmp_path, text))
+        assert err.value.key == key
