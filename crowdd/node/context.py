@@ -40,6 +40,7 @@ class SessionContext:
     identity: Identity
     confinement: Confinement
     sandbox: SandboxSupport
+    runtime_dir: Path | None = None  # where the job's relay sockets go (crowdd.node.tunnels.socket_dir)
 
     def to(self, state: State) -> None:
         """Move the state authority (an invalid move raises: it is a daemon bug)."""

@@ -34,6 +34,7 @@ from typing import Any
 
 from crowdd import wire
 from crowdd.node import disk
+from crowdd.node.tunnels import remove_stale_socket_dirs
 from crowdd.node.backoff import Backoff
 from crowdd.node.status import StatusView
 from crowdd.cache import DatasetCache
@@ -145,6 +146,7 @@ class Daemon:
         self.paths.ensure()
         self.cache.ensure()
         remove_staging(self.paths.cache_dir / INCOMING)  # left by a daemon that was killed
+        remove_stale_socket_dirs(self.paths.runtime_dir)  # likewise
         await self._prune()
         self.identity = Identity.load_or_create(self.paths.identity_dir, "node")
         if self.confinement is None:
@@ -487,7 +489,7 @@ class Daemon:
         watch = asyncio.create_task(self._policy_watch()) if role == "worker" else None
         cycle = SessionContext(
             self.cfg, self.states, view, self._jobs, self.cache, self._linger, self.identity, self._confinement(),
-            self._sandbox(),
+            self._sandbox(), self.paths.runtime_dir,
         )
         try:
             prepared: Prepared | None = None

@@ -25,7 +25,7 @@ from crowdd.node.context import SessionContext
 from crowdd.node.ports import Reservation
 from crowdd.node.session import HostSession, Member, dead_after
 from crowdd.node.states import State
-from crowdd.node.tunnels import PS, HostTunnels, task_name
+from crowdd.node.tunnels import PS, HostTunnels, socket_dir, task_name
 from crowdd.plan import SessionPlan
 from crowdd.protocol.control import HostRequest
 from crowdd.protocol.session import PRIVATE_HOST, End
@@ -160,7 +160,8 @@ async def lead(
             view.publish("replication", index=m.index, done=m.done, total=m.total, source=m.source)
         view.push_members(session)
 
-    tunnels = HostTunnels(dial=lambda member, stream, task: session.dial(member, stream, task))
+    tunnels = HostTunnels(directory=socket_dir(c.runtime_dir),
+                          dial=lambda member, stream, task: session.dial(member, stream, task))
     session = HostSession(
         plan, res.session_sock, tls=tls, heartbeat=d.heartbeat, dead_after=dead_after(d.heartbeat, d.peer_timeout),
         on_change=on_change, on_tunnel=tunnels.accept,

@@ -60,10 +60,29 @@ class RelaySetup:
         return out + (["--isolated"] if self.isolated else [])
 
 
-def socket_dir() -> Path:
-    """A fresh private (0700) directory with a short path: a Unix socket path must fit in
-    108 bytes, which a test's or a user's runtime directory may not leave room for."""
+SOCKET_PREFIX = "tun-"
+# a socket path has at most 107 bytes: BASE + "/tun-XXXXXXXX" + "/w999.out"
+SOCKET_BASE_MAX = 107 - len(f"/{SOCKET_PREFIX}XXXXXXXX/w999.out")
+
+
+def socket_dir(base: Path | None = None) -> Path:
+    """A fresh private (0700) directory for a job's relay sockets: below ``base`` (the
+    daemon's runtime directory, which goes with it even when it is killed) when its path is
+    short enough, else in the temporary directory (a socket path must fit in 108 bytes)."""
+    if base is not None and len(str(base)) <= SOCKET_BASE_MAX:
+        try:
+            base.mkdir(parents=True, exist_ok=True)
+            return Path(tempfile.mkdtemp(prefix=SOCKET_PREFIX, dir=base))
+        except OSError as exc:
+            logger.info("tunnel sockets: cannot use %s (%s); using the temporary directory", base, exc.strerror)
     return Path(tempfile.mkdtemp(prefix="crowdd-"))
+
+
+def remove_stale_socket_dirs(base: Path) -> None:
+    """Remove the relay socket directories a killed daemon left in its runtime directory."""
+    for d in base.glob(f"{SOCKET_PREFIX}*"):
+        if d.is_dir() and not d.is_symlink():
+            shutil.rmtree(d, ignore_errors=True)
 
 
 async def _open_in(directory: Path, name: str) -> Streams | None:
@@ -218,4 +237,5 @@ class WorkerTunnels(_Base):
         await splice(host, job)
 
 
-__all__ = ["DIAL_TIMEOUT", "HostTunnels", "PS", "RelaySetup", "WorkerTunnels", "socket_dir", "task_name"]
+__all__ = ["DIAL_TIMEOUT", "HostTunnels", "PS", "RelaySetup", "WorkerTunnels", "remove_stale_socket_dirs", "socket_dir",
+           "task_name"]

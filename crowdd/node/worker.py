@@ -21,7 +21,7 @@ from crowdd.node.context import SessionContext
 from crowdd.node.ports import Reservation
 from crowdd.node.session import HostLost, SessionRefused, WorkerSession, dead_after
 from crowdd.node.states import State
-from crowdd.node.tunnels import PS, WorkerTunnels, task_name
+from crowdd.node.tunnels import PS, WorkerTunnels, socket_dir, task_name
 from crowdd.node.status import PROGRESS_INTERVAL
 from crowdd.aio import cancel_and_wait
 from crowdd.plan import SessionPlan
@@ -49,7 +49,7 @@ async def follow(c: SessionContext, plan: SessionPlan, res: Reservation) -> None
 
     ws = WorkerSession(plan, tls=tls, heartbeat=d.heartbeat, dead_after=dead_after(d.heartbeat, d.peer_timeout),
                        on_message=on_message)
-    tunnels = WorkerTunnels(connect=ws.open_stream)
+    tunnels = WorkerTunnels(directory=socket_dir(c.runtime_dir), connect=ws.open_stream)
     store: rep.ChunkStore | None = None
     server: rep.DataServer | None = None
     tasks: list[asyncio.Task[Any]] = []

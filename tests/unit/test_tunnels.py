@@ -121,3 +121,32 @@ async def test_probe_says_whether_the_worker_dialled_back() -> None:
         server.close()
         await ends["w"].close()
         await host.close()
+
+
+def test_relay_sockets_live_in_the_runtime_dir_when_its_path_is_short_enough(tmp_path: Path) -> None:
+    """Below the daemon's runtime directory they go with it, even after a SIGKILL (the next
+    start removes what is left); a runtime directory too long for a socket path falls back to
+    the temporary directory."""
+    import socket as _socket
+
+    from crowdd.node.tunnels import SOCKET_BASE_MAX, remove_stale_socket_dirs, socket_dir
+
+    base = tmp_path / "run"
+    assert len(str(base)) <= SOCKET_BASE_MAX
+    d = socket_dir(base)
+    assert d.parent == base and oct(d.stat().st_mode & 0o777) == "0o700"
+    longest = d / "w999.out"
+    s = _socket.socket(_socket.AF_UNIX)
+    s.bind(str(longest))  # the longest name a relay uses still fits
+    s.close()
+    long_base = tmp_path / ("x" * (SOCKET_BASE_MAX + 1 - len(str(tmp_path)) - 1))
+    assert len(str(long_base)) == SOCKET_BASE_MAX + 1
+    fallback = socket_dir(long_base)
+    try:
+        assert not fallback.is_relative_to(long_base)
+    finally:
+        fallback.rmdir()
+    keep = base / "control.sock"
+    keep.write_text("")
+    remove_stale_socket_dirs(base)
+    assert not d.exists() and keep.exists()
