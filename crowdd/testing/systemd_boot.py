@@ -338,7 +338,12 @@ def install_venv(target: Path, checkout: Path, *, base_python: str = "/usr/bin/p
     deps = deps_from or site_packages()
     subprocess.run([base_python, "-m", "venv", "--without-pip", str(target)], check=True, timeout=120)
     own = site_packages(str(target / "bin" / "python"))
-    (own / "crowdd-test-deps.pth").write_text(f"{deps}\n")
+    # Inside a container the dependencies may be hidden (a checkout under /tmp, covered by a
+    # tmpfs; under /root, which ProtectHome hides): :func:`deps_steps` binds them at
+    # ``target/deps`` there. Python adds each line's directory that exists.
+    (target / DEPS_DIR).mkdir()
+    (target / DEPS_SOURCE).write_text(f"{deps}\n")
+    (own / "crowdd-test-deps.pth").write_text(f"{deps}\n{target / DEPS_DIR}\n")
     with tempfile.TemporaryDirectory(prefix="crowdd-src-") as src:
         copy = Path(src) / "crowdd"
         shutil.copytree(checkout, copy, ignore=shutil.ignore_patterns(
@@ -349,5 +354,17 @@ def install_venv(target: Path, checkout: Path, *, base_python: str = "/usr/bin/p
     return target / "bin" / "crowdd"
 
 
-__all__ = ["SYSTEMD", "TEST_TARGET", "BootError", "Container", "cgroup2_mount", "install_venv", "site_packages",
-           "why_not"]
+DEPS_DIR = "deps"
+DEPS_SOURCE = "crowdd-test-deps-source"
+
+
+def deps_steps(crowdd_bin: Path) -> list[str]:
+    """Setup steps (first in a :class:`Container`'s ``setup``) that make the dependencies of
+    the venv :func:`install_venv` made for ``crowdd_bin`` visible inside, wherever they are."""
+    venv = crowdd_bin.parent.parent
+    source = (venv / DEPS_SOURCE).read_text().strip()
+    return [f"mount --bind {shlex.quote(source)} {shlex.quote(str(venv / DEPS_DIR))}"]
+
+
+__all__ = ["SYSTEMD", "TEST_TARGET", "BootError", "Container", "cgroup2_mount", "deps_steps", "install_venv",
+           "site_packages", "why_not"]

@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from crowdd.testing.systemd_boot import SYSTEMD, Container, install_venv, why_not
+from crowdd.testing.systemd_boot import SYSTEMD, Container, deps_steps, install_venv, why_not
 
 ROOT = Path(__file__).resolve().parents[2]
 UNITS = ROOT / "packaging" / "systemd"
@@ -65,6 +65,7 @@ def system_setup(crowdd: Path, *, service: str = "", unit: str = "", config: str
         f"ExecReload=\nExecReload={crowdd} reload --socket {SOCK}\n" + service
     )
     steps = [
+        *deps_steps(crowdd),
         f"install -Dm644 {q(str(UNITS / 'sysusers.d' / 'crowdd.conf'))} /etc/sysusers.d/crowdd.conf",
         "systemd-sysusers /etc/sysusers.d/crowdd.conf >/dev/null",
         f"install -Dm644 {q(str(UNITS / 'crowdd.service'))} /etc/systemd/system/crowdd.service",
@@ -323,6 +324,7 @@ def test_the_user_unit_with_systemctl_user(crowdd_bin: Path, tmp_path: Path) -> 
     q = shlex.quote
     unit = UNITS / "user" / "crowdd.service"
     setup = [
+        *deps_steps(crowdd_bin),
         "mount -t tmpfs -o mode=0755 tmpfs /home",
         "useradd -m alice",
         f"runuser -u alice -- install -Dm644 {q(str(unit))} /home/alice/.config/systemd/user/crowdd.service",
