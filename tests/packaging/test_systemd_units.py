@@ -20,7 +20,6 @@ import os
 import shlex
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -188,7 +187,7 @@ def test_a_user_hosts_a_file_in_their_home_through_the_service(crowdd_bin: Path,
     with Container(tmp_path, setup=system_setup(crowdd_bin)) as c:
         c.systemctl("start", "crowdd")
         data = "/home/alice/digits.npz"
-        c.run(sys.executable, "-c", f"import numpy as np; r = np.random.default_rng(0); np.savez({data!r}, "
+        c.run(str(crowdd_bin.parent / "python"), "-c", f"import numpy as np; r = np.random.default_rng(0); np.savez({data!r}, "
               "x_train=r.random((100, 4, 4)).astype('float32'), y_train=r.integers(0, 10, 100), "
               "x_test=r.random((20, 4, 4)).astype('float32'), y_test=r.integers(0, 10, 20))")
         c.run("chown", "alice:alice", data)
