@@ -102,9 +102,7 @@ def main() -> int:
 
     from crowdd.datasets import convert
     from crowdd.job.local import run_cluster
-    from crowdd.node.host import tf_base
     from crowdd.platform.userns import probe
-    from crowdd.testing.tunnel_bridge import TunnelBridge
 
     job = {"model": "mlp", "hidden": [100], "learning_rate": 0.1, "batch_size": args.batch, "epochs": args.epochs}
     settings = {
@@ -120,13 +118,7 @@ def main() -> int:
         root = Path(tmp)
         prep = convert(args.dataset, root / "cache")
         direct = run_cluster(root / "direct", prep.data_path, prep.manifest_path, 1, job, settings, timeout=900)
-        bridge = TunnelBridge(1, isolated=confinement.available)
-        try:
-            base = tf_base(1)
-            tunneled = run_cluster(root / "tunneled", prep.data_path, prep.manifest_path, 1, job, settings,
-                                   timeout=900, relays=bridge.relays(base), base=base)
-        finally:
-            bridge.close()
+        tunneled = tunneled_run(root / "tunneled", prep, job, settings, isolated=confinement.available)
         for name, run in (("direct", direct), ("tunneled", tunneled)):
             if run.done is None:
                 print(f"{name} cluster run failed: {run.error}", file=sys.stderr)
