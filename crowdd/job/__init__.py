@@ -16,8 +16,13 @@ EXIT_BAD_SPEC = 2
 #: A file of this name in the host job's working directory asks it to stop early: it
 #: evaluates, checkpoints, saves the model trained so far and ends with ``done`` (``stopped``).
 STOP_FILE = "crowdd-stop"
+#: The host job's live membership, written (atomically) by its daemon in the job's working
+#: directory: ``{"version": N, "live": [TF worker tasks with a member behind them],
+#: "fresh": [those whose TF server was (re)started since the job last saw them]}``
+#: (docs/job-spec.md).
+MEMBERS_FILE = "crowdd-members.json"
 #: The host's own Keras model (``job.model`` "file"), copied into the host job's working
 #: directory by its daemon.
 MODEL_FILE = "host-model.keras"
 
-__all__ = ["EVENT_KINDS", "EXIT_BAD_SPEC", "EXIT_FAILED", "EXIT_OK", "MODEL_FILE", "STOP_FILE"]
+__all__ = ["EVENT_KINDS", "EXIT_BAD_SPEC", "EXIT_FAILED", "EXIT_OK", "MEMBERS_FILE", "MODEL_FILE", "STOP_FILE"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,34 @@ from crowdd.node.tunnels import RelaySetup
 from crowdd.platform.sandbox import SandboxSupport
 from crowdd.platform.userns import Confinement
 from crowdd.plan import SessionPlan
+
+
+class Presence:
+    """A following worker's word to its host about its volunteer's machine: busy (the idle
+    policy said no: :meth:`away`, sent before the job is suspended or the worker leaves) and
+    idle again (:meth:`back`). The daemon's policy watch calls it; the worker's session binds
+    the sender (and says ``away`` again after it reconnects while still away)."""
+
+    def __init__(self) -> None:
+        self.away_reason: str | None = None
+        self._away: Callable[[str, bool], None] | None = None
+        self._back: Callable[[], None] | None = None
+
+    def bind(self, away: Callable[[str, bool], None] | None, back: Callable[[], None] | None) -> None:
+        self._away, self._back = away, back
+        if self.away_reason is not None and away is not None:
+            away(self.away_reason, True)
+
+    def away(self, reason: str, staying: bool = True) -> None:
+        self.away_reason = reason if staying else None
+        if self._away is not None:
+            self._away(reason, staying)
+
+    def back(self) -> None:
+        was = self.away_reason
+        self.away_reason = None
+        if was is not None and self._back is not None:
+            self._back()
 
 
 @dataclass
@@ -41,6 +69,7 @@ class SessionContext:
     confinement: Confinement
     sandbox: SandboxSupport
     runtime_dir: Path | None = None  # where the job's relay sockets go (crowdd.node.tunnels.socket_dir)
+    presence: Presence = field(default_factory=Presence)  # a worker's busy/idle word to its host
 
     def to(self, state: State) -> None:
         """Move the state authority (an invalid move raises: it is a daemon bug)."""

@@ -42,7 +42,7 @@ from crowdd.config import Config, ConfigError, Paths, load_config, parse_hostpor
 from crowdd.errors import CrowddError, InputError
 from crowdd.handoff import remove_staging
 from crowdd.control import ControlServer, Endpoint
-from crowdd.node.context import SessionContext, SessionFailed, training_refusal
+from crowdd.node.context import Presence, SessionContext, SessionFailed, training_refusal
 from crowdd.node.host import GracefulStop, Prepared, convert_dataset, describe, lead
 from crowdd.protocol.control import HostRequest, Status
 from crowdd.idle.policy import AlwaysIdle, IdlePolicy, Policy, Verdict
@@ -122,6 +122,7 @@ class Daemon:
         self._host_prepared: Prepared | None = None
         self._host_pending: HostRequest | None = None  # its dataset is being converted
         self._graceful = GracefulStop()  # the current host cycle's
+        self._presence: Presence | None = None  # the current worker cycle's word to its host
         self.stop_grace = STOP_GRACE
         self._staging: Path | None = None  # the copy of a handed-over dataset (crowdd.handoff)
         self._job_python = job_python
@@ -491,6 +492,7 @@ class Daemon:
             self.cfg, self.states, view, self._jobs, self.cache, self._linger, self.identity, self._confinement(),
             self._sandbox(), self.paths.runtime_dir,
         )
+        self._presence = cycle.presence
         try:
             prepared: Prepared | None = None
             if role == "host":
@@ -537,16 +539,23 @@ class Daemon:
             await asyncio.sleep(self._policy_interval)
             verdict = await self._evaluate()
             sup = self._jobs.current
+            presence = self._presence
             if verdict.allowed:
                 if sup is not None and sup.suspended:
                     sup.resume()
                     self.view.log(logging.INFO, f"idle again ({verdict.reason}); job resumed")
+                if presence is not None:
+                    presence.back()  # after the resume: the host may count on this worker again
                 continue
             if self.state in (S.REPLICATING, S.TRAINING) and self._policy.on_busy == "suspend":
+                if presence is not None and presence.away_reason is None:
+                    presence.away(verdict.reason)  # before the suspend: the host stops waiting for it
                 if sup is not None and not sup.suspended:
                     sup.suspend()
                     self.view.log(logging.INFO, f"machine busy ({verdict.reason}); job suspended")
                 continue
+            if presence is not None:
+                presence.away(verdict.reason, staying=False)  # a polite goodbye, flushed on close
             self._abort(f"the idle policy says no: {verdict.reason}")
             return
 

@@ -23,17 +23,20 @@ from crowdd.job import MODEL_FILE, STOP_FILE
 from crowdd.job.card import add_members
 from crowdd.node.context import SessionContext
 from crowdd.node.ports import Reservation
+from crowdd.node.roster import Roster
 from crowdd.node.session import HostSession, Member, dead_after
 from crowdd.node.states import State
 from crowdd.node.tunnels import PS, HostTunnels, socket_dir, task_name
 from crowdd.plan import SessionPlan
 from crowdd.protocol.control import HostRequest
-from crowdd.protocol.session import PRIVATE_HOST, End
+from crowdd.protocol.session import PRIVATE_HOST, End, JobReport, WorkerMessage
 from crowdd.replication import ChunkStore, DataServer
 
 log = logging.getLogger(__name__)
 
-JOB_START_TIMEOUT = 180.0  # workers' TF servers must be up within this (TF import is slow)
+#: How long training waits for the workers' TF servers before it starts with those that are
+#: up (TF's import is slow on a loaded machine); the others join when theirs start.
+JOB_START_WAIT = 60.0
 
 
 @dataclass
@@ -155,16 +158,54 @@ async def lead(
                         group_size=plan.size, stall_timeout=c.cfg.replication.stall_timeout, tls=tls,
                         rate_limit=c.cfg.replication.upload_rate())
 
+    training: dict[str, Any] = {}  # once training starts: the roster and the cluster
+
+    def sync_roster() -> None:
+        """Cut the tunnels of every worker that cannot train now, then tell the job who can."""
+        roster: Roster | None = training.get("roster")
+        if roster is None:
+            return
+        live: set[int] = set()
+        for w in session.workers:
+            if w.alive and w.started and w.away is None:
+                tunnels.restore(w.index)
+                live.add(w.index)
+            else:
+                tunnels.cut(w.index)
+        before = roster.live
+        try:
+            changed = roster.set(live)
+        except OSError as exc:
+            view.log(logging.ERROR, f"cannot tell the job who trains ({exc})")
+            return
+        if changed and roster.version > 1:
+            gone, came = sorted(before - roster.live), sorted(roster.live - before)
+            view.log(logging.INFO, f"training with {len(roster.live)} worker(s)"
+                     + (f"; worker(s) {', '.join(map(str, gone))} out" if gone else "")
+                     + (f"; worker(s) {', '.join(map(str, came))} in" if came else ""))
+
     def on_change(m: Member | None) -> None:
         if m is not None:
             view.publish("replication", index=m.index, done=m.done, total=m.total, source=m.source)
         view.push_members(session)
+        sync_roster()
+
+    def on_message(m: Member, msg: WorkerMessage) -> None:
+        roster: Roster | None = training.get("roster")
+        if roster is not None and isinstance(msg, JobReport) and msg.event == "started":
+            roster.started(m.index)  # a (re)started TF server holds nothing of this job
+
+    def on_rejoin(m: Member, running: bool) -> None:
+        view.log(logging.INFO, f"worker {m.index} ({m.name}) came back"
+                 + ("" if running else "; it starts its TF server again"))
+        if not running and "cluster" in training:
+            session.start_training(m, training["cluster"], m.index)
 
     tunnels = HostTunnels(directory=socket_dir(c.runtime_dir),
                           dial=lambda member, stream, task: session.dial(member, stream, task))
     session = HostSession(
         plan, res.session_sock, tls=tls, heartbeat=d.heartbeat, dead_after=dead_after(d.heartbeat, d.peer_timeout),
-        on_change=on_change, on_tunnel=tunnels.accept,
+        on_change=on_change, on_tunnel=tunnels.accept, on_message=on_message, on_rejoin=on_rejoin,
     )
     session.members[0].state = "replicating"
     try:
@@ -174,25 +215,33 @@ async def lead(
         live = await check_tunnels(session, tunnels, await session.wait_ready(), view, plan.job.min_workers)
         c.to(State.TRAINING)
         session.members[0].state = "training"
-        base = tf_base(len(live))
-        cluster = cluster_spec(len(live), base)
-        tasks = {j: m.index for j, m in enumerate(live, 1)}
-        await tunnels.reach_workers(tasks)
-        for j, m in enumerate(live, 1):
-            session.start_training(m, cluster, j)
+        # one TF worker slot per worker of the group (slot = member index), each a fixed relay
+        # address in the job's namespace: a worker that goes away and comes back (or whose
+        # server starts late) takes its own slot again while the others train on
+        slots = [m.index for m in session.workers]
+        base = tf_base(len(slots))
+        cluster = cluster_spec(len(slots), base)
+        await tunnels.reach_workers({j: j for j in slots})
+        workdir = c.jobs.job_dir(plan)
+        roster = Roster(workdir)
+        training.update(roster=roster, cluster=cluster)
+        for m in live:
+            session.start_training(m, cluster, m.index)
+        session.rejoin_open = True
         view.push_members(session, now=True)
         if live:
             view.log(logging.INFO, f"waiting for {len(live)} worker(s) to start their TF servers")
-            started = await session.wait_started(live, JOB_START_TIMEOUT)
+            started = await session.wait_started(live, JOB_START_WAIT)
             if len(started) < len(live):
-                view.log(logging.WARNING, f"{len(live) - len(started)} worker(s) did not start; training without them")
-        workdir = c.jobs.job_dir(plan)
+                view.log(logging.WARNING, f"{len(live) - len(started)} worker(s) did not start within "
+                         f"{JOB_START_WAIT:g} s; training starts without them and they join when they are up")
         if prepared.model_file is not None:  # the host job builds the network from it
             try:
                 shutil.copyfile(prepared.model_file, workdir / MODEL_FILE)
             except OSError as exc:
                 await session.end(End(error=f"cannot read the model file: {exc}"))
                 raise SessionFailed(f"cannot read the model file {prepared.model_file}: {exc}") from None
+        sync_roster()  # the first members file, before the job starts
         done: dict[str, Any] = {}
 
         def on_event(ev: dict[str, Any]) -> None:
@@ -204,10 +253,14 @@ async def lead(
                 done.update(ev)
             elif kind == "error":
                 view.log(logging.ERROR, f"host job: {ev.get('message')}")
+            elif kind == "slot":
+                task, state = ev.get("task"), ev.get("state")
+                why = f": {ev['why']}" if isinstance(ev.get("why"), str) and ev["why"] else ""
+                view.log(logging.INFO, f"worker {task} {'joined' if state == 'joined' else 'left'} training{why}")
 
         sup = await c.start_job(
             plan, 0, cluster, prepared.data_path, manifest, on_event, res, tunnels.directory,
-            serve=[(PS, base), (task_name(0), base + 1)], reach=[(task_name(j), base + 1 + j) for j in tasks],
+            serve=[(PS, base), (task_name(0), base + 1)], reach=[(task_name(j), base + 1 + j) for j in slots],
         )
         if graceful is not None:
             graceful.arm(workdir)
@@ -226,12 +279,13 @@ async def lead(
         if isinstance(card, str) and card:
             add_members(workdir / card, [
                 {"index": m.index, "role": m.role, "name": m.name, "fingerprint": m.fingerprint,
-                 "trained": m.index == 0 or any(w.index == m.index for w in live)}
+                 "trained": m.index == 0 or m.index in roster.ever}
                 for m in plan.members
             ])
             view.log(logging.INFO, f"model card: {workdir / card}")
         if isinstance(done.get("usage"), str):
             view.log(logging.INFO, f"use the model: {done['usage']}")
+        session.rejoin_open = False
         if done.get("stopped"):
             view.log(logging.INFO, f"stopped by the user at step {done.get('steps')} of {done.get('total_steps')}: "
                      f"kept the checkpoint {done.get('checkpoint')} and the model trained so far")
@@ -251,4 +305,4 @@ async def lead(
         store.close()
 
 
-__all__ = ["JOB_START_TIMEOUT", "Prepared", "check_tunnels", "cluster_spec", "GracefulStop", "convert_dataset", "describe", "lead", "tf_base"]
+__all__ = ["JOB_START_WAIT", "Prepared", "check_tunnels", "cluster_spec", "GracefulStop", "convert_dataset", "describe", "lead", "tf_base"]

@@ -32,6 +32,8 @@ from crowdd.group_tls import GroupTLS
 from crowdd.plan import PlanMember, SessionPlan
 from crowdd.protocol.session import (
     DROPPABLE,
+    Away,
+    Back,
     Dial,
     End,
     HostMessage,
@@ -186,6 +188,8 @@ class Member:
     alive: bool = True
     ready: bool = False
     started: bool = False
+    away: str | None = None  # why it is away (its machine busy), while it is
+    rejoins: int = 0
     tf_port: int = 0
     channel: Channel | None = field(default=None, repr=False)
 
@@ -224,6 +228,7 @@ class HostSession:
         on_message: Callable[[Member, WorkerMessage], None] | None = None,
         on_tunnel: OnTunnel | None = None,
         join_timeout: float = 30.0,
+        on_rejoin: Callable[[Member, bool], None] | None = None,
     ) -> None:
         self.plan = plan
         self.tls = tls
@@ -236,6 +241,10 @@ class HostSession:
         self._on_change = on_change
         self._on_message = on_message
         self._join_timeout = join_timeout
+        self._on_rejoin = on_rejoin
+        #: set while training: a worker that lost its channel (froze, lost its network, its
+        #: daemon restarted) may come back to its slot instead of the group going on without it
+        self.rejoin_open = False
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._changed = asyncio.Event()
@@ -260,9 +269,9 @@ class HostSession:
                 logger.warning("worker %d (%s) never joined the session; dropped", m.index, m.name)
                 self._lose(m, "never joined")
 
-    def _lose(self, m: Member, why: str) -> None:
-        if not m.alive:
-            return
+    def _lose(self, m: Member, why: str, channel: Channel | None = None) -> None:
+        if not m.alive or (channel is not None and m.channel is not channel):
+            return  # already gone, or this is an old channel of a member that came back
         m.alive = False
         m.state = "gone"
         m.channel = None
@@ -303,21 +312,37 @@ class HostSession:
                 return
             await self.on_tunnel(index, hello, (reader, writer))
             return
-        if not m.alive or m.channel is not None:
+        rejoin = hello.get("rejoin") is True and self.rejoin_open
+        if not rejoin and (not m.alive or m.channel is not None):
             await wire.send_error_and_close(
                 writer, wire.WireError(wire.ErrorCode.BAD_FIELD, f"worker {index} is already in (or gone from) the session", field="index")
             )
             return
         channel = Channel(reader, writer, heartbeat=self._heartbeat, dead_after=self._dead_after, name=f"worker {index}")
+        if rejoin:
+            old = m.channel
+            if m.alive:
+                self._lose(m, "it connected again")
+            if old is not None:
+                spawn_tracked(self._tasks, old.close())
+            m.alive, m.connected, m.ready, m.away = True, True, True, None
+            m.started = hello.get("job") == "running"  # its TF server kept its state
+            m.rejoins += 1
+            m.state = "training" if m.started else "ready"
+            logger.info("worker %d (%s) came back to the session (its TF server %s)", m.index, m.name,
+                        "kept running" if m.started else "must start again")
+        else:
+            m.connected = True
+            m.state = "replicating"
         m.channel = channel
-        m.connected = True
-        m.state = "replicating"
         self._touch(m)
         channel.send(self.members_update().to_frame())
+        if rejoin and self._on_rejoin is not None:
+            self._on_rejoin(m, m.started)
         try:
             await channel.run(lambda frame: self._on_frame(m, frame))
         except PeerLost as exc:
-            self._lose(m, str(exc))
+            self._lose(m, str(exc), channel)
         finally:
             await channel.close()
 
@@ -338,10 +363,19 @@ class HostSession:
         elif isinstance(msg, JobReport):
             if msg.event == "started":
                 m.started = True
-                m.state = "training"
+                m.state = "away" if m.away else "training"
             else:
                 self._lose(m, f"its job exited ({msg.message or msg.code})")
                 return True
+        elif isinstance(msg, Away):
+            m.away = msg.reason
+            m.state = "away"
+            logger.info("worker %d (%s) is away: %s%s", m.index, m.name, msg.reason,
+                        "" if msg.staying else " (leaving the session)")
+        elif isinstance(msg, Back):
+            m.away = None
+            m.state = "training" if m.started else "ready"
+            logger.info("worker %d (%s) is back", m.index, m.name)
         if self._on_message is not None:
             self._on_message(m, msg)
         self._touch(m)
@@ -443,6 +477,7 @@ class WorkerSession:
         dead_after: float,
         on_message: Callable[[HostMessage], None],
     ) -> None:
+        self.plan = plan
         self._tls = tls
         self._host = plan.host.address
         self._port = plan.host.ports.session
@@ -454,13 +489,15 @@ class WorkerSession:
         self._channel: Channel | None = None
         self.end: End | None = None
 
-    async def connect(self, retry_for: float = 15.0) -> None:
+    async def connect(self, retry_for: float = 15.0, hello: dict[str, Any] | None = None) -> None:
+        """Open the session channel (``hello``: extra fields, e.g. a rejoin's)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + retry_for
         delay = 0.1
+        self.end = None
         while True:
             try:
-                reader, writer = await self.open_stream({})
+                reader, writer = await self.open_stream(dict(hello or {}))
                 break
             except auth.AuthError as exc:
                 if not exc.unreachable or loop.time() + delay > deadline:
@@ -502,6 +539,13 @@ class WorkerSession:
     def job_exited(self, code: int | None, message: str | None) -> None:
         self._send(JobReport("exited", code, message).to_frame())
 
+    def away(self, reason: str, staying: bool = True) -> None:
+        """This machine is busy: stop counting on it (before its job is suspended or it leaves)."""
+        self._send(Away(reason, staying).to_frame())
+
+    def back(self) -> None:
+        self._send(Back().to_frame())
+
     def _on_frame(self, frame: dict[str, Any]) -> bool:
         msg = check_host_frame(frame)  # a bad frame ends the session (run() says HostLost)
         if isinstance(msg, End):
@@ -531,6 +575,13 @@ class WorkerSession:
         if self._channel is not None:
             await self._channel.flush(1.0)
             await self._channel.close()
+            self._channel = None
+
+    async def drop_channel(self) -> None:
+        """Close a channel that failed, without flushing (before connecting again)."""
+        if self._channel is not None:
+            with contextlib.suppress(Exception):
+                await self._channel.close()
             self._channel = None
 
 

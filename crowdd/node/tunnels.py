@@ -128,6 +128,40 @@ class HostTunnels(_Base):
     _pending: dict[int, tuple[int, asyncio.Future[Streams]]] = field(default_factory=dict)
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _ps_members: set[int] = field(default_factory=set)
+    _cut: set[int] = field(default_factory=set)
+    _active: dict[int, set[asyncio.Task[Any]]] = field(default_factory=dict)
+
+    def cut(self, member: int) -> None:
+        """Take worker ``member`` out of training now: close every TF connection carried to or
+        from it and refuse new ones until :meth:`restore`. A call from the host's coordinator
+        to a frozen machine then fails at once instead of hanging."""
+        self._cut.add(member)
+        tasks = self._active.pop(member, set())
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            logger.info("tunnel: cut %d connection(s) of worker %d", len(tasks), member)
+
+    def restore(self, member: int) -> None:
+        """Let worker ``member``'s TF connections through again."""
+        self._cut.discard(member)
+
+    def is_cut(self, member: int) -> bool:
+        return member in self._cut
+
+    async def _carry(self, member: int, a: Streams, b: Streams) -> None:
+        """Splice two connections of worker ``member``'s; :meth:`cut` ends it."""
+        task = asyncio.current_task()
+        assert task is not None
+        if member in self._cut:
+            for _, w in (a, b):
+                w.close()
+            return
+        self._active.setdefault(member, set()).add(task)
+        try:
+            await splice(a, b)
+        finally:
+            self._active.get(member, set()).discard(task)
 
     async def reach_workers(self, tasks: dict[int, int]) -> None:
         """Serve ``wT.out`` for each worker task → member index in ``tasks``; the members in
@@ -138,11 +172,14 @@ class HostTunnels(_Base):
 
     def _outbound(self, member: int, task: int) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
         async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            if member in self._cut:
+                w.close()
+                return
             stream = await self.open_stream(member, task)
             if stream is None:
                 w.close()
                 return
-            await splice((r, w), stream)
+            await self._carry(member, (r, w), stream)
 
         return handle
 
@@ -173,15 +210,16 @@ class HostTunnels(_Base):
         """An authenticated tunnel connection from worker ``member`` (its hello says which)."""
         kind = hello.get("tunnel")
         if kind == PS:
-            if member not in self._ps_members:
-                logger.warning("tunnel: worker %d is not in the cluster; refused its PS stream", member)
+            if member not in self._ps_members or member in self._cut:
+                if member not in self._cut:
+                    logger.warning("tunnel: worker %d is not in the cluster; refused its PS stream", member)
                 streams[1].close()
                 return
             job = await _open_in(self.directory, PS)
             if job is None:
                 streams[1].close()
                 return
-            await splice(streams, job)
+            await self._carry(member, streams, job)
             return
         stream = hello.get("stream")
         pending = self._pending.get(stream) if isinstance(stream, int) and not isinstance(stream, bool) else None

@@ -114,13 +114,32 @@ async def follow(c: SessionContext, plan: SessionPlan, res: Reservation) -> None
             serve=[(task_name(order.index), _port(order.cluster["worker"][order.index]))],
             reach=[(PS, _port(order.cluster["ps"][0]))],
         )
+        c.presence.bind(ws.away, ws.back)
         job_task = asyncio.create_task(sup.wait())
         tasks.append(job_task)
-        await asyncio.wait({job_task, session_task}, return_when=asyncio.FIRST_COMPLETED)
-        if not session_task.done():
-            code = job_task.result()
-            ws.job_exited(code, sup.last_error)
-            raise SessionFailed(f"this node's TF server exited (code {code}): {sup.last_error or 'see job.log'}")
+        while True:
+            await asyncio.wait({job_task, session_task}, return_when=asyncio.FIRST_COMPLETED)
+            if not session_task.done():
+                code = job_task.result()
+                ws.job_exited(code, sup.last_error)
+                raise SessionFailed(f"this node's TF server exited (code {code}): {sup.last_error or 'see job.log'}")
+            lost = session_task.exception() if not session_task.cancelled() else None
+            if not isinstance(lost, HostLost) or job_task.done():
+                break
+            # the channel broke (this machine froze or lost its network, or the host's did):
+            # the TF server kept its state, so go back to the host's session and its slot
+            view.log(logging.WARNING, f"lost the session host ({lost}); trying to rejoin the session")
+            c.presence.bind(None, None)
+            await ws.drop_channel()
+            try:
+                await ws.connect(retry_for=d.peer_timeout, hello={"rejoin": True, "job": "running"})
+            except SessionRefused as exc:
+                raise SessionFailed(f"the host went away ({lost}); it did not take this worker back: {exc}") from None
+            session_task = asyncio.create_task(ws.run())
+            tasks.append(session_task)
+            ws.report_state("training")
+            c.presence.bind(ws.away, ws.back)
+            view.log(logging.INFO, "rejoined the session; training again")
         end = _session_result(session_task)
         if end.error:
             raise SessionFailed(f"the host ended the session: {end.error}")
@@ -130,6 +149,7 @@ async def follow(c: SessionContext, plan: SessionPlan, res: Reservation) -> None
         await c.jobs.stop()
         await asyncio.sleep(c.linger)
     finally:
+        c.presence.bind(None, None)
         await c.jobs.stop()
         await cancel_and_wait(*tasks)
         await tunnels.close()

@@ -1,6 +1,7 @@
 """The group session's messages (after the matchmaker), used by the host and its workers.
 
-worker → host: :class:`StateReport`, :class:`ReplicationReport`, :class:`Ready`, :class:`JobReport`.
+worker → host: :class:`StateReport`, :class:`ReplicationReport`, :class:`Ready`, :class:`JobReport`,
+:class:`Away` (the volunteer's machine is busy: the worker leaves politely) and :class:`Back`.
 host → worker: :class:`MembersUpdate`, :class:`Train`, :class:`TrainingEvent`, :class:`End`.
 Both ways: ``ping`` (heartbeats, handled by the channel). Each message turns into its frame
 with ``to_frame()``; :func:`check_worker_frame` and :func:`check_host_frame` check what arrives
@@ -21,7 +22,7 @@ from crowdd import wire
 from crowdd.errors import ErrorCode
 
 #: What a member may report about itself (and what the host shows per member).
-MEMBER_STATES = ("joining", "replicating", "ready", "training", "finished", "gone")
+MEMBER_STATES = ("joining", "replicating", "ready", "training", "away", "finished", "gone")
 #: Job events the host fans out to its workers.
 TRAINING_EVENTS = ("progress", "eval")
 #: Frames a congested channel may drop (newer ones follow).
@@ -107,7 +108,28 @@ class JobReport:
         return frame
 
 
-WorkerMessage = Union[StateReport, ReplicationReport, Ready, JobReport]
+@dataclass(frozen=True)
+class Away:
+    """The worker's machine is busy (its idle policy said no): it stops training now, before
+    it suspends its job (``staying``: it comes back when idle again) or leaves the session. The
+    host takes it out of training at once, so the others carry on without waiting for it."""
+
+    reason: str
+    staying: bool = True
+
+    def to_frame(self) -> dict[str, Any]:
+        return {"type": "away", "reason": self.reason, "staying": self.staying}
+
+
+@dataclass(frozen=True)
+class Back:
+    """The worker is idle again after :class:`Away` (its TF server kept its state)."""
+
+    def to_frame(self) -> dict[str, Any]:
+        return {"type": "back"}
+
+
+WorkerMessage = Union[StateReport, ReplicationReport, Ready, JobReport, Away, Back]
 
 
 def check_worker_frame(frame: Mapping[str, Any]) -> WorkerMessage:
@@ -131,6 +153,14 @@ def check_worker_frame(frame: Mapping[str, Any]) -> WorkerMessage:
         if event == "exited":
             return JobReport("exited", _int(frame, "code", lo=-255, optional=True), _opt_str(frame, "message"))
         raise _bad("event", f"field 'event' must be started or exited, got {event!r}")
+    if kind == "away":
+        reason = _opt_str(frame, "reason", limit=500)
+        staying = frame.get("staying", True)
+        if not isinstance(staying, bool):
+            raise _bad("staying", "field 'staying' must be true or false")
+        return Away(reason or "busy", staying)
+    if kind == "back":
+        return Back()
     raise wire.WireError(ErrorCode.UNKNOWN_TYPE, f"unexpected frame {kind!r} from a worker")
 
 
@@ -271,7 +301,7 @@ def check_host_frame(frame: Mapping[str, Any]) -> HostMessage:
 
 
 __all__ = [
-    "DROPPABLE", "MEMBER_STATES", "PRIVATE_HOST", "TRAINING_EVENTS", "Dial", "End", "HostMessage", "JobReport", "MemberView",
+    "DROPPABLE", "MEMBER_STATES", "PRIVATE_HOST", "TRAINING_EVENTS", "Away", "Back", "Dial", "End", "HostMessage", "JobReport", "MemberView",
     "MembersUpdate", "Ready", "ReplicationReport", "StateReport", "Train", "TrainingEvent", "WorkerMessage",
     "check_host_frame", "check_worker_frame",
 ]

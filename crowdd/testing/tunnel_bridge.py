@@ -103,6 +103,20 @@ class TunnelBridge:
                 for j, end in enumerate(self.worker_ends, 1)]
         return out
 
+    def cut(self, member: int) -> None:
+        """Take worker ``member`` out as its host daemon does (:meth:`HostTunnels.cut`)."""
+
+        async def cut() -> None:
+            self.host.cut(member)
+
+        self._call(cut())
+
+    def restore(self, member: int) -> None:
+        async def restore() -> None:
+            self.host.restore(member)
+
+        self._call(restore())
+
     def close(self) -> None:
         async def shut() -> None:
             self._server.close()

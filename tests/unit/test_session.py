@@ -351,3 +351,80 @@ async def test_worker_refuses_a_host_with_another_certificate() -> None:
         assert seen in ([], [b""])
     finally:
         server.close()
+
+
+async def test_away_and_back_are_told_to_the_host() -> None:
+    """A worker whose machine turns busy says so before it suspends; the host sees it away
+    (its channel stays up), then back."""
+    g = group(1)
+    seen: list[tuple[int, str]] = []
+    hs, port, _ = await host_session(g, on_message=lambda m, msg: seen.append((m.index, type(msg).__name__)))
+    w = worker(port, g.token, 1, [])
+    try:
+        await w.connect(retry_for=5)
+        run = asyncio.create_task(w.run())
+        w.job_started()
+        w.away("the user is active (idle for 0 min)")
+        await _until(lambda: hs.members[1].away is not None)
+        assert hs.members[1].state == "away" and hs.members[1].alive
+        assert "user is active" in (hs.members[1].away or "")
+        w.back()
+        await _until(lambda: hs.members[1].away is None)
+        assert hs.members[1].state == "training"
+        assert [n for i, n in seen if i == 1][-2:] == ["Away", "Back"]
+        run.cancel()
+    finally:
+        await w.close()
+        await hs.close()
+
+
+async def _until(cond: Any, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not cond():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_lost_worker_rejoins_its_slot_while_training_only() -> None:
+    """A worker that went silent (frozen) is given up; once training is open to rejoins it
+    comes back to its own slot with its TF server still running. Before that, and for an
+    impostor holding another member's certificate, the door stays shut."""
+    g = group(2)
+    rejoined: list[tuple[int, bool]] = []
+    hs, port, _ = await host_session(g, on_rejoin=lambda m, running: rejoined.append((m.index, running)))
+    w1 = worker(port, g.token, 1, [])
+    w1b = worker(port, g.token, 1, [])
+    try:
+        await w1.connect(retry_for=5)
+        run = asyncio.create_task(w1.run())
+        w1.job_started()
+        await _until(lambda: hs.members[1].started)
+        run.cancel()  # this worker freezes: no more pings
+        await asyncio.gather(run, return_exceptions=True)
+        await _until(lambda: not hs.members[1].alive, timeout=5 * DEAD)
+        # not yet training: no rejoin
+        await w1b.connect(retry_for=0.5, hello={"rejoin": True, "job": "running"})
+        with pytest.raises(HostLost, match="already in"):
+            await asyncio.wait_for(w1b.run(), 3)
+        await w1b.drop_channel()
+        hs.rejoin_open = True
+        # worker 2's certificate claiming slot 1 on a rejoin: refused like any other claim
+        liar = worker(port, g.token, 1, [], as_name="w2")
+        await liar.connect(retry_for=0.5, hello={"rejoin": True, "job": "running"})
+        with pytest.raises(HostLost, match="unauthorized"):
+            await asyncio.wait_for(liar.run(), 3)
+        await liar.close()
+        assert not hs.members[1].alive and rejoined == []
+        # the real worker 1 comes back
+        await w1b.connect(retry_for=2, hello={"rejoin": True, "job": "running"})
+        run_b = asyncio.create_task(w1b.run())
+        await _until(lambda: hs.members[1].alive)
+        m = hs.members[1]
+        assert m.started and m.state == "training" and m.rejoins == 1 and rejoined == [(1, True)]
+        await asyncio.sleep(3 * DEAD)  # its new channel's heartbeats keep it in
+        assert hs.members[1].alive
+        run_b.cancel()
+    finally:
+        await w1.close()
+        await w1b.close()
+        await hs.close()

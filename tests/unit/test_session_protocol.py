@@ -32,6 +32,9 @@ WORKER_MESSAGES: list[sp.WorkerMessage] = [
     sp.JobReport("exited", 1, "TF server died"),
     sp.JobReport("exited", -9, None),
     sp.JobReport("exited"),
+    sp.Away("the user is active"),
+    sp.Away("battery", staying=False),
+    sp.Back(),
 ]
 
 HOST_MESSAGES: list[sp.HostMessage] = [
@@ -95,6 +98,8 @@ def test_a_started_job_report_carries_no_exit_fields() -> None:
         ({"type": "job", "event": "crashed"}, "event"),
         ({"type": "job", "event": "exited", "code": -256}, "code"),
         ({"type": "job", "event": "exited", "code": 1, "message": 5}, "message"),
+        ({"type": "away", "reason": 5}, "reason"),
+        ({"type": "away", "reason": "busy", "staying": "yes"}, "staying"),
     ],
 )
 def test_malformed_worker_frames_name_the_field(frame: dict[str, Any], field: str) -> None:

@@ -150,3 +150,58 @@ def test_relay_sockets_live_in_the_runtime_dir_when_its_path_is_short_enough(tmp
     keep.write_text("")
     remove_stale_socket_dirs(base)
     assert not d.exists() and keep.exists()
+
+
+def test_a_cut_worker_loses_its_connections_both_ways_until_restored() -> None:
+    """The host daemon cuts a worker that froze or went away: the TF connections carried to and
+    from it end at once (a call to a frozen machine fails instead of hanging), new ones are
+    refused, the other worker's connections live on, and after a restore it is reached again."""
+    bridge = TunnelBridge(2, isolated=False)
+    try:
+        bridge.relays(21100)
+        host_dir, w1_dir, w2_dir = bridge.host.directory, bridge.worker_ends[0].directory, bridge.worker_ends[1].directory
+
+        async def open_(path: Path) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            r, w = await asyncio.open_unix_connection(str(path))
+            w.write(b"ping")
+            await w.drain()
+            assert await asyncio.wait_for(r.readexactly(4), 10) == b"ping"
+            return r, w
+
+        async def scenario() -> None:
+            servers = [await _echo_at(host_dir / "ps.in"), await _echo_at(w1_dir / "w1.in"),
+                       await _echo_at(w2_dir / "w2.in")]
+            try:
+                to_w1 = await open_(host_dir / "w1.out")
+                from_w1 = await open_(w1_dir / "ps.out")
+                to_w2 = await open_(host_dir / "w2.out")
+                await asyncio.to_thread(bridge.cut, 1)
+                for r, _ in (to_w1, from_w1):  # both of worker 1's connections end
+                    assert await _ended(r)
+                for path in (host_dir / "w1.out", w1_dir / "ps.out"):  # and new ones are closed
+                    r, w = await asyncio.open_unix_connection(str(path))
+                    w.write(b"x")
+                    assert await _ended(r)
+                    w.close()
+                to_w2[1].write(b"more")  # worker 2 is untouched
+                assert await asyncio.wait_for(to_w2[0].readexactly(4), 5) == b"more"
+                await asyncio.to_thread(bridge.restore, 1)
+                assert await _round_trip(host_dir / "w1.out", b"again") == b"again"
+                assert await _round_trip(w1_dir / "ps.out", b"again") == b"again"
+                for _, w in (to_w1, from_w1, to_w2):
+                    w.close()
+            finally:
+                for s in servers:
+                    s.close()
+
+        asyncio.run(scenario())
+    finally:
+        bridge.close()
+
+
+async def _ended(r: asyncio.StreamReader) -> bool:
+    """The connection was closed (EOF or reset) without carrying anything back."""
+    try:
+        return await asyncio.wait_for(r.read(), 5) == b""
+    except ConnectionResetError:
+        return True
