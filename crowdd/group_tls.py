@@ -15,8 +15,8 @@ import ssl
 
 from crowdd.auth import AuthError
 from crowdd.identity import Identity
-from crowdd.plan import SessionPlan
-from crowdd.tls import HANDSHAKE_TIMEOUT, client_context, peer_fingerprint, server_context
+from crowdd.plan import PlanMember, SessionPlan
+from crowdd.tls import HANDSHAKE_TIMEOUT, client_context, pin, peer_fingerprint, server_context
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,15 @@ class GroupTLS:
         others = [m.cert for m in plan.members if m.index != plan.index]
         self._server = server_context(identity, peers=others)
         self._clients: dict[int, ssl.SSLContext] = {}
+
+    def add(self, member: PlanMember) -> None:
+        """A newcomer joined the running session (the matchmaker vouched for it): pin its
+        certificate too, at its index (the next one)."""
+        if member.index != len(self.fingerprints):
+            raise ValueError(f"a newcomer takes index {len(self.fingerprints)}, not {member.index}")
+        pin(self._server, [member.cert])
+        self.fingerprints = (*self.fingerprints, member.fingerprint)
+        self._certs = (*self._certs, member.cert)
 
     def server(self) -> ssl.SSLContext:
         """For this node's listeners: only the group's other members get through the handshake."""

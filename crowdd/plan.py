@@ -75,6 +75,7 @@ class SessionPlan:
     job: Job
     dataset: DatasetRef
     settings: GroupSettings
+    joining: bool = False  # this node joins a session already running (the matchmaker's ``join``)
 
     @property
     def size(self) -> int:

@@ -33,7 +33,7 @@ def _tls13_only(ctx: ssl.SSLContext) -> ssl.SSLContext:
     return ctx
 
 
-def _pin(ctx: ssl.SSLContext, certs: Iterable[bytes]) -> None:
+def pin(ctx: ssl.SSLContext, certs: Iterable[bytes]) -> None:
     """Trust exactly ``certs`` (PEM); each must be a certificate (InputError otherwise)."""
     for pem in certs:
         fingerprint_of(pem)  # refuses anything that is not a certificate, with field "cert"
@@ -54,7 +54,7 @@ def server_context(identity: Identity, peers: Iterable[bytes] | None = None) -> 
     if peers is None:
         ctx.verify_mode = ssl.CERT_NONE
     else:
-        _pin(ctx, list(peers))
+        pin(ctx, list(peers))
     return ctx
 
 
@@ -73,7 +73,7 @@ def client_context(identity: Identity | None, *, pinned: Iterable[bytes] | None 
     if pinned is None:
         ctx.verify_mode = ssl.CERT_NONE
     else:
-        _pin(ctx, list(pinned))
+        pin(ctx, list(pinned))
     return ctx
 
 

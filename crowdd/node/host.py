@@ -29,7 +29,7 @@ from crowdd.node.states import State
 from crowdd.node.tunnels import PS, HostTunnels, socket_dir, task_name
 from crowdd.plan import SessionPlan
 from crowdd.protocol.control import HostRequest
-from crowdd.protocol.session import PRIVATE_HOST, End, JobReport, WorkerMessage
+from crowdd.protocol.session import PRIVATE_HOST, End, JobReport, Ready, WorkerMessage
 from crowdd.replication import ChunkStore, DataServer
 
 log = logging.getLogger(__name__)
@@ -159,17 +159,20 @@ async def lead(
                         rate_limit=c.cfg.replication.upload_rate())
 
     training: dict[str, Any] = {}  # once training starts: the roster and the cluster
+    trained: set[int] = set()  # the members that trained at some point (the model card)
 
     def sync_roster() -> None:
-        """Cut the tunnels of every worker that cannot train now, then tell the job who can."""
+        """Cut the tunnels of every worker that cannot train now, then tell the job which
+        slots can."""
         roster: Roster | None = training.get("roster")
         if roster is None:
             return
         live: set[int] = set()
         for w in session.workers:
-            if w.alive and w.started and w.away is None:
+            if w.slot is not None and w.alive and w.started and w.away is None:
                 tunnels.restore(w.index)
-                live.add(w.index)
+                live.add(w.slot)
+                trained.add(w.index)
             else:
                 tunnels.cut(w.index)
         before = roster.live
@@ -181,8 +184,8 @@ async def lead(
         if changed and roster.version > 1:
             gone, came = sorted(before - roster.live), sorted(roster.live - before)
             view.log(logging.INFO, f"training with {len(roster.live)} worker(s)"
-                     + (f"; worker(s) {', '.join(map(str, gone))} out" if gone else "")
-                     + (f"; worker(s) {', '.join(map(str, came))} in" if came else ""))
+                     + (f"; slot(s) {', '.join(map(str, gone))} out" if gone else "")
+                     + (f"; slot(s) {', '.join(map(str, came))} in" if came else ""))
 
     def on_change(m: Member | None) -> None:
         if m is not None:
@@ -192,14 +195,18 @@ async def lead(
 
     def on_message(m: Member, msg: WorkerMessage) -> None:
         roster: Roster | None = training.get("roster")
-        if roster is not None and isinstance(msg, JobReport) and msg.event == "started":
-            roster.started(m.index)  # a (re)started TF server holds nothing of this job
+        if roster is None or m.slot is None:
+            return
+        if isinstance(msg, JobReport) and msg.event == "started":
+            roster.started(m.slot)  # a (re)started TF server holds nothing of this job
+        elif isinstance(msg, Ready) and not m.started:  # a newcomer holds the data: its turn
+            session.start_training(m, training["cluster"], m.slot)
 
     def on_rejoin(m: Member, running: bool) -> None:
         view.log(logging.INFO, f"worker {m.index} ({m.name}) came back"
                  + ("" if running else "; it starts its TF server again"))
-        if not running and "cluster" in training:
-            session.start_training(m, training["cluster"], m.index)
+        if not running and "cluster" in training and m.slot is not None:
+            session.start_training(m, training["cluster"], m.slot)
 
     tunnels = HostTunnels(directory=socket_dir(c.runtime_dir),
                           dial=lambda member, stream, task: session.dial(member, stream, task))
@@ -215,18 +222,22 @@ async def lead(
         live = await check_tunnels(session, tunnels, await session.wait_ready(), view, plan.job.min_workers)
         c.to(State.TRAINING)
         session.members[0].state = "training"
-        # one TF worker slot per worker of the group (slot = member index), each a fixed relay
-        # address in the job's namespace: a worker that goes away and comes back (or whose
-        # server starts late) takes its own slot again while the others train on
-        slots = [m.index for m in session.workers]
-        base = tf_base(len(slots))
-        cluster = cluster_spec(len(slots), base)
-        await tunnels.reach_workers({j: j for j in slots})
+        # one TF worker slot per wanted worker, each a fixed relay address in the job's
+        # namespace: worker i takes slot i; a worker that goes away and comes back (or whose
+        # server starts late) takes its own slot again while the others train on, and a free
+        # slot (never taken, or its worker gone) takes a newcomer (join in progress)
+        wanted = max(len(session.workers), plan.job.workers)
+        slots = list(range(1, wanted + 1))
+        base = tf_base(wanted)
+        cluster = cluster_spec(wanted, base)
+        for m in session.workers:
+            m.slot = m.index
+        await tunnels.reach_workers({t: t if t < len(session.members) else None for t in slots})
         workdir = c.jobs.job_dir(plan)
         roster = Roster(workdir)
         training.update(roster=roster, cluster=cluster)
         for m in live:
-            session.start_training(m, cluster, m.index)
+            session.start_training(m, cluster, m.index)  # slot = index for the first members
         session.rejoin_open = True
         view.push_members(session, now=True)
         if live:
@@ -279,8 +290,8 @@ async def lead(
         if isinstance(card, str) and card:
             add_members(workdir / card, [
                 {"index": m.index, "role": m.role, "name": m.name, "fingerprint": m.fingerprint,
-                 "trained": m.index == 0 or m.index in roster.ever}
-                for m in plan.members
+                 "trained": m.index == 0 or m.index in trained}
+                for m in session.plan.members
             ])
             view.log(logging.INFO, f"model card: {workdir / card}")
         if isinstance(done.get("usage"), str):

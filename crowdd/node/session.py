@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import socket
 from collections.abc import Awaitable, Callable
@@ -190,6 +191,7 @@ class Member:
     started: bool = False
     away: str | None = None  # why it is away (its machine busy), while it is
     rejoins: int = 0
+    slot: int | None = None  # its TF worker task while training (None: none, or given to a newcomer)
     tf_port: int = 0
     channel: Channel | None = field(default=None, repr=False)
 
@@ -253,6 +255,17 @@ class HostSession:
     def workers(self) -> list[Member]:
         return self.members[1:]
 
+    def add_member(self, pm: PlanMember) -> Member:
+        """A newcomer the matchmaker sent to this running session (join in progress): pin its
+        certificate and expect its session channel at its index."""
+        self.tls.add(pm)
+        m = Member.from_plan(pm, self.plan.dataset.size)
+        self.members.append(m)
+        self.plan = dataclasses.replace(self.plan, members=(*self.plan.members, pm))
+        logger.info("worker %d (%s) joins the running session", m.index, m.name)
+        self._touch(m)
+        return m
+
     def live_workers(self) -> list[Member]:
         return [m for m in self.workers if m.alive]
 
@@ -312,7 +325,7 @@ class HostSession:
                 return
             await self.on_tunnel(index, hello, (reader, writer))
             return
-        rejoin = hello.get("rejoin") is True and self.rejoin_open
+        rejoin = hello.get("rejoin") is True and self.rejoin_open and m.slot is not None
         if not rejoin and (not m.alive or m.channel is not None):
             await wire.send_error_and_close(
                 writer, wire.WireError(wire.ErrorCode.BAD_FIELD, f"worker {index} is already in (or gone from) the session", field="index")

@@ -127,7 +127,7 @@ class HostTunnels(_Base):
     timeout: float = DIAL_TIMEOUT
     _pending: dict[int, tuple[int, asyncio.Future[Streams]]] = field(default_factory=dict)
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
-    _ps_members: set[int] = field(default_factory=set)
+    _slots: dict[int, int | None] = field(default_factory=dict)
     _cut: set[int] = field(default_factory=set)
     _active: dict[int, set[asyncio.Task[Any]]] = field(default_factory=dict)
 
@@ -163,16 +163,29 @@ class HostTunnels(_Base):
         finally:
             self._active.get(member, set()).discard(task)
 
-    async def reach_workers(self, tasks: dict[int, int]) -> None:
-        """Serve ``wT.out`` for each worker task → member index in ``tasks``; the members in
-        ``tasks`` may reach this host's PS."""
-        self._ps_members = set(tasks.values())
-        for task, member in tasks.items():
-            await self._listen(task_name(task), self._outbound(member, task))
+    async def reach_workers(self, tasks: dict[int, int | None]) -> None:
+        """Serve ``wT.out`` for each worker task (slot) in ``tasks``, mapped to the member
+        index that holds it (None: a free slot, whose connections are closed at once); the
+        members holding a slot may reach this host's PS. :meth:`assign` changes a slot's member."""
+        self._slots = dict(tasks)
+        for task in tasks:
+            await self._listen(task_name(task), self._outbound(task))
 
-    def _outbound(self, member: int, task: int) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+    def assign(self, task: int, member: int | None) -> None:
+        """Slot ``task`` now belongs to ``member`` (a newcomer), or to nobody."""
+        old = self._slots.get(task)
+        if old is not None and old != member:
+            self.cut(old)
+        self._slots[task] = member
+
+    @property
+    def _ps_members(self) -> set[int]:
+        return {m for m in self._slots.values() if m is not None}
+
+    def _outbound(self, task: int) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
         async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            if member in self._cut:
+            member = self._slots.get(task)
+            if member is None or member in self._cut:
                 w.close()
                 return
             stream = await self.open_stream(member, task)

@@ -86,7 +86,7 @@ async def follow(c: SessionContext, plan: SessionPlan, res: Reservation) -> None
 
         replicator = rep.Replicator(index, peers, plan.token, manifest, c.cache, route=settings.route,
                                     stall_timeout=c.cfg.replication.stall_timeout, on_progress=on_progress, store=store,
-                                    tls=tls, reachable=plan.reachable)
+                                    tls=tls, reachable=plan.reachable, joining=plan.joining)
         rep_task = asyncio.create_task(replicator.run())
         tasks.append(rep_task)
         await _race(rep_task, session_task)

@@ -27,7 +27,7 @@ from crowdd.protocol import data
 from crowdd.replication.errors import ReplicationError
 from crowdd.replication.store import ChunkStore
 from crowdd.replication.stream import DataStream
-from crowdd.route import node_plan
+from crowdd.route import Plan, node_plan
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +77,7 @@ class Replicator:
         rng: random.Random | None = None,
         tls: GroupTLS,
         reachable: Sequence[bool] | None = None,
+        joining: bool = False,
     ) -> None:
         auth._key(token)
         self.tls = tls
@@ -86,6 +87,11 @@ class Replicator:
             raise ValueError(f"peers must be numbered 0..{len(peers) - 1} exactly once")
         self.n = len(peers)
         self.plan = node_plan(self.n, index, route, reachable)  # RouteError for an index outside the group
+        # a newcomer to a running session: only the host knows it (the others pinned the
+        # group as it was formed), and every other member holds the data already
+        self.joining = joining
+        if joining:
+            self.plan = Plan(source=0, targets=())
         self.token = token
         self.manifest = manifest
         self.cache = cache
@@ -275,7 +281,7 @@ class Replicator:
         if store is None:  # pragma: no cover
             return None, False
         skip = self.bad | self.failed | {self.index}
-        candidates = [p for i, p in self.peers.items() if i not in skip]
+        candidates = [p for i, p in self.peers.items() if i not in skip and (i == 0 or not self.joining)]
         answers = await asyncio.gather(*(self._query_have(p) for p in candidates))
         complete: list[int] = []
         partial: list[tuple[int, int]] = []

@@ -93,7 +93,7 @@ class TunnelBridge:
 
     def relays(self, base: int) -> list[RelaySetup]:
         """Member i's relay, once the tunnels listen (call before starting the jobs)."""
-        tasks = {j: j for j in range(1, self.workers + 1)}
+        tasks: dict[int, int | None] = {j: j for j in range(1, self.workers + 1)}
         self._call(self.host.reach_workers(tasks))
         for j, end in enumerate(self.worker_ends, 1):
             self._call(end.reach_ps(j))

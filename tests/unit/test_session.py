@@ -408,6 +408,7 @@ async def test_a_lost_worker_rejoins_its_slot_while_training_only() -> None:
             await asyncio.wait_for(w1b.run(), 3)
         await w1b.drop_channel()
         hs.rejoin_open = True
+        hs.members[1].slot = 1
         # worker 2's certificate claiming slot 1 on a rejoin: refused like any other claim
         liar = worker(port, g.token, 1, [], as_name="w2")
         await liar.connect(retry_for=0.5, hello={"rejoin": True, "job": "running"})
@@ -427,4 +428,32 @@ async def test_a_lost_worker_rejoins_its_slot_while_training_only() -> None:
     finally:
         await w1.close()
         await w1b.close()
+        await hs.close()
+
+
+async def test_a_newcomer_gets_in_only_once_the_host_adds_it() -> None:
+    """Join in progress: a volunteer the matchmaker sent to a running session is refused until
+    the host adds it (its certificate pinned at the next index); then it joins like anyone."""
+    g = group(1)
+    hs, port, _ = await host_session(g)
+    newcomer = group(2, port=port, token=g.token, index=2)  # the newcomer's own plan: w2 appended
+    try:
+        early = WorkerSession(newcomer, tls=tls_for(newcomer), heartbeat=HB, dead_after=DEAD, on_message=[].append)
+        with pytest.raises((SessionRefused, HostLost)):
+            await early.connect(retry_for=0.5)  # the host does not know its certificate yet
+            await asyncio.wait_for(early.run(), 3)
+        await early.close()
+        m = hs.add_member(newcomer.members[2])
+        assert m.index == 2 and hs.members[2] is m and hs.plan.size == 3
+        ws = WorkerSession(newcomer, tls=tls_for(newcomer), heartbeat=HB, dead_after=DEAD, on_message=[].append)
+        await ws.connect(retry_for=2)
+        run = asyncio.create_task(ws.run())
+        await _until(lambda: hs.members[2].connected)
+        ws.ready()
+        await _until(lambda: hs.members[2].ready)
+        with pytest.raises(ValueError):  # indices only grow by one
+            hs.add_member(dataclasses.replace(newcomer.members[2], index=7))
+        run.cancel()
+        await ws.close()
+    finally:
         await hs.close()
