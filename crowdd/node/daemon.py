@@ -43,6 +43,8 @@ from crowdd.errors import CrowddError, InputError
 from crowdd.handoff import remove_staging
 from crowdd.control import ControlServer, Endpoint
 from crowdd.node.context import Presence, SessionContext, SessionFailed, training_refusal
+from crowdd.node.checkpoints import latest_checkpoint
+from crowdd.node.resume import HostingRecord
 from crowdd.node.host import GracefulStop, Prepared, convert_dataset, describe, lead
 from crowdd.protocol.control import HostRequest, Status
 from crowdd.idle.policy import AlwaysIdle, IdlePolicy, Policy, Verdict
@@ -123,6 +125,9 @@ class Daemon:
         self._host_pending: HostRequest | None = None  # its dataset is being converted
         self._graceful = GracefulStop()  # the current host cycle's
         self._presence: Presence | None = None  # the current worker cycle's word to its host
+        self._hosting = HostingRecord(paths.state_dir)  # what a restart mid-session resumes
+        self._resume_from: Path | None = None  # the interrupted session's job dir (checkpoints)
+        self._closing = False
         self.stop_grace = STOP_GRACE
         self._staging: Path | None = None  # the copy of a handed-over dataset (crowdd.handoff)
         self._job_python = job_python
@@ -148,7 +153,8 @@ class Daemon:
         self.cache.ensure()
         remove_staging(self.paths.cache_dir / INCOMING)  # left by a daemon that was killed
         remove_stale_socket_dirs(self.paths.runtime_dir)  # likewise
-        await self._prune()
+        self._load_interrupted()
+        await self._prune(keep=(self._resume_from,) if self._resume_from is not None else ())
         self.identity = Identity.load_or_create(self.paths.identity_dir, "node")
         if self.confinement is None:
             self.confinement = await asyncio.get_running_loop().run_in_executor(None, userns.probe, self._job_python)
@@ -164,7 +170,30 @@ class Daemon:
         self._notifier.ready(self.view.status_line())
         logger.info("crowdd daemon %s ready (%s, donation %s)", self.name, self._endpoint.describe(), "on" if self.donating else "off")
 
+    def _load_interrupted(self) -> None:
+        """A session this node hosted when it stopped mid-way: host it again, from its last
+        checkpoint; or say in the status why that cannot be done."""
+        interrupted, why = self._hosting.load(self.cache)
+        if why is not None:
+            self._hosting.clear()
+            message = f"the session this node hosted when it stopped cannot be resumed: {why}"
+            self.view.begin("host")
+            self.view.fail(message)
+            self.view.log(logging.ERROR, message)
+            self.view.end()
+            return
+        if interrupted is None:
+            return
+        p = interrupted.prepared
+        self._host_request = HostRequest(dataset=p.data_path, job=p.job, model_file=p.model_file)
+        self._host_prepared = p
+        self._resume_from = interrupted.workdir
+        ckpt = latest_checkpoint(interrupted.workdir) if interrupted.workdir is not None else None
+        self.view.log(logging.INFO, f"resuming the session this node hosted when it stopped ({p.name}"
+                      + (f", from its checkpoint {ckpt.name}" if ckpt is not None else "") + "); looking for workers")
+
     async def close(self) -> None:
+        self._closing = True  # a hosted session cut short by the stop is resumed at the next start
         self._notifier.stopping()
         logger.info("crowdd daemon %s stopping", self.name)
         await cancel_and_wait(self._main, self._watchdog, timeout=60.0)
@@ -307,6 +336,8 @@ class Daemon:
                 raise wire.WireError(wire.ErrorCode.BUSY, "stopped while the dataset was being prepared")
         self._check_can_host(preparing=False)
         self._host_request, self._host_prepared = request, prepared
+        self._hosting.save(prepared)
+        self._resume_from = None
         if self.view.role == "worker":
             self._abort("switching to host")
         info = describe(prepared)
@@ -522,7 +553,8 @@ class Daemon:
             view.log(logging.INFO, f"joined group {plan.group_id} as node {plan.index} of {plan.size}")
             if role == "host" and prepared is not None:
                 self._graceful = GracefulStop()
-                await lead(cycle, plan, res, prepared, self._graceful)
+                await lead(cycle, plan, res, prepared, self._graceful, record=self._hosting,
+                           resume_from=self._resume_from)
             else:
                 await follow(cycle, plan, res)
         except SessionFailed as exc:
@@ -565,6 +597,9 @@ class Daemon:
             res.close()
         if self.view.role == "host":
             self._host_request = self._host_prepared = None
+            if not self._closing:  # it ended (done, failed, stopped): nothing to resume
+                self._hosting.clear()
+                self._resume_from = None
         await self._prune()  # the session's files are the newest: older ones go first
         self.view.end()
         self.states.to(S.STANDBY if self.donating else S.OFF)

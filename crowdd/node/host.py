@@ -11,7 +11,7 @@ import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from crowdd.cache import DatasetCache
 from crowdd.errors import InputError, SessionFailed
@@ -23,6 +23,7 @@ from crowdd.job import MODEL_FILE, STOP_FILE
 from crowdd.job.card import add_members
 from crowdd.node.context import SessionContext
 from crowdd.node.ports import Reservation
+from crowdd.node.checkpoints import carry_checkpoint
 from crowdd.node.roster import Roster
 from crowdd.node.session import HostSession, Member, dead_after
 from crowdd.node.states import State
@@ -31,6 +32,9 @@ from crowdd.plan import SessionPlan
 from crowdd.protocol.control import HostRequest
 from crowdd.protocol.session import PRIVATE_HOST, End, JobReport, Ready, WorkerMessage
 from crowdd.replication import ChunkStore, DataServer
+
+if TYPE_CHECKING:
+    from crowdd.node.resume import HostingRecord
 
 log = logging.getLogger(__name__)
 
@@ -146,8 +150,12 @@ async def check_tunnels(
 
 
 async def lead(
-    c: SessionContext, plan: SessionPlan, res: Reservation, prepared: Prepared, graceful: GracefulStop | None = None
+    c: SessionContext, plan: SessionPlan, res: Reservation, prepared: Prepared, graceful: GracefulStop | None = None,
+    *, record: HostingRecord | None = None, resume_from: Path | None = None,
 ) -> None:
+    """Lead one session. ``record`` keeps where its job works (a restart resumes from there);
+    ``resume_from``: the job directory of the session a restart interrupted, whose last
+    checkpoint the new job starts from."""
     d = c.cfg.daemon
     view = c.view
     manifest = prepared.manifest
@@ -234,6 +242,17 @@ async def lead(
             m.slot = m.index
         await tunnels.reach_workers({t: t if t < len(session.members) else None for t in slots})
         workdir = c.jobs.job_dir(plan)
+        if resume_from is not None and resume_from != workdir:
+            try:
+                step = carry_checkpoint(resume_from, workdir)
+            except OSError as exc:
+                step = None
+                view.log(logging.WARNING, f"cannot carry the interrupted session's checkpoint over ({exc}); "
+                         "training starts afresh")
+            if step is not None:
+                view.log(logging.INFO, f"training resumes from step {step} (the interrupted session's checkpoint)")
+        if record is not None:
+            record.training_in(workdir)
         roster = Roster(workdir)
         training.update(roster=roster, cluster=cluster)
         for m in live:

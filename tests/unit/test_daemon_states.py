@@ -454,3 +454,38 @@ async def _refuses_until_allowed(tmp_path: Path, opt_in: str, *, confinement: Co
         d._show_tensorflow()
         assert d.status()["tensorflow"]["allowed"] is True
         assert d.can_train
+
+
+async def test_a_host_stopped_mid_session_hosts_again_at_its_next_start(tmp_path: Path) -> None:
+    """The daemon stops (a restart, a crash) while it hosts: at its next start it hosts the
+    same dataset and job again, without the user; a session the user stopped is not resumed."""
+    csv = tmp_path / "points.csv"
+    csv.write_text("label,a,b\n" + "".join(f"{i % 2},{i},{2 * i}\n" for i in range(40)))
+    async with matchmaker() as mm:
+        async with running(tmp_path, mm.address[1]) as d, ControlClient(d.paths.control_socket) as c:
+            await c.host(str(csv), {"epochs": 3, "workers": 2})
+            await until(lambda: mm.stats()["hosts"] == 1)
+        await until(lambda: mm.stats()["hosts"] == 0)  # it left the queue when it stopped
+        async with running(tmp_path, mm.address[1]) as d, ControlClient(d.paths.control_socket) as c:
+            await until(lambda: mm.stats()["hosts"] == 1)  # hosting again, on its own
+            assert d.view.role == "host" and d._host_prepared is not None
+            assert d._host_prepared.job.epochs == 3 and d._host_prepared.name == "points"
+            await c.stop()  # the user ends it: nothing to resume any more
+            await until(lambda: mm.stats()["hosts"] == 0)
+        async with running(tmp_path, mm.address[1]) as d:
+            await asyncio.sleep(0.5)
+            assert d.view.role is None and mm.stats()["hosts"] == 0
+
+
+async def test_a_session_that_cannot_resume_says_why_in_status(tmp_path: Path) -> None:
+    d = make(tmp_path, free_port())
+    d.paths.ensure()
+    (d.paths.state_dir / "hosting.json").write_text('{"manifest": "{}", "job": {}, "name": "x"}')
+    await d.start()
+    try:
+        async with ControlClient(d.paths.control_socket) as c:
+            st = await c.status()
+        assert "cannot be resumed" in (st["error"] or "") and "damaged" in (st["error"] or "")
+        assert not (d.paths.state_dir / "hosting.json").exists()
+    finally:
+        await d.close()
