@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -122,8 +123,9 @@ class Crowd:
 
     def __init__(self, root: Path, workers: int, *, nice: int = 10, extra_config: str = "",
                  python: str = sys.executable, verbose: bool = True, steps_per_function: int = 20,
-                 sync_every: int = 10) -> None:
+                 sync_every: int = 10, wrap: Callable[[Node, list[str]], list[str]] | None = None) -> None:
         self.root = root
+        self.wrap = wrap  # how a node's daemon is started (a benchmark puts it in its own cgroup)
         self.python = python
         self.procs = Processes()
         self.matchmaker_addr = f"127.0.0.1:{free_port()}"
@@ -172,7 +174,8 @@ class Crowd:
         ) + self.extra_config)
         node.log = node.root / "daemon.log"
         argv = [self.python, "-m", "crowdd", "daemon", "--root", str(node.root), "--matchmaker", self.matchmaker_addr]
-        node.proc = self.procs.start(argv + (["-v"] if self.verbose else []), node.log)
+        argv += ["-v"] if self.verbose else []
+        node.proc = self.procs.start(self.wrap(node, argv) if self.wrap is not None else argv, node.log)
 
     def start(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
