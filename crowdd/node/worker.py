@@ -132,7 +132,9 @@ async def follow(c: SessionContext, plan: SessionPlan, res: Reservation) -> None
             c.presence.bind(None, None)
             await ws.drop_channel()
             try:
-                await ws.connect(retry_for=d.peer_timeout, hello={"rejoin": True, "job": "running"})
+                # briefly: a host that is gone for good sends this worker back to standby soon
+                await ws.connect(retry_for=min(d.peer_timeout, 2 * d.heartbeat),
+                                 hello={"rejoin": True, "job": "running"})
             except SessionRefused as exc:
                 raise SessionFailed(f"the host went away ({lost}); it did not take this worker back: {exc}") from None
             session_task = asyncio.create_task(ws.run())
