@@ -1,0 +1,138 @@
+"""Elastic sessions end to end, with real daemon processes on loopback: volunteers freeze,
+crash, leave politely, come back and join while the group trains.
+
+One session (digits; the host and workers 1-3 start, worker 4 is off): worker 1 is frozen
+whole (SIGSTOP of its daemon and every process below it) for 45 s, worker 2 is killed
+(SIGKILL), worker 4 switches donation on mid-run, worker 3 pauses (``crowdd pause``) and
+resumes, worker 1 thaws. The group's progress never stalls more than 15 s, the newcomer
+trains in that same session, the frozen worker rejoins its slot, the run ends with accuracy
+within a point of the same job without churn, and no process is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_daemon_e2e import TEST_CONFIG, digits_npz, job_processes
+
+from crowdd.control import ControlClient
+from crowdd.demo import Crowd
+from crowdd.testing.churn import Watch, donate, freeze, longest_stall
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+EPOCHS = 60
+JOB = {"workers": 4, "min_workers": 2, "wait": 3, "epochs": EPOCHS, "batch_size": 50}
+STALL_LIMIT = 15.0
+
+
+@pytest.fixture
+async def crowd(tmp_path: Path) -> AsyncIterator[Crowd]:
+    c = Crowd(tmp_path / "crowd", 4, extra_config=TEST_CONFIG, steps_per_function=5, sync_every=5)
+    c.start()
+    try:
+        await c.wait_up()
+        yield c
+    finally:
+        c.close()
+        assert not job_processes(c.root), "a job outlived the test"
+
+
+async def host(crowd: Crowd, data: Path, job: dict[str, Any]) -> None:
+    async with ControlClient(crowd.host.socket) as c:
+        assert (await c.host(str(data), job))["type"] == "ok"
+
+
+async def result(w: Watch, timeout: float) -> dict[str, Any]:
+    _, ev = await w.wait(lambda e: e.get("event") == "result"
+                         or (e.get("event") == "state" and e.get("state") == "standby"), timeout)
+    assert ev.get("event") == "result", "the host ended without a result"
+    return ev
+
+
+def logs(w: Watch) -> list[str]:
+    return [str(e.get("message")) for _, e in w.events if e.get("event") == "log"]
+
+
+async def test_a_session_survives_churn_and_takes_a_newcomer(crowd: Crowd, tmp_path: Path) -> None:
+    data = digits_npz(tmp_path / "digits.npz")
+    w1, w2, w3, w4 = crowd.workers
+    hw = Watch(crowd.host)
+    watches = {n.name: Watch(n) for n in crowd.workers}
+    hw.start()
+    for w in watches.values():
+        w.start()
+    try:
+        for n in (w1, w2, w3):
+            await donate(n)
+        await host(crowd, data, JOB)
+        t0, _ = await hw.wait(lambda e: e.get("event") == "progress", 240)
+        gid = (await ControlClient(crowd.host.socket).status())["group"]["id"]
+
+        await asyncio.sleep(3)
+        frozen = freeze(w1)  # a laptop lid: the daemon and its job, whole
+        t_freeze = time.monotonic()
+        await asyncio.sleep(5)
+        crowd.kill_node(w2, signal.SIGKILL)  # a crash: no goodbye
+        await asyncio.sleep(3)
+        await donate(w4)  # a newcomer, mid-session
+        await watches[w4.name].wait(lambda e: e.get("event") == "state" and e.get("state") == "training", 120)
+        async with ControlClient(w4.socket) as c:
+            st = await c.status()
+        assert st["group"]["id"] == gid, "the newcomer joined the running session, not a new one"
+        # a polite goodbye: the host hears it before the job is suspended, and takes it out at once
+        mark = len(hw.events)
+        async with ControlClient(w3.socket) as c:
+            await c.pause(1.0)
+        t_pause = time.monotonic()
+        t_out, _ = await hw.wait(lambda e: e.get("event") == "log" and "away" in str(e.get("message")), 10)
+        assert t_out - t_pause < 2.0
+        assert len(hw.events) > mark
+        await asyncio.sleep(max(0.0, t_freeze + 45 - time.monotonic()))
+        frozen.resume()  # thawed: it rejoins its slot with its TF server as it was
+        async with ControlClient(w3.socket) as c:
+            await c.resume()
+        await watches[w1.name].wait(lambda e: e.get("event") == "log" and "rejoined the session" in str(e.get("message")), 60)
+        res = await result(hw, 400)
+        t_end = time.monotonic()
+        stall = longest_stall(hw.steps(), t0, t_end)
+        assert stall <= STALL_LIMIT, f"the group's progress stalled {stall:.1f} s"
+        messages = logs(hw)
+        assert any("joins the running session" in m or "worker 4" in m for m in messages), messages[-20:]
+        w4res = await watches[w4.name].wait(lambda e: e.get("event") == "result", 30)
+        assert w4res[1]["test_accuracy"] == res["test_accuracy"]
+        churned = res["test_accuracy"]
+    finally:
+        for w in (hw, *watches.values()):
+            await w.close()
+    assert not job_processes(crowd.root) or await _no_jobs(crowd.root)
+    # the same job without churn, for the accuracy
+    crowd.close()
+    calm = Crowd(tmp_path / "calm", 3, extra_config=TEST_CONFIG, steps_per_function=5, sync_every=5)
+    calm.start()
+    try:
+        await calm.wait_up()
+        cw = Watch(calm.host)
+        cw.start()
+        for n in calm.workers:
+            await donate(n)
+        async with ControlClient(calm.host.socket) as c:
+            await c.host(str(data), {**JOB, "workers": 3, "min_workers": 3})
+        base = await result(cw, 400)
+        await cw.close()
+    finally:
+        calm.close()
+    assert churned >= base["test_accuracy"] - 0.01, (churned, base["test_accuracy"])
+
+
+async def _no_jobs(root: Path, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and job_processes(root):
+        await asyncio.sleep(0.2)
+    return not job_processes(root)
