@@ -73,7 +73,8 @@ async def test_a_session_survives_churn_and_takes_a_newcomer(crowd: Crowd, tmp_p
             await donate(n)
         await host(crowd, data, JOB)
         t0, _ = await hw.wait(lambda e: e.get("event") == "progress", 240)
-        gid = (await ControlClient(crowd.host.socket).status())["group"]["id"]
+        async with ControlClient(crowd.host.socket) as c:
+            gid = (await c.status())["group"]["id"]
 
         await asyncio.sleep(3)
         frozen = freeze(w1)  # a laptop lid: the daemon and its job, whole
