@@ -2,8 +2,9 @@
 
 State and decisions are pure and tested directly: :func:`check_hello` decides whether a hello
 is acceptable, :func:`admit` whether a new connection fits the limits, :class:`Grouper` holds
-the FIFO queues and :meth:`Grouper.form_groups` decides which groups to form, and
-:func:`group_frames` builds what each member receives. :class:`Matchmaker` is the asyncio I/O
+the FIFO queues and the open sessions (running ones with free places), :meth:`Grouper.form`
+decides which waiting workers join an open session and which groups to form, and
+:func:`group_frames` / :func:`join_frames` build what each member receives. :class:`Matchmaker` is the asyncio I/O
 around them: one lightweight :class:`asyncio.Protocol` per connection (no task, no stream
 objects, so 10,000 waiting clients stay cheap), fed through :class:`wire.FrameDecoder`, and one
 sweep that enforces every timeout.
@@ -37,7 +38,19 @@ from crowdd.identity import Identity, fingerprint_of
 from crowdd.tls import server_context
 from crowdd.config import MatchmakerConfig, parse_hostport
 from crowdd.hyperparams import GroupSettings, Job
-from crowdd.protocol.matchmaker import HOST, Hello, check_hello, make_group, make_wait
+from crowdd.plan import PlanMember
+from crowdd.protocol.matchmaker import (
+    HOST,
+    MAX_MEMBERS,
+    Hello,
+    Slots,
+    check_hello,
+    check_slots,
+    make_group,
+    make_join,
+    make_joined,
+    make_wait,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +99,39 @@ class Group:
         return (self.host, *self.workers)
 
 
+@dataclass
+class OpenGroup:
+    """A running session held open by its host's connection (``host``): its members so far
+    (the host first, gone ones too, then each newcomer sent to it), how many more it takes
+    now, and how many ``joined`` frames went to the host on this connection."""
+
+    host: Waiter
+    group_id: str
+    token: str
+    members: list[PlanMember]
+    free: int
+    sent: int = 0
+
+    def has(self, fingerprint: str) -> bool:
+        return any(m.fingerprint == fingerprint for m in self.members)
+
+
+@dataclass(frozen=True, slots=True)
+class Join:
+    """A waiting worker sent into an open session as its member ``member.index``; ``members``
+    are the session's members with the newcomer last."""
+
+    host: Waiter
+    worker: Waiter
+    group_id: str
+    token: str
+    members: tuple[PlanMember, ...]
+
+    @property
+    def member(self) -> PlanMember:
+        return self.members[-1]
+
+
 def matches(host: Hello, worker: Hello) -> bool:
     """Host targeting: each side's ``want_tag`` (if any) must equal the other's ``tag``."""
     return (not worker.want_tag or worker.want_tag == host.tag) and (not host.want_tag or host.want_tag == worker.tag)
@@ -93,36 +139,113 @@ def matches(host: Hello, worker: Hello) -> bool:
 
 @dataclass
 class Grouper:
-    """The two FIFO queues (insertion-ordered dicts) and the grouping rule."""
+    """The two FIFO queues (insertion-ordered dicts), the open sessions (oldest first) and
+    the grouping rule."""
 
     hosts: dict[int, Waiter] = field(default_factory=dict)
     workers: dict[int, Waiter] = field(default_factory=dict)
+    open: dict[int, OpenGroup] = field(default_factory=dict)
 
     def add(self, waiter: Waiter) -> int:
         """Queue a client; return its 1-based position in its role's queue."""
+        if waiter.hello.open is not None:
+            raise ValueError("an open session is not queued: use open_session()")
         queue = self._queue(waiter.role)
-        if waiter.id in self.hosts or waiter.id in self.workers:
+        if waiter.id in self:
             raise ValueError(f"client {waiter.id} is already queued")
         queue[waiter.id] = waiter
         return len(queue)
 
+    def open_session(self, waiter: Waiter) -> tuple[int, Waiter | None]:
+        """Hold a running session open (its host's hello has ``open``); return its 1-based place
+        among the open sessions and the connection it replaces: the same host's older one for
+        this session (a host that reconnects before its old connection is noticed gone).
+        Another host's session with the same id is refused (``open.group_id``)."""
+        session = waiter.hello.open
+        if session is None:
+            raise ValueError("not an open session: use add()")
+        if waiter.id in self:
+            raise ValueError(f"client {waiter.id} is already queued")
+        replaced = None
+        for cid, other in self.open.items():
+            if other.group_id != session.group_id:
+                continue
+            if other.host.hello.fingerprint != waiter.hello.fingerprint:
+                raise wire.WireError(wire.ErrorCode.BAD_FIELD, f"session {session.group_id} is held open by another host",
+                                     field="open.group_id")
+            replaced = other.host
+            del self.open[cid]
+            break
+        self.open[waiter.id] = OpenGroup(waiter, session.group_id, session.token, list(session.members), session.free)
+        return len(self.open), replaced
+
+    def set_free(self, client_id: int, slots: Slots) -> OpenGroup:
+        """An open session's host counted ``slots.free`` free places having seen ``slots.seen``
+        of the newcomers sent to it: the ones still in flight are taken off. Raises
+        :class:`wire.WireError` (``seen``, ``free``) when that cannot be right."""
+        session = self.open.get(client_id)
+        if session is None:
+            raise ValueError(f"client {client_id} holds no session open")
+        if slots.seen > session.sent:
+            raise wire.WireError(wire.ErrorCode.BAD_FIELD, f"field 'seen': only {session.sent} newcomer(s) were sent "
+                                 f"on this connection, not {slots.seen}", field="seen")
+        free = max(0, slots.free - (session.sent - slots.seen))
+        if len(session.members) + free > MAX_MEMBERS:
+            raise wire.WireError(wire.ErrorCode.BAD_FIELD, f"a session has at most {MAX_MEMBERS} members: "
+                                 f"{len(session.members)} + {free} free is too many", field="free")
+        session.free = free
+        return session
+
     def remove(self, client_id: int) -> Waiter | None:
+        session = self.open.pop(client_id, None)
+        if session is not None:
+            return session.host
         return self.hosts.pop(client_id, None) or self.workers.pop(client_id, None)
 
     def __contains__(self, client_id: object) -> bool:
-        return client_id in self.hosts or client_id in self.workers
+        return client_id in self.hosts or client_id in self.workers or client_id in self.open
 
     def __len__(self) -> int:
-        return len(self.hosts) + len(self.workers)
+        return len(self.hosts) + len(self.workers) + len(self.open)
 
     def _queue(self, role: str) -> dict[int, Waiter]:
         return self.hosts if role == HOST else self.workers
 
     def positions(self) -> dict[int, int]:
-        """Every queued client's 1-based position in its role's queue."""
+        """Every queued client's 1-based position in its role's queue, and every open
+        session's place among them."""
         out = {cid: i for i, cid in enumerate(self.hosts, 1)}
         out.update({cid: i for i, cid in enumerate(self.workers, 1)})
+        out.update({cid: i for i, cid in enumerate(self.open, 1)})
         return out
+
+    def form(self, now: float) -> tuple[list[Join], list[Group]]:
+        """Fill the open sessions (:meth:`fill_open`), then form new groups (:meth:`form_groups`)."""
+        joins = self.fill_open()
+        return joins, self.form_groups(now)
+
+    def fill_open(self) -> list[Join]:
+        """Send waiting workers into open sessions with free places, oldest session first,
+        each taking the oldest matching workers (tags both ways) that are not already among
+        its members; take them off the queue. Each newcomer gets the session's next index."""
+        joins: list[Join] = []
+        for session in self.open.values():
+            if session.free <= 0:
+                continue
+            host = session.host.hello
+            taken: list[Waiter] = []
+            for w in self.workers.values():
+                if matches(host, w.hello) and not session.has(w.hello.fingerprint):
+                    taken.append(w)
+                    if len(taken) == session.free:
+                        break
+            for w in taken:
+                del self.workers[w.id]
+                session.members.append(w.hello.plan_member(len(session.members)))
+                session.free -= 1
+                session.sent += 1
+                joins.append(Join(session.host, w, session.group_id, session.token, tuple(session.members)))
+        return joins
 
     def form_groups(self, now: float) -> list[Group]:
         """Form every group possible now (oldest host first) and take its members off the queues."""
@@ -172,6 +295,16 @@ def group_frames(group: Group, group_id: str, token: str) -> dict[int, dict[str,
         m.id: make_group(group_id, token, i, hellos, job, host.dataset or {}, settings)
         for i, m in enumerate(group.members)
     }
+
+
+def join_frames(join: Join) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What a join sends: the newcomer's ``group`` frame (``join: true``) and the open
+    session's host's ``joined`` frame."""
+    host = join.host.hello
+    job = host.job if host.job is not None else Job()
+    settings = host.settings if host.settings is not None else GroupSettings()
+    newcomer = make_join(join.group_id, join.token, join.members, job, host.dataset or {}, settings)
+    return newcomer, make_joined(join.member)
 
 
 def new_group_id() -> str:
@@ -231,7 +364,9 @@ class _Conn(asyncio.Protocol):
         "id",
         "ip",
         "last_rx",
+        "opens",
         "partial_since",
+        "pending",
         "position",
         "sent_position",
         "server",
@@ -250,6 +385,8 @@ class _Conn(asyncio.Protocol):
         self.connected_at = now
         self.last_rx = now
         self.partial_since: float | None = None
+        self.opens = False  # its hello holds a running session open
+        self.pending: Slots | None = None  # a slots frame that came while its reachability was checked
         self.position = 0
         self.sent_position = 0
         self._linger: asyncio.TimerHandle | None = None
@@ -300,22 +437,28 @@ class _Conn(asyncio.Protocol):
         kind = frame["type"]
         if "blob" in frame:
             raise wire.WireError(wire.ErrorCode.BAD_FRAME, "the matchmaker accepts no blobs")
-        if kind not in ("hello", "heartbeat"):
+        if kind not in ("hello", "heartbeat", "slots"):
             raise wire.WireError(wire.ErrorCode.UNKNOWN_TYPE, f"unknown frame type {kind!r}")
         if self.state == "new":
             hello = check_hello(frame, self.ip, trust_advertised=self.server.cfg.trust_advertised)
+            self.opens = hello.open is not None
             if self.server.cfg.check_reachable:
                 self.state = "checking"  # queued once the connect-back has answered
                 self.server._check_reachable(self, hello)
             else:
                 self.state = "waiting"
                 self.server._join(self, hello)
-        elif self.state == "checking":
-            if kind == "hello":
-                raise wire.WireError(wire.ErrorCode.BAD_FRAME, "hello was already sent on this connection")
         elif kind == "hello":
             raise wire.WireError(wire.ErrorCode.BAD_FRAME, "hello was already sent on this connection")
-        else:
+        elif kind == "slots":
+            if not self.opens:
+                raise wire.WireError(wire.ErrorCode.BAD_FRAME, "only a host holding its session open sends slots")
+            slots = check_slots(frame)
+            if self.state == "checking":
+                self.pending = slots  # applied once it is open
+            else:
+                self.server._slots(self, slots)
+        elif self.state != "checking":
             self.send_wait()
 
     def send(self, frame: Mapping[str, Any]) -> None:
@@ -376,6 +519,7 @@ class Matchmaker:
         self.conns: dict[int, _Conn] = {}
         self.per_ip: dict[str, int] = {}
         self.groups_formed = 0
+        self.joins = 0
         self.dropped = 0
         self._ids = 0
         self._server: asyncio.Server | None = None
@@ -504,8 +648,10 @@ class Matchmaker:
         return {
             "hosts": len(self.grouper.hosts),
             "workers": len(self.grouper.workers),
+            "open": len(self.grouper.open),
             "connections": len(self.conns),
             "groups": self.groups_formed,
+            "joins": self.joins,
             "dropped": self.dropped,
             "tls_refused": self.tls_refused,
             "handshaking": self._handshaking,
@@ -557,18 +703,58 @@ class Matchmaker:
         self._join(conn, dataclasses.replace(hello, reachable=ok))
 
     def _join(self, conn: _Conn, hello: Hello) -> None:
-        conn.position = self.grouper.add(Waiter(conn.id, hello, self.now()))
-        logger.debug("matchmaker: %s %r (%s) queued at %d", hello.role, hello.name, hello.address, conn.position)
+        waiter = Waiter(conn.id, hello, self.now())
+        if hello.open is None:
+            conn.position = self.grouper.add(waiter)
+            logger.debug("matchmaker: %s %r (%s) queued at %d", hello.role, hello.name, hello.address, conn.position)
+        else:
+            try:
+                conn.position, replaced = self.grouper.open_session(waiter)
+            except wire.WireError as exc:
+                conn.fail(exc)
+                return
+            if replaced is not None:
+                stale = self.conns.get(replaced.id)
+                logger.info("matchmaker: host %r reopened session %s; closing its older connection",
+                            hello.name, hello.open.group_id)
+                if stale is not None:
+                    stale.drop()
+            logger.info("matchmaker: host %r (%s) holds session %s open: %d member(s), %d free",
+                        hello.name, hello.address, hello.open.group_id, len(hello.open.members), hello.open.free)
+            self._positions_dirty = True
+            if conn.pending is not None:
+                slots, conn.pending = conn.pending, None
+                self._slots(conn, slots)
+                if conn.state != "waiting":
+                    return
         conn.send_wait()
+        self._schedule_form()
+
+    def _schedule_form(self) -> None:
         if not self._form_scheduled and self._loop is not None:
             self._form_scheduled = True
             self._loop.call_soon(self._form)
+
+    def _slots(self, conn: _Conn, slots: Slots) -> None:
+        """An open session's host says how many places it has free now."""
+        try:
+            session = self.grouper.set_free(conn.id, slots)
+        except wire.WireError as exc:
+            conn.fail(exc)
+            return
+        logger.debug("matchmaker: session %s has %d free place(s)", session.group_id, session.free)
+        if session.free > 0:
+            self._schedule_form()
 
     # grouping
     def _form(self) -> None:
         self._form_scheduled = False
         now = self.now()
-        for group in self.grouper.form_groups(now):
+        joins, groups = self.grouper.form(now)
+        for join in joins:
+            self._positions_dirty = True
+            self._send_join(join)
+        for group in groups:
             self._positions_dirty = True
             self._send_group(group)
         if self._deadline is not None:
@@ -593,6 +779,23 @@ class Matchmaker:
             conn = self.conns.get(cid)
             if conn is not None:
                 conn.finish(frame)
+
+    def _send_join(self, join: Join) -> None:
+        newcomer, joined = join_frames(join)
+        self.joins += 1
+        w = join.worker.hello
+        session = self.grouper.open.get(join.host.id)
+        logger.info(
+            "matchmaker: worker %r (%s) joins session %s of host %r as member %d (%d free left), waited %.1f s",
+            w.name, w.address, join.group_id, join.host.hello.name, join.member.index,
+            session.free if session is not None else 0, self.now() - join.worker.joined,
+        )
+        host = self.conns.get(join.host.id)
+        if host is not None:
+            host.send(joined)
+        conn = self.conns.get(join.worker.id)
+        if conn is not None:
+            conn.finish(newcomer)
 
     # periodic work
     async def _every(self, interval: float, fn: Any) -> None:
@@ -656,8 +859,9 @@ class Matchmaker:
     def _status(self) -> None:
         s = self.stats()
         logger.info(
-            "matchmaker: %d host(s) and %d worker(s) waiting, %d connection(s), %d group(s) formed, %d dropped",
-            s["hosts"], s["workers"], s["connections"], s["groups"], s["dropped"],
+            "matchmaker: %d host(s) and %d worker(s) waiting, %d open session(s), %d connection(s), "
+            "%d group(s) formed, %d join(s), %d dropped",
+            s["hosts"], s["workers"], s["open"], s["connections"], s["groups"], s["joins"], s["dropped"],
         )
 
 
@@ -791,12 +995,15 @@ __all__ = [
     "Group",
     "Grouper",
     "Hello",
+    "Join",
+    "OpenGroup",
     "Matchmaker",
     "Waiter",
     "admit",
     "check_hello",
     "connects",
     "group_frames",
+    "join_frames",
     "main",
     "matches",
     "raise_nofile_limit",

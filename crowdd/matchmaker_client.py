@@ -1,8 +1,14 @@
-"""Client side of the matchmaker protocol (docs/protocol.md): register, wait, get a group.
+"""Client side of the matchmaker protocol (docs/protocol.md): register, wait, get a group;
+or, for a running session, hold it open for newcomers.
 
 :func:`register` connects, says hello, heartbeats while it waits in the queue, reports every
 ``wait`` frame to ``on_wait`` and returns the ``group`` frame. Cancelling the awaiting task
 closes the connection, which removes this node from the queue at once.
+
+:class:`OpenSlots` (or :func:`keep_open`) keeps a running host's session open at the
+matchmaker: it says the open hello, heartbeats, reports each newcomer (``joined``) to
+``on_joined``, sends ``slots`` when :meth:`OpenSlots.set_free` changes the free count, and
+reconnects with backoff whenever the matchmaker goes away, until it is cancelled.
 """
 
 from __future__ import annotations
@@ -10,14 +16,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import ssl
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from crowdd import wire
 from crowdd.errors import CrowddError
-from crowdd.plan import SessionPlan
-from crowdd.protocol.matchmaker import Wait, check_group, check_wait
+from crowdd.plan import PlanMember, SessionPlan
+from crowdd.protocol.matchmaker import Wait, check_group, check_joined, check_wait, make_slots
 from crowdd.tls import client_context, open_tls
 
 logger = logging.getLogger(__name__)
@@ -139,13 +146,7 @@ async def register(
     """
     if heartbeat <= 0:
         raise ValueError("heartbeat must be > 0")
-    host, port = address
-    try:
-        reader, writer = await _open(host, port, fingerprint, io_timeout)
-    except asyncio.TimeoutError:
-        raise MatchmakerUnavailable(f"matchmaker {host}:{port} did not answer within {io_timeout} s") from None
-    except OSError as exc:
-        raise MatchmakerUnavailable(f"cannot reach the matchmaker at {host}:{port}: {exc.strerror or exc}") from None
+    reader, writer = await _connect(address, fingerprint, io_timeout)
     try:
         limit = silence if silence is not None else 3 * heartbeat + 10.0
         coro = _conversation(reader, writer, hello, heartbeat, on_wait, io_timeout, max_frame, limit)
@@ -159,4 +160,196 @@ async def register(
         await wire.close_writer(writer)
 
 
-__all__ = ["MatchmakerUnavailable", "MatchmakerUntrusted", "register"]
+async def _connect(address: tuple[str, int], fingerprint: str, io_timeout: float) -> tuple[asyncio.StreamReader,
+                                                                                           asyncio.StreamWriter]:
+    host, port = address
+    try:
+        return await _open(host, port, fingerprint, io_timeout)
+    except asyncio.TimeoutError:
+        raise MatchmakerUnavailable(f"matchmaker {host}:{port} did not answer within {io_timeout} s") from None
+    except OSError as exc:
+        raise MatchmakerUnavailable(f"cannot reach the matchmaker at {host}:{port}: {exc.strerror or exc}") from None
+
+
+class OpenSlots:
+    """A running host's session held open at the matchmaker, so that newcomers join it.
+
+    ``await run()`` until cancelled (cancelling closes the connection, which closes the session
+    at the matchmaker at once). At each (re)connection it says ``hello()``: a
+    :func:`crowdd.protocol.matchmaker.make_open` frame built now, carrying the session's
+    current members and free count. Each newcomer the matchmaker sends to the session is
+    checked (:func:`crowdd.protocol.matchmaker.check_joined`) and given to ``on_joined``.
+    :meth:`set_free` tells the matchmaker the free count changed; count in it every newcomer
+    ``on_joined`` has had (the matchmaker subtracts those still in flight).
+
+    ``matchmaker()`` and ``fingerprint()`` say where the matchmaker is and its pinned
+    certificate (as for :func:`register`), asked at each connection. A matchmaker that is away,
+    hangs up, goes silent (``silence`` s, default ``3 * heartbeat + 10``), refuses the hello or
+    sends something malformed is logged and retried after a jittered exponential backoff from
+    ``retry[0]`` to ``retry[1]`` s; nothing but cancellation (or an exception from a callback)
+    ends :meth:`run`.
+    """
+
+    def __init__(
+        self,
+        hello: Callable[[], Mapping[str, Any]],
+        *,
+        matchmaker: Callable[[], tuple[str, int]],
+        on_joined: Callable[[PlanMember], None],
+        fingerprint: Callable[[], str] = lambda: "",
+        heartbeat: float = 5.0,
+        on_wait: Callable[[Wait], None] | None = None,
+        io_timeout: float = 10.0,
+        silence: float | None = None,
+        max_frame: int = wire.MAX_FRAME,
+        retry: tuple[float, float] = (1.0, 30.0),
+        rng: random.Random | None = None,
+    ) -> None:
+        if heartbeat <= 0:
+            raise ValueError("heartbeat must be > 0")
+        if not 0 < retry[0] <= retry[1]:
+            raise ValueError("retry must be (min, max) with 0 < min <= max")
+        self._hello = hello
+        self._matchmaker = matchmaker
+        self._fingerprint = fingerprint
+        self._on_joined = on_joined
+        self._on_wait = on_wait
+        self.heartbeat = heartbeat
+        self.io_timeout = io_timeout
+        self.silence = silence if silence is not None else 3 * heartbeat + 10.0
+        self.max_frame = max_frame
+        self.retry = retry
+        self._rng = rng or random.Random()
+        self._tries = 0
+        self._seen = 0  # joined frames on this connection
+        self._want: tuple[int, int] | None = None  # (free, seen) not yet sent
+        self._wake = asyncio.Event()
+        self._open = False
+        #: why the last connection ended (None while the session is open)
+        self.problem: str | None = None
+
+    @property
+    def connected(self) -> bool:
+        """Whether the matchmaker holds the session open now (it answered the open hello)."""
+        return self._open
+
+    def set_free(self, free: int) -> None:
+        """The session has ``free`` places now (counting every newcomer ``on_joined`` has had);
+        sent at once while connected, else the next hello carries it."""
+        if isinstance(free, bool) or not isinstance(free, int) or free < 0:
+            raise ValueError(f"free must be an integer >= 0, got {free!r}")
+        self._want = (free, self._seen)
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Hold the session open until cancelled."""
+        while True:
+            address = self._matchmaker()
+            try:
+                await self._connection(address)
+                why = "the matchmaker closed the connection"
+            except wire.RemoteError as exc:
+                why = f"the matchmaker said {exc.code}: {exc.message}"
+            except (wire.ConnectionClosed, wire.FrameTimeout, wire.WireError, OSError) as exc:
+                why = str(exc) or type(exc).__name__
+            finally:
+                self._open = False
+            self.problem = why
+            delay = self._backoff()
+            logger.warning("open session at the matchmaker %s:%d: %s; retrying in %.1f s", *address, why, delay)
+            await asyncio.sleep(delay)
+
+    def _backoff(self) -> float:
+        lo, hi = self.retry
+        cap = min(hi, lo * 2 ** min(self._tries, 30))
+        self._tries += 1
+        return self._rng.uniform(lo, cap)
+
+    async def _connection(self, address: tuple[str, int]) -> None:
+        reader, writer = await _connect(address, self._fingerprint(), self.io_timeout)
+        try:
+            hello = {**self._hello(), "type": "hello", "proto": wire.PROTO}
+            if not isinstance(hello.get("open"), dict):
+                raise ValueError("the hello of an open session is make_open()'s frame (it has no 'open')")
+            self._seen = 0
+            self._want = None  # the hello carries the free count now
+            self._wake.clear()
+            await wire.write_frame(writer, hello, timeout=self.io_timeout)
+            sender = asyncio.create_task(self._send(writer))
+            read: asyncio.Task[dict[str, Any]] | None = None
+            try:
+                while True:
+                    read = asyncio.create_task(wire.read_frame(reader, timeout=self.silence, max_size=self.max_frame))
+                    await asyncio.wait({read, sender}, return_when=asyncio.FIRST_COMPLETED)
+                    if not read.done():
+                        sender.result()  # a write failed: raise why
+                    self._handle(await read)
+            finally:
+                for task in (read, sender):
+                    if task is not None:
+                        task.cancel()
+                        with contextlib.suppress(BaseException):
+                            await task
+        finally:
+            await wire.close_writer(writer)
+
+    def _handle(self, frame: dict[str, Any]) -> None:
+        kind = frame["type"]
+        if kind == "wait":
+            wait = check_wait(frame)
+            if not self._open:
+                self._open = True
+                self._tries = 0
+                self.problem = None
+                logger.info("the matchmaker holds this session open")
+                if self._want is not None:
+                    self._wake.set()  # a count set while the hello was on its way
+            if self._on_wait is not None:
+                self._on_wait(wait)
+        elif kind == "joined":
+            member = check_joined(frame)
+            self._seen += 1
+            logger.info("the matchmaker sends %r (%s) to this session as member %d", member.name, member.address,
+                        member.index)
+            self._on_joined(member)
+        elif kind == "error":
+            wire.raise_if_error(frame)
+        elif kind == "group":
+            raise wire.WireError(wire.ErrorCode.BAD_FRAME, "the matchmaker formed a new group instead of holding this "
+                                 "session open (it does not know open sessions)")
+        else:
+            raise wire.WireError(wire.ErrorCode.UNKNOWN_TYPE, f"unexpected frame {kind!r} from the matchmaker")
+
+    async def _send(self, writer: asyncio.StreamWriter) -> None:
+        """The one writer of this connection: heartbeats, and slots when the count changed
+        (only once the matchmaker holds the session open: before, the hello says it)."""
+        loop = asyncio.get_running_loop()
+        beat = loop.time() + self.heartbeat
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), max(0.0, beat - loop.time()))
+            self._wake.clear()
+            if self._want is not None and self._open:
+                free, seen = self._want
+                self._want = None
+                await wire.write_frame(writer, make_slots(free, seen), timeout=self.io_timeout)
+            if loop.time() >= beat:
+                await wire.write_frame(writer, {"type": "heartbeat"}, timeout=self.io_timeout)
+                beat = loop.time() + self.heartbeat
+
+
+async def keep_open(
+    hello: Callable[[], Mapping[str, Any]],
+    *,
+    matchmaker: Callable[[], tuple[str, int]],
+    on_joined: Callable[[PlanMember], None],
+    fingerprint: Callable[[], str] = lambda: "",
+    heartbeat: float = 5.0,
+    **kw: Any,
+) -> None:
+    """``await OpenSlots(hello, ...).run()``: hold a running session open until cancelled."""
+    await OpenSlots(hello, matchmaker=matchmaker, on_joined=on_joined, fingerprint=fingerprint, heartbeat=heartbeat,
+                    **kw).run()
+
+
+__all__ = ["MatchmakerUnavailable", "MatchmakerUntrusted", "OpenSlots", "keep_open", "register"]

@@ -66,7 +66,9 @@ class DatasetRef:
 
 @dataclass(frozen=True)
 class SessionPlan:
-    """One group session as this node (``index``) takes part in it."""
+    """One group session as this node (``index``) takes part in it. ``joining``: the session
+    is already running and this node joins it as its newest member (the matchmaker's ``group``
+    frame with ``join: true``)."""
 
     group_id: str
     token: str

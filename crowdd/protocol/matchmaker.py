@@ -4,6 +4,12 @@ A node says ``hello`` (:func:`make_hello`; the matchmaker checks it with :func:`
 hears ``wait`` while queued (:func:`make_wait` / :func:`check_wait`) and finally one ``group``
 frame (:func:`make_group`), which the node checks once on arrival with :func:`check_group` and
 turns into its :class:`crowdd.plan.SessionPlan`.
+
+A running session with free places stays known to the matchmaker: its host says a host hello
+with ``open`` (:func:`make_open`; :class:`OpenSession`), tells it when its free count changes
+(``slots``: :func:`make_slots` / :func:`check_slots`) and hears ``joined`` (:func:`make_joined`
+/ :func:`check_joined`) for each newcomer, whom the matchmaker sends a ``group`` frame with
+``join: true`` (:func:`make_join`; the plan's ``joining``).
 """
 
 from __future__ import annotations
@@ -36,6 +42,17 @@ _HOSTNAME = re.compile(r"(?=.{1,253}\.?$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z
 
 
 @dataclass(frozen=True, slots=True)
+class OpenSession:
+    """A running session that takes newcomers: its id and token, its members so far (the host
+    first; gone ones included: an index is never reused) and how many more it takes now."""
+
+    group_id: str
+    token: str
+    members: tuple[PlanMember, ...]
+    free: int
+
+
+@dataclass(frozen=True, slots=True)
 class Hello:
     """A validated hello: who this client is and where its peers can reach it."""
 
@@ -51,10 +68,20 @@ class Hello:
     cert: str = ""
     fingerprint: str = ""
     reachable: bool = True
+    open: OpenSession | None = None
 
     def member(self, index: int) -> dict[str, Any]:
         return {"index": index, "role": self.role, "name": self.name, "address": self.address, "ports": self.ports,
                 "cert": self.cert, "fingerprint": self.fingerprint, "reachable": self.reachable}
+
+    def plan_member(self, index: int) -> PlanMember:
+        """This client as member ``index`` of a group (what :meth:`member` says, typed)."""
+        p = self.ports
+        return PlanMember(
+            index=index, role=self.role, name=self.name, address=self.address,
+            ports=MemberPorts(int(p["data"]), int(p["session"]), tuple(int(t) for t in p["tf"])),
+            cert=self.cert.encode("ascii"), fingerprint=self.fingerprint, reachable=self.reachable,
+        )
 
 
 def _bad(name: str, message: str) -> wire.WireError:
@@ -186,11 +213,56 @@ def check_hello(frame: Mapping[str, Any], peer_ip: str, *, trust_advertised: boo
         dataset = _dataset(frame.get("dataset"))
         settings = _settings(frame.get("settings", {}))
     else:
-        for key in ("job", "dataset", "settings"):
+        for key in ("job", "dataset", "settings", "open"):
             if key in frame:
                 raise _bad(key, f"only a host sends {key!r}")
+    opened = _open(frame["open"], cert, fingerprint) if "open" in frame else None
     return Hello(role=role, name=name, address=address, ports=ports, tag=tag, want_tag=want_tag, job=job,
-                 dataset=dataset, settings=settings, cert=cert, fingerprint=fingerprint)
+                 dataset=dataset, settings=settings, cert=cert, fingerprint=fingerprint, open=opened)
+
+
+def _prefixed(prefix: str, exc: wire.WireError) -> wire.WireError:
+    return _bad(f"{prefix}.{exc.field}" if exc.field else prefix, exc.message)
+
+
+def _free(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_MEMBERS:
+        raise _bad(name, f"field {name!r} must be an integer 0..{MAX_MEMBERS}, got {value!r}")
+    return value
+
+
+def _open(value: Any, cert: str, fingerprint: str) -> OpenSession:
+    """A host hello's ``open``: its own running session (its certificate is member 0)."""
+    if not isinstance(value, dict):
+        raise _bad("open", "field 'open' must be an object {group_id, token, members, free}")
+    try:
+        group_id = _text(value, "group_id", 1, 64)
+        token = _text(value, "token", 16, 256)
+    except wire.WireError as exc:
+        raise _prefixed("open", exc) from None
+    members = _members(value.get("members"), "open.members")
+    host = members[0]
+    if host.cert.decode("ascii") != cert or host.fingerprint != fingerprint:
+        raise _bad("open.members[0].cert", "a host can only open its own session: 'open.members[0]' must carry "
+                   "the certificate of this hello")
+    free = _free(value.get("free"), "open.free")
+    if len(members) + free > MAX_MEMBERS:
+        raise _bad("open.free", f"a session has at most {MAX_MEMBERS} members: {len(members)} + {free} free is too many")
+    return OpenSession(group_id=group_id, token=token, members=members, free=free)
+
+
+def make_open(
+    hello: Mapping[str, Any], group_id: str, token: str, members: Sequence[PlanMember], free: int,
+) -> dict[str, Any]:
+    """A running host's hello that keeps its session open at the matchmaker: ``hello`` is its
+    :func:`make_hello` frame, ``members`` the session's members so far (the host first, gone
+    ones included, in index order) and ``free`` how many newcomers it takes now."""
+    if hello.get("role") != HOST:
+        raise ValueError("only a host opens its session")
+    if free < 0:
+        raise ValueError(f"free must be >= 0, got {free}")
+    return {**hello, "open": {"group_id": group_id, "token": token, "members": [m.to_dict() for m in members],
+                              "free": free}}
 
 
 def make_hello(
@@ -272,15 +344,16 @@ def make_group(
     }
 
 
-def _member(value: Any, i: int) -> PlanMember:
-    where = f"members[{i}]"
+def _member(value: Any, i: int, where: str = "") -> PlanMember:
+    """Member ``i`` of a group, found at ``where`` (default ``members[i]``)."""
+    where = where or f"members[{i}]"
     if not isinstance(value, dict):
         raise _bad(where, f"{where} must be an object")
     if value.get("index") != i:
         raise _bad(f"{where}.index", f"{where} must have index {i}")
     role = value.get("role")
     if role != (HOST if i == 0 else WORKER):
-        raise _bad(f"{where}.role", f"{where} must be the {'host' if i == 0 else 'a worker'}")
+        raise _bad(f"{where}.role", f"{where} must be {'the host' if i == 0 else 'a worker'}")
     try:
         ports = _ports(value, role)
     except wire.WireError as exc:
@@ -304,9 +377,44 @@ def _member(value: Any, i: int) -> PlanMember:
     )
 
 
+def _members(value: Any, name: str) -> tuple[PlanMember, ...]:
+    """A member list (``name`` is where it is, for errors): the host, then workers, each with
+    its own certificate."""
+    if not isinstance(value, list):
+        raise _bad(name, f"field {name!r} must be list")
+    if not 1 <= len(value) <= MAX_MEMBERS:
+        raise _bad(name, f"a group has a host and at most {MAX_MEMBERS - 1} workers")
+    prefix = "" if name == "members" else name
+    members = tuple(_member(m, i, f"{prefix}[{i}]" if prefix else "") for i, m in enumerate(value))
+    fingerprints = [m.fingerprint for m in members]
+    if len(set(fingerprints)) != len(fingerprints):
+        raise _bad(name, "two members of the group present the same certificate")
+    return members
+
+
+def make_join(
+    group_id: str, token: str, members: Sequence[PlanMember], job: Job, dataset: Mapping[str, Any],
+    settings: GroupSettings,
+) -> dict[str, Any]:
+    """The ``group`` frame that sends a newcomer into a running session: ``members`` are the
+    session's, the newcomer last (its index is the last one), and ``join`` is true."""
+    return {
+        "type": "group",
+        "group_id": group_id,
+        "token": token,
+        "index": len(members) - 1,
+        "members": [m.to_dict() for m in members],
+        "job": job.to_dict(),
+        "dataset": dict(dataset),
+        "settings": settings.to_dict(),
+        "join": True,
+    }
+
+
 def check_group(frame: Mapping[str, Any]) -> SessionPlan:
     """Check the matchmaker's ``group`` frame (the one trust boundary for it) and return this
-    node's :class:`SessionPlan`; raise :class:`wire.WireError` naming the bad field."""
+    node's :class:`SessionPlan`; raise :class:`wire.WireError` naming the bad field. With
+    ``join: true`` this node joins a running session: it is the last member, a worker."""
     group_id = _text(frame, "group_id", 1, 64)
     token = _text(frame, "token", 16, 256)
     index = wire.require(frame, "index", int)
@@ -315,10 +423,12 @@ def check_group(frame: Mapping[str, Any]) -> SessionPlan:
         raise _bad("members", "a group has a host and at most 1024 workers")
     if isinstance(index, bool) or not 0 <= index < len(members):
         raise _bad("index", f"index {index} outside the member list")
-    plan_members = tuple(_member(m, i) for i, m in enumerate(members))
-    fingerprints = [m.fingerprint for m in plan_members]
-    if len(set(fingerprints)) != len(fingerprints):
-        raise _bad("members", "two members of the group present the same certificate")
+    joining = frame.get("join", False)
+    if not isinstance(joining, bool):
+        raise _bad("join", "field 'join' must be true or false")
+    if joining and not 1 <= index == len(members) - 1:
+        raise _bad("index", "a node joining a running session is its last member, a worker")
+    plan_members = _members(members, "members")
     try:
         job = validate_job(frame.get("job", {}))
     except HyperparamError as exc:
@@ -327,10 +437,51 @@ def check_group(frame: Mapping[str, Any]) -> SessionPlan:
     return SessionPlan(
         group_id=group_id, token=token, index=index, members=plan_members, job=job,
         dataset=DatasetRef(ds["digest"], ds["size"], ds["name"]), settings=_settings(frame.get("settings", {})),
+        joining=joining,
     )
 
 
+# --------------------------------------------------------------------------- open sessions
+
+
+@dataclass(frozen=True, slots=True)
+class Slots:
+    """An open session's new free count, as the host counted it having seen ``seen`` of the
+    ``joined`` frames sent on this connection (the matchmaker subtracts the ones in flight)."""
+
+    free: int
+    seen: int
+
+
+def make_slots(free: int, seen: int) -> dict[str, Any]:
+    return {"type": "slots", "free": free, "seen": seen}
+
+
+def check_slots(frame: Mapping[str, Any]) -> Slots:
+    free = _free(frame.get("free"), "free")
+    return Slots(free=free, seen=_count(frame, "seen"))
+
+
+def make_joined(member: PlanMember) -> dict[str, Any]:
+    """What the open session's host hears of a newcomer: the member as the newcomer's group
+    frame has it (its index is the next one of the session)."""
+    return {"type": "joined", "member": member.to_dict()}
+
+
+def check_joined(frame: Mapping[str, Any]) -> PlanMember:
+    """The newcomer of a ``joined`` frame (a worker, index >= 1); :class:`wire.WireError` naming
+    the bad field (``member``, ``member.index``, ``member.cert``, …) if it is malformed."""
+    value = frame.get("member")
+    if not isinstance(value, dict):
+        raise _bad("member", "field 'member' must be an object")
+    index = value.get("index")
+    if isinstance(index, bool) or not isinstance(index, int) or not 1 <= index < MAX_MEMBERS:
+        raise _bad("member.index", f"field 'member.index' must be a worker's index 1..{MAX_MEMBERS - 1}, got {index!r}")
+    return _member(value, index, "member")
+
+
 __all__ = [
-    "HOST", "ROLES", "TF_PORTS", "WORKER", "Hello", "Wait", "check_group", "check_hello", "check_wait",
-    "make_group", "make_hello", "make_wait", "observed_address",
+    "HOST", "MAX_MEMBERS", "ROLES", "TF_PORTS", "WORKER", "Hello", "OpenSession", "Slots", "Wait", "check_group",
+    "check_hello", "check_joined", "check_slots", "check_wait", "make_group", "make_hello", "make_join",
+    "make_joined", "make_open", "make_slots", "make_wait", "observed_address",
 ]
