@@ -45,7 +45,7 @@ from crowdd.control import ControlServer, Endpoint
 from crowdd.node.context import Presence, SessionContext, SessionFailed, training_refusal
 from crowdd.node.checkpoints import latest_checkpoint
 from crowdd.node.resume import HostingRecord
-from crowdd.node.host import GracefulStop, Prepared, convert_dataset, describe, lead
+from crowdd.node.host import GracefulStop, OpenLink, Prepared, convert_dataset, describe, lead
 from crowdd.protocol.control import HostRequest, Status
 from crowdd.idle.policy import AlwaysIdle, IdlePolicy, Policy, Verdict
 from crowdd.idle.probes import Probes, system_probes
@@ -53,7 +53,7 @@ from crowdd.identity import Identity
 from crowdd.job.spec import Settings
 from crowdd.node.launcher import JobLauncher
 from crowdd.node.ports import Reservation
-from crowdd.node.registration import make_hello, register_until_grouped
+from crowdd.node.registration import make_hello, open_hello, register_until_grouped
 from crowdd.node.states import State, StateMachine
 from crowdd.platform import sandbox as landlock
 from crowdd.platform import userns
@@ -553,8 +553,13 @@ class Daemon:
             view.log(logging.INFO, f"joined group {plan.group_id} as node {plan.index} of {plan.size}")
             if role == "host" and prepared is not None:
                 self._graceful = GracefulStop()
+                link = OpenLink(
+                    hello=lambda members, free: open_hello(self.cfg, plan, members, free),
+                    matchmaker=lambda: self._mm, fingerprint=lambda: self.cfg.daemon.matchmaker_fingerprint,
+                    heartbeat=self.cfg.daemon.heartbeat,
+                )
                 await lead(cycle, plan, res, prepared, self._graceful, record=self._hosting,
-                           resume_from=self._resume_from)
+                           resume_from=self._resume_from, link=link)
             else:
                 await follow(cycle, plan, res)
         except SessionFailed as exc:

@@ -9,6 +9,7 @@ import logging
 import os
 import random
 import shutil
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,11 +25,13 @@ from crowdd.job.card import add_members
 from crowdd.node.context import SessionContext
 from crowdd.node.ports import Reservation
 from crowdd.node.checkpoints import carry_checkpoint
+from crowdd.aio import cancel_and_wait
+from crowdd.matchmaker_client import OpenSlots
 from crowdd.node.roster import Roster
 from crowdd.node.session import HostSession, Member, dead_after
 from crowdd.node.states import State
 from crowdd.node.tunnels import PS, HostTunnels, socket_dir, task_name
-from crowdd.plan import SessionPlan
+from crowdd.plan import PlanMember, SessionPlan
 from crowdd.protocol.control import HostRequest
 from crowdd.protocol.session import PRIVATE_HOST, End, JobReport, Ready, WorkerMessage
 from crowdd.replication import ChunkStore, DataServer
@@ -83,6 +86,17 @@ def describe(prepared: Prepared) -> dict[str, Any]:
         d.update(train=m.layout.train_count, test=m.layout.test_count, classes=m.layout.num_classes,
                  shape=list(m.layout.feature_shape))
     return d
+
+
+@dataclass(frozen=True)
+class OpenLink:
+    """How a running session stays open at the matchmaker, so that newcomers join it:
+    ``hello(members, free)`` is the open hello (:func:`crowdd.node.registration.open_hello`)."""
+
+    hello: Callable[[Sequence[PlanMember], int], dict[str, Any]]
+    matchmaker: Callable[[], tuple[str, int]]
+    fingerprint: Callable[[], str]
+    heartbeat: float
 
 
 class GracefulStop:
@@ -151,11 +165,12 @@ async def check_tunnels(
 
 async def lead(
     c: SessionContext, plan: SessionPlan, res: Reservation, prepared: Prepared, graceful: GracefulStop | None = None,
-    *, record: HostingRecord | None = None, resume_from: Path | None = None,
+    *, record: HostingRecord | None = None, resume_from: Path | None = None, link: OpenLink | None = None,
 ) -> None:
     """Lead one session. ``record`` keeps where its job works (a restart resumes from there);
     ``resume_from``: the job directory of the session a restart interrupted, whose last
-    checkpoint the new job starts from."""
+    checkpoint the new job starts from. ``link``: hold the session open at the matchmaker
+    while it trains with free places (join in progress)."""
     d = c.cfg.daemon
     view = c.view
     manifest = prepared.manifest
@@ -200,6 +215,7 @@ async def lead(
             view.publish("replication", index=m.index, done=m.done, total=m.total, source=m.source)
         view.push_members(session)
         sync_roster()
+        tell_free()
 
     def on_message(m: Member, msg: WorkerMessage) -> None:
         roster: Roster | None = training.get("roster")
@@ -209,6 +225,48 @@ async def lead(
             roster.started(m.slot)  # a (re)started TF server holds nothing of this job
         elif isinstance(msg, Ready) and not m.started:  # a newcomer holds the data: its turn
             session.start_training(m, training["cluster"], m.slot)
+
+    def holder(slot: int) -> Member | None:
+        return next((w for w in session.workers if w.slot == slot), None)
+
+    def free_slots() -> list[int]:
+        """Slots nobody holds, or whose worker is gone (a worker away keeps its slot)."""
+        out = []
+        for t in training.get("slots", []):
+            h = holder(t)
+            if h is None or not h.alive:
+                out.append(t)
+        return out
+
+    def tell_free() -> None:
+        opener: OpenSlots | None = training.get("opener")
+        if opener is not None:
+            n = len(free_slots())
+            if training.get("told") != n:
+                training["told"] = n
+                opener.set_free(n)
+
+    def on_joined(pm: PlanMember) -> None:
+        """The matchmaker sent a newcomer: pin it, give it a free slot; it fetches the data
+        from this host and, once it holds it, starts its TF server there."""
+        if pm.index != len(session.members):
+            log.warning("the matchmaker sent member %d, expected %d; ignored", pm.index, len(session.members))
+            return
+        m = session.add_member(pm)
+        server.group_size = session.plan.size
+        free = free_slots()
+        if not free:
+            session.drop(m, "no free place left in this session")
+        else:
+            slot = free[0]
+            old = holder(slot)
+            if old is not None:
+                old.slot = None  # gone; its place is the newcomer's now
+            m.slot = slot
+            tunnels.assign(slot, m.index)
+            view.log(logging.INFO, f"worker {m.index} ({m.name}) joins the running session in slot {slot}")
+        training["told"] = None
+        tell_free()
 
     def on_rejoin(m: Member, running: bool) -> None:
         view.log(logging.INFO, f"worker {m.index} ({m.name}) came back"
@@ -254,7 +312,16 @@ async def lead(
         if record is not None:
             record.training_in(workdir)
         roster = Roster(workdir)
-        training.update(roster=roster, cluster=cluster)
+        training.update(roster=roster, cluster=cluster, slots=slots)
+        opener_task: asyncio.Task[None] | None = None
+        if link is not None and slots:
+            opener = OpenSlots(
+                lambda: link.hello(session.plan.members, len(free_slots())), matchmaker=link.matchmaker,
+                on_joined=on_joined, fingerprint=link.fingerprint, heartbeat=link.heartbeat,
+            )
+            training.update(opener=opener, told=len(free_slots()))
+            opener_task = asyncio.create_task(opener.run(), name="crowdd-open-slots")
+            training["opener_task"] = opener_task
         for m in live:
             session.start_training(m, cluster, m.index)  # slot = index for the first members
         session.rejoin_open = True
@@ -316,6 +383,7 @@ async def lead(
         if isinstance(done.get("usage"), str):
             view.log(logging.INFO, f"use the model: {done['usage']}")
         session.rejoin_open = False
+        await cancel_and_wait(training.get("opener_task"))  # no newcomers for a session that ended
         if done.get("stopped"):
             view.log(logging.INFO, f"stopped by the user at step {done.get('steps')} of {done.get('total_steps')}: "
                      f"kept the checkpoint {done.get('checkpoint')} and the model trained so far")
@@ -329,10 +397,11 @@ async def lead(
                               model if isinstance(model, str) else None))
         await asyncio.sleep(c.linger)
     finally:
+        await cancel_and_wait(training.get("opener_task"))
         await session.close()
         await tunnels.close()
         await server.close()
         store.close()
 
 
-__all__ = ["JOB_START_WAIT", "Prepared", "check_tunnels", "cluster_spec", "GracefulStop", "convert_dataset", "describe", "lead", "tf_base"]
+__all__ = ["JOB_START_WAIT", "OpenLink", "Prepared", "check_tunnels", "cluster_spec", "GracefulStop", "convert_dataset", "describe", "lead", "tf_base"]

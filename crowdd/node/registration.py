@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from crowdd import wire
@@ -19,7 +19,7 @@ from crowdd.node.host import Prepared
 from crowdd.node.ports import Reservation
 from crowdd.node.states import State, StateMachine
 from crowdd.node.status import StatusView
-from crowdd.plan import DatasetRef, MemberPorts, SessionPlan
+from crowdd.plan import DatasetRef, MemberPorts, PlanMember, SessionPlan
 from crowdd.protocol import matchmaker as mmp
 
 
@@ -53,6 +53,18 @@ def make_hello(
         job=prepared.job, dataset=DatasetRef(m.digest(), m.size, prepared.name[:255] or "dataset"),
         settings=group_settings(cfg, prepared),
     )
+
+
+def open_hello(cfg: Config, plan: SessionPlan, members: Sequence[PlanMember], free: int) -> dict[str, Any]:
+    """The hello that holds this host's running session open at the matchmaker (join in
+    progress): the host's hello as the group was formed (its job, dataset and settings are
+    the plan's, whatever the config says now), its members so far and its free places."""
+    d = cfg.daemon
+    me = plan.host
+    hello = mmp.make_hello(mmp.HOST, me.name, me.ports, tag=d.tag, want_tag=d.want_tag, advertise=d.advertise_host,
+                           cert=me.cert, fingerprint=me.fingerprint, job=plan.job, dataset=plan.dataset,
+                           settings=plan.settings)
+    return mmp.make_open(hello, plan.group_id, plan.token, members, free)
 
 
 async def register_until_grouped(

@@ -56,7 +56,7 @@ async def follow(c: SessionContext, plan: SessionPlan, res: Reservation) -> None
     workdir: Path | None = None
     try:
         try:
-            await ws.connect(retry_for=d.peer_timeout)
+            await _connect(ws, d.peer_timeout, plan.joining)
         except SessionRefused as exc:
             raise SessionFailed(f"the host's session is unreachable: {exc}") from None
         session_task = asyncio.create_task(ws.run())
@@ -162,6 +162,20 @@ async def follow(c: SessionContext, plan: SessionPlan, res: Reservation) -> None
             store.close()
         if workdir is not None:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def _connect(ws: WorkerSession, retry_for: float, joining: bool) -> None:
+    """Open the session channel. A newcomer to a running session may reach the host before
+    the matchmaker's word that pins its certificate there: it tries again a while."""
+    deadline = time.monotonic() + retry_for
+    while True:
+        try:
+            await ws.connect(retry_for=retry_for)
+            return
+        except SessionRefused:
+            if not joining or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.5)
 
 
 def _port(address: str) -> int:
