@@ -103,6 +103,10 @@ class Refusing:
     def resume(self) -> None:
         pass
 
+    @property
+    def paused_until(self) -> float | None:
+        return None
+
 
 MM_TLS, MM_FP = matchmaker_tls()
 
@@ -224,7 +228,8 @@ async def test_idle_policy_holds_a_worker_in_standby(tmp_path: Path) -> None:
         await asyncio.sleep(0.5)  # re-checked, still held back
         st = d.status()
         assert st["state"] == "standby"
-        assert st["idle"] == {"allowed": False, "rule": "user_idle", "reason": "the user was active 10 s ago"}
+        assert st["idle"] == {"allowed": False, "rule": "user_idle", "reason": "the user was active 10 s ago",
+                              "paused_until": None}
 
 
 async def test_stop_returns_to_standby(tmp_path: Path) -> None:
