@@ -8,6 +8,7 @@ import itertools
 import random
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -112,7 +113,8 @@ MM_TLS, MM_FP = matchmaker_tls()
 
 
 def make(tmp_path: Path, mm_port: int, name: str = "node", policy: Any = None, notifier: Any = None,
-         confinement: Confinement | None = None, sandbox: SandboxSupport | None = None) -> Daemon:
+         confinement: Confinement | None = None, sandbox: SandboxSupport | None = None,
+         policy_interval: float = 0.2) -> Daemon:
     cfg = Config()
     cfg.daemon.listen_host = "127.0.0.1"
     cfg.daemon.retry_min = 0.05
@@ -120,7 +122,7 @@ def make(tmp_path: Path, mm_port: int, name: str = "node", policy: Any = None, n
     cfg.daemon.matchmaker_fingerprint = MM_FP
     paths = Paths.under(tmp_path / name)
     return Daemon(cfg, paths, endpoint=Endpoint.for_paths(paths), matchmaker=("127.0.0.1", mm_port),
-                  policy=policy or AlwaysIdle(), name=name, policy_interval=0.2, notifier=notifier,
+                  policy=policy or AlwaysIdle(), name=name, policy_interval=policy_interval, notifier=notifier,
                   confinement=confinement, sandbox=sandbox)
 
 
@@ -356,6 +358,59 @@ async def test_busy_machine_leaves_the_queue(tmp_path: Path) -> None:
         assert d.status()["idle"]["rule"] == "user_idle"
         policy.allow = True
         await until(lambda: d.state == S.WAITING)  # idle again: back in the queue
+
+
+async def test_pause_leaves_the_queue_at_once_and_resume_rejoins_at_once(tmp_path: Path) -> None:
+    """The same path as the policy turning busy, without waiting for a policy interval (30 s
+    here): pause → out of the queue; resume → back in it."""
+    async with matchmaker() as mm, running(tmp_path, mm.address[1], policy_interval=30.0) as d, \
+            ControlClient(d.paths.control_socket) as c:
+        await c.donate(True)
+        await until(lambda: d.state == S.WAITING)
+        reply = await c.pause(1.5)
+        assert reply["type"] == "ok" and reply["paused_until"] == pytest.approx(time.time() + 5400, abs=5)
+        st = await c.status()
+        assert st["idle"]["rule"] == "paused" and st["idle"]["paused_until"] == reply["paused_until"]
+        await until(lambda: d.state == S.STANDBY, timeout=3.0)
+        await until(lambda: mm.stats()["workers"] == 0, timeout=3.0)
+        await asyncio.sleep(0.5)
+        assert d.state == S.STANDBY  # held back
+        assert (await c.resume())["was_paused"] is True
+        await until(lambda: d.state == S.WAITING, timeout=3.0)
+        assert d.status()["idle"] == {**d.status()["idle"], "allowed": True, "paused_until": None}
+
+
+async def test_a_bad_pause_changes_nothing(tmp_path: Path) -> None:
+    async with running(tmp_path, free_port()) as d, ControlClient(d.paths.control_socket) as c:
+        await c.pause(2)
+        until_ = d.status()["idle"]["paused_until"]
+        for bad in (0, -2, 24 * 366, "1h", None, float("inf")):
+            with pytest.raises(wire.RemoteError) as err:
+                await c.request({"type": "pause", "hours": bad})
+            assert err.value.code == "bad_field" and err.value.field == "hours"
+        assert d.status()["idle"]["paused_until"] == until_
+        assert (await c.status())["state"] == "off"  # the connection survived every refusal
+
+
+async def test_a_pause_survives_a_restart_and_an_ended_one_is_ignored(tmp_path: Path) -> None:
+    import json
+
+    async with running(tmp_path, free_port()) as d:
+        await d.donate(True)
+        until_ = (await d.pause(3.0))["paused_until"]
+        state_file = d.paths.state_dir / "daemon.json"
+        assert json.loads(state_file.read_text()) == {"donating": True, "paused_until": until_}
+    async with running(tmp_path, free_port()) as d:
+        st = d.status()
+        assert st["donating"] is True and st["idle"]["paused_until"] == pytest.approx(until_, abs=1.0)
+        await until(lambda: d.status()["idle"]["rule"] == "paused")
+        assert d.state == S.STANDBY
+        await d.resume()
+        assert json.loads(state_file.read_text()) == {"donating": True, "paused_until": None}
+    for saved in (time.time() - 60, "soon", float("nan"), True):  # ended, or not a time: no pause
+        state_file.write_text(json.dumps({"donating": False, "paused_until": saved}))
+        async with running(tmp_path, free_port()) as d:
+            assert d.status()["idle"]["paused_until"] is None
 
 
 async def test_sd_notify_ready_status_watchdog_stopping(tmp_path: Path) -> None:
