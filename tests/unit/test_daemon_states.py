@@ -380,6 +380,18 @@ async def test_pause_leaves_the_queue_at_once_and_resume_rejoins_at_once(tmp_pat
         assert d.status()["idle"] == {**d.status()["idle"], "allowed": True, "paused_until": None}
 
 
+async def test_a_pause_ends_by_itself_and_the_worker_goes_back_to_work(tmp_path: Path) -> None:
+    async with running(tmp_path, free_port(), policy_interval=30.0) as d:
+        await d.donate(True)
+        await until(lambda: d.state == S.REGISTERING)
+        await d.pause(1.5 / 3600)  # 1.5 s
+        await until(lambda: d.state == S.STANDBY, timeout=3.0)
+        assert d.status()["idle"]["rule"] == "paused"
+        # not after the 30 s policy interval: when the pause ends
+        await until(lambda: d.state == S.REGISTERING, timeout=4.0)
+        assert d.status()["idle"]["paused_until"] is None
+
+
 async def test_a_bad_pause_changes_nothing(tmp_path: Path) -> None:
     async with running(tmp_path, free_port()) as d, ControlClient(d.paths.control_socket) as c:
         await c.pause(2)
