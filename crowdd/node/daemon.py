@@ -489,8 +489,8 @@ class Daemon:
                 v = self._policy.evaluate()
             else:
                 v = await asyncio.get_running_loop().run_in_executor(None, self._policy.evaluate)
-        if v != self.view.verdict:
-            self.view.verdict = v
+        old, self.view.verdict = self.view.verdict, v
+        if (v.allowed, v.rule) != (old.allowed, old.rule):  # not each new CPU figure: asked every second
             logger.info("idle policy: %s", v.reason)
         return v
 

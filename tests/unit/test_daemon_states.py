@@ -425,6 +425,31 @@ async def test_a_pause_survives_a_restart_and_an_ended_one_is_ignored(tmp_path: 
             assert d.status()["idle"]["paused_until"] is None
 
 
+class Counting(Refusing):
+    """Allows, with a new figure in its reason each time (as the CPU rule's percentage)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def evaluate(self) -> Verdict:
+        self.n += 1
+        return Verdict(True, None, f"other CPU {self.n % 7}% <= 30%")
+
+
+async def test_a_new_figure_in_the_same_verdict_is_shown_not_logged(tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """The policy is asked every second while working: status shows the latest reason, the log
+    only says when the verdict changes."""
+    policy = Counting()
+    caplog.set_level("INFO", logger="crowdd.node.daemon")
+    async with running(tmp_path, free_port(), policy=policy) as d:
+        await d.donate(True)
+        await until(lambda: policy.n >= 6)
+        assert d.status()["idle"]["reason"].startswith("other CPU")
+    said = [r for r in caplog.records if r.getMessage().startswith("idle policy:")]
+    assert len(said) == 1, [r.getMessage() for r in said]
+
+
 async def test_sd_notify_ready_status_watchdog_stopping(tmp_path: Path) -> None:
     from crowdd.platform.systemd import Notifier
 
