@@ -110,6 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=_lazy("crowdd.commands", "stop"))
 
+    p = sub.add_parser("pause", help="take a break from donating: suspend (or leave) the current session now and "
+                       "do no work for the crowd for a while (kept across daemon restarts)")
+    _add_common(p)
+    p.add_argument("duration", nargs="?", default="1h",
+                   help="how long: 2h, 30m, 1.5h, 90m, 1d, 1h30m; a bare number is hours (default 1h)")
+    p.set_defaults(func=_lazy("crowdd.commands", "pause"))
+
+    p = sub.add_parser("resume", help="end a pause now: donate again as the idle policy allows")
+    _add_common(p)
+    p.set_defaults(func=_lazy("crowdd.commands", "resume"))
+
     p = sub.add_parser("reload", help="make the daemon re-read its configuration")
     _add_common(p)
     p.set_defaults(func=_lazy("crowdd.commands", "reload"))

@@ -1,5 +1,5 @@
-"""The CLI subcommands that talk to (or are) the daemon: daemon, status, donate, host, stop,
-reload. Each takes the argparse namespace from :mod:`crowdd.cli` and returns an exit code.
+"""The CLI subcommands that talk to (or are) the daemon: daemon, status, donate, pause, resume,
+host, stop, reload. Each takes the argparse namespace from :mod:`crowdd.cli` and returns an exit code.
 
 Exit codes: 0 fine; 1 the daemon refused the request; 2 bad arguments; 3 no daemon running.
 """
@@ -21,6 +21,7 @@ from crowdd.errors import InputError, Unavailable
 from crowdd.handoff import OpenFiles, can_hand_over, open_dataset
 from crowdd.job.card import usage_hint
 from crowdd.hyperparams import HyperparamError, parse_hidden, validate_job
+from crowdd.protocol.control import format_pause, parse_duration
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +135,9 @@ def format_status(st: dict[str, Any], out: TextIO) -> None:
     rule = f" by {idle['rule']}" if idle.get("rule") and not idle.get("allowed") else ""
     reason = f" ({idle['reason']})" if idle.get("reason") else ""
     out.write(f"  donation:  {donating}; idle policy: {verdict}{rule}{reason}\n")
+    until = idle.get("paused_until")
+    if isinstance(until, (int, float)) and not isinstance(until, bool):
+        out.write(f"  pause:     {format_pause(until)}; `crowdd resume` ends it\n")
     if st.get("queue"):
         out.write(f"  queue:     position {st['queue'].get('position')}\n")
     ds = st.get("dataset")
@@ -200,6 +204,33 @@ def stop(args: argparse.Namespace) -> int:
                   "is kept and the model trained so far is written (its path: `crowdd status`)")
         else:
             print("the current session is stopping (donation stays as it was)")
+    return code
+
+
+def pause(args: argparse.Namespace) -> int:
+    """``crowdd pause [DURATION]``: a bad duration is refused here (exit 2), before the daemon
+    is asked anything, so a running pause stays as it was."""
+    try:
+        hours = parse_duration(args.duration)
+    except InputError as exc:
+        print(f"crowdd pause: {exc.message}", file=sys.stderr)
+        return EXIT_USAGE
+    code, reply = _call(args, lambda c: c.pause(hours))
+    if code == EXIT_OK:
+        until = reply.get("paused_until")
+        shown = format_pause(until) if isinstance(until, (int, float)) else "paused"
+        print(f"{shown}: this machine does no work for the crowd until then (a running session is suspended "
+              "or left, per [idle] on_busy; one you host goes on); `crowdd resume` ends the pause early")
+    return code
+
+
+def resume(args: argparse.Namespace) -> int:
+    code, reply = _call(args, lambda c: c.resume())
+    if code == EXIT_OK:
+        if reply.get("was_paused"):
+            print("pause ended: donation goes on as the idle policy allows")
+        else:
+            print("not paused: nothing to resume")
     return code
 
 
@@ -395,4 +426,5 @@ async def follow_session(events: asyncio.Queue[dict[str, Any] | None], out: Text
     return EXIT_REFUSED
 
 
-__all__ = ["accepted_line", "client_endpoint", "daemon", "follow_session", "donate", "format_status", "host", "job_from_args", "reload", "status", "stop"]
+__all__ = ["accepted_line", "client_endpoint", "daemon", "follow_session", "donate", "format_status", "host", "job_from_args", "pause", "reload", "resume", "status",
+           "stop"]

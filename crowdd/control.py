@@ -13,6 +13,9 @@ as every other crowdd connection (:mod:`crowdd.wire`), and the typed messages of
   server answers ``send_files``, takes the descriptors off the socket (``SCM_RIGHTS``,
   :mod:`crowdd.handoff`), then ``ok``/``error``. The system service takes only this form.
 - ``stop`` / ``reload`` → ``ok``
+- ``pause`` (``hours``: 0 < hours <= a year) → ``{"type": "ok", "paused_until": EPOCH}``, or
+  ``error`` bad_field naming ``hours``; ``resume`` → ``{"type": "ok", "paused_until": null,
+  "was_paused": bool}``
 
 Where it lives: a Unix socket (user mode: the runtime dir, mode 0600; system mode:
 ``/run/crowdd/control.sock``, group ``crowdd``, mode 0660), or on Windows loopback TCP plus a
@@ -57,9 +60,12 @@ from crowdd.protocol.control import (
     Status,
     check_donate,
     check_host,
+    check_pause,
     make_donate,
     make_host,
+    make_pause,
     make_reload,
+    make_resume,
     make_status,
     make_stop,
 )
@@ -157,6 +163,10 @@ class ControlHandler(Protocol):
     async def stop(self) -> dict[str, Any]: ...
 
     async def reload(self) -> dict[str, Any]: ...
+
+    async def pause(self, hours: float) -> dict[str, Any]: ...
+
+    async def resume(self) -> dict[str, Any]: ...
 
 
 class _Subscriber:
@@ -351,6 +361,10 @@ class ControlServer:
             return {"type": "status", **h.status()}
         if kind == "donate":
             return await h.donate(check_donate(frame))
+        if kind == "pause":
+            return await h.pause(check_pause(frame))
+        if kind == "resume":
+            return await h.resume()
         if kind == "host":
             request = check_host(frame)  # checked once, here: the daemon gets typed values
             if not request.files:
@@ -672,6 +686,13 @@ class ControlClient:
 
     async def reload(self) -> dict[str, Any]:
         return await self.request(make_reload())
+
+    async def pause(self, hours: float) -> dict[str, Any]:
+        """Hold donation back for ``hours``; the reply says until when (``paused_until``)."""
+        return await self.request(make_pause(hours))
+
+    async def resume(self) -> dict[str, Any]:
+        return await self.request(make_resume())
 
     async def subscribe(self) -> AsyncIterator[dict[str, Any]]:
         """Events from the daemon on a connection of their own, until it closes."""

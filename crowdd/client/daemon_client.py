@@ -46,6 +46,14 @@ class DaemonClient(Protocol):
 
     async def stop(self) -> dict[str, Any]: ...
 
+    async def pause(self, hours: float) -> dict[str, Any]:
+        """Hold donation back for ``hours``: ``{"type": "ok", "paused_until": EPOCH}``."""
+        ...
+
+    async def resume(self) -> dict[str, Any]:
+        """End a pause: ``{"type": "ok", "paused_until": None, "was_paused": bool}``."""
+        ...
+
     def subscribe(self) -> AsyncIterator[dict[str, Any]]:
         """Event frames (``{"type": "event", "event": KIND, ...}``) until the connection ends."""
         ...
@@ -152,6 +160,12 @@ class ControlDaemonClient:
 
     async def stop(self) -> dict[str, Any]:
         return await self._call("stop")
+
+    async def pause(self, hours: float) -> dict[str, Any]:
+        return await self._call("pause", hours)
+
+    async def resume(self) -> dict[str, Any]:
+        return await self._call("resume")
 
     async def subscribe(self) -> AsyncIterator[dict[str, Any]]:
         unavailable = _unavailable_types()

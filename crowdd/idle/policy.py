@@ -17,9 +17,12 @@ donation back and :class:`Verdict` names it:
     X11/Wayland input itself. Where there is no signal (no logind, or a desktop that never sets
     IdleHint) the rule is skipped, the next rule decides, and the verdict's reason says so.
 ``cpu``
-    other processes (everything but crowdd's own process tree) used less than
-    ``idle.max_other_cpu_percent`` of the machine's CPU over the last
-    ``idle.cpu_window_seconds`` (100 = rule off).
+    other processes (everything but crowdd's own process tree) use no more than
+    ``idle.max_other_cpu_percent`` of the machine's CPU (100 = rule off). Each evaluation
+    measures the stretch since the previous one (at least :data:`MIN_CPU_SPAN`; the daemon
+    evaluates every second while it works, so a program that turns busy holds donation back
+    within about a second). Hysteresis, so it does not flap: once other processes were busy,
+    the rule holds until they have stayed under the limit for ``idle.cpu_window_seconds``.
 
 ``idle.on_busy`` (``suspend`` | ``leave``) travels in every verdict: what the daemon does when
 the policy turns false mid-session. ``idle.tf_threads`` caps the CPU threads the job gives
@@ -50,6 +53,8 @@ logger = logging.getLogger(__name__)
 
 ON_BUSY = ("suspend", "leave")
 MAX_PAUSE_HOURS = 24 * 365
+#: Seconds: CPU readings closer together than this say nothing (measured from an older one).
+MIN_CPU_SPAN = 0.5
 RULES = ("paused", "schedule", "battery", "user_idle", "cpu")
 
 
@@ -74,6 +79,11 @@ class Policy(Protocol):
     def pause(self, hours: float) -> None: ...
 
     def resume(self) -> None: ...
+
+    @property
+    def paused_until(self) -> float | None:
+        """The end of the user's pause (``clock`` seconds), None when not paused."""
+        ...
 
     @property
     def on_busy(self) -> str: ...
@@ -131,6 +141,8 @@ class IdlePolicy:
         self._paused_until: float | None = None
         self._battery_held = False
         self._cpu_history: deque[CpuReading] = deque()
+        self._cpu_recent: tuple[float, float] | None = None  # (percent, seconds) of the latest stretch
+        self._cpu_busy_at: float | None = None  # probe time of the last stretch over the limit
         self.cfg = cfg
         self._schedule = validate_idle_config(cfg, source)
 
@@ -218,40 +230,50 @@ class IdlePolicy:
             return f"user active: idle {idle_for} of the {required} required ({reading.detail})", ""
         return None, f"user idle {_fmt_duration(reading.idle_seconds)}"
 
-    def _cpu_percent(self) -> tuple[float, float] | None:
-        """(percent of the machine used by other processes, seconds covered) or None."""
+    def _sample_cpu(self) -> float | None:
+        """Read the CPU probe: note the latest stretch's percent (from the newest reading at least
+        :data:`MIN_CPU_SPAN` older) and when other processes were last over the limit. Returns the
+        reading's time, or None without a reading."""
         reading = self._probes.cpu()
         if reading is None:
             return None
         hist = self._cpu_history
         hist.append(reading)
-        window = self.cfg.cpu_window_seconds
-        # keep one reading at or before the window's start so the window is covered
-        while len(hist) > 2 and hist[1].when <= reading.when - window:
+        # keep what a stretch needs: the readings of the last MIN_CPU_SPAN and one before
+        while len(hist) > 2 and hist[1].when <= reading.when - MIN_CPU_SPAN:
             hist.popleft()
-        first = hist[0]
-        span = reading.when - first.when
-        if span <= 0:
-            return None
-        used = max(0.0, reading.other_seconds - first.other_seconds)
-        return min(100.0, 100.0 * used / (span * max(1, reading.ncpu))), span
+        base = next((r for r in reversed(hist) if reading.when - r.when >= MIN_CPU_SPAN), None)
+        if base is None:
+            return reading.when
+        span = reading.when - base.when
+        used = max(0.0, reading.other_seconds - base.other_seconds)
+        pct = min(100.0, 100.0 * used / (span * max(1, reading.ncpu)))
+        self._cpu_recent = (pct, span)
+        if pct > self.cfg.max_other_cpu_percent:
+            self._cpu_busy_at = reading.when
+        return reading.when
 
-    def _check_cpu(self, measured: tuple[float, float] | None) -> tuple[str | None, str]:
+    def _check_cpu(self, when: float | None) -> tuple[str | None, str]:
         limit = self.cfg.max_other_cpu_percent
         if limit >= 100:
             return None, ""
-        if measured is None:
+        if when is None or self._cpu_recent is None:
             return "measuring other processes' CPU use (needs a second reading)", ""
-        pct, span = measured
+        pct, span = self._cpu_recent
         if pct > limit:
             return f"other processes use {pct:.0f}% CPU (limit {limit:.0f}%) over {_fmt_duration(span)}", ""
+        quiet = self.cfg.cpu_window_seconds
+        if self._cpu_busy_at is not None and when - self._cpu_busy_at < quiet:
+            ago = _fmt_duration(when - self._cpu_busy_at)
+            return (f"other processes used more than {limit:.0f}% CPU {ago} ago (now {pct:.0f}%); "
+                    f"waiting until they stay under it for {_fmt_duration(quiet)}"), ""
         return None, f"other CPU {pct:.0f}% <= {limit:.0f}%"
 
     def evaluate(self) -> Verdict:
         now = self._clock()
         on_busy = self.cfg.on_busy
         # sample CPU on every evaluation, even while another rule holds, so the window stays filled
-        measured = self._cpu_percent() if self.cfg.max_other_cpu_percent < 100 else None
+        measured = self._sample_cpu() if self.cfg.max_other_cpu_percent < 100 else None
 
         def hold(rule: str, reason: str) -> Verdict:
             return Verdict(False, rule, reason, on_busy)
@@ -299,6 +321,12 @@ class AlwaysIdle:
     def resume(self) -> None:
         self._paused_until = None
 
+    @property
+    def paused_until(self) -> float | None:
+        if self._paused_until is not None and self._clock() >= self._paused_until:
+            self._paused_until = None
+        return self._paused_until
+
     def evaluate(self) -> Verdict:
         if self._paused_until is not None:
             left = self._paused_until - self._clock()
@@ -308,4 +336,4 @@ class AlwaysIdle:
         return Verdict(True, None, "idle policy off: always donate", self._on_busy)
 
 
-__all__ = ["MAX_PAUSE_HOURS", "ON_BUSY", "RULES", "AlwaysIdle", "IdlePolicy", "Policy", "Verdict", "validate_idle_config"]
+__all__ = ["MAX_PAUSE_HOURS", "MIN_CPU_SPAN", "ON_BUSY", "RULES", "AlwaysIdle", "IdlePolicy", "Policy", "Verdict", "validate_idle_config"]

@@ -28,6 +28,7 @@ import secrets
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from crowdd.node.status import StatusView
 from crowdd.cache import DatasetCache
 from crowdd.config import Config, ConfigError, Paths, load_config, parse_hostport
 from crowdd.errors import CrowddError, InputError
+from crowdd.protocol.control import format_pause
 from crowdd.handoff import remove_staging
 from crowdd.control import ControlServer, Endpoint
 from crowdd.node.context import Presence, SessionContext, SessionFailed, training_refusal
@@ -65,7 +67,8 @@ from crowdd.node.worker import follow
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE = "daemon.json"
+STATE_FILE = "daemon.json"  # the donation switch and the user's pause, kept across restarts
+WATCH_INTERVAL = 1.0  # seconds between idle-policy checks while a worker cycle runs
 STOP_GRACE = 120.0  # seconds a host job has to save its model after `crowdd stop`
 INCOMING = "incoming"  # under the cache directory: datasets handed over, until converted
 S = State
@@ -89,6 +92,7 @@ class Daemon:
         job_env: Mapping[str, str] | None = None,
         finished_linger: float = 2.0,
         policy_interval: float = 30.0,
+        watch_interval: float = WATCH_INTERVAL,
         name: str | None = None,
         confinement: Confinement | None = None,
         sandbox: SandboxSupport | None = None,
@@ -103,7 +107,8 @@ class Daemon:
         self._config_loader = config_loader
         self._rng = rng or random.Random()
         self._linger = finished_linger
-        self._policy_interval = policy_interval
+        self._policy_interval = policy_interval  # standby: how often the policy is asked
+        self._watch_interval = min(watch_interval, policy_interval)  # while a worker cycle runs
         self.name = (name or cfg.daemon.name or socket.gethostname() or "crowdd")[:64]
         self.cache = DatasetCache(paths.dataset_cache)
         self._control = ControlServer(self, endpoint)
@@ -114,6 +119,8 @@ class Daemon:
             guard=(paths.state_dir, paths.config_file.parent, paths.cache_dir, paths.runtime_dir, paths.log_dir),
         )
         self._wake = asyncio.Event()
+        self._recheck = asyncio.Event()  # a worker cycle's policy watch: evaluate now
+        self._evaluating = asyncio.Lock()  # one evaluation at a time (the policy keeps CPU history)
         self._stop = asyncio.Event()
         self._main: asyncio.Task[None] | None = None
         self._cycle: asyncio.Task[None] | None = None
@@ -161,7 +168,9 @@ class Daemon:
         if self.sandbox is None:
             self.sandbox = landlock.probe()
         self._show_tensorflow()
-        self.view.set_donating(self._load_persisted().get("donating", False) is True)
+        persisted = self._load_persisted()
+        self.view.set_donating(persisted.get("donating", False) is True)
+        self._restore_pause(persisted.get("paused_until"))
         await self._control.start(self.identity)
         self._main = asyncio.create_task(self._loop(), name="crowdd-daemon")
         interval = self._notifier.watchdog_interval
@@ -282,13 +291,34 @@ class Daemon:
         return data if isinstance(data, dict) else {}
 
     def _persist(self) -> None:
+        """Save the donation switch and the pause (atomically: a crash leaves the old file)."""
         path = self.paths.state_dir / STATE_FILE
         tmp = path.with_name(f".{STATE_FILE}.{os.getpid()}.tmp")
         try:
-            tmp.write_text(json.dumps({"donating": self.donating}))
+            tmp.write_text(json.dumps({"donating": self.donating, "paused_until": self._policy.paused_until}))
             os.replace(tmp, path)
         except OSError as exc:
-            logger.error("cannot save the donation switch to %s: %s", path, exc)
+            logger.error("cannot save the donation switch and pause to %s: %s", path, exc)
+
+    def _restore_pause(self, until: Any) -> None:
+        """A pause survives a restart (like BOINC's snooze): one that has not ended yet holds
+        again; an ended or unreadable one is ignored."""
+        if until is None:
+            return
+        now = time.time()
+        if isinstance(until, bool) or not isinstance(until, (int, float)) or not now < until < float("inf"):
+            if isinstance(until, (int, float)) and not isinstance(until, bool) and until <= now:
+                logger.info("the pause saved before the restart has ended")
+            else:
+                logger.warning("ignoring an unreadable pause in %s: %r", self.paths.state_dir / STATE_FILE, until)
+            return
+        try:
+            self._policy.pause((until - now) / 3600.0)
+        except ValueError as exc:
+            logger.warning("ignoring the pause saved before the restart: %s", exc)
+            return
+        self.view.paused_until = self._policy.paused_until
+        self.view.log(logging.INFO, f"{format_pause(until, now)}: set before the restart; `crowdd resume` ends it")
 
     # ------------------------------------------------------------------ requests (control)
 
@@ -304,6 +334,42 @@ class Daemon:
                 self._abort("donation switched off")
             self._wake.set()
         return {"type": "ok", "donating": self.donating}
+
+    async def pause(self, hours: float) -> dict[str, Any]:
+        """Hold donation back for ``hours`` (checked at the control socket): at once, by the same
+        path as the policy turning busy mid-session (suspend the job, or leave, per
+        ``[idle] on_busy``). A new pause replaces a running one. A session this node hosts goes
+        on (``crowdd stop`` ends it)."""
+        try:
+            self._policy.pause(hours)
+        except ValueError as exc:
+            raise InputError(str(exc), field="hours") from None
+        until = self._policy.paused_until
+        self.view.paused_until = until
+        self._persist()
+        shown = format_pause(until) if until is not None else "paused"
+        self.view.log(logging.INFO, f"{shown}: donation held back; `crowdd resume` ends the pause early")
+        await self._policy_changed()
+        return {"type": "ok", "paused_until": until}
+
+    async def resume(self) -> dict[str, Any]:
+        """End the user's pause now; the daemon asks the idle policy again at once."""
+        was_paused = self._policy.paused_until is not None
+        self._policy.resume()
+        self.view.paused_until = None
+        self._persist()
+        if was_paused:
+            self.view.log(logging.INFO, "pause ended by the user: donation goes on as the idle policy allows")
+        await self._policy_changed()
+        return {"type": "ok", "paused_until": None, "was_paused": was_paused}
+
+    async def _policy_changed(self) -> None:
+        """Something the policy decides on changed: status shows the new verdict now, and the
+        main loop (standby) and a worker cycle's watch act on it at once."""
+        if self.donating:
+            await self._evaluate()
+        self._recheck.set()
+        self._wake.set()
 
     async def host(self, request: HostRequest) -> dict[str, Any]:
         """Host ``request`` (checked at the control socket) once this node is free to."""
@@ -450,12 +516,13 @@ class Daemon:
             self._cycle.cancel()
 
     async def _evaluate(self) -> Verdict:
-        if isinstance(self._policy, AlwaysIdle):
-            v = self._policy.evaluate()
-        else:
-            v = await asyncio.get_running_loop().run_in_executor(None, self._policy.evaluate)
-        if v != self.view.verdict:
-            self.view.verdict = v
+        async with self._evaluating:
+            if isinstance(self._policy, AlwaysIdle):
+                v = self._policy.evaluate()
+            else:
+                v = await asyncio.get_running_loop().run_in_executor(None, self._policy.evaluate)
+        old, self.view.verdict = self.view.verdict, v
+        if (v.allowed, v.rule) != (old.allowed, old.rule):  # not each new CPU figure: asked every second
             logger.info("idle policy: %s", v.reason)
         return v
 
@@ -477,6 +544,9 @@ class Daemon:
                     if allowed:
                         return "worker"
                     timeout = self._policy_interval
+                    until = self._policy.paused_until
+                    if until is not None:  # ask again as soon as the pause ends
+                        timeout = min(timeout, max(0.0, until - time.time()) + 0.05)
             else:
                 self.states.to(S.OFF)
             with contextlib.suppress(asyncio.TimeoutError):
@@ -570,31 +640,38 @@ class Daemon:
             await self._teardown(res)
 
     async def _policy_watch(self) -> None:
-        """While a worker cycle runs: re-check the idle policy every ``policy_interval``. When
-        it says no: leave the queue; mid-session suspend the job (or leave, per ``on_busy``)."""
+        """While a worker cycle runs: re-check the idle policy every ``watch_interval`` (1 s), and
+        at once when asked (:meth:`pause`). When it says no: leave the queue; mid-session suspend
+        the job (or leave, per ``on_busy``)."""
         while True:
-            await asyncio.sleep(self._policy_interval)
-            verdict = await self._evaluate()
-            sup = self._jobs.current
-            presence = self._presence
-            if verdict.allowed:
-                if sup is not None and sup.suspended:
-                    sup.resume()
-                    self.view.log(logging.INFO, f"idle again ({verdict.reason}); job resumed")
-                if presence is not None:
-                    presence.back()  # after the resume: the host may count on this worker again
-                continue
-            if self.state in (S.REPLICATING, S.TRAINING) and self._policy.on_busy == "suspend":
-                if presence is not None and presence.away_reason is None:
-                    presence.away(verdict.reason)  # before the suspend: the host stops waiting for it
-                if sup is not None and not sup.suspended:
-                    sup.suspend()
-                    self.view.log(logging.INFO, f"machine busy ({verdict.reason}); job suspended")
-                continue
+            self._recheck.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._recheck.wait(), self._watch_interval)
+            if not await self._act_on(await self._evaluate()):
+                return
+
+    async def _act_on(self, verdict: Verdict) -> bool:
+        """Apply a verdict to the running worker cycle; False once the cycle is being left."""
+        sup = self._jobs.current
+        presence = self._presence
+        if verdict.allowed:
+            if sup is not None and sup.suspended:
+                sup.resume()
+                self.view.log(logging.INFO, f"idle again ({verdict.reason}); job resumed")
             if presence is not None:
-                presence.away(verdict.reason, staying=False)  # a polite goodbye, flushed on close
-            self._abort(f"the idle policy says no: {verdict.reason}")
-            return
+                presence.back()  # after the resume: the host may count on this worker again
+            return True
+        if self.state in (S.REPLICATING, S.TRAINING) and self._policy.on_busy == "suspend":
+            if presence is not None and presence.away_reason is None:
+                presence.away(verdict.reason)  # before the suspend: the host stops waiting for it
+            if sup is not None and not sup.suspended:
+                sup.suspend()
+                self.view.log(logging.INFO, f"machine busy ({verdict.reason}); job suspended")
+            return True
+        if presence is not None:
+            presence.away(verdict.reason, staying=False)  # a polite goodbye, flushed on close
+        self._abort(f"the idle policy says no: {verdict.reason}")
+        return False
 
     async def _teardown(self, res: Reservation | None) -> None:
         await self._jobs.stop()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -70,6 +71,7 @@ class StatusView:
         self._notifier = notifier
         self.donating = False
         self.verdict = DONATION_OFF
+        self.paused_until: float | None = None  # the user's pause (epoch seconds), set by the daemon
         self.tensorflow: TensorflowStatus = {
             "confined": True, "sandboxed": True, "landlock_abi": 0, "allowed": True, "reason": "",
         }
@@ -117,6 +119,7 @@ class StatusView:
         shown = cur if cur is not None else self.last
         plan = shown.plan if shown is not None else None
         v = self.verdict if self.donating else DONATION_OFF
+        paused_until = self.paused_until if self.paused_until is not None and self.paused_until > time.time() else None
         group: GroupStatus | None = None
         if cur is not None and plan is not None and st in _IN_GROUP:
             group = {"id": plan.group_id, "index": plan.index, "members": cur.members}
@@ -138,7 +141,7 @@ class StatusView:
             "state": st.value,
             "donating": self.donating,
             "role": self.role,
-            "idle": {"allowed": v.allowed, "rule": v.rule, "reason": v.reason},
+            "idle": {"allowed": v.allowed, "rule": v.rule, "reason": v.reason, "paused_until": paused_until},
             "tensorflow": {**self.tensorflow},
             "queue": queue,
             "group": group,

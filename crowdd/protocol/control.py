@@ -9,7 +9,10 @@ status`` and the TUI read it.
 
 from __future__ import annotations
 
+import math
 import os
+import re
+import time
 from collections.abc import Mapping
 import dataclasses
 from dataclasses import dataclass, field
@@ -21,7 +24,9 @@ from crowdd.errors import ErrorCode, InputError
 from crowdd.handoff import IDX_NAME, MAX_FILES, Upload, check_name
 from crowdd.hyperparams import HyperparamError, Job, validate_job
 
-REQUEST_TYPES = ("status", "subscribe", "donate", "host", "stop", "reload")
+REQUEST_TYPES = ("status", "subscribe", "donate", "host", "stop", "reload", "pause", "resume")
+#: The longest pause a user may ask for (a year; :data:`crowdd.idle.policy.MAX_PAUSE_HOURS`).
+MAX_PAUSE_HOURS = 24 * 365
 #: Kinds of ``{"type": "event", "event": KIND, ...}`` frames a subscriber receives.
 EVENT_KINDS = ("status", "state", "log", "members", "replication", "progress", "eval", "result")
 
@@ -66,8 +71,84 @@ def make_reload() -> dict[str, Any]:
     return {"type": "reload"}
 
 
+def make_pause(hours: float) -> dict[str, Any]:
+    return {"type": "pause", "hours": hours}
+
+
+def make_resume() -> dict[str, Any]:
+    return {"type": "resume"}
+
+
 def check_donate(frame: Mapping[str, Any]) -> bool:
     return bool(wire.require(frame, "on", bool))
+
+
+def check_pause(frame: Mapping[str, Any]) -> float:
+    """A ``pause`` request's hours: a finite number, 0 < hours <= a year."""
+    hours = frame.get("hours")
+    if isinstance(hours, bool) or not isinstance(hours, (int, float)) or not math.isfinite(hours):
+        raise InputError(f"field 'hours' must be a number of hours, got {hours!r}", field="hours")
+    if not 0 < hours <= MAX_PAUSE_HOURS:
+        raise InputError(f"hours must be more than 0 and at most {MAX_PAUSE_HOURS} (a year), got {hours:g}",
+                         field="hours")
+    return float(hours)
+
+
+_DURATION = re.compile(r"(?P<num>\d+(?:\.\d*)?|\.\d+)\s*(?P<unit>[a-z]*)")
+_UNITS = {
+    "": 1.0, "h": 1.0, "hr": 1.0, "hrs": 1.0, "hour": 1.0, "hours": 1.0,
+    "m": 1 / 60, "min": 1 / 60, "mins": 1 / 60, "minute": 1 / 60, "minutes": 1 / 60,
+    "d": 24.0, "day": 24.0, "days": 24.0,
+}
+
+
+def parse_duration(text: str, field: str = "duration") -> float:
+    """A pause's length as the user writes it → hours: ``2h``, ``30m``, ``1.5h``, ``90m``, ``1d``,
+    ``1h30m``; a bare number is hours. Raises :class:`InputError` naming ``field``."""
+    raw = text.strip().lower() if isinstance(text, str) else ""
+    hint = "expected a duration like 2h, 30m, 1.5h, 90m or 1d (a bare number is hours)"
+    pos, hours, parts = 0, 0.0, 0
+    compact = raw.replace(" ", "")
+    while pos < len(compact):
+        m = _DURATION.match(compact, pos)
+        if m is None or m.group("unit") not in _UNITS or (parts and m.group("unit") == ""):
+            raise InputError(f"{hint}, got {text!r}", field=field)
+        hours += float(m.group("num")) * _UNITS[m.group("unit")]
+        pos, parts = m.end(), parts + 1
+    if parts == 0:
+        raise InputError(f"{hint}, got {text!r}", field=field)
+    if not math.isfinite(hours) or hours <= 0:
+        raise InputError(f"a pause must last more than 0 minutes, got {text!r}", field=field)
+    if hours > MAX_PAUSE_HOURS:
+        raise InputError(f"a pause lasts at most a year ({MAX_PAUSE_HOURS} h), got {text!r}", field=field)
+    return hours
+
+
+def format_pause(until: float, now: float | None = None) -> str:
+    """``paused until 14:30 (1 h 59 min left)`` (a weekday or date when it is not today)."""
+    now = time.time() if now is None else now
+    at, today = time.localtime(until), time.localtime(now)
+    if (at.tm_year, at.tm_yday) == (today.tm_year, today.tm_yday):
+        when = time.strftime("%H:%M", at)
+    elif until - now < 6 * 86400:
+        when = time.strftime("%a %H:%M", at)
+    else:
+        when = time.strftime("%Y-%m-%d %H:%M", at)
+    return f"paused until {when} ({format_left(until - now)} left)"
+
+
+def format_left(seconds: float) -> str:
+    """``1 h 59 min``, ``2 d 3 h``, ``12 min``, ``under a minute``."""
+    minutes = int(max(0.0, seconds) // 60)
+    if minutes < 1:
+        return "under a minute"
+    days, rest = divmod(minutes, 24 * 60)
+    hours, mins = divmod(rest, 60)
+    if days:
+        return f"{days} d {hours} h" if hours else f"{days} d"
+    if hours:
+        return f"{hours} h {mins} min" if mins else f"{hours} h"
+    return f"{mins} min"
 
 
 @dataclass(frozen=True)
@@ -196,6 +277,8 @@ class IdleStatus(TypedDict):
     allowed: bool
     rule: str | None
     reason: str
+    #: the end of the user's pause (epoch seconds), or None when not paused
+    paused_until: float | None
 
 
 class TensorflowStatus(TypedDict):
@@ -263,6 +346,7 @@ def check_status(frame: Mapping[str, Any]) -> Status:
 
 __all__ = [
     "EVENT_KINDS", "REQUEST_TYPES", "STATUS_KEYS", "GroupStatus", "HostRequest", "IdleStatus", "QueueStatus",
-    "ResultStatus", "Status", "TensorflowStatus", "check_donate", "check_host", "check_status", "make_donate", "make_host",
-    "make_reload", "make_status", "make_stop", "make_subscribe", "ok",
+    "MAX_PAUSE_HOURS", "ResultStatus", "Status", "TensorflowStatus", "check_donate", "check_host", "check_pause",
+    "check_status", "format_left", "format_pause", "make_donate", "make_host", "make_pause", "make_reload",
+    "make_resume", "make_status", "make_stop", "make_subscribe", "ok", "parse_duration",
 ]

@@ -3,7 +3,8 @@
 The client comes in through the constructor. Only the app's ``@work`` workers call it;
 they turn replies, events and failures into messages, and the handlers below fold those
 into a :class:`~crowdd.tui.model.DaemonView` and show it. Screens never do I/O: they post
-:class:`DonateRequested`, :class:`HostRequested` and :class:`StopRequested`.
+:class:`DonateRequested`, :class:`HostRequested`, :class:`PauseRequested`,
+:class:`ResumeRequested` and :class:`StopRequested`.
 """
 
 from __future__ import annotations
@@ -27,11 +28,14 @@ from crowdd.tui.messages import (
     DaemonLost,
     DonateRequested,
     HostRequested,
+    PauseRequested,
     RequestDone,
     RequestFailed,
+    ResumeRequested,
     StatusLoaded,
     StopRequested,
 )
+from crowdd.protocol.control import format_pause
 from crowdd.tui.model import DaemonView
 from crowdd.tui.screens import HostScreen, MainScreen, UnavailableScreen
 
@@ -136,6 +140,14 @@ class CrowddApp(App[None]):
     async def request_stop(self) -> None:
         await self._request("stop", self.client.stop())
 
+    @work(group="pause", exclusive=True, exit_on_error=False)
+    async def request_pause(self, hours: float) -> None:
+        await self._request("pause", self.client.pause(hours))
+
+    @work(group="pause", exclusive=True, exit_on_error=False)
+    async def request_resume(self) -> None:
+        await self._request("resume", self.client.resume())
+
     async def _request(self, action: str, call: Any) -> None:
         try:
             reply = await call
@@ -164,6 +176,12 @@ class CrowddApp(App[None]):
 
     def on_stop_requested(self, message: StopRequested) -> None:
         self.request_stop()
+
+    def on_pause_requested(self, message: PauseRequested) -> None:
+        self.request_pause(message.hours)
+
+    def on_resume_requested(self, message: ResumeRequested) -> None:
+        self.request_resume()
 
     # ------------------------------------------------------------------ folding results in
 
@@ -217,6 +235,14 @@ class CrowddApp(App[None]):
             self._main.log_line("info", "hosting: looking for workers")
         elif message.action == "stop":
             self._main.log_line("info", "session stopped")
+        elif message.action in ("pause", "resume"):
+            until = message.reply.get("paused_until")
+            self.view.paused_until = float(until) if isinstance(until, (int, float)) else None
+            self._refresh()
+            if self.view.paused_until is not None:
+                self._main.log_line("info", f"{format_pause(self.view.paused_until)}: donation held back")
+            else:
+                self._main.log_line("info", "pause ended: donation goes on as the idle policy allows")
         self.retry_now()
 
     def on_request_failed(self, message: RequestFailed) -> None:

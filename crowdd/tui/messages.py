@@ -68,5 +68,17 @@ class HostRequested(Message):
         self.model_file = model_file  # the host's own Keras model, or None for the preset
 
 
+class PauseRequested(Message):
+    """The user chose a break from donating of ``hours``."""
+
+    def __init__(self, hours: float) -> None:
+        super().__init__()
+        self.hours = hours
+
+
+class ResumeRequested(Message):
+    """The user asked to end the pause."""
+
+
 class StopRequested(Message):
     """The user confirmed stopping the session."""

@@ -7,10 +7,13 @@ and returns the line (level, text) the log pane should show for it, if any.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from crowdd.protocol.control import format_pause
 
 STATES = ("off", "standby", "registering", "waiting", "replicating", "training", "finished")
 HISTORY = 240
@@ -73,6 +76,7 @@ class DaemonView:
     idle_allowed: bool | None = None
     idle_rule: str | None = None
     idle_reason: str = ""
+    paused_until: float | None = None  # the user's pause (epoch seconds)
     tf_confined: bool = True
     tf_sandboxed: bool = True
     tf_allowed: bool = True
@@ -104,6 +108,7 @@ class DaemonView:
             rule = idle.get("rule")
             self.idle_rule = rule if isinstance(rule, str) else None
             self.idle_reason = str(idle.get("reason") or "")
+            self.paused_until = _float(idle.get("paused_until"))
         tf = status.get("tensorflow")
         if isinstance(tf, Mapping):
             self.tf_confined = tf.get("confined") is not False
@@ -204,7 +209,17 @@ class DaemonView:
     # ------------------------------------------------------------------ derived text
 
     @property
+    def paused(self) -> bool:
+        return self.paused_until is not None and self.paused_until > time.time()
+
+    def pause_text(self, now: float | None = None) -> str:
+        """``paused until 14:30 (1 h 59 min left)``, or "" when not paused."""
+        return format_pause(self.paused_until, now) if self.paused_until is not None and self.paused else ""
+
+    @property
     def idle_text(self) -> str:
+        if self.paused:
+            return f"{self.pause_text()} (p: resume)"
         if not self.tf_allowed:
             return f"not training: {self.tf_reason or 'TensorFlow cannot be confined or sandboxed here'}"
         if self.idle_allowed is None:

@@ -64,7 +64,7 @@ def wait_state(root: Path, state: str, timeout: float = 15.0) -> dict[str, objec
 
 
 def test_no_daemon_says_so_plainly(tmp_path: Path) -> None:
-    for cmd in (["status"], ["status", "--json"], ["donate", "on"], ["stop"], ["reload"]):
+    for cmd in (["status"], ["status", "--json"], ["donate", "on"], ["stop"], ["reload"], ["pause", "2h"], ["resume"]):
         r = crowdd(*cmd, root=tmp_path)
         assert r.returncode == EXIT_NO_DAEMON, (cmd, r.stderr)
         assert "no crowdd daemon is running" in r.stderr
@@ -133,6 +133,63 @@ def test_cli_against_a_real_daemon(
     os.killpg(proc.pid, signal.SIGTERM)
     assert proc.wait(timeout=15) == 0
     assert not (root / "run" / "control.sock").exists()
+
+
+def test_pause_and_resume_from_the_cli(daemon: tuple[Path, subprocess.Popen[bytes]], tmp_path: Path) -> None:
+    """`crowdd pause 2h` holds donation back until a time status shows; bad input is refused with
+    exit 2 and loses nothing; the pause survives a restart of the daemon; `crowdd resume` ends it."""
+    root, proc = daemon
+    assert crowdd("donate", "on", root=root).returncode == 0
+    wait_state(root, "registering")  # the matchmaker is down: it keeps trying
+    before = time.time()
+    r = crowdd("pause", "2h", root=root)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("paused until ") and ("(1 h 59 min left)" in r.stdout or "(2 h left)" in r.stdout)
+    st = wait_state(root, "standby")  # it left the registration at once
+    until = st["idle"]["paused_until"]  # type: ignore[index]
+    assert before + 7200 - 5 <= until <= time.time() + 7200
+    assert st["idle"]["rule"] == "paused"  # type: ignore[index]
+    human = crowdd("status", root=root).stdout
+    hhmm = time.strftime("%H:%M", time.localtime(until))
+    assert f"  pause:     paused until {hhmm} (1 h 59 min left); `crowdd resume` ends it" in human, human
+
+    for bad, why in ((["2x"], "expected a duration like 2h"), (["0"], "more than 0"),
+                     (["-1h"], "unrecognized arguments: -1h"),
+                     (["400d"], "at most a year"), (["1h30"], "expected a duration")):
+        r = crowdd("pause", *bad, root=root)
+        assert r.returncode == 2 and why in r.stderr and "Traceback" not in r.stderr, (bad, r.stderr)
+    r = subprocess.run([sys.executable, "-m", "crowdd", "pause", "--root", str(root), "--", "-1h"],
+                       capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 2 and "crowdd pause: expected a duration like 2h" in r.stderr, r.stderr
+    st = json.loads(crowdd("status", "--json", root=root).stdout)
+    assert st["idle"]["paused_until"] == until  # nothing lost
+
+    os.killpg(proc.pid, signal.SIGTERM)  # a restart keeps the pause (state/daemon.json)
+    assert proc.wait(timeout=15) == 0
+    log = open(root / "daemon2.log", "wb")  # noqa: SIM115 - closed below
+    again = subprocess.Popen(
+        [sys.executable, "-m", "crowdd", "daemon", "--root", str(root), "--matchmaker", f"127.0.0.1:{free_port()}"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not (root / "run" / "control.sock").exists():
+            assert again.poll() is None and time.monotonic() < deadline, (root / "daemon2.log").read_text()
+            time.sleep(0.05)
+        st = wait_state(root, "standby")
+        assert st["donating"] is True and st["idle"]["paused_until"] == pytest.approx(until, abs=1.0)  # type: ignore[index]
+        assert st["idle"]["rule"] == "paused"  # type: ignore[index]
+
+        r = crowdd("resume", root=root)
+        assert r.returncode == 0 and "pause ended" in r.stdout, r.stderr
+        st = wait_state(root, "registering", timeout=5)  # at once, not after the 30 s policy interval
+        assert st["state"] == "registering" and st["idle"]["paused_until"] is None  # type: ignore[index]
+        r = crowdd("resume", root=root)
+        assert r.returncode == 0 and "not paused" in r.stdout
+        assert "paused until" not in crowdd("status", root=root).stdout
+    finally:
+        stop_group(again, 15.0)
+        log.close()
 
 
 def _args(*argv: str) -> argparse.Namespace:

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from crowdd.errors import ErrorCode, RemoteError, Unavailable
+from crowdd.errors import ErrorCode, InputError, RemoteError, Unavailable
 from crowdd.hyperparams import HyperparamError, validate_job
+from crowdd.protocol.control import check_pause
 
 _END = {"type": "__end__"}
 
@@ -27,7 +29,7 @@ def base_status(**overrides: Any) -> dict[str, Any]:
         "state": "off",
         "donating": False,
         "role": None,
-        "idle": {"allowed": True, "rule": None, "reason": "user idle for 12 min"},
+        "idle": {"allowed": True, "rule": None, "reason": "user idle for 12 min", "paused_until": None},
         "tensorflow": {"confined": True, "sandboxed": True, "landlock_abi": 7, "allowed": True, "reason": ""},
         "queue": None,
         "group": None,
@@ -143,6 +145,26 @@ class FakeDaemonClient:
         self.state["group"] = None
         self._set_state("standby" if self.state["donating"] else "off")
         return {"type": "ok"}
+
+    async def pause(self, hours: float) -> dict[str, Any]:
+        self._check()
+        self.calls.append(("pause", hours))
+        try:
+            hours = check_pause({"hours": hours})  # the control socket's own check
+        except InputError as exc:
+            raise RemoteError(exc.message, field=exc.field, code=exc.code) from None
+        until = time.time() + hours * 3600.0
+        self.state["idle"] = {**self.state["idle"], "paused_until": until}
+        self.emit("status", **{k: v for k, v in self.state.items() if k != "type"})
+        return {"type": "ok", "paused_until": until}
+
+    async def resume(self) -> dict[str, Any]:
+        self._check()
+        self.calls.append(("resume",))
+        was_paused = self.state["idle"].get("paused_until") is not None
+        self.state["idle"] = {**self.state["idle"], "paused_until": None}
+        self.emit("status", **{k: v for k, v in self.state.items() if k != "type"})
+        return {"type": "ok", "paused_until": None, "was_paused": was_paused}
 
     async def subscribe(self) -> AsyncIterator[dict[str, Any]]:
         self._check()

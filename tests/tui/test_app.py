@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -9,15 +10,17 @@ from typing import Any
 import pytest
 from fake_client import FakeDaemonClient, base_status, training_status
 from textual.pilot import Pilot
-from textual.widgets import Input, Label, ProgressBar, Select, Sparkline, Switch
+from textual.widgets import Button, Input, Label, ProgressBar, Select, Sparkline, Switch
 
 from crowdd.errors import ErrorCode, RemoteError
 from crowdd.hyperparams import Job
 from crowdd.tui.app import CrowddApp
+from crowdd.tui.messages import PauseRequested
 from crowdd.tui.screens import (
     ConfirmStopScreen,
     HostScreen,
     MainScreen,
+    PauseScreen,
     UnavailableScreen,
 )
 from crowdd.tui.widgets import (
@@ -84,7 +87,7 @@ async def test_shows_status_at_80x24() -> None:
             region = app.main_screen.query_one(widget).region
             assert region.width >= 30 and region.height >= 4, (widget, region)
             assert region.right <= SIZE[0] and region.bottom <= SIZE[1]
-        for button in ("#host", "#work", "#stop"):
+        for button in ("#host", "#work", "#pause", "#stop"):
             region = app.main_screen.query_one(button).region
             assert region.height == 1 and region.bottom <= SIZE[1] - 1
 
@@ -452,6 +455,92 @@ async def test_stop_cancelled(how: str) -> None:
         await pilot.pause(0.1)
         assert ("stop",) not in client.calls
         assert main_text(app, "#state") == "training"
+
+
+# ---------------------------------------------------------------------------- pause / resume
+
+
+@pytest.mark.parametrize(("how", "hours"), [("default-enter", 1.0), ("typed", 2.5), ("choice", 8.0), ("button", 0.5)])
+async def test_pause_asks_how_long_then_pauses(how: str, hours: float) -> None:
+    client = FakeDaemonClient(base_status(state="training", donating=True, role="worker"))
+    app = make_app(client)
+    async with app.run_test(size=SIZE) as pilot:
+        await connected(pilot, app)
+        assert str(app.main_screen.query_one("#pause", Button).label) == "Pause…"
+        if how == "button":
+            await pilot.click("#pause")
+        else:
+            await pilot.press("p")
+        await until(pilot, lambda: isinstance(app.screen, PauseScreen), "pause dialog")
+        assert not any(c[0] == "pause" for c in client.calls)
+        if how == "typed":
+            app.screen.query_one("#pause-duration", Input).value = "2h30m"
+            await pilot.press("enter")
+        elif how == "choice":
+            await pilot.click("#pause-8h")
+        elif how == "button":
+            app.screen.query_one("#pause-duration", Input).value = "30m"
+            await pilot.click("#pause-ok")
+        else:
+            await pilot.press("enter")  # the default, 1 h
+        await until(pilot, lambda: ("pause", hours) in client.calls, f"pause {hours} h sent")
+        assert isinstance(app.screen, MainScreen)
+        await until(pilot, lambda: "paused until" in main_text(app, "#idle"), "the idle row shows the pause")
+        assert str(app.main_screen.query_one("#pause", Button).label) == "Resume"
+        # p again resumes, without a dialog
+        await pilot.press("p")
+        await until(pilot, lambda: ("resume",) in client.calls, "resume sent")
+        await until(pilot, lambda: "paused until" not in main_text(app, "#idle"), "pause gone")
+        assert str(app.main_screen.query_one("#pause", Button).label) == "Pause…"
+        assert isinstance(app.screen, MainScreen)
+
+
+@pytest.mark.parametrize("bad", ["2x", "0", "-1h", "400d", ""])
+async def test_pause_dialog_refuses_a_bad_duration(bad: str) -> None:
+    client = FakeDaemonClient(base_status(state="standby", donating=True))
+    app = make_app(client)
+    async with app.run_test(size=SIZE) as pilot:
+        await connected(pilot, app)
+        await pilot.press("p")
+        await until(pilot, lambda: isinstance(app.screen, PauseScreen), "pause dialog")
+        app.screen.query_one("#pause-duration", Input).value = bad
+        await pilot.press("enter")
+        await until(pilot, lambda: text(app, "#pause-error") != "", "an error under the field")
+        assert "a pause" in text(app, "#pause-error") or "expected a duration" in text(app, "#pause-error")
+        assert isinstance(app.screen, PauseScreen) and not any(c[0] == "pause" for c in client.calls)
+        app.screen.query_one("#pause-duration", Input).value = "1h"  # fixing it clears the message
+        await pilot.pause()
+        assert text(app, "#pause-error") == ""
+        await pilot.press("escape")  # cancel: nothing sent
+        await until(pilot, lambda: isinstance(app.screen, MainScreen), "back to main")
+        await pilot.pause(0.1)
+        assert not any(c[0] == "pause" for c in client.calls)
+
+
+async def test_paused_daemon_shows_until_when_and_the_resume_button() -> None:
+    until_ = time.time() + 2 * 3600 + 30
+    client = FakeDaemonClient(base_status(state="standby", donating=True, idle={
+        "allowed": False, "rule": "paused", "reason": "paused by the user", "paused_until": until_}))
+    app = make_app(client)
+    async with app.run_test(size=SIZE) as pilot:
+        await connected(pilot, app)
+        hhmm = time.strftime("%H:%M", time.localtime(until_))
+        assert main_text(app, "#idle").startswith(f"paused until {hhmm} (2 h left)")
+        assert str(app.main_screen.query_one("#pause", Button).label) == "Resume"
+        await pilot.click("#pause")
+        await until(pilot, lambda: ("resume",) in client.calls, "resume sent")
+
+
+async def test_refused_pause_is_shown() -> None:
+    client = FakeDaemonClient(base_status(state="standby", donating=True))
+    app = make_app(client)
+    async with app.run_test(size=SIZE) as pilot:
+        await connected(pilot, app)
+        app.post_message(PauseRequested(-1.0))  # as if a dialog let it through: the daemon refuses
+        log = app.main_screen.query_one(EventLog)
+        await until(pilot, lambda: any("pause failed" in line.text and "hours" in line.text for line in log.lines),
+                    "the refusal in the log")
+        assert client.state["idle"]["paused_until"] is None
 
 
 # ---------------------------------------------------------------------------- quitting, daemon away

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -110,3 +111,30 @@ async def test_no_daemon_is_unavailable(kind: str, tmp_path: Path) -> None:
             await client.donate(True)
     finally:
         await client.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_pause_and_resume_round_trip(kind: str, tmp_path: Path) -> None:
+    async with client_of(kind, tmp_path) as c:
+        before = time.time()
+        reply = await c.pause(2.0)
+        assert reply["type"] == "ok"
+        until = reply["paused_until"]
+        assert before + 7200 - 5 <= until <= time.time() + 7200 + 5
+        st = await c.status()
+        assert st["idle"]["paused_until"] == pytest.approx(until)
+        assert await c.resume() == {"type": "ok", "paused_until": None, "was_paused": True}
+        assert (await c.status())["idle"]["paused_until"] is None
+        assert await c.resume() == {"type": "ok", "paused_until": None, "was_paused": False}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("hours", [0, -1.5, 24 * 365 + 1, float("nan"), "2h", True])
+async def test_a_bad_pause_is_refused_naming_hours(kind: str, hours: Any, tmp_path: Path) -> None:
+    async with client_of(kind, tmp_path) as c:
+        await c.pause(1.0)
+        kept = (await c.status())["idle"]["paused_until"]
+        with pytest.raises(RemoteError) as err:
+            await c.pause(hours)
+        assert err.value.code is ErrorCode.BAD_FIELD and err.value.field == "hours"
+        assert (await c.status())["idle"]["paused_until"] == pytest.approx(kept)  # nothing lost

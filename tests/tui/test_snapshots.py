@@ -20,6 +20,7 @@ from crowdd.tui.screens import (
     ConfirmStopScreen,
     HostScreen,
     MainScreen,
+    PauseScreen,
     UnavailableScreen,
 )
 from crowdd.tui.widgets import EventLog
@@ -119,6 +120,19 @@ async def _confirm(pilot: Pilot[Any], app: CrowddApp) -> None:
 def test_stop_confirmation(snap_compare: Any) -> None:
     client = training_client()
     assert snap_compare(make_app(client), terminal_size=(80, 24), run_before=after_connect(client, _confirm))
+
+
+async def _pause_dialog(pilot: Pilot[Any], app: CrowddApp) -> None:
+    await pilot.press("p")
+    await until(pilot, lambda: isinstance(app.screen, PauseScreen), "pause dialog")
+    app.screen.query_one("#pause-duration", Input).value = "2x"
+    await pilot.press("enter")
+    await until(pilot, lambda: "expected a duration" in str(app.screen.query_one("#pause-error").render()), "error")
+
+
+def test_pause_dialog_with_an_error(snap_compare: Any) -> None:
+    client = training_client()
+    assert snap_compare(make_app(client), terminal_size=(80, 24), run_before=after_connect(client, _pause_dialog))
 
 
 @pytest.mark.parametrize("size", SIZES, ids=SIZE_IDS)

@@ -11,7 +11,7 @@ import pytest
 from crowdd import __version__
 from crowdd.cli import build_parser, main
 
-SUBCOMMANDS = ("matchmaker", "daemon", "status", "donate", "host", "stop", "reload", "tui", "demo")
+SUBCOMMANDS = ("matchmaker", "daemon", "status", "donate", "pause", "resume", "host", "stop", "reload", "tui", "demo")
 
 
 def run_cli(*argv: str) -> subprocess.CompletedProcess[str]:

@@ -65,6 +65,14 @@ class FakeDaemon:
         self.calls.append(("reload",))
         return {"type": "ok"}
 
+    async def pause(self, hours: float) -> dict[str, Any]:
+        self.calls.append(("pause", hours))
+        return {"type": "ok", "paused_until": 1.0e9 + hours * 3600}
+
+    async def resume(self) -> dict[str, Any]:
+        self.calls.append(("resume",))
+        return {"type": "ok", "paused_until": None, "was_paused": True}
+
 
 @pytest.fixture
 async def served(tmp_path: Path):
@@ -94,6 +102,19 @@ async def test_requests_round_trip(served: Any) -> None:
         assert (await c.reload())["type"] == "ok"
     # the handler gets typed values, checked once at the socket (defaults filled in)
     assert handler.calls == [("donate", True), ("host", DATASET, Job(epochs=2), 0.25), ("stop",), ("reload",)]
+
+
+async def test_pause_and_resume_reach_the_daemon_checked(served: Any) -> None:
+    handler, _, ep = served
+    async with ControlClient(ep.path) as c:
+        assert (await c.pause(2))["paused_until"] == 1.0e9 + 7200
+        assert (await c.resume())["was_paused"] is True
+        for bad in (0, -1, "2h", None, True, 24 * 365 + 1):
+            with pytest.raises(wire.RemoteError) as err:
+                await c.request({"type": "pause", "hours": bad})
+            assert err.value.code == "bad_field" and err.value.field == "hours"
+        assert (await c.status())["type"] == "status"  # refusals keep the connection
+    assert handler.calls == [("pause", 2.0), ("resume",)]  # the daemon only ever sees good hours
 
 
 async def test_socket_mode_is_user_only(served: Any) -> None:

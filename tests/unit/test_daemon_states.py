@@ -8,6 +8,7 @@ import itertools
 import random
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -103,12 +104,17 @@ class Refusing:
     def resume(self) -> None:
         pass
 
+    @property
+    def paused_until(self) -> float | None:
+        return None
+
 
 MM_TLS, MM_FP = matchmaker_tls()
 
 
 def make(tmp_path: Path, mm_port: int, name: str = "node", policy: Any = None, notifier: Any = None,
-         confinement: Confinement | None = None, sandbox: SandboxSupport | None = None) -> Daemon:
+         confinement: Confinement | None = None, sandbox: SandboxSupport | None = None,
+         policy_interval: float = 0.2) -> Daemon:
     cfg = Config()
     cfg.daemon.listen_host = "127.0.0.1"
     cfg.daemon.retry_min = 0.05
@@ -116,7 +122,7 @@ def make(tmp_path: Path, mm_port: int, name: str = "node", policy: Any = None, n
     cfg.daemon.matchmaker_fingerprint = MM_FP
     paths = Paths.under(tmp_path / name)
     return Daemon(cfg, paths, endpoint=Endpoint.for_paths(paths), matchmaker=("127.0.0.1", mm_port),
-                  policy=policy or AlwaysIdle(), name=name, policy_interval=0.2, notifier=notifier,
+                  policy=policy or AlwaysIdle(), name=name, policy_interval=policy_interval, notifier=notifier,
                   confinement=confinement, sandbox=sandbox)
 
 
@@ -224,7 +230,8 @@ async def test_idle_policy_holds_a_worker_in_standby(tmp_path: Path) -> None:
         await asyncio.sleep(0.5)  # re-checked, still held back
         st = d.status()
         assert st["state"] == "standby"
-        assert st["idle"] == {"allowed": False, "rule": "user_idle", "reason": "the user was active 10 s ago"}
+        assert st["idle"] == {"allowed": False, "rule": "user_idle", "reason": "the user was active 10 s ago",
+                              "paused_until": None}
 
 
 async def test_stop_returns_to_standby(tmp_path: Path) -> None:
@@ -351,6 +358,96 @@ async def test_busy_machine_leaves_the_queue(tmp_path: Path) -> None:
         assert d.status()["idle"]["rule"] == "user_idle"
         policy.allow = True
         await until(lambda: d.state == S.WAITING)  # idle again: back in the queue
+
+
+async def test_pause_leaves_the_queue_at_once_and_resume_rejoins_at_once(tmp_path: Path) -> None:
+    """The same path as the policy turning busy, without waiting for a policy interval (30 s
+    here): pause → out of the queue; resume → back in it."""
+    async with matchmaker() as mm, running(tmp_path, mm.address[1], policy_interval=30.0) as d, \
+            ControlClient(d.paths.control_socket) as c:
+        await c.donate(True)
+        await until(lambda: d.state == S.WAITING)
+        reply = await c.pause(1.5)
+        assert reply["type"] == "ok" and reply["paused_until"] == pytest.approx(time.time() + 5400, abs=5)
+        st = await c.status()
+        assert st["idle"]["rule"] == "paused" and st["idle"]["paused_until"] == reply["paused_until"]
+        await until(lambda: d.state == S.STANDBY, timeout=3.0)
+        await until(lambda: mm.stats()["workers"] == 0, timeout=3.0)
+        await asyncio.sleep(0.5)
+        assert d.state == S.STANDBY  # held back
+        assert (await c.resume())["was_paused"] is True
+        await until(lambda: d.state == S.WAITING, timeout=3.0)
+        assert d.status()["idle"] == {**d.status()["idle"], "allowed": True, "paused_until": None}
+
+
+async def test_a_pause_ends_by_itself_and_the_worker_goes_back_to_work(tmp_path: Path) -> None:
+    async with running(tmp_path, free_port(), policy_interval=30.0) as d:
+        await d.donate(True)
+        await until(lambda: d.state == S.REGISTERING)
+        await d.pause(1.5 / 3600)  # 1.5 s
+        await until(lambda: d.state == S.STANDBY, timeout=3.0)
+        assert d.status()["idle"]["rule"] == "paused"
+        # not after the 30 s policy interval: when the pause ends
+        await until(lambda: d.state == S.REGISTERING, timeout=4.0)
+        assert d.status()["idle"]["paused_until"] is None
+
+
+async def test_a_bad_pause_changes_nothing(tmp_path: Path) -> None:
+    async with running(tmp_path, free_port()) as d, ControlClient(d.paths.control_socket) as c:
+        await c.pause(2)
+        until_ = d.status()["idle"]["paused_until"]
+        for bad in (0, -2, 24 * 366, "1h", None, float("inf")):
+            with pytest.raises(wire.RemoteError) as err:
+                await c.request({"type": "pause", "hours": bad})
+            assert err.value.code == "bad_field" and err.value.field == "hours"
+        assert d.status()["idle"]["paused_until"] == until_
+        assert (await c.status())["state"] == "off"  # the connection survived every refusal
+
+
+async def test_a_pause_survives_a_restart_and_an_ended_one_is_ignored(tmp_path: Path) -> None:
+    import json
+
+    async with running(tmp_path, free_port()) as d:
+        await d.donate(True)
+        until_ = (await d.pause(3.0))["paused_until"]
+        state_file = d.paths.state_dir / "daemon.json"
+        assert json.loads(state_file.read_text()) == {"donating": True, "paused_until": until_}
+    async with running(tmp_path, free_port()) as d:
+        st = d.status()
+        assert st["donating"] is True and st["idle"]["paused_until"] == pytest.approx(until_, abs=1.0)
+        await until(lambda: d.status()["idle"]["rule"] == "paused")
+        assert d.state == S.STANDBY
+        await d.resume()
+        assert json.loads(state_file.read_text()) == {"donating": True, "paused_until": None}
+    for saved in (time.time() - 60, "soon", float("nan"), True):  # ended, or not a time: no pause
+        state_file.write_text(json.dumps({"donating": False, "paused_until": saved}))
+        async with running(tmp_path, free_port()) as d:
+            assert d.status()["idle"]["paused_until"] is None
+
+
+class Counting(Refusing):
+    """Allows, with a new figure in its reason each time (as the CPU rule's percentage)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def evaluate(self) -> Verdict:
+        self.n += 1
+        return Verdict(True, None, f"other CPU {self.n % 7}% <= 30%")
+
+
+async def test_a_new_figure_in_the_same_verdict_is_shown_not_logged(tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """The policy is asked every second while working: status shows the latest reason, the log
+    only says when the verdict changes."""
+    policy = Counting()
+    caplog.set_level("INFO", logger="crowdd.node.daemon")
+    async with running(tmp_path, free_port(), policy=policy) as d:
+        await d.donate(True)
+        await until(lambda: policy.n >= 6)
+        assert d.status()["idle"]["reason"].startswith("other CPU")
+    said = [r for r in caplog.records if r.getMessage().startswith("idle policy:")]
+    assert len(said) == 1, [r.getMessage() for r in said]
 
 
 async def test_sd_notify_ready_status_watchdog_stopping(tmp_path: Path) -> None:

@@ -127,6 +127,68 @@ def test_cpu_busy_holds_and_window_recovers() -> None:
     assert v.allowed, v.reason
 
 
+def test_a_sudden_busy_second_holds_at_once_and_quiet_for_a_window_releases() -> None:
+    """Evaluated every second (as the daemon does while it works): one busy second holds at once,
+    whatever the long window's average; release only after a whole window of quiet seconds."""
+    fake = Fake()
+    policy = make(fake, max_other_cpu_percent=30.0, cpu_window_seconds=10.0)
+    policy.evaluate()
+    for _ in range(30):  # a quiet half minute
+        fake.tick(1)
+        assert policy.evaluate().allowed
+    fake.tick(1, other_cpu_seconds=1.6)  # 1.6 cpu-s in 1 s on 2 cpus = 80 %
+    v = policy.evaluate()
+    assert (v.allowed, v.rule) == (False, "cpu") and "80% CPU (limit 30%) over 1s" in v.reason
+    for i in range(1, 10):  # quiet again, but not for a whole window yet: no flapping
+        fake.tick(1)
+        v = policy.evaluate()
+        assert (v.allowed, v.rule) == (False, "cpu"), i
+        assert f"more than 30% CPU {i}s ago (now 0%)" in v.reason and "stay under it for 10s" in v.reason
+    fake.tick(1)
+    assert policy.evaluate().allowed  # ten quiet seconds
+
+
+def test_busy_again_while_waiting_restarts_the_quiet_window() -> None:
+    fake = Fake()
+    policy = make(fake, max_other_cpu_percent=30.0, cpu_window_seconds=5.0)
+    warm(policy, fake)
+    fake.tick(1, other_cpu_seconds=2.0)
+    assert not policy.evaluate().allowed
+    for _ in range(3):
+        fake.tick(1)
+        policy.evaluate()
+    fake.tick(1, other_cpu_seconds=0.8)  # 40 %: busy again
+    assert not policy.evaluate().allowed
+    for _ in range(4):
+        fake.tick(1)
+        assert not policy.evaluate().allowed
+    fake.tick(1)
+    assert policy.evaluate().allowed
+
+
+def test_light_load_under_the_limit_never_holds() -> None:
+    fake = Fake()
+    policy = make(fake, max_other_cpu_percent=30.0)
+    warm(policy, fake)
+    for _ in range(20):
+        fake.tick(1, other_cpu_seconds=0.5)  # 25 %
+        v = policy.evaluate()
+        assert v.allowed and "other CPU 25% <= 30%" in v.reason
+
+
+def test_readings_closer_than_the_minimum_span_are_measured_from_an_older_one() -> None:
+    """An extra evaluation right after another (a pause or resume asks at once) does not make a
+    tiny stretch out of a blip: it is measured back to a reading at least MIN_CPU_SPAN old."""
+    fake = Fake()
+    policy = make(fake, max_other_cpu_percent=30.0)
+    warm(policy, fake)
+    fake.tick(1)
+    policy.evaluate()
+    fake.tick(0.01, other_cpu_seconds=0.01)  # 50 % over 10 ms, but 0.5 % over the last second
+    v = policy.evaluate()
+    assert v.allowed and "other CPU 0% <= 30%" in v.reason
+
+
 def test_cpu_sampled_while_another_rule_holds() -> None:
     fake = Fake()
     policy = make(fake)

@@ -1,4 +1,4 @@
-"""The main view: daemon, training, group and event panels, plus Host / Work / Stop."""
+"""The main view: daemon, training, group and event panels, plus Host / Work / Pause / Stop."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ from textual.css.query import NoMatches
 from textual.screen import Screen
 from textual.widgets import Button, Footer, Label, Switch
 
-from crowdd.tui.messages import DonateRequested, StopRequested
+from crowdd.tui.messages import DonateRequested, PauseRequested, ResumeRequested, StopRequested
 from crowdd.tui.model import DaemonView
 from crowdd.tui.screens.confirm import ConfirmStopScreen
 from crowdd.tui.screens.host import HostScreen
+from crowdd.tui.screens.pause import PauseScreen
 from crowdd.tui.widgets import EventLog, MembersPanel, StatusPanel, TrainingPanel
 
 
@@ -26,6 +27,7 @@ class MainScreen(Screen[None]):
         Binding("d", "toggle_donation", "Donate on/off"),
         Binding("h", "host", "Host…"),
         Binding("w", "work", "Work"),
+        Binding("p", "pause", "Pause/Resume"),
         Binding("s", "stop", "Stop"),
     ]
 
@@ -35,6 +37,7 @@ class MainScreen(Screen[None]):
         self.timestamp = timestamp
         self.donating = False
         self.hosting = False
+        self.paused = False
         self._ready = False
         self._pending_view: DaemonView | None = None
         self._pending_lines: list[tuple[str, str]] = []
@@ -50,6 +53,8 @@ class MainScreen(Screen[None]):
         with Horizontal(id="actions"):
             yield Button("Host…", id="host", compact=True, tooltip="h: host a dataset")
             yield Button("Work", id="work", compact=True, variant="success", tooltip="w: donate as a worker")
+            yield Button("Pause…", id="pause", compact=True, variant="warning",
+                         tooltip="p: take a break from donating (p again resumes)")
             yield Button("Stop", id="stop", compact=True, variant="error", tooltip="s: stop the session")
         yield Footer()
 
@@ -66,6 +71,7 @@ class MainScreen(Screen[None]):
     def show(self, view: DaemonView) -> None:
         self.donating = view.donating
         self.hosting = view.role == "host"
+        self.paused = view.paused
         if not self._ready:  # messages can arrive before the screen is composed
             self._pending_view = view
             return
@@ -75,6 +81,7 @@ class MainScreen(Screen[None]):
             self.query_one(StatusPanel).show(view)
             self.query_one(TrainingPanel).show(view)
             self.query_one(MembersPanel).show(view)
+            self.query_one("#pause", Button).label = "Resume" if self.paused else "Pause…"
         except NoMatches:  # the app is shutting down and its widgets are gone
             return
 
@@ -108,6 +115,8 @@ class MainScreen(Screen[None]):
             self.action_host()
         elif event.button.id == "work":
             self.action_work()
+        elif event.button.id == "pause":
+            self.action_pause()
         elif event.button.id == "stop":
             self.action_stop()
 
@@ -116,6 +125,18 @@ class MainScreen(Screen[None]):
 
     def action_work(self) -> None:
         self.post_message(DonateRequested(True))
+
+    def action_pause(self) -> None:
+        """Paused: resume. Not paused: ask how long (the dialog), then pause."""
+        if self.paused:
+            self.post_message(ResumeRequested())
+            return
+
+        def chosen(hours: float | None) -> None:
+            if hours is not None:
+                self.post_message(PauseRequested(hours))
+
+        self.app.push_screen(PauseScreen(), chosen)
 
     def action_host(self) -> None:
         self.app.push_screen(HostScreen())

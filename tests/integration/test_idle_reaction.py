@@ -1,0 +1,180 @@
+"""How fast the idle policy gives the volunteer their CPU back, with real processes and the real
+probes: a CPU hog (a process outside crowdd's tree) starts → a held job is suspended, or a queued
+worker leaves, within 2 s; the hog stops → the job resumes (the worker rejoins) once other
+processes have stayed quiet for ``cpu_window_seconds``. crowdd's own job burning a core meanwhile
+is not "other" CPU use."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from crowdd.config import Config, IdleConfig, Paths
+from crowdd.control import Endpoint
+from crowdd.idle.policy import IdlePolicy
+from crowdd.idle.probes import system_probes
+from crowdd.matchmaker import Matchmaker
+from crowdd.config import MatchmakerConfig
+from crowdd.node.daemon import Daemon
+from crowdd.node.states import State
+from crowdd.node.supervisor import JobSupervisor
+from crowdd.testing.identities import matchmaker_tls
+
+pytestmark = [pytest.mark.timeout(120), pytest.mark.skipif(sys.platform != "linux", reason="Linux process tree")]
+
+S = State
+REACTION = 2.0  # seconds: the volunteer gets the CPU back within this
+QUIET = 3.0  # cpu_window_seconds in these tests: quiet this long before donating again
+BURN = "while True:\n    pass\n"
+# Starts one busy process per CPU in sessions of their own and exits at once: they are re-parented
+# away from this test process, so they are "other" processes for the CPU probe, like a user's program.
+LAUNCH = (
+    "import subprocess, sys, os\n"
+    "procs = [subprocess.Popen([sys.executable, '-c', sys.argv[1]], start_new_session=True,\n"
+    "         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+    "         for _ in range(int(sys.argv[2]))]\n"
+    "print(' '.join(str(p.pid) for p in procs))\n"
+)
+MM_TLS, MM_FP = matchmaker_tls()
+
+
+def idle_config() -> IdleConfig:
+    """Only the CPU rule (no logind in a test box, no battery): 30 % of the machine, 3 s of quiet."""
+    return IdleConfig(user_idle_minutes=0.0, max_other_cpu_percent=30.0, cpu_window_seconds=QUIET,
+                      allow_on_battery=True)
+
+
+@contextlib.contextmanager
+def cpu_hog() -> Iterator[Callable[[], None]]:
+    """Start a hog on every CPU now; yields a function that stops it (also done on the way out)."""
+    out = subprocess.run([sys.executable, "-c", LAUNCH, BURN, str(psutil.cpu_count() or 1)],
+                         capture_output=True, text=True, timeout=30, check=True).stdout
+    pids = [int(p) for p in out.split()]
+
+    def stop() -> None:
+        for pid in pids:  # only the processes this test started, by their pid
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    try:
+        for pid in pids:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                assert psutil.Process(pid).ppid() != os.getpid(), "the hog must not be in crowdd's tree"
+        yield stop
+    finally:
+        stop()
+
+
+async def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> float:
+    """Seconds until ``cond`` held (polled every 20 ms); fail after ``timeout``."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    while not cond():
+        if loop.time() - start > timeout:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for: {what}")
+        await asyncio.sleep(0.02)
+    return loop.time() - start
+
+
+async def quiet_machine(policy: IdlePolicy) -> None:
+    """The test needs a machine whose other processes are quiet (a test run next door may not be)."""
+    deadline = time.monotonic() + 40.0
+    while not policy.evaluate().allowed:
+        if time.monotonic() > deadline:
+            pytest.skip(f"other processes keep this machine busy: {policy.evaluate().reason}")
+        await asyncio.sleep(1.0)
+
+
+def make_daemon(tmp_path: Path, policy: IdlePolicy, mm_port: int) -> Daemon:
+    cfg = Config()
+    cfg.daemon.listen_host = "127.0.0.1"
+    cfg.daemon.retry_min, cfg.daemon.retry_max = 0.05, 0.2
+    cfg.daemon.matchmaker_fingerprint = MM_FP
+    cfg.idle = policy.cfg
+    paths = Paths.under(tmp_path / "node")
+    return Daemon(cfg, paths, endpoint=Endpoint.for_paths(paths), matchmaker=("127.0.0.1", mm_port), policy=policy,
+                  name="reaction", policy_interval=0.5)
+
+
+@contextlib.asynccontextmanager
+async def burning_job() -> AsyncIterator[JobSupervisor]:
+    """A job child (nice 19, its own process group, like the TF job) that burns one core."""
+    sup = JobSupervisor([sys.executable, "-c", "print('{}', flush=True)\n" + BURN], on_event=lambda e: None, nice=19)
+    await sup.start()
+    try:
+        yield sup
+    finally:
+        await sup.stop(grace=2.0)
+
+
+def stopped(pid: int | None) -> bool:
+    assert pid is not None
+    return psutil.Process(pid).status() == psutil.STATUS_STOPPED
+
+
+async def test_a_busy_program_suspends_the_job_within_2s_and_quiet_resumes_it(tmp_path: Path) -> None:
+    policy = IdlePolicy(idle_config(), system_probes(exclude_root=os.getpid()))
+    await quiet_machine(policy)
+    d = make_daemon(tmp_path, policy, 1)
+    d.view.set_donating(True)
+    async with burning_job() as job:
+        for state in (S.STANDBY, S.REGISTERING, S.WAITING, S.REPLICATING, S.TRAINING):
+            d.states.to(state)  # as a worker's cycle does, up to training
+        d._jobs.current = job
+        watch = asyncio.create_task(d._policy_watch())
+        try:
+            # the job burns a core (half of a 2-CPU machine, over the 30 % limit): it is crowdd's
+            # own, so it is not held against the machine
+            await asyncio.sleep(QUIET + 1.0)
+            assert not job.suspended, d.status()["idle"]
+            with cpu_hog() as stop_hog:
+                took = await wait_for(lambda: job.suspended, 10.0, "the job suspended")
+                assert took <= REACTION, f"the job was suspended {took:.2f} s after the hog started"
+                assert stopped(job.pid)
+                assert d.status()["idle"]["rule"] == "cpu"
+                await asyncio.sleep(1.5)
+                assert job.suspended  # still busy: stays suspended
+                stop_hog()
+                back = await wait_for(lambda: not job.suspended, QUIET + 8.0, "the job resumed")
+            assert back >= QUIET - 1.5, f"resumed after only {back:.2f} s of quiet (the window is {QUIET:g} s)"
+            assert not stopped(job.pid) and not watch.done()
+            record = {"suspended_after_s": round(took, 3), "resumed_after_s": round(back, 3)}
+            print(json.dumps(record))
+        finally:
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
+
+
+async def test_a_busy_program_takes_a_queued_worker_out_within_2s(tmp_path: Path) -> None:
+    policy = IdlePolicy(idle_config(), system_probes(exclude_root=os.getpid()))
+    await quiet_machine(policy)
+    mm = Matchmaker(MatchmakerConfig())
+    await mm.start("127.0.0.1", 0, MM_TLS)
+    d = make_daemon(tmp_path, policy, mm.address[1])
+    await d.start()
+    try:
+        await d.donate(True)
+        await wait_for(lambda: d.state == S.WAITING, 20.0, "queued at the matchmaker")
+        with cpu_hog() as stop_hog:
+            took = await wait_for(lambda: d.state == S.STANDBY, 10.0, "out of the queue")
+            assert took <= REACTION, f"left the queue {took:.2f} s after the hog started"
+            await wait_for(lambda: mm.stats()["workers"] == 0, 5.0, "the matchmaker dropped the worker")
+            assert d.status()["idle"]["rule"] == "cpu"
+            stop_hog()
+            back = await wait_for(lambda: d.state == S.WAITING, QUIET + 10.0, "back in the queue")
+        assert back >= QUIET - 1.5
+    finally:
+        await d.close()
+        await mm.close()
