@@ -22,7 +22,7 @@ import pytest
 
 from crowdd.config import Config, IdleConfig, Paths
 from crowdd.control import Endpoint
-from crowdd.idle.policy import IdlePolicy
+from crowdd.idle.policy import AlwaysIdle, IdlePolicy, Policy
 from crowdd.idle.probes import system_probes
 from crowdd.matchmaker import Matchmaker
 from crowdd.config import MatchmakerConfig
@@ -96,12 +96,13 @@ async def quiet_machine(policy: IdlePolicy) -> None:
         await asyncio.sleep(1.0)
 
 
-def make_daemon(tmp_path: Path, policy: IdlePolicy, mm_port: int) -> Daemon:
+def make_daemon(tmp_path: Path, policy: Policy, mm_port: int) -> Daemon:
     cfg = Config()
     cfg.daemon.listen_host = "127.0.0.1"
     cfg.daemon.retry_min, cfg.daemon.retry_max = 0.05, 0.2
     cfg.daemon.matchmaker_fingerprint = MM_FP
-    cfg.idle = policy.cfg
+    if isinstance(policy, IdlePolicy):
+        cfg.idle = policy.cfg
     paths = Paths.under(tmp_path / "node")
     return Daemon(cfg, paths, endpoint=Endpoint.for_paths(paths), matchmaker=("127.0.0.1", mm_port), policy=policy,
                   name="reaction", policy_interval=0.5)
@@ -178,3 +179,34 @@ async def test_a_busy_program_takes_a_queued_worker_out_within_2s(tmp_path: Path
     finally:
         await d.close()
         await mm.close()
+
+
+@pytest.mark.parametrize("on_busy", ["suspend", "leave"])
+async def test_pause_mid_session_suspends_or_leaves_at_once_and_resume_continues(tmp_path: Path, on_busy: str) -> None:
+    """`crowdd pause` takes the path of a busy verdict, at once; `crowdd resume` undoes it at once."""
+    d = make_daemon(tmp_path, AlwaysIdle(on_busy=on_busy), 1)  # whatever the machine's load, only the pause decides
+    d.view.set_donating(True)
+    d.paths.ensure()
+    async with burning_job() as job:
+        for state in (S.STANDBY, S.REGISTERING, S.WAITING, S.REPLICATING, S.TRAINING):
+            d.states.to(state)
+        d._jobs.current = job
+        d._watch_interval = 30.0  # "at once" must not wait for the next check
+        cycle = asyncio.create_task(d._policy_watch())
+        d._cycle = cycle
+        try:
+            await asyncio.sleep(0.2)
+            await d.pause(2.0)
+            if on_busy == "suspend":
+                took = await wait_for(lambda: job.suspended, 2.0, "the job suspended")
+                assert took <= 0.5 and stopped(job.pid)
+                await d.resume()
+                await wait_for(lambda: not job.suspended, 0.5, "the job resumed")
+                assert not stopped(job.pid) and not cycle.done()
+            else:
+                await wait_for(cycle.done, 0.5, "the cycle left")
+                assert d._abort_reason is not None and "paused by the user" in d._abort_reason
+        finally:
+            cycle.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await cycle
