@@ -15,6 +15,7 @@ import pytest
 from crowdd import wire
 from crowdd.config import MatchmakerConfig
 from crowdd.hyperparams import GroupSettings, Job
+from crowdd import matchmaker as mm_module
 from crowdd.matchmaker import Matchmaker
 from crowdd.matchmaker_client import OpenSlots, keep_open
 from crowdd.matchmaker_client import register as _register
@@ -97,7 +98,7 @@ class Host:
     OpenSlots that rebuilds the open hello from them at each connection."""
 
     def __init__(self, mm: Matchmaker, free: int, members: tuple[PlanMember, ...] = SESSION, name: str = "h",
-                 hello: dict[str, Any] | None = None) -> None:
+                 hello: dict[str, Any] | None = None, heartbeat: float = 0.2) -> None:
         self.members = list(members)
         self.free = free
         self.joined: list[PlanMember] = []
@@ -105,7 +106,7 @@ class Host:
         self.mm = mm
         self._hello = hello or host_hello(name)
         self.slots = OpenSlots(self.hello, matchmaker=lambda: self.mm.address, fingerprint=lambda: MM_FP,
-                               on_joined=self.on_joined, heartbeat=0.2, retry=(0.05, 0.2))
+                               on_joined=self.on_joined, heartbeat=heartbeat, retry=(0.05, 0.2))
         self.task = asyncio.create_task(self.slots.run())
 
     def hello(self) -> dict[str, Any]:
@@ -313,6 +314,47 @@ async def test_an_unreachable_open_host_is_refused_and_a_reachable_one_opens(mak
     assert natd.joining and natd.me.reachable is False
     await until(lambda: host.joined == [natd.me])
     await host.leave()
+
+
+async def _slow_connect_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def connects(host: str, port: int, timeout: float) -> bool:
+        await asyncio.sleep(0.5)
+        return True
+
+    monkeypatch.setattr(mm_module, "connects", connects)
+
+
+async def test_a_count_set_while_the_hello_is_checked_goes_out_once_open(
+    make_server: MakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await _slow_connect_back(monkeypatch)
+    mm = await make_server(check_reachable=True)
+    host = Host(mm, free=0, heartbeat=30.0)  # no heartbeat carries it meanwhile
+    await until(lambda: host.hellos == 1)
+    host.free = 1
+    host.slots.set_free(1)
+    await host.opened()
+    plan = await asyncio.wait_for(register(mm, worker_hello("w")), 5)
+    assert plan.joining and plan.index == 2
+    await host.leave()
+
+
+async def test_slots_sent_while_the_hello_is_checked_apply_once_open(
+    make_server: MakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await _slow_connect_back(monkeypatch)
+    mm = await make_server(check_reachable=True)
+    reader, writer = await asyncio.open_connection(*mm.address, ssl=client_context(None))
+    await wire.write_frame(writer, hello_frame(mmp.make_open(host_hello(), GID, TOKEN, SESSION, 0)))
+    await wire.write_frame(writer, mmp.make_slots(1, 0))
+    assert (await wire.read_frame(reader, timeout=10))["type"] == "wait"
+    plan = await asyncio.wait_for(register(mm, worker_hello("w")), 10)
+    assert plan.joining and plan.index == 2
+    frame = await wire.read_frame(reader, timeout=10)
+    while frame["type"] == "wait":
+        frame = await wire.read_frame(reader, timeout=10)
+    assert frame["type"] == "joined" and mmp.check_joined(frame) == plan.me
+    writer.close()
 
 
 # --------------------------------------------------------------------------- reconnecting
