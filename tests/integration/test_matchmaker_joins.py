@@ -411,3 +411,58 @@ async def test_a_hello_without_open_is_a_bug(server: Matchmaker) -> None:
         slots.set_free(-1)
     with pytest.raises(ValueError):
         OpenSlots(host_hello, matchmaker=lambda: server.address, on_joined=lambda m: None, heartbeat=0)
+
+
+async def _fake_matchmaker(*replies: dict[str, Any]) -> tuple[asyncio.Server, list[dict[str, Any]]]:
+    """A TLS server that answers each hello with ``replies``, then holds the connection."""
+    hellos: list[dict[str, Any]] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        hellos.append(await wire.read_frame(reader))
+        for reply in replies:
+            await wire.write_frame(writer, reply)
+        with contextlib.suppress(Exception):
+            while True:
+                await wire.read_frame(reader, timeout=30)
+
+    return await asyncio.start_server(serve, "127.0.0.1", 0, ssl=MM_TLS), hellos
+
+
+async def _opening(srv: asyncio.Server, retry: tuple[float, float]) -> tuple[OpenSlots, asyncio.Task[None]]:
+    address = srv.sockets[0].getsockname()[:2]
+    slots = OpenSlots(lambda: mmp.make_open(host_hello(), GID, TOKEN, SESSION, 1), matchmaker=lambda: address,
+                      fingerprint=lambda: MM_FP, on_joined=lambda m: None, heartbeat=0.2, retry=retry)
+    return slots, asyncio.create_task(slots.run())
+
+
+async def test_a_malformed_joined_frame_is_logged_and_the_session_reopened() -> None:
+    bad = mmp.make_joined(member(2, "newcomer"))
+    bad["member"]["index"] = 0
+    srv, hellos = await _fake_matchmaker(mmp.make_wait(1, 0, 0), bad)
+    try:
+        slots, task = await _opening(srv, (0.01, 0.02))
+        await until(lambda: len(hellos) >= 2)
+        assert slots.problem is not None and "member.index" in slots.problem and not task.done()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    finally:
+        srv.close()
+
+
+async def test_a_matchmaker_that_groups_the_host_anew_is_asked_seldom() -> None:
+    """An older matchmaker ignores `open` and forms a new group with the host: each try would
+    take workers into a group nobody leads, so the client waits its longest delay."""
+    group = mmp.make_join(GID, TOKEN, (*SESSION, member(2, "taken")), JOB, DATASET.to_dict(), SETTINGS)
+    srv, hellos = await _fake_matchmaker({**group, "index": 0, "join": False})
+    try:
+        slots, task = await _opening(srv, (0.01, 1.0))
+        await until(lambda: slots.problem is not None)
+        assert "new group" in slots.problem
+        await asyncio.sleep(0.5)
+        assert len(hellos) == 1 and not task.done()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    finally:
+        srv.close()
