@@ -273,8 +273,8 @@ async def test_slots_and_heartbeats_are_checked(server: Matchmaker) -> None:
 
 
 async def test_a_silent_open_host_is_dropped(make_server: MakeServer) -> None:
-    mm = await make_server(heartbeat_timeout=0.5)
-    kept = await Host(mm, free=1).opened()
+    mm = await make_server(heartbeat_timeout=0.6)
+    kept = await Host(mm, free=1, heartbeat=0.1).opened()
     reader, writer = await asyncio.open_connection(*mm.address, ssl=client_context(None))
     other = (member(0, "quiet"),)
     await wire.write_frame(writer, hello_frame(mmp.make_open(host_hello("quiet"), "fedcba9876543210", TOKEN, other, 1)))
@@ -282,7 +282,7 @@ async def test_a_silent_open_host_is_dropped(make_server: MakeServer) -> None:
     await until(lambda: mm.stats()["open"] == 2)
     await until(lambda: mm.stats()["open"] == 1 and mm.stats()["dropped"] == 1)
     writer.close()
-    await asyncio.sleep(0.6)
+    await asyncio.sleep(0.8)
     assert kept.slots.connected and mm.stats()["open"] == 1  # heartbeats keep it
     await kept.leave()
 
