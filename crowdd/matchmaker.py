@@ -111,9 +111,19 @@ class OpenGroup:
     members: list[PlanMember]
     free: int
     sent: int = 0
+    fingerprints: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.fingerprints.update(m.fingerprint for m in self.members)
 
     def has(self, fingerprint: str) -> bool:
-        return any(m.fingerprint == fingerprint for m in self.members)
+        return fingerprint in self.fingerprints
+
+    def append(self, member: PlanMember) -> None:
+        self.members.append(member)
+        self.fingerprints.add(member.fingerprint)
+        self.free -= 1
+        self.sent += 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,9 +251,7 @@ class Grouper:
                         break
             for w in taken:
                 del self.workers[w.id]
-                session.members.append(w.hello.plan_member(len(session.members)))
-                session.free -= 1
-                session.sent += 1
+                session.append(w.hello.plan_member(len(session.members)))
                 joins.append(Join(session.host, w, session.group_id, session.token, tuple(session.members)))
         return joins
 

@@ -171,6 +171,10 @@ async def _connect(address: tuple[str, int], fingerprint: str, io_timeout: float
         raise MatchmakerUnavailable(f"cannot reach the matchmaker at {host}:{port}: {exc.strerror or exc}") from None
 
 
+class _NoOpenSessions(wire.WireError):
+    """The matchmaker formed a new group with this host instead of holding its session open."""
+
+
 class OpenSlots:
     """A running host's session held open at the matchmaker, so that newcomers join it.
 
@@ -245,9 +249,13 @@ class OpenSlots:
         """Hold the session open until cancelled."""
         while True:
             address = self._matchmaker()
+            delay = None
             try:
                 await self._connection(address)
                 why = "the matchmaker closed the connection"
+            except _NoOpenSessions as exc:
+                why = exc.message
+                delay = self.retry[1]  # an older matchmaker groups this host anew each time: seldom
             except wire.RemoteError as exc:
                 why = f"the matchmaker said {exc.code}: {exc.message}"
             except (wire.ConnectionClosed, wire.FrameTimeout, wire.WireError, OSError) as exc:
@@ -255,7 +263,7 @@ class OpenSlots:
             finally:
                 self._open = False
             self.problem = why
-            delay = self._backoff()
+            delay = self._backoff() if delay is None else delay
             logger.warning("open session at the matchmaker %s:%d: %s; retrying in %.1f s", *address, why, delay)
             await asyncio.sleep(delay)
 
@@ -315,8 +323,8 @@ class OpenSlots:
         elif kind == "error":
             wire.raise_if_error(frame)
         elif kind == "group":
-            raise wire.WireError(wire.ErrorCode.BAD_FRAME, "the matchmaker formed a new group instead of holding this "
-                                 "session open (it does not know open sessions)")
+            raise _NoOpenSessions(wire.ErrorCode.BAD_FRAME, "the matchmaker formed a new group instead of holding this "
+                                  "session open (it does not know open sessions)")
         else:
             raise wire.WireError(wire.ErrorCode.UNKNOWN_TYPE, f"unexpected frame {kind!r} from the matchmaker")
 
