@@ -171,6 +171,28 @@ async def _connect(address: tuple[str, int], fingerprint: str, io_timeout: float
         raise MatchmakerUnavailable(f"cannot reach the matchmaker at {host}:{port}: {exc.strerror or exc}") from None
 
 
+def _check_cancelled() -> None:
+    """Raise :class:`asyncio.CancelledError` if this task was asked to stop. Python 3.11's
+    ``asyncio.wait_for`` swallows a cancellation that arrives as its awaitable completes, and
+    a loop that only cancellation ends must not lose it."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+async def _stop(*tasks: asyncio.Task[Any] | None) -> None:
+    """Cancel ``tasks`` and wait for them, without swallowing a cancellation of the caller
+    (this runs in a loop that only cancellation ends)."""
+    running = [t for t in tasks if t is not None]
+    for task in running:
+        task.cancel()
+    if running:
+        await asyncio.wait(running)
+    for task in running:
+        if not task.cancelled():
+            task.exception()  # retrieved: it ended the connection, or the connection ended it
+
+
 class _NoOpenSessions(wire.WireError):
     """The matchmaker formed a new group with this host instead of holding its session open."""
 
@@ -262,6 +284,7 @@ class OpenSlots:
                 why = str(exc) or type(exc).__name__
             finally:
                 self._open = False
+            _check_cancelled()
             self.problem = why
             delay = self._backoff() if delay is None else delay
             logger.warning("open session at the matchmaker %s:%d: %s; retrying in %.1f s", *address, why, delay)
@@ -291,13 +314,11 @@ class OpenSlots:
                     await asyncio.wait({read, sender}, return_when=asyncio.FIRST_COMPLETED)
                     if not read.done():
                         sender.result()  # a write failed: raise why
-                    self._handle(await read)
+                    frame = await read
+                    _check_cancelled()
+                    self._handle(frame)
             finally:
-                for task in (read, sender):
-                    if task is not None:
-                        task.cancel()
-                        with contextlib.suppress(BaseException):
-                            await task
+                await _stop(read, sender)
         finally:
             await wire.close_writer(writer)
 
