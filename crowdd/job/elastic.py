@@ -176,9 +176,9 @@ class ElasticHandler(RetiringFailureHandler):
                     if isinstance(exc, (cc.ClosureInputError, cc.ClosureAbortedError)):
                         # its dataset was not built: build it again, then run the function
                         worker._on_worker_recovery()
+                    time.sleep(GRACE_RETRY_SECS)  # before: for a resource it runs it again at once
                     if on_transient_failure_fn is not None:
                         on_transient_failure_fn()
-                    time.sleep(GRACE_RETRY_SECS)
                     return
             with super().wait_on_failure(on_failure_fn, on_transient_failure_fn, on_recovery_fn, worker_device_name):
                 raise exc
@@ -249,7 +249,9 @@ class ElasticCluster:
         finally:
             cc.Worker = original
             _STARTING_LIVE = frozenset()
-        self.handler = ElasticHandler.install(self.coordinator, self.addresses, ps_alive, on_retire)
+        handler = ElasticHandler.install(self.coordinator, self.addresses, ps_alive, on_retire)
+        assert isinstance(handler, ElasticHandler)
+        self.handler = handler
 
     def _spec(self, slots: set[int]) -> Any:
         return tf.train.ClusterSpec({"ps": self.ps, "worker": {i: self.addresses[i] for i in sorted(slots)}})
@@ -269,12 +271,13 @@ class ElasticCluster:
 
     def attach(self, index: int, fresh: bool) -> float:
         """Bring ``index`` (back) in; returns the seconds the ServerDef update took (0 if none)."""
-        spent = 0.0
-        if fresh or index not in self.in_server_def:
-            keep = self.attached() | {0, index}
-            t = time.monotonic()
-            self._update(keep)
-            spent = time.monotonic() - t
+        # Always a ServerDef update, even for the same server: it creates the context on a new
+        # or restarted server, drops the slots that left, and opens new gRPC channels (the old
+        # channel to a slot that was cut keeps failing fast while it backs off).
+        del fresh  # a fresh server and the same one take the same path
+        t = time.monotonic()
+        self._update(self.attached() | {0, index})
+        spent = time.monotonic() - t
         self.handler.revive(index)
         self.workers[index].attach()
         return spent
