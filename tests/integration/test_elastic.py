@@ -4,7 +4,9 @@ daemon's relay and its cut), and the members file the daemon writes.
 One run, in order: slot 3 has no server at the start (the job must not wait for it); slot 2
 is frozen (SIGSTOP), cut and removed -> training goes on within seconds; it is continued,
 un-cut and listed again (the same server) -> it trains again; a fresh server starts behind
-slot 3 and is listed as fresh -> it trains; then the stop file ends the run with a model.
+slot 3 and is listed as fresh -> it trains; slot 1's job is killed with the file unchanged ->
+the failure path retires it, and a fresh server listed again trains; then the stop file ends
+the run with a model.
 """
 
 from __future__ import annotations
@@ -209,14 +211,31 @@ def test_slots_leave_come_back_and_join_while_training(tmp_path: Path, digits: P
         write_members(host_dir, 4, [0, 1, 2, 3], fresh=[3])
         trained_by(3, MAX_JOIN)
         joined = time.monotonic() - t_join
+
+        # slot 1's job dies with no word from the daemon: the failure path retires it; the daemon
+        # then lists it again with a fresh server behind it, and it trains again
+        t_kill = time.monotonic()
+        workers[1].kill()
+        host.wait_for(30, lambda e: e["event"] == "slot" and e["task"] == 1 and e["state"] == "left")
+        retired = time.monotonic() - t_kill
+        workers[1] = Proc("worker", member(1), tmp_path / "member1b.log")
+        procs.append(workers[1])
+        started = workers[1].wait_for(START, lambda e: e["event"] == "started")
+        pids += [started["pid"], *started["children"].values()]
+        t_again = time.monotonic()
+        write_members(host_dir, 5, [0, 1, 2, 3], fresh=[1])
+        trained_by(1, MAX_JOIN)
+        again = time.monotonic() - t_again
         print(f"\nelastic: stall after a slot left {stall:.2f} s; same server back trains after {back:.2f} s; "
-              f"a fresh slot trains after {joined:.2f} s")
+              f"a fresh slot trains after {joined:.2f} s; a dead server retired after {retired:.2f} s, "
+              f"its fresh replacement trains after {again:.2f} s")
 
         (host_dir / STOP_FILE).touch()
         done = host.wait_for(120, lambda e: e["event"] == "done")
         assert done["stopped"] is True and done["test_accuracy"] > 0.85, done
         kinds = [(e["task"], e["state"]) for _, e in host.events if e["event"] == "slot"]
         assert (2, "left") in kinds and (2, "joined") in kinds and (3, "joined") in kinds, kinds
+        assert kinds.count((1, "joined")) == 1 and (1, "left") in kinds, kinds
         members = [e for _, e in host.events if e["event"] == "members"]
         assert members[0]["training"] == [0, 1, 2] and members[-1]["training"] == [0, 1, 2, 3], members
         host.proc.wait(timeout=60)
