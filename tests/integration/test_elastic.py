@@ -246,3 +246,109 @@ def test_slots_leave_come_back_and_join_while_training(tmp_path: Path, digits: P
         proxy.close()
     time.sleep(1)
     assert [p for p in pids if alive(p)] == []
+
+
+class _Queue:
+    """What a slot worker and the handler touch of TF's closure queue; records the calls."""
+
+    def __init__(self) -> None:
+        class Mgr:
+            is_cancelled = False
+
+        self._cancellation_mgr = Mgr()
+        self.calls: list[str] = []
+
+    def get(self, timeout: float | None = None, tag: int | None = None) -> None:
+        return None
+
+    def put_back(self, closure: Any) -> None:
+        self.calls.append("put_back")
+
+    def mark_finished(self) -> None:
+        self.calls.append("mark_finished")
+
+
+class _Cluster:
+    def __init__(self) -> None:
+        self.closure_queue = _Queue()
+        self.failure_handler: Any = None
+        self.workers: list[Any] = []
+
+
+class _Closure:
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    def mark_cancelled(self) -> None:
+        self.cancelled = True
+
+    def maybe_call_with_output_remote_value(self, method: Any) -> Any:
+        return "rv"
+
+
+def _slots(n: int, down: set[int] = set()) -> tuple[Any, _Cluster, list[int]]:  # noqa: B006 - read only
+    from crowdd.job import elastic
+
+    cluster = _Cluster()
+    elastic._STARTING_LIVE = frozenset(range(n))
+    try:
+        cluster.workers = [elastic.SlotWorker(i, f"/job:worker/replica:0/task:{i}", cluster) for i in range(n)]
+    finally:
+        elastic._STARTING_LIVE = frozenset()
+    retired: list[int] = []
+    addresses = [f"127.0.0.1:{1000 + i}" for i in range(n)]
+    handler = elastic.ElasticHandler(cluster, addresses, lambda: True, lambda i, _a, _e: retired.append(i),
+                                     probe=lambda addr: int(addr.rsplit(":", 1)[1]) - 1000 not in down)
+    for w in cluster.workers:
+        w.failure_handler = handler
+    return handler, cluster, retired
+
+
+def _fail_on(handler: Any, worker: Any, closure: _Closure, exc: Exception, calls: list[str]) -> None:
+    with handler.wait_on_failure(
+        on_failure_fn=lambda e: worker._on_closure_failure(closure, e),
+        on_transient_failure_fn=lambda: calls.append("transient"),
+        worker_device_name=worker.device_name,
+    ):
+        raise exc
+
+
+def _unavailable() -> Exception:
+    from tensorflow.python.framework import errors
+
+    return errors.UnavailableError(None, None, "Socket closed")
+
+
+def test_a_function_given_up_on_a_slot_that_left_is_dropped_not_put_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    handler, cluster, retired = _slots(3)
+    worker = cluster.workers[2]
+    running, other = _Closure(), _Closure()
+    worker.current = running
+    assert worker.abandon_current() == "rv"
+    worker.detach(_unavailable())
+    _fail_on(handler, worker, running, _unavailable(), [])
+    assert running.cancelled and cluster.closure_queue.calls == ["mark_finished"]  # its steps ran elsewhere
+    _fail_on(handler, worker, other, _unavailable(), [])  # not given up: back to the others
+    assert cluster.closure_queue.calls == ["mark_finished", "put_back"] and retired == []
+    for w in cluster.workers:
+        w.stop()
+
+
+def test_a_slot_that_just_joined_is_retried_then_the_failure_path_retires_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from crowdd.job import elastic
+
+    monkeypatch.setattr(elastic, "GRACE_RETRY_SECS", 0.0)
+    handler, cluster, retired = _slots(3, down={1})
+    worker = cluster.workers[1]
+    worker.attached_at = time.monotonic()
+    calls: list[str] = []
+    _fail_on(handler, worker, _Closure(), _unavailable(), calls)
+    assert calls == ["transient"] and retired == [] and worker.attached.is_set()
+    worker.attached_at -= elastic.ATTACH_GRACE_SECS + 1  # an old member whose server is gone
+    _fail_on(handler, worker, _Closure(), _unavailable(), calls)
+    assert retired == [1] and not worker.attached.is_set() and worker._should_worker_thread_run  # detached, not ended
+    assert cluster.closure_queue.calls == ["put_back"]
+    handler.revive(1)
+    assert handler.retired == set()
+    for w in cluster.workers:
+        w.stop()
