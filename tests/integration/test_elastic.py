@@ -186,7 +186,7 @@ def test_slots_leave_come_back_and_join_while_training(tmp_path: Path, digits: P
         t_cut = time.monotonic()
         write_members(host_dir, 2, [0, 1])
         host.wait_for(10, lambda e: e["event"] == "slot" and e["task"] == 2 and e["state"] == "left")
-        time.sleep(8)
+        time.sleep(6)
         after = [(t, e) for t, e in host.events if t >= t_cut and e["event"] == "progress"]
         assert after, "no progress after slot 2 left"
         times = [t_cut] + [t for t, _ in after]
