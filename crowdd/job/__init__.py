@@ -2,8 +2,9 @@
 
 This package is the only part of crowdd that imports TensorFlow, and only in
 :mod:`crowdd.job.host`, :mod:`crowdd.job.worker`, :mod:`crowdd.job.server`,
-:mod:`crowdd.job.data` and :mod:`crowdd.job.models`. This ``__init__`` and
-:mod:`crowdd.job.spec` / :mod:`crowdd.job.events` stay TF-free so the daemon can use them.
+:mod:`crowdd.job.data`, :mod:`crowdd.job.models`, :mod:`crowdd.job.faults` and
+:mod:`crowdd.job.elastic`. This ``__init__`` and :mod:`crowdd.job.spec` /
+:mod:`crowdd.job.events` / :mod:`crowdd.job.membership` stay TF-free so the daemon can use them.
 See ``docs/job-spec.md``.
 """
 
