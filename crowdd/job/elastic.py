@@ -231,10 +231,14 @@ class ElasticCluster:
         live: frozenset[int],
         ps_alive: Callable[[], bool],
         on_retire: Callable[[int, int, BaseException], None],
+        chief: list[str] | None = None,
     ) -> None:
         global _STARTING_LIVE
         self.addresses = list(workers)
         self.ps = list(ps)
+        # the coordinator's own address; without one TF picks a free port (a sandboxed job may
+        # bind only its listed ports)
+        self.chief = list(chief or [])
         self.in_server_def = set(live) | {0}
         resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(self._spec(self.in_server_def), rpc_layer="grpc")
         SparseStrategy.num_slots = len(workers)
@@ -254,7 +258,10 @@ class ElasticCluster:
         self.handler = handler
 
     def _spec(self, slots: set[int]) -> Any:
-        return tf.train.ClusterSpec({"ps": self.ps, "worker": {i: self.addresses[i] for i in sorted(slots)}})
+        jobs: dict[str, Any] = {"ps": self.ps, "worker": {i: self.addresses[i] for i in sorted(slots)}}
+        if self.chief:
+            jobs["chief"] = self.chief
+        return tf.train.ClusterSpec(jobs)
 
     @property
     def workers(self) -> list[SlotWorker]:

@@ -382,7 +382,7 @@ class Coordinator:
 
         # the strategy's cluster holds only the live slots: one that is absent is not waited for
         elastic = ElasticCluster(list(self.spec.cluster.ps), list(self.spec.cluster.worker), members.live,
-                                 lambda: guard.ps_dead() is None, on_retire)
+                                 lambda: guard.ps_dead() is None, on_retire, list(self.spec.cluster.chief))
         strategy, coordinator = elastic.strategy, elastic.coordinator
         budget = RetryBudget(guard.ps_dead)
         regression = self.layout.task == "regression"

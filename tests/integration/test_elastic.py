@@ -130,11 +130,12 @@ def write_members(workdir: Path, version: int, live: list[int], fresh: list[int]
 
 def test_slots_leave_come_back_and_join_while_training(tmp_path: Path, digits: Prepared) -> None:
     slots = 4
-    ports = free_ports(2 + 2 * (slots - 1))
-    ps, w0 = ports[0], ports[1]
+    ports = free_ports(3 + 2 * (slots - 1))
+    ps, w0, chief = ports[0], ports[1], ports[-1]
     relay = {i: ports[1 + i] for i in range(1, slots)}  # what the host dials (the daemon's relay)
     real = {i: ports[slots + i] for i in range(1, slots)}  # where slot i's server listens
-    host_cluster = {"ps": [f"127.0.0.1:{ps}"], "worker": [f"127.0.0.1:{w0}"] + [f"127.0.0.1:{relay[i]}" for i in relay]}
+    host_cluster = {"ps": [f"127.0.0.1:{ps}"], "worker": [f"127.0.0.1:{w0}"] + [f"127.0.0.1:{relay[i]}" for i in relay],
+                    "chief": [f"127.0.0.1:{chief}"]}  # as the daemon gives it (a sandboxed job binds only its ports)
     job = {"epochs": 500, "batch_size": 32, "learning_rate": 0.3, "sharding": "overlap"}
     settings = {"steps_per_function": 10, "sync_every": 5, "threads": 1, "nice": 5, "checkpoint_secs": 600.0,
                 "start_timeout": 90.0}
