@@ -10,9 +10,10 @@ Two ways a worker's death used to fail the whole run (TF 2.21):
   the worker dies in between, ``fetch`` raises ``UnavailableError`` ("Cluster now being
   recovered" in the log).
 
-In crowdd a worker that dies is gone for the session, so :class:`RetiringFailureHandler`
-replaces TF's handler: the failed function goes back to the queue for the other workers and
-the dead worker's thread stops; no cluster update ever runs. :class:`RetryBudget` is the
+In crowdd a worker that dies is gone until the host's members file brings its slot back
+(:mod:`crowdd.job.elastic`), so :class:`RetiringFailureHandler` replaces TF's handler: the
+failed function goes back to the queue for the other workers and the dead worker stops taking
+functions; TF's cluster update (which waits for every worker) never runs. :class:`RetryBudget` is the
 coordinator loop's second line: an error that still reaches ``fetch`` or ``schedule`` while
 the parameter server lives costs one retry (the function is scheduled again); only a dead
 parameter server, every worker retired, or too many failures in a row end the job.
@@ -148,7 +149,10 @@ class RetiringFailureHandler:
         if on_failure_fn is not None:
             on_failure_fn(exc)  # puts the function back in the queue, aborts the worker's resources
         worker = self._cluster.workers[index]
-        worker._should_worker_thread_run = False  # its thread ends after this function
+        if hasattr(worker, "detach"):  # an elastic slot (crowdd.job.elastic): it may come back
+            worker.detach(exc)
+        else:
+            worker._should_worker_thread_run = False  # its thread ends after this function
         with self._lock:
             first = index not in self.retired
             self.retired.add(index)

@@ -14,10 +14,11 @@ from typing import Any
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from crowdd.job import EXIT_FAILED, EXIT_OK, STOP_FILE
+from crowdd.job import EXIT_FAILED, EXIT_OK, MEMBERS_FILE, STOP_FILE
 from crowdd.job.card import CARD_NAME, build_card, usage, write_card
 from crowdd.job.events import EventWriter
 from crowdd.job.health import Diverged, all_finite, finite
+from crowdd.job.membership import POLL_SECS, Members, MembersWatcher
 from crowdd.job.server import cap_threads, reachable, spawn
 from crowdd.job.spec import INDEX_FILE, JobSpec
 from crowdd.manifest import Layout, Manifest, ManifestError
@@ -135,22 +136,27 @@ def watch_ps(children: Children, fatal: Fatal, stop: threading.Event) -> None:
     threading.Thread(target=loop, name="ps-watch", daemon=True).start()
 
 
-def missing_workers(addresses: list[str], probe: Callable[[str], bool]) -> list[str]:
-    """``index address`` of each worker server that does not accept a connection."""
-    return [f"{i} ({addr})" for i, addr in enumerate(addresses) if not probe(addr)]
+def missing_workers(addresses: list[str], probe: Callable[[str], bool], live: frozenset[int] | None = None) -> list[str]:
+    """``index address`` of each (live) worker server that does not accept a connection."""
+    return [f"{i} ({addr})" for i, addr in enumerate(addresses) if (live is None or i in live) and not probe(addr)]
+
+
+def starting_members(num_slots: int) -> Members:
+    """The members file as the job starts (every slot when there is none, or it is bad)."""
+    return MembersWatcher(Path(MEMBERS_FILE), num_slots).poll() or Members.everyone(num_slots)
 
 
 def watch_start(
     spec: JobSpec, children: Children, fatal: Fatal, connected: threading.Event, stop: threading.Event,
-    probe: Callable[[str], bool],
+    probe: Callable[[str], bool], live: frozenset[int] | None = None,
 ) -> None:
-    """TF waits for every worker server without end; give up after ``settings.start_timeout``."""
+    """TF waits for every (live) worker server without end; give up after ``settings.start_timeout``."""
     timeout = spec.settings.start_timeout
 
     def loop() -> None:
         if connected.wait(timeout) or stop.is_set():
             return
-        missing = missing_workers(list(spec.cluster.worker), probe)
+        missing = missing_workers(list(spec.cluster.worker), probe, live)
         which = ", ".join(missing) if missing else "one or more workers (all answer now; too slow)"
         abort(
             fatal, children,
@@ -246,7 +252,8 @@ def run_host(spec: JobSpec, layout: Layout, events: EventWriter) -> int:
         )
         watch_ps(children, fatal, stop)
         connected = threading.Event()
-        watch_start(spec, children, fatal, connected, stop, reachable)
+        watch_start(spec, children, fatal, connected, stop, reachable,
+                    starting_members(spec.cluster.num_workers).live)
         lower_priority(spec.settings.nice)
         cap_threads(spec.settings.threads)
 
@@ -339,12 +346,8 @@ class Coordinator:
         import tensorflow as tf
 
         from crowdd.job.data import read_split, target_stats, train_moments, worker_dataset
-        from crowdd.job.faults import (
-            RETRYABLE,
-            RetiringFailureHandler,
-            RetryBudget,
-            flush_error,
-        )
+        from crowdd.job.elastic import ElasticCluster
+        from crowdd.job.faults import RETRYABLE, RetryBudget, flush_error
         from crowdd.job.models import build_model, loss_function
         from crowdd.job.train import TrainState, make_train_fn
 
@@ -352,25 +355,35 @@ class Coordinator:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(max(2, threads))
         t0 = time.monotonic()
-        cluster = self.spec.cluster.to_dict()
-        resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
-            tf.train.ClusterSpec(cluster), rpc_layer="grpc"
-        )
-        strategy = tf.distribute.ParameterServerStrategy(resolver)  # waits for every server
-        coordinator = tf.distribute.coordinator.ClusterCoordinator(strategy)
-        self.guard.connected.set()
         guard = self.guard
+        watcher = MembersWatcher(Path(MEMBERS_FILE), self.num_workers)
+        members = watcher.poll() or Members.everyone(self.num_workers)
+        failed: set[int] = set()  # slots retired by failure; only the file brings them back
+        seen: set[int] = set(members.live)  # slots that have trained in this run
+        elastic: ElasticCluster | None = None
+
+        def announce(why: str) -> None:
+            assert elastic is not None
+            self.events.emit("members", version=members.version, live=sorted(members.live),
+                             training=sorted(elastic.attached()), why=why)
 
         def on_retire(index: int, alive: int, exc: BaseException) -> None:
-            if alive:
-                log.warning("worker %d is gone; its functions go to the %d left", index, alive)
+            del alive  # the slots attached now is what counts
+            assert elastic is not None
+            failed.add(index)
+            left = len(elastic.attached())
+            self.events.emit("slot", task=index, state="left", why=f"its server failed ({type(exc).__name__})")
+            if left:
+                log.warning("worker %d is gone; its functions go to the %d left", index, left)
+                announce(f"worker {index} failed")
             else:
                 guard.all_workers_gone(f"every worker server is gone (the last, worker {index}: "
                                        f"{type(exc).__name__}); training cannot go on")
 
-        RetiringFailureHandler.install(
-            coordinator, list(self.spec.cluster.worker), lambda: guard.ps_dead() is None, on_retire
-        )
+        # the strategy's cluster holds only the live slots: one that is absent is not waited for
+        elastic = ElasticCluster(list(self.spec.cluster.ps), list(self.spec.cluster.worker), members.live,
+                                 lambda: guard.ps_dead() is None, on_retire, list(self.spec.cluster.chief))
+        strategy, coordinator = elastic.strategy, elastic.coordinator
         budget = RetryBudget(guard.ps_dead)
         regression = self.layout.task == "regression"
         target = target_stats(Path(self.spec.data), self.layout) if regression else (0.0, 1.0)
@@ -383,6 +396,7 @@ class Coordinator:
             state = TrainState(model, self.job)
         scale = 1.0 if self.spec.settings.merge == "sum" else 1.0 / self.num_workers
         train_fn = make_train_fn(state, loss_fn, self.spec.settings.sync_every, scale, regression)
+        self.guard.connected.set()  # the variables live on the PS: every live server answered
         local = build_model(self.job, self.layout, center, target, spread)
         variables = state.variables()
 
@@ -421,7 +435,7 @@ class Coordinator:
         stats: dict[int, WorkerStats] = collections.defaultdict(WorkerStats)
         last_ckpt = time.monotonic()
         scheduled = done
-        in_flight: collections.deque = collections.deque()
+        in_flight: list[tuple[Any, int]] = []
         last_eval: dict[str, Any] = {}
         evals_done = int(done // per_epoch) if done else 0
 
@@ -451,15 +465,70 @@ class Coordinator:
                                 "time": round(time.time(), 3)})
             return {"test_loss": test_loss, **metrics}
 
+        def apply(new: Members) -> None:
+            """Slots that left: no more functions, their running one given up (its steps go
+            back); slots that joined (or came back, or have a fresh server): attached."""
+            nonlocal members, scheduled
+            assert elastic is not None
+            members = new
+            for index in sorted(failed - new.live):
+                failed.discard(index)  # it left after failing: a later re-add is a real one
+            attached = elastic.attached()
+            leave = {i for i in attached if i not in new.live or i in new.fresh} - {0}
+            for index in sorted(leave):
+                rv = elastic.detach(index, f"members file version {new.version}")
+                for k, (r, n) in enumerate(in_flight):
+                    if rv is not None and r is rv:
+                        del in_flight[k]
+                        scheduled -= n
+                        break
+                if index not in new.live:
+                    self.events.emit("slot", task=index, state="left", why="not in the members file")
+            attached = elastic.attached()
+            for index in sorted(new.live - attached):
+                if index in failed and index not in new.fresh:
+                    continue  # it failed and the file has not said it is back
+                fresh = index in new.fresh
+                try:
+                    spent = elastic.attach(index, fresh)
+                except Exception as exc:  # noqa: BLE001 - the slot stays out; training goes on
+                    log.warning("worker %d could not join: %s", index, exc)
+                    self.events.emit("slot", task=index, state="left", why=f"could not join: {type(exc).__name__}")
+                    continue
+                failed.discard(index)
+                why = "a fresh server" if fresh else ("back (same server)" if index in seen else "joined")
+                seen.add(index)
+                self.events.emit("slot", task=index, state="joined", why=why, update_secs=round(spent, 3))
+            announce(f"members file version {new.version}")
+
+        def wait_any(timeout: float) -> int:
+            """The position of a finished function in ``in_flight`` (-1 after ``timeout``)."""
+            deadline = time.monotonic() + timeout
+            while True:
+                for k, (r, _n) in enumerate(in_flight):
+                    if r._status_available_event.is_set():
+                        return k
+                left = deadline - time.monotonic()
+                if left <= 0 or not in_flight:
+                    return -1
+                in_flight[0][0]._status_available_event.wait(min(left, 0.02))
+
         log.info("training %d steps on %d workers", total, w)
+        announce("start")
+        next_poll = time.monotonic() + POLL_SECS
         stopped = False
         while done < total:
             if os.path.exists(STOP_FILE):  # the host asked to stop early: keep what is trained
                 log.info("asked to stop at step %d of %d", done, total)
                 stopped = True
                 break
+            if time.monotonic() >= next_poll:
+                next_poll = time.monotonic() + POLL_SECS
+                new = watcher.poll()
+                if new is not None:
+                    apply(new)
             # scheduled counts steps done or in flight; a failed function's steps go back
-            while scheduled < total and len(in_flight) < 2 * w:
+            while scheduled < total and len(in_flight) < 2 * max(1, len(elastic.attached())):
                 n = min(spf, total - scheduled)
                 try:
                     in_flight.append((coordinator.schedule(train_fn, args=(iterator, n)), n))
@@ -467,7 +536,10 @@ class Coordinator:
                     budget.failed(exc)
                     continue
                 scheduled += n
-            rv, n = in_flight.popleft()
+            k = wait_any(max(0.0, next_poll - time.monotonic()))
+            if k < 0:
+                continue
+            rv, n = in_flight.pop(k)
             try:
                 loss_sum, correct, samples, widx = rv.fetch()
             except RETRYABLE as exc:

@@ -23,6 +23,7 @@ JOB_TF_FREE = [
     "crowdd.job.events",
     "crowdd.job.shards",
     "crowdd.job.local",
+    "crowdd.job.membership",
     # The job's launchers import TF only when they train: a worker job never loads it itself.
     "crowdd.job.host",
     "crowdd.job.worker",
