@@ -33,7 +33,7 @@ from crowdd.node.states import State
 from crowdd.node.tunnels import PS, HostTunnels, socket_dir, task_name
 from crowdd.plan import PlanMember, SessionPlan
 from crowdd.protocol.control import HostRequest
-from crowdd.protocol.session import PRIVATE_HOST, End, JobReport, Ready, WorkerMessage
+from crowdd.protocol.session import PRIVATE_HOST, Away, Back, End, JobReport, Ready, WorkerMessage
 from crowdd.replication import ChunkStore, DataServer
 
 if TYPE_CHECKING:
@@ -218,6 +218,11 @@ async def lead(
         tell_free()
 
     def on_message(m: Member, msg: WorkerMessage) -> None:
+        if isinstance(msg, Away):
+            view.log(logging.INFO, f"worker {m.index} ({m.name}) is away ({msg.reason}); "
+                     + ("training goes on without it" if msg.staying else "it leaves the session"))
+        elif isinstance(msg, Back):
+            view.log(logging.INFO, f"worker {m.index} ({m.name}) is back")
         roster: Roster | None = training.get("roster")
         if roster is None or m.slot is None:
             return

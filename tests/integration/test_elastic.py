@@ -103,6 +103,7 @@ async def test_a_session_survives_churn_and_takes_a_newcomer(crowd: Crowd, tmp_p
         res = await result(hw, 400)
         t_end = time.monotonic()
         stall = longest_stall(hw.steps(), t0, t_end)
+        print(f"\nlongest stall {stall:.1f} s; away heard {t_out - t_pause:.2f} s after the pause")
         assert stall <= STALL_LIMIT, f"the group's progress stalled {stall:.1f} s"
         messages = logs(hw)
         assert any("joins the running session" in m or "worker 4" in m for m in messages), messages[-20:]
@@ -129,6 +130,7 @@ async def test_a_session_survives_churn_and_takes_a_newcomer(crowd: Crowd, tmp_p
         await cw.close()
     finally:
         calm.close()
+    print(f"accuracy with churn {churned:.4f}, without {base['test_accuracy']:.4f}")
     assert churned >= base["test_accuracy"] - 0.01, (churned, base["test_accuracy"])
 
 
