@@ -335,8 +335,14 @@ async def lead(
             view.log(logging.INFO, f"waiting for {len(live)} worker(s) to start their TF servers")
             started = await session.wait_started(live, JOB_START_WAIT)
             if len(started) < len(live):
-                view.log(logging.WARNING, f"{len(live) - len(started)} worker(s) did not start within "
-                         f"{JOB_START_WAIT:g} s; training starts without them and they join when they are up")
+                if len(started) < plan.job.min_workers:
+                    why = (f"only {len(started)} worker(s) started their TF servers within {JOB_START_WAIT:g} s; "
+                           f"the job needs min_workers = {plan.job.min_workers}")
+                    await session.end(End(error=why))
+                    raise SessionFailed(why)
+                view.log(logging.WARNING, f"{len(live) - len(started)} worker(s) did not start their TF servers "
+                         "(gone, or not within "
+                         f"{JOB_START_WAIT:g} s); training starts without them and they join when they are up")
         if prepared.model_file is not None:  # the host job builds the network from it
             try:
                 shutil.copyfile(prepared.model_file, workdir / MODEL_FILE)

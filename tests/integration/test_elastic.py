@@ -139,3 +139,29 @@ async def _no_jobs(root: Path, timeout: float = 20.0) -> bool:
     while time.monotonic() < deadline and job_processes(root):
         await asyncio.sleep(0.2)
     return not job_processes(root)
+
+
+async def test_a_worker_that_vanishes_as_training_starts_does_not_hold_the_group(crowd: Crowd, tmp_path: Path) -> None:
+    """A worker frozen as the host starts training never brings its TF server up: the host
+    gives it up within its heartbeat timeout and trains with the others (it used to wait out
+    the 300 s start timeout and fail the session for everyone)."""
+    data = digits_npz(tmp_path / "digits.npz")
+    w1, w2 = crowd.workers[:2]
+    hw = Watch(crowd.host)
+    hw.start()
+    frozen = None
+    try:
+        for n in (w1, w2):
+            await donate(n)
+        await host(crowd, data, {**JOB, "workers": 2, "min_workers": 1, "epochs": 20})
+        t_train, _ = await hw.wait(lambda e: e.get("event") == "state" and e.get("state") == "training", 240)
+        frozen = freeze(w2)
+        t_progress, _ = await hw.wait(lambda e: e.get("event") == "progress", 120)
+        print(f"\ntraining began {t_progress - t_train:.1f} s after the host moved to training")
+        assert t_progress - t_train < 60
+        res = await result(hw, 300)
+        assert res["test_accuracy"] > 0.8
+    finally:
+        if frozen is not None:
+            frozen.resume()
+        await hw.close()
