@@ -361,6 +361,8 @@ async def lead(
                 done.update(ev)
             elif kind == "error":
                 view.log(logging.ERROR, f"host job: {ev.get('message')}")
+            elif kind == "resumed":
+                view.log(logging.INFO, f"the job resumed from its checkpoint at step {ev.get('step')}")
             elif kind == "slot":
                 task, state = ev.get("task"), ev.get("state")
                 why = f": {ev['why']}" if isinstance(ev.get("why"), str) and ev["why"] else ""

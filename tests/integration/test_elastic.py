@@ -165,3 +165,51 @@ async def test_a_worker_that_vanishes_as_training_starts_does_not_hold_the_group
         if frozen is not None:
             frozen.resume()
         await hw.close()
+
+
+async def test_a_host_restarted_mid_session_resumes_from_its_checkpoint(crowd: Crowd, tmp_path: Path) -> None:
+    """The host daemon is killed mid-training and started again: it hosts the same job again
+    by itself, its workers (still donating) come back to it, and the new job starts from the
+    last checkpoint rather than from scratch."""
+    from crowdd.config import Paths
+
+    data = digits_npz(tmp_path / "digits.npz")
+    (crowd.host.root / "crowdd.toml").write_text((crowd.host.root / "crowdd.toml").read_text()
+                                                 + "\n[job]\ncheckpoint_secs = 2.0\n"
+                                                 if "[job]" not in (crowd.host.root / "crowdd.toml").read_text()
+                                                 else (crowd.host.root / "crowdd.toml").read_text().replace(
+                                                     "[job]\n", "[job]\ncheckpoint_secs = 2.0\n", 1))
+    crowd.kill_node(crowd.host, signal.SIGTERM)
+    crowd.start_node(crowd.host)  # the new config: checkpoints every 2 s
+    await crowd.wait_up()
+    w1, w2 = crowd.workers[:2]
+    for n in (w1, w2):
+        await donate(n)
+    await host(crowd, data, {**JOB, "workers": 2, "min_workers": 2, "epochs": 80})
+    jobs = Paths.under(crowd.host.root).jobs_dir
+    deadline = time.monotonic() + 240
+    while not list(jobs.glob("*/output/checkpoints/ckpt-*.npz")):
+        assert time.monotonic() < deadline, "no checkpoint"
+        await asyncio.sleep(0.5)
+    await asyncio.sleep(1.0)
+    crowd.kill_node(crowd.host, signal.SIGKILL)  # no goodbye, no chance to clean up
+    assert (Paths.under(crowd.host.root).state_dir / "hosting.json").exists()
+    crowd.start_node(crowd.host)
+    await crowd.wait_up()
+    hw = Watch(crowd.host)
+    hw.start()
+    try:
+        async with ControlClient(crowd.host.socket) as c:
+            assert (await c.status())["role"] == "host"  # hosting again, by itself
+        _, ev = await hw.wait(lambda e: e.get("event") == "log" and "resumed from its checkpoint" in str(e.get("message")), 240)
+        step = int(str(ev["message"]).rsplit(" ", 1)[-1])
+        assert step > 0
+        res = await result(hw, 400)
+        assert res["test_accuracy"] > 0.8
+        await hw.wait(lambda e: e.get("event") == "state" and e.get("state") in ("off", "standby"), 60)
+        async with ControlClient(crowd.host.socket) as c:
+            st = await c.status()
+        assert not (Paths.under(crowd.host.root).state_dir / "hosting.json").exists()  # done: nothing to resume
+        print(f"\nresumed at step {step}; accuracy {res['test_accuracy']:.4f}; error {st['error']}")
+    finally:
+        await hw.close()
