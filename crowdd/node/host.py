@@ -365,6 +365,8 @@ async def lead(
                 view.log(logging.INFO, f"the job resumed from its checkpoint at step {ev.get('step')}")
             elif kind == "slot":
                 task, state = ev.get("task"), ev.get("state")
+                if state == "left" and isinstance(task, int):
+                    view.worker_left(task)
                 why = f": {ev['why']}" if isinstance(ev.get("why"), str) and ev["why"] else ""
                 view.log(logging.INFO, f"worker {task} {'joined' if state == 'joined' else 'left'} training{why}")
 

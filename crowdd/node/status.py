@@ -238,6 +238,12 @@ class StatusView:
             session.push_members()
         self._publish("members", members=rec.members)
 
+    def worker_left(self, worker: int) -> None:
+        """Training slot ``worker`` left: its rate no longer counts in the group's samples/s."""
+        rec = self._current()
+        if rec.sps.pop(worker, None) is not None and rec.training is not None:
+            rec.training["samples_per_sec"] = round(sum(rec.sps.values()), 1)
+
     def on_training_event(self, ev: dict[str, Any]) -> None:
         """One of the host job's events (``event``: ``progress`` or ``eval``)."""
         rec = self._current()

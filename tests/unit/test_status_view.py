@@ -174,3 +174,18 @@ def test_training_events_update_the_fields_they_name() -> None:
     assert st["result"] == {"test_accuracy": 0.77, "model_path": "/m/model.keras"}
     assert st["training"] is not None and st["training"]["test_accuracy"] == 0.77
     assert ("result", {"test_accuracy": 0.77, "model_path": "/m/model.keras"}) in n.events
+
+
+def test_a_slot_that_left_no_longer_counts_in_the_groups_rate() -> None:
+    n = Node()
+    n.view.begin("host")
+    n.walk(S.REGISTERING, S.WAITING)
+    n.view.joined(plan(0))
+    n.walk(S.REPLICATING, S.TRAINING)
+    for worker, rate in ((0, 100.0), (1, 80.0), (2, 60.0)):
+        n.view.on_training_event({"event": "progress", "step": 10, "samples_per_sec": rate, "worker": worker})
+    assert n.view.status()["training"]["samples_per_sec"] == 240.0  # type: ignore[index]
+    n.view.worker_left(1)
+    assert n.view.status()["training"]["samples_per_sec"] == 160.0  # type: ignore[index]
+    n.view.worker_left(7)  # never trained: nothing changes
+    assert n.view.status()["training"]["samples_per_sec"] == 160.0  # type: ignore[index]
