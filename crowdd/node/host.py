@@ -28,6 +28,7 @@ from crowdd.node.checkpoints import carry_checkpoint
 from crowdd.aio import cancel_and_wait
 from crowdd.matchmaker_client import OpenSlots
 from crowdd.node.roster import Roster
+from crowdd.node.slots import TrainingSlots
 from crowdd.node.session import HostSession, Member, dead_after
 from crowdd.node.states import State
 from crowdd.node.tunnels import PS, HostTunnels, socket_dir, task_name
@@ -163,6 +164,17 @@ async def check_tunnels(
     return kept
 
 
+def carry(view: Any, old: Path, new: Path) -> None:
+    """Start the new job from the last checkpoint of the interrupted session's job in ``old``."""
+    try:
+        step = carry_checkpoint(old, new)
+    except OSError as exc:
+        view.log(logging.WARNING, f"cannot carry the interrupted session's checkpoint over ({exc}); training starts afresh")
+        return
+    if step is not None:
+        view.log(logging.INFO, f"training resumes from step {step} (the interrupted session's checkpoint)")
+
+
 async def lead(
     c: SessionContext, plan: SessionPlan, res: Reservation, prepared: Prepared, graceful: GracefulStop | None = None,
     *, record: HostingRecord | None = None, resume_from: Path | None = None, link: OpenLink | None = None,
@@ -181,41 +193,16 @@ async def lead(
                         group_size=plan.size, stall_timeout=c.cfg.replication.stall_timeout, tls=tls,
                         rate_limit=c.cfg.replication.upload_rate())
 
-    training: dict[str, Any] = {}  # once training starts: the roster and the cluster
-    trained: set[int] = set()  # the members that trained at some point (the model card)
-
-    def sync_roster() -> None:
-        """Cut the tunnels of every worker that cannot train now, then tell the job which
-        slots can."""
-        roster: Roster | None = training.get("roster")
-        if roster is None:
-            return
-        live: set[int] = set()
-        for w in session.workers:
-            if w.slot is not None and w.alive and w.started and w.away is None:
-                tunnels.restore(w.index)
-                live.add(w.slot)
-                trained.add(w.index)
-            else:
-                tunnels.cut(w.index)
-        before = roster.live
-        try:
-            changed = roster.set(live)
-        except OSError as exc:
-            view.log(logging.ERROR, f"cannot tell the job who trains ({exc})")
-            return
-        if changed and roster.version > 1:
-            gone, came = sorted(before - roster.live), sorted(roster.live - before)
-            view.log(logging.INFO, f"training with {len(roster.live)} worker(s)"
-                     + (f"; slot(s) {', '.join(map(str, gone))} out" if gone else "")
-                     + (f"; slot(s) {', '.join(map(str, came))} in" if came else ""))
+    slots: TrainingSlots | None = None  # once training starts
+    cluster: dict[str, list[str]] = {}
+    opener: OpenSlots | None = None
 
     def on_change(m: Member | None) -> None:
         if m is not None:
             view.publish("replication", index=m.index, done=m.done, total=m.total, source=m.source)
         view.push_members(session)
-        sync_roster()
-        tell_free()
+        if slots is not None:
+            slots.sync()
 
     def on_message(m: Member, msg: WorkerMessage) -> None:
         if isinstance(msg, Away):
@@ -223,61 +210,32 @@ async def lead(
                      + ("training goes on without it" if msg.staying else "it leaves the session"))
         elif isinstance(msg, Back):
             view.log(logging.INFO, f"worker {m.index} ({m.name}) is back")
-        roster: Roster | None = training.get("roster")
-        if roster is None or m.slot is None:
+        if slots is None or m.slot is None:
             return
         if isinstance(msg, JobReport) and msg.event == "started":
-            roster.started(m.slot)  # a (re)started TF server holds nothing of this job
+            slots.started(m)
         elif isinstance(msg, Ready) and not m.started:  # a newcomer holds the data: its turn
-            session.start_training(m, training["cluster"], m.slot)
-
-    def holder(slot: int) -> Member | None:
-        return next((w for w in session.workers if w.slot == slot), None)
-
-    def free_slots() -> list[int]:
-        """Slots nobody holds, or whose worker is gone (a worker away keeps its slot)."""
-        out = []
-        for t in training.get("slots", []):
-            h = holder(t)
-            if h is None or not h.alive:
-                out.append(t)
-        return out
-
-    def tell_free() -> None:
-        opener: OpenSlots | None = training.get("opener")
-        if opener is not None:
-            n = len(free_slots())
-            if training.get("told") != n:
-                training["told"] = n
-                opener.set_free(n)
+            session.start_training(m, cluster, m.slot)
 
     def on_joined(pm: PlanMember) -> None:
-        """The matchmaker sent a newcomer: pin it, give it a free slot; it fetches the data
+        """The matchmaker sent a newcomer: pin it, seat it in a free slot; it fetches the data
         from this host and, once it holds it, starts its TF server there."""
-        if pm.index != len(session.members):
+        if slots is None or pm.index != len(session.members):
             log.warning("the matchmaker sent member %d, expected %d; ignored", pm.index, len(session.members))
             return
         m = session.add_member(pm)
         server.group_size = session.plan.size
-        free = free_slots()
-        if not free:
+        slot = slots.seat(m)
+        if slot is None:
             session.drop(m, "no free place left in this session")
         else:
-            slot = free[0]
-            old = holder(slot)
-            if old is not None:
-                old.slot = None  # gone; its place is the newcomer's now
-            m.slot = slot
-            tunnels.assign(slot, m.index)
             view.log(logging.INFO, f"worker {m.index} ({m.name}) joins the running session in slot {slot}")
-        training["told"] = None
-        tell_free()
 
     def on_rejoin(m: Member, running: bool) -> None:
         view.log(logging.INFO, f"worker {m.index} ({m.name}) came back"
                  + ("" if running else "; it starts its TF server again"))
-        if not running and "cluster" in training and m.slot is not None:
-            session.start_training(m, training["cluster"], m.slot)
+        if not running and slots is not None and m.slot is not None:
+            session.start_training(m, cluster, m.slot)
 
     tunnels = HostTunnels(directory=socket_dir(c.runtime_dir),
                           dial=lambda member, stream, task: session.dial(member, stream, task))
@@ -286,6 +244,7 @@ async def lead(
         on_change=on_change, on_tunnel=tunnels.accept, on_message=on_message, on_rejoin=on_rejoin,
     )
     session.members[0].state = "replicating"
+    opener_task: asyncio.Task[None] | None = None
     try:
         await server.start()
         await session.start()
@@ -298,35 +257,28 @@ async def lead(
         # server starts late) takes its own slot again while the others train on, and a free
         # slot (never taken, or its worker gone) takes a newcomer (join in progress)
         wanted = max(len(session.workers), plan.job.workers)
-        slots = list(range(1, wanted + 1))
         base = tf_base(wanted)
         cluster = cluster_spec(wanted, base)
-        for m in session.workers:
-            m.slot = m.index
-        await tunnels.reach_workers({t: t if t < len(session.members) else None for t in slots})
         workdir = c.jobs.job_dir(plan)
         if resume_from is not None and resume_from != workdir:
-            try:
-                step = carry_checkpoint(resume_from, workdir)
-            except OSError as exc:
-                step = None
-                view.log(logging.WARNING, f"cannot carry the interrupted session's checkpoint over ({exc}); "
-                         "training starts afresh")
-            if step is not None:
-                view.log(logging.INFO, f"training resumes from step {step} (the interrupted session's checkpoint)")
+            carry(view, resume_from, workdir)
         if record is not None:
             record.training_in(workdir)
-        roster = Roster(workdir)
-        training.update(roster=roster, cluster=cluster, slots=slots)
-        opener_task: asyncio.Task[None] | None = None
-        if link is not None and slots:
+
+        def on_free(n: int) -> None:
+            if opener is not None:
+                opener.set_free(n)
+
+        slots = TrainingSlots(session, tunnels, Roster(workdir), list(range(1, wanted + 1)),
+                              say=lambda text: view.log(logging.INFO, text), on_free=on_free)
+        await tunnels.reach_workers(slots.holders())
+        if link is not None:
             opener = OpenSlots(
-                lambda: link.hello(session.plan.members, len(free_slots())), matchmaker=link.matchmaker,
-                on_joined=on_joined, fingerprint=link.fingerprint, heartbeat=link.heartbeat,
+                lambda: link.hello(session.plan.members, len(slots.free()) if slots is not None else 0),
+                matchmaker=link.matchmaker, on_joined=on_joined, fingerprint=link.fingerprint,
+                heartbeat=link.heartbeat,
             )
-            training.update(opener=opener, told=len(free_slots()))
             opener_task = asyncio.create_task(opener.run(), name="crowdd-open-slots")
-            training["opener_task"] = opener_task
         for m in live:
             session.start_training(m, cluster, m.index)  # slot = index for the first members
         session.rejoin_open = True
@@ -349,7 +301,7 @@ async def lead(
             except OSError as exc:
                 await session.end(End(error=f"cannot read the model file: {exc}"))
                 raise SessionFailed(f"cannot read the model file {prepared.model_file}: {exc}") from None
-        sync_roster()  # the first members file, before the job starts
+        slots.sync()  # the first members file, before the job starts
         done: dict[str, Any] = {}
 
         def on_event(ev: dict[str, Any]) -> None:
@@ -372,7 +324,7 @@ async def lead(
 
         sup = await c.start_job(
             plan, 0, cluster, prepared.data_path, manifest, on_event, res, tunnels.directory,
-            serve=[(PS, base), (task_name(0), base + 1)], reach=[(task_name(j), base + 1 + j) for j in slots],
+            serve=[(PS, base), (task_name(0), base + 1)], reach=[(task_name(j), base + 1 + j) for j in slots.slots],
         )
         if graceful is not None:
             graceful.arm(workdir)
@@ -391,14 +343,14 @@ async def lead(
         if isinstance(card, str) and card:
             add_members(workdir / card, [
                 {"index": m.index, "role": m.role, "name": m.name, "fingerprint": m.fingerprint,
-                 "trained": m.index == 0 or m.index in trained}
+                 "trained": m.index == 0 or m.index in slots.trained}
                 for m in session.plan.members
             ])
             view.log(logging.INFO, f"model card: {workdir / card}")
         if isinstance(done.get("usage"), str):
             view.log(logging.INFO, f"use the model: {done['usage']}")
         session.rejoin_open = False
-        await cancel_and_wait(training.get("opener_task"))  # no newcomers for a session that ended
+        await cancel_and_wait(opener_task)  # no newcomers for a session that ended
         if done.get("stopped"):
             view.log(logging.INFO, f"stopped by the user at step {done.get('steps')} of {done.get('total_steps')}: "
                      f"kept the checkpoint {done.get('checkpoint')} and the model trained so far")
@@ -412,7 +364,7 @@ async def lead(
                               model if isinstance(model, str) else None))
         await asyncio.sleep(c.linger)
     finally:
-        await cancel_and_wait(training.get("opener_task"))
+        await cancel_and_wait(opener_task)
         await session.close()
         await tunnels.close()
         await server.close()
