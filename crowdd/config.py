@@ -25,6 +25,7 @@ else:  # pragma: no cover - exercised only on Python 3.10
 import platformdirs
 
 from crowdd.errors import InputError
+from crowdd.route import DEFAULT_CHUNK, DEFAULT_ROUTE
 
 APP = "crowdd"
 DEFAULT_MATCHMAKER_PORT = 7700
@@ -73,8 +74,8 @@ class MatchmakerConfig:
 
 @dataclass
 class ReplicationConfig:
-    route: str = "binomial"
-    chunk_size: int = 1 << 20
+    route: str = DEFAULT_ROUTE
+    chunk_size: int = DEFAULT_CHUNK
     stall_timeout: float = 10.0
     #: cap on the upload bandwidth for serving the dataset to other members (0 = none)
     max_upload_mbit: float = 0.0

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from crowdd.errors import InputError
+from crowdd.route import DEFAULT_CHUNK, DEFAULT_ROUTE
 
 #: "file": the host's own Keras model file (``crowdd host --model-file``); the others are presets.
 PRESETS = ("mlp", "cnn")
@@ -155,11 +156,11 @@ class GroupSettings:
     (from its ``[replication]`` and ``[job]`` config) and it travels with the job through the
     matchmaker; a worker's own config never changes it."""
 
-    route: str = "binomial"
+    route: str = DEFAULT_ROUTE
     sync_every: int = 50
     steps_per_function: int = 500
     merge: str = "average"
-    chunk_size: int = 1 << 20
+    chunk_size: int = DEFAULT_CHUNK
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
