@@ -134,7 +134,7 @@ class Config:
 _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("replication", "route"): ("binomial", "chain", "star"),
     ("idle", "on_busy"): ("suspend", "leave"),
-    ("job", "merge"): ("average", "sum"),
+    ("job", "merge"): ("average", "sum", "nesterov"),
 }
 _POSITIVE = {
     ("daemon", "heartbeat"), ("daemon", "peer_timeout"), ("daemon", "retry_min"), ("daemon", "retry_max"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from crowdd.hyperparams import Job
+from crowdd.job.outer import nesterov
 
 ADAM_BETA1 = 0.9
 ADAM_BETA2 = 0.999
@@ -20,11 +21,17 @@ ADAM_EPSILON = 1e-7
 class TrainState:
     """Model and optimizer state; create it inside ``strategy.scope()`` to live on the PS."""
 
-    def __init__(self, model, job: Job) -> None:
+    def __init__(self, model, job: Job, merge: str = "average") -> None:
         self.model = model
         self.job = job
+        self.merge = merge
         self.weights = [v.value for v in model.trainable_variables]
         self.slots: list[tf.Variable] = []
+        # the outer optimizer's momentum, one per weight, on the PS (merge "nesterov")
+        self.outer: list[tf.Variable] = [
+            tf.Variable(tf.zeros(w.shape, w.dtype), trainable=False, name=f"outer_m{i}")
+            for i, w in enumerate(self.weights)
+        ] if merge == "nesterov" else []
         if job.optimizer == "adam":
             for i, w in enumerate(self.weights):
                 self.slots.append(tf.Variable(tf.zeros(w.shape, w.dtype), trainable=False, name=f"adam_m{i}"))
@@ -33,7 +40,8 @@ class TrainState:
             self.slots.append(tf.Variable(0.0, trainable=False, name="adam_t"))
 
     def variables(self) -> list:
-        return [*self.weights, *self.slots]
+        """Everything a checkpoint holds."""
+        return [*self.weights, *self.slots, *self.outer]
 
 
 def _update(job: Job, weights: list, slots: list, grads: list) -> tuple[list, list]:
@@ -55,11 +63,14 @@ def make_train_fn(state: TrainState, loss_fn, sync_every: int, push_scale: float
 
     ``push_scale`` multiplies each pushed change: 1 adds every worker's whole change (Downpour
     SGD, the paper's asynchronous updates); 1/W averages the W workers' changes (model
-    averaging: stable at high learning rates, where W summed changes overshoot).
+    averaging: stable at high learning rates, where W summed changes overshoot). With
+    ``state.outer`` (merge ``nesterov``) the scaled change of the weights goes through the
+    outer Nesterov optimizer (:func:`crowdd.job.outer.nesterov`) instead.
     """
     model = state.model
     job = state.job
-    variables = state.variables()
+    variables = [*state.weights, *state.slots]  # what a worker reads and pushes to
+    outer = state.outer
     nw = len(state.weights)
     fixed = [v.value for v in model.non_trainable_variables]
     k_max = int(sync_every)
@@ -98,8 +109,17 @@ def make_train_fn(state: TrainState, loss_fn, sync_every: int, push_scale: float
         for k in rounds:
             start = [tf.identity(v.read_value()) for v in variables]
             weights, slots, ls, c, s, widx = local_steps(iterator, tf.constant(k), start[:nw], start[nw:])
-            for var, new, old in zip(variables, [*weights, *slots], start):
-                var.assign_add((new - old) * push_scale if push_scale != 1.0 else new - old)
+            for i, (var, new, old) in enumerate(zip(variables, [*weights, *slots], start)):
+                delta = (new - old) * push_scale if push_scale != 1.0 else new - old
+                if outer and i < nw:
+                    # DiLoCo's outer Nesterov step on the PS (crowdd.job.outer); the momentum
+                    # is read and written without a lock, as the weights are (Hogwild)
+                    with tf.device(var.device):
+                        m, step = nesterov(delta, outer[i].read_value())
+                        outer[i].assign(m)
+                        var.assign_add(step)
+                else:
+                    var.assign_add(delta)
             loss_sum += ls
             correct += c
             samples += s
