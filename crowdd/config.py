@@ -93,9 +93,11 @@ class LimitsConfig:
 
 @dataclass
 class JobConfig:
-    steps_per_function: int = 500
+    # group-wide defaults (the host's count): the fastest to a target accuracy measured on
+    # emulated volunteer machines (benchmarks/scaling.py; docs/architecture.md, "Scaling")
+    steps_per_function: int = 100
     sync_every: int = 50
-    merge: str = "average"
+    merge: str = "nesterov"
     threads: int = 1
     nice: int = 19
     checkpoint_secs: float = 30.0

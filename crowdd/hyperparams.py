@@ -167,8 +167,8 @@ class GroupSettings:
 
     route: str = DEFAULT_ROUTE
     sync_every: int = 50
-    steps_per_function: int = 500
-    merge: str = "average"
+    steps_per_function: int = 100
+    merge: str = "nesterov"
     chunk_size: int = DEFAULT_CHUNK
 
     def to_dict(self) -> dict[str, Any]:

@@ -10,9 +10,8 @@ momentum step with it on the PS (Douillard et al. 2023, "DiLoCo": outer lr 0.7, 
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
-
-T = TypeVar("T")
+import math
+from typing import Any
 
 OUTER_LR = 0.7
 OUTER_MOMENTUM = 0.9
@@ -46,4 +45,23 @@ def nesterov(delta: Any, momentum: Any, lr: float = OUTER_LR, mu: float = OUTER_
     return m, (delta + m * mu) * lr
 
 
-__all__ = ["OUTER_LR", "OUTER_MOMENTUM", "effective_merge", "nesterov", "push_scale"]
+
+
+def choose_sync_every(step_seconds: float, model_bytes: int, link_bytes_per_s: float, remote_workers: int,
+                      share: float = 0.1, lo: int = 10, hi: int = 2000) -> int:
+    """K (``sync_every``) that keeps communication at most ``share`` of a round.
+
+    Every round a remote worker pulls the model and pushes its change (``model_bytes`` each
+    way) through the host's link, which all ``remote_workers`` share; a round computes K steps
+    of ``step_seconds``. So K >= remote_workers · model_bytes / (link · share · step_seconds),
+    clamped to [lo, hi]. With no remote worker K = lo (every push is local).
+    """
+    if step_seconds <= 0 or link_bytes_per_s <= 0 or not 0 < share <= 1:
+        raise ValueError("step time, link rate and share must be positive (share <= 1)")
+    if remote_workers <= 0:
+        return lo
+    k = remote_workers * model_bytes / (link_bytes_per_s * share * step_seconds)
+    return max(lo, min(hi, math.ceil(k)))
+
+
+__all__ = ["OUTER_LR", "OUTER_MOMENTUM", "choose_sync_every", "effective_merge", "nesterov", "push_scale"]

@@ -13,6 +13,10 @@ import tensorflow as tf
 from crowdd.hyperparams import Job
 from crowdd.job.outer import nesterov
 
+#: what weights and weight changes travel as between a worker and the PS (the PS keeps
+#: float32; optimizer slots travel as float32). A pulled weight's rounding error (2^-11
+#: relative) is not accumulated: a worker pushes the change from the value it pulled.
+WIRE_DTYPE = tf.float16
 ADAM_BETA1 = 0.9
 ADAM_BETA2 = 0.999
 ADAM_EPSILON = 1e-7
@@ -98,6 +102,24 @@ def make_train_fn(state: TrainState, loss_fn, sync_every: int, push_scale: float
             samples += batch
         return weights, slots, loss_sum, correct, samples, widx
 
+    def narrow(x, weight: bool):
+        return tf.cast(x, WIRE_DTYPE) if weight and WIRE_DTYPE != tf.float32 else x
+
+    def widen(x):
+        return tf.cast(x, tf.float32) if x.dtype != tf.float32 else x
+
+    def pull(var, weight: bool):
+        """The PS's value, sent as WIRE_DTYPE (cast on the PS, widened here)."""
+        with tf.device(var.device):
+            value = narrow(var.read_value(), weight)
+        return tf.identity(widen(value))
+
+    def push(var, delta, weight: bool):
+        """Add ``delta`` on the PS, sent as WIRE_DTYPE (narrowed here, widened on the PS)."""
+        small = narrow(delta, weight)
+        with tf.device(var.device):
+            var.assign_add(widen(small))
+
     @tf.function
     def train(iterator, n: int):
         """``n`` is a Python int: the sync rounds unroll, so no PS access sits in a tf loop."""
@@ -107,7 +129,7 @@ def make_train_fn(state: TrainState, loss_fn, sync_every: int, push_scale: float
         widx = tf.constant(-1, tf.int32)
         rounds = [k_max] * (n // k_max) + ([n % k_max] if n % k_max else [])
         for k in rounds:
-            start = [tf.identity(v.read_value()) for v in variables]
+            start = [pull(v, i < nw) for i, v in enumerate(variables)]
             weights, slots, ls, c, s, widx = local_steps(iterator, tf.constant(k), start[:nw], start[nw:])
             for i, (var, new, old) in enumerate(zip(variables, [*weights, *slots], start)):
                 delta = (new - old) * push_scale if push_scale != 1.0 else new - old
@@ -115,11 +137,11 @@ def make_train_fn(state: TrainState, loss_fn, sync_every: int, push_scale: float
                     # DiLoCo's outer Nesterov step on the PS (crowdd.job.outer); the momentum
                     # is read and written without a lock, as the weights are (Hogwild)
                     with tf.device(var.device):
-                        m, step = nesterov(delta, outer[i].read_value())
+                        m, step = nesterov(widen(narrow(delta, True)), outer[i].read_value())
                         outer[i].assign(m)
                         var.assign_add(step)
                 else:
-                    var.assign_add(delta)
+                    push(var, delta, i < nw)
             loss_sum += ls
             correct += c
             samples += s
