@@ -25,6 +25,7 @@ else:  # pragma: no cover - exercised only on Python 3.10
 import platformdirs
 
 from crowdd.errors import InputError
+from crowdd.route import DEFAULT_CHUNK, DEFAULT_ROUTE
 
 APP = "crowdd"
 DEFAULT_MATCHMAKER_PORT = 7700
@@ -73,8 +74,8 @@ class MatchmakerConfig:
 
 @dataclass
 class ReplicationConfig:
-    route: str = "binomial"
-    chunk_size: int = 1 << 20
+    route: str = DEFAULT_ROUTE
+    chunk_size: int = DEFAULT_CHUNK
     stall_timeout: float = 10.0
     #: cap on the upload bandwidth for serving the dataset to other members (0 = none)
     max_upload_mbit: float = 0.0
@@ -92,9 +93,11 @@ class LimitsConfig:
 
 @dataclass
 class JobConfig:
-    steps_per_function: int = 500
+    # group-wide defaults (the host's count): the fastest to a target accuracy measured on
+    # emulated volunteer machines (benchmarks/scaling.py; docs/architecture.md, "Scaling")
+    steps_per_function: int = 100
     sync_every: int = 50
-    merge: str = "average"
+    merge: str = "nesterov"
     threads: int = 1
     nice: int = 19
     checkpoint_secs: float = 30.0
@@ -133,7 +136,7 @@ class Config:
 _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("replication", "route"): ("binomial", "chain", "star"),
     ("idle", "on_busy"): ("suspend", "leave"),
-    ("job", "merge"): ("average", "sum"),
+    ("job", "merge"): ("average", "sum", "nesterov"),
 }
 _POSITIVE = {
     ("daemon", "heartbeat"), ("daemon", "peer_timeout"), ("daemon", "retry_min"), ("daemon", "retry_max"),

@@ -35,6 +35,7 @@ from typing import IO, Any
 import numpy as np
 
 from crowdd.manifest import DEFAULT_CHUNK, Layout, Manifest
+from crowdd.route import chunk_for
 
 log = logging.getLogger(__name__)
 
@@ -756,6 +757,7 @@ def convert(
     tmp = Path(tmp_name)
     try:
         layout = write_canonical(arrays, tmp)
+        chunk_size = chunk_for(tmp.stat().st_size, chunk_size)  # the manifest must fit one frame
         manifest = Manifest.build(tmp, chunk_size=chunk_size, layout=layout, name=name)
         data_path = out_dir / f"{manifest.sha256}.data"
         manifest_path = out_dir / f"{manifest.sha256}.manifest.json"

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from crowdd.config import Paths
+from crowdd.config import JobConfig, Paths
 from crowdd.identity import Identity
 from crowdd.commands import score
 from crowdd.control import HOST_TIMEOUT, ControlClient
@@ -41,7 +41,8 @@ RUN_TIMEOUT = 900.0
 STOP_GRACE = 10.0
 
 #: The demo's job settings: small enough to finish in a couple of minutes on 2 cores.
-DEMO_JOB: dict[str, Any] = {"model": "mlp", "hidden": [100], "learning_rate": 0.5, "batch_size": 100, "sharding": "full"}
+DEMO_JOB: dict[str, Any] = {"model": "mlp", "hidden": [100], "learning_rate": 0.5, "batch_size": 100, "sharding": "full",
+                            "eval_every_secs": 5.0}
 DEFAULT_EPOCHS = 2
 SMALL_EPOCHS = 20  # scikit-learn's digits is tiny: 2 passes would not learn much
 
@@ -420,7 +421,8 @@ def main(args: argparse.Namespace) -> int:
         return 2
     root = Path(args.root).absolute() if args.root else Path(tempfile.mkdtemp(prefix="crowdd-demo-"))
     root.mkdir(parents=True, exist_ok=True)
-    crowd = Crowd(root, int(args.workers))
+    cfg = JobConfig()  # the shipped group settings (the tests' crowds use smaller ones)
+    crowd = Crowd(root, int(args.workers), steps_per_function=cfg.steps_per_function, sync_every=cfg.sync_every)
 
     def cleanup() -> None:
         crowd.close()

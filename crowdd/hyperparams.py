@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from crowdd.errors import InputError
+from crowdd.route import DEFAULT_CHUNK, DEFAULT_ROUTE
 
 #: "file": the host's own Keras model file (``crowdd host --model-file``); the others are presets.
 PRESETS = ("mlp", "cnn")
@@ -51,6 +52,8 @@ class Job:
     wait: float = 60.0
     sharding: str = "full"
     loss: str = "sparse_categorical_crossentropy"
+    #: the host also evaluates every this many seconds of training (0: once per epoch only)
+    eval_every_secs: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -123,6 +126,9 @@ def validate_job(d: Mapping[str, Any]) -> Job:
     wait = _number(d, "wait", base.wait)
     if not 0 <= wait <= 86_400:
         raise HyperparamError("wait", f"must be between 0 and 86400 seconds, got {wait}")
+    every = _number(d, "eval_every_secs", base.eval_every_secs)
+    if not 0 <= every <= 86_400:
+        raise HyperparamError("eval_every_secs", f"must be between 0 and 86400 seconds, got {every}")
     workers = _int(d, "workers", base.workers, 0, MAX_WORKERS)
     min_workers = _int(d, "min_workers", min(base.min_workers, workers), 0, MAX_WORKERS)
     if min_workers > workers:
@@ -139,11 +145,15 @@ def validate_job(d: Mapping[str, Any]) -> Job:
         wait=wait,
         sharding=_choice(d, "sharding", base.sharding, SHARDINGS),
         loss=_choice(d, "loss", base.loss, LOSSES),
+        eval_every_secs=every,
     )
 
 
 ROUTES = ("binomial", "chain", "star")
-MERGES = ("average", "sum")
+#: how the parameter server merges a worker's K-step change: ``average`` adds change/W,
+#: ``sum`` adds the whole change (Downpour), ``nesterov`` feeds change/W to an outer Nesterov
+#: momentum optimizer on the PS (DiLoCo; :mod:`crowdd.job.outer`).
+MERGES = ("average", "sum", "nesterov")
 MAX_STEPS_PER_FUNCTION = 1_000_000
 MIN_CHUNK = 1
 MAX_CHUNK = 64 << 20  # one chunk travels as one wire blob (wire.MAX_BLOB)
@@ -155,11 +165,11 @@ class GroupSettings:
     (from its ``[replication]`` and ``[job]`` config) and it travels with the job through the
     matchmaker; a worker's own config never changes it."""
 
-    route: str = "binomial"
+    route: str = DEFAULT_ROUTE
     sync_every: int = 50
-    steps_per_function: int = 500
-    merge: str = "average"
-    chunk_size: int = 1 << 20
+    steps_per_function: int = 100
+    merge: str = "nesterov"
+    chunk_size: int = DEFAULT_CHUNK
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -349,6 +349,7 @@ class Coordinator:
         from crowdd.job.elastic import ElasticCluster
         from crowdd.job.faults import RETRYABLE, RetryBudget, flush_error
         from crowdd.job.models import build_model, loss_function
+        from crowdd.job.outer import effective_merge, push_scale
         from crowdd.job.train import TrainState, make_train_fn
 
         threads = self.spec.settings.threads
@@ -393,11 +394,14 @@ class Coordinator:
         spread = variance if self.layout.feature_dtype == "float32" else None
         with strategy.scope():
             model = build_model(self.job, self.layout, center, target, spread)
-            state = TrainState(model, self.job)
-        scale = 1.0 if self.spec.settings.merge == "sum" else 1.0 / self.num_workers
+            merge = effective_merge(self.spec.settings.merge, self.num_workers)
+            state = TrainState(model, self.job, merge)
+        scale = push_scale(merge, self.num_workers)
         train_fn = make_train_fn(state, loss_fn, self.spec.settings.sync_every, scale, regression)
         self.guard.connected.set()  # the variables live on the PS: every live server answered
         local = build_model(self.job, self.layout, center, target, spread)
+        # a compiled forward pass: Keras' predict() costs several times more per evaluation
+        forward = tf.function(lambda x: local(x, training=False), reduce_retracing=True)
         variables = state.variables()
 
         store = self.store
@@ -441,12 +445,14 @@ class Coordinator:
 
         evaluations: list[dict[str, Any]] = []
         started = time.time()
+        clock = {"train_t0": time.monotonic(), "eval_s": 0.0, "last": time.monotonic()}
 
         def evaluate(epoch: int, step: int) -> dict[str, float]:
+            t_eval = time.monotonic()
             # trainable weights only: non-trainable ones (a Normalization's statistics) never change
             for var, value in zip(local.trainable_variables, state.weights):
                 var.assign(value.numpy())
-            probs = local.predict(x_test, batch_size=1000, verbose=0)
+            probs = np.concatenate([forward(x_test[i : i + 2500]).numpy() for i in range(0, len(x_test), 2500)])
             test_loss = float(loss_fn(y_test, probs))
             if not finite(test_loss):
                 raise Diverged(step, lr)
@@ -460,7 +466,13 @@ class Coordinator:
                 for key, value in metrics.items():
                     scalar(key.replace("_", "/", 1), value)
                 scalar("test/loss", test_loss)
-            self.events.emit("eval", epoch=epoch, step=step, test_loss=test_loss, **metrics)
+            now_eval = time.monotonic()
+            clock["eval_s"] += now_eval - t_eval
+            clock["last"] = now_eval
+            # train_seconds: since the training loop began (evaluations included), for time-to-accuracy
+            self.events.emit("eval", epoch=epoch, step=step, test_loss=test_loss, **metrics,
+                             train_seconds=round(now_eval - clock["train_t0"], 3),
+                             eval_seconds=round(clock["eval_s"], 3))
             evaluations.append({"epoch": epoch, "step": step, "test_loss": test_loss, **metrics,
                                 "time": round(time.time(), 3)})
             return {"test_loss": test_loss, **metrics}
@@ -517,6 +529,7 @@ class Coordinator:
         announce("start")
         next_poll = time.monotonic() + POLL_SECS
         stopped = False
+        clock["train_t0"] = clock["last"] = time.monotonic()
         while done < total:
             if os.path.exists(STOP_FILE):  # the host asked to stop early: keep what is trained
                 log.info("asked to stop at step %d of %d", done, total)
@@ -574,6 +587,8 @@ class Coordinator:
             while evals_done < job.epochs - 1 and done >= (evals_done + 1) * per_epoch:
                 evals_done += 1
                 last_eval = evaluate(evals_done, done)
+            if job.eval_every_secs and now - clock["last"] >= job.eval_every_secs and done < total:
+                last_eval = evaluate(min(job.epochs, int(done // per_epoch) + 1), done)
             if now - last_ckpt >= self.spec.settings.checkpoint_secs and done < total:
                 path = store.save(done, finite_variables(done))
                 self.events.emit("checkpoint", path=str(path), step=done)

@@ -14,7 +14,7 @@ from typing import Any
 
 from crowdd.errors import InputError
 from crowdd.config import JobConfig, parse_hostport
-from crowdd.hyperparams import HyperparamError, Job, validate_job
+from crowdd.hyperparams import MERGES, HyperparamError, Job, validate_job
 from crowdd.job import MODEL_FILE
 from crowdd.job.shards import segments
 from crowdd.manifest import Layout, Manifest, ManifestError
@@ -51,7 +51,6 @@ class Settings:
     start_timeout: float = START_TIMEOUT
 
 
-MERGES = ("average", "sum")
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,12 @@ from __future__ import annotations
 import tensorflow as tf
 
 from crowdd.hyperparams import Job
+from crowdd.job.outer import nesterov
 
+#: what weights and weight changes travel as between a worker and the PS (the PS keeps
+#: float32; optimizer slots travel as float32). A pulled weight's rounding error (2^-11
+#: relative) is not accumulated: a worker pushes the change from the value it pulled.
+WIRE_DTYPE = tf.float16
 ADAM_BETA1 = 0.9
 ADAM_BETA2 = 0.999
 ADAM_EPSILON = 1e-7
@@ -20,11 +25,17 @@ ADAM_EPSILON = 1e-7
 class TrainState:
     """Model and optimizer state; create it inside ``strategy.scope()`` to live on the PS."""
 
-    def __init__(self, model, job: Job) -> None:
+    def __init__(self, model, job: Job, merge: str = "average") -> None:
         self.model = model
         self.job = job
+        self.merge = merge
         self.weights = [v.value for v in model.trainable_variables]
         self.slots: list[tf.Variable] = []
+        # the outer optimizer's momentum, one per weight, on the PS (merge "nesterov")
+        self.outer: list[tf.Variable] = [
+            tf.Variable(tf.zeros(w.shape, w.dtype), trainable=False, name=f"outer_m{i}")
+            for i, w in enumerate(self.weights)
+        ] if merge == "nesterov" else []
         if job.optimizer == "adam":
             for i, w in enumerate(self.weights):
                 self.slots.append(tf.Variable(tf.zeros(w.shape, w.dtype), trainable=False, name=f"adam_m{i}"))
@@ -33,7 +44,8 @@ class TrainState:
             self.slots.append(tf.Variable(0.0, trainable=False, name="adam_t"))
 
     def variables(self) -> list:
-        return [*self.weights, *self.slots]
+        """Everything a checkpoint holds."""
+        return [*self.weights, *self.slots, *self.outer]
 
 
 def _update(job: Job, weights: list, slots: list, grads: list) -> tuple[list, list]:
@@ -55,11 +67,14 @@ def make_train_fn(state: TrainState, loss_fn, sync_every: int, push_scale: float
 
     ``push_scale`` multiplies each pushed change: 1 adds every worker's whole change (Downpour
     SGD, the paper's asynchronous updates); 1/W averages the W workers' changes (model
-    averaging: stable at high learning rates, where W summed changes overshoot).
+    averaging: stable at high learning rates, where W summed changes overshoot). With
+    ``state.outer`` (merge ``nesterov``) the scaled change of the weights goes through the
+    outer Nesterov optimizer (:func:`crowdd.job.outer.nesterov`) instead.
     """
     model = state.model
     job = state.job
-    variables = state.variables()
+    variables = [*state.weights, *state.slots]  # what a worker reads and pushes to
+    outer = state.outer
     nw = len(state.weights)
     fixed = [v.value for v in model.non_trainable_variables]
     k_max = int(sync_every)
@@ -87,6 +102,24 @@ def make_train_fn(state: TrainState, loss_fn, sync_every: int, push_scale: float
             samples += batch
         return weights, slots, loss_sum, correct, samples, widx
 
+    def narrow(x, weight: bool):
+        return tf.cast(x, WIRE_DTYPE) if weight and WIRE_DTYPE != tf.float32 else x
+
+    def widen(x):
+        return tf.cast(x, tf.float32) if x.dtype != tf.float32 else x
+
+    def pull(var, weight: bool):
+        """The PS's value, sent as WIRE_DTYPE (cast on the PS, widened here)."""
+        with tf.device(var.device):
+            value = narrow(var.read_value(), weight)
+        return tf.identity(widen(value))
+
+    def push(var, delta, weight: bool):
+        """Add ``delta`` on the PS, sent as WIRE_DTYPE (narrowed here, widened on the PS)."""
+        small = narrow(delta, weight)
+        with tf.device(var.device):
+            var.assign_add(widen(small))
+
     @tf.function
     def train(iterator, n: int):
         """``n`` is a Python int: the sync rounds unroll, so no PS access sits in a tf loop."""
@@ -96,10 +129,19 @@ def make_train_fn(state: TrainState, loss_fn, sync_every: int, push_scale: float
         widx = tf.constant(-1, tf.int32)
         rounds = [k_max] * (n // k_max) + ([n % k_max] if n % k_max else [])
         for k in rounds:
-            start = [tf.identity(v.read_value()) for v in variables]
+            start = [pull(v, i < nw) for i, v in enumerate(variables)]
             weights, slots, ls, c, s, widx = local_steps(iterator, tf.constant(k), start[:nw], start[nw:])
-            for var, new, old in zip(variables, [*weights, *slots], start):
-                var.assign_add((new - old) * push_scale if push_scale != 1.0 else new - old)
+            for i, (var, new, old) in enumerate(zip(variables, [*weights, *slots], start)):
+                delta = (new - old) * push_scale if push_scale != 1.0 else new - old
+                if outer and i < nw:
+                    # DiLoCo's outer Nesterov step on the PS (crowdd.job.outer); the momentum
+                    # is read and written without a lock, as the weights are (Hogwild)
+                    with tf.device(var.device):
+                        m, step = nesterov(widen(narrow(delta, True)), outer[i].read_value())
+                        outer[i].assign(m)
+                        var.assign_add(step)
+                else:
+                    push(var, delta, i < nw)
             loss_sum += ls
             correct += c
             samples += s

@@ -267,8 +267,9 @@ class StatusView:
             extra: dict[str, Any] = {k: ev[k] for k in ("test_mae", "test_mse") if k in ev}
             tr.update(extra)
             rec.training = tr
+            clock = {k: ev[k] for k in ("train_seconds", "eval_seconds") if k in ev}  # time-to-accuracy
             self._publish("eval", epoch=ev.get("epoch"), step=ev.get("step"), test_accuracy=ev.get("test_accuracy"),
-                          test_loss=ev.get("test_loss"), **extra)
+                          test_loss=ev.get("test_loss"), **extra, **clock)
 
     def finished(self, test_accuracy: Any, model_path: str | None, **metrics: float) -> None:
         """The session's result (``model_path`` is this node's own file; a worker has none):

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from crowdd.config import JobConfig
 from crowdd.datasets import ArraySet, convert
 from crowdd.job import EXIT_BAD_SPEC
 from crowdd.job.events import EventWriter, parse_event
@@ -64,7 +65,7 @@ def test_good_spec_round_trips(workdir: Path, tmp_path: Path) -> None:
     spec = parse_spec(good(workdir))
     assert isinstance(spec, JobSpec)
     assert spec.role == "host" and spec.cluster.num_workers == 2
-    assert spec.settings == Settings(20, 5, 1, 10, 30.0, "average")
+    assert spec.settings == Settings(20, 5, 1, 10, 30.0, JobConfig().merge)
     assert spec.job.sharding == "overlap"
     assert spec.own_ports() == {"ps": 4001, "worker": 4002}
     path = tmp_path / "spec.json"

@@ -185,3 +185,18 @@ def test_reachability_must_cover_the_group_and_include_the_host() -> None:
         node_plan(3, 1, "binomial", [True, False])
     with pytest.raises(RouteError, match="host"):
         node_plan(3, 1, "binomial", [False, True, True])
+
+
+def test_default_route_is_the_fastest_measured_and_chunks_stay_few() -> None:
+    from crowdd.config import ReplicationConfig
+    from crowdd.hyperparams import GroupSettings
+    from crowdd.route import DEFAULT_CHUNK, DEFAULT_ROUTE, MAX_CHUNKS, chunk_for
+
+    assert DEFAULT_ROUTE == "chain"
+    assert GroupSettings().route == ReplicationConfig().route == DEFAULT_ROUTE
+    assert GroupSettings().chunk_size == ReplicationConfig().chunk_size == DEFAULT_CHUNK
+    assert chunk_for(55 << 20) == DEFAULT_CHUNK
+    big = chunk_for(10 << 30)
+    assert big * MAX_CHUNKS >= 10 << 30 and big // 2 * MAX_CHUNKS < 10 << 30
+    # NAT'd members stay leaves on the default route
+    assert node_plan(4, 1, DEFAULT_ROUTE, [True, False, True, True]) == Plan(0, ())

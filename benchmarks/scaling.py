@@ -1,0 +1,403 @@
+"""Time to accuracy on emulated machines: does every volunteer make training faster?
+
+    sudo .venv/bin/python benchmarks/scaling.py --model mlp --rates 50mbit,10mbit --workers 0,1,3 --json scaling.json
+
+Every node is an emulated machine: its own network namespace (:class:`crowdd.testing.netns.NetnsLab`),
+a CPU cap (a cgroup: v1 ``cpu.cfs_quota_us`` or cgroup2 ``cpu.max``, ``--cap`` CPUs, the same for
+every machine, the host's included) and a link shaped with ``tc tbf`` to RATE both ways. The
+whole crowd runs through the real daemons: a matchmaker (its own namespace, uncapped), the host
+daemon and N worker daemons, each daemon (and its job, its TF servers, its tunnels) inside its
+machine's cgroup; TF's thread caps are ``[job] threads = 1`` to match a sub-core cap. The
+daemons keep their state directories from run to run, so the dataset is replicated once (the
+cache); every run is a fresh session. The host's settings (``[job]``, ``[replication]``) are
+what ships (``crowdd.config.JobConfig()``, ``crowdd.hyperparams.Job()``) unless a flag says
+otherwise, so what is measured is what users get.
+
+Workload: Fashion-MNIST, the MLP [100] (target test accuracy 0.88) or the CNN (0.90). The host
+evaluates on the whole test set every ``--eval-every`` seconds of training (the Job's
+``eval_every_secs``); T is the host's ``train_seconds`` (from the start of its training loop,
+less the time its evaluations took (the instrument, not the training: each evaluation of
+the 10,000 test images takes ~0.6 s at a 0.4-CPU cap, a third of the host alone's wall time
+at one per second), at the first evaluation at or above the target. The wall figure with the
+evaluations is in the JSON (``wall_to_target_s``). Workers keep computing the functions
+already scheduled while the host evaluates; the host's own worker shares its cap with the
+evaluation. The run stops at the target. The JSON also has T counted from the end of the
+first scheduled function (``after_first_function_s``: TF's one-time graph tracing and the first
+evaluation's tracing excluded, ~5 s at a 0.4-CPU cap) and the speed-up on that clock.
+
+Prints per rate and N: T, the speed-up T(host alone)/T(host+N) and the efficiency
+speed-up/(N+1); the last line is the 4-trainer speed-up (host + 3 workers) at the first rate.
+The host alone never touches the network, so it is measured once per model and is the
+reference for every rate (same cap, same settings, same run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from crowdd.config import JobConfig, Paths, ReplicationConfig
+from crowdd.control import ControlClient
+from crowdd.demo import permissive_idle_table
+from crowdd.errors import Unavailable
+from crowdd.hyperparams import Job
+from crowdd.identity import Identity
+from crowdd.platform.process import group_options, kill_group
+from crowdd.testing.netns import NetnsLab, NetnsUnavailable, Shape
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+TARGETS = {"mlp": 0.88, "cnn": 0.90}
+MM_PORT = 7700
+MM = 0  # the matchmaker's namespace; node k (host = 0) lives in namespace k + 1
+
+
+# --------------------------------------------------------------------------- CPU caps
+
+
+class CpuCaps:
+    """One cgroup per emulated machine below a per-run parent, capped at ``cpus`` CPUs.
+
+    cgroup2 (``cpu.max``) where it is mounted at /sys/fs/cgroup, else cgroup v1's cpu
+    controller (``cpu.cfs_quota_us``). :meth:`close` kills what is left in them and removes
+    them."""
+
+    PERIOD = 100_000
+
+    def __init__(self, prefix: str) -> None:
+        v2 = Path("/sys/fs/cgroup/cgroup.controllers")
+        if v2.exists() and "cpu" in v2.read_text().split():
+            self.v2, base = True, Path("/sys/fs/cgroup")
+        elif Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").exists():
+            self.v2, base = False, Path("/sys/fs/cgroup/cpu")
+        else:
+            raise NetnsUnavailable("no cgroup cpu controller (cgroup2 cpu.max or v1 cpu.cfs_quota_us)")
+        self.parent = base / prefix
+        self.groups: list[Path] = []
+
+    def make(self, name: str, cpus: float) -> Path:
+        if not self.parent.exists():
+            self.parent.mkdir()
+            if self.v2:
+                (self.parent / "cgroup.subtree_control").write_text("+cpu")
+        g = self.parent / name
+        g.mkdir(exist_ok=True)
+        quota = max(1000, round(cpus * self.PERIOD))
+        if self.v2:
+            (g / "cpu.max").write_text(f"{quota} {self.PERIOD}")
+        else:
+            (g / "cpu.cfs_period_us").write_text(str(self.PERIOD))
+            (g / "cpu.cfs_quota_us").write_text(str(quota))
+        self.groups.append(g)
+        return g
+
+    @staticmethod
+    def argv(group: Path, argv: list[str]) -> list[str]:
+        """``argv`` started inside ``group`` (the shell joins it, then execs)."""
+        return ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(group), *argv]
+
+    @staticmethod
+    def pids(group: Path) -> list[int]:
+        with contextlib.suppress(OSError):
+            return [int(p) for p in (group / "cgroup.procs").read_text().split()]
+        return []
+
+    def throttled_s(self, group: Path) -> float:
+        with contextlib.suppress(OSError, ValueError):
+            stat = dict(line.split() for line in (group / "cpu.stat").read_text().splitlines())
+            return int(stat.get("throttled_usec", 0)) / 1e6 if self.v2 else int(stat.get("throttled_time", 0)) / 1e9
+        return 0.0
+
+    def kill_all(self) -> None:
+        for _ in range(50):
+            left = [pid for g in self.groups for pid in self.pids(g)]
+            if not left:
+                return
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.1)
+
+    def close(self) -> None:
+        self.kill_all()
+        for g in reversed(self.groups):
+            for _ in range(20):
+                try:
+                    g.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.1)
+        with contextlib.suppress(OSError):
+            self.parent.rmdir()
+        self.groups.clear()
+
+
+# --------------------------------------------------------------------------- the crowd
+
+
+def node_config(name: str, fingerprint: str, args: argparse.Namespace) -> str:
+    job = (f"steps_per_function = {args.steps_per_function}\nsync_every = {args.sync_every}\n"
+           f'merge = "{args.merge}"\n' if args.merge else
+           f"steps_per_function = {args.steps_per_function}\nsync_every = {args.sync_every}\n")
+    return (
+        "[daemon]\n"
+        f'name = "{name}"\n'
+        f'matchmaker_fingerprint = "{fingerprint}"\n'
+        "retry_min = 0.3\nretry_max = 2.0\n"
+        "[job]\nnice = 0\nthreads = 1\ncheckpoint_secs = 3600.0\n" + job
+        + permissive_idle_table()
+    )
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, root: Path) -> None:
+        self.args = args
+        self.root = root
+        self.max_workers = max(args.workers)
+        self.lab = NetnsLab(self.max_workers + 2, base=(10, 93))
+        self.caps = CpuCaps(f"crowdd-scaling-{os.getpid()}")
+        self.groups: list[Path] = []
+        self.mm: subprocess.Popen[Any] | None = None
+        self.fingerprint = ""
+
+    def setup(self) -> None:
+        self.lab.setup()
+        self.groups = [self.caps.make(f"node{k}", self.args.cap) for k in range(self.max_workers + 1)]
+        mm_root = self.root / "matchmaker"
+        self.fingerprint = Identity.load_or_create(Paths.under(mm_root).identity_dir, "matchmaker").fingerprint
+        with open(self.root / "matchmaker.log", "ab") as log:
+            self.mm = self.lab.popen(MM, [sys.executable, "-m", "crowdd", "matchmaker", "--listen", f"0.0.0.0:{MM_PORT}",
+                                          "--root", str(mm_root)], stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL)
+
+    def close(self) -> None:
+        try:
+            self.caps.close()
+        finally:
+            self.lab.close()
+
+    def node_root(self, k: int) -> Path:
+        return self.root / ("host" if k == 0 else f"worker-{k}")
+
+    def start_daemon(self, k: int) -> subprocess.Popen[Any]:
+        root = self.node_root(k)
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "crowdd.toml").write_text(node_config("host" if k == 0 else f"worker-{k}", self.fingerprint, self.args))
+        argv = [sys.executable, "-m", "crowdd", "daemon", "--root", str(root),
+                "--matchmaker", f"{self.lab.hosts[MM].ip}:{MM_PORT}"]
+        # the cgroup first: `ip netns exec` remounts /sys, which hides the cgroup tree
+        with open(root / "daemon.log", "ab") as log:
+            proc: subprocess.Popen[Any] = subprocess.Popen(
+                CpuCaps.argv(self.groups[k], self.lab.argv(k + 1, argv)), stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, **group_options())
+        return proc
+
+    async def run(self, rate: str, workers: int, model: str, dataset: Path) -> dict[str, Any]:
+        args = self.args
+        for k in range(workers + 1):
+            self.lab.shape_host(k + 1, Shape(rate, args.burst, args.latency))
+        daemons = [self.start_daemon(k) for k in range(workers + 1)]
+        socks = [self.node_root(k) / "run" / "control.sock" for k in range(workers + 1)]
+        target = TARGETS[model]
+        evals: list[dict[str, Any]] = []
+        reached: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        throttled0 = [self.caps.throttled_s(g) for g in self.groups[: workers + 1]]
+        listener: asyncio.Task[None] | None = None
+        t_request = time.monotonic()
+        try:
+            await asyncio.gather(*(wait_socket(s, p) for s, p in zip(socks, daemons)))
+
+            async def listen() -> None:
+                errors: list[str] = []
+                async for ev in ControlClient(socks[0]).subscribe():
+                    kind = ev.get("event")
+                    if kind == "eval" and isinstance(ev.get("test_accuracy"), (int, float)):
+                        evals.append({k: ev.get(k) for k in ("step", "test_accuracy", "train_seconds", "eval_seconds")})
+                        if ev["test_accuracy"] >= target and not reached.done():
+                            reached.set_result(ev)
+                    elif kind == "log" and ev.get("level") == "error":
+                        errors.append(str(ev.get("message")))
+                    elif kind == "result" and not reached.done():
+                        reached.set_exception(RuntimeError(f"finished below the target: {ev.get('test_accuracy')}"))
+                    elif (kind == "state" and ev.get("state") in ("off", "standby") and ev.get("previous") != "finished"
+                          and not reached.done()):
+                        reached.set_exception(RuntimeError(f"the host gave up: {errors[-1] if errors else 'see its log'}"))
+
+            listener = asyncio.create_task(listen())
+            await asyncio.sleep(0.3)
+            for s in socks[1:]:
+                async with ControlClient(s) as c:
+                    await c.donate(True)
+            job = {**self.job(model), "workers": workers, "min_workers": workers}
+            t_request = time.monotonic()
+            async with ControlClient(socks[0]) as c:
+                await c.host(str(dataset), job)
+            ev = await asyncio.wait_for(reached, args.timeout)
+            wall = float(ev["train_seconds"])
+            t = round(wall - float(ev.get("eval_seconds") or 0.0), 3)
+            first = evals[0]  # after the first function: graphs traced and shipped, one evaluation traced
+            warm = round(t - (float(first["train_seconds"]) - float(first["eval_seconds"] or 0.0)), 3)
+            result: dict[str, Any] = {"rate": rate, "workers": workers, "trainers": workers + 1, "model": model,
+                                      "target": target, "time_to_target_s": t, "wall_to_target_s": wall,
+                                      "after_first_function_s": warm,
+                                      "step": ev.get("step"),
+                                      "test_accuracy": ev["test_accuracy"], "eval_seconds": ev.get("eval_seconds"),
+                                      "request_to_target_s": round(time.monotonic() - t_request, 1), "evals": evals}
+        except (RuntimeError, asyncio.TimeoutError) as exc:
+            result = {"rate": rate, "workers": workers, "trainers": workers + 1, "model": model, "target": target,
+                      "time_to_target_s": None, "error": str(exc) or type(exc).__name__, "evals": evals}
+        finally:
+            if listener is not None:
+                listener.cancel()
+                await asyncio.gather(listener, return_exceptions=True)
+            result_throttle = [round(self.caps.throttled_s(g) - t0, 1) for g, t0 in zip(self.groups, throttled0)]
+            for p in daemons:
+                kill_group(p, 10.0, signal.SIGTERM)
+            self.caps.kill_all()  # jobs and TF servers that outlived their daemon
+        result["throttled_s"] = result_throttle
+        return result
+
+    def job(self, model: str) -> dict[str, Any]:
+        a = self.args
+        j: dict[str, Any] = {"model": model, "hidden": [100], "epochs": a.epochs, "eval_every_secs": a.eval_every}
+        for key in ("learning_rate", "batch_size", "sharding", "optimizer"):
+            v = getattr(a, key)
+            if v is not None:
+                j[key] = v
+        return j
+
+
+async def wait_socket(path: Path, proc: subprocess.Popen[Any], timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"a daemon exited early (code {proc.returncode})")
+        try:
+            async with ControlClient(path) as c:
+                await c.status()
+            return
+        except Unavailable:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no control socket at {path} within {timeout:.0f} s") from None
+            await asyncio.sleep(0.3)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    job, cfg = Job(), JobConfig()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=tuple(TARGETS), default="mlp")
+    p.add_argument("--rates", type=parse_list, default=["50mbit", "10mbit"], help="tc rates, comma-separated")
+    p.add_argument("--workers", type=lambda s: sorted({int(x) for x in parse_list(s)} | {0}), default=[0, 1, 3],
+                   help="worker counts besides the host (0, the host alone, is always run)")
+    p.add_argument("--cap", type=float, default=0.4, help="CPUs per emulated machine (cgroup quota)")
+    p.add_argument("--eval-every", type=float, default=1.0, help="seconds of training between evaluations")
+    p.add_argument("--epochs", type=int, default=100, help="a bound; the run stops at the target")
+    p.add_argument("--learning-rate", type=float, default=None, help=f"default: Job()'s ({job.learning_rate})")
+    p.add_argument("--batch-size", type=int, default=None, help=f"default: Job()'s ({job.batch_size})")
+    p.add_argument("--sharding", default=None, help=f"default: Job()'s ({job.sharding})")
+    p.add_argument("--optimizer", default=None, help=f"default: Job()'s ({job.optimizer})")
+    p.add_argument("--merge", default=None, help=f"the host's [job] merge (default: JobConfig()'s, {cfg.merge})")
+    p.add_argument("--sync-every", type=int, default=cfg.sync_every, help="the host's [job] sync_every (K)")
+    p.add_argument("--steps-per-function", type=int, default=cfg.steps_per_function)
+    p.add_argument("--burst", default="256kb")
+    p.add_argument("--latency", default="50ms")
+    p.add_argument("--timeout", type=float, default=900.0, help="give up on a run after this many seconds")
+    p.add_argument("--dataset", type=Path, default=FASHION)
+    p.add_argument("--workdir", type=Path, default=None)
+    p.add_argument("--keep", action="store_true", help="keep the run's directory (logs, state) for a post-mortem")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+    if args.sync_every > args.steps_per_function:
+        p.error("--sync-every must be <= --steps-per-function")
+    model = args.model
+    root = Path(tempfile.mkdtemp(prefix="crowdd-scaling-", dir=args.workdir))
+    bench = Bench(args, root)
+    results: list[dict[str, Any]] = []
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    try:
+        try:
+            bench.setup()
+        except NetnsUnavailable as exc:
+            print(f"cannot run: {exc}", file=sys.stderr)
+            return 2
+
+        async def go() -> None:
+            plan = [(args.rates[0], 0)] + [(r, n) for r in args.rates for n in args.workers if n > 0]
+            for rate, n in plan:
+                res = await bench.run(rate, n, model, args.dataset)
+                results.append(res)
+                t = res["time_to_target_s"]
+                print(f"{model} {rate:>7s} host+{n}: " + (f"time to {res['target']} {t:.1f} s (step {res['step']}, "
+                      f"acc {res['test_accuracy']:.4f})" if t is not None else f"FAILED: {res.get('error')}"),
+                      file=sys.stderr, flush=True)
+
+        asyncio.run(go())
+    except KeyboardInterrupt:
+        print("interrupted; cleaning up", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        bench.close()
+        if args.keep:
+            print(f"kept {root}", file=sys.stderr)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+    ref = next((r["time_to_target_s"] for r in results if r["workers"] == 0), None)
+    ref_warm = next((r.get("after_first_function_s") for r in results if r["workers"] == 0), None)
+    lines = []
+    for r in results:
+        t = r["time_to_target_s"]
+        if r["workers"] and ref and t:
+            r["speedup"] = round(ref / t, 3)
+            r["efficiency"] = round(ref / t / r["trainers"], 3)
+            if ref_warm and r.get("after_first_function_s"):
+                r["speedup_after_first_function"] = round(ref_warm / r["after_first_function_s"], 3)
+        if r["workers"]:
+            lines.append(f"{model} {r['rate']:>7s} {r['trainers']} trainers: T {t if t is None else round(t, 1)} s, "
+                         f"speed-up {r.get('speedup')}, efficiency {r.get('efficiency')} "
+                         f"(from the first function's end: {r.get('speedup_after_first_function')})")
+    out = {"model": model, "target": TARGETS[model], "cap_cpus": args.cap, "cpus": os.cpu_count(),
+           "eval_every_secs": args.eval_every, "reference_s": ref, "rates": args.rates,
+           "job": bench.job(model), "settings": {"merge": args.merge or JobConfig().merge, "sync_every": args.sync_every,
+                                                 "steps_per_function": args.steps_per_function,
+                                                 "route": ReplicationConfig().route},
+           "results": results}
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2))
+    print(f"{model}: host alone (cap {args.cap} CPU) reaches {TARGETS[model]} in "
+          + (f"{ref:.1f} s" if ref else "FAILED"))
+    for line in lines:
+        print(line)
+    four = next((r for r in results if r["trainers"] == 4 and r["rate"] == args.rates[0]), None)
+    if four is not None:
+        print(f"{model} 4-trainer speed-up at {four['rate']}: {four.get('speedup')}x "
+              f"(efficiency {four.get('efficiency')}; target >= 3.0x at 50mbit, >= 2.5x at 10mbit)")
+    return 0 if ref and all(r["time_to_target_s"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

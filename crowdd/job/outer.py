@@ -1,0 +1,67 @@
+"""The parameter server's merge rules as plain arithmetic (TF-free; :mod:`crowdd.job.train`
+applies them to tensors, the unit tests to numpy arrays).
+
+A worker's push is its K-step change ``delta = new - old``. ``average`` adds ``delta / W``,
+``sum`` adds ``delta`` (Downpour), ``nesterov`` treats ``delta / W`` as DiLoCo's outer
+pseudo-gradient (with the sign flipped: a change, not a gradient) and takes one Nesterov
+momentum step with it on the PS (Douillard et al. 2023, "DiLoCo": outer lr 0.7, momentum
+0.9). Staleness is not corrected: the pushes are applied as they arrive.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+OUTER_LR = 0.7
+OUTER_MOMENTUM = 0.9
+
+
+def effective_merge(merge: str, workers: int) -> str:
+    """The rule the PS applies for ``workers`` trainers: ``nesterov`` with a single trainer is
+    plain ``average`` (its own SGD): outer momentum over one worker's change only multiplies
+    the step the job's learning rate chose (measured: the host alone took 3.4x longer to
+    0.88 on Fashion-MNIST)."""
+    return "average" if merge == "nesterov" and workers <= 1 else merge
+
+
+def push_scale(merge: str, workers: int) -> float:
+    """The factor each worker's change is scaled by before it is merged."""
+    if merge == "sum":
+        return 1.0
+    if merge in ("average", "nesterov"):
+        return 1.0 / max(1, workers)
+    raise ValueError(f"unknown merge {merge!r}")
+
+
+def nesterov(delta: Any, momentum: Any, lr: float = OUTER_LR, mu: float = OUTER_MOMENTUM) -> tuple[Any, Any]:
+    """One outer Nesterov step for a (scaled) change ``delta``: ``(new momentum, what to add
+    to the weights)``. Works on floats, numpy arrays and tensors alike.
+
+    PyTorch's SGD(nesterov=True) on the pseudo-gradient g = -delta, negated:
+    ``m = mu·m + delta``; ``w += lr·(delta + mu·m)``.
+    """
+    m = momentum * mu + delta
+    return m, (delta + m * mu) * lr
+
+
+
+
+def choose_sync_every(step_seconds: float, model_bytes: int, link_bytes_per_s: float, remote_workers: int,
+                      share: float = 0.1, lo: int = 10, hi: int = 2000) -> int:
+    """K (``sync_every``) that keeps communication at most ``share`` of a round.
+
+    Every round a remote worker pulls the model and pushes its change (``model_bytes`` each
+    way) through the host's link, which all ``remote_workers`` share; a round computes K steps
+    of ``step_seconds``. So K >= remote_workers · model_bytes / (link · share · step_seconds),
+    clamped to [lo, hi]. With no remote worker K = lo (every push is local).
+    """
+    if step_seconds <= 0 or link_bytes_per_s <= 0 or not 0 < share <= 1:
+        raise ValueError("step time, link rate and share must be positive (share <= 1)")
+    if remote_workers <= 0:
+        return lo
+    k = remote_workers * model_bytes / (link_bytes_per_s * share * step_seconds)
+    return max(lo, min(hi, math.ceil(k)))
+
+
+__all__ = ["OUTER_LR", "OUTER_MOMENTUM", "choose_sync_every", "effective_merge", "nesterov", "push_scale"]
