@@ -288,8 +288,10 @@ async def lead(
             started = await session.wait_started(live, JOB_START_WAIT)
             if len(started) < len(live):
                 if len(started) < plan.job.min_workers:
-                    why = (f"only {len(started)} worker(s) started their TF servers within {JOB_START_WAIT:g} s; "
-                           f"the job needs min_workers = {plan.job.min_workers}")
+                    reasons = "; ".join(f"worker {m.index}: {m.why_gone or 'not up in time'}"
+                                        for m in live if m not in started)
+                    why = (f"only {len(started)} worker(s) started their TF servers within {JOB_START_WAIT:g} s "
+                           f"({reasons}); the job needs min_workers = {plan.job.min_workers}")
                     await session.end(End(error=why))
                     raise SessionFailed(why)
                 view.log(logging.WARNING, f"{len(live) - len(started)} worker(s) did not start their TF servers "

@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import logging
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -192,6 +193,8 @@ class Member:
     away: str | None = None  # why it is away (its machine busy), while it is
     rejoins: int = 0
     slot: int | None = None  # its TF worker task while training (None: none, or given to a newcomer)
+    gone_since: float | None = None  # when it left the session (time.monotonic()), while it is gone
+    why_gone: str | None = None
     tf_port: int = 0
     channel: Channel | None = field(default=None, repr=False)
 
@@ -288,6 +291,7 @@ class HostSession:
         m.alive = False
         m.state = "gone"
         m.channel = None
+        m.gone_since, m.why_gone = time.monotonic(), why
         self._touch(m)
         logger.info("worker %d (%s) left the session: %s", m.index, m.name, why)
 
@@ -339,6 +343,7 @@ class HostSession:
             if old is not None:
                 spawn_tracked(self._tasks, old.close())
             m.alive, m.connected, m.ready, m.away = True, True, True, None
+            m.gone_since = m.why_gone = None
             m.started = hello.get("job") == "running"  # its TF server kept its state
             m.rejoins += 1
             m.state = "training" if m.started else "ready"

@@ -45,8 +45,11 @@ class TrainingSlots:
         return next((w for w in self.session.workers if w.slot == slot), None)
 
     def free(self) -> list[int]:
-        """Slots nobody holds, or whose worker is gone (a worker away keeps its slot)."""
-        return [t for t in self.slots if (h := self.holder(t)) is None or not h.alive]
+        """Slots nobody holds, then those whose worker is gone, longest gone first (a worker
+        away keeps its slot; a frozen one that thaws soon may still come back to its own)."""
+        empty = [t for t in self.slots if self.holder(t) is None]
+        gone = sorted((h.gone_since or 0.0, t) for t in self.slots if (h := self.holder(t)) is not None and not h.alive)
+        return empty + [t for _, t in gone]
 
     def sync(self) -> None:
         """Cut every worker that cannot train now, then tell the job which slots can."""

@@ -142,7 +142,7 @@ async def test_a_busy_program_suspends_the_job_within_2s_and_quiet_resumes_it(tm
             with cpu_hog() as stop_hog:
                 took = await wait_for(lambda: job.suspended, 10.0, "the job suspended")
                 assert took <= REACTION, f"the job was suspended {took:.2f} s after the hog started"
-                assert stopped(job.pid)
+                await wait_for(lambda: stopped(job.pid), 2.0, "the job's processes stopped (SIGSTOP lands)")
                 assert d.status()["idle"]["rule"] == "cpu"
                 await asyncio.sleep(1.5)
                 assert job.suspended  # still busy: stays suspended

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from crowdd.config import JobConfig
 from crowdd.control import ControlClient
 from crowdd.demo import Crowd
 from test_daemon_e2e import (  # the same real crowd, recorder and helpers
@@ -24,7 +25,7 @@ from test_daemon_e2e import (  # the same real crowd, recorder and helpers
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
-HOST_SETTINGS = {"route": "chain", "steps_per_function": 20, "sync_every": 10, "merge": "average"}
+HOST_SETTINGS = {"route": "chain", "steps_per_function": 20, "sync_every": 10, "merge": JobConfig().merge}
 WORKER_FILE = (
     "[replication]\nroute = \"binomial\"\nchunk_size = 4096\nstall_timeout = 5.0\n"
     "[job]\nsteps_per_function = 7\nsync_every = 3\nmerge = \"sum\"\n"
@@ -83,7 +84,7 @@ async def test_workers_config_never_changes_what_the_group_computes(tmp_path: Pa
                 assert {k: st["settings"][k] for k in HOST_SETTINGS} == HOST_SETTINGS
                 assert st["settings"]["chunk_size"] == 65536  # the host's dataset's chunks
                 assert {k: spec["settings"][k] for k in ("steps_per_function", "sync_every", "merge")} == {
-                    "steps_per_function": 20, "sync_every": 10, "merge": "average"}
+                    "steps_per_function": 20, "sync_every": 10, "merge": JobConfig().merge}
             # the host's chain route: node 2 fetched from node 1 (binomial would say node 0)
             last = next(st for st in statuses if st["group"]["index"] == 2)
             second = next(w for w, st in zip(crowd.workers, statuses) if st is last)

@@ -80,3 +80,17 @@ def test_a_restarted_server_is_fresh_when_it_comes_back(tmp_path: Path) -> None:
     ws[0].started = True
     slots.sync()
     assert json.loads((tmp_path / MEMBERS_FILE).read_text()) == {"version": 3, "live": [1], "fresh": [1]}
+
+
+def test_a_newcomer_takes_an_empty_slot_before_a_frozen_workers(tmp_path: Path) -> None:
+    """A worker silent for a while may be frozen and thaw soon: a newcomer takes a slot nobody
+    holds first, then the one whose worker has been gone longest."""
+    ws = [member(1, started=True, alive=False, gone_since=20.0), member(2, started=True, alive=False, gone_since=10.0)]
+    slots, _, _, _ = make(tmp_path, ws, 3)
+    assert slots.free() == [3, 2, 1]
+    n = member(3)
+    ws.append(n)
+    assert slots.seat(n) == 3
+    n4 = member(4)
+    ws.append(n4)
+    assert slots.seat(n4) == 2  # gone since 10.0: longer than worker 1
