@@ -27,7 +27,7 @@ from crowdd.testing.churn import Watch, donate, freeze, longest_stall
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-EPOCHS = 60
+EPOCHS = 150
 JOB = {"workers": 4, "min_workers": 2, "wait": 3, "epochs": EPOCHS, "batch_size": 50}
 STALL_LIMIT = 15.0
 
