@@ -1,6 +1,13 @@
 """Volunteers come and go: goodput and the longest stall of one session under churn.
 
-    sudo .venv/bin/python benchmarks/churn.py [--cap 0.35] [--epochs 12] [--json churn.json]
+    sudo .venv/bin/python benchmarks/churn.py [--cap 0.35] [--epochs 8] [--json churn.json]
+
+Measured (2-core VM, --epochs 8): steady 17,812 samples/s (4,453 per trainer), accuracy 0.8818;
+churn 14,942 samples/s with 3.23 trainers available on average over 80 s, accuracy 0.8845;
+longest stall 8.2 s; goodput 1.039. Goodput above 1 says the steady rate per trainer is
+not a constant here: the host's capped machine (parameter server, coordinator, its own
+worker, the tunnels) is the bottleneck with 4 trainers, so with fewer trainers each goes
+faster.
 
 Two sessions on Fashion-MNIST (the MLP [100], the shipped settings), each a real crowd on this
 machine (:class:`crowdd.demo.Crowd`: a matchmaker, a host daemon and worker daemons as
@@ -54,12 +61,15 @@ from crowdd.testing.churn import Availability, Watch, donate, freeze, goodput, l
 from crowdd.testing.cpucaps import CpuCaps
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
-HEARTBEAT = "[daemon]\nheartbeat = 2.0\npeer_timeout = 8.0\n"
 
 
-def node_extra(cap: float) -> str:
+async def cap_threads(node: Node, cap: float) -> None:
+    """TF's threads to match the machine's CPU cap: set in its config, then ``crowdd reload``."""
+    conf = node.root / "crowdd.toml"
     threads = max(1, round(cap + 0.49))
-    return f"[job]\nthreads = {threads}\n"
+    conf.write_text(conf.read_text().replace("[job]\n", f"[job]\nthreads = {threads}\n", 1))
+    async with ControlClient(node.socket) as c:
+        await c.reload()
 
 
 def job(workers: int, epochs: int, min_workers: int) -> dict[str, Any]:
@@ -84,11 +94,13 @@ def training_start(watch: Watch) -> float:
 
 
 async def steady(root: Path, caps: CpuCaps, cap: float, epochs: int, batch: int, timeout: float) -> dict[str, Any]:
-    crowd = Crowd(root, 3, extra_config=HEARTBEAT + node_extra(cap), verbose=False,
+    crowd = Crowd(root, 3, verbose=False,
                   wrap=lambda node, argv: caps.argv(caps.make(f"steady-{node.name}", cap), argv))
     crowd.start()
     try:
         await crowd.wait_up()
+        for n in crowd.nodes:
+            await cap_threads(n, cap)
         w = Watch(crowd.host)
         w.start()
         for n in crowd.workers:
@@ -112,11 +124,13 @@ async def churn(root: Path, caps: CpuCaps, cap: float, epochs: int, batch: int, 
     def wrap(node: Node, argv: list[str]) -> list[str]:
         return caps.argv(caps.make(f"churn-{node.name}-{len(caps.groups)}", cap), argv)
 
-    crowd = Crowd(root, 4, extra_config=HEARTBEAT + node_extra(cap), verbose=False, wrap=wrap)
+    crowd = Crowd(root, 4, verbose=False, wrap=wrap)
     crowd.start()
     log: list[dict[str, Any]] = []
     try:
         await crowd.wait_up()
+        for n in crowd.nodes:
+            await cap_threads(n, cap)
         w = Watch(crowd.host)
         w.start()
         w1, w2, w3, w4 = crowd.workers
@@ -166,6 +180,7 @@ async def churn(root: Path, caps: CpuCaps, cap: float, epochs: int, batch: int, 
         if await at(7):
             crowd.start_node(w2)
             await crowd.wait_up()
+            await cap_threads(w2, cap)
             await donate(w2)
             avail.set(w2.name, True)
             note("worker-2 restarts and donates")
@@ -189,7 +204,7 @@ async def churn(root: Path, caps: CpuCaps, cap: float, epochs: int, batch: int, 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cap", type=float, default=0.35, help="CPUs per emulated machine (default 0.35)")
-    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--every", type=float, default=10.0, help="seconds between churn events (default 10)")
     p.add_argument("--timeout", type=float, default=900.0)
     p.add_argument("--json", type=Path)
