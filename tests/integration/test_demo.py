@@ -214,7 +214,7 @@ def test_demo_trains_the_hosts_regression_mlp_on_a_csv(tmp_path: Path) -> None:
     root = tmp_path / "demo"
     try:
         code, out = run_demo(["--workers", "1", "--dataset", str(data), "--label", "progression", "--task", "regression",
-                              "--model-file", str(model_file), "--epochs", "40", "--lr", "0.05", "--root", str(root)],
+                              "--model-file", str(model_file), "--epochs", "120", "--lr", "0.05", "--root", str(root)],
                              240)
     finally:
         crowdd.demo.kill_strays(root)
