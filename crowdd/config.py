@@ -97,7 +97,7 @@ class JobConfig:
     # emulated volunteer machines (benchmarks/scaling.py; docs/architecture.md, "Scaling")
     steps_per_function: int = 100
     sync_every: int = 50
-    merge: str = "nesterov"
+    merge: str = "average"
     threads: int = 1
     nice: int = 19
     checkpoint_secs: float = 30.0

@@ -168,7 +168,7 @@ class GroupSettings:
     route: str = DEFAULT_ROUTE
     sync_every: int = 50
     steps_per_function: int = 100
-    merge: str = "nesterov"
+    merge: str = "average"
     chunk_size: int = DEFAULT_CHUNK
 
     def to_dict(self) -> dict[str, Any]:

@@ -74,11 +74,12 @@ def test_a_regression_target_trains_the_mlp_preset_and_reports_mae(tmp_path: Pat
     prepared = convert(csv, tmp_path / "data", label="progression", task="regression")
     layout = prepared.manifest.layout
     assert layout is not None and layout.task == "regression" and layout.num_classes == 1
-    job = {"epochs": 60, "batch_size": 20, "learning_rate": 0.05, "hidden": [32]}
+    job = {"epochs": 150, "batch_size": 20, "learning_rate": 0.05, "hidden": [32]}
     settings = {"steps_per_function": 20, "sync_every": 5, "threads": 1, "nice": 5}
     result = run_cluster(tmp_path / "run", prepared.data_path, prepared.manifest_path, 1, job, settings, timeout=300)
     done = result.done
     assert done is not None, result.events
+    print(f"\ntest MAE {done['test_mae']:.1f}")
     assert "test_accuracy" not in done and done["test_mae"] < 60, done  # predicting the mean: ~64; seen 48..57
     assert done["test_mse"] > done["test_mae"]
     evals = [e for e in result.events if e["event"] == "eval"]
