@@ -143,7 +143,9 @@ async def test_a_job_in_its_user_namespace_is_refused(served: Any) -> None:
         return out.decode().strip()
 
     got = await run(["unshare", "--user", "--map-root-user", "--"])
-    assert got.startswith("refused:") and "another user namespace" in got, got
+    # the refusal's frame, or (when the daemon closed before the client finished writing) a
+    # closed socket: either way nothing was served
+    assert got.startswith("refused:") and ("another user namespace" in got or "went away" in got), got
     assert handler.calls == []
     assert await run([]) == "ok" and handler.calls == [("stop",)]
 
