@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import shutil
@@ -54,6 +53,7 @@ from crowdd.errors import Unavailable
 from crowdd.hyperparams import Job
 from crowdd.identity import Identity
 from crowdd.platform.process import group_options, kill_group
+from crowdd.testing.cpucaps import CpuCaps
 from crowdd.testing.netns import NetnsLab, NetnsUnavailable, Shape
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -63,85 +63,6 @@ MM = 0  # the matchmaker's namespace; node k (host = 0) lives in namespace k + 1
 
 
 # --------------------------------------------------------------------------- CPU caps
-
-
-class CpuCaps:
-    """One cgroup per emulated machine below a per-run parent, capped at ``cpus`` CPUs.
-
-    cgroup2 (``cpu.max``) where it is mounted at /sys/fs/cgroup, else cgroup v1's cpu
-    controller (``cpu.cfs_quota_us``). :meth:`close` kills what is left in them and removes
-    them."""
-
-    PERIOD = 100_000
-
-    def __init__(self, prefix: str) -> None:
-        v2 = Path("/sys/fs/cgroup/cgroup.controllers")
-        if v2.exists() and "cpu" in v2.read_text().split():
-            self.v2, base = True, Path("/sys/fs/cgroup")
-        elif Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").exists():
-            self.v2, base = False, Path("/sys/fs/cgroup/cpu")
-        else:
-            raise NetnsUnavailable("no cgroup cpu controller (cgroup2 cpu.max or v1 cpu.cfs_quota_us)")
-        self.parent = base / prefix
-        self.groups: list[Path] = []
-
-    def make(self, name: str, cpus: float) -> Path:
-        if not self.parent.exists():
-            self.parent.mkdir()
-            if self.v2:
-                (self.parent / "cgroup.subtree_control").write_text("+cpu")
-        g = self.parent / name
-        g.mkdir(exist_ok=True)
-        quota = max(1000, round(cpus * self.PERIOD))
-        if self.v2:
-            (g / "cpu.max").write_text(f"{quota} {self.PERIOD}")
-        else:
-            (g / "cpu.cfs_period_us").write_text(str(self.PERIOD))
-            (g / "cpu.cfs_quota_us").write_text(str(quota))
-        self.groups.append(g)
-        return g
-
-    @staticmethod
-    def argv(group: Path, argv: list[str]) -> list[str]:
-        """``argv`` started inside ``group`` (the shell joins it, then execs)."""
-        return ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(group), *argv]
-
-    @staticmethod
-    def pids(group: Path) -> list[int]:
-        with contextlib.suppress(OSError):
-            return [int(p) for p in (group / "cgroup.procs").read_text().split()]
-        return []
-
-    def throttled_s(self, group: Path) -> float:
-        with contextlib.suppress(OSError, ValueError):
-            stat = dict(line.split() for line in (group / "cpu.stat").read_text().splitlines())
-            return int(stat.get("throttled_usec", 0)) / 1e6 if self.v2 else int(stat.get("throttled_time", 0)) / 1e9
-        return 0.0
-
-    def kill_all(self) -> None:
-        for _ in range(50):
-            left = [pid for g in self.groups for pid in self.pids(g)]
-            if not left:
-                return
-            for pid in left:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            time.sleep(0.1)
-
-    def close(self) -> None:
-        self.kill_all()
-        for g in reversed(self.groups):
-            for _ in range(20):
-                try:
-                    g.rmdir()
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    time.sleep(0.1)
-        with contextlib.suppress(OSError):
-            self.parent.rmdir()
-        self.groups.clear()
 
 
 # --------------------------------------------------------------------------- the crowd
