@@ -49,9 +49,10 @@ from typing import Any
 from crowdd.config import JobConfig, Paths, ReplicationConfig
 from crowdd.control import ControlClient
 from crowdd.demo import permissive_idle_table
-from crowdd.errors import Unavailable
+from crowdd.errors import RemoteError, Unavailable
 from crowdd.hyperparams import Job
 from crowdd.identity import Identity
+from crowdd.node.resume import RECORD
 from crowdd.platform.process import group_options, kill_group
 from crowdd.testing.cpucaps import CpuCaps
 from crowdd.testing.netns import NetnsLab, NetnsUnavailable, Shape
@@ -88,7 +89,7 @@ class Bench:
         self.root = root
         self.max_workers = max(args.workers)
         self.lab = NetnsLab(self.max_workers + 2, base=(10, 93))
-        self.caps = CpuCaps(f"crowdd-scaling-{os.getpid()}")
+        self.caps = CpuCaps(f"crowdd-scaling-{os.getpid()}", round(args.cap_period_ms * 1000))
         self.groups: list[Path] = []
         self.mm: subprocess.Popen[Any] | None = None
         self.fingerprint = ""
@@ -133,6 +134,7 @@ class Bench:
         socks = [self.node_root(k) / "run" / "control.sock" for k in range(workers + 1)]
         target = TARGETS[model]
         evals: list[dict[str, Any]] = []
+        rates: dict[int, list[float]] = {}  # trainer index -> its progress events' samples/s
         reached: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         throttled0 = [self.caps.throttled_s(g) for g in self.groups[: workers + 1]]
         listener: asyncio.Task[None] | None = None
@@ -148,6 +150,8 @@ class Bench:
                         evals.append({k: ev.get(k) for k in ("step", "test_accuracy", "train_seconds", "eval_seconds")})
                         if ev["test_accuracy"] >= target and not reached.done():
                             reached.set_result(ev)
+                    elif kind == "progress" and isinstance(ev.get("samples_per_sec"), (int, float)):
+                        rates.setdefault(int(ev.get("worker", -1)), []).append(float(ev["samples_per_sec"]))
                     elif kind == "log" and ev.get("level") == "error":
                         errors.append(str(ev.get("message")))
                     elif kind == "result" and not reached.done():
@@ -184,11 +188,26 @@ class Bench:
                 listener.cancel()
                 await asyncio.gather(listener, return_exceptions=True)
             result_throttle = [round(self.caps.throttled_s(g) - t0, 1) for g, t0 in zip(self.groups, throttled0)]
+            await self.end_session(socks[0])
             for p in daemons:
                 kill_group(p, 10.0, signal.SIGTERM)
             self.caps.kill_all()  # jobs and TF servers that outlived their daemon
         result["throttled_s"] = result_throttle
+        # each trainer's mean training rate (its progress events), and their sum: how much of
+        # N+1 machines' compute the group actually used
+        result["samples_per_sec_by_trainer"] = {str(k): round(sum(v) / len(v)) for k, v in sorted(rates.items()) if v}
+        result["samples_per_sec"] = sum(result["samples_per_sec_by_trainer"].values())
         return result
+
+    async def end_session(self, sock: Path) -> None:
+        """Stop the host's session, so its restart next run does not resume it (a host daemon
+        killed mid-session keeps ``hosting.json`` and hosts the same job again when it starts)."""
+        try:
+            async with ControlClient(sock) as c:
+                await asyncio.wait_for(c.stop(), 30.0)
+        except (Unavailable, RemoteError, asyncio.TimeoutError, OSError):
+            pass
+        (Paths.under(self.node_root(0)).state_dir / RECORD).unlink(missing_ok=True)
 
     def job(self, model: str) -> dict[str, Any]:
         a = self.args
@@ -230,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=lambda s: sorted({int(x) for x in parse_list(s)} | {0}), default=[0, 1, 3],
                    help="worker counts besides the host (0, the host alone, is always run)")
     p.add_argument("--cap", type=float, default=0.4, help="CPUs per emulated machine (cgroup quota)")
+    p.add_argument("--cap-period-ms", type=float, default=100.0,
+                   help="the cgroup's enforcement period (the kernel's default, 100 ms; measured: at 10 ms "
+                        "the host alone trained ~40%% slower under the same 0.4-CPU quota)")
     p.add_argument("--eval-every", type=float, default=1.0, help="seconds of training between evaluations")
     p.add_argument("--epochs", type=int, default=100, help="a bound; the run stops at the target")
     p.add_argument("--learning-rate", type=float, default=None, help=f"default: Job()'s ({job.learning_rate})")
@@ -301,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(f"{model} {r['rate']:>7s} {r['trainers']} trainers: T {t if t is None else round(t, 1)} s, "
                          f"speed-up {r.get('speedup')}, efficiency {r.get('efficiency')} "
                          f"(from the first function's end: {r.get('speedup_after_first_function')})")
-    out = {"model": model, "target": TARGETS[model], "cap_cpus": args.cap, "cpus": os.cpu_count(),
+    out = {"model": model, "target": TARGETS[model], "cap_cpus": args.cap, "cap_period_ms": args.cap_period_ms, "cpus": os.cpu_count(),
            "eval_every_secs": args.eval_every, "reference_s": ref, "rates": args.rates,
            "job": bench.job(model), "settings": {"merge": args.merge or JobConfig().merge, "sync_every": args.sync_every,
                                                  "steps_per_function": args.steps_per_function,

@@ -74,10 +74,28 @@ def wait_ready(proc: subprocess.Popen, name: str, timeout: float = READY_TIMEOUT
         )
 
 
+#: how much nicer the host's own trainer (worker 0) runs than the rest of its job
+TRAINER_NICE_STEP = 10
+
+
+def server_nice(job_name: str, nice: int) -> int:
+    """The niceness of a host-side server: the parameter server at the job's ``nice``, the
+    host's own trainer ``TRAINER_NICE_STEP`` nicer (at most 19).
+
+    The parameter server, the coordinator (this process) and the daemon's tunnels serve every
+    worker: a pull or a push that waits behind the host's own training steps stalls a remote
+    worker, and the host's trainer is one of N. Measured on 0.4-CPU emulated machines
+    (``benchmarks/scaling.py``). At nice 19 every job process already runs SCHED_IDLE and
+    there is nothing lower; the daemon (nice 0) still comes first.
+    """
+    return min(19, nice + TRAINER_NICE_STEP) if job_name == "worker" else nice
+
+
 def start_servers(spec: JobSpec, names: list[tuple[str, str, int]], children: Children) -> None:
     cluster = {"ps": list(spec.cluster.ps), "worker": list(spec.cluster.worker)}
     for label, job_name, task in names:
-        children.add(label, spawn(cluster, job_name, task, threads=spec.settings.threads, nice=spec.settings.nice))
+        children.add(label, spawn(cluster, job_name, task, threads=spec.settings.threads,
+                                  nice=server_nice(job_name, spec.settings.nice)))
     for label, _, _ in names:
         wait_ready(children.procs[label], label)
 
@@ -622,4 +640,4 @@ class Coordinator:
         return EXIT_OK
 
 
-__all__ = ["CheckpointStore", "Children", "Coordinator", "run_host"]
+__all__ = ["TRAINER_NICE_STEP", "CheckpointStore", "Children", "Coordinator", "run_host", "server_nice"]

@@ -48,7 +48,8 @@ class TrainState:
         return [*self.weights, *self.slots, *self.outer]
 
 
-def _update(job: Job, weights: list, slots: list, grads: list) -> tuple[list, list]:
+def local_update(job: Job, weights: list, slots: list, grads: list) -> tuple[list, list]:
+    """One step of the job's optimizer on tensor copies: ``(new weights, new slots)``."""
     lr = tf.constant(job.learning_rate, tf.float32)
     if job.optimizer == "sgd":
         return [w - lr * g for w, g in zip(weights, grads)], slots
@@ -91,7 +92,7 @@ def make_train_fn(state: TrainState, loss_fn, sync_every: int, push_scale: float
                 probs, _ = model.stateless_call(weights, [tf.identity(f) for f in fixed], x, training=True)
                 loss = loss_fn(y, probs)
             grads = tape.gradient(loss, weights)
-            weights, slots = _update(job, weights, slots, grads)
+            weights, slots = local_update(job, weights, slots, grads)
             batch = tf.cast(tf.shape(y)[0], tf.float32)
             loss_sum += loss * batch
             if regression:
@@ -150,4 +151,4 @@ def make_train_fn(state: TrainState, loss_fn, sync_every: int, push_scale: float
     return train
 
 
-__all__ = ["TrainState", "make_train_fn"]
+__all__ = ["TrainState", "local_update", "make_train_fn"]

@@ -20,9 +20,17 @@ class CpuCaps:
     controller (``cpu.cfs_quota_us``). :meth:`close` kills what is left in them and removes
     them."""
 
+    #: the enforcement period (µs) unless the caller picks one: the kernel's default. At
+    #: 100 ms a 0.4-CPU group runs 40 ms and then stops for 60 ms, so a service in it (a
+    #: parameter server, a tunnel) answers up to 60 ms late once its neighbours used the
+    #: quota. A shorter period is not a truer slow machine either: at 10 ms the host alone
+    #: trained ~40% slower under the same quota (``benchmarks/scaling.py --cap-period-ms``).
     PERIOD = 100_000
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, period_us: int = PERIOD) -> None:
+        if not 1000 <= period_us <= 1_000_000:
+            raise ValueError(f"a cgroup cpu period must be 1 ms .. 1 s, got {period_us} µs")
+        self.period = period_us
         v2 = Path("/sys/fs/cgroup/cgroup.controllers")
         if v2.exists() and "cpu" in v2.read_text().split():
             self.v2, base = True, Path("/sys/fs/cgroup")
@@ -40,11 +48,11 @@ class CpuCaps:
                 (self.parent / "cgroup.subtree_control").write_text("+cpu")
         g = self.parent / name
         g.mkdir(exist_ok=True)
-        quota = max(1000, round(cpus * self.PERIOD))
+        quota = max(1000, round(cpus * self.period))
         if self.v2:
-            (g / "cpu.max").write_text(f"{quota} {self.PERIOD}")
+            (g / "cpu.max").write_text(f"{quota} {self.period}")
         else:
-            (g / "cpu.cfs_period_us").write_text(str(self.PERIOD))
+            (g / "cpu.cfs_period_us").write_text(str(self.period))
             (g / "cpu.cfs_quota_us").write_text(str(quota))
         self.groups.append(g)
         return g

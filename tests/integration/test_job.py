@@ -21,6 +21,7 @@ import pytest
 
 from crowdd.datasets import ArraySet, Prepared, convert
 from crowdd.job.events import parse_event
+from crowdd.job.host import TRAINER_NICE_STEP
 from crowdd.job.shards import total_steps
 from crowdd.node.ports import free_ports
 
@@ -210,6 +211,9 @@ def test_host_and_two_workers_train_digits(make_cluster: Any) -> None:
     host = cluster.start()
     started = host.wait_for("started", START_TIMEOUT)
     assert set(started["ports"]) == {"ps", "worker"}
+    # the services every worker waits on run at the job's nice (5); the host's own trainer below them
+    assert os.getpriority(os.PRIO_PROCESS, started["children"]["ps"]) == 5
+    assert os.getpriority(os.PRIO_PROCESS, started["children"]["worker0"]) == 5 + TRAINER_NICE_STEP
     done = host.wait_for("done", 240)
     assert done["test_accuracy"] >= 0.85, done
     assert done["steps"] == steps_for(job, 3)

@@ -1,0 +1,182 @@
+"""The merge rules' ceiling: how much sooner do W asynchronous trainers reach a target than one,
+when communication is free and every trainer is equally fast?
+
+    .venv/bin/python benchmarks/merge_ceiling.py --trainers 1,2,4 --seeds 3 --json ceiling.json
+
+``benchmarks/scaling.py`` measures the whole system (daemons, tunnels, capped machines, shaped
+links); its speed-up is the product of two factors: how many more steps per second the group
+makes (throughput) and how many more steps it needs to reach the target (the merge rule's
+efficiency). This benchmark measures the second factor alone, in one process, with no network
+and no caps: W trainers run the shipped training step (``crowdd.job.models.build_model``, the
+job's loss and optimizer, ``crowdd.job.train.local_update``) on their own shuffles of the data
+for K (``sync_every``) steps from the weights they pulled, then push the change with the
+shipped merge rule (``crowdd.job.outer``). Pushes arrive in the order W equally fast,
+staggered trainers would make them (trainer j's round r ends at ``(r + 1)·K + j·K/W`` steps),
+so each push is as stale as in the real cluster. Time is counted in steps per trainer; the
+model is evaluated on the whole test set every ``--eval-every`` steps of that time.
+
+Prints, per W, the steps per trainer to the target (mean over seeds), the ceiling speed-up
+T(1)/T(W) and the efficiency speed-up/W; the last line is the 4-trainer ceiling. A run that
+does not reach the target within ``--max-steps`` (or diverges) counts as failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+def run_once(data: Any, trainers: int, merge: str, lr: float, k: int, seed: int, target: float, eval_every: int,
+             max_steps: int, batch: int, hidden: list[int]) -> dict[str, Any]:
+    import keras
+    import tensorflow as tf
+
+    from crowdd.hyperparams import Job
+    from crowdd.job.models import build_model, loss_function
+    from crowdd.job.outer import effective_merge, nesterov, push_scale
+    from crowdd.job.train import local_update
+    from crowdd.manifest import Layout
+
+    x_train, y_train, x_test, y_test = data
+    keras.utils.set_random_seed(seed)
+    job = Job(model="mlp", hidden=tuple(hidden), learning_rate=lr, batch_size=batch)
+    layout = Layout(feature_shape=tuple(x_train.shape[1:]), feature_dtype="uint8", scale=1 / 255, num_classes=10,
+                    train_count=len(x_train), test_count=len(x_test))
+    model = build_model(job, layout, x_train.mean(axis=0).astype(np.float32))
+    loss_fn = loss_function(job, layout)
+    rule = effective_merge(merge, trainers)
+    scale = push_scale(rule, trainers)
+    fixed = [v.value for v in model.non_trainable_variables]
+    xt, yt = tf.constant(x_test), tf.constant(y_test)
+
+    @tf.function(reduce_retracing=True)
+    def rounds(weights: list, xs: Any, ys: Any) -> list:
+        for i in tf.range(tf.shape(xs)[0]):
+            with tf.GradientTape() as tape:
+                tape.watch(weights)
+                probs, _ = model.stateless_call(weights, fixed, xs[i], training=True)
+                loss = loss_fn(ys[i], probs)
+            weights, _ = local_update(job, weights, [], tape.gradient(loss, weights))
+        return weights
+
+    @tf.function
+    def accuracy(weights: list) -> Any:
+        probs, _ = model.stateless_call(weights, fixed, xt, training=False)
+        return tf.reduce_mean(tf.cast(tf.equal(tf.argmax(probs, -1, output_type=tf.int32), yt), tf.float32))
+
+    rng = np.random.default_rng(seed)
+    n = len(x_train)
+
+    def stream() -> Any:
+        while True:
+            order = rng.permutation(n)
+            for s in range(0, n - batch + 1, batch):
+                yield order[s : s + batch]
+
+    streams = [stream() for _ in range(trainers)]
+    weights = [tf.constant(v.numpy()) for v in model.trainable_variables]
+    momentum = [tf.zeros_like(w) for w in weights]
+    pulled = {j: list(weights) for j in range(trainers)}
+    ends = sorted(((r + 1) * k + j * k / trainers, j) for j in range(trainers) for r in range(max_steps // k + 1))
+    next_eval, acc = eval_every, 0.0
+    for t_end, j in ends:
+        while next_eval <= t_end:
+            acc = float(accuracy(weights))
+            if acc >= target:
+                return {"steps": next_eval, "accuracy": acc}
+            if not math.isfinite(acc) or next_eval >= max_steps:
+                return {"steps": None, "accuracy": acc}
+            next_eval += eval_every
+        idx = np.stack([next(streams[j]) for _ in range(k)])
+        new = rounds(pulled[j], tf.constant(x_train[idx]), tf.constant(y_train[idx]))
+        delta = [(a - b) * scale for a, b in zip(new, pulled[j])]
+        if rule == "nesterov":
+            pairs = [nesterov(d, m) for d, m in zip(delta, momentum)]
+            momentum = [m for m, _ in pairs]
+            weights = [w + step for w, (_, step) in zip(weights, pairs)]
+        else:
+            weights = [w + d for w, d in zip(weights, delta)]
+        pulled[j] = list(weights)
+    return {"steps": None, "accuracy": acc}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from crowdd.config import JobConfig
+    from crowdd.hyperparams import Job
+
+    job, cfg = Job(), JobConfig()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--trainers", type=lambda s: sorted({int(x) for x in s.split(",") if x.strip()} | {1}),
+                   default=[1, 2, 4], help="trainer counts (1, the reference, is always run)")
+    p.add_argument("--merge", default=cfg.merge, help=f"sum, average or nesterov (default: what ships, {cfg.merge})")
+    p.add_argument("--sync-every", type=int, default=cfg.sync_every, help="K: local steps per push")
+    p.add_argument("--learning-rate", type=float, default=job.learning_rate)
+    p.add_argument("--lr-scale", choices=("none", "sqrt"), default="none",
+                   help="sqrt: every trainer's learning rate times sqrt(W) (a lever to measure)")
+    p.add_argument("--batch-size", type=int, default=job.batch_size)
+    p.add_argument("--target", type=float, default=0.88)
+    p.add_argument("--eval-every", type=int, default=100, help="steps per trainer between evaluations")
+    p.add_argument("--max-steps", type=int, default=8000, help="steps per trainer before a run counts as failed")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--dataset", type=Path, default=FASHION)
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+    if args.sync_every < 1 or args.eval_every < 1 or args.seeds < 1:
+        p.error("--sync-every, --eval-every and --seeds must be >= 1")
+
+    import tensorflow as tf
+
+    from crowdd.datasets import load_idx_dir
+
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(2)
+    arrays = load_idx_dir(args.dataset)
+    data = (arrays.x_train.astype(np.float32), arrays.y_train.astype(np.int32),
+            arrays.x_test.astype(np.float32), arrays.y_test.astype(np.int32))
+    results: list[dict[str, Any]] = []
+    for w in args.trainers:
+        lr = args.learning_rate * (math.sqrt(w) if args.lr_scale == "sqrt" else 1.0)
+        runs = []
+        for seed in range(args.seeds):
+            t0 = time.monotonic()
+            r = run_once(data, w, args.merge, lr, args.sync_every, seed, args.target, args.eval_every,
+                         args.max_steps, args.batch_size, [100])
+            runs.append({**r, "seed": seed, "seconds": round(time.monotonic() - t0, 1)})
+            print(f"W={w} seed {seed}: " + (f"{r['steps']} steps per trainer" if r["steps"] else "FAILED")
+                  + f" (acc {r['accuracy']:.4f})", file=sys.stderr, flush=True)
+        ok = [r["steps"] for r in runs if r["steps"]]
+        results.append({"trainers": w, "learning_rate": lr, "runs": runs, "failed": len(runs) - len(ok),
+                        "steps_per_trainer": round(sum(ok) / len(ok), 1) if len(ok) == len(runs) else None})
+    ref = results[0]["steps_per_trainer"]
+    for r in results:
+        t = r["steps_per_trainer"]
+        if ref and t:
+            r["speedup"] = round(ref / t, 3)
+            r["efficiency"] = round(ref / t / r["trainers"], 3)
+    out = {"merge": args.merge, "sync_every": args.sync_every, "lr_scale": args.lr_scale,
+           "learning_rate": args.learning_rate, "batch_size": args.batch_size, "target": args.target,
+           "eval_every": args.eval_every, "seeds": args.seeds, "results": results}
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2))
+    for r in results:
+        print(f"merge {args.merge} K {args.sync_every} lr {r['learning_rate']:g}: {r['trainers']} trainer(s) "
+              f"{r['steps_per_trainer']} steps each to {args.target} ({r['failed']} of {args.seeds} failed), "
+              f"speed-up {r.get('speedup')}, efficiency {r.get('efficiency')}")
+    four = next((r for r in results if r["trainers"] == 4), None)
+    if four is not None:
+        print(f"4-trainer ceiling speed-up (free communication, equal trainers): {four.get('speedup')}x "
+              f"(efficiency {four.get('efficiency')})")
+    return 0 if all(r["steps_per_trainer"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
