@@ -42,18 +42,18 @@ def run_once(data: Any, trainers: int, merge: str, lr: float, k: int, seed: int,
 
     from crowdd.hyperparams import Job
     from crowdd.job.models import build_model, loss_function
-    from crowdd.job.outer import effective_merge, nesterov, push_scale
+    from crowdd.job.outer import effective_merge, lr_scale, nesterov, push_scale
     from crowdd.job.train import local_update
     from crowdd.manifest import Layout
 
     x_train, y_train, x_test, y_test = data
     keras.utils.set_random_seed(seed)
-    job = Job(model="mlp", hidden=tuple(hidden), learning_rate=lr, batch_size=batch)
+    rule = effective_merge(merge, trainers)
+    job = Job(model="mlp", hidden=tuple(hidden), learning_rate=lr * lr_scale(rule, trainers), batch_size=batch)
     layout = Layout(feature_shape=tuple(x_train.shape[1:]), feature_dtype="uint8", scale=1 / 255, num_classes=10,
                     train_count=len(x_train), test_count=len(x_test))
     model = build_model(job, layout, x_train.mean(axis=0).astype(np.float32))
     loss_fn = loss_function(job, layout)
-    rule = effective_merge(merge, trainers)
     scale = push_scale(rule, trainers)
     fixed = [v.value for v in model.non_trainable_variables]
     xt, yt = tf.constant(x_test), tf.constant(y_test)
@@ -111,17 +111,15 @@ def run_once(data: Any, trainers: int, merge: str, lr: float, k: int, seed: int,
 
 def main(argv: list[str] | None = None) -> int:
     from crowdd.config import JobConfig
-    from crowdd.hyperparams import Job
+    from crowdd.hyperparams import MERGES, Job
 
     job, cfg = Job(), JobConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trainers", type=lambda s: sorted({int(x) for x in s.split(",") if x.strip()} | {1}),
                    default=[1, 2, 4], help="trainer counts (1, the reference, is always run)")
-    p.add_argument("--merge", default=cfg.merge, help=f"sum, average or nesterov (default: what ships, {cfg.merge})")
+    p.add_argument("--merge", default=cfg.merge, choices=MERGES, help=f"default: what ships, {cfg.merge}")
     p.add_argument("--sync-every", type=int, default=cfg.sync_every, help="K: local steps per push")
     p.add_argument("--learning-rate", type=float, default=job.learning_rate)
-    p.add_argument("--lr-scale", choices=("none", "sqrt"), default="none",
-                   help="sqrt: every trainer's learning rate times sqrt(W) (a lever to measure)")
     p.add_argument("--batch-size", type=int, default=job.batch_size)
     p.add_argument("--target", type=float, default=0.88)
     p.add_argument("--eval-every", type=int, default=100, help="steps per trainer between evaluations")
@@ -136,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     import tensorflow as tf
 
     from crowdd.datasets import load_idx_dir
+    from crowdd.job.outer import effective_merge, lr_scale
 
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(2)
@@ -144,11 +143,11 @@ def main(argv: list[str] | None = None) -> int:
             arrays.x_test.astype(np.float32), arrays.y_test.astype(np.int32))
     results: list[dict[str, Any]] = []
     for w in args.trainers:
-        lr = args.learning_rate * (math.sqrt(w) if args.lr_scale == "sqrt" else 1.0)
+        lr = args.learning_rate * lr_scale(effective_merge(args.merge, w), w)
         runs = []
         for seed in range(args.seeds):
             t0 = time.monotonic()
-            r = run_once(data, w, args.merge, lr, args.sync_every, seed, args.target, args.eval_every,
+            r = run_once(data, w, args.merge, args.learning_rate, args.sync_every, seed, args.target, args.eval_every,
                          args.max_steps, args.batch_size, [100])
             runs.append({**r, "seed": seed, "seconds": round(time.monotonic() - t0, 1)})
             print(f"W={w} seed {seed}: " + (f"{r['steps']} steps per trainer" if r["steps"] else "FAILED")
@@ -162,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         if ref and t:
             r["speedup"] = round(ref / t, 3)
             r["efficiency"] = round(ref / t / r["trainers"], 3)
-    out = {"merge": args.merge, "sync_every": args.sync_every, "lr_scale": args.lr_scale,
+    out = {"merge": args.merge, "sync_every": args.sync_every,
            "learning_rate": args.learning_rate, "batch_size": args.batch_size, "target": args.target,
            "eval_every": args.eval_every, "seeds": args.seeds, "results": results}
     if args.json:

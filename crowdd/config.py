@@ -25,6 +25,7 @@ else:  # pragma: no cover - exercised only on Python 3.10
 import platformdirs
 
 from crowdd.errors import InputError
+from crowdd.hyperparams import MERGES
 from crowdd.route import DEFAULT_CHUNK, DEFAULT_ROUTE
 
 APP = "crowdd"
@@ -97,7 +98,7 @@ class JobConfig:
     # emulated volunteer machines (benchmarks/scaling.py; docs/architecture.md, "Scaling")
     steps_per_function: int = 100
     sync_every: int = 50
-    merge: str = "average"
+    merge: str = "average-sqrt-lr"
     threads: int = 1
     nice: int = 19
     checkpoint_secs: float = 30.0
@@ -136,7 +137,7 @@ class Config:
 _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("replication", "route"): ("binomial", "chain", "star"),
     ("idle", "on_busy"): ("suspend", "leave"),
-    ("job", "merge"): ("average", "sum", "nesterov"),
+    ("job", "merge"): MERGES,
 }
 _POSITIVE = {
     ("daemon", "heartbeat"), ("daemon", "peer_timeout"), ("daemon", "retry_min"), ("daemon", "retry_max"),

@@ -151,9 +151,10 @@ def validate_job(d: Mapping[str, Any]) -> Job:
 
 ROUTES = ("binomial", "chain", "star")
 #: how the parameter server merges a worker's K-step change: ``average`` adds change/W,
+#: ``average-sqrt-lr`` too, each trainer stepping at sqrt(W) times the learning rate,
 #: ``sum`` adds the whole change (Downpour), ``nesterov`` feeds change/W to an outer Nesterov
 #: momentum optimizer on the PS (DiLoCo; :mod:`crowdd.job.outer`).
-MERGES = ("average", "sum", "nesterov")
+MERGES = ("average", "average-sqrt-lr", "sum", "nesterov")
 MAX_STEPS_PER_FUNCTION = 1_000_000
 MIN_CHUNK = 1
 MAX_CHUNK = 64 << 20  # one chunk travels as one wire blob (wire.MAX_BLOB)
@@ -168,7 +169,7 @@ class GroupSettings:
     route: str = DEFAULT_ROUTE
     sync_every: int = 50
     steps_per_function: int = 100
-    merge: str = "average"
+    merge: str = "average-sqrt-lr"
     chunk_size: int = DEFAULT_CHUNK
 
     def to_dict(self) -> dict[str, Any]:

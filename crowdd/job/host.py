@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from typing import Any
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from crowdd.job import EXIT_FAILED, EXIT_OK, MEMBERS_FILE, STOP_FILE
@@ -367,7 +367,7 @@ class Coordinator:
         from crowdd.job.elastic import ElasticCluster
         from crowdd.job.faults import RETRYABLE, RetryBudget, flush_error
         from crowdd.job.models import build_model, loss_function
-        from crowdd.job.outer import effective_merge, push_scale
+        from crowdd.job.outer import effective_merge, lr_scale, push_scale
         from crowdd.job.train import TrainState, make_train_fn
 
         threads = self.spec.settings.threads
@@ -413,7 +413,9 @@ class Coordinator:
         with strategy.scope():
             model = build_model(self.job, self.layout, center, target, spread)
             merge = effective_merge(self.spec.settings.merge, self.num_workers)
-            state = TrainState(model, self.job, merge)
+            # the trainers' own step (the user's learning rate, scaled for the merge rule)
+            stepping = replace(self.job, learning_rate=self.job.learning_rate * lr_scale(merge, self.num_workers))
+            state = TrainState(model, stepping, merge)
         scale = push_scale(merge, self.num_workers)
         train_fn = make_train_fn(state, loss_fn, self.spec.settings.sync_every, scale, regression)
         self.guard.connected.set()  # the variables live on the PS: every live server answered

@@ -2,6 +2,7 @@
 applies them to tensors, the unit tests to numpy arrays).
 
 A worker's push is its K-step change ``delta = new - old``. ``average`` adds ``delta / W``,
+``average-sqrt-lr`` too, with every trainer's learning rate times sqrt(W) (:func:`lr_scale`),
 ``sum`` adds ``delta`` (Downpour), ``nesterov`` treats ``delta / W`` as DiLoCo's outer
 pseudo-gradient (with the sign flipped: a change, not a gradient) and takes one Nesterov
 momentum step with it on the PS (Douillard et al. 2023, "DiLoCo": outer lr 0.7, momentum
@@ -29,9 +30,26 @@ def push_scale(merge: str, workers: int) -> float:
     """The factor each worker's change is scaled by before it is merged."""
     if merge == "sum":
         return 1.0
-    if merge in ("average", "nesterov"):
+    if merge in ("average", "average-sqrt-lr", "nesterov"):
         return 1.0 / max(1, workers)
     raise ValueError(f"unknown merge {merge!r}")
+
+
+def lr_scale(merge: str, workers: int) -> float:
+    """The factor every trainer's learning rate is multiplied by under ``merge``.
+
+    ``average-sqrt-lr`` averages the W changes like ``average`` but lets each trainer step
+    sqrt(W) times further: the average of W independent changes has 1/W of one change's
+    variance, so a larger step keeps the merged model's noise no higher than one trainer's
+    (the square-root scaling rule for W-times larger batches) while it moves sqrt(W) times
+    faster. A single trainer is unchanged. Measured with ``benchmarks/merge_ceiling.py``
+    (free communication, Fashion-MNIST MLP to 0.88, K 50, lr 0.5, 3 seeds): 4 trainers reach
+    the target 1.94x sooner than one against 1.61x with plain ``average``; summing the changes,
+    or scaling the average's push by 2/W instead, never reached it (stale changes overshoot).
+    """
+    if merge not in ("average", "average-sqrt-lr", "sum", "nesterov"):
+        raise ValueError(f"unknown merge {merge!r}")
+    return math.sqrt(max(1, workers)) if merge == "average-sqrt-lr" else 1.0
 
 
 def nesterov(delta: Any, momentum: Any, lr: float = OUTER_LR, mu: float = OUTER_MOMENTUM) -> tuple[Any, Any]:
@@ -64,4 +82,4 @@ def choose_sync_every(step_seconds: float, model_bytes: int, link_bytes_per_s: f
     return max(lo, min(hi, math.ceil(k)))
 
 
-__all__ = ["OUTER_LR", "OUTER_MOMENTUM", "choose_sync_every", "effective_merge", "nesterov", "push_scale"]
+__all__ = ["OUTER_LR", "OUTER_MOMENTUM", "choose_sync_every", "effective_merge", "lr_scale", "nesterov", "push_scale"]

@@ -5,13 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from crowdd.job.outer import OUTER_LR, OUTER_MOMENTUM, choose_sync_every, effective_merge, nesterov, push_scale
+from crowdd.job.outer import (
+    OUTER_LR, OUTER_MOMENTUM, choose_sync_every, effective_merge, lr_scale, nesterov, push_scale,
+)
 
 
 def test_push_scale_per_merge() -> None:
     assert push_scale("sum", 4) == 1.0
     assert push_scale("average", 4) == 0.25
     assert push_scale("nesterov", 4) == 0.25
+    assert push_scale("average-sqrt-lr", 4) == 0.25
     assert push_scale("average", 0) == 1.0
     with pytest.raises(ValueError):
         push_scale("median", 2)
@@ -62,3 +65,14 @@ def test_k_keeps_communication_a_small_share_of_a_round() -> None:
     assert choose_sync_every(1e-6, 1 << 30, 1.0, 8) == 2000
     with pytest.raises(ValueError):
         choose_sync_every(0.01, 1, 0.0, 1)
+
+
+def test_only_average_sqrt_lr_scales_the_trainers_learning_rate_by_sqrt_w() -> None:
+    assert lr_scale("average-sqrt-lr", 4) == 2.0
+    assert lr_scale("average-sqrt-lr", 9) == 3.0
+    assert lr_scale("average-sqrt-lr", 1) == 1.0  # the host alone trains at the user's rate
+    assert lr_scale("average-sqrt-lr", 0) == 1.0
+    for merge in ("average", "sum", "nesterov"):
+        assert lr_scale(merge, 4) == 1.0
+    with pytest.raises(ValueError):
+        lr_scale("median", 2)
