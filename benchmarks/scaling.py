@@ -234,6 +234,55 @@ async def wait_socket(path: Path, proc: subprocess.Popen[Any], timeout: float = 
             await asyncio.sleep(0.3)
 
 
+# --------------------------------------------------------------------------- summary
+
+
+def median(values: list[float]) -> float | None:
+    if not values:
+        return None
+    v = sorted(values)
+    mid = len(v) // 2
+    return v[mid] if len(v) % 2 else (v[mid - 1] + v[mid]) / 2
+
+
+def summarize(results: list[dict[str, Any]], rates: list[str]) -> list[dict[str, Any]]:
+    """One cell per (rate, trainers) with the median over its repeats: T, T from the first
+    function's end, steps to the target and steps per second; speed-up and efficiency against
+    the host alone's medians (the host alone is one cell, the reference for every rate). A
+    cell with a failed run has no T (a failure is not averaged away)."""
+    keys: list[tuple[str, int]] = []
+    for r in results:
+        key = ("-", 0) if r["workers"] == 0 else (r["rate"], r["workers"])
+        if key not in keys:
+            keys.append(key)
+    cells: list[dict[str, Any]] = []
+    for rate, n in keys:
+        runs = [r for r in results if (r["workers"] == 0 if n == 0 else (r["rate"], r["workers"]) == (rate, n))]
+        ok = [r for r in runs if r.get("time_to_target_s")]
+        whole = len(ok) == len(runs)
+        cell: dict[str, Any] = {
+            "rate": rates[0] if n == 0 else rate, "workers": n, "trainers": n + 1, "runs": len(runs),
+            "failed": len(runs) - len(ok),
+            "time_to_target_s": median([r["time_to_target_s"] for r in ok]) if whole else None,
+            "time_to_target_each_s": [r.get("time_to_target_s") for r in runs],
+            "after_first_function_s": median([r["after_first_function_s"] for r in ok]) if whole else None,
+            "steps": median([float(r["step"]) for r in ok]) if whole else None,
+            "steps_per_sec": median([r["step"] / r["time_to_target_s"] for r in ok]) if whole else None,
+        }
+        cells.append(cell)
+    ref = cells[0] if cells and cells[0]["workers"] == 0 else None
+    for c in cells:
+        if not c["workers"] or ref is None or not ref["time_to_target_s"] or not c["time_to_target_s"]:
+            continue
+        c["speedup"] = round(ref["time_to_target_s"] / c["time_to_target_s"], 3)
+        c["efficiency"] = round(c["speedup"] / c["trainers"], 3)
+        c["speedup_after_first_function"] = round(ref["after_first_function_s"] / c["after_first_function_s"], 3)
+        # speed-up = throughput ratio / steps ratio: what the systems side and the merge rule each give
+        c["throughput_ratio"] = round(c["steps_per_sec"] / ref["steps_per_sec"], 3)
+        c["steps_ratio"] = round(c["steps"] / ref["steps"], 3)
+    return cells
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -263,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps-per-function", type=int, default=cfg.steps_per_function)
     p.add_argument("--burst", default="256kb")
     p.add_argument("--latency", default="50ms")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="runs per cell (interleaved); each figure is the median (one run crosses 0.88 "
+                        "anywhere in a ±40%% band)")
     p.add_argument("--timeout", type=float, default=900.0, help="give up on a run after this many seconds")
     p.add_argument("--dataset", type=Path, default=FASHION)
     p.add_argument("--workdir", type=Path, default=None)
@@ -271,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.sync_every > args.steps_per_function:
         p.error("--sync-every must be <= --steps-per-function")
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
     model = args.model
     root = Path(tempfile.mkdtemp(prefix="crowdd-scaling-", dir=args.workdir))
     bench = Bench(args, root)
@@ -289,8 +343,9 @@ def main(argv: list[str] | None = None) -> int:
 
         async def go() -> None:
             plan = [(args.rates[0], 0)] + [(r, n) for r in args.rates for n in args.workers if n > 0]
-            for rate, n in plan:
+            for repeat, (rate, n) in ((i, cell) for i in range(args.repeats) for cell in plan):
                 res = await bench.run(rate, n, model, args.dataset)
+                res["repeat"] = repeat
                 results.append(res)
                 t = res["time_to_target_s"]
                 print(f"{model} {rate:>7s} host+{n}: " + (f"time to {res['target']} {t:.1f} s (step {res['step']}, "
@@ -309,37 +364,32 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(root, ignore_errors=True)
 
-    ref = next((r["time_to_target_s"] for r in results if r["workers"] == 0), None)
-    ref_warm = next((r.get("after_first_function_s") for r in results if r["workers"] == 0), None)
-    lines = []
-    for r in results:
-        t = r["time_to_target_s"]
-        if r["workers"] and ref and t:
-            r["speedup"] = round(ref / t, 3)
-            r["efficiency"] = round(ref / t / r["trainers"], 3)
-            if ref_warm and r.get("after_first_function_s"):
-                r["speedup_after_first_function"] = round(ref_warm / r["after_first_function_s"], 3)
-        if r["workers"]:
-            lines.append(f"{model} {r['rate']:>7s} {r['trainers']} trainers: T {t if t is None else round(t, 1)} s, "
-                         f"speed-up {r.get('speedup')}, efficiency {r.get('efficiency')} "
-                         f"(from the first function's end: {r.get('speedup_after_first_function')})")
-    out = {"model": model, "target": TARGETS[model], "cap_cpus": args.cap, "cap_period_ms": args.cap_period_ms, "cpus": os.cpu_count(),
-           "eval_every_secs": args.eval_every, "reference_s": ref, "rates": args.rates,
-           "job": bench.job(model), "settings": {"merge": args.merge or JobConfig().merge, "sync_every": args.sync_every,
-                                                 "steps_per_function": args.steps_per_function,
-                                                 "route": ReplicationConfig().route},
-           "results": results}
+    cells = summarize(results, args.rates)
+    ref_cell = next((c for c in cells if c["workers"] == 0), None)
+    ref = ref_cell["time_to_target_s"] if ref_cell else None
+    out = {"model": model, "target": TARGETS[model], "cap_cpus": args.cap, "cap_period_ms": args.cap_period_ms,
+           "cpus": os.cpu_count(), "eval_every_secs": args.eval_every, "repeats": args.repeats, "reference_s": ref,
+           "rates": args.rates, "job": bench.job(model),
+           "settings": {"merge": args.merge or JobConfig().merge, "sync_every": args.sync_every,
+                        "steps_per_function": args.steps_per_function, "route": ReplicationConfig().route},
+           "cells": cells, "results": results}
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))
     print(f"{model}: host alone (cap {args.cap} CPU) reaches {TARGETS[model]} in "
-          + (f"{ref:.1f} s" if ref else "FAILED"))
-    for line in lines:
-        print(line)
-    four = next((r for r in results if r["trainers"] == 4 and r["rate"] == args.rates[0]), None)
+          + (f"{ref:.1f} s (median of {ref_cell['runs']})" if ref and ref_cell else "FAILED"))
+    for c in cells:
+        if c["workers"]:
+            t = c["time_to_target_s"]
+            print(f"{model} {c['rate']:>7s} {c['trainers']} trainers: T {t if t is None else round(t, 1)} s "
+                  f"(median of {c['runs']}), speed-up {c.get('speedup')}, efficiency {c.get('efficiency')}; "
+                  f"steps/s {c.get('throughput_ratio')}x the host alone's, steps to the target "
+                  f"{c.get('steps_ratio')}x (from the first function's end: speed-up "
+                  f"{c.get('speedup_after_first_function')})")
+    four = next((c for c in cells if c["trainers"] == 4 and c["rate"] == args.rates[0]), None)
     if four is not None:
         print(f"{model} 4-trainer speed-up at {four['rate']}: {four.get('speedup')}x "
               f"(efficiency {four.get('efficiency')}; target >= 3.0x at 50mbit, >= 2.5x at 10mbit)")
-    return 0 if ref and all(r["time_to_target_s"] for r in results) else 1
+    return 0 if ref and all(c["time_to_target_s"] for c in cells) else 1
 
 
 if __name__ == "__main__":

@@ -168,7 +168,7 @@ class GroupSettings:
 
     route: str = DEFAULT_ROUTE
     sync_every: int = 50
-    steps_per_function: int = 100
+    steps_per_function: int = 50
     merge: str = "average-sqrt-lr"
     chunk_size: int = DEFAULT_CHUNK
 
