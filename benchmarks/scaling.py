@@ -1,6 +1,6 @@
 """Time to accuracy on emulated machines: does every volunteer make training faster?
 
-    sudo .venv/bin/python benchmarks/scaling.py --model mlp --rates 50mbit,10mbit --workers 0,1,3 --json scaling.json
+    sudo .venv/bin/python benchmarks/scaling.py --model mlp --rates 50mbit,10mbit --workers 3 --repeats 3 --json scaling.json
 
 Every node is an emulated machine: its own network namespace (:class:`crowdd.testing.netns.NetnsLab`),
 a CPU cap (a cgroup: v1 ``cpu.cfs_quota_us`` or cgroup2 ``cpu.max``, ``--cap`` CPUs, the same for
@@ -26,7 +26,13 @@ first scheduled function (``after_first_function_s``: TF's one-time graph tracin
 evaluation's tracing excluded, ~5 s at a 0.4-CPU cap) and the speed-up on that clock.
 
 Prints per rate and N: T, the speed-up T(host alone)/T(host+N) and the efficiency
-speed-up/(N+1); the last line is the 4-trainer speed-up (host + 3 workers) at the first rate.
+speed-up/(N+1), split into the throughput ratio (steps per second against the host alone's)
+and the steps ratio (total steps to the target against the host alone's; speed-up =
+throughput ratio / steps ratio); the last line is the 4-trainer speed-up (host + 3 workers) at
+the first rate. ``--repeats N`` runs every cell N times, interleaved, and reports medians (one
+run crosses 0.88 anywhere in a ±40 % band). The CPU cap is enforced over ``--cap-period-ms``
+(the kernel's 100 ms by default). After each run the host's session is stopped, so the next
+run's fresh daemons do not resume it.
 The host alone never touches the network, so it is measured once per model and is the
 reference for every rate (same cap, same settings, same run).
 """
