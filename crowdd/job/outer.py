@@ -14,6 +14,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from crowdd.hyperparams import MERGES
+
 OUTER_LR = 0.7
 OUTER_MOMENTUM = 0.9
 
@@ -47,7 +49,7 @@ def lr_scale(merge: str, workers: int) -> float:
     the target 1.94x sooner than one against 1.61x with plain ``average``; summing the changes,
     or scaling the average's push by 2/W instead, never reached it (stale changes overshoot).
     """
-    if merge not in ("average", "average-sqrt-lr", "sum", "nesterov"):
+    if merge not in MERGES:
         raise ValueError(f"unknown merge {merge!r}")
     return math.sqrt(max(1, workers)) if merge == "average-sqrt-lr" else 1.0
 
