@@ -100,7 +100,7 @@ def test_demo_killed_leaves_nothing_behind(tmp_path: Path) -> None:
 
 
 def test_demo_ctrl_c_leaves_nothing_behind(tmp_path: Path) -> None:
-    with long_demo(tmp_path, 200) as (proc, root):
+    with long_demo(tmp_path, 2000) as (proc, root):  # minutes of training: still running when interrupted
         assert proc.stdout is not None
         lines = []
         deadline = time.monotonic() + 200
