@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Iterator
 
 import pytest
 
 from crowdd.node.states import InvalidTransition
+
+# A shell that starts the suite in the background (`scripts/test &`) starts it with SIGINT
+# ignored, and an ignored signal stays ignored through exec in every child: the tests that
+# press Ctrl-C on a demo or on `crowdd logs -f` would then wait on a process that cannot hear
+# it. A handler here is reset to the default in each child at exec.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 class _InvalidTransitions(logging.Handler):
