@@ -36,7 +36,7 @@ FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 
 def run_once(data: Any, trainers: int, merge: str, lr: float, k: int, seed: int, target: float, eval_every: int,
-             max_steps: int, batch: int, hidden: list[int]) -> dict[str, Any]:
+             max_steps: int, batch: int, hidden: list[int], optimizer: str = "sgd") -> dict[str, Any]:
     import keras
     import tensorflow as tf
 
@@ -49,7 +49,8 @@ def run_once(data: Any, trainers: int, merge: str, lr: float, k: int, seed: int,
     x_train, y_train, x_test, y_test = data
     keras.utils.set_random_seed(seed)
     rule = effective_merge(merge, trainers)
-    job = Job(model="mlp", hidden=tuple(hidden), learning_rate=lr * lr_scale(rule, trainers), batch_size=batch)
+    job = Job(model="mlp", hidden=tuple(hidden), optimizer=optimizer, learning_rate=lr * lr_scale(rule, trainers),
+              batch_size=batch)
     layout = Layout(feature_shape=tuple(x_train.shape[1:]), feature_dtype="uint8", scale=1 / 255, num_classes=10,
                     train_count=len(x_train), test_count=len(x_test))
     model = build_model(job, layout, x_train.mean(axis=0).astype(np.float32))
@@ -58,15 +59,19 @@ def run_once(data: Any, trainers: int, merge: str, lr: float, k: int, seed: int,
     fixed = [v.value for v in model.non_trainable_variables]
     xt, yt = tf.constant(x_test), tf.constant(y_test)
 
+    nw = len(model.trainable_variables)
+
     @tf.function(reduce_retracing=True)
-    def rounds(weights: list, xs: Any, ys: Any) -> list:
+    def rounds(state: list, xs: Any, ys: Any) -> list:
+        # state: the weights, then the optimizer's slots (Adam's m, v and step), as on the PS
+        weights, slots = state[:nw], state[nw:]
         for i in tf.range(tf.shape(xs)[0]):
             with tf.GradientTape() as tape:
                 tape.watch(weights)
                 probs, _ = model.stateless_call(weights, fixed, xs[i], training=True)
                 loss = loss_fn(ys[i], probs)
-            weights, _ = local_update(job, weights, [], tape.gradient(loss, weights))
-        return weights
+            weights, slots = local_update(job, weights, slots, tape.gradient(loss, weights))
+        return [*weights, *slots]
 
     @tf.function
     def accuracy(weights: list) -> Any:
@@ -84,34 +89,95 @@ def run_once(data: Any, trainers: int, merge: str, lr: float, k: int, seed: int,
 
     streams = [stream() for _ in range(trainers)]
     weights = [tf.constant(v.numpy()) for v in model.trainable_variables]
-    momentum = [tf.zeros_like(w) for w in weights]
+    if optimizer == "adam":  # the slots TrainState keeps on the PS: m, v per weight, then the step
+        weights += [tf.zeros_like(w) for w in weights] * 2 + [tf.constant(0.0)]
+    momentum = [tf.zeros_like(w) for w in weights[:nw]]
     pulled = {j: list(weights) for j in range(trainers)}
     ends = sorted(((r + 1) * k + j * k / trainers, j) for j in range(trainers) for r in range(max_steps // k + 1))
     next_eval, acc = eval_every, 0.0
     for t_end, j in ends:
         while next_eval <= t_end:
-            acc = float(accuracy(weights))
+            acc = float(accuracy(weights[:nw]))
             if acc >= target:
                 return {"steps": next_eval, "accuracy": acc}
-            if not math.isfinite(acc) or next_eval >= max_steps:
+            diverged = not all(np.isfinite(w.numpy()).all() for w in weights[:nw])
+            if diverged or not math.isfinite(acc) or next_eval >= max_steps:
                 return {"steps": None, "accuracy": acc}
             next_eval += eval_every
         idx = np.stack([next(streams[j]) for _ in range(k)])
         new = rounds(pulled[j], tf.constant(x_train[idx]), tf.constant(y_train[idx]))
         delta = [(a - b) * scale for a, b in zip(new, pulled[j])]
-        if rule == "nesterov":
-            pairs = [nesterov(d, m) for d, m in zip(delta, momentum)]
+        if rule == "nesterov":  # the outer step moves the weights; the slots are averaged
+            pairs = [nesterov(d, m) for d, m in zip(delta[:nw], momentum)]
             momentum = [m for m, _ in pairs]
-            weights = [w + step for w, (_, step) in zip(weights, pairs)]
+            weights = [w + step for w, (_, step) in zip(weights[:nw], pairs)] + [
+                w + d for w, d in zip(weights[nw:], delta[nw:])]
         else:
             weights = [w + d for w, d in zip(weights, delta)]
         pulled[j] = list(weights)
     return {"steps": None, "accuracy": acc}
 
 
+def _floats(text: str) -> list[float]:
+    values = [float(x) for x in text.split(",") if x.strip()]
+    if not values or any(not math.isfinite(v) or v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive numbers separated by commas, got {text!r}")
+    return sorted(set(values))
+
+
+def data_parallel(args: argparse.Namespace, data: Any) -> int:
+    """The synchronous data-parallel bound: W trainers that average their gradients every step
+    (free all-reduce, no staleness) take the steps of one trainer with a W-times larger batch.
+    For each W the best of ``args.learning_rates`` counts; the speed-up is against the best at
+    W = 1. No asynchronous rule that merges K-step changes over real links does better than
+    this by more than the run-to-run spread (local SGD approximates it as K shrinks)."""
+    grid = args.learning_rates or [args.learning_rate * f for f in (0.5, 1.0, 2.0, 3.0)]
+    results: list[dict[str, Any]] = []
+    for w in args.trainers:
+        tried = []
+        for lr in grid:
+            runs = []
+            for seed in range(args.seeds):
+                r = run_once(data, 1, "average", lr, args.eval_every, seed, args.target, args.eval_every,
+                             args.max_steps, args.batch_size * w, [100], args.optimizer)
+                runs.append({**r, "seed": seed})
+                print(f"W={w} (batch {args.batch_size * w}) lr {lr:g} seed {seed}: "
+                      + (f"{r['steps']} steps" if r["steps"] else "FAILED") + f" (acc {r['accuracy']:.4f})",
+                      file=sys.stderr, flush=True)
+                if not r["steps"]:
+                    break  # one failed seed rules this rate out
+            ok = [r["steps"] for r in runs if r["steps"]]
+            tried.append({"learning_rate": lr, "runs": runs,
+                          "steps": round(sum(ok) / len(ok), 1) if len(ok) == args.seeds else None})
+        done = [t for t in tried if t["steps"]]
+        best = min(done, key=lambda t: t["steps"]) if done else None
+        results.append({"trainers": w, "batch_size": args.batch_size * w, "tried": tried,
+                        "learning_rate": best["learning_rate"] if best else None,
+                        "steps": best["steps"] if best else None})
+    ref = results[0]["steps"]
+    for r in results:
+        if ref and r["steps"]:
+            r["speedup"] = round(ref / r["steps"], 3)
+            r["efficiency"] = round(ref / r["steps"] / r["trainers"], 3)
+    if args.json:
+        args.json.write_text(json.dumps({
+            "mode": "data-parallel", "optimizer": args.optimizer, "batch_size": args.batch_size,
+            "learning_rates": grid, "target": args.target, "eval_every": args.eval_every, "seeds": args.seeds,
+            "results": results}, indent=2))
+    for r in results:
+        print(f"data-parallel {args.optimizer}: {r['trainers']} trainer(s) (batch {r['batch_size']}, best lr "
+              f"{r['learning_rate']}) {r['steps']} steps to {args.target}, speed-up {r.get('speedup')}, "
+              f"efficiency {r.get('efficiency')}")
+    four = next((r for r in results if r["trainers"] == 4), None)
+    if four is not None:
+        print(f"4-trainer data-parallel bound (synchronous, free communication): {four.get('speedup')}x "
+              f"(efficiency {four.get('efficiency')})")
+    return 0 if all(r["steps"] for r in results) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     from crowdd.config import JobConfig
-    from crowdd.hyperparams import MERGES, Job
+    from crowdd.hyperparams import MERGES, OPTIMIZERS, Job
 
     job, cfg = Job(), JobConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -126,10 +192,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-steps", type=int, default=8000, help="steps per trainer before a run counts as failed")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--dataset", type=Path, default=FASHION)
+    p.add_argument("--optimizer", default=job.optimizer, choices=OPTIMIZERS)
+    p.add_argument("--data-parallel", action="store_true",
+                   help="measure the synchronous data-parallel bound instead: W trainers that average their "
+                        "gradients every step are one trainer with a W-times larger batch; each W is tried at "
+                        "every --learning-rates value and its best is reported")
+    p.add_argument("--learning-rates", type=_floats, default=None,
+                   help="with --data-parallel: the learning rates to try (default: --learning-rate times "
+                        "0.5, 1, 2 and 3)")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     if args.sync_every < 1 or args.eval_every < 1 or args.seeds < 1:
         p.error("--sync-every, --eval-every and --seeds must be >= 1")
+    if args.learning_rates is not None and not args.data_parallel:
+        p.error("--learning-rates goes with --data-parallel")
 
     import tensorflow as tf
 
@@ -141,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     arrays = load_idx_dir(args.dataset)
     data = (arrays.x_train.astype(np.float32), arrays.y_train.astype(np.int32),
             arrays.x_test.astype(np.float32), arrays.y_test.astype(np.int32))
+    if args.data_parallel:
+        return data_parallel(args, data)
     results: list[dict[str, Any]] = []
     for w in args.trainers:
         lr = args.learning_rate * lr_scale(effective_merge(args.merge, w), w)
@@ -148,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         for seed in range(args.seeds):
             t0 = time.monotonic()
             r = run_once(data, w, args.merge, args.learning_rate, args.sync_every, seed, args.target, args.eval_every,
-                         args.max_steps, args.batch_size, [100])
+                         args.max_steps, args.batch_size, [100], args.optimizer)
             runs.append({**r, "seed": seed, "seconds": round(time.monotonic() - t0, 1)})
             print(f"W={w} seed {seed}: " + (f"{r['steps']} steps per trainer" if r["steps"] else "FAILED")
                   + f" (acc {r['accuracy']:.4f})", file=sys.stderr, flush=True)
@@ -161,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         if ref and t:
             r["speedup"] = round(ref / t, 3)
             r["efficiency"] = round(ref / t / r["trainers"], 3)
-    out = {"merge": args.merge, "sync_every": args.sync_every,
+    out = {"merge": args.merge, "sync_every": args.sync_every, "optimizer": args.optimizer,
            "learning_rate": args.learning_rate, "batch_size": args.batch_size, "target": args.target,
            "eval_every": args.eval_every, "seeds": args.seeds, "results": results}
     if args.json:

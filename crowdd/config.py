@@ -98,7 +98,7 @@ class JobConfig:
     # emulated volunteer machines (benchmarks/scaling.py; docs/architecture.md, "Scaling")
     steps_per_function: int = 50
     sync_every: int = 50
-    merge: str = "average"
+    merge: str = "average-sqrt-lr"
     threads: int = 1
     nice: int = 19
     checkpoint_secs: float = 30.0

@@ -169,7 +169,7 @@ class GroupSettings:
     route: str = DEFAULT_ROUTE
     sync_every: int = 50
     steps_per_function: int = 50
-    merge: str = "average"
+    merge: str = "average-sqrt-lr"
     chunk_size: int = DEFAULT_CHUNK
 
     def to_dict(self) -> dict[str, Any]:

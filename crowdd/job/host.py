@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from typing import Any
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from crowdd.job import EXIT_FAILED, EXIT_OK, MEMBERS_FILE, STOP_FILE
@@ -367,7 +367,7 @@ class Coordinator:
         from crowdd.job.elastic import ElasticCluster
         from crowdd.job.faults import RETRYABLE, RetryBudget, flush_error
         from crowdd.job.models import build_model, loss_function
-        from crowdd.job.outer import effective_merge, lr_scale, push_scale
+        from crowdd.job.outer import effective_merge, lr_factor, push_scale
         from crowdd.job.train import TrainState, make_train_fn
 
         threads = self.spec.settings.threads
@@ -413,9 +413,7 @@ class Coordinator:
         with strategy.scope():
             model = build_model(self.job, self.layout, center, target, spread)
             merge = effective_merge(self.spec.settings.merge, self.num_workers)
-            # the trainers' own step (the user's learning rate, scaled for the merge rule)
-            stepping = replace(self.job, learning_rate=self.job.learning_rate * lr_scale(merge, self.num_workers))
-            state = TrainState(model, stepping, merge)
+            state = TrainState(model, self.job, merge)
         scale = push_scale(merge, self.num_workers)
         train_fn = make_train_fn(state, loss_fn, self.spec.settings.sync_every, scale, regression)
         self.guard.connected.set()  # the variables live on the PS: every live server answered
@@ -454,6 +452,17 @@ class Coordinator:
 
         total = self.total_steps()
         per_epoch = total / job.epochs
+        # the trainers' step: the user's learning rate times the merge rule's factor, which
+        # may change as the run goes (crowdd.job.outer.lr_factor); set on the PS, read per round
+        rate = {"now": float(job.learning_rate)}
+
+        def set_rate(step: int) -> None:
+            value = job.learning_rate * lr_factor(merge, w, step / max(1, total))
+            if abs(value - rate["now"]) > 0.005 * rate["now"]:
+                state.learning_rate.assign(value)
+                rate["now"] = value
+
+        set_rate(done)
         spf = self.spec.settings.steps_per_function
         next_epoch = min(job.epochs, int(done // per_epoch) + 1)
         stats: dict[int, WorkerStats] = collections.defaultdict(WorkerStats)
@@ -582,6 +591,7 @@ class Coordinator:
                 continue
             budget.succeeded()
             done += n
+            set_rate(done)
             if not finite(loss_sum):
                 raise Diverged(done, lr)
             now = time.monotonic()

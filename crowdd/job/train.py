@@ -31,6 +31,11 @@ class TrainState:
         self.merge = merge
         self.weights = [v.value for v in model.trainable_variables]
         self.slots: list[tf.Variable] = []
+        # the trainers' learning rate, on the PS: the host sets it as the run goes
+        # (crowdd.job.outer.lr_factor); every round reads it. Not checkpointed: it follows
+        # from the steps done.
+        self.learning_rate = tf.Variable(float(job.learning_rate), trainable=False, dtype=tf.float32,
+                                         name="learning_rate")
         # the outer optimizer's momentum, one per weight, on the PS (merge "nesterov")
         self.outer: list[tf.Variable] = [
             tf.Variable(tf.zeros(w.shape, w.dtype), trainable=False, name=f"outer_m{i}")
@@ -48,9 +53,11 @@ class TrainState:
         return [*self.weights, *self.slots, *self.outer]
 
 
-def local_update(job: Job, weights: list, slots: list, grads: list) -> tuple[list, list]:
-    """One step of the job's optimizer on tensor copies: ``(new weights, new slots)``."""
-    lr = tf.constant(job.learning_rate, tf.float32)
+def local_update(job: Job, weights: list, slots: list, grads: list, lr=None) -> tuple[list, list]:
+    """One step of the job's optimizer on tensor copies: ``(new weights, new slots)``, at the
+    learning rate ``lr`` (a float32 tensor; default: the job's)."""
+    if lr is None:
+        lr = tf.constant(job.learning_rate, tf.float32)
     if job.optimizer == "sgd":
         return [w - lr * g for w, g in zip(weights, grads)], slots
     n = len(weights)
@@ -80,7 +87,7 @@ def make_train_fn(state: TrainState, loss_fn, sync_every: int, push_scale: float
     fixed = [v.value for v in model.non_trainable_variables]
     k_max = int(sync_every)
 
-    def local_steps(iterator, k, weights, slots):
+    def local_steps(iterator, k, weights, slots, lr):
         loss_sum = tf.constant(0.0)
         correct = tf.constant(0.0)
         samples = tf.constant(0.0)
@@ -92,7 +99,7 @@ def make_train_fn(state: TrainState, loss_fn, sync_every: int, push_scale: float
                 probs, _ = model.stateless_call(weights, [tf.identity(f) for f in fixed], x, training=True)
                 loss = loss_fn(y, probs)
             grads = tape.gradient(loss, weights)
-            weights, slots = local_update(job, weights, slots, grads)
+            weights, slots = local_update(job, weights, slots, grads, lr)
             batch = tf.cast(tf.shape(y)[0], tf.float32)
             loss_sum += loss * batch
             if regression:
@@ -131,7 +138,8 @@ def make_train_fn(state: TrainState, loss_fn, sync_every: int, push_scale: float
         rounds = [k_max] * (n // k_max) + ([n % k_max] if n % k_max else [])
         for k in rounds:
             start = [pull(v, i < nw) for i, v in enumerate(variables)]
-            weights, slots, ls, c, s, widx = local_steps(iterator, tf.constant(k), start[:nw], start[nw:])
+            lr = pull(state.learning_rate, False)
+            weights, slots, ls, c, s, widx = local_steps(iterator, tf.constant(k), start[:nw], start[nw:], lr)
             for i, (var, new, old) in enumerate(zip(variables, [*weights, *slots], start)):
                 delta = (new - old) * push_scale if push_scale != 1.0 else new - old
                 if outer and i < nw:

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from crowdd.job.outer import (
-    OUTER_LR, OUTER_MOMENTUM, choose_sync_every, effective_merge, lr_scale, nesterov, push_scale,
+    DECAY_FROM, OUTER_LR, OUTER_MOMENTUM, choose_sync_every, effective_merge, lr_factor, lr_scale, nesterov,
+    push_scale,
 )
 
 
@@ -76,3 +77,25 @@ def test_only_average_sqrt_lr_scales_the_trainers_learning_rate_by_sqrt_w() -> N
         assert lr_scale(merge, 4) == 1.0
     with pytest.raises(ValueError):
         lr_scale("median", 2)
+
+
+def test_the_sqrt_factor_holds_for_the_first_half_then_falls_to_the_users_rate_at_the_end() -> None:
+    assert DECAY_FROM == 0.5
+    for p in (0.0, 0.25, 0.5):
+        assert lr_factor("average-sqrt-lr", 4, p) == 2.0
+    assert lr_factor("average-sqrt-lr", 4, 0.75) == pytest.approx(1.5)
+    assert lr_factor("average-sqrt-lr", 4, 1.0) == pytest.approx(1.0)
+    # out-of-range progress (a resumed run past its plan, a step count of 0) is clamped
+    assert lr_factor("average-sqrt-lr", 4, 1.7) == pytest.approx(1.0)
+    assert lr_factor("average-sqrt-lr", 4, -1.0) == 2.0
+    factors = [lr_factor("average-sqrt-lr", 9, i / 100) for i in range(101)]
+    assert all(a >= b for a, b in zip(factors, factors[1:]))  # never rises
+
+
+def test_the_other_rules_and_a_lone_trainer_keep_the_users_rate_throughout() -> None:
+    for p in (0.0, 0.6, 1.0):
+        assert lr_factor("average-sqrt-lr", 1, p) == 1.0
+        for merge in ("average", "sum", "nesterov"):
+            assert lr_factor(merge, 4, p) == 1.0
+    with pytest.raises(ValueError):
+        lr_factor("median", 2, 0.5)
