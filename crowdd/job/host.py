@@ -609,8 +609,10 @@ class Coordinator:
                     **({"mae": ws.correct / ws.samples} if regression else {"accuracy": ws.correct / ws.samples}),
                     samples_per_sec=ws.samples / max(now - ws.since, 1e-9),
                     worker=int(widx),
+                    learning_rate=rate["now"],
                 )
                 with writer.as_default(step=done):
+                    scalar("train/learning_rate", rate["now"])
                     scalar(f"train/loss_worker{int(widx)}", ws.loss / ws.samples)
                     scalar(f"train/{'mae' if regression else 'accuracy'}_worker{int(widx)}", ws.correct / ws.samples)
                 ws.reset(now)

@@ -23,6 +23,7 @@ from crowdd.datasets import ArraySet, Prepared, convert
 from crowdd.job.events import parse_event
 from crowdd.job.host import TRAINER_NICE_STEP
 from crowdd.job.shards import total_steps
+from crowdd.job.outer import lr_factor
 from crowdd.node.ports import free_ports
 
 pytestmark = pytest.mark.slow
@@ -226,8 +227,12 @@ def test_host_and_two_workers_train_digits(make_cluster: Any) -> None:
     assert [e["epoch"] for e in evals] == list(range(1, 7))
     progress = [e for e in host.events if e["event"] == "progress"]
     for e in progress:
-        assert {"epoch", "epochs", "step", "loss", "accuracy", "samples_per_sec", "worker"} <= set(e)
+        assert {"epoch", "epochs", "step", "loss", "accuracy", "samples_per_sec", "worker", "learning_rate"} <= set(e)
         assert 0 <= e["worker"] <= 2 and e["samples_per_sec"] > 0
+        # the default merge (average-sqrt-lr): sqrt(3) times the job's rate, falling to it in the second half
+        want = job["learning_rate"] * lr_factor("average-sqrt-lr", 3, e["step"] / done["steps"])
+        assert e["learning_rate"] == pytest.approx(want, rel=0.01), e
+    assert any(e["step"] >= 0.6 * done["steps"] for e in progress)  # the fall was applied and reported
     assert host.proc.wait(timeout=30) == 0
     for child in started["children"].values():
         deadline = time.monotonic() + 10
