@@ -63,10 +63,10 @@ def lr_factor(merge: str, workers: int, progress: float) -> float:
 
     ``average-sqrt-lr`` steps sqrt(W) times further (:func:`lr_scale`) for the first half of a
     run, then the factor falls linearly to 1 at its end: the larger steps reach a target sooner,
-    and the last model is as calm as ``average``'s (with the factor held to the end, a
-    regression run of host + 1 worker ended at MAE 60.5 where ``average`` ends at 48..57). A
-    run that stops at a target early (``benchmarks/scaling.py`` bounds its runs at 100 epochs)
-    never reaches the fall. Other rules: :func:`lr_scale`, constant."""
+    and the last steps are ``average``'s, so the model a run ends with is no noisier (diabetes,
+    host + 1 worker, 150 epochs: test MAE 54.6 on average over 7 runs, ``average`` 54.5 over
+    6). A run that stops at a target early (``benchmarks/scaling.py`` bounds its runs at 100
+    epochs) never reaches the fall. Other rules: :func:`lr_scale`, constant."""
     peak = lr_scale(merge, workers)
     if peak == 1.0:
         return 1.0
