@@ -96,8 +96,8 @@ class LimitsConfig:
 class JobConfig:
     # group-wide defaults (the host's count): the fastest to a target accuracy measured on
     # emulated volunteer machines (benchmarks/scaling.py; docs/architecture.md, "Scaling")
-    steps_per_function: int = 50
-    sync_every: int = 50
+    steps_per_function: int = 200
+    sync_every: int = 200
     merge: str = "average-sqrt-lr"
     threads: int = 1
     nice: int = 19

@@ -167,8 +167,8 @@ class GroupSettings:
     matchmaker; a worker's own config never changes it."""
 
     route: str = DEFAULT_ROUTE
-    sync_every: int = 50
-    steps_per_function: int = 50
+    sync_every: int = 200
+    steps_per_function: int = 200
     merge: str = "average-sqrt-lr"
     chunk_size: int = DEFAULT_CHUNK
 
