@@ -36,6 +36,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -133,6 +134,25 @@ def _floats(text: str) -> list[float]:
     return sorted(set(values))
 
 
+def report(results: list[dict[str, Any]], key: str, json_path: Path | None, header: dict[str, Any],
+           line: Callable[[dict[str, Any]], str], headline: str) -> int:
+    """Adds each W's speed-up and efficiency against W = 1 (``results[0]``, by ``key``: steps to
+    the target), writes the JSON, prints a line per W and the 4-trainer figure last."""
+    ref = results[0][key]
+    for r in results:
+        if ref and r[key]:
+            r["speedup"] = round(ref / r[key], 3)
+            r["efficiency"] = round(ref / r[key] / r["trainers"], 3)
+    if json_path:
+        json_path.write_text(json.dumps({**header, "results": results}, indent=2))
+    for r in results:
+        print(line(r))
+    four = next((r for r in results if r["trainers"] == 4), None)
+    if four is not None:
+        print(f"{headline}: {four.get('speedup')}x (efficiency {four.get('efficiency')})")
+    return 0 if all(r[key] for r in results) else 1
+
+
 def data_parallel(args: argparse.Namespace, data: Any) -> int:
     """The synchronous data-parallel bound: W trainers that average their gradients every step
     (free all-reduce, no staleness) take the steps of one trainer with a W-times larger batch.
@@ -163,25 +183,13 @@ def data_parallel(args: argparse.Namespace, data: Any) -> int:
         results.append({"trainers": w, "batch_size": args.batch_size * w, "tried": tried,
                         "learning_rate": best["learning_rate"] if best else None,
                         "steps": best["steps"] if best else None})
-    ref = results[0]["steps"]
-    for r in results:
-        if ref and r["steps"]:
-            r["speedup"] = round(ref / r["steps"], 3)
-            r["efficiency"] = round(ref / r["steps"] / r["trainers"], 3)
-    if args.json:
-        args.json.write_text(json.dumps({
-            "mode": "data-parallel", "optimizer": args.optimizer, "batch_size": args.batch_size,
-            "learning_rates": grid, "target": args.target, "eval_every": args.eval_every, "seeds": args.seeds,
-            "results": results}, indent=2))
-    for r in results:
-        print(f"data-parallel {args.optimizer}: {r['trainers']} trainer(s) (batch {r['batch_size']}, best lr "
-              f"{r['learning_rate']}) {r['steps']} steps to {args.target}, speed-up {r.get('speedup')}, "
-              f"efficiency {r.get('efficiency')}")
-    four = next((r for r in results if r["trainers"] == 4), None)
-    if four is not None:
-        print(f"4-trainer data-parallel bound (synchronous, free communication): {four.get('speedup')}x "
-              f"(efficiency {four.get('efficiency')})")
-    return 0 if all(r["steps"] for r in results) else 1
+    return report(results, "steps", args.json, {
+        "mode": "data-parallel", "optimizer": args.optimizer, "batch_size": args.batch_size,
+        "learning_rates": grid, "target": args.target, "eval_every": args.eval_every, "seeds": args.seeds},
+        lambda r: f"data-parallel {args.optimizer}: {r['trainers']} trainer(s) (batch {r['batch_size']}, best lr "
+                  f"{r['learning_rate']}) {r['steps']} steps to {args.target}, speed-up {r.get('speedup')}, "
+                  f"efficiency {r.get('efficiency')}",
+        "4-trainer data-parallel bound (synchronous, free communication)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -242,26 +250,14 @@ def main(argv: list[str] | None = None) -> int:
         ok = [r["steps"] for r in runs if r["steps"]]
         results.append({"trainers": w, "learning_rate": lr, "runs": runs, "failed": len(runs) - len(ok),
                         "steps_per_trainer": round(sum(ok) / len(ok), 1) if len(ok) == len(runs) else None})
-    ref = results[0]["steps_per_trainer"]
-    for r in results:
-        t = r["steps_per_trainer"]
-        if ref and t:
-            r["speedup"] = round(ref / t, 3)
-            r["efficiency"] = round(ref / t / r["trainers"], 3)
-    out = {"merge": args.merge, "sync_every": args.sync_every, "optimizer": args.optimizer,
-           "learning_rate": args.learning_rate, "batch_size": args.batch_size, "target": args.target,
-           "eval_every": args.eval_every, "seeds": args.seeds, "results": results}
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=2))
-    for r in results:
-        print(f"merge {args.merge} K {args.sync_every} lr {r['learning_rate']:g}: {r['trainers']} trainer(s) "
-              f"{r['steps_per_trainer']} steps each to {args.target} ({r['failed']} of {args.seeds} failed), "
-              f"speed-up {r.get('speedup')}, efficiency {r.get('efficiency')}")
-    four = next((r for r in results if r["trainers"] == 4), None)
-    if four is not None:
-        print(f"4-trainer ceiling speed-up (free communication, equal trainers): {four.get('speedup')}x "
-              f"(efficiency {four.get('efficiency')})")
-    return 0 if all(r["steps_per_trainer"] for r in results) else 1
+    return report(results, "steps_per_trainer", args.json, {
+        "merge": args.merge, "sync_every": args.sync_every, "optimizer": args.optimizer,
+        "learning_rate": args.learning_rate, "batch_size": args.batch_size, "target": args.target,
+        "eval_every": args.eval_every, "seeds": args.seeds},
+        lambda r: f"merge {args.merge} K {args.sync_every} lr {r['learning_rate']:g}: {r['trainers']} trainer(s) "
+                  f"{r['steps_per_trainer']} steps each to {args.target} ({r['failed']} of {args.seeds} failed), "
+                  f"speed-up {r.get('speedup')}, efficiency {r.get('efficiency')}",
+        "4-trainer ceiling speed-up (free communication, equal trainers)")
 
 
 if __name__ == "__main__":
