@@ -98,7 +98,7 @@ class JobConfig:
     # emulated volunteer machines (benchmarks/scaling.py; docs/architecture.md, "Scaling")
     steps_per_function: int = 200
     sync_every: int = 200
-    merge: str = "average-sqrt-lr"
+    merge: str = "average"
     threads: int = 1
     nice: int = 19
     checkpoint_secs: float = 30.0

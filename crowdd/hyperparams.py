@@ -169,7 +169,7 @@ class GroupSettings:
     route: str = DEFAULT_ROUTE
     sync_every: int = 200
     steps_per_function: int = 200
-    merge: str = "average-sqrt-lr"
+    merge: str = "average"
     chunk_size: int = DEFAULT_CHUNK
 
     def to_dict(self) -> dict[str, Any]:

@@ -207,7 +207,7 @@ def test_train_mean_is_the_training_splits_feature_mean(digits: Prepared) -> Non
 
 def test_host_and_two_workers_train_digits(make_cluster: Any) -> None:
     job = {"epochs": 6, "batch_size": 32, "learning_rate": 0.3, "sharding": "overlap"}
-    cluster = make_cluster(2, job)
+    cluster = make_cluster(2, job, merge="average-sqrt-lr")
     autograph_before = set(Path(tempfile.gettempdir()).glob("__autograph_generated_file*"))
     host = cluster.start()
     started = host.wait_for("started", START_TIMEOUT)
@@ -229,7 +229,7 @@ def test_host_and_two_workers_train_digits(make_cluster: Any) -> None:
     for e in progress:
         assert {"epoch", "epochs", "step", "loss", "accuracy", "samples_per_sec", "worker", "learning_rate"} <= set(e)
         assert 0 <= e["worker"] <= 2 and e["samples_per_sec"] > 0
-        # the default merge (average-sqrt-lr): sqrt(3) times the job's rate, falling to it in the second half
+        # merge average-sqrt-lr: sqrt(3) times the job's rate, falling to it in the second half
         want = job["learning_rate"] * lr_factor("average-sqrt-lr", 3, e["step"] / done["steps"])
         assert e["learning_rate"] == pytest.approx(want, rel=0.01), e
     assert any(e["step"] >= 0.6 * done["steps"] for e in progress)  # the fall was applied and reported
