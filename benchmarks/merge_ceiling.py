@@ -35,8 +35,8 @@ import json
 import math
 import sys
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -158,7 +158,7 @@ def data_parallel(args: argparse.Namespace, data: Any) -> int:
     (free all-reduce, no staleness) take the steps of one trainer with a W-times larger batch.
     For each W the best of ``args.learning_rates`` counts; the speed-up is against the best at
     W = 1. Asynchronous rules that merge K-step changes approximate it as K shrinks; the ones
-    measured stay below it (4 trainers, MLP to 0.88, 4 seeds: SGD bound 2.53x against 1.94x
+    measured stay below it (4 trainers, MLP to 0.88, 4 seeds, K 50: SGD bound 2.53x against 1.94x
     for ``average-sqrt-lr``; Adam bound 3.01x against 2.41x for ``average``)."""
     grid = args.learning_rates or [args.learning_rate * f for f in (0.5, 1.0, 2.0, 3.0)]
     results: list[dict[str, Any]] = []
