@@ -3,7 +3,8 @@
 State and decisions are pure and tested directly: :func:`check_hello` decides whether a hello
 is acceptable, :func:`admit` whether a new connection fits the limits, :class:`Grouper` holds
 the FIFO queues and the open sessions (running ones with free places), :meth:`Grouper.form`
-decides which waiting workers join an open session and which groups to form, and
+decides which waiting workers join an open session and which groups to form (never a worker
+with a host that expelled it: :class:`crowdd.matchmaker_bans.Bans`), and
 :func:`group_frames` / :func:`join_frames` build what each member receives. :class:`Matchmaker` is the asyncio I/O
 around them: one lightweight :class:`asyncio.Protocol` per connection (no task, no stream
 objects, so 10,000 waiting clients stay cheap), fed through :class:`wire.FrameDecoder`, and one
@@ -38,14 +39,18 @@ from crowdd.identity import Identity, fingerprint_of
 from crowdd.tls import server_context
 from crowdd.config import MatchmakerConfig, parse_hostport
 from crowdd.hyperparams import GroupSettings, Job
+from crowdd.matchmaker_bans import Bans
 from crowdd.plan import PlanMember
 from crowdd.protocol.matchmaker import (
     HOST,
     MAX_MEMBERS,
+    Expel,
     Hello,
     Slots,
+    check_expel,
     check_hello,
     check_slots,
+    make_expelled,
     make_group,
     make_join,
     make_joined,
@@ -149,12 +154,13 @@ def matches(host: Hello, worker: Hello) -> bool:
 
 @dataclass
 class Grouper:
-    """The two FIFO queues (insertion-ordered dicts), the open sessions (oldest first) and
-    the grouping rule."""
+    """The two FIFO queues (insertion-ordered dicts), the open sessions (oldest first), the
+    pairs never to place together (``bans``) and the grouping rule."""
 
     hosts: dict[int, Waiter] = field(default_factory=dict)
     workers: dict[int, Waiter] = field(default_factory=dict)
     open: dict[int, OpenGroup] = field(default_factory=dict)
+    bans: Bans = field(default_factory=Bans)
 
     def add(self, waiter: Waiter) -> int:
         """Queue a client; return its 1-based position in its role's queue."""
@@ -237,15 +243,17 @@ class Grouper:
     def fill_open(self) -> list[Join]:
         """Send waiting workers into open sessions with free places, oldest session first,
         each taking the oldest matching workers (tags both ways) that are not already among
-        its members; take them off the queue. Each newcomer gets the session's next index."""
+        its members nor banned with its host; take them off the queue. Each newcomer gets the
+        session's next index."""
         joins: list[Join] = []
         for session in self.open.values():
             if session.free <= 0:
                 continue
             host = session.host.hello
+            banned = self.bans.of(host.fingerprint)
             taken: list[Waiter] = []
             for w in self.workers.values():
-                if matches(host, w.hello) and not session.has(w.hello.fingerprint):
+                if matches(host, w.hello) and not session.has(w.hello.fingerprint) and w.hello.fingerprint not in banned:
                     taken.append(w)
                     if len(taken) == session.free:
                         break
@@ -274,8 +282,9 @@ class Grouper:
     def _take(self, host: Waiter, job: Job, now: float) -> list[Waiter] | None:
         found: list[Waiter] = []
         if job.workers:
+            banned = self.bans.of(host.hello.fingerprint)
             for w in self.workers.values():
-                if matches(host.hello, w.hello):
+                if matches(host.hello, w.hello) and w.hello.fingerprint not in banned:
                     found.append(w)
                     if len(found) == job.workers:
                         return found
@@ -445,9 +454,13 @@ class _Conn(asyncio.Protocol):
         kind = frame["type"]
         if "blob" in frame:
             raise wire.WireError(wire.ErrorCode.BAD_FRAME, "the matchmaker accepts no blobs")
-        if kind not in ("hello", "heartbeat", "slots"):
+        if kind not in ("hello", "heartbeat", "slots", "expel"):
             raise wire.WireError(wire.ErrorCode.UNKNOWN_TYPE, f"unknown frame type {kind!r}")
-        if self.state == "new":
+        if kind == "expel":
+            if self.state != "new":
+                raise wire.WireError(wire.ErrorCode.BAD_FRAME, "an expel report is the only frame of its connection")
+            self.server._expel(self, check_expel(frame))
+        elif self.state == "new":
             hello = check_hello(frame, self.ip, trust_advertised=self.server.cfg.trust_advertised)
             self.opens = hello.open is not None
             if self.server.cfg.check_reachable:
@@ -528,6 +541,7 @@ class Matchmaker:
         self.per_ip: dict[str, int] = {}
         self.groups_formed = 0
         self.joins = 0
+        self.expelled = 0
         self.dropped = 0
         self._ids = 0
         self._server: asyncio.Server | None = None
@@ -660,6 +674,8 @@ class Matchmaker:
             "connections": len(self.conns),
             "groups": self.groups_formed,
             "joins": self.joins,
+            "expelled": self.expelled,
+            "banned": len(self.grouper.bans),
             "dropped": self.dropped,
             "tls_refused": self.tls_refused,
             "handshaking": self._handshaking,
@@ -754,6 +770,18 @@ class Matchmaker:
         if session.free > 0:
             self._schedule_form()
 
+    def _expel(self, conn: _Conn, report: Expel) -> None:
+        """A host (its signature checked) reports that it expelled a member of its group."""
+        try:
+            self.grouper.bans.expel(report.host, report.group_id, report.member)
+        except wire.WireError as exc:
+            conn.fail(exc)
+            return
+        self.expelled += 1
+        logger.info("matchmaker: host %s expelled %s from group %s (%r): never placed together again",
+                    report.host, report.member, report.group_id, report.reason)
+        conn.finish(make_expelled(report.group_id, report.member))
+
     # grouping
     def _form(self) -> None:
         self._form_scheduled = False
@@ -777,6 +805,7 @@ class Matchmaker:
         frames = group_frames(group, gid, new_token())
         self.groups_formed += 1
         host = group.host.hello
+        self.grouper.bans.placed(host.fingerprint, gid, (w.hello.fingerprint for w in group.workers))
         logger.info(
             "matchmaker: group %s formed: host %r (%s) + %d worker(s) [%s], waited %.1f s",
             gid, host.name, host.address, len(group.workers),
@@ -791,6 +820,7 @@ class Matchmaker:
     def _send_join(self, join: Join) -> None:
         newcomer, joined = join_frames(join)
         self.joins += 1
+        self.grouper.bans.placed(join.host.hello.fingerprint, join.group_id, (join.member.fingerprint,))
         w = join.worker.hello
         session = self.grouper.open.get(join.host.id)
         logger.info(
@@ -868,8 +898,8 @@ class Matchmaker:
         s = self.stats()
         logger.info(
             "matchmaker: %d host(s) and %d worker(s) waiting, %d open session(s), %d connection(s), "
-            "%d group(s) formed, %d join(s), %d dropped",
-            s["hosts"], s["workers"], s["open"], s["connections"], s["groups"], s["joins"], s["dropped"],
+            "%d group(s) formed, %d join(s), %d banned pair(s), %d dropped",
+            s["hosts"], s["workers"], s["open"], s["connections"], s["groups"], s["joins"], s["banned"], s["dropped"],
         )
 
 

@@ -9,6 +9,9 @@ closes the connection, which removes this node from the queue at once.
 matchmaker: it says the open hello, heartbeats, reports each newcomer (``joined``) to
 ``on_joined``, sends ``slots`` when :meth:`OpenSlots.set_free` changes the free count, and
 reconnects with backoff whenever the matchmaker goes away, until it is cancelled.
+
+:func:`report_expelled` tells the matchmaker that this host expelled a member of its group
+(a signed ``expel`` report), so that it never places the two together again.
 """
 
 from __future__ import annotations
@@ -21,10 +24,23 @@ import ssl
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
 from crowdd import wire
 from crowdd.errors import CrowddError
+from crowdd.identity import Identity, IdentityError
 from crowdd.plan import PlanMember, SessionPlan
-from crowdd.protocol.matchmaker import Wait, check_group, check_joined, check_wait, make_slots
+from crowdd.protocol.matchmaker import (
+    MAX_REASON,
+    Wait,
+    check_expelled,
+    check_group,
+    check_joined,
+    check_wait,
+    make_expel,
+    make_slots,
+)
 from crowdd.tls import client_context, open_tls
 
 logger = logging.getLogger(__name__)
@@ -381,4 +397,64 @@ async def keep_open(
                     **kw).run()
 
 
-__all__ = ["MatchmakerUnavailable", "MatchmakerUntrusted", "OpenSlots", "keep_open", "register"]
+def _signing_key(identity: Identity) -> ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey:
+    try:
+        key = serialization.load_pem_private_key(identity.key_path.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise IdentityError(f"{identity.key_path}: cannot sign with this key: {exc}") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey):
+        raise IdentityError(f"{identity.key_path}: the key must be ECDSA P-256 or Ed25519")
+    return key
+
+
+def _short(reason: str) -> str:
+    """``reason`` as the report carries it: printable, at most ``MAX_REASON`` characters."""
+    text = "".join(ch if ch.isprintable() else " " for ch in reason)
+    return text[: MAX_REASON - 1] + "…" if len(text) > MAX_REASON else text
+
+
+async def report_expelled(
+    address: tuple[str, int],
+    identity: Identity,
+    group_id: str,
+    member: str,
+    reason: str = "",
+    *,
+    fingerprint: str = "",
+    io_timeout: float = 10.0,
+) -> None:
+    """Tell the matchmaker at ``address`` that this host (``identity``, the one its hello
+    carried) expelled ``member`` (the member's certificate fingerprint, ``PlanMember.fingerprint``)
+    from its group ``group_id`` (``SessionPlan.group_id``): the matchmaker never places that
+    member with this host again. ``reason`` is cut to ``MAX_REASON`` printable characters.
+
+    The report is signed with ``identity``'s key; it goes over TLS 1.3 to the matchmaker pinned
+    by ``fingerprint`` (``[daemon] matchmaker_fingerprint``; empty: the system trust store), as
+    :func:`register` does. ``io_timeout`` bounds connecting, writing and the answer.
+
+    Returns once the matchmaker confirmed. Raises :class:`MatchmakerUnavailable`,
+    :class:`MatchmakerUntrusted`, :class:`wire.RemoteError` when it refused the report (``.code``
+    ``unauthorized``: it placed no such group with this host; ``bad_field`` ``member``: not a
+    worker it placed in that group), :class:`wire.ConnectionClosed` / :class:`wire.FrameTimeout`
+    when it answered nothing, :class:`wire.WireError` on a malformed answer and
+    :class:`crowdd.identity.IdentityError` when the key cannot sign.
+    """
+    frame = make_expel(_signing_key(identity), identity.cert_pem, identity.fingerprint, group_id, member,
+                       _short(reason))
+    reader, writer = await _connect(address, fingerprint, io_timeout)
+    try:
+        await wire.write_frame(writer, frame, timeout=io_timeout)
+        try:
+            answer = await wire.read_frame(reader, timeout=io_timeout)
+        except wire.ConnectionClosed:
+            raise wire.ConnectionClosed("the matchmaker closed the connection without answering the report") from None
+        if answer["type"] == "error":
+            wire.raise_if_error(answer)
+        if answer["type"] != "expelled":
+            raise wire.WireError(wire.ErrorCode.UNKNOWN_TYPE, f"unexpected frame {answer['type']!r} from the matchmaker")
+        check_expelled(answer, group_id, member)
+    finally:
+        await wire.close_writer(writer)
+
+
+__all__ = ["MatchmakerUnavailable", "MatchmakerUntrusted", "OpenSlots", "keep_open", "register", "report_expelled"]

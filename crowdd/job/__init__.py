@@ -10,7 +10,8 @@ See ``docs/job-spec.md``.
 
 from __future__ import annotations
 
-EVENT_KINDS = ("started", "progress", "eval", "checkpoint", "resumed", "done", "error", "members", "slot")
+EVENT_KINDS = ("started", "progress", "eval", "checkpoint", "resumed", "done", "error", "members", "slot", "rejected",
+               "expel")
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_BAD_SPEC = 2

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from crowdd.job.shards import segments, shard_bounds, steps_per_epoch
+from crowdd.job.shards import holdout_count, holdout_every, segments, shard_bounds, steps_per_epoch
 from crowdd.job.spec import INDEX_FILE
 from crowdd.manifest import Layout
 
@@ -27,8 +27,10 @@ def _decode(layout: Layout):
     return decode
 
 
-def worker_dataset(path: str, layout: Layout, sharding: str, num_workers: int, batch: int) -> tf.data.Dataset:
-    """Infinite shuffled batches ``(x, y, worker_index)`` of this worker's shard.
+def worker_dataset(path: str, layout: Layout, sharding: str, num_workers: int, batch: int,
+                   holdout_every: int = 0) -> tf.data.Dataset:
+    """Infinite shuffled batches ``(x, y, worker_index)`` of this worker's shard, without the
+    records the host holds back (every ``holdout_every``-th training record, :func:`holdout`).
 
     Runs ON THE WORKER: ``path`` and :data:`INDEX_FILE` resolve against the worker
     process's working directory.
@@ -47,6 +49,9 @@ def worker_dataset(path: str, layout: Layout, sharding: str, num_workers: int, b
     header = start * rb
     footer = (n - end) * rb + layout.test_count * rb
     ds = tf.data.FixedLengthRecordDataset(path, rb, header_bytes=header, footer_bytes=footer, buffer_size=1 << 20)
+    if holdout_every > 1:
+        every = tf.constant(holdout_every, tf.int64)
+        ds = ds.enumerate().filter(lambda i, _r: (start + i) % every != 0).map(lambda _i, r: r)
     ds = ds.cache().shuffle(tf.maximum(end - start, 1), reshuffle_each_iteration=True).repeat()
     ds = ds.batch(batch).map(lambda r: _decode(layout)(r, widx), num_parallel_calls=1)
     return ds.prefetch(2)
@@ -65,6 +70,17 @@ def read_split(path: Path, layout: Layout, split: str) -> tuple[np.ndarray, np.n
     x = arr["x"].astype(np.float32)
     y = arr["y"].astype(np.float32 if layout.task == "regression" else np.int32)
     return x.reshape(count, *layout.feature_shape), y
+
+
+def read_holdout(path: Path, layout: Layout, every: int) -> tuple[np.ndarray, np.ndarray]:
+    """The held-back training records (every ``every``-th), as :func:`read_split` gives them."""
+    feat = np.dtype("u1") if layout.feature_dtype == "uint8" else np.dtype("<f4")
+    label = np.dtype("<f4") if layout.task == "regression" else np.dtype("<i4")
+    rec = np.dtype([("y", label), ("x", feat, (layout.feature_count,))])
+    arr = np.memmap(path, dtype=rec, mode="r", shape=(layout.train_count,))[::every]
+    x = np.asarray(arr["x"], np.float32).reshape(len(arr), *layout.feature_shape)
+    y = np.asarray(arr["y"]).astype(np.float32 if layout.task == "regression" else np.int32)
+    return x, y
 
 
 def target_stats(path: Path, layout: Layout) -> tuple[float, float]:
@@ -102,5 +118,5 @@ def train_moments(path: Path, layout: Layout, chunk: int = 10_000) -> tuple[np.n
     return mean.astype(np.float32).reshape(shape), var.astype(np.float32).reshape(shape)
 
 
-__all__ = ["read_split", "segments", "shard_bounds", "steps_per_epoch", "target_stats", "train_mean", "train_moments",
+__all__ = ["holdout_count", "holdout_every", "read_holdout", "read_split", "segments", "shard_bounds", "steps_per_epoch", "target_stats", "train_mean", "train_moments",
            "worker_dataset"]

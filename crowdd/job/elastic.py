@@ -4,7 +4,9 @@ TF's ``ClusterCoordinator`` has a fixed list of workers and ``ParameterServerStr
 connects to every task of its cluster before anything runs. crowdd keeps one strategy for the
 whole run and changes who is in it:
 
-* The eager context's cluster (its ``ServerDef``) holds the PS, the coordinator and only the
+* There is no parameter server: the coordinator holds the parameters
+  (:mod:`crowdd.job.train`), so TF traffic flows one way, from the coordinator to each worker.
+  The eager context's cluster (its ``ServerDef``) holds the coordinator and only the
   worker slots that are *attached*: a sparse worker job whose task index is the slot index
   (``/job:worker/replica:0/task:3`` is slot 3 whatever else is missing). A slot absent at the
   start is simply not in it, so nothing waits for it.
@@ -79,6 +81,10 @@ class SlotWorker(cc.Worker):
                 self._process_resource_closure(closure)
             else:
                 self.current = closure
+                # which slot ran it: the coordinator's own record, not the worker's word
+                rv = closure.maybe_call_with_output_remote_value(lambda r: r)
+                if rv is not None:
+                    _RAN_ON[id(rv)] = self.worker_index
                 try:
                     self._process_closure(closure)
                 finally:
@@ -130,6 +136,8 @@ class SlotWorker(cc.Worker):
 
 
 _STARTING_LIVE: frozenset[int] = frozenset()
+#: id(RemoteValue) -> the slot whose thread last ran its function
+_RAN_ON: dict[int, int] = {}
 
 
 class ElasticHandler(RetiringFailureHandler):
@@ -191,29 +199,35 @@ class ElasticHandler(RetiringFailureHandler):
 
 
 class SparseStrategy(tf.distribute.ParameterServerStrategy):
-    """A ParameterServerStrategy whose worker job may be sparse (task index = slot index)."""
+    """A ParameterServerStrategy without a parameter server, whose worker job may be sparse
+    (task index = slot index). Nothing is ever placed in its scope: it is only the
+    ClusterCoordinator's way to schedule functions on workers."""
 
     num_slots = 0
+
+    def _verify_args_and_config(self, cluster_resolver: Any) -> None:
+        if not cluster_resolver.cluster_spec().task_indices("worker"):
+            raise ValueError("There must be at least one worker.")
 
     def _connect_to_cluster(self, coordinator_name: str) -> None:
         spec = self._cluster_resolver.cluster_spec()
         self._num_workers = len(spec.task_indices("worker"))
-        self._num_ps = len(spec.task_indices("ps"))
+        self._num_ps = 0
         os.environ["TF_ENABLE_EAGER_CLIENT_STREAMING_ENQUEUE"] = "False"
         os.environ["TF_PS_DISABLE_ASYNC_EXECUTOR_GLOBALLY"] = "True"
+        # no coordination service: it would have every worker heartbeat to a leader
+        os.environ.pop("TF_PSS_ENABLE_COORDINATION_SERVICE", None)
         remote.connect_to_cluster(
             spec, job_name=coordinator_name, protocol=self._cluster_resolver.rpc_layer,
-            cluster_device_filters=device_filters(self.num_slots, self._num_ps, coordinator_name),
+            cluster_device_filters=device_filters(self.num_slots),
         )
 
 
-def device_filters(num_slots: int, num_ps: int, coordinator: str = "chief") -> Any:
-    """Workers see only the PS and the coordinator; the PS sees workers and the coordinator."""
+def device_filters(num_slots: int) -> Any:
+    """Each worker sees only its own devices: no other member's task exists for it."""
     f = server_lib.ClusterDeviceFilters()
     for i in range(num_slots):
-        f.set_device_filters("worker", i, ["/job:ps", f"/job:{coordinator}"])
-    for i in range(num_ps):
-        f.set_device_filters("ps", i, ["/job:worker", f"/job:{coordinator}"])
+        f.set_device_filters("worker", i, [f"/job:worker/replica:0/task:{i}"])
     return f
 
 
@@ -226,16 +240,13 @@ class ElasticCluster:
 
     def __init__(
         self,
-        ps: list[str],
         workers: list[str],
         live: frozenset[int],
-        ps_alive: Callable[[], bool],
         on_retire: Callable[[int, int, BaseException], None],
         chief: list[str] | None = None,
     ) -> None:
         global _STARTING_LIVE
         self.addresses = list(workers)
-        self.ps = list(ps)
         # the coordinator's own address; without one TF picks a free port (a sandboxed job may
         # bind only its listed ports)
         self.chief = list(chief or [])
@@ -253,12 +264,12 @@ class ElasticCluster:
         finally:
             cc.Worker = original
             _STARTING_LIVE = frozenset()
-        handler = ElasticHandler.install(self.coordinator, self.addresses, ps_alive, on_retire)
+        handler = ElasticHandler.install(self.coordinator, self.addresses, lambda: True, on_retire)
         assert isinstance(handler, ElasticHandler)
         self.handler = handler
 
     def _spec(self, slots: set[int]) -> Any:
-        jobs: dict[str, Any] = {"ps": self.ps, "worker": {i: self.addresses[i] for i in sorted(slots)}}
+        jobs: dict[str, Any] = {"worker": {i: self.addresses[i] for i in sorted(slots)}}
         if self.chief:
             jobs["chief"] = self.chief
         return tf.train.ClusterSpec(jobs)
@@ -266,6 +277,15 @@ class ElasticCluster:
     @property
     def workers(self) -> list[SlotWorker]:
         return self.coordinator._cluster.workers  # type: ignore[no-any-return]
+
+    @staticmethod
+    def ran_on(remote_value: Any) -> int | None:
+        """The slot whose server ran the function behind ``remote_value`` (forgets it)."""
+        return _RAN_ON.pop(id(remote_value), None)
+
+    @staticmethod
+    def forget(remote_value: Any) -> None:
+        _RAN_ON.pop(id(remote_value), None)
 
     def attached(self) -> set[int]:
         return {w.worker_index for w in self.workers if w.attached.is_set()}

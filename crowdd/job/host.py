@@ -1,8 +1,14 @@
-"""The host job: parameter server + worker 0 (child processes) and the coordinator loop."""
+"""The host job: worker 0 (a child process) and the coordinator, which holds the model.
+
+There is no parameter server: TF traffic flows one way, from this coordinator to each worker
+(``docs/security.md``). Every change a worker returns is validated before any of it touches
+the model (:mod:`crowdd.job.validate`), and a member whose changes keep failing is expelled.
+"""
 
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import os
 import subprocess
@@ -27,6 +33,8 @@ from crowdd.platform.process import lower_priority, watch_parent
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT = 120.0
+#: every change's verdict, one JSON object a line, in the host job's output directory
+VALIDATION_LOG = "validation.jsonl"
 PROGRESS_EVERY = 0.5
 
 
@@ -92,9 +100,10 @@ def server_nice(job_name: str, nice: int) -> int:
 
 
 def start_servers(spec: JobSpec, names: list[tuple[str, str, int]], children: Children) -> None:
-    cluster = {"ps": list(spec.cluster.ps), "worker": list(spec.cluster.worker)}
+    """Start each named TF server; each knows only its own task (nothing else to reach)."""
     for label, job_name, task in names:
-        children.add(label, spawn(cluster, job_name, task, threads=spec.settings.threads,
+        own = {job_name: {task: spec.cluster.worker[task]}}
+        children.add(label, spawn(own, job_name, task, threads=spec.settings.threads,
                                   nice=server_nice(job_name, spec.settings.nice)))
     for label, _, _ in names:
         wait_ready(children.procs[label], label)
@@ -115,20 +124,6 @@ class Fatal:
                 self._events.error(message)
 
 
-def ps_death(children: Children, wait: float = 0.0) -> str | None:
-    """The message for a dead parameter server, or None while it lives."""
-    ps = children.procs.get("ps")
-    if ps is None:
-        return None
-    try:
-        code = ps.wait(timeout=wait) if wait else ps.poll()
-    except subprocess.TimeoutExpired:
-        return None
-    if code is None:
-        return None
-    return f"the parameter server died (exit code {code}); training cannot go on"
-
-
 def abort(fatal: Fatal, children: Children, message: str) -> None:
     """End the job now from any thread: the error event, the children killed, exit code 1.
 
@@ -140,18 +135,6 @@ def abort(fatal: Fatal, children: Children, message: str) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(EXIT_FAILED)
-
-
-def watch_ps(children: Children, fatal: Fatal, stop: threading.Event) -> None:
-    """A dead parameter server ends the job with an error: TF may otherwise retry for long."""
-
-    def loop() -> None:
-        while not stop.wait(0.2):
-            message = ps_death(children)
-            if message is not None and not stop.is_set():
-                abort(fatal, children, message)
-
-    threading.Thread(target=loop, name="ps-watch", daemon=True).start()
 
 
 def missing_workers(addresses: list[str], probe: Callable[[str], bool], live: frozenset[int] | None = None) -> list[str]:
@@ -256,7 +239,7 @@ def run_host(spec: JobSpec, layout: Layout, events: EventWriter) -> int:
     watch_parent(parent, parent_died)
     try:
         try:
-            start_servers(spec, [("ps", "ps", 0), ("worker0", "worker", 0)], children)
+            start_servers(spec, [("worker0", "worker", 0)], children)
         except RuntimeError as exc:
             events.error(str(exc))
             return EXIT_FAILED
@@ -268,7 +251,6 @@ def run_host(spec: JobSpec, layout: Layout, events: EventWriter) -> int:
             pid=os.getpid(),
             children={k: p.pid for k, p in children.procs.items()},
         )
-        watch_ps(children, fatal, stop)
         connected = threading.Event()
         watch_start(spec, children, fatal, connected, stop, reachable,
                     starting_members(spec.cluster.num_workers).live)
@@ -278,16 +260,11 @@ def run_host(spec: JobSpec, layout: Layout, events: EventWriter) -> int:
         def workers_gone(message: str) -> None:
             abort(fatal, children, message)
 
-        guard = Guard(ps_dead=lambda: ps_death(children), connected=connected, all_workers_gone=workers_gone)
+        guard = Guard(connected=connected, all_workers_gone=workers_gone)
         return Coordinator(spec, layout, events, out, guard).run()
     except Exception as exc:  # the job's last word: an error event, never a traceback only
-        dead = ps_death(children, wait=2.0)
-        if dead is not None:
-            log.error("%s (%s: %s)", dead, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-            fatal.report(dead)
-        else:
-            log.exception("host job failed")
-            fatal.report(f"{type(exc).__name__}: {exc}")
+        log.exception("host job failed")
+        fatal.report(f"{type(exc).__name__}: {exc}")
         return EXIT_FAILED
     finally:
         stop.set()
@@ -298,12 +275,10 @@ def run_host(spec: JobSpec, layout: Layout, events: EventWriter) -> int:
 class Guard:
     """What the coordinator needs to tell a worker fault from a fatal one.
 
-    ``ps_dead()``: a message while the parameter server is dead, else None.
     ``connected``: set once every worker server answered (disarms the start timeout).
     ``all_workers_gone(message)``: ends the job (it does not return).
     """
 
-    ps_dead: Callable[[], str | None] = lambda: None
     connected: threading.Event = field(default_factory=threading.Event)
     all_workers_gone: Callable[[str], None] = lambda message: None
 
@@ -332,6 +307,7 @@ class Coordinator:
         self.job = spec.job
         self.num_workers = spec.cluster.num_workers
         self.store = CheckpointStore(out / "checkpoints")
+        self.closing: list[Callable[[], None]] = []
 
     def run(self) -> int:
         """Train to the end; a diverged loss ends the run with the advice and the last finite
@@ -344,12 +320,17 @@ class Coordinator:
             self.events.emit("error", message=str(exc), field="job.learning_rate", step=exc.step,
                              checkpoint=str(latest) if latest is not None else None)
             return EXIT_FAILED
+        finally:
+            for close in self.closing:
+                close()
 
-    def total_steps(self) -> int:
+    def total_steps(self, records: int | None = None) -> int:
+        """The run's steps over ``records`` training records (default: all of them)."""
         from crowdd.job.shards import total_steps
 
         job = self.job
-        return total_steps(job.sharding, self.num_workers, self.layout.train_count, job.batch_size, job.epochs)
+        n = self.layout.train_count if records is None else records
+        return total_steps(job.sharding, self.num_workers, n, job.batch_size, job.epochs)
 
     def dataset_info(self) -> dict[str, Any]:
         """The dataset's name and digests, from its manifest (for the model card)."""
@@ -363,12 +344,14 @@ class Coordinator:
         import numpy as np
         import tensorflow as tf
 
-        from crowdd.job.data import read_split, target_stats, train_moments, worker_dataset
+        from crowdd.job.byzantine import BadWorkers
+        from crowdd.job.data import holdout_count, holdout_every, read_holdout, read_split, target_stats, train_moments, worker_dataset
         from crowdd.job.elastic import ElasticCluster
         from crowdd.job.faults import RETRYABLE, RetryBudget, flush_error
         from crowdd.job.models import build_model, loss_function
         from crowdd.job.outer import effective_merge, lr_factor, push_scale
-        from crowdd.job.train import TrainState, make_train_fn
+        from crowdd.job.train import Params, make_round_fn
+        from crowdd.job.validate import Trust, Validator
 
         threads = self.spec.settings.threads
         tf.config.threading.set_intra_op_parallelism_threads(threads)
@@ -378,8 +361,12 @@ class Coordinator:
         watcher = MembersWatcher(Path(MEMBERS_FILE), self.num_workers)
         members = watcher.poll() or Members.everyone(self.num_workers)
         failed: set[int] = set()  # slots retired by failure; only the file brings them back
+        expelled: dict[int, str] = {}  # slots expelled; only a newcomer ("fresh") takes one again
         seen: set[int] = set(members.live)  # slots that have trained in this run
         elastic: ElasticCluster | None = None
+        bad = BadWorkers.from_env()
+        if bad.modes:
+            log.warning("TEST HOOK: bad workers in slots %s", dict(bad.modes))
 
         def announce(why: str) -> None:
             assert elastic is not None
@@ -400,77 +387,113 @@ class Coordinator:
                                        f"{type(exc).__name__}); training cannot go on")
 
         # the strategy's cluster holds only the live slots: one that is absent is not waited for
-        elastic = ElasticCluster(list(self.spec.cluster.ps), list(self.spec.cluster.worker), members.live,
-                                 lambda: guard.ps_dead() is None, on_retire, list(self.spec.cluster.chief))
-        strategy, coordinator = elastic.strategy, elastic.coordinator
-        budget = RetryBudget(guard.ps_dead)
+        elastic = ElasticCluster(list(self.spec.cluster.worker), members.live, on_retire, list(self.spec.cluster.chief))
+        coordinator = elastic.coordinator
+        budget = RetryBudget(lambda: None)
         regression = self.layout.task == "regression"
-        target = target_stats(Path(self.spec.data), self.layout) if regression else (0.0, 1.0)
-        loss_fn = loss_function(self.job, self.layout, target[1])
-        center, variance = train_moments(Path(self.spec.data), self.layout)
+        layout, job, w = self.layout, self.job, self.num_workers
+        every = holdout_every(layout.train_count)
+        target = target_stats(Path(self.spec.data), layout) if regression else (0.0, 1.0)
+        loss_fn = loss_function(job, layout, target[1])
+        center, variance = train_moments(Path(self.spec.data), layout)
         # images (uint8) share one scale; measurements (float) are standardized feature by feature
-        spread = variance if self.layout.feature_dtype == "float32" else None
-        with strategy.scope():
-            model = build_model(self.job, self.layout, center, target, spread)
-            merge = effective_merge(self.spec.settings.merge, self.num_workers)
-            state = TrainState(model, self.job, merge)
-        scale = push_scale(merge, self.num_workers)
-        train_fn = make_train_fn(state, loss_fn, self.spec.settings.sync_every, scale, regression)
-        self.guard.connected.set()  # the variables live on the PS: every live server answered
-        local = build_model(self.job, self.layout, center, target, spread)
+        spread = variance if layout.feature_dtype == "float32" else None
+        # the model lives here, in the coordinator's memory, and nowhere else
+        model = build_model(job, layout, center, target, spread)
+        merge = effective_merge(self.spec.settings.merge, w)
+        params = Params([v.numpy() for v in model.trainable_variables], job, merge)
+        scale = push_scale(merge, w)
+        round_fn = make_round_fn(model, job, loss_fn, regression, bad.flipped, layout.num_classes)
+        self.guard.connected.set()  # the strategy reached every live server
         # a compiled forward pass: Keras' predict() costs several times more per evaluation
-        forward = tf.function(lambda x: local(x, training=False), reduce_retracing=True)
-        variables = state.variables()
+        forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+        fixed = [tf.constant(v.numpy()) for v in model.non_trainable_variables]
+
+        # the held-back records: every change is judged on them before it counts
+        x_val, y_val = read_holdout(Path(self.spec.data), layout, every) if every else read_split(
+            Path(self.spec.data), layout, "test")
+        val_x = tf.constant(x_val)
+        val_y = tf.constant(y_val)
+
+        @tf.function(reduce_retracing=True)
+        def val_loss(weights):
+            probs, _ = model.stateless_call(list(weights), fixed, val_x, training=False)
+            return loss_fn(val_y, probs)
+
+        def loss_of(weights: list) -> float:
+            return float(val_loss([tf.constant(a) for a in weights]))
+
+        @tf.function(reduce_retracing=True)
+        def val_grad(weights):
+            with tf.GradientTape() as tape:
+                tape.watch(weights)
+                probs, _ = model.stateless_call(list(weights), fixed, val_x, training=False)
+                loss = loss_fn(val_y, probs)
+            return tape.gradient(loss, weights)
+
+        def grad_of(weights: list) -> list:
+            return [g.numpy() for g in val_grad([tf.constant(a) for a in weights])]
+
+        validator = Validator(params.shapes()[: len(params.weights)], params.shapes()[len(params.weights):], loss_of,
+                              max_lag=4 * max(1, w) + 4, grad_of=grad_of)
+        trust = Trust()
+        check_cpu = {"seconds": 0.0, "changes": 0}
+        # every verdict, for the host to audit (the daemon never reads it)
+        audit = open(self.out / VALIDATION_LOG, "a", encoding="utf-8")  # noqa: SIM115 - closed below
+        self.closing.append(audit.close)
 
         store = self.store
-        lr = self.job.learning_rate
+        lr = job.learning_rate
 
-        def finite_variables(step: int) -> list:
-            arrays = [v.numpy() for v in variables]
+        def finite_arrays(step: int) -> list:
+            arrays = params.arrays()
             if not all_finite(arrays):
                 raise Diverged(step, lr)
             return arrays
+
         done = 0
         latest = store.latest()
         if latest is not None:
-            done, arrays = store.load(latest, len(variables))
-            for var, arr in zip(variables, arrays):
-                var.assign(arr)
+            done, arrays = store.load(latest, len(params.arrays()))
+            params.load(arrays)
             self.events.emit("resumed", path=str(latest), step=done)
 
         data_path = self.spec.data
-        layout, job, w = self.layout, self.job, self.num_workers
 
         def dataset_fn():
-            return worker_dataset(data_path, layout, job.sharding, w, job.batch_size)
+            return worker_dataset(data_path, layout, job.sharding, w, job.batch_size, every)
 
         per_worker = coordinator.create_per_worker_dataset(dataset_fn)
         iterator = iter(per_worker)
-        x_test, y_test = read_split(Path(self.spec.data), self.layout, "test")
+        x_test, y_test = read_split(Path(self.spec.data), layout, "test")
         tb_dir = self.out / "tensorboard"
         writer = tf.summary.create_file_writer(str(tb_dir))
 
-        total = self.total_steps()
+        total = self.total_steps(layout.train_count - holdout_count(layout.train_count, every))
         per_epoch = total / job.epochs
         # the trainers' step: the user's learning rate times the merge rule's factor, which
-        # may change as the run goes (crowdd.job.outer.lr_factor); set on the PS, read per round
+        # may change as the run goes (crowdd.job.outer.lr_factor); handed out with each round
         rate = {"now": float(job.learning_rate)}
 
         def set_rate(step: int) -> None:
-            value = job.learning_rate * lr_factor(merge, w, step / max(1, total))
-            if abs(value - rate["now"]) > 0.005 * rate["now"]:
-                state.learning_rate.assign(value)
-                rate["now"] = value
+            rate["now"] = job.learning_rate * lr_factor(merge, w, step / max(1, total))
 
         set_rate(done)
-        spf = self.spec.settings.steps_per_function
-        next_epoch = min(job.epochs, int(done // per_epoch) + 1)
+        k_round = min(self.spec.settings.sync_every, self.spec.settings.steps_per_function)
         stats: dict[int, WorkerStats] = collections.defaultdict(WorkerStats)
         last_ckpt = time.monotonic()
         scheduled = done
-        in_flight: list[tuple[Any, int]] = []
+        # (RemoteValue, steps, the model version its weights were handed out at)
+        in_flight: list[tuple[Any, int, int]] = []
         last_eval: dict[str, Any] = {}
         evals_done = int(done // per_epoch) if done else 0
+        inputs: dict[str, Any] = {"version": -1}
+
+        def round_inputs() -> tuple[Any, Any]:
+            if inputs["version"] != params.version:
+                inputs["weights"], inputs["slots"] = params.inputs()
+                inputs["version"] = params.version
+            return inputs["weights"], inputs["slots"]
 
         evaluations: list[dict[str, Any]] = []
         started = time.time()
@@ -478,9 +501,8 @@ class Coordinator:
 
         def evaluate(epoch: int, step: int) -> dict[str, float]:
             t_eval = time.monotonic()
-            # trainable weights only: non-trainable ones (a Normalization's statistics) never change
-            for var, value in zip(local.trainable_variables, state.weights):
-                var.assign(value.numpy())
+            for var, value in zip(model.trainable_variables, params.weights):
+                var.assign(value)
             probs = np.concatenate([forward(x_test[i : i + 2500]).numpy() for i in range(0, len(x_test), 2500)])
             test_loss = float(loss_fn(y_test, probs))
             if not finite(test_loss):
@@ -506,27 +528,37 @@ class Coordinator:
                                 "time": round(time.time(), 3)})
             return {"test_loss": test_loss, **metrics}
 
+        def drop_in_flight(rv: Any) -> None:
+            nonlocal scheduled
+            for k, (r, n, _v) in enumerate(in_flight):
+                if rv is not None and r is rv:
+                    del in_flight[k]
+                    scheduled -= n
+                    elastic.forget(r)
+                    break
+
         def apply(new: Members) -> None:
             """Slots that left: no more functions, their running one given up (its steps go
-            back); slots that joined (or came back, or have a fresh server): attached."""
-            nonlocal members, scheduled
+            back); slots that joined (or came back, or have a fresh server): attached. An
+            expelled slot comes back only with a newcomer behind it (``fresh``)."""
+            nonlocal members
             assert elastic is not None
             members = new
             for index in sorted(failed - new.live):
                 failed.discard(index)  # it left after failing: a later re-add is a real one
+            for index in sorted(set(expelled) & (new.fresh | (set(range(w)) - new.live))):
+                expelled.pop(index)  # a newcomer, or the slot was freed: a clean record
+                trust.forgive(index)
             attached = elastic.attached()
             leave = {i for i in attached if i not in new.live or i in new.fresh} - {0}
             for index in sorted(leave):
-                rv = elastic.detach(index, f"members file version {new.version}")
-                for k, (r, n) in enumerate(in_flight):
-                    if rv is not None and r is rv:
-                        del in_flight[k]
-                        scheduled -= n
-                        break
+                drop_in_flight(elastic.detach(index, f"members file version {new.version}"))
                 if index not in new.live:
                     self.events.emit("slot", task=index, state="left", why="not in the members file")
             attached = elastic.attached()
             for index in sorted(new.live - attached):
+                if index in expelled:
+                    continue
                 if index in failed and index not in new.fresh:
                     continue  # it failed and the file has not said it is back
                 fresh = index in new.fresh
@@ -542,11 +574,23 @@ class Coordinator:
                 self.events.emit("slot", task=index, state="joined", why=why, update_secs=round(spent, 3))
             announce(f"members file version {new.version}")
 
+        def expel(slot: int, why: str) -> None:
+            """Cut ``slot`` from training now; its daemon is told and frees the slot."""
+            assert elastic is not None
+            expelled[slot] = why
+            log.warning("worker %d expelled: %s", slot, why)
+            drop_in_flight(elastic.detach(slot, f"expelled: {why}"))
+            self.events.emit("expel", task=slot, why=why)
+            if not elastic.attached():
+                guard.all_workers_gone(f"every worker is gone (the last, worker {slot}, expelled: {why}); "
+                                       "training cannot go on")
+            announce(f"worker {slot} expelled")
+
         def wait_any(timeout: float) -> int:
             """The position of a finished function in ``in_flight`` (-1 after ``timeout``)."""
             deadline = time.monotonic() + timeout
             while True:
-                for k, (r, _n) in enumerate(in_flight):
+                for k, (r, _n, _v) in enumerate(in_flight):
                     if r._status_available_event.is_set():
                         return k
                 left = deadline - time.monotonic()
@@ -554,7 +598,40 @@ class Coordinator:
                     return -1
                 in_flight[0][0]._status_available_event.wait(min(left, 0.02))
 
-        log.info("training %d steps on %d workers", total, w)
+        def judge(slot: int, base_version: int, weight_change: list, slot_change: list) -> bool:
+            """Validate one change and merge it if it passes; False if it was rejected."""
+            t_check = time.thread_time()
+            weight_change = [np.asarray(a, np.float32) for a in weight_change] if isinstance(
+                weight_change, (list, tuple)) else weight_change
+            slot_change = [np.asarray(a, np.float32) for a in slot_change] if isinstance(
+                slot_change, (list, tuple)) else slot_change
+            own = slot == 0
+            if not own and bad.modes:
+                weight_change = bad.corrupt(slot, list(weight_change))
+            verdict = validator.check(
+                weight_change, slot_change, lag=params.version - base_version, own=own, version=params.version,
+                weights=params.weights, candidate=lambda: params.candidate(weight_change, scale))
+            check_cpu["seconds"] += time.thread_time() - t_check
+            check_cpu["changes"] += 1
+            audit.write(json.dumps({"slot": slot, "version": params.version, "lag": params.version - base_version,
+                                    **verdict.to_event()}) + "\n")
+            if own and not verdict.accepted:
+                raise Diverged(done, lr)  # the host's own trainer sent a non-finite change
+            if verdict.accepted:
+                params.apply(weight_change, slot_change, scale)
+                validator.merged(params.version, verdict.loss_after if not params.outer else None)
+                if not own and bad.modes and slot not in bad.modes:
+                    bad.seen(weight_change)
+            why = trust.record(slot, verdict)
+            if not verdict.accepted:
+                log.info("worker %d: change rejected (%s)", slot, verdict.reason)
+                self.events.emit("rejected", task=slot, **verdict.to_event())
+            if why is not None and not own:
+                expel(slot, why)
+            return verdict.accepted
+
+        log.info("training %d steps on %d workers (rounds of %d steps; %d records held back to validate changes)",
+                 total, w, k_round, len(y_val))
         announce("start")
         next_poll = time.monotonic() + POLL_SECS
         stopped = False
@@ -569,35 +646,48 @@ class Coordinator:
                 new = watcher.poll()
                 if new is not None:
                     apply(new)
-            # scheduled counts steps done or in flight; a failed function's steps go back
-            while scheduled < total and len(in_flight) < 2 * max(1, len(elastic.attached())):
-                n = min(spf, total - scheduled)
+            # scheduled counts steps done or in flight; a failed or rejected round's steps go back
+            while scheduled < total and len(in_flight) < max(1, len(elastic.attached())):
+                n = min(k_round, total - scheduled)
+                weights_in, slots_in = round_inputs()
                 try:
-                    in_flight.append((coordinator.schedule(train_fn, args=(iterator, n)), n))
+                    rv = coordinator.schedule(round_fn, args=(iterator, weights_in, slots_in,
+                                                              tf.constant(rate["now"], tf.float32),
+                                                              tf.constant(n, tf.int32)))
                 except RETRYABLE as exc:  # an earlier function's error; TF cancelled the queue
                     budget.failed(exc)
                     continue
+                in_flight.append((rv, n, params.version))
                 scheduled += n
             k = wait_any(max(0.0, next_poll - time.monotonic()))
             if k < 0:
                 continue
-            rv, n = in_flight.pop(k)
+            rv, n, base_version = in_flight.pop(k)
+            slot = elastic.ran_on(rv)
             try:
-                loss_sum, correct, samples, widx = rv.fetch()
+                weight_change, slot_change, loss_sum, correct, samples, widx = rv.fetch()
             except RETRYABLE as exc:
                 scheduled -= n
                 budget.failed(exc)
                 flush_error(coordinator)
                 continue
             budget.succeeded()
+            if slot is None or slot in expelled:
+                scheduled -= n  # nobody we know ran it, or an expelled member: it does not count
+                continue
+            if slot == 0 and not finite(loss_sum):
+                raise Diverged(done, lr)
+            if not judge(slot, base_version, weight_change, slot_change):
+                scheduled -= n  # rejected: its steps are done again by someone else
+                continue
             done += n
             set_rate(done)
-            if not finite(loss_sum):
-                raise Diverged(done, lr)
             now = time.monotonic()
-            ws = stats[int(widx)]
-            ws.add(float(loss_sum), float(correct), float(samples))
-            if now - ws.since >= PROGRESS_EVERY and ws.samples:
+            ws = stats[slot]
+            if finite(loss_sum) and finite(correct) and finite(samples):
+                ws.add(float(loss_sum), float(correct), float(samples))
+            del widx  # the worker's own word on which shard it read; the slot is ours
+            if now - ws.since >= PROGRESS_EVERY and ws.samples > 0:
                 epoch = min(job.epochs, int(done // per_epoch) + 1)
                 self.events.emit(
                     "progress",
@@ -608,13 +698,13 @@ class Coordinator:
                     loss=ws.loss / ws.samples,
                     **({"mae": ws.correct / ws.samples} if regression else {"accuracy": ws.correct / ws.samples}),
                     samples_per_sec=ws.samples / max(now - ws.since, 1e-9),
-                    worker=int(widx),
+                    worker=slot,
                     learning_rate=rate["now"],
                 )
                 with writer.as_default(step=done):
                     scalar("train/learning_rate", rate["now"])
-                    scalar(f"train/loss_worker{int(widx)}", ws.loss / ws.samples)
-                    scalar(f"train/{'mae' if regression else 'accuracy'}_worker{int(widx)}", ws.correct / ws.samples)
+                    scalar(f"train/loss_worker{slot}", ws.loss / ws.samples)
+                    scalar(f"train/{'mae' if regression else 'accuracy'}_worker{slot}", ws.correct / ws.samples)
                 ws.reset(now)
             while evals_done < job.epochs - 1 and done >= (evals_done + 1) * per_epoch:
                 evals_done += 1
@@ -622,18 +712,24 @@ class Coordinator:
             if job.eval_every_secs and now - clock["last"] >= job.eval_every_secs and done < total:
                 last_eval = evaluate(min(job.epochs, int(done // per_epoch) + 1), done)
             if now - last_ckpt >= self.spec.settings.checkpoint_secs and done < total:
-                path = store.save(done, finite_variables(done))
+                path = store.save(done, finite_arrays(done))
                 self.events.emit("checkpoint", path=str(path), step=done)
                 last_ckpt = time.monotonic()
-        del next_epoch
         last_eval = evaluate(min(job.epochs, int(done // per_epoch) + 1) if stopped else job.epochs, done)
-        path = store.save(done, finite_variables(done))
+        path = store.save(done, finite_arrays(done))
         self.events.emit("checkpoint", path=str(path), step=done)
         model_path = self.out / "model.keras"
-        local.save(model_path)
+        model.save(model_path)
+        validation = {
+            "held_back": int(len(y_val)),
+            "changes": {str(s): {"accepted": c[0], "rejected": c[1]} for s, c in sorted(trust.counts.items())},
+            "expelled": {str(s): why for s, why in sorted(trust.expelled.items())},
+            "check_cpu_seconds": round(check_cpu["seconds"], 4),
+            "checked": check_cpu["changes"],
+        }
         card_path = self.out / CARD_NAME
         write_card(card_path, build_card(
-            model_path=model_path, layout=self.layout, dataset=self.dataset_info(), job=job.to_dict(),
+            model_path=model_path, layout=layout, dataset=self.dataset_info(), job=job.to_dict(),
             settings=asdict(self.spec.settings), workers=w, evaluations=evaluations, started=started, steps=done,
             total_steps=total, stopped=stopped, checkpoint=str(path),
         ))
@@ -643,13 +739,14 @@ class Coordinator:
             **last_eval,
             model_path=str(model_path),
             card_path=str(card_path),
-            usage=usage(model_path, self.layout),
+            usage=usage(model_path, layout),
             tensorboard_dir=str(tb_dir),
             steps=done,
             total_steps=total,
             stopped=stopped,
             checkpoint=str(path),
             seconds=round(time.monotonic() - t0, 3),
+            validation=validation,
         )
         return EXIT_OK
 

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from crowdd.job.events import parse_event
 from crowdd.node.host import cluster_spec
@@ -62,6 +62,7 @@ def run_cluster(
     relays: Sequence[RelaySetup] | None = None,
     base: int = 0,
     sandbox: bool = False,
+    host_env: Mapping[str, str] | None = None,
 ) -> RunResult:
     """Run host + ``extra_workers`` workers to the end; return the host's events.
 
@@ -69,13 +70,14 @@ def run_cluster(
     each job runs behind its relay (in its own network namespace where ``isolated``) and the
     cluster is the group's private one at ports ``base``..; else every TF server is on this
     machine's loopback at free ports. ``sandbox`` (with ``relays``): each job in its Landlock
-    sandbox, as the daemon runs it (:mod:`crowdd.platform.sandbox`)."""
+    sandbox, as the daemon runs it (:mod:`crowdd.platform.sandbox`). ``host_env``: variables
+    added to the host job's environment (tests' hooks: :data:`crowdd.job.byzantine.ENV`)."""
     root.mkdir(parents=True, exist_ok=True)
     if relays is not None:
         cluster = cluster_spec(extra_workers, base)
     else:
-        ports = free_ports(extra_workers + 2)
-        cluster = {"ps": [f"127.0.0.1:{ports[0]}"], "worker": [f"127.0.0.1:{p}" for p in ports[1:]]}
+        ports = free_ports(extra_workers + 1)
+        cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     procs: list[subprocess.Popen] = []
     logs = []
     result = RunResult()
@@ -121,6 +123,7 @@ def run_cluster(
                     stdout=subprocess.PIPE if i == 0 else subprocess.DEVNULL,
                     stderr=fh,
                     stdin=subprocess.DEVNULL,
+                    env={**os.environ, **host_env} if i == 0 and host_env else None,
                     **group_options(),
                 )
             )

@@ -41,8 +41,12 @@ def cap_threads(threads: int) -> None:
 
 
 def run_server(cluster: dict, job_name: str, task: int, threads: int) -> None:
+    """Serve ``job_name`` task ``task``; ``cluster`` names only this server's own task (a
+    member's server has nothing of anyone else's to reach)."""
     import tensorflow as tf
 
+    cluster = {job: ({int(t): a for t, a in tasks.items()} if isinstance(tasks, dict) else tasks)
+               for job, tasks in cluster.items()}
     config = tf.compat.v1.ConfigProto(
         intra_op_parallelism_threads=threads, inter_op_parallelism_threads=max(2, threads)
     )
@@ -71,7 +75,7 @@ def spawn(
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m crowdd.job.server")
     p.add_argument("--cluster", required=True)
-    p.add_argument("--job", required=True, choices=("ps", "worker", "chief"))
+    p.add_argument("--job", required=True, choices=("worker",))
     p.add_argument("--task", type=int, required=True)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--nice", type=int, default=19)

@@ -41,4 +41,24 @@ def total_steps(sharding: str, num_workers: int, n: int, batch: int, epochs: int
     return epochs * sum(steps_per_epoch(sharding, num_workers, j, n, batch) for j in range(num_workers))
 
 
-__all__ = ["segments", "shard_bounds", "steps_per_epoch", "total_steps"]
+#: the host holds back about this many training records to validate changes on
+HOLDOUT_TARGET = 1000
+#: ... and never more than one in this many
+HOLDOUT_MIN_EVERY = 10
+
+
+def holdout_every(train_count: int) -> int:
+    """Every how many-th training record the host holds back from training (a stride, so a
+    dataset sorted by class gives every class its share): about :data:`HOLDOUT_TARGET`
+    records, at most one in :data:`HOLDOUT_MIN_EVERY`. 0: too few records to spare any."""
+    if train_count < 5 * HOLDOUT_MIN_EVERY:
+        return 0
+    return max(HOLDOUT_MIN_EVERY, train_count // HOLDOUT_TARGET)
+
+
+def holdout_count(train_count: int, every: int) -> int:
+    """How many records :func:`holdout_every`'s stride holds back."""
+    return 0 if every <= 1 else (train_count + every - 1) // every
+
+
+__all__ = ["HOLDOUT_TARGET", "holdout_count", "holdout_every", "segments", "shard_bounds", "steps_per_epoch", "total_steps"]

@@ -55,12 +55,14 @@ class Settings:
 
 @dataclass(frozen=True)
 class Cluster:
-    ps: tuple[str, ...]
+    """The group's TF worker tasks (slot = index) and, for the host, its coordinator's own
+    address. There is no parameter server: the coordinator holds the model."""
+
     worker: tuple[str, ...]
     chief: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, list[str]]:
-        d = {"ps": list(self.ps), "worker": list(self.worker)}
+        d = {"worker": list(self.worker)}
         if self.chief:
             d["chief"] = list(self.chief)
         return d
@@ -100,7 +102,7 @@ class JobSpec:
     def own_ports(self) -> dict[str, int]:
         """The ports this job's servers bind."""
         if self.role == "host":
-            ports = {"ps": port_of(self.cluster.ps[0]), "worker": port_of(self.cluster.worker[0])}
+            ports = {"worker": port_of(self.cluster.worker[0])}
             if self.cluster.chief:
                 ports["chief"] = port_of(self.cluster.chief[0])
             return ports
@@ -147,21 +149,21 @@ def _addresses(value: Any, name: str, lo: int, hi: int) -> tuple[str, ...]:
 
 def _cluster(value: Any) -> Cluster:
     if not isinstance(value, Mapping):
-        raise SpecError("cluster", "must be an object with ps and worker lists")
-    unknown = sorted(set(value) - {"ps", "worker", "chief"})
+        raise SpecError("cluster", "must be an object with a worker list")
+    unknown = sorted(set(value) - {"worker", "chief"})
     if unknown:
-        raise SpecError(f"cluster.{unknown[0]}", "unknown cluster job (expected ps, worker, chief)")
-    ps = _addresses(value.get("ps"), "cluster.ps", 1, 1)
+        raise SpecError(f"cluster.{unknown[0]}", "unknown cluster job (expected worker, chief; there is no "
+                        "parameter server: the host's coordinator holds the model)")
     workers = _addresses(value.get("worker"), "cluster.worker", 1, 1025)
     chief = _addresses(value["chief"], "cluster.chief", 1, 1) if "chief" in value else ()
     seen: dict[tuple[str, int], str] = {}
-    for name, addrs in (("ps", ps), ("worker", workers), ("chief", chief)):
+    for name, addrs in (("worker", workers), ("chief", chief)):
         for i, addr in enumerate(addrs):
             key = parse_hostport(addr, 0)
             if key in seen:
                 raise SpecError(f"cluster.{name}[{i}]", f"{addr} is used twice (also {seen[key]})")
             seen[key] = f"cluster.{name}[{i}]"
-    return Cluster(ps, workers, chief)
+    return Cluster(workers, chief)
 
 
 def _settings(value: Any) -> Settings:

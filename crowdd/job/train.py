@@ -1,56 +1,94 @@
-"""The scheduled training function: Downpour-style local steps on copies of the PS variables.
+"""One training round on a worker, and the model state only the host's coordinator holds.
 
-Each call reads the parameter server's variables once per ``sync_every`` steps, takes that
-many local steps on tensor copies (``model.stateless_call``), then pushes the accumulated
-change with ``assign_add``. This keeps the per-step cost close to a local loop while the
-updates stay asynchronous across workers.
+TensorFlow traffic flows one way (``docs/security.md``): the coordinator holds every
+parameter in its own memory (:class:`Params`), and a round is one scheduled function
+``round(iterator, weights, slots, lr, k) -> change`` whose inputs the coordinator sends and
+whose output it fetches. A worker never reads or writes anything of the host's: it takes
+``k`` local steps (``model.stateless_call``) from the weights it was handed and returns the
+difference. The coordinator checks that change (:mod:`crowdd.job.validate`) before any of it
+touches the model, then merges it (:meth:`Params.apply`).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import tensorflow as tf
 
 from crowdd.hyperparams import Job
 from crowdd.job.outer import nesterov
 
-#: what weights and weight changes travel as between a worker and the PS (the PS keeps
-#: float32; optimizer slots travel as float32). A pulled weight's rounding error (2^-11
-#: relative) is not accumulated: a worker pushes the change from the value it pulled.
+#: what weights and weight changes travel as between the coordinator and a worker (the
+#: coordinator keeps float32; optimizer slots travel as float32). A handed-out weight's
+#: rounding error (2^-11 relative) is not accumulated: a worker returns the change from the
+#: value it was handed.
 WIRE_DTYPE = tf.float16
+WIRE_NUMPY = np.float16
 ADAM_BETA1 = 0.9
 ADAM_BETA2 = 0.999
 ADAM_EPSILON = 1e-7
 
 
-class TrainState:
-    """Model and optimizer state; create it inside ``strategy.scope()`` to live on the PS."""
+class Params:
+    """The model's parameters and optimizer state, as float32 numpy arrays in the
+    coordinator's memory: the only copy that counts. ``version`` counts the changes merged."""
 
-    def __init__(self, model, job: Job, merge: str = "average") -> None:
-        self.model = model
+    def __init__(self, weights: list[np.ndarray], job: Job, merge: str = "average") -> None:
         self.job = job
         self.merge = merge
-        self.weights = [v.value for v in model.trainable_variables]
-        self.slots: list[tf.Variable] = []
-        # the trainers' learning rate, on the PS: the host sets it as the run goes
-        # (crowdd.job.outer.lr_factor); every round reads it. Not checkpointed: it follows
-        # from the steps done.
-        self.learning_rate = tf.Variable(float(job.learning_rate), trainable=False, dtype=tf.float32,
-                                         name="learning_rate")
-        # the outer optimizer's momentum, one per weight, on the PS (merge "nesterov")
-        self.outer: list[tf.Variable] = [
-            tf.Variable(tf.zeros(w.shape, w.dtype), trainable=False, name=f"outer_m{i}")
-            for i, w in enumerate(self.weights)
-        ] if merge == "nesterov" else []
+        self.weights = [np.array(w, np.float32) for w in weights]
+        self.slots: list[np.ndarray] = []
         if job.optimizer == "adam":
-            for i, w in enumerate(self.weights):
-                self.slots.append(tf.Variable(tf.zeros(w.shape, w.dtype), trainable=False, name=f"adam_m{i}"))
-            for i, w in enumerate(self.weights):
-                self.slots.append(tf.Variable(tf.zeros(w.shape, w.dtype), trainable=False, name=f"adam_v{i}"))
-            self.slots.append(tf.Variable(0.0, trainable=False, name="adam_t"))
+            self.slots = [np.zeros_like(w) for w in self.weights] + [np.zeros_like(w) for w in self.weights]
+            self.slots.append(np.zeros((), np.float32))
+        # the outer optimizer's momentum, one per weight (merge "nesterov")
+        self.outer = [np.zeros_like(w) for w in self.weights] if merge == "nesterov" else []
+        self.version = 0
 
-    def variables(self) -> list:
-        """Everything a checkpoint holds."""
+    def arrays(self) -> list[np.ndarray]:
+        """Everything a checkpoint holds (weights, optimizer slots, outer momentum)."""
         return [*self.weights, *self.slots, *self.outer]
+
+    def load(self, arrays: list[np.ndarray]) -> None:
+        n, s = len(self.weights), len(self.slots)
+        self.weights = [np.array(a, np.float32) for a in arrays[:n]]
+        self.slots = [np.array(a, np.float32) for a in arrays[n : n + s]]
+        self.outer = [np.array(a, np.float32) for a in arrays[n + s :]]
+
+    def shapes(self) -> list[tuple[int, ...]]:
+        """The shape of every array a change must have (weights, then slots)."""
+        return [tuple(a.shape) for a in (*self.weights, *self.slots)]
+
+    def inputs(self) -> tuple[list[Any], list[Any]]:
+        """What a round is handed: the weights as WIRE_DTYPE, the slots as float32 tensors."""
+        return ([tf.constant(w.astype(WIRE_NUMPY)) for w in self.weights],
+                [tf.constant(s) for s in self.slots])
+
+    def candidate(self, weight_change: list[np.ndarray], scale: float) -> list[np.ndarray]:
+        """The weights as they would be after merging ``weight_change`` (for validation)."""
+        if self.outer:
+            out = []
+            for w, d, m in zip(self.weights, weight_change, self.outer):
+                _, step = nesterov(d * scale, m)
+                out.append(w + step)
+            return out
+        return [w + d * scale for w, d in zip(self.weights, weight_change)]
+
+    def apply(self, weight_change: list[np.ndarray], slot_change: list[np.ndarray], scale: float) -> None:
+        """Merge one validated change: ``scale`` times it (or DiLoCo's outer Nesterov step of
+        it, merge ``nesterov``); the optimizer slots move by ``scale`` times theirs."""
+        if self.outer:
+            for i, d in enumerate(weight_change):
+                m, step = nesterov(d * scale, self.outer[i])
+                self.outer[i] = m.astype(np.float32)
+                self.weights[i] += step
+        else:
+            for w, d in zip(self.weights, weight_change):
+                w += d * scale
+        for s, d in zip(self.slots, slot_change):
+            s += d * scale
+        self.version += 1
 
 
 def local_update(job: Job, weights: list, slots: list, grads: list, lr=None) -> tuple[list, list]:
@@ -69,23 +107,19 @@ def local_update(job: Job, weights: list, slots: list, grads: list, lr=None) -> 
     return new, [*m, *v, t]
 
 
-def make_train_fn(state: TrainState, loss_fn, sync_every: int, push_scale: float = 1.0, regression: bool = False):
-    """``fn(iterator, n) -> (loss_sum, correct, samples, worker_index)`` for ``n`` steps
+def make_round_fn(model, job: Job, loss_fn, regression: bool = False, flip_labels: frozenset[int] = frozenset(),
+                  num_classes: int = 0):
+    """``fn(iterator, weights, slots, lr, k) -> (weight change, slot change, loss_sum,
+    correct, samples, worker_index)``: ``k`` local steps from the handed weights
     (``regression``: ``correct`` is the sum of absolute errors instead).
 
-    ``push_scale`` multiplies each pushed change: 1 adds every worker's whole change (Downpour
-    SGD, the paper's asynchronous updates); 1/W averages the W workers' changes (model
-    averaging: stable at high learning rates, where W summed changes overshoot). With
-    ``state.outer`` (merge ``nesterov``) the scaled change of the weights goes through the
-    outer Nesterov optimizer (:func:`crowdd.job.outer.nesterov`) instead.
+    The model's non-trainable values (a Normalization's statistics) are baked in as
+    constants: the function captures nothing of the coordinator's, so a worker running it
+    never needs a connection back. ``flip_labels`` (tests only, :mod:`crowdd.job.byzantine`):
+    the data shards whose labels a bad worker trains on flipped.
     """
-    model = state.model
-    job = state.job
-    variables = [*state.weights, *state.slots]  # what a worker reads and pushes to
-    outer = state.outer
-    nw = len(state.weights)
-    fixed = [v.value for v in model.non_trainable_variables]
-    k_max = int(sync_every)
+    fixed = [tf.constant(v.numpy()) for v in model.non_trainable_variables]
+    flipped = tf.constant(sorted(flip_labels) or [-1], tf.int32)
 
     def local_steps(iterator, k, weights, slots, lr):
         loss_sum = tf.constant(0.0)
@@ -94,6 +128,9 @@ def make_train_fn(state: TrainState, loss_fn, sync_every: int, push_scale: float
         widx = tf.constant(-1, tf.int32)
         for _ in tf.range(k):
             x, y, widx = next(iterator)
+            if flip_labels:
+                bad = tf.reduce_any(tf.equal(flipped, widx))
+                y = tf.where(bad, num_classes - 1 - y, y)
             with tf.GradientTape() as tape:
                 tape.watch(weights)
                 probs, _ = model.stateless_call(weights, [tf.identity(f) for f in fixed], x, training=True)
@@ -110,53 +147,15 @@ def make_train_fn(state: TrainState, loss_fn, sync_every: int, push_scale: float
             samples += batch
         return weights, slots, loss_sum, correct, samples, widx
 
-    def narrow(x, weight: bool):
-        return tf.cast(x, WIRE_DTYPE) if weight and WIRE_DTYPE != tf.float32 else x
-
-    def widen(x):
-        return tf.cast(x, tf.float32) if x.dtype != tf.float32 else x
-
-    def pull(var, weight: bool):
-        """The PS's value, sent as WIRE_DTYPE (cast on the PS, widened here)."""
-        with tf.device(var.device):
-            value = narrow(var.read_value(), weight)
-        return tf.identity(widen(value))
-
-    def push(var, delta, weight: bool):
-        """Add ``delta`` on the PS, sent as WIRE_DTYPE (narrowed here, widened on the PS)."""
-        small = narrow(delta, weight)
-        with tf.device(var.device):
-            var.assign_add(widen(small))
-
     @tf.function
-    def train(iterator, n: int):
-        """``n`` is a Python int: the sync rounds unroll, so no PS access sits in a tf loop."""
-        loss_sum = tf.constant(0.0)
-        correct = tf.constant(0.0)
-        samples = tf.constant(0.0)
-        widx = tf.constant(-1, tf.int32)
-        rounds = [k_max] * (n // k_max) + ([n % k_max] if n % k_max else [])
-        for k in rounds:
-            start = [pull(v, i < nw) for i, v in enumerate(variables)]
-            lr = pull(state.learning_rate, False)
-            weights, slots, ls, c, s, widx = local_steps(iterator, tf.constant(k), start[:nw], start[nw:], lr)
-            for i, (var, new, old) in enumerate(zip(variables, [*weights, *slots], start)):
-                delta = (new - old) * push_scale if push_scale != 1.0 else new - old
-                if outer and i < nw:
-                    # DiLoCo's outer Nesterov step on the PS (crowdd.job.outer); the momentum
-                    # is read and written without a lock, as the weights are (Hogwild)
-                    with tf.device(var.device):
-                        m, step = nesterov(widen(narrow(delta, True)), outer[i].read_value())
-                        outer[i].assign(m)
-                        var.assign_add(step)
-                else:
-                    push(var, delta, i < nw)
-            loss_sum += ls
-            correct += c
-            samples += s
-        return loss_sum, correct, samples, widx
+    def train_round(iterator, weights, slots, lr, k):
+        start = [tf.cast(w, tf.float32) for w in weights]
+        new_w, new_s, loss_sum, correct, samples, widx = local_steps(iterator, k, start, list(slots), lr)
+        weight_change = [tf.cast(n - o, WIRE_DTYPE) for n, o in zip(new_w, start)]
+        slot_change = [n - o for n, o in zip(new_s, slots)]
+        return weight_change, slot_change, loss_sum, correct, samples, widx
 
-    return train
+    return train_round
 
 
-__all__ = ["TrainState", "local_update", "make_train_fn"]
+__all__ = ["WIRE_DTYPE", "Params", "local_update", "make_round_fn"]

@@ -1,4 +1,9 @@
-"""The worker job: one TF worker server child; exits when the parent or the host goes away."""
+"""The worker job: one TF worker server child; exits when its parent (the daemon) goes.
+
+The worker reaches nothing: the host's coordinator connects to its server and hands it each
+round's weights. Whether the host is still there is the daemon's to tell (the session's
+heartbeats); it ends this job when the session ends.
+"""
 
 from __future__ import annotations
 
@@ -12,16 +17,14 @@ from typing import Any
 from crowdd.job import EXIT_FAILED, EXIT_OK
 from crowdd.job.events import EventWriter
 from crowdd.job.host import Children, start_servers
-from crowdd.job.server import reachable
 from crowdd.job.spec import INDEX_FILE, JobSpec
 
 log = logging.getLogger(__name__)
 
-HOST_GONE_SECS = 60.0
 POLL_SECS = 1.0
 
 
-def run_worker(spec: JobSpec, events: EventWriter, *, host_gone_secs: float = HOST_GONE_SECS) -> int:
+def run_worker(spec: JobSpec, events: EventWriter) -> int:
     try:
         Path(INDEX_FILE).write_text(f"{spec.index}\n")
     except OSError as exc:
@@ -46,8 +49,6 @@ def run_worker(spec: JobSpec, events: EventWriter, *, host_gone_secs: float = HO
             "started", role="worker", index=spec.index, ports=spec.own_ports(), pid=os.getpid(),
             children={"worker": server.pid},
         )
-        seen_host = False
-        last_seen = time.monotonic()
         while True:
             code = server.poll()
             if code is not None:
@@ -56,15 +57,9 @@ def run_worker(spec: JobSpec, events: EventWriter, *, host_gone_secs: float = HO
             if os.getppid() != parent:
                 log.info("parent %d is gone; stopping", parent)
                 return EXIT_OK
-            now = time.monotonic()
-            if reachable(spec.cluster.ps[0]):
-                seen_host, last_seen = True, now
-            elif seen_host and now - last_seen > host_gone_secs:
-                log.info("the parameter server has been unreachable for %.0f s; stopping", host_gone_secs)
-                return EXIT_OK
             time.sleep(POLL_SECS)
     finally:
         children.kill()
 
 
-__all__ = ["reachable", "run_worker"]
+__all__ = ["run_worker"]

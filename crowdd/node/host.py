@@ -31,7 +31,7 @@ from crowdd.node.roster import Roster
 from crowdd.node.slots import TrainingSlots
 from crowdd.node.session import HostSession, Member, dead_after
 from crowdd.node.states import State
-from crowdd.node.tunnels import PS, HostTunnels, socket_dir, task_name
+from crowdd.node.tunnels import HostTunnels, socket_dir, task_name
 from crowdd.plan import PlanMember, SessionPlan
 from crowdd.protocol.control import HostRequest
 from crowdd.protocol.session import PRIVATE_HOST, Away, Back, End, JobReport, Ready, WorkerMessage
@@ -127,14 +127,11 @@ class GracefulStop:
 
 
 def cluster_spec(workers: int, base: int) -> dict[str, list[str]]:
-    """The TF cluster as every member's job sees it: the host's PS at ``base`` and TF workers
-    0 (the host's) to ``workers`` at the ports after it, all on the job's private loopback —
-    each member's relay serves its own tasks there and reaches the others' through the
-    tunnels (:mod:`crowdd.node.tunnels`)."""
-    return {
-        "ps": [f"{PRIVATE_HOST}:{base}"],
-        "worker": [f"{PRIVATE_HOST}:{base + 1 + t}" for t in range(workers + 1)],
-    }
+    """The TF cluster: worker tasks 0 (the host's) to ``workers`` at ports ``base``.., each on
+    its member's private loopback. There is no parameter server (the host's coordinator
+    holds the model); the host's relay reaches every worker's task through the tunnels
+    (:mod:`crowdd.node.tunnels`) and a worker's relay reaches nothing."""
+    return {"worker": [f"{PRIVATE_HOST}:{base + t}" for t in range(workers + 1)]}
 
 
 def tf_base(workers: int, rng: random.Random | None = None) -> int:
@@ -326,7 +323,7 @@ async def lead(
 
         sup = await c.start_job(
             plan, 0, cluster, prepared.data_path, manifest, on_event, res, tunnels.directory,
-            serve=[(PS, base), (task_name(0), base + 1)], reach=[(task_name(j), base + 1 + j) for j in slots.slots],
+            serve=[(task_name(0), base)], reach=[(task_name(j), base + j) for j in slots.slots],
         )
         if graceful is not None:
             graceful.arm(workdir)

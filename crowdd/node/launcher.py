@@ -122,12 +122,12 @@ class JobLauncher:
 def job_cluster(cluster: dict[str, list[str]], role: str) -> Cluster:
     """The job's cluster; the host's coordinator gets its own port after the group's (else TF
     would pick one at random, which its sandbox could not allow it to bind)."""
-    ps, workers = tuple(cluster["ps"]), tuple(cluster["worker"])
+    workers = tuple(cluster["worker"])
     if role != "host":
-        return Cluster(ps, workers)
-    host, _ = parse_hostport(ps[0], 0)
-    last = max(port_of(a) for a in (*ps, *workers))
-    return Cluster(ps, workers, (f"{host}:{last + 1}",))
+        return Cluster(workers)
+    host, _ = parse_hostport(workers[0], 0)
+    last = max(port_of(a) for a in workers)
+    return Cluster(workers, (f"{host}:{last + 1}",))
 
 
 def sandbox_argv(workdir: Path, data: Path, cluster: Cluster, guard: Sequence[Path] = ()) -> list[str]:

@@ -7,9 +7,10 @@ daemon serves it; the job connects to reach another member's task). The daemon c
 connection over one TLS stream on the host's session port (mutual TLS pinned to the group,
 plus the group token; :class:`crowdd.node.session.HostSession` checks both), so:
 
-- A worker's TF server reaches the host's PS: the worker's job connects to ``ps.out``, the
-  worker daemon dials the host (``{"tunnel": "ps"}``) and the host daemon connects the stream
-  to its job's ``ps.in``.
+- TF traffic flows one way: only the host's coordinator opens TF connections. A worker's
+  job has no ``.out`` socket at all (its relay reaches nothing), and the host refuses every
+  tunnel stream a worker opens unless the host asked for it (a dial-back, below). There is no
+  parameter server to reach: the coordinator holds the model.
 - The host's coordinator reaches worker task ``t``: the host's job connects to ``wT.out``; the
   host daemon asks that worker over the session channel to dial back (:class:`Dial`, a stream
   id); the worker dials the host (``{"tunnel": "stream", "stream": id}``) and connects the
@@ -34,7 +35,6 @@ from crowdd.aio import cancel_and_wait, spawn_tracked, splice
 logger = logging.getLogger(__name__)
 
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
-PS = "ps"
 #: How long the host waits for a worker to dial back a requested stream.
 DIAL_TIMEOUT = 20.0
 
@@ -165,8 +165,8 @@ class HostTunnels(_Base):
 
     async def reach_workers(self, tasks: dict[int, int | None]) -> None:
         """Serve ``wT.out`` for each worker task (slot) in ``tasks``, mapped to the member
-        index that holds it (None: a free slot, whose connections are closed at once); the
-        members holding a slot may reach this host's PS. :meth:`assign` changes a slot's member."""
+        index that holds it (None: a free slot, whose connections are closed at once).
+        :meth:`assign` changes a slot's member."""
         self._slots = dict(tasks)
         for task in tasks:
             await self._listen(task_name(task), self._outbound(task))
@@ -177,10 +177,6 @@ class HostTunnels(_Base):
         if old is not None and old != member:
             self.cut(old)
         self._slots[task] = member
-
-    @property
-    def _ps_members(self) -> set[int]:
-        return {m for m in self._slots.values() if m is not None}
 
     def _outbound(self, task: int) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
         async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
@@ -220,20 +216,9 @@ class HostTunnels(_Base):
         return True
 
     async def accept(self, member: int, hello: dict[str, Any], streams: Streams) -> None:
-        """An authenticated tunnel connection from worker ``member`` (its hello says which)."""
+        """An authenticated tunnel connection from worker ``member``: only a stream this host
+        asked it to dial back is taken; anything else a worker opens is refused."""
         kind = hello.get("tunnel")
-        if kind == PS:
-            if member not in self._ps_members or member in self._cut:
-                if member not in self._cut:
-                    logger.warning("tunnel: worker %d is not in the cluster; refused its PS stream", member)
-                streams[1].close()
-                return
-            job = await _open_in(self.directory, PS)
-            if job is None:
-                streams[1].close()
-                return
-            await self._carry(member, streams, job)
-            return
         stream = hello.get("stream")
         pending = self._pending.get(stream) if isinstance(stream, int) and not isinstance(stream, bool) else None
         if kind != "stream" or pending is None or pending[0] != member or pending[1].done():
@@ -250,11 +235,10 @@ class WorkerTunnels(_Base):
     connect: Callable[[dict[str, Any]], Awaitable[Streams]] | None = None
     task: int | None = None
 
-    async def reach_ps(self, task: int) -> None:
-        """This worker's job is TF worker ``task``: serve ``ps.out``, and connect the host's
-        streams for ``task`` (and no other) to the job."""
+    def serve(self, task: int) -> None:
+        """This worker's job is TF worker ``task``: connect the host's streams for ``task``
+        (and no other) to the job. The job reaches nothing: no ``.out`` socket is served."""
         self.task = task
-        await self._listen(PS, self._to_ps)
 
     async def _dial_host(self, hello: dict[str, Any]) -> Streams | None:
         assert self.connect is not None
@@ -263,13 +247,6 @@ class WorkerTunnels(_Base):
         except Exception as exc:  # any failure ends this one stream; TF retries
             logger.warning("tunnel: cannot dial the host: %s", exc)
             return None
-
-    async def _to_ps(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        host = await self._dial_host({"tunnel": PS})
-        if host is None:
-            w.close()
-            return
-        await splice((r, w), host)
 
     def on_dial(self, stream: int, task: int) -> None:
         """The host asked for stream ``stream`` to this worker's task ``task``."""
@@ -288,5 +265,5 @@ class WorkerTunnels(_Base):
         await splice(host, job)
 
 
-__all__ = ["DIAL_TIMEOUT", "HostTunnels", "PS", "RelaySetup", "WorkerTunnels", "remove_stale_socket_dirs", "socket_dir",
+__all__ = ["DIAL_TIMEOUT", "HostTunnels", "RelaySetup", "WorkerTunnels", "remove_stale_socket_dirs", "socket_dir",
            "task_name"]

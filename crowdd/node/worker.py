@@ -21,7 +21,7 @@ from crowdd.node.context import SessionContext
 from crowdd.node.ports import Reservation
 from crowdd.node.session import HostLost, SessionRefused, WorkerSession, dead_after
 from crowdd.node.states import State
-from crowdd.node.tunnels import PS, WorkerTunnels, socket_dir, task_name
+from crowdd.node.tunnels import WorkerTunnels, socket_dir, task_name
 from crowdd.node.status import PROGRESS_INTERVAL
 from crowdd.aio import cancel_and_wait
 from crowdd.plan import SessionPlan
@@ -108,11 +108,11 @@ async def follow(c: SessionContext, plan: SessionPlan, res: Reservation) -> None
             elif ev.get("event") == "error":
                 view.log(logging.ERROR, f"worker job: {ev.get('message')}")
 
-        await tunnels.reach_ps(order.index)
+        tunnels.serve(order.index)
         sup = await c.start_job(
             plan, order.index, order.cluster, data_path, manifest, on_event, res, tunnels.directory,
             serve=[(task_name(order.index), _port(order.cluster["worker"][order.index]))],
-            reach=[(PS, _port(order.cluster["ps"][0]))],
+            reach=[],
         )
         c.presence.bind(ws.away, ws.back)
         job_task = asyncio.create_task(sup.wait())

@@ -10,6 +10,10 @@ with ``open`` (:func:`make_open`; :class:`OpenSession`), tells it when its free 
 (``slots``: :func:`make_slots` / :func:`check_slots`) and hears ``joined`` (:func:`make_joined`
 / :func:`check_joined`) for each newcomer, whom the matchmaker sends a ``group`` frame with
 ``join: true`` (:func:`make_join`; the plan's ``joining``).
+
+A host that expelled a member (its changes kept failing validation) reports it on a connection
+of its own: ``expel`` (:func:`make_expel`, signed with the host's identity key;
+:func:`check_expel`), answered ``expelled`` (:func:`make_expelled` / :func:`check_expelled`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,11 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from crowdd import wire
 from crowdd.errors import InputError
@@ -34,7 +43,10 @@ MAX_NAME = 64
 MAX_TAG = 64
 MAX_DATASET_NAME = 255
 MAX_MEMBERS = 1 + 1024
+MAX_REASON = 200
 _DIGEST = re.compile(r"[0-9a-f]{64}")
+_FINGERPRINT = re.compile(r"sha256:[0-9a-f]{64}")
+_SIGNATURE = re.compile(r"(?:[0-9a-f]{2}){1,128}")
 _HOSTNAME = re.compile(r"(?=.{1,253}\.?$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?")
 
 
@@ -480,8 +492,89 @@ def check_joined(frame: Mapping[str, Any]) -> PlanMember:
     return _member(value, index, "member")
 
 
+# --------------------------------------------------------------------------- expel
+
+
+@dataclass(frozen=True, slots=True)
+class Expel:
+    """A host's checked report: ``host`` (the fingerprint whose key signed it) expelled
+    ``member`` (a fingerprint) from its group ``group_id``, for ``reason``."""
+
+    host: str
+    group_id: str
+    member: str
+    reason: str
+
+
+def expel_statement(group_id: str, member: str, reason: str) -> bytes:
+    """What the host signs (the fields are printable, so newlines cannot be forged into them)."""
+    return "\n".join((f"{wire.PROTO} expel", group_id, member, reason)).encode()
+
+
+def make_expel(
+    key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey, cert: bytes, fingerprint: str, group_id: str,
+    member: str, reason: str,
+) -> dict[str, Any]:
+    """A host's report that it expelled ``member`` (its fingerprint) from group ``group_id``,
+    signed with ``key``, the key of the host's certificate ``cert`` (PEM)."""
+    data = expel_statement(group_id, member, reason)
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        signature = key.sign(data)
+    else:
+        signature = key.sign(data, ec.ECDSA(hashes.SHA256()))
+    return {"type": "expel", "proto": wire.PROTO, "group_id": group_id, "member": member, "reason": reason,
+            "cert": cert.decode("ascii"), "fingerprint": fingerprint, "signature": signature.hex()}
+
+
+def _verify(cert: str, data: bytes, signature: bytes) -> None:
+    public = x509.load_pem_x509_certificate(cert.encode("ascii")).public_key()
+    try:
+        if isinstance(public, ed25519.Ed25519PublicKey):
+            public.verify(signature, data)
+        elif isinstance(public, ec.EllipticCurvePublicKey):
+            public.verify(signature, data, ec.ECDSA(hashes.SHA256()))
+        else:  # pragma: no cover - check_certificate allows P-256 and Ed25519 only
+            raise InvalidSignature
+    except InvalidSignature:
+        raise wire.WireError(wire.ErrorCode.UNAUTHORIZED, "the report is not signed by the key of 'cert'",
+                             field="signature") from None
+
+
+def check_expel(frame: Mapping[str, Any]) -> Expel:
+    """Check a host's ``expel`` report, its signature included: the reporter is the holder of
+    the key of ``cert``. Whether that is the group's host is the matchmaker's to decide."""
+    if frame.get("type") != "expel":
+        raise wire.WireError(wire.ErrorCode.BAD_FRAME, f"expected an expel report, got {frame.get('type')!r}")
+    wire.check_proto(frame)
+    group_id = _text(frame, "group_id", 1, 64)
+    member = frame.get("member")
+    if not isinstance(member, str) or not _FINGERPRINT.fullmatch(member):
+        raise _bad("member", "field 'member' must be the expelled member's fingerprint (sha256: + 64 hex)")
+    reason = _text(frame, "reason", 0, MAX_REASON, "")
+    cert, fingerprint = _cert(frame.get("cert"))
+    _fingerprint_matches(frame, fingerprint)
+    signature = frame.get("signature")
+    if not isinstance(signature, str) or not _SIGNATURE.fullmatch(signature):
+        raise _bad("signature", "field 'signature' must be the report's signature in lowercase hex")
+    _verify(cert, expel_statement(group_id, member, reason), bytes.fromhex(signature))
+    return Expel(host=fingerprint, group_id=group_id, member=member, reason=reason)
+
+
+def make_expelled(group_id: str, member: str) -> dict[str, Any]:
+    """The matchmaker's answer: ``member`` is never placed with this host again."""
+    return {"type": "expelled", "group_id": group_id, "member": member}
+
+
+def check_expelled(frame: Mapping[str, Any], group_id: str, member: str) -> None:
+    """The answer must be about this report (``bad_field`` naming what differs)."""
+    for name, want in (("group_id", group_id), ("member", member)):
+        if frame.get(name) != want:
+            raise _bad(name, f"the matchmaker answered about {name} {frame.get(name)!r}, not {want!r}")
+
+
 __all__ = [
-    "HOST", "MAX_MEMBERS", "ROLES", "TF_PORTS", "WORKER", "Hello", "OpenSession", "Slots", "Wait", "check_group",
-    "check_hello", "check_joined", "check_slots", "check_wait", "make_group", "make_hello", "make_join",
+    "HOST", "MAX_MEMBERS", "MAX_REASON", "ROLES", "TF_PORTS", "WORKER", "Expel", "Hello", "OpenSession", "Slots",
+    "Wait", "check_expel", "check_expelled", "check_group", "check_hello", "check_joined", "check_slots",
+    "check_wait", "expel_statement", "make_expel", "make_expelled", "make_group", "make_hello", "make_join",
     "make_joined", "make_open", "make_slots", "make_wait", "observed_address",
 ]

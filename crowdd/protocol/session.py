@@ -208,7 +208,7 @@ class MembersUpdate:
 
 @dataclass(frozen=True)
 class Train:
-    """Start your TF server: the cluster (``ps`` and ``worker`` addresses) and your task index."""
+    """Start your TF server: the cluster (``worker`` addresses) and your task index."""
 
     cluster: dict[str, list[str]]
     index: int
@@ -259,15 +259,15 @@ PRIVATE_HOST = "127.0.0.1"
 
 
 def _cluster(value: Any) -> dict[str, list[str]]:
-    if not isinstance(value, dict) or set(value) - {"ps", "worker", "chief"}:
-        raise _bad("cluster", "field 'cluster' must be an object of ps/worker address lists")
+    if not isinstance(value, dict) or set(value) - {"worker"}:
+        raise _bad("cluster", "field 'cluster' must be an object with one worker address list")
     out: dict[str, list[str]] = {}
     for job, addrs in value.items():
         if not isinstance(addrs, list) or not all(isinstance(a, str) and _private(a) for a in addrs):
             raise _bad(f"cluster.{job}", f"field 'cluster.{job}' must be a list of {PRIVATE_HOST}:PORT strings")
         out[job] = list(addrs)
-    if not out.get("ps") or not out.get("worker"):
-        raise _bad("cluster", "the cluster needs a ps and at least one worker")
+    if not out.get("worker"):
+        raise _bad("cluster", "the cluster needs at least one worker")
     return out
 
 

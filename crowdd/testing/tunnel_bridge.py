@@ -96,10 +96,10 @@ class TunnelBridge:
         tasks: dict[int, int | None] = {j: j for j in range(1, self.workers + 1)}
         self._call(self.host.reach_workers(tasks))
         for j, end in enumerate(self.worker_ends, 1):
-            self._call(end.reach_ps(j))
-        out = [RelaySetup(self.host.directory, ((PS, base), (task_name(0), base + 1)),
-                          tuple((task_name(j), base + 1 + j) for j in tasks), self.isolated)]
-        out += [RelaySetup(end.directory, ((task_name(j), base + 1 + j),), ((PS, base),), self.isolated)
+            end.serve(j)
+        out = [RelaySetup(self.host.directory, ((task_name(0), base),),
+                          tuple((task_name(j), base + j) for j in tasks), self.isolated)]
+        out += [RelaySetup(end.directory, ((task_name(j), base + j),), (), self.isolated)
                 for j, end in enumerate(self.worker_ends, 1)]
         return out
 

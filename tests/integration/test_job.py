@@ -22,7 +22,7 @@ import pytest
 from crowdd.datasets import ArraySet, Prepared, convert
 from crowdd.job.events import parse_event
 from crowdd.job.host import TRAINER_NICE_STEP
-from crowdd.job.shards import total_steps
+from crowdd.job.shards import holdout_count, holdout_every, total_steps
 from crowdd.job.outer import lr_factor
 from crowdd.node.ports import free_ports
 
@@ -121,8 +121,8 @@ class Cluster:
                     os.link(src, wd / name)
 
     def write_specs(self) -> list[Path]:
-        ports = free_ports(self.workers + 2)
-        cluster = {"ps": [f"127.0.0.1:{ports[0]}"], "worker": [f"127.0.0.1:{p}" for p in ports[1:]]}
+        ports = free_ports(self.workers + 1)
+        cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
         paths = []
         for i in range(self.workers + 1):
             spec: dict[str, Any] = {
@@ -176,7 +176,9 @@ def make_cluster(tmp_path: Path, digits: Prepared) -> Iterator[Any]:
 
 
 def steps_for(job: dict[str, Any], workers: int) -> int:
-    return total_steps(job.get("sharding", "full"), workers, 1500, job["batch_size"], job["epochs"])
+    """The run's steps: 1500 training records less those the host holds back to validate on."""
+    n = 1500 - holdout_count(1500, holdout_every(1500))
+    return total_steps(job.get("sharding", "full"), workers, n, job["batch_size"], job["epochs"])
 
 
 def assert_model_reproduces(model_path: Path, data: Prepared, accuracy: float) -> None:
@@ -211,9 +213,11 @@ def test_host_and_two_workers_train_digits(make_cluster: Any) -> None:
     autograph_before = set(Path(tempfile.gettempdir()).glob("__autograph_generated_file*"))
     host = cluster.start()
     started = host.wait_for("started", START_TIMEOUT)
-    assert set(started["ports"]) == {"ps", "worker"}
-    # the services every worker waits on run at the job's nice (5); the host's own trainer below them
-    assert os.getpriority(os.PRIO_PROCESS, started["children"]["ps"]) == 5
+    # no parameter server: the coordinator holds the model; the host serves only its own trainer
+    assert set(started["ports"]) == {"worker"} and set(started["children"]) == {"worker0"}
+    host.wait_for("progress", 120)
+    # the coordinator every worker waits on runs at the job's nice (5); the host's own trainer below it
+    assert os.getpriority(os.PRIO_PROCESS, started["pid"]) == 5
     assert os.getpriority(os.PRIO_PROCESS, started["children"]["worker0"]) == 5 + TRAINER_NICE_STEP
     done = host.wait_for("done", 240)
     assert done["test_accuracy"] >= 0.85, done
@@ -286,7 +290,7 @@ def test_host_fails_when_every_worker_is_gone(make_cluster: Any) -> None:
     error = host.wait_for("error", 120)
     assert "every worker" in error["message"], error
     assert host.proc.wait(timeout=30) == 1
-    assert not alive(started["children"]["ps"])
+    assert not alive(started["children"]["worker0"])
 
 
 def test_host_gives_up_on_a_worker_that_never_starts(make_cluster: Any) -> None:
@@ -313,7 +317,7 @@ def test_start_timeout_must_be_a_sane_number_of_seconds(value: Any) -> None:
 
     spec = {
         "role": "host", "index": 0, "output_dir": "out",
-        "cluster": {"ps": ["127.0.0.1:1"], "worker": ["127.0.0.1:2"]},
+        "cluster": {"worker": ["127.0.0.1:2"]},
         "dataset": {"data": "d.bin", "manifest": "d.json"},
         "settings": {"start_timeout": value},
     }
@@ -322,19 +326,6 @@ def test_start_timeout_must_be_a_sane_number_of_seconds(value: Any) -> None:
     assert info.value.field == "settings.start_timeout"
     spec["settings"] = {"start_timeout": 12}
     assert parse_spec(spec, check_files=False).settings.start_timeout == 12.0
-
-
-def test_dead_parameter_server_ends_the_host_with_an_error(make_cluster: Any) -> None:
-    job = {"epochs": 200, "batch_size": 10, "learning_rate": 0.1}
-    cluster = make_cluster(1, job, steps_per_function=10)
-    host = cluster.start()
-    started = host.wait_for("started", START_TIMEOUT)
-    host.wait_for("progress", 120)
-    os.kill(started["children"]["ps"], signal.SIGKILL)
-    error = host.wait_for("error", 60)
-    assert "parameter server" in error["message"]
-    assert host.proc.wait(timeout=30) == 1
-    assert not alive(started["children"]["worker0"])
 
 
 def test_host_resumes_from_its_last_checkpoint(make_cluster: Any) -> None:
