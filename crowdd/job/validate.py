@@ -13,7 +13,7 @@ touch the model, before any of it does:
    ``LOSS_TOLERANCE`` (relative), and its cosine with the held-back loss's descent direction
    must be at least ``MIN_DESCENT`` (its first-order score); and FLTrust's agreement (Cao et
    al. 2021): its cosine with the host's own latest change (the host's trainer, on the
-   host's data) must be at least ``MIN_COSINE``.
+   host's data; the descent direction until there is one) must be at least ``MIN_COSINE``.
 
 :class:`Trust` keeps each member's last verdicts; a member with ``EXPEL_REJECTED`` of its
 last ``EXPEL_WINDOW`` changes rejected, or one fatal change, is expelled with the reason.
@@ -181,9 +181,11 @@ class Validator:
             return Verdict(False, "stale", norm=norm)
         if len(self._norms) >= NORM_MIN_HISTORY and norm > self.norm_factor * float(np.median(self._norms)):
             return Verdict(False, "norm", norm=norm)
-        cos = cosine(flat, self.reference) if self.reference is not None else None
         down = self.descent_direction(version, weights)
         dsc = cosine(flat, down) if down is not None else None
+        # until the host's trainer has sent its first change, the held-back data's descent
+        # direction stands in for it (early on, honest changes agree with it most)
+        cos = cosine(flat, self.reference) if self.reference is not None else dsc
         before = self.current_loss(version, weights)
         after = float(self.loss_of(candidate()))
         scores = {"norm": norm, "loss_before": before, "loss_after": after, "cosine": cos, "descent": dsc}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +70,8 @@ class SessionContext:
     sandbox: SandboxSupport
     runtime_dir: Path | None = None  # where the job's relay sockets go (crowdd.node.tunnels.socket_dir)
     presence: Presence = field(default_factory=Presence)  # a worker's busy/idle word to its host
+    # a host tells the matchmaker whom it expelled (plan, member fingerprint, why); None: nobody to tell
+    report_expelled: Callable[[SessionPlan, str, str], Awaitable[None]] | None = None
 
     def to(self, state: State) -> None:
         """Move the state authority (an invalid move raises: it is a daemon bug)."""

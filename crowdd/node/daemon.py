@@ -55,6 +55,8 @@ from crowdd.identity import Identity
 from crowdd.job.spec import Settings
 from crowdd.node.launcher import JobLauncher
 from crowdd.node.ports import Reservation
+from crowdd.matchmaker_client import report_expelled
+from crowdd.plan import SessionPlan
 from crowdd.node.registration import make_hello, open_hello, register_until_grouped
 from crowdd.node.states import State, StateMachine
 from crowdd.platform import sandbox as landlock
@@ -257,6 +259,12 @@ class Daemon:
 
     def _confinement(self) -> Confinement:
         return self.confinement if self.confinement is not None else Confinement(False, "not checked yet")
+
+    async def _report_expelled(self, plan: SessionPlan, member: str, why: str) -> None:
+        """Tell the matchmaker this host expelled ``member`` (a fingerprint) from ``plan``'s
+        group: it will not place them together again."""
+        await report_expelled(self._mm, self.identity, plan.group_id, member, why,
+                              fingerprint=self.cfg.daemon.matchmaker_fingerprint)
 
     def _sandbox(self) -> SandboxSupport:
         return self.sandbox if self.sandbox is not None else SandboxSupport(False, 0, "not checked yet")
@@ -591,7 +599,7 @@ class Daemon:
         watch = asyncio.create_task(self._policy_watch()) if role == "worker" else None
         cycle = SessionContext(
             self.cfg, self.states, view, self._jobs, self.cache, self._linger, self.identity, self._confinement(),
-            self._sandbox(), self.paths.runtime_dir,
+            self._sandbox(), self.paths.runtime_dir, report_expelled=self._report_expelled,
         )
         self._presence = cycle.presence
         try:

@@ -25,7 +25,7 @@ from crowdd.job.card import add_members
 from crowdd.node.context import SessionContext
 from crowdd.node.ports import Reservation
 from crowdd.node.checkpoints import carry_checkpoint
-from crowdd.aio import cancel_and_wait
+from crowdd.aio import cancel_and_wait, spawn_tracked
 from crowdd.matchmaker_client import OpenSlots
 from crowdd.node.roster import Roster
 from crowdd.node.slots import TrainingSlots
@@ -34,7 +34,7 @@ from crowdd.node.states import State
 from crowdd.node.tunnels import HostTunnels, socket_dir, task_name
 from crowdd.plan import PlanMember, SessionPlan
 from crowdd.protocol.control import HostRequest
-from crowdd.protocol.session import PRIVATE_HOST, Away, Back, End, JobReport, Ready, WorkerMessage
+from crowdd.protocol.session import NOTE_MAX, PRIVATE_HOST, Away, Back, End, JobReport, Ready, WorkerMessage
 from crowdd.replication import ChunkStore, DataServer
 
 if TYPE_CHECKING:
@@ -242,6 +242,7 @@ async def lead(
     )
     session.members[0].state = "replicating"
     opener_task: asyncio.Task[None] | None = None
+    reports: set[asyncio.Task[None]] = set()  # telling the matchmaker whom this host expelled
     try:
         await server.start()
         await session.start()
@@ -314,12 +315,42 @@ async def lead(
                 view.log(logging.ERROR, f"host job: {ev.get('message')}")
             elif kind == "resumed":
                 view.log(logging.INFO, f"the job resumed from its checkpoint at step {ev.get('step')}")
+            elif kind == "expel":
+                expel(ev)
             elif kind == "slot":
                 task, state = ev.get("task"), ev.get("state")
                 if state == "left" and isinstance(task, int):
                     view.worker_left(task)
                 why = f": {ev['why']}" if isinstance(ev.get("why"), str) and ev["why"] else ""
                 view.log(logging.INFO, f"worker {task} {'joined' if state == 'joined' else 'left'} training{why}")
+
+        def expel(ev: dict[str, Any]) -> None:
+            """The job expelled slot ``task``: its changes kept failing validation. The member
+            holding it is cut from the session (its slot freed for a newcomer), the reason is
+            said where the host looks, and the matchmaker is told."""
+            task, why = ev.get("task"), ev.get("why")
+            if not isinstance(task, int) or isinstance(task, bool) or not isinstance(why, str) or slots is None:
+                return
+            why = "".join(ch for ch in why if ch.isprintable())[:NOTE_MAX]
+            m = slots.holder(task)
+            if m is None:
+                return
+            view.worker_left(task)
+            view.log(logging.WARNING, f"worker {m.index} ({m.name}) expelled: {why}")
+            session.expel(m, why)
+            slots.sync()
+            view.push_members(session, now=True)
+            spawn_tracked(reports, tell_matchmaker(m, why))
+
+        async def tell_matchmaker(m: Member, why: str) -> None:
+            """So that the matchmaker never places ``m`` with this host again."""
+            if c.report_expelled is None:
+                return
+            try:
+                await c.report_expelled(session.plan, session.plan.members[m.index].fingerprint, why)
+            except Exception as exc:  # noqa: BLE001 - the expulsion stands; only the report failed
+                view.log(logging.WARNING, f"could not tell the matchmaker that worker {m.index} ({m.name}) "
+                         f"was expelled: {exc}")
 
         sup = await c.start_job(
             plan, 0, cluster, prepared.data_path, manifest, on_event, res, tunnels.directory,
@@ -364,6 +395,9 @@ async def lead(
         await asyncio.sleep(c.linger)
     finally:
         await cancel_and_wait(opener_task)
+        if reports:  # a report under way gets a few seconds to land
+            await asyncio.wait(reports, timeout=5.0)
+            await cancel_and_wait(*reports)
         await session.close()
         await tunnels.close()
         await server.close()

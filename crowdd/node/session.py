@@ -195,11 +195,13 @@ class Member:
     slot: int | None = None  # its TF worker task while training (None: none, or given to a newcomer)
     gone_since: float | None = None  # when it left the session (time.monotonic()), while it is gone
     why_gone: str | None = None
+    expelled: str | None = None  # why the host expelled it (it stays out of this session)
     tf_port: int = 0
     channel: Channel | None = field(default=None, repr=False)
 
     def view(self) -> MemberView:
-        return MemberView(self.index, self.name, self.address, self.role, self.state, self.done, self.total)
+        return MemberView(self.index, self.name, self.address, self.role, self.state, self.done, self.total,
+                          self.expelled or "")
 
     def to_dict(self) -> dict[str, Any]:
         return self.view().to_dict()
@@ -329,7 +331,7 @@ class HostSession:
                 return
             await self.on_tunnel(index, hello, (reader, writer))
             return
-        rejoin = hello.get("rejoin") is True and self.rejoin_open and m.slot is not None
+        rejoin = hello.get("rejoin") is True and self.rejoin_open and m.slot is not None and m.expelled is None
         if not rejoin and (not m.alive or m.channel is not None):
             await wire.send_error_and_close(
                 writer, wire.WireError(wire.ErrorCode.BAD_FIELD, f"worker {index} is already in (or gone from) the session", field="index")
@@ -434,6 +436,17 @@ class HostSession:
             m.channel.send(End(error=f"the host dropped this worker: {why}").to_frame())
         logger.warning("worker %d (%s) dropped: %s", m.index, m.name, why)
         self._lose(m, why)
+
+    def expel(self, m: Member, why: str) -> None:
+        """Cut worker ``m`` from the session for good: its changes kept failing the host's
+        validation. It is told why, and shows as ``expelled`` with the reason."""
+        if m.channel is not None:
+            m.channel.send(End(error=f"the host expelled this worker: {why}").to_frame())
+        logger.warning("worker %d (%s) expelled: %s", m.index, m.name, why)
+        self._lose(m, f"expelled: {why}")
+        m.state, m.expelled = "expelled", why
+        m.slot = None  # its place is free for a newcomer; it cannot come back to it
+        self._touch(m)
 
     def start_training(self, m: Member, cluster: dict[str, list[str]], task_index: int) -> None:
         """Tell worker ``m`` to start its TF server as cluster worker ``task_index``."""

@@ -22,7 +22,9 @@ from crowdd import wire
 from crowdd.errors import ErrorCode
 
 #: What a member may report about itself (and what the host shows per member).
-MEMBER_STATES = ("joining", "replicating", "ready", "training", "away", "finished", "gone")
+MEMBER_STATES = ("joining", "replicating", "ready", "training", "away", "finished", "gone", "expelled")
+#: the longest note (why a member was expelled) a member view carries
+NOTE_MAX = 200
 #: Job events the host fans out to its workers.
 TRAINING_EVENTS = ("progress", "eval")
 #: Frames a congested channel may drop (newer ones follow).
@@ -178,10 +180,14 @@ class MemberView:
     state: str
     done: int = 0
     total: int = 0
+    note: str = ""  # why the host expelled it (state "expelled")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"index": self.index, "name": self.name, "address": self.address, "role": self.role,
-                "state": self.state, "replication": {"done": self.done, "total": self.total}}
+        out = {"index": self.index, "name": self.name, "address": self.address, "role": self.role,
+               "state": self.state, "replication": {"done": self.done, "total": self.total}}
+        if self.note:
+            out["note"] = self.note
+        return out
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> MemberView:
@@ -194,8 +200,12 @@ class MemberView:
         name, address, role = d.get("name"), d.get("address"), d.get("role")
         if not all(isinstance(x, str) for x in (name, address, role)):
             raise _bad(where, f"{where} needs string name, address and role")
+        note = d.get("note", "")
+        if not isinstance(note, str):
+            raise _bad(f"{where}.note", f"{where}.note must be a string")
+        note = "".join(c for c in note if c.isprintable())[:NOTE_MAX]
         return cls(_req_int(d, "index"), str(name), str(address), str(role), str(state),
-                   _req_int(rep, "done"), _req_int(rep, "total"))
+                   _req_int(rep, "done"), _req_int(rep, "total"), note)
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,16 @@
 """A malicious group member's tools, for the sandbox tests.
 
-A member reaches the other members' TF servers by design (the host's coordinator runs graphs on
-every worker server; every worker sends graphs to the host's parameter server), so it can ask a
-server to run any op. This is what it tries, on the server's own device:
+The host's coordinator reaches every worker's TF server by design (it runs each round there),
+so a malicious host can ask a worker's server to run any op; a worker reaches no other
+member's server at all (TF traffic flows one way), which is what the tests check. This is what
+it tries, on the server's own device:
 
     python -m crowdd.testing.member_attack attack TARGET [--read P]... [--list D]... [--write P]... [--connect PORT]...
     python -m crowdd.testing.member_attack listen PORT SECONDS
 
 ``attack`` connects to ``TARGET`` (``127.0.0.1:PORT`` inside a job's network namespace) as the
-cluster job ``attacker`` and, on the victim's device: computes ``1 + 1`` (proof that it runs
+cluster job ``attacker`` (when nothing accepts a TCP connection there it says ``reachable``
+false and stops) and, on the victim's device: computes ``1 + 1`` (proof that it runs
 ops there at all), reads each ``--read`` file (``tf.io.read_file``), lists each ``--list``
 directory (``tf.io.matching_files``), writes each ``--write`` file (``tf.io.write_file``), and
 makes the victim open a TCP connection to each ``--connect`` port on its loopback (a tf.data
@@ -46,6 +48,14 @@ def attack(target: str, reads: Sequence[str], lists: Sequence[str], writes: Sequ
     from tensorflow.python.eager import context
 
     out: dict[str, Any] = {"ran_op": False, "read": {}, "list": {}, "write": {}, "connect": {}}
+    host, _, port = target.rpartition(":")
+    try:  # nothing listens there: TF would retry without end, so say so at once
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as exc:
+        out["error"] = f"unreachable: {_short(exc)}"
+        out["reachable"] = False
+        return out
+    out["reachable"] = True
     try:
         tf.config.experimental_connect_to_cluster(tf.train.ClusterSpec({"victim": [target]}), job_name="attacker")
     except Exception as exc:  # noqa: BLE001 - report it: the test decides

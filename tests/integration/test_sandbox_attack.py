@@ -1,12 +1,19 @@
-"""A malicious group member, for real: during a session, from inside a job's network namespace
-(where the host's coordinator and each worker's relay reach the group's TF servers), run TF ops
-on every TF server of the group — the host's parameter server, its worker server and its
-coordinator, and each worker's server through its tunnel — that try to read the daemons' state
-(a canary, the identity key, the config), a canary in the user's home, list those directories,
-write outside the job's directory, and make the server connect to a port outside the cluster.
-Every attempt fails; the same ops inside the job's own directory work (so the attack did reach
-the server); every job process runs with no capability and ``no_new_privs``; training
-finishes with the usual accuracy and leaves nothing behind.
+"""A malicious group member, for real: during a session, from inside a job's network namespace.
+
+* From the host's job namespace (where its coordinator reaches the group's TF servers), run
+  TF ops on every TF server of the group — the host's worker server and coordinator, and each
+  worker's server through its tunnel — that try to read the daemons' state (a canary, the
+  identity key, the config), a canary in the user's home, list those directories, write
+  outside the job's directory, and make the server connect to a port outside the cluster.
+  Every attempt fails; the same ops inside the job's own directory work (so the attack did
+  reach the server).
+* From a worker's job namespace, try every TF address of the group and every port listening
+  there: only the worker's own server answers. Nothing reaches the host's coordinator or its
+  trainer, or the other worker: no op can assign the model, Abort the run, write in the
+  host's work directory or run on another member (TF traffic flows one way).
+
+Every job process runs with no capability and ``no_new_privs``; training finishes with the
+usual accuracy and leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -78,6 +85,12 @@ async def run(argv: list[str], timeout: float) -> tuple[str, str]:
     return out.decode(), err.decode(errors="replace")
 
 
+async def listening_ports(netns_pid: int) -> set[int]:
+    """The TCP ports listening in that network namespace."""
+    out, _ = await run(["nsenter", "-t", str(netns_pid), "-n", "ss", "-Hltn"], 30)
+    return {int(line.split()[3].rsplit(":", 1)[1]) for line in out.splitlines() if line.strip()}
+
+
 async def attack(netns_pid: int, target: str, what: list[str]) -> dict[str, Any]:
     out, err = await run(["nsenter", "-t", str(netns_pid), "-n", sys.executable, "-m",
                           "crowdd.testing.member_attack", "attack", target, *what], ATTACK_TIMEOUT)
@@ -146,8 +159,8 @@ async def test_a_malicious_member_touches_nothing_outside_the_job(crowd: Crowd, 
         host, w1, w2 = crowd.nodes
         spec = json.loads(next((host.root / "state" / "jobs").glob("*/spec.json")).read_text())
         cluster = spec["cluster"]
-        targets = {"host ps": cluster["ps"][0], "host worker 0": cluster["worker"][0], "host coordinator":
-                   cluster["chief"][0], "worker-1 (tunnel)": cluster["worker"][1], "worker-2 (tunnel)": cluster["worker"][2]}
+        targets = {"host worker 0": cluster["worker"][0], "host coordinator": cluster["chief"][0],
+                   "worker-1 (tunnel)": cluster["worker"][1], "worker-2 (tunnel)": cluster["worker"][2]}
         relays = {n.name: relay_of(n).pid for n in crowd.nodes}
         victims = {n.name: {p.pid for p in job_tree(n)} for n in crowd.nodes}
         for n in crowd.nodes:
@@ -164,12 +177,24 @@ async def test_a_malicious_member_touches_nothing_outside_the_job(crowd: Crowd, 
                 async with gate:
                     results[label] = await attack(netns, target, what)
 
+            # a worker tries every address of the group and every port listening in its namespace
+            listening = await listening_ports(relays["worker-1"])
+            own = cluster["worker"][1]
+            tries = sorted({*targets.values(), *(f"127.0.0.1:{p}" for p in listening)} - {own, f"127.0.0.1:{LISTEN_PORT}"})
             await asyncio.gather(
                 *(one(f"host netns → {label}", relays["host"], t) for label, t in targets.items()),
-                one("worker-1 netns → host ps", relays["worker-1"], cluster["ps"][0]),
+                *(one(f"worker-1 netns → {t}", relays["worker-1"], t) for t in tries),
+                # the control: its own server answers (sandboxed like every other)
+                one("worker-1's own server", relays["worker-1"], own),
             )
         assert crowd.host.name and rec.states("host")[-1] == "training", "training ended before the attacks did"
+        from_worker = {label: got for label, got in results.items() if label.startswith("worker-1 netns")}
+        assert len(from_worker) >= 4, from_worker  # the host's trainer and coordinator, worker 2, and more
+        for label, got in from_worker.items():
+            assert not got["reachable"] and not got["ran_op"], f"{label}: a worker reached another member's TF: {got}"
         for label, got in results.items():
+            if label in from_worker:
+                continue
             assert got["ran_op"], f"{label}: the attack did not reach the server: {got.get('error')}"
             assert got["read"]["spec.json"]["ok"] and got["write"]["member-wrote-here"]["ok"], (label, got)
             for r in reads:

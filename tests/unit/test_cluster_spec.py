@@ -9,11 +9,11 @@ from crowdd.protocol.session import check_host_frame
 
 
 def test_every_task_is_a_port_on_the_private_loopback() -> None:
+    # worker task 0 is the host's, tasks 1.. its workers'; there is no parameter server
     assert cluster_spec(3, 21000) == {
-        "ps": ["127.0.0.1:21000"],
-        "worker": ["127.0.0.1:21001", "127.0.0.1:21002", "127.0.0.1:21003", "127.0.0.1:21004"],
+        "worker": ["127.0.0.1:21000", "127.0.0.1:21001", "127.0.0.1:21002", "127.0.0.1:21003"],
     }
-    assert cluster_spec(0, 30000) == {"ps": ["127.0.0.1:30000"], "worker": ["127.0.0.1:30001"]}
+    assert cluster_spec(0, 30000) == {"worker": ["127.0.0.1:30000"]}
 
 
 def test_the_cluster_passes_the_workers_check_of_a_train_frame() -> None:

@@ -50,7 +50,7 @@ def good(wd: Path, **over: Any) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "role": "host",
         "index": 0,
-        "cluster": {"ps": ["127.0.0.1:4001"], "worker": ["127.0.0.1:4002", "10.0.0.2:4003"]},
+        "cluster": {"worker": ["127.0.0.1:4002", "10.0.0.2:4003"], "chief": ["127.0.0.1:4001"]},
         "job": {"epochs": 2, "sharding": "overlap"},
         "dataset": {"data": "dataset.bin", "manifest": "dataset.manifest.json"},
         "workdir": str(wd),
@@ -67,7 +67,8 @@ def test_good_spec_round_trips(workdir: Path, tmp_path: Path) -> None:
     assert spec.role == "host" and spec.cluster.num_workers == 2
     assert spec.settings == Settings(20, 5, 1, 10, 30.0, JobConfig().merge)
     assert spec.job.sharding == "overlap"
-    assert spec.own_ports() == {"ps": 4001, "worker": 4002}
+    assert spec.cluster.to_dict() == {"worker": ["127.0.0.1:4002", "10.0.0.2:4003"], "chief": ["127.0.0.1:4001"]}
+    assert spec.own_ports() == {"worker": 4002, "chief": 4001}
     path = tmp_path / "spec.json"
     write_spec(spec, path)
     assert load_spec(path, role="host") == spec
@@ -78,18 +79,35 @@ def test_worker_spec(workdir: Path) -> None:
     assert spec.own_ports() == {"worker": 4003}
 
 
+def test_a_cluster_of_workers_only(workdir: Path) -> None:
+    """No parameter server and no chief: the host binds its worker task's port only."""
+    spec = parse_spec(good(workdir, cluster={"worker": ["127.0.0.1:4002", "10.0.0.2:4003"]}))
+    assert spec.cluster.chief == () and spec.cluster.to_dict() == {"worker": ["127.0.0.1:4002", "10.0.0.2:4003"]}
+    assert spec.own_ports() == {"worker": 4002}
+
+
+def test_a_parameter_server_is_an_unknown_cluster_job(workdir: Path) -> None:
+    with pytest.raises(SpecError, match="unknown cluster job") as info:
+        parse_spec(good(workdir, cluster={"ps": ["127.0.0.1:4001"], "worker": ["127.0.0.1:4002", "10.0.0.2:4003"]}))
+    assert info.value.field == "cluster.ps"
+
+
 BAD: list[tuple[str, dict[str, Any]]] = [
     ("role", {"role": "chief"}),
     ("index", {"index": 1}),
     ("index", {"index": 5}),
     ("index", {"index": "0"}),
-    ("cluster.ps", {"cluster": {"ps": ["a:1", "b:2"], "worker": ["c:3"]}}),
+    ("cluster.ps", {"cluster": {"ps": ["a:1"], "worker": ["c:3"]}}),
     ("cluster.ps", {"cluster": {"ps": [], "worker": ["c:3"]}}),
-    ("cluster.worker", {"cluster": {"ps": ["a:1"], "worker": []}}),
-    ("cluster.worker[0]", {"cluster": {"ps": ["a:1"], "worker": ["nohostport"]}}),
-    ("cluster.worker[0]", {"cluster": {"ps": ["a:1"], "worker": ["a:99999"]}}),
-    ("cluster.worker[0]", {"cluster": {"ps": ["a:1"], "worker": ["a:1"]}}),
-    ("cluster.evaluator", {"cluster": {"ps": ["a:1"], "worker": ["b:2"], "evaluator": ["c:3"]}}),
+    ("cluster.chief", {"cluster": {"worker": ["c:3"], "chief": ["a:1", "b:2"]}}),
+    ("cluster.chief", {"cluster": {"worker": ["c:3"], "chief": []}}),
+    ("cluster.worker", {"cluster": {"worker": []}}),
+    ("cluster.worker", {"cluster": {"chief": ["a:1"]}}),
+    ("cluster.worker[0]", {"cluster": {"worker": ["nohostport"]}}),
+    ("cluster.worker[0]", {"cluster": {"worker": ["a:99999"]}}),
+    ("cluster.worker[1]", {"cluster": {"worker": ["a:1", "a:1"]}}),
+    ("cluster.chief[0]", {"cluster": {"worker": ["a:1"], "chief": ["a:1"]}}),
+    ("cluster.evaluator", {"cluster": {"worker": ["b:2"], "evaluator": ["c:3"]}}),
     ("cluster", {"cluster": "a:1"}),
     ("job.learning_rate", {"job": {"learning_rate": -1}}),
     ("job.epochs", {"job": {"epochs": 0}}),
@@ -144,7 +162,7 @@ def test_data_file_size_must_match_manifest(workdir: Path) -> None:
 def test_too_few_records_for_the_shards(workdir: Path) -> None:
     workers = [f"127.0.0.1:{5000 + i}" for i in range(45)]
     with pytest.raises(SpecError) as info:
-        parse_spec(good(workdir, cluster={"ps": ["127.0.0.1:4999"], "worker": workers}))
+        parse_spec(good(workdir, cluster={"worker": workers}))
     assert info.value.field == "job.sharding"
 
 

@@ -100,7 +100,7 @@ async def test_full_conversation() -> None:
         ready = await asyncio.wait_for(hs.wait_ready(), 5)
         assert [m.index for m in ready] == [1, 2]
         assert all(m.done == m.total == 1000 for m in ready)
-        cluster = {"ps": ["127.0.0.1:1"], "worker": ["127.0.0.1:2", "127.0.0.1:3", "127.0.0.1:4"]}
+        cluster = {"worker": ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]}  # no parameter server
         for m in ready:
             hs.start_training(m, cluster, m.index)
         for w in ws:
@@ -235,7 +235,9 @@ async def test_host_sending_a_malformed_frame_is_lost() -> None:
         from crowdd import wire
 
         await auth.accept(reader, writer, token, PURPOSE)
-        await wire.write_frame(writer, {"type": "train", "cluster": {"ps": []}, "index": 1})
+        # a cluster with a parameter server: no worker's job may be pointed at one
+        await wire.write_frame(writer, {"type": "train", "index": 1,
+                                        "cluster": {"ps": ["127.0.0.1:1"], "worker": ["127.0.0.1:2", "127.0.0.1:3"]}})
         await asyncio.sleep(5)
 
     server = await asyncio.start_server(bad_host, "127.0.0.1", 0, ssl=tls_for(group(2)).server())
