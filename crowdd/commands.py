@@ -107,6 +107,11 @@ def status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def printable(text: str) -> str:
+    """``text`` without control characters (a peer's words never reach the terminal raw)."""
+    return "".join(c for c in text if c.isprintable())
+
+
 def _pct(done: Any, total: Any) -> str:
     try:
         return f"{100.0 * float(done) / float(total):.0f}%" if total else "-"
@@ -168,6 +173,8 @@ def format_status(st: dict[str, Any], out: TextIO) -> None:
                 f"    {m.get('index')!s:>3} {m.get('role')!s:<6} {m.get('name')!s:<20} {m.get('address')!s:<15} "
                 f"{m.get('state')!s:<12} data {_pct(rep.get('done'), rep.get('total'))}\n"
             )
+            if m.get("state") == "expelled" and m.get("note"):
+                out.write(f"        expelled: {printable(str(m['note']))}\n")
     tr = st.get("training")
     if tr:
         out.write(

@@ -348,6 +348,8 @@ async def lead(
                 return
             try:
                 await c.report_expelled(session.plan, session.plan.members[m.index].fingerprint, why)
+                view.log(logging.INFO, f"told the matchmaker: worker {m.index} ({m.name}) is never placed with this "
+                         "host again")
             except Exception as exc:  # noqa: BLE001 - the expulsion stands; only the report failed
                 view.log(logging.WARNING, f"could not tell the matchmaker that worker {m.index} ({m.name}) "
                          f"was expelled: {exc}")

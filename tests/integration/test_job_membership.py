@@ -130,12 +130,15 @@ def write_members(workdir: Path, version: int, live: list[int], fresh: list[int]
 
 def test_slots_leave_come_back_and_join_while_training(tmp_path: Path, digits: Prepared) -> None:
     slots = 4
-    ports = free_ports(3 + 2 * (slots - 1))
-    ps, w0, chief = ports[0], ports[1], ports[-1]
-    relay = {i: ports[1 + i] for i in range(1, slots)}  # what the host dials (the daemon's relay)
-    real = {i: ports[slots + i] for i in range(1, slots)}  # where slot i's server listens
-    host_cluster = {"ps": [f"127.0.0.1:{ps}"], "worker": [f"127.0.0.1:{w0}"] + [f"127.0.0.1:{relay[i]}" for i in relay],
-                    "chief": [f"127.0.0.1:{chief}"]}  # as the daemon gives it (a sandboxed job binds only its ports)
+    ports = free_ports(2 + 2 * (slots - 1))
+    w0, chief = ports[0], ports[-1]
+    relay = {i: ports[i] for i in range(1, slots)}  # what the host dials (the daemon's relay)
+    real = {i: ports[slots - 1 + i] for i in range(1, slots)}  # where slot i's server listens
+    assert len({w0, chief, *relay.values(), *real.values()}) == len(ports)
+    # as the daemon gives it (a sandboxed job binds only its ports); no parameter server: the
+    # host's coordinator (the chief) holds the model
+    host_cluster = {"worker": [f"127.0.0.1:{w0}"] + [f"127.0.0.1:{relay[i]}" for i in relay],
+                    "chief": [f"127.0.0.1:{chief}"]}
     job = {"epochs": 500, "batch_size": 32, "learning_rate": 0.3, "sharding": "overlap"}
     settings = {"steps_per_function": 10, "sync_every": 5, "threads": 1, "nice": 5, "checkpoint_secs": 600.0,
                 "start_timeout": 90.0}
@@ -149,6 +152,7 @@ def test_slots_leave_come_back_and_join_while_training(tmp_path: Path, digits: P
         cluster = json.loads(json.dumps(host_cluster))
         if i:
             cluster["worker"][i] = f"127.0.0.1:{real[i]}"  # a worker binds its own address
+            del cluster["chief"]  # as the daemon gives it: a worker's job knows the workers only
         spec: dict[str, Any] = {
             "role": "host" if i == 0 else "worker", "index": i, "cluster": cluster, "job": job,
             "dataset": {"data": "dataset.bin", "manifest": "dataset.manifest.json"}, "workdir": str(wd),
