@@ -194,8 +194,8 @@ def test_nesterov_merges_an_outer_momentum_step_and_candidate_foresees_it() -> N
     assert len(params.outer) == len(params.weights)
     assert len(params.arrays()) == 2 * len(params.weights)  # the momentum is checkpointed
     w0 = [w.copy() for w in params.weights]
-    m = [np.zeros_like(w) for w in w0]
-    expected = [w.copy() for w in w0]
+    m: list[np.ndarray] = [np.zeros_like(w) for w in w0]
+    expected: list[np.ndarray] = [w.copy() for w in w0]
     for seed in (1, 2, 3):
         dw = _change(params, seed)
         cand = params.candidate(dw, 0.5)
