@@ -28,8 +28,48 @@ last line is the worst time-to-target ratio and whether every target was met.
     .venv/bin/python benchmarks/byzantine.py [--attacks sign-flip,alie] [--bad 1,2] [--epochs 5]
         [--target 0.85] [--repeats 1] [--json out.json]
 
-Measured (single run, shared 2-core VM, noisy; ``nice -n 10 .venv/bin/python
-benchmarks/byzantine.py --json /tmp/byz-full.json``): FIGURES PENDING.
+Measured: one run of each cell on a shared 2-core VM (other engineers' jobs ran beside it;
+load average between 6 and 16 for most of it, so the times are noisy: whole runs took up to
+2.2x the clean run's training time, even where the bad members were out after 3 changes),
+``nice -n 10 .venv/bin/python benchmarks/byzantine.py --json /tmp/byz-full.json`` (26 min)::
+
+    attack       bad accuracy  Δ pts  t→target  ratio  honest rejected  checks to expel    CPU
+    none           0   0.8825  +0.00     20.0s   1.00       0/43  0.0%                -   1.4%
+    nan            1   0.8829  +0.04     24.9s   1.24       0/40  0.0%              3:1   1.3%
+    nan            2   0.8833  +0.08     25.7s   1.29       0/28  0.0%          2:1,3:1   1.1%
+    scale100       1   0.8813  -0.12     22.8s   1.14       0/41  0.0%              3:3   1.1%
+    scale100       2   0.8880  +0.55     17.2s   0.86       0/30  0.0%          2:3,3:3   1.1%
+    sign-flip      1   0.8869  +0.44     18.2s   0.91       0/40  0.0%              3:3   1.8%
+    sign-flip      2   0.8894  +0.69     22.7s   1.14       0/30  0.0%          2:3,3:3   1.4%
+    noise          1   0.8844  +0.19     20.5s   1.02       0/42  0.0%              3:3   1.6%
+    noise          2   0.8855  +0.30     19.7s   0.99       0/28  0.0%          2:3,3:3   1.2%
+    alie           1   0.8836  +0.11     22.2s   1.11       2/39  5.1%             3:12   1.5%
+    alie           2   0.8872  +0.47     29.2s   1.46       0/30  0.0%         2:4,3:10   1.0%
+    ipm-0.1        1   0.8852  +0.27     19.8s   0.99       0/41  0.0%              3:3   1.2%
+    ipm-0.1        2   0.8856  +0.31     17.8s   0.89       0/36  0.0%          2:3,3:3   1.0%
+    ipm-0.5        1   0.8859  +0.34     34.7s   1.74       0/44  0.0%              3:3   1.0%
+    ipm-0.5        2   0.8849  +0.24     48.5s   2.43       0/28  0.0%          2:3,3:3   0.7%
+    flip-labels    1   0.8863  +0.38     45.6s   2.28       0/39  0.0%              3:3   1.0%
+    flip-labels    2   0.8822  -0.03     26.1s   1.31       0/30  0.0%          2:3,3:3   0.9%
+    free-rider     1   0.8850  +0.25     20.2s   1.01       0/36  0.0%              3:3   1.1%
+    free-rider     2   0.8849  +0.24     52.8s   2.64       0/32  0.0%          2:3,3:3   0.8%
+    worst time to 0.85 vs clean (20.0 s): 2.64x (free-rider, 2 bad); all targets met: NO
+
+Met: accuracy (18/18 cells; every cell within +0.69/-0.12 points of clean), validation CPU
+(19/19; 0.7-1.8% of one core), no honest member expelled. Not met: expulsion within 3 changes
+for ``alie`` (12 changes with 1 bad; 4 and 10 with 2 bad), honest rejections for ``alie`` with
+1 bad (2 of 39, 5.1%: "direction"), and time to target in 4 of 18 cells (ipm-0.5 1.74x/2.43x,
+flip-labels 1 bad 2.28x, free-rider 2 bad 2.64x), all of them run while the VM was loaded:
+rerun on a quiet machine, with ``--repeats``, before reading them as the attacks' cost. With
+two colluding bad members that send the same vector (alie, ipm-0.5), the second was caught as
+a replay of the first.
+
+Caveat: ``crowdd/job/validate.py`` was edited while this run went on (each cell's host job
+imports it afresh): commit 54ec981 (05:33) dropped the descent verdict and raised the norm bound
+from 4x the median to 10x, and the working tree then changed it again (10x the largest; the
+direction check only while the held-back loss falls). The cells up to about alie (whose
+expulsion reason was still "pointed uphill") ran the earlier validator; which version each
+later cell ran is not known. Rerun before quoting these figures for the current validator.
 """
 
 from __future__ import annotations
@@ -49,7 +89,6 @@ from crowdd.job.byzantine import ENV, MODES
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 WORKERS = 3  # additional workers: slots 1..3 (slot 0 is the host's own trainer)
 AUDIT = Path("member0") / "out" / "validation.jsonl"
-#: bad slots for each bad count: the highest slots, so 1 bad = slot 3, 2 bad = slots 2 and 3
 TIME_LIMIT = {1: 1.3, 2: 1.5}  # time to target, times the clean run's
 ACCURACY_POINTS = {1: 1.0, 2: 2.0}  # final accuracy may fall this many points below clean
 EXPEL_WITHIN = 3  # each bad member expelled within this many of its changes

@@ -165,7 +165,7 @@ class ElasticHandler(RetiringFailureHandler):
         on_recovery_fn: Callable[[], Any] | None,
         worker_device_name: str,
     ) -> Iterator[None]:
-        from crowdd.job.faults import _task_index
+        from crowdd.job.faults import _task_index, lost_device
 
         index = _task_index(worker_device_name)
         workers = self._cluster.workers
@@ -179,7 +179,8 @@ class ElasticHandler(RetiringFailureHandler):
                         on_failure_fn(exc)  # dropped if abandoned, else back in the queue
                     return
                 young = time.monotonic() - worker.attached_at < ATTACH_GRACE_SECS
-                if young and isinstance(exc, (errors.UnavailableError, cc.ClosureInputError, cc.ClosureAbortedError)):
+                if young and (isinstance(exc, (errors.UnavailableError, cc.ClosureInputError, cc.ClosureAbortedError))
+                              or lost_device(exc)):
                     log.info("worker %d: not reachable yet after it joined; trying again", index)
                     if isinstance(exc, (cc.ClosureInputError, cc.ClosureAbortedError)):
                         # its dataset was not built: build it again, then run the function

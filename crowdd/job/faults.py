@@ -44,6 +44,14 @@ RETRY_LIMIT = 8
 RETRYABLE: tuple[type[BaseException], ...] = (errors.OpError, cc.ClosureInputError, cc.ClosureAbortedError)
 
 
+def lost_device(exc: BaseException) -> bool:
+    """TF's word for a round sent to a slot whose remote device it no longer knows (seen right
+    after a slot came back and its connection was still failing): the slot's failure, not the
+    function's. A round's inputs live on the coordinator, so TF resolves them against that
+    slot's device when it runs."""
+    return isinstance(exc, errors.InvalidArgumentError) and "Primary device is not remote" in str(exc)
+
+
 def _task_index(device_name: str) -> int:
     """``/job:worker/replica:0/task:3`` -> 3 (-1 if the name has no task)."""
     try:
@@ -129,7 +137,8 @@ class RetiringFailureHandler:
             if not self._probe(self._addresses[index]):
                 self._retire(index, exc, on_failure_fn, "its server does not answer")
                 return
-            if not (cc._is_worker_failure(exc) or cc._is_ps_failure(exc) or isinstance(exc, errors.DeadlineExceededError)):
+            if not (cc._is_worker_failure(exc) or cc._is_ps_failure(exc) or isinstance(exc, errors.DeadlineExceededError)
+                    or lost_device(exc)):
                 raise  # an error in the function itself: let the coordinator loop see it
             with self._lock:
                 strikes = self._strikes[index] = self._strikes.get(index, 0) + 1

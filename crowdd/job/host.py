@@ -435,7 +435,7 @@ class Coordinator:
             return [g.numpy() for g in val_grad([tf.constant(a) for a in weights])]
 
         validator = Validator(params.shapes()[: len(params.weights)], params.shapes()[len(params.weights):], loss_of,
-                              max_lag=4 * max(1, w) + 4, grad_of=grad_of)
+                              max_lag=4 * max(1, w) + 4, grad_of=grad_of, directional=job.sharding == "full")
         trust = Trust()
         check_cpu = {"seconds": 0.0, "changes": 0}
         # every verdict, for the host to audit (the daemon never reads it)

@@ -7,12 +7,13 @@ touch the model, before any of it does:
    change that fails this is *fatal*: no honest client sends one.
 2. **Work done** (free riders): not all zero; not a replay of an earlier change (its bytes'
    digest); not staler than ``max_lag`` merged changes.
-3. **Size**: its norm at most ``NORM_FACTOR`` times the median of recently accepted ones.
+3. **Size**: its norm at most ``NORM_FACTOR`` times the largest accepted so far.
 4. **Effect** on data the host holds back from training: Zeno++'s rule (Xie et al. 2020),
    with the real loss: merged, it must not raise the held-back loss by more than
    ``LOSS_TOLERANCE`` (relative); and FLTrust's agreement (Cao et al. 2021): its cosine with
    the host's own latest change (the host's trainer, on the host's data; until there is one,
-   the held-back loss's descent direction) must be at least ``MIN_COSINE``.
+   the held-back loss's descent direction) must be at least ``MIN_COSINE`` — when every
+   trainer draws from the same data (sharding ``full``) and while the model still learns.
 
 :class:`Trust` keeps each member's last verdicts; a member with ``EXPEL_REJECTED`` of its
 last ``EXPEL_WINDOW`` changes rejected, or one fatal change, is expelled with the reason.
@@ -42,10 +43,16 @@ MIN_COSINE = 0.02
 #: trained to the noise floor honest changes pointed uphill on 144 held-back digits, cosine
 #: down to -0.41, and were expelled; flipped labels, which it caught, raise the loss past
 #: LOSS_TOLERANCE and point away from the host's change)
-#: a change's norm may be at most this many times the median of the recent accepted ones
-NORM_FACTOR = 10.0
-NORM_HISTORY = 16
+#: a change's norm may be at most this many times the largest accepted one
+NORM_FACTOR = 10.0  # times the largest accepted change of the run
 NORM_MIN_HISTORY = 4
+#: the direction check counts only while the model is still learning: its held-back loss fell
+#: by at least MIN_PROGRESS (relative) over the last PROGRESS_WINDOW merges. Past that (a model
+#: trained to its noise floor) honest changes are noise too and point anywhere: they were
+#: expelled (digits, 500 epochs; a newcomer on a shard of its own); a bad change is then still
+#: held to its form, its work, its size and the loss it adds
+MIN_PROGRESS = 0.01
+PROGRESS_WINDOW = 16
 #: a member is expelled when this many of its last EXPEL_WINDOW changes were rejected
 EXPEL_REJECTED = 3
 EXPEL_WINDOW = 4
@@ -124,13 +131,19 @@ class Validator:
     loss_of: Callable[[list[np.ndarray]], float]
     max_lag: int
     grad_of: Callable[[list[np.ndarray]], list[np.ndarray]] | None = None
+    # whether every trainer draws from the data the host's own change comes from (sharding
+    # "full"): FLTrust's direction check assumes it; a worker on a shard of its own honestly
+    # moves elsewhere (it was expelled: digits, "overlap")
+    directional: bool = True
     loss_tolerance: float = LOSS_TOLERANCE
     min_cosine: float = MIN_COSINE
     norm_factor: float = NORM_FACTOR
     reference: np.ndarray | None = None  # the host's own latest change, flattened
-    _norms: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=NORM_HISTORY))
+    _largest: float = 0.0  # the largest accepted change's norm
+    _sized: int = 0  # how many accepted changes it is the largest of
     _seen: dict[bytes, None] = field(default_factory=dict)
     _loss: tuple[int, float] | None = None  # (version, held-back loss of the model at it)
+    _trace: collections.deque[tuple[int, float]] = field(default_factory=lambda: collections.deque(maxlen=256))
     _descent: tuple[int, np.ndarray] | None = None  # (version, -gradient of the held-back loss there)
 
     def descent_direction(self, version: int, weights: list[np.ndarray]) -> np.ndarray | None:
@@ -142,12 +155,30 @@ class Validator:
 
     def current_loss(self, version: int, weights: list[np.ndarray]) -> float:
         if self._loss is None or self._loss[0] != version:
-            self._loss = (version, float(self.loss_of(weights)))
+            self._note_loss(version, float(self.loss_of(weights)))
+        assert self._loss is not None
         return self._loss[1]
+
+    def _note_loss(self, version: int, loss: float) -> None:
+        self._loss = (version, loss)
+        if math.isfinite(loss) and (not self._trace or self._trace[-1][0] < version):
+            self._trace.append((version, loss))
 
     def merged(self, version: int, loss: float | None) -> None:
         """The model moved to ``version``; its held-back loss is ``loss`` when known."""
-        self._loss = (version, loss) if loss is not None else None
+        if loss is not None:
+            self._note_loss(version, loss)
+        else:
+            self._loss = None
+
+    def learning(self) -> bool:
+        """Whether the held-back loss still falls: by MIN_PROGRESS over the last
+        PROGRESS_WINDOW merges (True until there are that many)."""
+        if not self._trace:
+            return True
+        version, now = self._trace[-1]
+        old = next((loss for v, loss in reversed(self._trace) if v <= version - PROGRESS_WINDOW), None)
+        return old is None or now <= (1.0 - MIN_PROGRESS) * old
 
     def _digest(self, arrays: Sequence[np.ndarray]) -> bytes:
         h = hashlib.sha256()
@@ -179,7 +210,7 @@ class Validator:
             self._seen.pop(next(iter(self._seen)))
         if lag > self.max_lag:
             return Verdict(False, "stale", norm=norm)
-        if len(self._norms) >= NORM_MIN_HISTORY and norm > self.norm_factor * float(np.median(self._norms)):
+        if self._sized >= NORM_MIN_HISTORY and norm > self.norm_factor * self._largest:
             return Verdict(False, "norm", norm=norm)
         down = self.descent_direction(version, weights)
         dsc = cosine(flat, down) if down is not None else None
@@ -192,16 +223,23 @@ class Validator:
         verdict = Verdict(True, **scores)  # type: ignore[arg-type]
         if not math.isfinite(after) or after > before + self.loss_tolerance * abs(before):
             return Verdict(False, "loss", **scores)  # type: ignore[arg-type]
-        if cos is not None and cos < self.min_cosine:
+        if self.directional and cos is not None and cos < self.min_cosine and self.learning():
             return Verdict(False, "direction", **scores)  # type: ignore[arg-type]
-        self._norms.append(norm)
+        self._note_norm(norm)
         return verdict
 
     def _remember(self, weight_change: Sequence[np.ndarray]) -> None:
         self._seen[self._digest(weight_change)] = None
         norm = float(np.linalg.norm(_flat(weight_change)))
         if norm > 0:
-            self._norms.append(norm)
+            self._note_norm(norm)
+
+    def _note_norm(self, norm: float) -> None:
+        """Keep the largest accepted norm (a change never needs to be far larger than the
+        largest honest one: late in a run honest changes shrink, and a newcomer on a shard
+        nobody trained yet moves as much as the run's first changes did)."""
+        self._largest = max(self._largest, norm)
+        self._sized += 1
 
 
 @dataclass
