@@ -150,10 +150,10 @@ def validate_job(d: Mapping[str, Any]) -> Job:
 
 
 ROUTES = ("binomial", "chain", "star")
-#: how the parameter server merges a worker's K-step change: ``average`` adds change/W,
+#: how the coordinator merges a worker's K-step change: ``average`` adds change/W,
 #: ``average-sqrt-lr`` too, each trainer stepping at sqrt(W) times the learning rate,
 #: ``sum`` adds the whole change (Downpour), ``nesterov`` feeds change/W to an outer Nesterov
-#: momentum optimizer on the PS (DiLoCo; :mod:`crowdd.job.outer`).
+#: momentum optimizer in the coordinator (DiLoCo; :mod:`crowdd.job.outer`).
 MERGES = ("average", "average-sqrt-lr", "sum", "nesterov")
 MAX_STEPS_PER_FUNCTION = 1_000_000
 MIN_CHUNK = 1

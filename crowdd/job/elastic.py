@@ -173,7 +173,7 @@ class ElasticHandler(RetiringFailureHandler):
         try:
             yield
         except (errors.OpError, cc.ClosureInputError, cc.ClosureAbortedError, TypeError) as exc:
-            if isinstance(worker, SlotWorker) and not self._is_cancelled() and self._ps_alive():
+            if isinstance(worker, SlotWorker) and not self._is_cancelled():
                 if not worker.attached.is_set():
                     if on_failure_fn is not None:
                         on_failure_fn(exc)  # dropped if abandoned, else back in the queue
@@ -265,7 +265,7 @@ class ElasticCluster:
         finally:
             cc.Worker = original
             _STARTING_LIVE = frozenset()
-        handler = ElasticHandler.install(self.coordinator, self.addresses, lambda: True, on_retire)
+        handler = ElasticHandler.install(self.coordinator, self.addresses, on_retire)
         assert isinstance(handler, ElasticHandler)
         self.handler = handler
 

@@ -14,9 +14,9 @@ In crowdd a worker that dies is gone until the host's members file brings its sl
 (:mod:`crowdd.job.elastic`), so :class:`RetiringFailureHandler` replaces TF's handler: the
 failed function goes back to the queue for the other workers and the dead worker stops taking
 functions; TF's cluster update (which waits for every worker) never runs. :class:`RetryBudget` is the
-coordinator loop's second line: an error that still reaches ``fetch`` or ``schedule`` while
-the parameter server lives costs one retry (the function is scheduled again); only a dead
-parameter server, every worker retired, or too many failures in a row end the job.
+coordinator loop's second line: an error that still reaches ``fetch`` or ``schedule`` costs one
+retry (the function is scheduled again). Only every worker retired, or too many failures in a
+row, end the job.
 """
 
 from __future__ import annotations
@@ -63,16 +63,14 @@ def _task_index(device_name: str) -> int:
 class RetiringFailureHandler:
     """A ``failure_handler`` for TF's ``Cluster``: dead workers are retired, never recovered.
 
-    ``ps_alive()`` says whether the parameter server lives (while it does not, every error is
-    passed on: the job ends). ``on_retire(index, alive_count, error)`` is called once per
-    retired worker, from that worker's thread.
+    ``on_retire(index, alive_count, error)`` is called once per retired worker, from that
+    worker's thread.
     """
 
     def __init__(
         self,
         cluster: Any,
         addresses: list[str],
-        ps_alive: Callable[[], bool],
         on_retire: Callable[[int, int, BaseException], None],
         *,
         strikes: int = WORKER_STRIKES,
@@ -80,7 +78,6 @@ class RetiringFailureHandler:
     ) -> None:
         self._cluster = cluster
         self._addresses = addresses
-        self._ps_alive = ps_alive
         self._on_retire = on_retire
         self._strikes_max = strikes
         self._probe = probe
@@ -93,13 +90,12 @@ class RetiringFailureHandler:
         cls,
         coordinator: Any,
         addresses: list[str],
-        ps_alive: Callable[[], bool],
         on_retire: Callable[[int, int, BaseException], None],
         **kwargs: Any,
     ) -> RetiringFailureHandler:
         """Swap TF's handler for one of these (before anything is scheduled)."""
         cluster = coordinator._cluster
-        handler = cls(cluster, addresses, ps_alive, on_retire, **kwargs)
+        handler = cls(cluster, addresses, on_retire, **kwargs)
         old = cluster.failure_handler
         cluster.failure_handler = handler
         for worker in cluster.workers:
@@ -132,11 +128,13 @@ class RetiringFailureHandler:
         try:
             yield
         except (errors.OpError, cc.ClosureInputError, cc.ClosureAbortedError, TypeError) as exc:
-            if self._is_cancelled() or not self._ps_alive() or not 0 <= index < len(self._addresses):
-                raise  # the run is being cancelled, or the PS is gone: TF reports it to fetch()
+            if self._is_cancelled() or not 0 <= index < len(self._addresses):
+                raise  # the run is being cancelled (or no such worker): TF reports it to fetch()
             if not self._probe(self._addresses[index]):
                 self._retire(index, exc, on_failure_fn, "its server does not answer")
                 return
+            # there is no parameter server, but TF still files some connection errors as a PS
+            # failure: they are this worker's failure too
             if not (cc._is_worker_failure(exc) or cc._is_ps_failure(exc) or isinstance(exc, errors.DeadlineExceededError)
                     or lost_device(exc)):
                 raise  # an error in the function itself: let the coordinator loop see it
@@ -184,8 +182,7 @@ class RetryBudget:
     run with the last error named.
     """
 
-    def __init__(self, ps_dead: Callable[[], str | None], limit: int = RETRY_LIMIT) -> None:
-        self._ps_dead = ps_dead
+    def __init__(self, limit: int = RETRY_LIMIT) -> None:
         self.limit = limit
         self.in_a_row = 0
         self.total = 0
@@ -194,9 +191,6 @@ class RetryBudget:
         self.in_a_row = 0
 
     def failed(self, exc: BaseException) -> None:
-        dead = self._ps_dead()
-        if dead is not None:
-            raise PSGone(dead) from exc
         self.total += 1
         if isinstance(exc, errors.CancelledError) and self.total < 50 * self.limit:
             return
@@ -206,10 +200,6 @@ class RetryBudget:
                 f"training failed {self.in_a_row} times in a row; last error: {_first_line(exc)}"
             ) from exc
         log.warning("a training function failed (%s); scheduling it again", _first_line(exc))
-
-
-class PSGone(RuntimeError):
-    """The parameter server died; the message says so."""
 
 
 def flush_error(coordinator: Any) -> None:
@@ -222,7 +212,6 @@ def flush_error(coordinator: Any) -> None:
 
 __all__ = [
     "RETRYABLE",
-    "PSGone",
     "RetiringFailureHandler",
     "RetryBudget",
     "flush_error",

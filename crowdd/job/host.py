@@ -87,14 +87,15 @@ TRAINER_NICE_STEP = 10
 
 
 def server_nice(job_name: str, nice: int) -> int:
-    """The niceness of a host-side server: the parameter server at the job's ``nice``, the
-    host's own trainer ``TRAINER_NICE_STEP`` nicer (at most 19).
+    """The niceness of a host-side TF server: the host's own trainer (worker 0) runs
+    ``TRAINER_NICE_STEP`` nicer than the job's ``nice`` (at most 19).
 
-    The parameter server, the coordinator (this process) and the daemon's tunnels serve every
-    worker: a pull or a push that waits behind the host's own training steps stalls a remote
-    worker, and the host's trainer is one of N. Measured on 0.4-CPU emulated machines
-    (``benchmarks/scaling.py``). At nice 19 every job process already runs SCHED_IDLE and
-    there is nothing lower; the daemon (nice 0) still comes first.
+    The coordinator (this process: it hands out every round and validates every change) and
+    the daemon's tunnels serve every worker: a round that waits behind the host's own training
+    steps stalls a remote worker, and the host's trainer is one of N. Measured on 0.4-CPU
+    emulated machines (``benchmarks/scaling.py``, when the host also ran a parameter server).
+    At nice 19 every job process already runs SCHED_IDLE and there is nothing lower; the
+    daemon (nice 0) still comes first.
     """
     return min(19, nice + TRAINER_NICE_STEP) if job_name == "worker" else nice
 
@@ -110,7 +111,7 @@ def start_servers(spec: JobSpec, names: list[tuple[str, str, int]], children: Ch
 
 
 class Fatal:
-    """Reports the job's one fatal error (the PS watchdog and the main loop may both see it)."""
+    """Reports the job's one fatal error (a watchdog thread and the main loop may both see it)."""
 
     def __init__(self, events: EventWriter) -> None:
         self._events = events
@@ -389,7 +390,7 @@ class Coordinator:
         # the strategy's cluster holds only the live slots: one that is absent is not waited for
         elastic = ElasticCluster(list(self.spec.cluster.worker), members.live, on_retire, list(self.spec.cluster.chief))
         coordinator = elastic.coordinator
-        budget = RetryBudget(lambda: None)
+        budget = RetryBudget()
         regression = self.layout.task == "regression"
         layout, job, w = self.layout, self.job, self.num_workers
         every = holdout_every(layout.train_count)

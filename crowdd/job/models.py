@@ -47,7 +47,7 @@ def build_model(
     if mean.shape != shape:
         raise ValueError(f"center has shape {mean.shape}, the features {shape}")
     # (x - mean) / sqrt(variance) = (x - mean) * scale. Constants, not variables: nothing for
-    # the parameter server to hold or train.
+    # the coordinator to hold or train.
     if variance is None:
         spread = np.full(shape, (1.0 / float(layout.scale)) ** 2, np.float32)
     else:

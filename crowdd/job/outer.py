@@ -1,11 +1,11 @@
-"""The parameter server's merge rules as plain arithmetic (TF-free; :mod:`crowdd.job.train`
+"""The coordinator's merge rules as plain arithmetic (TF-free; :mod:`crowdd.job.train`
 applies them to tensors, the unit tests to numpy arrays).
 
 A worker's push is its K-step change ``delta = new - old``. ``average`` adds ``delta / W``,
 ``average-sqrt-lr`` too, with every trainer's learning rate times sqrt(W) (:func:`lr_scale`),
 ``sum`` adds ``delta`` (Downpour), ``nesterov`` treats ``delta / W`` as DiLoCo's outer
 pseudo-gradient (with the sign flipped: a change, not a gradient) and takes one Nesterov
-momentum step with it on the PS (Douillard et al. 2023, "DiLoCo": outer lr 0.7, momentum
+momentum step with it in the coordinator (Douillard et al. 2023, "DiLoCo": outer lr 0.7, momentum
 0.9). Staleness is not corrected: the pushes are applied as they arrive.
 """
 
@@ -21,7 +21,7 @@ OUTER_MOMENTUM = 0.9
 
 
 def effective_merge(merge: str, workers: int) -> str:
-    """The rule the PS applies for ``workers`` trainers: ``nesterov`` with a single trainer is
+    """The rule the coordinator applies for ``workers`` trainers: ``nesterov`` with a single trainer is
     plain ``average`` (its own SGD): outer momentum over one worker's change only multiplies
     the step the job's learning rate chose (measured: the host alone took 3.4x longer to
     0.88 on Fashion-MNIST)."""

@@ -22,7 +22,7 @@ class CpuCaps:
 
     #: the enforcement period (µs) unless the caller picks one: the kernel's default. At
     #: 100 ms a 0.4-CPU group runs 40 ms and then stops for 60 ms, so a service in it (a
-    #: parameter server, a tunnel) answers up to 60 ms late once its neighbours used the
+    #: worker's server, a tunnel) answers up to 60 ms late once its neighbours used the
     #: quota. A shorter period is not a truer slow machine either: at 10 ms the host alone
     #: trained ~40% slower under the same quota (``benchmarks/scaling.py --cap-period-ms``).
     PERIOD = 100_000

@@ -48,9 +48,9 @@ def attack(target: str, reads: Sequence[str], lists: Sequence[str], writes: Sequ
     from tensorflow.python.eager import context
 
     out: dict[str, Any] = {"ran_op": False, "read": {}, "list": {}, "write": {}, "connect": {}}
-    host, _, port = target.rpartition(":")
+    victim_host, _, victim_port = target.rpartition(":")
     try:  # nothing listens there: TF would retry without end, so say so at once
-        socket.create_connection((host, int(port)), timeout=5).close()
+        socket.create_connection((victim_host, int(victim_port)), timeout=5).close()
     except OSError as exc:
         out["error"] = f"unreachable: {_short(exc)}"
         out["reachable"] = False

@@ -27,8 +27,6 @@ from crowdd.node.tunnels import HostTunnels, RelaySetup, WorkerTunnels, task_nam
 from crowdd.plan import DatasetRef, MemberPorts, PlanMember, SessionPlan
 from crowdd.tls import peer_fingerprint
 
-PS = "ps"
-
 
 def plan_for(identities: list[Identity], index: int) -> SessionPlan:
     members = tuple(

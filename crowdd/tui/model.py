@@ -37,6 +37,7 @@ class Member:
     state: str
     done: int
     total: int
+    note: str = ""  # why the host expelled it (state "expelled")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Member:
@@ -49,6 +50,7 @@ class Member:
             state=str(d.get("state") or "?"),
             done=_int(rep.get("done"), 0),
             total=_int(rep.get("total"), 0),
+            note="".join(c for c in str(d.get("note") or "") if c.isprintable()),
         )
 
 

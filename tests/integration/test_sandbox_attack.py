@@ -189,7 +189,7 @@ async def test_a_malicious_member_touches_nothing_outside_the_job(crowd: Crowd, 
             )
         assert crowd.host.name and rec.states("host")[-1] == "training", "training ended before the attacks did"
         from_worker = {label: got for label, got in results.items() if label.startswith("worker-1 netns")}
-        assert len(from_worker) >= 4, from_worker  # the host's trainer and coordinator, worker 2, and more
+        assert len(from_worker) >= 3, from_worker  # the host's trainer and coordinator, worker 2 (+ any port listening)
         for label, got in from_worker.items():
             assert not got["reachable"] and not got["ran_op"], f"{label}: a worker reached another member's TF: {got}"
         for label, got in results.items():

@@ -154,6 +154,30 @@ async def test_events_update_the_widgets() -> None:
             assert expected in lines, expected
 
 
+async def test_an_expelled_member_shows_as_such_with_the_reason() -> None:
+    """The host expelled worker 2: its row says so (the reason in its tooltip) and the event
+    log carries the host's line with the reason; a peer-chosen reason is not markup."""
+    client = FakeDaemonClient(base_status(state="training", donating=True, role="host"))
+    app = make_app(client)
+    why = "3 of its last 4 changes were rejected (most raised the validation loss) [/x]"
+    async with app.run_test(size=(120, 40)) as pilot:
+        await connected(pilot, app)
+        members = [
+            {"index": 0, "name": "me", "role": "host", "state": "training", "replication": {"done": 4, "total": 4}},
+            {"index": 2, "name": "w2", "role": "worker", "state": "expelled", "note": why,
+             "replication": {"done": 4, "total": 4}},
+        ]
+        client.emit("members", members=members)
+        client.emit("log", level="warning", message=f"worker 2 (w2) expelled: {why}")
+        await until(pilot, lambda: len(app.main_screen.query(MemberRow)) == 2, "two member rows")
+        (row,) = [r for r in app.main_screen.query(MemberRow) if r.member.index == 2]
+        await until(pilot, lambda: "expelled" in str(row.query_one(".member-label", Label).content), "expelled row")
+        assert str(row.tooltip) == f"expelled: {why}"
+        log = app.main_screen.query_one(EventLog)
+        await until(pilot, lambda: "worker 2 (w2) expelled" in " ".join(line.text for line in log.lines), "log line")
+        assert why in " ".join(" ".join(line.text for line in log.lines).split())
+
+
 # ---------------------------------------------------------------------------- donation
 
 

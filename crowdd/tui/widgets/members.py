@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from textual.app import ComposeResult
 from textual.containers import Horizontal, VerticalScroll
+from textual.content import Content
 from textual.css.query import NoMatches
 from textual.widgets import Label, ProgressBar
 
@@ -31,6 +32,8 @@ class MemberRow(Horizontal):
 
     def show(self, member: Member) -> None:
         self.member = member
+        # a peer's words: plain text, never markup
+        self.tooltip = Content(f"expelled: {member.note}") if member.state == "expelled" and member.note else None
         try:
             label = self.query_one(".member-label", Label)
             bar = self.query_one(ProgressBar)
