@@ -55,22 +55,22 @@ def honest_rejected(verdicts: list[dict[str, Any]], bad: set[int]) -> tuple[int,
 
 
 def test_one_and_two_bad_of_four_keep_the_clean_accuracy(fashion: Prepared, tmp_path: Path) -> None:
-    clean, clean_v = train(tmp_path / "clean", fashion, 5)
+    clean, clean_v = train(tmp_path / "clean", fashion, 3)
     base = clean.done["test_accuracy"]  # type: ignore[index]
     assert base >= 0.85, clean.done
     assert not clean.done["validation"]["expelled"]  # type: ignore[index]  # the clean twin expels nobody
 
-    one, one_v = train(tmp_path / "one", fashion, 5, "3:sign-flip")
+    one, one_v = train(tmp_path / "one", fashion, 3, "3:sign-flip")
     assert one.done["test_accuracy"] >= base - 0.01, (one.done, base)  # type: ignore[index]
     assert expelled_within(one, one_v, 3) <= 3
 
-    two, two_v = train(tmp_path / "two", fashion, 5, "2:flip-labels,3:noise")
+    two, two_v = train(tmp_path / "two", fashion, 3, "2:flip-labels,3:noise")
     assert two.done["test_accuracy"] >= base - 0.02, (two.done, base)  # type: ignore[index]
     assert expelled_within(two, two_v, 2) <= 3 and expelled_within(two, two_v, 3) <= 3
 
     rejected, checked = map(sum, zip(honest_rejected(clean_v, set()), honest_rejected(one_v, {3}),
                                      honest_rejected(two_v, {2, 3})))
-    assert checked >= 60 and rejected <= 0.02 * checked, (rejected, checked)
+    assert checked >= 40 and rejected <= 0.02 * checked, (rejected, checked)
     # no bad change was ever merged
     merged_bad = [v for v in one_v if v["slot"] == 3 and v["accepted"]]
     merged_bad += [v for v in two_v if v["slot"] in (2, 3) and v["accepted"]]
