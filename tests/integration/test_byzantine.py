@@ -70,7 +70,7 @@ def test_one_and_two_bad_of_four_keep_the_clean_accuracy(fashion: Prepared, tmp_
 
     rejected, checked = map(sum, zip(honest_rejected(clean_v, set()), honest_rejected(one_v, {3}),
                                      honest_rejected(two_v, {2, 3})))
-    assert checked >= 40 and rejected <= 0.02 * checked, (rejected, checked)
+    assert checked >= 30 and rejected <= 0.02 * checked, (rejected, checked)
     # no bad change was ever merged
     merged_bad = [v for v in one_v if v["slot"] == 3 and v["accepted"]]
     merged_bad += [v for v in two_v if v["slot"] in (2, 3) and v["accepted"]]
