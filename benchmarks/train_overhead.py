@@ -1,22 +1,29 @@
 """Training throughput through the group's tunnels against direct TF on loopback.
 
-Two runs of the same cluster in one benchmark: a host job (parameter server + worker 0 as
-child processes, coordinator in the job) and one worker job, training Fashion-MNIST.
+Two runs of the same cluster in one benchmark: a host job (worker 0 as a child process, the
+coordinator, which holds the model and validates every change, in the job) and one worker
+job, training Fashion-MNIST.
 *Direct*: every TF server on this machine's loopback, talking directly (the reference).
-*Tunneled*: each job in its own network namespace behind its relay, the worker's PS traffic and
-the coordinator's traffic to the worker carried over pinned TLS 1.3 tunnels
+*Tunneled*: each job in its own network namespace behind its relay, the coordinator's traffic
+to the worker carried over pinned TLS 1.3 tunnels
 (:class:`crowdd.testing.tunnel_bridge.TunnelBridge`: the daemon's tunnel code, without the
 daemons). Rates come from the host's progress events in steady state. A plain local TF loop
 on the same pipeline is printed for context. The cluster settings (K = ``sync_every``,
 ``steps_per_function``, ``merge``) default to ``crowdd.config.JobConfig()``'s, so the shipped
 defaults are what is measured. Prints the ratio (tunneled / direct) last; target >= 0.85.
 
+With ``--against REV`` (a git revision of this repository, e.g. the last commit with a
+parameter server, ``cd1218d``) the benchmark also runs that revision's own ``train_overhead.py``
+(its tree exported with ``git archive`` to a temporary directory, run with this interpreter)
+and prints this tree's tunneled rate over that one's last; wave 3's target: >= 0.9 (the
+one-way design, every change validated, against the parameter server it replaced).
+
 With ``--sandbox`` the two runs are both tunneled and confined, the reference unsandboxed and
 the other with every job in its Landlock sandbox (:mod:`crowdd.platform.sandbox`), as the
 daemon runs it; prints the kernel's Landlock ABI and the ratio (sandboxed / unsandboxed) last;
 target >= 0.95.
 
-    .venv/bin/python benchmarks/train_overhead.py [--sandbox] [--epochs N] [--sync-every K] [--json out.json]
+    .venv/bin/python benchmarks/train_overhead.py [--sandbox] [--against REV] [--epochs N] [--sync-every K] [--json out.json]
 """
 
 from __future__ import annotations
@@ -89,13 +96,14 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=100)
     p.add_argument("--epochs", type=int, default=6, help="each cluster run's length (600 steps per epoch at batch 100)")
     cfg = JobConfig()
-    p.add_argument("--sync-every", type=int, default=cfg.sync_every, help="K: local steps between PS fetch/push")
+    p.add_argument("--sync-every", type=int, default=cfg.sync_every, help="K: local steps per round")
     p.add_argument("--steps-per-function", type=int, default=cfg.steps_per_function)
     p.add_argument("--merge", choices=("average", "sum"), default=cfg.merge)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seconds", type=float, default=10.0, help="local loop measuring time")
     p.add_argument("--json", type=Path)
     p.add_argument("--sandbox", action="store_true", help="measure the Landlock sandbox's cost instead (see above)")
+    p.add_argument("--against", metavar="REV", help="also run this git revision's benchmark; print the tunneled ratio")
     args = p.parse_args()
     if args.sandbox:
         return sandbox_main(args)
@@ -145,6 +153,10 @@ def main() -> int:
         "ratio": round(ratio, 3),
         "target": 0.85,
     }
+    if args.against:
+        old = reference_run(args.against, args.epochs)
+        result["against"] = {"revision": args.against, **old,
+                             "tunneled_ratio": round(tunnel_rate / old["tunneled_samples_per_sec"], 3), "target": 0.9}
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     print(f"local loop (1 process):        {local:10.0f} samples/s")
@@ -152,7 +164,31 @@ def main() -> int:
     where = "confined, relay + TLS tunnels" if confinement.available else "relay + TLS tunnels, NOT confined"
     print(f"2-worker cluster, tunneled:    {tunnel_rate:10.0f} samples/s ({where})")
     print(f"ratio tunneled/direct: {ratio:.3f}")
+    if args.against:
+        a = result["against"]
+        print(f"{args.against}: tunneled {a['tunneled_samples_per_sec']:10.0f} samples/s, direct "
+              f"{a['direct_samples_per_sec']:.0f} (its own run, just before)")
+        print(f"tunneled, this tree / {args.against}: {a['tunneled_ratio']:.3f} (target >= 0.9)")
     return 0
+
+
+def reference_run(revision: str, epochs: int) -> dict[str, Any]:
+    """Run ``revision``'s own train_overhead.py (its tree exported, this interpreter) and
+    return its JSON."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory(prefix="crowdd-against-") as tmp:
+        tree = Path(tmp) / "tree"
+        tree.mkdir()
+        archive = subprocess.run(["git", "-C", str(repo), "archive", revision], check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+        out = Path(tmp) / "old.json"
+        env = {**os.environ, "PYTHONPATH": str(tree)}
+        subprocess.run([sys.executable, str(tree / "benchmarks" / "train_overhead.py"), "--epochs", str(epochs),
+                        "--json", str(out)], check=True, cwd=tree, env=env)
+        data: dict[str, Any] = json.loads(out.read_text())
+        return data
 
 
 def tunneled_run(root: Path, prep: Any, job: dict[str, Any], settings: dict[str, Any], *, isolated: bool,
