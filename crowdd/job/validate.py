@@ -12,7 +12,8 @@ touch the model, before any of it does:
    with the real loss: merged, it must not raise the held-back loss by more than
    ``LOSS_TOLERANCE`` (relative); and FLTrust's agreement (Cao et al. 2021): its cosine with
    the host's own latest change (the host's trainer, on the host's data; until there is one,
-   the held-back loss's descent direction) must be at least ``MIN_COSINE`` — when every
+   the held-back loss's descent direction) must be at least ``MIN_COSINE`` and
+   ``COSINE_SHARE`` of the median of the recently accepted changes' — when every
    trainer draws from the same data (sharding ``full``) and while the model still learns.
 
 :class:`Trust` keeps each member's last verdicts; a member with ``EXPEL_REJECTED`` of its
@@ -38,6 +39,13 @@ LOSS_TOLERANCE = 0.15
 #: the least cosine with the host's own latest change (honest: >= 0.085 measured; noise of an
 #: honest norm: |cos| < 0.005; sign-flipped and IPM: < -0.17)
 MIN_COSINE = 0.02
+#: ... and at least this share of the median cosine of the recently accepted changes: early in a
+#: run honest changes agree closely (0.66-0.91 measured), and a change trained on flipped
+#: labels, at 0.03, was let in by MIN_COSINE alone; late, honest ones agree less (median 0.26,
+#: least 0.128) and the bound follows them down
+COSINE_SHARE = 0.25
+COSINE_HISTORY = 16
+COSINE_MIN_HISTORY = 2
 #: (the cosine with the held-back loss's descent direction, Zeno++'s first-order score, is
 #: measured and logged but decides nothing once the host has a change of its own: on a model
 #: trained to the noise floor honest changes pointed uphill on 144 held-back digits, cosine
@@ -139,6 +147,7 @@ class Validator:
     min_cosine: float = MIN_COSINE
     norm_factor: float = NORM_FACTOR
     reference: np.ndarray | None = None  # the host's own latest change, flattened
+    _cosines: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=COSINE_HISTORY))
     _largest: float = 0.0  # the largest accepted change's norm
     _sized: int = 0  # how many accepted changes it is the largest of
     _seen: dict[bytes, None] = field(default_factory=dict)
@@ -170,6 +179,13 @@ class Validator:
             self._note_loss(version, loss)
         else:
             self._loss = None
+
+    def least_cosine(self) -> float:
+        """The least cosine with the host's change a change may have now: MIN_COSINE, or
+        COSINE_SHARE of the median of the recently accepted changes' when that is higher."""
+        if len(self._cosines) < COSINE_MIN_HISTORY:
+            return self.min_cosine
+        return max(self.min_cosine, COSINE_SHARE * float(np.median(self._cosines)))
 
     def learning(self) -> bool:
         """Whether the held-back loss still falls: by MIN_PROGRESS over the last
@@ -223,8 +239,10 @@ class Validator:
         verdict = Verdict(True, **scores)  # type: ignore[arg-type]
         if not math.isfinite(after) or after > before + self.loss_tolerance * abs(before):
             return Verdict(False, "loss", **scores)  # type: ignore[arg-type]
-        if self.directional and cos is not None and cos < self.min_cosine and self.learning():
+        if self.directional and cos is not None and cos < self.least_cosine() and self.learning():
             return Verdict(False, "direction", **scores)  # type: ignore[arg-type]
+        if cos is not None and self.reference is not None:
+            self._cosines.append(cos)
         self._note_norm(norm)
         return verdict
 
@@ -278,5 +296,5 @@ class Trust:
         self.expelled.pop(slot, None)
 
 
-__all__ = ["EXPEL_REJECTED", "EXPEL_WINDOW", "LOSS_TOLERANCE", "MIN_COSINE", "NORM_FACTOR", "REASONS", "Trust",
+__all__ = ["COSINE_SHARE", "EXPEL_REJECTED", "EXPEL_WINDOW", "LOSS_TOLERANCE", "MIN_COSINE", "NORM_FACTOR", "REASONS", "Trust",
            "Validator", "Verdict", "cosine", "well_formed"]

@@ -454,3 +454,31 @@ def test_once_the_held_back_loss_stops_falling_direction_no_longer_decides() -> 
     for version in range(PROGRESS_WINDOW + 2):
         w.merged(version, 10.0 * (1 - 2 * MIN_PROGRESS) ** version)
     assert w.learning()
+
+
+def test_the_least_cosine_follows_the_accepted_changes_up() -> None:
+    """Early in a run honest changes agree closely with the host's: a change that barely
+    agrees (above MIN_COSINE, below COSINE_SHARE of the accepted ones' median) is rejected."""
+    from crowdd.job.validate import COSINE_SHARE, Validator
+
+    shapes = [tuple(s) for s in SHAPES]
+    weights = [np.zeros(s, np.float32) for s in SHAPES]
+    v = Validator(shapes, [], lambda w: 1.0, max_lag=8)
+
+    def at(cos: float, k: int) -> list[np.ndarray]:
+        flat = np.zeros(SIZE)
+        flat[0], flat[1 + k % (SIZE - 1)] = cos, np.sqrt(1 - cos * cos)
+        return split(flat * (1 + 0.01 * k))
+
+    def check(change: list[np.ndarray]) -> Any:
+        return v.check(change, [], lag=0, own=False, version=0, weights=weights, candidate=lambda: list(weights))
+
+    assert v.check(split(np.eye(SIZE)[0]), [], lag=0, own=True, version=0, weights=weights,
+                   candidate=lambda: weights).accepted
+    assert v.least_cosine() == MIN_COSINE
+    for k in range(4):
+        assert check(at(0.8, k)).accepted
+    assert v.least_cosine() == pytest.approx(COSINE_SHARE * 0.8)
+    barely = check(at(0.05, 10))
+    assert (barely.accepted, barely.reason) == (False, "direction") and barely.cosine > MIN_COSINE  # type: ignore[operator]
+    assert check(at(0.3, 11)).accepted
