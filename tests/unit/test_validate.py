@@ -463,7 +463,8 @@ def test_the_least_cosine_follows_the_accepted_changes_up() -> None:
 
     shapes = [tuple(s) for s in SHAPES]
     weights = [np.zeros(s, np.float32) for s in SHAPES]
-    v = Validator(shapes, [], lambda w: 1.0, max_lag=8)
+    rise = {"after": 0.0}
+    v = Validator(shapes, [], lambda w: 1.0 + (0.0 if w is weights else rise["after"]), max_lag=8)
 
     def at(cos: float, k: int) -> list[np.ndarray]:
         flat = np.zeros(SIZE)
@@ -479,6 +480,9 @@ def test_the_least_cosine_follows_the_accepted_changes_up() -> None:
     for k in range(4):
         assert check(at(0.8, k)).accepted
     assert v.least_cosine() == pytest.approx(COSINE_SHARE * 0.8)
-    barely = check(at(0.05, 10))
+    barely = check(at(0.05, 10))  # it does not lower the held-back loss
     assert (barely.accepted, barely.reason) == (False, "direction") and barely.cosine > MIN_COSINE  # type: ignore[operator]
     assert check(at(0.3, 11)).accepted
+    rise["after"] = -0.01  # one that lowers the loss is let in above MIN_COSINE ...
+    assert check(at(0.05, 12)).accepted
+    assert check(at(0.01, 13)).reason == "direction"  # ... but never below it
