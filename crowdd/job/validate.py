@@ -56,12 +56,13 @@ COSINE_MIN_HISTORY = 2
 #: a change's norm may be at most this many times the largest accepted one
 NORM_FACTOR = 10.0  # times the largest accepted change of the run
 NORM_MIN_HISTORY = 4
-#: the direction check counts only while the model is still learning: its held-back loss fell
-#: by at least MIN_PROGRESS (relative) over the last PROGRESS_WINDOW merges. Past that (a model
-#: trained to its noise floor) honest changes are noise too and point anywhere: they were
-#: expelled (digits, 500 epochs; a newcomer on a shard of its own); a bad change is then still
-#: held to its form, its work, its size and the loss it adds
-MIN_PROGRESS = 0.01
+#: the direction check counts only while the model learns fast: its held-back loss fell by at
+#: least MIN_PROGRESS (relative) over the last PROGRESS_WINDOW merges. Past that, honest
+#: changes are mostly noise and point anywhere: digits runs of 150 epochs in rounds of 10 steps
+#: had honest changes at cosines down to -0.23 while the loss still fell 1-2% per 16 merges,
+#: and expelled them. A bad change is then held to its form, its work, its size and the loss
+#: it adds
+MIN_PROGRESS = 0.05
 PROGRESS_WINDOW = 16
 #: a member is expelled when this many of its last EXPEL_WINDOW changes were rejected
 EXPEL_REJECTED = 3
