@@ -8,7 +8,6 @@ the model (:mod:`crowdd.job.validate`), and a member whose changes keep failing 
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import os
 import subprocess
@@ -351,8 +350,10 @@ class Coordinator:
         from crowdd.job.faults import RETRYABLE, RetryBudget, flush_error
         from crowdd.job.models import build_model, loss_function
         from crowdd.job.outer import effective_merge, lr_factor, push_scale
-        from crowdd.job.train import Params, make_round_fn
-        from crowdd.job.validate import Trust, Validator
+        from crowdd.job.judge import ChangeDesk
+        from crowdd.job.params import Params
+        from crowdd.job.train import make_round_fn, round_inputs
+        from crowdd.job.validate import Validator
 
         threads = self.spec.settings.threads
         tf.config.threading.set_intra_op_parallelism_threads(threads)
@@ -435,13 +436,13 @@ class Coordinator:
         def grad_of(weights: list) -> list:
             return [g.numpy() for g in val_grad([tf.constant(a) for a in weights])]
 
-        validator = Validator(params.shapes()[: len(params.weights)], params.shapes()[len(params.weights):], loss_of,
-                              max_lag=4 * max(1, w) + 4, grad_of=grad_of, directional=job.sharding == "full")
-        trust = Trust()
-        check_cpu = {"seconds": 0.0, "changes": 0}
+        weight_shapes, slot_shapes = params.shapes()
+        validator = Validator(weight_shapes, slot_shapes, loss_of, max_lag=4 * max(1, w) + 4, grad_of=grad_of,
+                              directional=job.sharding == "full")
         # every verdict, for the host to audit (the daemon never reads it)
         audit = open(self.out / VALIDATION_LOG, "a", encoding="utf-8")  # noqa: SIM115 - closed below
         self.closing.append(audit.close)
+        desk = ChangeDesk(params, validator, scale, bad=bad, audit=audit)
 
         store = self.store
         lr = job.learning_rate
@@ -490,9 +491,10 @@ class Coordinator:
         evals_done = int(done // per_epoch) if done else 0
         inputs: dict[str, Any] = {"version": -1}
 
-        def round_inputs() -> tuple[Any, Any]:
+        def current_inputs() -> tuple[Any, Any]:
+            """The round inputs of the model as it is now (made once per version)."""
             if inputs["version"] != params.version:
-                inputs["weights"], inputs["slots"] = params.inputs()
+                inputs["weights"], inputs["slots"] = round_inputs(params)
                 inputs["version"] = params.version
             return inputs["weights"], inputs["slots"]
 
@@ -549,7 +551,7 @@ class Coordinator:
                 failed.discard(index)  # it left after failing: a later re-add is a real one
             for index in sorted(set(expelled) & (new.fresh | (set(range(w)) - new.live))):
                 expelled.pop(index)  # a newcomer, or the slot was freed: a clean record
-                trust.forgive(index)
+                desk.trust.forgive(index)
             attached = elastic.attached()
             leave = {i for i in attached if i not in new.live or i in new.fresh} - {0}
             for index in sorted(leave):
@@ -599,36 +601,18 @@ class Coordinator:
                     return -1
                 in_flight[0][0]._status_available_event.wait(min(left, 0.02))
 
-        def judge(slot: int, base_version: int, weight_change: list, slot_change: list) -> bool:
-            """Validate one change and merge it if it passes; False if it was rejected."""
-            t_check = time.thread_time()
-            weight_change = [np.asarray(a, np.float32) for a in weight_change] if isinstance(
-                weight_change, (list, tuple)) else weight_change
-            slot_change = [np.asarray(a, np.float32) for a in slot_change] if isinstance(
-                slot_change, (list, tuple)) else slot_change
-            own = slot == 0
-            if not own and bad.modes:
-                weight_change = bad.corrupt(slot, list(weight_change))
-            verdict = validator.check(
-                weight_change, slot_change, lag=params.version - base_version, own=own, version=params.version,
-                weights=params.weights, candidate=lambda: params.candidate(weight_change, scale))
-            check_cpu["seconds"] += time.thread_time() - t_check
-            check_cpu["changes"] += 1
-            audit.write(json.dumps({"slot": slot, "version": params.version, "lag": params.version - base_version,
-                                    **verdict.to_event()}) + "\n")
-            if own and not verdict.accepted:
-                raise Diverged(done, lr)  # the host's own trainer sent a non-finite change
-            if verdict.accepted:
-                params.apply(weight_change, slot_change, scale)
-                validator.merged(params.version, verdict.loss_after if not params.outer else None)
-                if not own and bad.modes and slot not in bad.modes:
-                    bad.seen(weight_change)
-            why = trust.record(slot, verdict)
+        def judge(slot: int, base_version: int, weight_change: Any, slot_change: Any) -> bool:
+            """Validate one change and merge it if it passes (:class:`ChangeDesk`); False if
+            it was rejected. The host's own trainer sending a non-finite change is divergence."""
+            ruling = desk.take(slot, base_version, weight_change, slot_change)
+            verdict = ruling.verdict
+            if slot == 0 and not verdict.accepted:
+                raise Diverged(done, lr)
             if not verdict.accepted:
                 log.info("worker %d: change rejected (%s)", slot, verdict.reason)
                 self.events.emit("rejected", task=slot, **verdict.to_event())
-            if why is not None and not own:
-                expel(slot, why)
+            if ruling.expel is not None:
+                expel(slot, ruling.expel)
             return verdict.accepted
 
         log.info("training %d steps on %d workers (rounds of %d steps; %d records held back to validate changes)",
@@ -650,7 +634,7 @@ class Coordinator:
             # scheduled counts steps done or in flight; a failed or rejected round's steps go back
             while scheduled < total and len(in_flight) < max(1, len(elastic.attached())):
                 n = min(k_round, total - scheduled)
-                weights_in, slots_in = round_inputs()
+                weights_in, slots_in = current_inputs()
                 try:
                     rv = coordinator.schedule(round_fn, args=(iterator, weights_in, slots_in,
                                                               tf.constant(rate["now"], tf.float32),
@@ -721,13 +705,7 @@ class Coordinator:
         self.events.emit("checkpoint", path=str(path), step=done)
         model_path = self.out / "model.keras"
         model.save(model_path)
-        validation = {
-            "held_back": int(len(y_val)),
-            "changes": {str(s): {"accepted": c[0], "rejected": c[1]} for s, c in sorted(trust.counts.items())},
-            "expelled": {str(s): why for s, why in sorted(trust.expelled.items())},
-            "check_cpu_seconds": round(check_cpu["seconds"], 4),
-            "checked": check_cpu["changes"],
-        }
+        validation = desk.summary(int(len(y_val)))
         card_path = self.out / CARD_NAME
         write_card(card_path, build_card(
             model_path=model_path, layout=layout, dataset=self.dataset_info(), job=job.to_dict(),

@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from crowdd.hyperparams import Job
-from crowdd.job.outer import nesterov
+from crowdd.job.params import Params
 
 #: what weights and weight changes travel as between the coordinator and a worker (the
 #: coordinator keeps float32; optimizer slots travel as float32). A handed-out weight's
@@ -30,65 +30,9 @@ ADAM_BETA2 = 0.999
 ADAM_EPSILON = 1e-7
 
 
-class Params:
-    """The model's parameters and optimizer state, as float32 numpy arrays in the
-    coordinator's memory: the only copy that counts. ``version`` counts the changes merged."""
-
-    def __init__(self, weights: list[np.ndarray], job: Job, merge: str = "average") -> None:
-        self.job = job
-        self.merge = merge
-        self.weights = [np.array(w, np.float32) for w in weights]
-        self.slots: list[np.ndarray] = []
-        if job.optimizer == "adam":
-            self.slots = [np.zeros_like(w) for w in self.weights] + [np.zeros_like(w) for w in self.weights]
-            self.slots.append(np.zeros((), np.float32))
-        # the outer optimizer's momentum, one per weight (merge "nesterov")
-        self.outer = [np.zeros_like(w) for w in self.weights] if merge == "nesterov" else []
-        self.version = 0
-
-    def arrays(self) -> list[np.ndarray]:
-        """Everything a checkpoint holds (weights, optimizer slots, outer momentum)."""
-        return [*self.weights, *self.slots, *self.outer]
-
-    def load(self, arrays: list[np.ndarray]) -> None:
-        n, s = len(self.weights), len(self.slots)
-        self.weights = [np.array(a, np.float32) for a in arrays[:n]]
-        self.slots = [np.array(a, np.float32) for a in arrays[n : n + s]]
-        self.outer = [np.array(a, np.float32) for a in arrays[n + s :]]
-
-    def shapes(self) -> list[tuple[int, ...]]:
-        """The shape of every array a change must have (weights, then slots)."""
-        return [tuple(a.shape) for a in (*self.weights, *self.slots)]
-
-    def inputs(self) -> tuple[list[Any], list[Any]]:
-        """What a round is handed: the weights as WIRE_DTYPE, the slots as float32 tensors."""
-        return ([tf.constant(w.astype(WIRE_NUMPY)) for w in self.weights],
-                [tf.constant(s) for s in self.slots])
-
-    def candidate(self, weight_change: list[np.ndarray], scale: float) -> list[np.ndarray]:
-        """The weights as they would be after merging ``weight_change`` (for validation)."""
-        if self.outer:
-            out = []
-            for w, d, m in zip(self.weights, weight_change, self.outer):
-                _, step = nesterov(d * scale, m)
-                out.append(w + step)
-            return out
-        return [w + d * scale for w, d in zip(self.weights, weight_change)]
-
-    def apply(self, weight_change: list[np.ndarray], slot_change: list[np.ndarray], scale: float) -> None:
-        """Merge one validated change: ``scale`` times it (or DiLoCo's outer Nesterov step of
-        it, merge ``nesterov``); the optimizer slots move by ``scale`` times theirs."""
-        if self.outer:
-            for i, d in enumerate(weight_change):
-                m, step = nesterov(d * scale, self.outer[i])
-                self.outer[i] = m.astype(np.float32)
-                self.weights[i] += step
-        else:
-            for w, d in zip(self.weights, weight_change):
-                w += d * scale
-        for s, d in zip(self.slots, slot_change):
-            s += d * scale
-        self.version += 1
+def round_inputs(params: Params) -> tuple[list[Any], list[Any]]:
+    """What a round is handed: the weights as WIRE_DTYPE, the optimizer slots as float32."""
+    return ([tf.constant(w.astype(WIRE_NUMPY)) for w in params.weights], [tf.constant(s) for s in params.slots])
 
 
 def local_update(job: Job, weights: list, slots: list, grads: list, lr=None) -> tuple[list, list]:
@@ -158,4 +102,4 @@ def make_round_fn(model, job: Job, loss_fn, regression: bool = False, flip_label
     return train_round
 
 
-__all__ = ["WIRE_DTYPE", "Params", "local_update", "make_round_fn"]
+__all__ = ["WIRE_DTYPE", "Params", "local_update", "make_round_fn", "round_inputs"]

@@ -19,7 +19,7 @@ tf = pytest.importorskip("tensorflow")
 from crowdd.hyperparams import Job  # noqa: E402
 from crowdd.job.models import build_model, loss_function  # noqa: E402
 from crowdd.job.outer import OUTER_LR, OUTER_MOMENTUM  # noqa: E402
-from crowdd.job.train import WIRE_DTYPE, Params, make_round_fn  # noqa: E402
+from crowdd.job.train import WIRE_DTYPE, Params, make_round_fn, round_inputs  # noqa: E402
 from crowdd.manifest import Layout  # noqa: E402
 
 LAYOUT = Layout(feature_shape=(4,), feature_dtype="float32", scale=1.0, num_classes=3, train_count=64, test_count=0)
@@ -50,7 +50,7 @@ def setup(optimizer: str = "sgd", lr: float = 0.3, flip: frozenset[int] = frozen
 
 
 def run_round(fn: Any, params: Params, lr: float, k: int, it: Any = None) -> tuple[list[np.ndarray], list[np.ndarray], Any]:
-    weights, slots = params.inputs()
+    weights, slots = round_inputs(params)
     dw, ds, loss_sum, correct, samples, widx = fn(it if it is not None else batches(), weights, slots,
                                                  tf.constant(lr, tf.float32), tf.constant(k, tf.int32))
     return [d.numpy() for d in dw], [d.numpy() for d in ds], (loss_sum, correct, samples, widx)
@@ -60,12 +60,13 @@ def test_params_hand_out_wire_weights_and_float32_slots() -> None:
     _, model, params, _ = setup("adam")
     n = len(model.trainable_variables)
     assert len(params.slots) == 2 * n + 1  # m, v, and the step count
-    weights, slots = params.inputs()
+    weights, slots = round_inputs(params)
     assert [w.dtype for w in weights] == [WIRE_DTYPE] * n
     assert all(s.dtype == tf.float32 for s in slots) and len(slots) == 2 * n + 1
     for w, p in zip(weights, params.weights):
         np.testing.assert_array_equal(w.numpy(), p.astype(np.float16))
-    assert params.shapes() == [tuple(v.shape) for v in model.trainable_variables] * 3 + [()]
+    shapes = [tuple(v.shape) for v in model.trainable_variables]
+    assert params.shapes() == (shapes, shapes * 2 + [()])
     # a checkpoint's arrays load back
     arrays = [a + 1 for a in params.arrays()]
     params.load(arrays)
@@ -93,7 +94,7 @@ def test_a_round_captures_no_variable_of_the_coordinator() -> None:
     """The function a worker runs holds no handle to anything of the host's: no variable is
     captured (it could only be read over a connection back to the host)."""
     _, _, params, fn = setup("adam")
-    weights, slots = params.inputs()
+    weights, slots = round_inputs(params)
     concrete = fn.get_concrete_function(batches(), weights, slots, tf.constant(0.1, tf.float32),
                                         tf.constant(1, tf.int32))
     assert concrete.variables == ()
