@@ -191,13 +191,16 @@ class Validator:
         return max(self.min_cosine, COSINE_SHARE * float(np.median(self._cosines)))
 
     def learning(self) -> bool:
-        """Whether the held-back loss still falls: by MIN_PROGRESS over the last
-        PROGRESS_WINDOW merges (True until there are that many)."""
-        if not self._trace:
+        """Whether the held-back loss falls fast: by MIN_PROGRESS over the last PROGRESS_WINDOW
+        merges, or in proportion over a shorter span (a run's start, or a resumed run's; True
+        until there are two losses to compare)."""
+        if len(self._trace) < 2:
             return True
         version, now = self._trace[-1]
-        old = next((loss for v, loss in reversed(self._trace) if v <= version - PROGRESS_WINDOW), None)
-        return old is None or now <= (1.0 - MIN_PROGRESS) * old
+        then, old = next(((v, loss) for v, loss in reversed(self._trace) if v <= version - PROGRESS_WINDOW),
+                         self._trace[0])
+        span = min(1.0, (version - then) / PROGRESS_WINDOW)
+        return now <= (1.0 - MIN_PROGRESS * span) * old
 
     def _digest(self, arrays: Sequence[np.ndarray]) -> bytes:
         h = hashlib.sha256()

@@ -486,3 +486,19 @@ def test_the_least_cosine_follows_the_accepted_changes_up() -> None:
     rise["after"] = -0.01  # one that lowers the loss is let in above MIN_COSINE ...
     assert check(at(0.05, 12)).accepted
     assert check(at(0.01, 13)).reason == "direction"  # ... but never below it
+
+
+def test_a_resumed_run_at_its_noise_floor_is_not_learning_after_a_few_merges() -> None:
+    """No need to wait a whole window: a short span whose loss hardly moves says enough (a
+    host restarted from a checkpoint of a well-trained model), one that falls fast too."""
+    from crowdd.job.validate import MIN_PROGRESS, PROGRESS_WINDOW, Validator
+
+    flat = Validator([(1,)], [], lambda w: 1.0, max_lag=8)
+    assert flat.learning()
+    for version in range(3):
+        flat.merged(version, 0.05 * (1 - MIN_PROGRESS / PROGRESS_WINDOW / 4) ** version)
+    assert not flat.learning()
+    fast = Validator([(1,)], [], lambda w: 1.0, max_lag=8)
+    for version in range(3):
+        fast.merged(version, 2.3 * 0.7**version)
+    assert fast.learning()
