@@ -502,3 +502,25 @@ def test_a_resumed_run_at_its_noise_floor_is_not_learning_after_a_few_merges() -
     for version in range(3):
         fast.merged(version, 2.3 * 0.7**version)
     assert fast.learning()
+
+
+def test_when_the_hosts_own_changes_stop_agreeing_direction_no_longer_decides() -> None:
+    from crowdd.job.validate import AGREEMENT_HISTORY, Validator
+
+    shapes = [tuple(s) for s in SHAPES]
+    weights = [np.zeros(s, np.float32) for s in SHAPES]
+    v = Validator(shapes, [], lambda w: 1.0, max_lag=8)
+
+    def own(flat: np.ndarray) -> None:
+        assert v.check(split(flat), [], lag=0, own=True, version=0, weights=weights, candidate=lambda: weights).accepted
+
+    def sideways(size: float = 0.5) -> Any:
+        return v.check(split(np.eye(SIZE)[1] * size), [], lag=0, own=False, version=0, weights=weights,
+                       candidate=lambda: list(weights))
+
+    own(np.eye(SIZE)[0])
+    assert v.host_agrees() and sideways().reason == "direction"
+    for k in range(AGREEMENT_HISTORY):  # the host's own changes now point anywhere
+        own(np.eye(SIZE)[2 + k % (SIZE - 2)] * (-1) ** k)
+    assert not v.host_agrees()
+    assert sideways(0.6).accepted
