@@ -12,8 +12,9 @@ touch the model, before any of it does:
    with the real loss: merged, it must not raise the held-back loss by more than
    ``LOSS_TOLERANCE`` (relative); and FLTrust's agreement (Cao et al. 2021): its cosine with
    the host's own latest change (the host's trainer, on the host's data; until there is one,
-   the held-back loss's descent direction) must be at least ``MIN_COSINE`` and, unless it
-   lowers the held-back loss, ``COSINE_SHARE`` of the recently accepted changes' median — when every
+   the held-back loss's descent direction) must be at least ``MIN_COSINE`` and
+   ``COSINE_SHARE`` of the recently accepted changes' median, unless the change lowers the
+   held-back loss by more than ``LOSS_RESCUE`` — when every
    trainer draws from the same data (sharding ``full``) and while the model still learns.
 
 :class:`Trust` keeps each member's last verdicts; a member with ``EXPEL_REJECTED`` of its
@@ -39,6 +40,10 @@ LOSS_TOLERANCE = 0.15
 #: the least cosine with the host's own latest change (honest: >= 0.085 measured; noise of an
 #: honest norm: |cos| < 0.005; sign-flipped and IPM: < -0.17)
 MIN_COSINE = 0.02
+#: a change that lowers the held-back loss by more than this share of it passes whatever its
+#: direction (honest changes orthogonal to the host's lowered it by 4-5%; noise of an honest
+#: norm moved it by less than 0.4%, either way)
+LOSS_RESCUE = 0.01
 #: ... and, unless it lowers the held-back loss, at least this share of the median cosine of
 #: the recently accepted changes: early in a run honest changes agree closely (0.66-0.91
 #: measured), and a change trained on flipped labels, at 0.03 and raising the loss by 12%, was
@@ -259,11 +264,10 @@ class Validator:
         verdict = Verdict(True, **scores)  # type: ignore[arg-type]
         if not math.isfinite(after) or after > before + self.loss_tolerance * abs(before):
             return Verdict(False, "loss", **scores)  # type: ignore[arg-type]
-        # below MIN_COSINE a change does not agree with the host at all; below the bound that
-        # follows the accepted ones it must at least lower the held-back loss (honest changes
-        # late in a run agree less, and those rejected by the bound alone had lowered it)
+        # a change that does not agree with the host's is let in only when it lowers the
+        # held-back loss by more than LOSS_RESCUE: then the host's own data speaks for it
         if self.directional and cos is not None and self.learning() and self.host_agrees() and (
-                cos < self.min_cosine or (cos < self.least_cosine() and after >= before)):
+                cos < self.least_cosine() and after >= (1.0 - LOSS_RESCUE) * before):
             return Verdict(False, "direction", **scores)  # type: ignore[arg-type]
         if cos is not None and self.reference is not None:
             self._cosines.append(cos)
@@ -320,5 +324,5 @@ class Trust:
         self.expelled.pop(slot, None)
 
 
-__all__ = ["COSINE_SHARE", "EXPEL_REJECTED", "EXPEL_WINDOW", "LOSS_TOLERANCE", "MIN_AGREEMENT", "MIN_COSINE", "NORM_FACTOR", "REASONS", "Trust",
+__all__ = ["COSINE_SHARE", "EXPEL_REJECTED", "EXPEL_WINDOW", "LOSS_RESCUE", "LOSS_TOLERANCE", "MIN_AGREEMENT", "MIN_COSINE", "NORM_FACTOR", "REASONS", "Trust",
            "Validator", "Verdict", "cosine", "well_formed"]
