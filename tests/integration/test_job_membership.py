@@ -302,7 +302,7 @@ def _slots(n: int, down: set[int] = set()) -> tuple[Any, _Cluster, list[int]]:  
         elastic._STARTING_LIVE = frozenset()
     retired: list[int] = []
     addresses = [f"127.0.0.1:{1000 + i}" for i in range(n)]
-    handler = elastic.ElasticHandler(cluster, addresses, lambda: True, lambda i, _a, _e: retired.append(i),
+    handler = elastic.ElasticHandler(cluster, addresses, lambda i, _a, _e: retired.append(i),
                                      probe=lambda addr: int(addr.rsplit(":", 1)[1]) - 1000 not in down)
     for w in cluster.workers:
         w.failure_handler = handler
