@@ -43,7 +43,9 @@ class UnavailableScreen(Screen[None]):
 
     def set_reason(self, reason: str) -> None:
         self.reason = reason
-        self.query_one("#unavailable-reason", Label).update(_detail(reason))
+        # a second failure can arrive before the screen has composed; compose() shows self.reason then
+        for label in self.query("#unavailable-reason").results(Label):
+            label.update(_detail(reason))
 
     def action_retry(self) -> None:
         retry = getattr(self.app, "retry_now", None)
