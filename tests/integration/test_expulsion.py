@@ -66,7 +66,9 @@ async def test_a_worker_sending_bad_changes_is_expelled_and_said_so(crowd: Crowd
         assert proc.returncode == 0
         assert "expelled: " in out and m2["note"] in out, out
         # the expelled worker is told (its log and status say so), and goes back to waiting for work
-        told = await rec.wait("worker-2", lambda e: "the host expelled this worker" in json.dumps(e), 60)
+        # member 2 is whichever daemon the matchmaker placed in slot 2
+        assert m2["name"] in {n.name for n in crowd.workers}, m2
+        told = await rec.wait(m2["name"], lambda e: "the host expelled this worker" in json.dumps(e), 60)
         assert "rejected" in json.dumps(told), told
         result = await rec.host_result(crowd.host, 240)
         assert result["test_accuracy"] > ACCURACY_THRESHOLD

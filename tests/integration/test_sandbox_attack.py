@@ -179,7 +179,9 @@ async def test_a_malicious_member_touches_nothing_outside_the_job(crowd: Crowd, 
 
             # a worker tries every address of the group and every port listening in its namespace
             listening = await listening_ports(relays["worker-1"])
-            own = cluster["worker"][1]
+            # the matchmaker may give worker-1 either slot: its own spec says which
+            w1_spec = json.loads(next((w1.root / "state" / "jobs").glob("*/spec.json")).read_text())
+            own = cluster["worker"][w1_spec["index"]]
             tries = sorted({*targets.values(), *(f"127.0.0.1:{p}" for p in listening)} - {own, f"127.0.0.1:{LISTEN_PORT}"})
             await asyncio.gather(
                 *(one(f"host netns → {label}", relays["host"], t) for label, t in targets.items()),
@@ -191,7 +193,7 @@ async def test_a_malicious_member_touches_nothing_outside_the_job(crowd: Crowd, 
         from_worker = {label: got for label, got in results.items() if label.startswith("worker-1 netns")}
         assert len(from_worker) >= 3, from_worker  # the host's trainer and coordinator, worker 2 (+ any port listening)
         for label, got in from_worker.items():
-            assert not got["reachable"] and not got["ran_op"], f"{label}: a worker reached another member's TF: {got}"
+            assert not got["reachable"] and not got["ran_op"], f"{label}: a worker reached another member's TF (own {own}, listening {listening}): {got}"
         for label, got in results.items():
             if label in from_worker:
                 continue
