@@ -35,7 +35,7 @@ from typing import IO, Any
 import numpy as np
 
 from crowdd.manifest import DEFAULT_CHUNK, Layout, Manifest
-from crowdd.route import chunk_for
+from crowdd.route import MAX_CHUNK, MAX_CHUNKS, chunk_for
 
 log = logging.getLogger(__name__)
 
@@ -758,6 +758,9 @@ def convert(
     try:
         layout = write_canonical(arrays, tmp)
         chunk_size = chunk_for(tmp.stat().st_size, chunk_size)  # the manifest must fit one frame
+        if chunk_size > MAX_CHUNK:
+            raise DatasetError(f"the dataset is {tmp.stat().st_size:,} bytes once converted; a group replicates "
+                               f"at most {MAX_CHUNK * MAX_CHUNKS:,}")
         manifest = Manifest.build(tmp, chunk_size=chunk_size, layout=layout, name=name)
         data_path = out_dir / f"{manifest.sha256}.data"
         manifest_path = out_dir / f"{manifest.sha256}.manifest.json"

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from crowdd.errors import InputError
-from crowdd.route import DEFAULT_CHUNK, DEFAULT_ROUTE
+from crowdd.route import DEFAULT_CHUNK, DEFAULT_ROUTE, MAX_CHUNK
 
 #: "file": the host's own Keras model file (``crowdd host --model-file``); the others are presets.
 PRESETS = ("mlp", "cnn")
@@ -157,7 +157,6 @@ ROUTES = ("binomial", "chain", "star")
 MERGES = ("average", "average-sqrt-lr", "sum", "nesterov")
 MAX_STEPS_PER_FUNCTION = 1_000_000
 MIN_CHUNK = 1
-MAX_CHUNK = 64 << 20  # one chunk travels as one wire blob (wire.MAX_BLOB)
 
 
 @dataclass(frozen=True)

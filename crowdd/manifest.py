@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from crowdd.route import MAX_CHUNK
+
 MANIFEST_VERSION = 1
 DEFAULT_CHUNK = 1 << 20
 _HEX = "0123456789abcdef"
@@ -176,7 +178,9 @@ class Manifest:
             sha = str(d["sha256"])
         except (KeyError, TypeError, ValueError) as exc:
             raise ManifestError(f"bad manifest: {exc!r}") from None
-        if size < 0 or chunk_size < 1 or len(chunks) != -(-size // chunk_size):
+        if not 1 <= chunk_size <= MAX_CHUNK:
+            raise ManifestError(f"manifest chunk size {chunk_size:,} bytes is outside 1..{MAX_CHUNK:,}")
+        if size < 0 or len(chunks) != -(-size // chunk_size):
             raise ManifestError("manifest size, chunk size and chunk count disagree")
         if any(len(c) != 64 or c.strip(_HEX) for c in (*chunks, sha)):
             raise ManifestError("manifest hashes must be sha256 hex")

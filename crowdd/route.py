@@ -28,6 +28,10 @@ DEFAULT_ROUTE = "chain"
 DEFAULT_CHUNK = 256 << 10
 #: a dataset is cut into at most this many chunks (its manifest must fit one frame).
 MAX_CHUNKS = 4096
+#: the largest chunk a member accepts: each receiver holds a chunk in memory, so a manifest
+#: from the group must not make it allocate more (a host's dataset is at most
+#: MAX_CHUNK * MAX_CHUNKS = 64 GiB).
+MAX_CHUNK = 16 << 20
 
 
 class RouteError(ValueError):

@@ -63,7 +63,7 @@ def spawn(
 ) -> subprocess.Popen:
     """Start a server child of this process; its stdout says ``ready`` once it listens."""
     cmd = [
-        sys.executable, "-m", "crowdd.job.server",
+        sys.executable, "-P", "-m", "crowdd.job.server",
         "--cluster", json.dumps(cluster), "--job", job_name, "--task", str(task),
         "--threads", str(threads), "--nice", str(nice), "--parent", str(os.getpid()),
     ]

@@ -131,4 +131,24 @@ def gb_to_bytes(gb: float) -> int:
     return int(gb * 1_000_000_000)
 
 
-__all__ = ["MODEL_FILE", "Entry", "entries", "gb_to_bytes", "prune"]
+def no_room(size: int, cap: int | None, directory: Path, held: Path | None = None) -> str | None:
+    """Why a group's dataset of ``size`` bytes cannot be replicated into ``directory`` (None:
+    it can): over this node's cap (``cap`` bytes, None for none) or over the free space, less
+    what a partial download at ``held`` already takes. Checked before a byte arrives: the size
+    comes from the group's manifest, which a host chooses."""
+    if cap is not None and size > cap:
+        return f"the group's dataset ({size:,} bytes) is larger than this node may keep ([limits] disk_max_gb)"
+    probe = directory
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe).free
+        taken = held.stat().st_blocks * 512 if held is not None and held.exists() else 0
+    except OSError as exc:
+        return f"cannot measure the free space in {directory}: {exc.strerror or exc}"
+    if size - taken > free:
+        return f"the group's dataset ({size:,} bytes) does not fit in the {free:,} bytes free in {probe}"
+    return None
+
+
+__all__ = ["MODEL_FILE", "Entry", "entries", "gb_to_bytes", "no_room", "prune"]

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from crowdd.errors import CrowddError
-from crowdd.platform.threads import thread_env
+from crowdd.platform.jobenv import job_env
 from crowdd.config import parse_hostport
 from crowdd.job.spec import Cluster, JobSpec, Settings, port_of, write_spec
 from crowdd.manifest import Manifest
@@ -96,8 +96,8 @@ class JobLauncher:
         spec_path = workdir / "spec.json"
         write_spec(spec, spec_path)
         res.release_tf()
-        env = {**self._env, **thread_env(spec.settings.threads)}
-        command = [self._python, "-m", "crowdd.job.confine", *relay.argv(), *(sandbox_argv(workdir, data, spec.cluster, self._guard) if limits.sandbox else []),
+        env = job_env(self._env, workdir, spec.settings.threads)  # an allowlist: never the daemon's own
+        command = [self._python, "-P", "-m", "crowdd.job.confine", *relay.argv(), *(sandbox_argv(workdir, data, spec.cluster, self._guard) if limits.sandbox else []),
                    "--", *job_command(role, spec_path, self._python)]
         if relay.isolated:
             command = confined(command)

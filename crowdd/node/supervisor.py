@@ -58,7 +58,7 @@ class JobError(Exception):
 
 
 def job_command(role: str, spec_path: Path, python: str = sys.executable) -> list[str]:
-    return [python, "-m", "crowdd.job", role, "--spec", str(spec_path)]
+    return [python, "-P", "-m", "crowdd.job", role, "--spec", str(spec_path)]
 
 
 class JobSupervisor:

@@ -17,6 +17,7 @@ from crowdd.auth import AuthError
 from crowdd.errors import SessionFailed
 from crowdd.group_tls import GroupTLS
 from crowdd.manifest import Manifest, ManifestError
+from crowdd.node import disk
 from crowdd.node.context import SessionContext
 from crowdd.node.ports import Reservation
 from crowdd.node.session import HostLost, SessionRefused, WorkerSession, dead_after
@@ -64,6 +65,12 @@ async def follow(c: SessionContext, plan: SessionPlan, res: Reservation) -> None
         ws.report_state("replicating")
         peers = [rep.Peer(m.index, m.address, m.ports.data) for m in plan.members]
         manifest = await _fetch_manifest(c, peers[0], plan, session_task, tls)
+        if c.cache.has(manifest) is None:
+            gb = c.cfg.limits.disk_max_gb
+            why = disk.no_room(manifest.size, disk.gb_to_bytes(gb) if gb > 0 else None, c.cache.root,
+                               c.cache.partial_path(manifest))
+            if why is not None:
+                raise SessionFailed(f"cannot take part: {why}")
         store = rep.ChunkStore.open(c.cache, manifest)
         server = rep.DataServer(plan.token, manifest, store, sock=res.data_sock, targets=plan.route().targets,
                                 group_size=plan.size, stall_timeout=c.cfg.replication.stall_timeout, tls=tls,

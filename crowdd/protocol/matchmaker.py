@@ -46,6 +46,8 @@ MAX_MEMBERS = 1 + 1024
 MAX_REASON = 200
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 _FINGERPRINT = re.compile(r"sha256:[0-9a-f]{64}")
+#: a group id (``matchmaker.new_group_id``): it names directories on every member
+_GROUP_ID = re.compile(r"[0-9a-f]{16}")
 _SIGNATURE = re.compile(r"(?:[0-9a-f]{2}){1,128}")
 _HOSTNAME = re.compile(r"(?=.{1,253}\.?$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?")
 
@@ -106,6 +108,13 @@ def _text(frame: Mapping[str, Any], name: str, lo: int, hi: int, default: str | 
         raise _bad(name, f"field {name!r} must be a string")
     if not lo <= len(value) <= hi or not value.isprintable():
         raise _bad(name, f"field {name!r} must be {lo}..{hi} printable characters")
+    return value
+
+
+def _group_id(frame: Mapping[str, Any]) -> str:
+    value = frame.get("group_id")
+    if not isinstance(value, str) or not _GROUP_ID.fullmatch(value):
+        raise _bad("group_id", "field 'group_id' must be 16 lowercase hex digits")
     return value
 
 
@@ -248,7 +257,7 @@ def _open(value: Any, cert: str, fingerprint: str) -> OpenSession:
     if not isinstance(value, dict):
         raise _bad("open", "field 'open' must be an object {group_id, token, members, free}")
     try:
-        group_id = _text(value, "group_id", 1, 64)
+        group_id = _group_id(value)
         token = _text(value, "token", 16, 256)
     except wire.WireError as exc:
         raise _prefixed("open", exc) from None
@@ -427,7 +436,7 @@ def check_group(frame: Mapping[str, Any]) -> SessionPlan:
     """Check the matchmaker's ``group`` frame (the one trust boundary for it) and return this
     node's :class:`SessionPlan`; raise :class:`wire.WireError` naming the bad field. With
     ``join: true`` this node joins a running session: it is the last member, a worker."""
-    group_id = _text(frame, "group_id", 1, 64)
+    group_id = _group_id(frame)
     token = _text(frame, "token", 16, 256)
     index = wire.require(frame, "index", int)
     members = wire.require(frame, "members", list)
@@ -546,7 +555,7 @@ def check_expel(frame: Mapping[str, Any]) -> Expel:
     if frame.get("type") != "expel":
         raise wire.WireError(wire.ErrorCode.BAD_FRAME, f"expected an expel report, got {frame.get('type')!r}")
     wire.check_proto(frame)
-    group_id = _text(frame, "group_id", 1, 64)
+    group_id = _group_id(frame)
     member = frame.get("member")
     if not isinstance(member, str) or not _FINGERPRINT.fullmatch(member):
         raise _bad("member", "field 'member' must be the expelled member's fingerprint (sha256: + 64 hex)")

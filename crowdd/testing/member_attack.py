@@ -12,7 +12,8 @@ it tries, on the server's own device:
 cluster job ``attacker`` (when nothing accepts a TCP connection there it says ``reachable``
 false and stops) and, on the victim's device: computes ``1 + 1`` (proof that it runs
 ops there at all), reads each ``--read`` file (``tf.io.read_file``), lists each ``--list``
-directory (``tf.io.matching_files``), writes each ``--write`` file (``tf.io.write_file``), and
+directory (``tf.io.matching_files``) (``--find TEXT``: and says whether each file read holds
+``TEXT``), writes each ``--write`` file (``tf.io.write_file``), and
 makes the victim open a TCP connection to each ``--connect`` port on its loopback (a tf.data
 service client). It prints one JSON object: what worked and each error.
 
@@ -42,7 +43,7 @@ def _short(exc: BaseException) -> str:
 
 
 def attack(target: str, reads: Sequence[str], lists: Sequence[str], writes: Sequence[str],
-           connects: Sequence[int]) -> dict[str, Any]:
+           connects: Sequence[int], find: str = "") -> dict[str, Any]:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import tensorflow as tf
     from tensorflow.python.eager import context
@@ -69,7 +70,8 @@ def attack(target: str, reads: Sequence[str], lists: Sequence[str], writes: Sequ
         for path in reads:
             try:
                 data = tf.io.read_file(path).numpy()
-                out["read"][path] = {"ok": True, "content": data[:64].decode("utf-8", "replace")}
+                out["read"][path] = {"ok": True, "content": data[:64].decode("utf-8", "replace"),
+                                     "found": bool(find) and find.encode() in data}
             except Exception as exc:  # noqa: BLE001
                 out["read"][path] = {"ok": False, "error": _short(exc)}
         for d in lists:
@@ -160,6 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     a.add_argument("--list", action="append", default=[])
     a.add_argument("--write", action="append", default=[])
     a.add_argument("--connect", action="append", type=int, default=[])
+    a.add_argument("--find", default="", help="say whether each file read holds this text")
     li = sub.add_parser("listen")
     li.add_argument("port", type=int)
     li.add_argument("seconds", type=float)
@@ -167,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cmd == "listen":
         print(json.dumps(listen(args.port, args.seconds)), flush=True)
         return 0
-    print(json.dumps(attack(args.target, args.read, args.list, args.write, args.connect)), flush=True)
+    print(json.dumps(attack(args.target, args.read, args.list, args.write, args.connect, args.find)), flush=True)
     sys.stdout.flush()
     os._exit(0)  # the tf.data client may still be retrying in its thread; TF's teardown would hang
 

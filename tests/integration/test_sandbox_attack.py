@@ -4,7 +4,9 @@
   TF ops on every TF server of the group — the host's worker server and coordinator, and each
   worker's server through its tunnel — that try to read the daemons' state (a canary, the
   identity key, the config), a canary in the user's home, list those directories, write
-  outside the job's directory, and make the server connect to a port outside the cluster.
+  outside the job's directory, make the server connect to a port outside the cluster, and
+  read the environment of the process that runs the op (a secret set in every daemon's
+  environment is not in it: a job gets an allowlisted environment, never the daemon's).
   Every attempt fails; the same ops inside the job's own directory work (so the attack did
   reach the server).
 * From a worker's job namespace, try every TF address of the group and every port listening
@@ -39,6 +41,8 @@ from test_daemon_e2e import ACCURACY_THRESHOLD, TEST_CONFIG, Recorder, digits_np
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
+#: a secret in every daemon's environment (a token, say): no job may see it
+CANARY_VAR, CANARY = "CLOUD_API_TOKEN", f"canary-{uuid.uuid4().hex}"
 LISTEN_PORT = 47999  # outside every cluster (TF ports are 20000..40000)
 ATTACK_TIMEOUT = 120.0
 
@@ -49,7 +53,7 @@ async def crowd(tmp_path: Path) -> AsyncIterator[Crowd]:
         pytest.skip(f"no Landlock here: {probe().reason}")
     if not userns_probe().available:
         pytest.skip(f"jobs cannot be confined here: {userns_probe().reason}")
-    c = Crowd(tmp_path / "crowd", 2, extra_config=TEST_CONFIG)
+    c = Crowd(tmp_path / "crowd", 2, extra_config=TEST_CONFIG, wrap=lambda _node, argv: ["env", f"{CANARY_VAR}={CANARY}", *argv])
     try:
         c.start()
         await c.wait_up()
@@ -148,7 +152,9 @@ async def test_a_malicious_member_touches_nothing_outside_the_job(crowd: Crowd, 
         what = [*(a for r in reads for a in ("--read", r)), *(a for d in lists for a in ("--list", d)),
                 *(a for w in writes for a in ("--write", w)), "--connect", str(LISTEN_PORT),
                 # the job's own directory: reachable (proof that the ops ran on the server)
-                "--read", "spec.json", "--write", "member-wrote-here"]
+                "--read", "spec.json", "--write", "member-wrote-here",
+                # the environment of the process running the op: the job's, never the daemon's
+                "--read", "/proc/self/environ", "--find", CANARY]
         await donate_all(crowd.workers)
         # long enough to outlast the attacks; stopped (the model kept) once they are done
         await host_job(crowd.host, data, {"workers": 2, "min_workers": 2, "epochs": 5000, "learning_rate": 0.1,
@@ -157,6 +163,9 @@ async def test_a_malicious_member_touches_nothing_outside_the_job(crowd: Crowd, 
             await rec.wait(n.name, lambda e: e["event"] == "state" and e["state"] == "training", 180)
         await rec.wait("host", lambda e: e["event"] == "eval", 120)  # TF is up everywhere
         host, w1, w2 = crowd.nodes
+        for n in crowd.nodes:  # the control: the secret is in each daemon's own environment
+            assert n.proc is not None
+            assert CANARY.encode() in Path(f"/proc/{n.proc.pid}/environ").read_bytes(), n.name
         spec = json.loads(next((host.root / "state" / "jobs").glob("*/spec.json")).read_text())
         cluster = spec["cluster"]
         targets = {"host worker 0": cluster["worker"][0], "host coordinator": cluster["chief"][0],
@@ -199,6 +208,7 @@ async def test_a_malicious_member_touches_nothing_outside_the_job(crowd: Crowd, 
                 continue
             assert got["ran_op"], f"{label}: the attack did not reach the server: {got.get('error')}"
             assert got["read"]["spec.json"]["ok"] and got["write"]["member-wrote-here"]["ok"], (label, got)
+            assert not got["read"]["/proc/self/environ"].get("found"), f"{label} read the daemon's {CANARY_VAR}"
             for r in reads:
                 assert not got["read"][r]["ok"], f"{label} read {r}: {got['read'][r]}"
                 assert "Permission denied" in got["read"][r]["error"], (label, r, got["read"][r])

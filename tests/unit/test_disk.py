@@ -85,3 +85,20 @@ def test_a_dataset_linked_into_a_job_counts_once(tmp_path: Path) -> None:
     job = _job(jobs, "g1-1", 10, 200)
     os.link(cache / f"{SHA[0]}.data", job / "data.bin")  # as crowdd.node.launcher links it
     assert sum(e.size for e in disk.entries(cache, jobs)) == 1000 + 15 + 10
+
+
+def test_a_groups_dataset_over_the_cap_or_the_free_space_is_refused_before_a_byte_arrives(tmp_path: Path) -> None:
+    import shutil
+
+    free = shutil.disk_usage(tmp_path).free
+    cache = tmp_path / "cache"  # not made yet: the free space of where it will be
+    why = disk.no_room(2_000_000_001, disk.gb_to_bytes(2), cache)
+    assert why is not None and "2,000,000,001 bytes" in why and "disk_max_gb" in why
+    why = disk.no_room(free + (1 << 30), None, cache)  # a host's manifest can name any size
+    assert why is not None and "does not fit" in why
+    # the controls: what fits is taken; a partial download's own blocks count as room
+    assert disk.no_room(1_000_000, disk.gb_to_bytes(2), cache) is None
+    partial = tmp_path / "x.partial"
+    partial.write_bytes(b"\1" * (16 << 20))
+    os.fsync(os.open(partial, os.O_RDONLY))
+    assert disk.no_room(shutil.disk_usage(tmp_path).free + (8 << 20), None, tmp_path, partial) is None

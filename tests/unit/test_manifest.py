@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from crowdd.manifest import DEFAULT_CHUNK, Layout, Manifest, ManifestError
+from crowdd.route import MAX_CHUNK
 
 LAYOUT = Layout(feature_shape=(2, 3), feature_dtype="uint8", scale=1 / 255, num_classes=3, train_count=8, test_count=2)
 
@@ -124,7 +125,7 @@ _DELETE = object()
         ("size", "lots", "bad manifest"),
         ("chunks", None, "bad manifest"),
         ("size", 200, "size, chunk size and chunk count disagree"),
-        ("chunk_size", 0, "size, chunk size and chunk count disagree"),
+        ("chunk_size", 0, "chunk size 0 bytes is outside"),
         ("size", -1, "size, chunk size and chunk count disagree"),
         ("sha256", "abc", "sha256 hex"),
         ("sha256", "g" * 64, "sha256 hex"),
@@ -159,6 +160,18 @@ def test_manifest_without_layout(data_file: Path) -> None:
     m = Manifest.from_json(json.dumps(d))
     assert m.layout is None
     assert m.size == 100
+
+
+def test_a_hosts_manifest_with_a_huge_chunk_is_refused_before_anything_is_allocated() -> None:
+    """A malicious host's manifest: one 1 GiB chunk would make every worker hold a 1 GiB buffer
+    (and its size would fill their disks); the largest chunk a member accepts is refused past."""
+    def manifest(chunk: int) -> dict[str, Any]:
+        return {"version": 1, "name": "x", "size": chunk, "chunk_size": chunk, "chunks": ["0" * 64],
+                "sha256": "0" * 64, "layout": None}
+
+    with pytest.raises(ManifestError, match="chunk size 1,073,741,824 bytes is outside 1..16,777,216"):
+        Manifest.from_dict(manifest(1 << 30))
+    assert Manifest.from_dict(manifest(MAX_CHUNK)).chunk_size == MAX_CHUNK  # the control: the largest allowed
 
 
 def test_manifest_error_is_value_error() -> None:

@@ -181,7 +181,7 @@ def group(index: int = 1, workers: int = 2) -> dict[str, Any]:
     hs = hellos(workers)
     host = hs[0]
     assert host.job is not None and host.dataset is not None and host.settings is not None
-    return mmp.make_group("g-42", TOKEN, index, hs, host.job, host.dataset, host.settings)
+    return mmp.make_group("0123456789abcdef", TOKEN, index, hs, host.job, host.dataset, host.settings)
 
 
 def test_group_round_trip_gives_each_member_the_same_plan_but_its_index() -> None:
@@ -190,7 +190,7 @@ def test_group_round_trip_gives_each_member_the_same_plan_but_its_index() -> Non
         assert p.index == i
         assert p.me.index == i
         assert p.is_host == (i == 0)
-        assert p.group_id == "g-42" and p.token == TOKEN
+        assert p.group_id == "0123456789abcdef" and p.token == TOKEN
         assert p.job == JOB and p.settings == SETTINGS and p.dataset == DATASET
         assert p.members == plans[0].members
     host, w1, w2 = plans[0].members
@@ -229,6 +229,11 @@ BAD_GROUPS = [
     (_set(["index"], True), "index"),
     (_del(["index"]), "index"),
     (_set(["group_id"], ""), "group_id"),
+    # it names each member's job directory: a matchmaker (or a host re-opening its session) must
+    # not steer a volunteer's daemon into writing elsewhere
+    (_set(["group_id"], "../../../tmp/x"), "group_id"),
+    (_set(["group_id"], "0123456789ABCDEF"), "group_id"),
+    (_set(["group_id"], "0123456789abcdef0"), "group_id"),
     (_set(["token"], "short"), "token"),
     (_del(["token"]), "token"),
     (_set(["members"], []), "members"),
@@ -255,6 +260,7 @@ BAD_GROUPS = [
     (_set(["settings", "sync_every"], 101), "settings.sync_every"),
     (_set(["settings", "merge"], "max"), "settings.merge"),
     (_set(["settings", "chunk_size"], 0), "settings.chunk_size"),
+    (_set(["settings", "chunk_size"], 1 << 30), "settings.chunk_size"),  # every receiver would hold 1 GiB
 ]
 
 

@@ -184,7 +184,23 @@ async def test_missing_program_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_job_command() -> None:
-    assert job_command("worker", Path("/s.json"), "/py") == ["/py", "-m", "crowdd.job", "worker", "--spec", "/s.json"]
+    assert job_command("worker", Path("/s.json"), "/py") == ["/py", "-P", "-m", "crowdd.job", "worker", "--spec", "/s.json"]
+
+
+def test_a_module_planted_in_the_work_directory_never_runs(tmp_path: Path) -> None:
+    """A group member's graph can write into the job's work directory, where the job starts.
+    A module planted there (``argparse.py``, ``keras.py``, ...) must not be imported by the
+    next job process; the control shows the same plant runs when that directory is on sys.path."""
+    marker = tmp_path / "planted-ran"
+    for name in ("argparse", "logging", "keras", "tensorflow", "numpy"):
+        (tmp_path / f"{name}.py").write_text(f"open({str(marker)!r}, 'a').write({name!r})\nraise SystemExit(99)\n")
+    argv = job_command("worker", tmp_path / "no-spec.json", sys.executable)
+    done = subprocess.run(argv, cwd=tmp_path, capture_output=True, timeout=60)
+    assert not marker.exists(), marker.read_text()
+    assert done.returncode != 99 and b"no-spec.json" in done.stdout + done.stderr  # it ran and refused the spec
+    unsafe = [a for a in argv if a != "-P"]
+    assert subprocess.run(unsafe, cwd=tmp_path, capture_output=True, timeout=60).returncode == 99
+    assert marker.exists()  # the attack is real without -P
 
 
 # A job whose TF-server-like child grows: each holds `mb` MB, touched (resident), then sleeps.
