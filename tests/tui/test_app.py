@@ -178,6 +178,29 @@ async def test_an_expelled_member_shows_as_such_with_the_reason() -> None:
         assert why in " ".join(" ".join(line.text for line in log.lines).split())
 
 
+async def test_peer_chosen_names_are_shown_as_text_never_run_as_markup() -> None:
+    """A group member named ``[/x]`` (a closing tag with nothing open: markup would raise) and a
+    host's dataset named with a ``@click`` action: the TUI stays up and shows both literally."""
+    client = FakeDaemonClient(base_status(state="training", donating=True, role="worker",
+                                          dataset={"name": "[@click=app.quit]evil[/]", "size": 1000, "digest": "ab" * 32}))
+    app = make_app(client)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await connected(pilot, app)
+        members = [
+            {"index": 0, "name": "[/x]", "role": "host", "state": "training", "replication": {"done": 4, "total": 4}},
+            {"index": 1, "name": "[b]me", "role": "worker", "state": "training", "replication": {"done": 4, "total": 4}},
+        ]
+        client.emit("members", members=members)
+        await until(pilot, lambda: len(app.main_screen.query(MemberRow)) == 2, "two member rows")
+        await pilot.pause()
+        labels = [str(r.query_one(".member-label", Label).content) for r in app.main_screen.query(MemberRow)]
+        assert any("[/x]" in t for t in labels) and any("[b]me" in t for t in labels), labels
+        assert main_text(app, "#dataset").startswith("[@click=app.quit]evil[/]"), main_text(app, "#dataset")
+        assert app.is_running
+        # the control: the app's own styled text still renders (the state label)
+        assert main_text(app, "#state") == "training"
+
+
 # ---------------------------------------------------------------------------- donation
 
 

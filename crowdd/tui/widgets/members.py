@@ -19,7 +19,7 @@ class MemberRow(Horizontal):
         self.member = member
 
     def compose(self) -> ComposeResult:
-        yield Label(self._text(), classes="member-label")
+        yield Label(Content(self._text()), classes="member-label")  # a peer's name: never markup
         yield ProgressBar(total=1, show_eta=False, classes="member-bar")
 
     def on_mount(self) -> None:
@@ -39,7 +39,7 @@ class MemberRow(Horizontal):
             bar = self.query_one(ProgressBar)
         except NoMatches:  # not composed yet: on_mount shows self.member
             return
-        label.update(self._text())
+        label.update(Content(self._text()))
         bar.update(total=max(member.total, 1), progress=min(member.done, max(member.total, 1)) if member.total else 0)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
+from textual.content import Content
 from textual.widgets import Label, Switch
 
 from crowdd.tui.model import STATES, DaemonView
@@ -45,16 +46,16 @@ class StatusPanel(Vertical):
         self.set_switch(view.donating)
 
         idle = self.query_one("#idle", Label)
-        idle.update(view.idle_text)
+        idle.update(Content(view.idle_text))
         idle.set_class(view.idle_allowed is True, "idle-yes")
         idle.set_class(view.idle_allowed is False, "idle-no")
-        self.query_one("#role", Label).update(view.role_text)
-        self.query_one("#dataset", Label).update(view.dataset_text)
+        self.query_one("#role", Label).update(Content(view.role_text))
+        self.query_one("#dataset", Label).update(Content(view.dataset_text))  # the host names it: never markup
 
         note = self.query_one("#note", Label)
         row = self.query_one("#note-row")
         if view.error:
-            note.update(f"error: {view.error}")
+            note.update(Content(f"error: {view.error}"))
             note.add_class("error")
             row.display = True
         else:
