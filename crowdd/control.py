@@ -52,7 +52,7 @@ from crowdd.aio import cancel_and_wait
 from crowdd.errors import CrowddError, InputError, Unavailable
 from crowdd.handoff import OpenFiles, Upload
 from crowdd.identity import Identity
-from crowdd.platform.userns import in_other_user_namespace, peer_pid
+from crowdd.platform.userns import peer_pid, why_not_served
 from crowdd.tls import HANDSHAKE_TIMEOUT, client_context, open_tls, server_context
 from crowdd.protocol.control import (
     REQUEST_TYPES,
@@ -442,10 +442,11 @@ def _refuse_jobs(writer: asyncio.StreamWriter) -> None:
     lets it in: refuse a peer in another user namespace. Landlock (ABI >= 9) also stops it
     from reaching the socket at all."""
     sock = writer.get_extra_info("socket")
-    pid = peer_pid(sock) if sock is not None else None
-    if pid is not None and in_other_user_namespace(pid):
-        logger.warning("control socket: refused process %d, which runs in another user namespace (a job?)", pid)
-        raise WireError(ErrorCode.UNAUTHORIZED, "the control socket does not serve processes in another user namespace")
+    why = why_not_served(sock) if sock is not None else None
+    if why is not None:  # fails closed: a peer that cannot be placed is refused
+        pid = peer_pid(sock)
+        logger.warning("control socket: refused process %s: %s", pid, why)
+        raise WireError(ErrorCode.UNAUTHORIZED, f"the control socket does not serve this process: {why}")
 
 
 async def _clear_stale_socket(path: Path) -> None:

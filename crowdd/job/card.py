@@ -79,17 +79,16 @@ def write_card(path: Path, card: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def add_members(path: Path, members: list[dict[str, Any]]) -> bool:
-    """The host daemon knows who trained: put the members in the card (False if there is none)."""
+def with_members(raw: bytes, members: list[dict[str, Any]]) -> bytes | None:
+    """The card ``raw`` with the members the host daemon knows trained (None: not a card)."""
     try:
-        card = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
+        card = json.loads(raw)
+    except ValueError:
+        return None
     if not isinstance(card, dict):
-        return False
+        return None
     card["members"] = members
-    write_card(path, card)
-    return True
+    return (dumps(card, indent=2) + "\n").encode("utf-8")
 
 
-__all__ = ["CARD_NAME", "add_members", "build_card", "class_names", "usage", "usage_hint", "write_card"]
+__all__ = ["CARD_NAME", "build_card", "class_names", "usage", "usage_hint", "with_members", "write_card"]

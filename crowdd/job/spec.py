@@ -298,8 +298,12 @@ def load_spec(path: str | Path, *, role: str | None = None, check_files: bool = 
     return parse_spec(obj, role=role, check_files=check_files)
 
 
+def spec_json(spec: JobSpec) -> bytes:
+    return json.dumps(spec.to_dict(), indent=2).encode("utf-8")
+
+
 def write_spec(spec: JobSpec, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(spec.to_dict(), indent=2), encoding="utf-8")
+    Path(path).write_bytes(spec_json(spec))
 
 
 __all__ = [
@@ -311,6 +315,7 @@ __all__ = [
     "check_job_fits",
     "load_layout",
     "load_spec",
+    "spec_json",
     "parse_spec",
     "port_of",
     "write_spec",

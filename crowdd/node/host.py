@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
 import shutil
 from collections.abc import Callable, Sequence
@@ -21,7 +20,7 @@ from crowdd.hyperparams import Job
 from crowdd.manifest import Manifest
 from crowdd.modelfile import check_model_file
 from crowdd.job import MODEL_FILE, STOP_FILE
-from crowdd.job.card import add_members
+from crowdd.job.card import with_members
 from crowdd.node.context import SessionContext
 from crowdd.node.ports import Reservation
 from crowdd.node.checkpoints import carry_checkpoint
@@ -33,6 +32,7 @@ from crowdd.node.session import HostSession, Member, dead_after
 from crowdd.node.states import State
 from crowdd.node.tunnels import HostTunnels, socket_dir, task_name
 from crowdd.plan import PlanMember, SessionPlan
+from crowdd.platform import jobfiles
 from crowdd.protocol.control import HostRequest
 from crowdd.protocol.session import NOTE_MAX, PRIVATE_HOST, Away, Back, End, JobReport, Ready, WorkerMessage
 from crowdd.replication import ChunkStore, DataServer
@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 #: How long training waits for the workers' TF servers before it starts with those that are
 #: up (TF's import is slow on a loaded machine); the others join when theirs start.
 JOB_START_WAIT = 60.0
+#: the largest model card the daemon reads back from its job
+CARD_LIMIT = 1 << 20
 
 
 @dataclass
@@ -367,18 +369,26 @@ async def lead(
             err = sup.last_error or f"the host job exited with code {code}"
             await session.end(End(error=err))
             raise SessionFailed(f"training failed: {err}")
-        model = done.get("model_path")
-        if isinstance(model, str) and model and not os.path.isabs(model):
-            model = str(workdir / model)
+        # the job's words: paths are taken only if they name regular files inside its directory
+        model: str | None = None
+        try:
+            model = str(workdir / jobfiles.is_file(workdir, done.get("model_path")))
+        except jobfiles.JobFileError as exc:
+            view.log(logging.WARNING, f"the job reported no usable model: {exc}")
         accuracy = done.get("test_accuracy")
-        card = done.get("card_path")
-        if isinstance(card, str) and card:
-            add_members(workdir / card, [
-                {"index": m.index, "role": m.role, "name": m.name, "fingerprint": m.fingerprint,
-                 "trained": m.index == 0 or m.index in slots.trained}
-                for m in session.plan.members
-            ])
-            view.log(logging.INFO, f"model card: {workdir / card}")
+        if done.get("card_path"):
+            try:
+                card = jobfiles.relative(workdir, done.get("card_path"))
+                updated = with_members(jobfiles.read(workdir, card, CARD_LIMIT), [
+                    {"index": m.index, "role": m.role, "name": m.name, "fingerprint": m.fingerprint,
+                     "trained": m.index == 0 or m.index in slots.trained}
+                    for m in session.plan.members
+                ])
+                if updated is not None:
+                    jobfiles.write(workdir, card, updated)
+                view.log(logging.INFO, f"model card: {workdir / card}")
+            except jobfiles.JobFileError as exc:
+                view.log(logging.WARNING, f"model card: {exc}")
         if isinstance(done.get("usage"), str):
             view.log(logging.INFO, f"use the model: {done['usage']}")
         session.rejoin_open = False
@@ -387,13 +397,12 @@ async def lead(
             view.log(logging.INFO, f"stopped by the user at step {done.get('steps')} of {done.get('total_steps')}: "
                      f"kept the checkpoint {done.get('checkpoint')} and the model trained so far")
         metrics = {k: done[k] for k in ("test_mae", "test_mse") if isinstance(done.get(k), (int, float))}
-        view.finished(accuracy, model if isinstance(model, str) else None, **metrics)
+        view.finished(accuracy, model, **metrics)
         c.to(State.FINISHED)
         session.members[0].state = "finished"
         score = f"test MAE {metrics['test_mae']:.4g}" if "test_mae" in metrics else f"test accuracy {accuracy}"
         view.log(logging.INFO, f"training finished: {score}, model {model}")
-        await session.end(End(accuracy if isinstance(accuracy, (int, float)) else None,
-                              model if isinstance(model, str) else None))
+        await session.end(End(accuracy if isinstance(accuracy, (int, float)) else None, model))
         await asyncio.sleep(c.linger)
     finally:
         await cancel_and_wait(opener_task)

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from crowdd.errors import CrowddError
+from crowdd.platform import jobfiles
 from crowdd.platform.jobenv import job_env
 from crowdd.config import parse_hostport
-from crowdd.job.spec import Cluster, JobSpec, Settings, port_of, write_spec
+from crowdd.job.spec import Cluster, JobSpec, Settings, port_of, spec_json
 from crowdd.manifest import Manifest
 from crowdd.node.ports import Reservation
 from crowdd.node.tunnels import RelaySetup
@@ -83,7 +84,8 @@ class JobLauncher:
         link = workdir / "dataset.bin"
         link.unlink(missing_ok=True)
         link.symlink_to(data.resolve())
-        (workdir / "dataset.manifest.json").write_bytes(manifest.to_json())
+        # a resumed job's directory holds what its graphs wrote: never write through a link there
+        jobfiles.write(workdir, "dataset.manifest.json", manifest.to_json())
         spec = JobSpec(
             role=role, index=task_index,
             cluster=job_cluster(cluster, role),
@@ -94,7 +96,7 @@ class JobLauncher:
             settings=self.settings(plan),
         )
         spec_path = workdir / "spec.json"
-        write_spec(spec, spec_path)
+        jobfiles.write(workdir, "spec.json", spec_json(spec))
         res.release_tf()
         env = job_env(self._env, workdir, spec.settings.threads)  # an allowlist: never the daemon's own
         command = [self._python, "-P", "-m", "crowdd.job.confine", *relay.argv(), *(sandbox_argv(workdir, data, spec.cluster, self._guard) if limits.sandbox else []),

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 from crowdd.job import MEMBERS_FILE
+from crowdd.platform import jobfiles
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +26,7 @@ class Roster:
     """The live slots of one session and the file that tells the host job."""
 
     def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
         self.path = workdir / MEMBERS_FILE
         self.version = 0
         self.live: frozenset[int] = frozenset()
@@ -52,9 +53,8 @@ class Roster:
         return True
 
     def _write(self, doc: dict[str, object]) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text(json.dumps(doc))
-        os.replace(tmp, self.path)
+        # the job's directory, which graphs can write: never through a link planted there
+        jobfiles.write(self.workdir, MEMBERS_FILE, json.dumps(doc).encode())
 
 
 __all__ = ["Roster"]

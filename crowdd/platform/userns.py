@@ -13,11 +13,13 @@ service sandbox with ``RestrictNamespaces=``) and says why not.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import logging
 import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -118,4 +120,47 @@ def peer_pid(sock: Any) -> int | None:
     return pid or None
 
 
-__all__ = ["Confinement", "confined", "in_other_user_namespace", "loopback_up", "peer_pid", "probe", "probe_now"]
+#: ``SO_PEERPIDFD`` (Linux 6.5): a pidfd of the peer, which no later process can reuse
+SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
+
+
+def why_not_served(sock: Any) -> str | None:
+    """Why the process at the other end of Unix socket ``sock`` may not use the daemon (None:
+    it may). A confined job lives in another user namespace; a peer whose namespace cannot be
+    read is refused too (it is gone, or its pid now names another process), except a process of
+    another user, whose namespaces are not ours to see and which no job of ours can be. Fails
+    open only where the platform has no peer credentials (not Linux)."""
+    opt = getattr(socket, "SO_PEERCRED", None)
+    if opt is None:
+        return None
+    try:
+        pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, opt, struct.calcsize("3i")))
+    except OSError as exc:
+        return f"its credentials cannot be read ({exc.strerror})"
+    pidfd = -1
+    with contextlib.suppress(OSError):
+        pidfd = struct.unpack("i", sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD, 4))[0]
+    try:
+        try:
+            theirs = os.readlink(f"/proc/{pid}/ns/user")
+        except PermissionError:
+            return None if uid != os.getuid() and os.getuid() != 0 else "its user namespace cannot be read"
+        except OSError:
+            return "it is gone (its user namespace cannot be read)"
+        if pidfd >= 0:  # the pid still names the peer (not a process started since with its pid)
+            try:
+                signal.pidfd_send_signal(pidfd, 0)
+            except ProcessLookupError:
+                return "it is gone"
+            except OSError:
+                pass
+        if theirs != os.readlink("/proc/self/ns/user"):
+            return "it runs in another user namespace (a job?)"
+        return None
+    finally:
+        if pidfd >= 0:
+            os.close(pidfd)
+
+
+__all__ = ["Confinement", "confined", "in_other_user_namespace", "loopback_up", "peer_pid", "probe", "probe_now",
+           "why_not_served"]

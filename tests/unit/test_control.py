@@ -9,6 +9,7 @@ import socket
 import stat
 import sys
 import struct
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +149,30 @@ async def test_a_job_in_its_user_namespace_is_refused(served: Any) -> None:
     assert got.startswith("refused:") and ("another user namespace" in got or "went away" in got), got
     assert handler.calls == []
     assert await run([]) == "ok" and handler.calls == [("stop",)]
+
+
+def test_a_peer_that_cannot_be_placed_is_refused_not_served(tmp_path: Path) -> None:
+    """The "not a job" check fails closed: a peer that connected and then went (its pid no
+    longer names it, so its namespace cannot be read) is refused; the control, a live peer in
+    this user namespace, is served. (A job would exit right after connecting to slip past.)"""
+    from crowdd.platform.userns import why_not_served
+
+    path = str(tmp_path / "s")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as srv:
+        srv.bind(path)
+        srv.listen()
+        live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        live.connect(path)
+        conn, _ = srv.accept()
+        with live, conn:
+            assert why_not_served(conn) is None
+        child = subprocess.run([sys.executable, "-c", f"import socket; socket.socket(socket.AF_UNIX).connect({path!r})"],
+                               timeout=30)
+        assert child.returncode == 0
+        conn, _ = srv.accept()  # queued by the child, which is gone now
+        with conn:
+            why = why_not_served(conn)
+            assert why is not None and "gone" in why, why
 
 
 async def test_bad_field_keeps_the_connection(served: Any) -> None:
