@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 #: Labels must be integers in 0..MAX_CLASSES-1 (a larger label is almost surely a bug,
 #: and the model would need an output unit per class).
 MAX_CLASSES = 100_000
+#: the largest IDX body read (uncompressed): a gzipped file is never inflated past it
+MAX_IDX_BYTES = 4 << 30
 #: At most this fraction of the rows may be classes: more looks like a quantity to predict
 #: (a regression target such as scikit-learn's diabetes, 347 "classes" for 442 rows).
 MAX_CLASS_FRACTION = 0.5
@@ -260,17 +262,17 @@ def load_idx_dir(directory: Path) -> ArraySet:
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """Parse one IDX file (gzipped or not) into an array with its own shape."""
-    raw = _read_maybe_gzip(path)
+    """Parse one IDX file (gzipped or not) into an array with its own shape. A gzipped file is
+    inflated only as far as its header says the body goes (a gzip bomb stops there)."""
+    raw = _read_idx_bytes(path)
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise DatasetError(f"{path}: not an IDX file (bad magic {raw[:4].hex() or 'empty'})")
     ndim = raw[3]
     header = 4 + 4 * ndim
     if ndim == 0 or len(raw) < header:
         raise DatasetError(f"{path}: truncated IDX header ({ndim} dimensions, {len(raw)} bytes)")
-    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    shape, expected = _idx_shape(path, raw, ndim)
     dtype = np.dtype(_IDX_DTYPES[raw[2]])
-    expected = math.prod(shape) * dtype.itemsize
     body = len(raw) - header
     if body < expected:
         raise DatasetError(f"{path}: truncated IDX body: shape {shape} needs {expected} bytes, found {body}")
@@ -279,16 +281,39 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
 
 
-def _read_maybe_gzip(path: Path) -> bytes:
+def _idx_shape(path: Path, raw: bytes, ndim: int) -> tuple[tuple[int, ...], int]:
+    """The shape in an IDX header and the body's size in bytes (refused past :data:`MAX_IDX_BYTES`)."""
+    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    expected = math.prod(shape) * np.dtype(_IDX_DTYPES.get(raw[2], "u1")).itemsize
+    if expected > MAX_IDX_BYTES:
+        raise DatasetError(f"{path}: an IDX body of shape {shape} is {expected:,} bytes; at most {MAX_IDX_BYTES:,}")
+    return shape, expected
+
+
+def _read_idx_bytes(path: Path) -> bytes:
     try:
+        size = path.stat().st_size
+        if size > MAX_IDX_BYTES + 64:
+            raise DatasetError(f"{path}: {size:,} bytes; an IDX file is at most {MAX_IDX_BYTES:,}")
         raw = path.read_bytes()
     except OSError as exc:
         raise DatasetError(f"{path}: cannot read ({exc.strerror or exc})") from None
     if raw[:2] != _GZIP_MAGIC:
         return raw
+    inflate = zlib.decompressobj(wbits=31)
     try:
-        return gzip.decompress(raw)
-    except (EOFError, OSError, zlib.error) as exc:
+        head = inflate.decompress(raw, 4)
+        if len(head) == 4 and head[0] == 0 and head[1] == 0 and head[2] in _IDX_DTYPES and head[3] > 0:
+            head += inflate.decompress(inflate.unconsumed_tail, 4 * head[3])
+            if len(head) == 4 + 4 * head[3]:
+                _, expected = _idx_shape(path, head, head[3])
+                # one byte more than the body: what follows it is an error below, not a bomb
+                body = inflate.decompress(inflate.unconsumed_tail, expected + 1)
+                if len(body) <= expected and not inflate.eof:
+                    raise zlib.error("the stream ends early")
+                return head + body
+        return head
+    except zlib.error as exc:
         raise DatasetError(f"{path}: truncated or corrupt gzip ({exc})") from None
 
 

@@ -14,6 +14,7 @@ from crowdd import datasets
 from crowdd.datasets import (
     ArraySet,
     DatasetError,
+    read_idx,
     convert,
     load,
     read_canonical,
@@ -609,3 +610,36 @@ def test_csv_label_column_by_name(tmp_path: Path) -> None:
     np.savez(npz, x_train=np.ones((3, 2)), y_train=np.array([0, 1, 0]), x_test=np.ones((1, 2)), y_test=np.array([1]))
     with pytest.raises(DatasetError, match="label column applies to CSV only"):
         load(npz, label="y")
+
+
+def test_a_gzip_bomb_is_inflated_no_further_than_its_idx_header_says(tmp_path: Path) -> None:
+    """A dataset handed to the daemon (a system service) that inflates without end: an IDX
+    header for 100 bytes followed by 512 MiB of zeros (about 0.5 MB compressed), and a header
+    that claims an enormous body. Both are refused without inflating what follows; the control
+    (an honest gzipped IDX) loads."""
+    import tracemalloc
+    import zlib
+
+    header = bytes([0, 0, 0x08, 2]) + np.array([10, 10], ">u4").tobytes()
+    comp = zlib.compressobj(9, zlib.DEFLATED, 31)
+    parts = [comp.compress(header + bytes(100))]
+    zeros = bytes(1 << 20)
+    parts += [comp.compress(zeros) for _ in range(512)]
+    bomb = tmp_path / "bomb-idx2-ubyte.gz"
+    bomb.write_bytes(b"".join(parts) + comp.flush())
+    assert bomb.stat().st_size < 2 << 20
+    tracemalloc.start()
+    try:
+        with pytest.raises(DatasetError, match="unexpected bytes after the IDX body"):
+            read_idx(bomb)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, f"inflated {peak:,} bytes"
+    huge = tmp_path / "huge-idx3-ubyte.gz"
+    huge.write_bytes(gzip.compress(bytes([0, 0, 0x08, 3]) + np.array([1 << 20, 1 << 20, 1 << 10], ">u4").tobytes()))
+    with pytest.raises(DatasetError, match="at most 4,294,967,296"):
+        read_idx(huge)
+    honest = tmp_path / "honest-idx2-ubyte.gz"
+    honest.write_bytes(gzip.compress(header + bytes(range(100))))
+    assert read_idx(honest).reshape(-1).tolist() == list(range(100))
