@@ -70,7 +70,7 @@ def test_a_read_of_a_link_a_device_a_fifo_or_a_huge_file_is_refused_without_hang
                       ("big.json", "2,000 bytes")):
         done: list[BaseException] = []
 
-        def attempt(name: str = name) -> None:
+        def attempt(name: str = name, done: list[BaseException] = done) -> None:
             try:
                 jobfiles.read(workdir, name, 1000)
             except BaseException as exc:  # noqa: BLE001
