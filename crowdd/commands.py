@@ -22,6 +22,7 @@ from crowdd.handoff import OpenFiles, can_hand_over, open_dataset
 from crowdd.job.card import usage_hint
 from crowdd.hyperparams import HyperparamError, parse_hidden, validate_job
 from crowdd.protocol.control import format_pause, parse_duration
+from crowdd.text import PlainWriter, plain
 
 logger = logging.getLogger(__name__)
 
@@ -107,9 +108,7 @@ def status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def printable(text: str) -> str:
-    """``text`` without control characters (a peer's words never reach the terminal raw)."""
-    return "".join(c for c in text if c.isprintable())
+printable = plain  # a peer's words never reach the terminal raw
 
 
 def _pct(done: Any, total: Any) -> str:
@@ -131,7 +130,8 @@ def score(d: dict[str, Any]) -> str:
 
 
 def format_status(st: dict[str, Any], out: TextIO) -> None:
-    """Human-readable status (what ``crowdd status`` prints)."""
+    """Human-readable status (what ``crowdd status`` prints); peers' words are printed plain."""
+    out = PlainWriter(out)  # type: ignore[assignment]
     role = f" as {st['role']}" if st.get("role") else ""
     out.write(f"crowdd {st.get('version', '?')}: {st.get('state', '?')}{role}\n")
     idle = st.get("idle") or {}
@@ -393,7 +393,9 @@ def _host_and_follow(args: argparse.Namespace, request: dict[str, Any], files: O
 
 async def follow_session(events: asyncio.Queue[dict[str, Any] | None], out: TextIO, client: ControlClient) -> int:
     """Print one line per state change, progress (at most every few seconds), evaluation and
-    warning, until the session is over; then its result or error from the status."""
+    warning, until the session is over; then its result or error from the status. Nothing a
+    peer chose (a log line naming a member, a host's error) reaches the terminal raw."""
+    out = PlainWriter(out)  # type: ignore[assignment]
     last_progress = 0.0
     began = False  # a worker's cycle that hosting ends also goes back to standby: skip it
     loop = asyncio.get_running_loop()

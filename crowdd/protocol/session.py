@@ -20,6 +20,7 @@ from typing import Any, Union
 
 from crowdd import wire
 from crowdd.errors import ErrorCode
+from crowdd.text import plain
 
 #: What a member may report about itself (and what the host shows per member).
 MEMBER_STATES = ("joining", "replicating", "ready", "training", "away", "finished", "gone", "expelled")
@@ -54,7 +55,7 @@ def _opt_str(frame: Mapping[str, Any], name: str, limit: int = 4096) -> str | No
         return None
     if not isinstance(v, str):
         raise _bad(name, f"field {name!r} must be a string or null")
-    return v[:limit]
+    return plain(v, limit)  # the host's words: no control characters
 
 
 def _opt_number(frame: Mapping[str, Any], name: str) -> float | None:
@@ -203,8 +204,8 @@ class MemberView:
         note = d.get("note", "")
         if not isinstance(note, str):
             raise _bad(f"{where}.note", f"{where}.note must be a string")
-        note = "".join(c for c in note if c.isprintable())[:NOTE_MAX]
-        return cls(_req_int(d, "index"), str(name), str(address), str(role), str(state),
+        note = plain(note, NOTE_MAX)
+        return cls(_req_int(d, "index"), plain(str(name)), str(address), str(role), str(state),
                    _req_int(rep, "done"), _req_int(rep, "total"), note)
 
 
