@@ -27,7 +27,7 @@ from crowdd.job.membership import POLL_SECS, Members, MembersWatcher
 from crowdd.job.server import cap_threads, reachable, spawn
 from crowdd.job.spec import INDEX_FILE, JobSpec
 from crowdd.manifest import Layout, Manifest, ManifestError
-from crowdd.platform.process import lower_priority, watch_parent
+from crowdd.platform.process import host_pid, lower_priority, watch_parent
 
 log = logging.getLogger(__name__)
 
@@ -248,8 +248,8 @@ def run_host(spec: JobSpec, layout: Layout, events: EventWriter) -> int:
             role="host",
             index=0,
             ports=spec.own_ports(),
-            pid=os.getpid(),
-            children={k: p.pid for k, p in children.procs.items()},
+            pid=host_pid(),  # as the daemon, outside the job's PID namespace, knows them
+            children={k: host_pid(p.pid) for k, p in children.procs.items()},
         )
         connected = threading.Event()
         watch_start(spec, children, fatal, connected, stop, reachable,

@@ -18,6 +18,7 @@ from crowdd.job import EXIT_FAILED, EXIT_OK
 from crowdd.job.events import EventWriter
 from crowdd.job.host import Children, start_servers
 from crowdd.job.spec import INDEX_FILE, JobSpec
+from crowdd.platform.process import host_pid
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +47,8 @@ def run_worker(spec: JobSpec, events: EventWriter) -> int:
             return EXIT_FAILED
         server = children.procs["worker"]
         events.emit(
-            "started", role="worker", index=spec.index, ports=spec.own_ports(), pid=os.getpid(),
-            children={"worker": server.pid},
+            "started", role="worker", index=spec.index, ports=spec.own_ports(), pid=host_pid(),
+            children={"worker": host_pid(server.pid)},
         )
         while True:
             code = server.poll()

@@ -26,7 +26,7 @@ from typing import Any
 
 import psutil
 
-from crowdd.platform.process import SIGKILL, group_options, resume_group, signal_group, suspend_group
+from crowdd.platform.process import SIGKILL, group_options, left_group, resume_group, signal_group, suspend_group
 
 logger = logging.getLogger(__name__)
 
@@ -36,13 +36,15 @@ MEMORY_POLL = 1.0
 
 
 def group_memory_mb(pgid: int) -> float:
-    """The memory of every process in process group ``pgid``, in MB: the sum of their PSS
+    """The memory of every process in process group ``pgid`` (and of its leader's descendants
+    that left it), in MB: the sum of their PSS
     (shared pages split among those that map them, so TF's libraries count once), or RSS where
     PSS cannot be read."""
     total = 0
+    escaped = set(left_group(pgid))  # they left the group (setsid): still the job's
     for p in psutil.process_iter(["pid"]):
         try:
-            if os.getpgid(p.pid) != pgid:
+            if os.getpgid(p.pid) != pgid and p.pid not in escaped:
                 continue
             try:
                 total += p.memory_full_info().pss

@@ -84,6 +84,33 @@ def exit_with_parent(parent: int, code: int = 0) -> None:
     watch_parent(parent, leave)
 
 
+def host_pid(pid: int | None = None) -> int:
+    """This process's pid (or that of its child ``pid``, as this process sees it) in the PID
+    namespace of the mounted ``/proc``: what the daemon outside a job's PID namespace knows it
+    by. A confined job is its own PID namespace (:data:`crowdd.platform.userns.UNSHARE`), where
+    ``os.getpid()`` names nothing outside. Falls back to the pid given where ``/proc`` says nothing."""
+    try:
+        me = int(os.readlink("/proc/self"))
+    except (OSError, ValueError):
+        return os.getpid() if pid is None else pid
+    if pid is None:
+        return me
+    try:
+        kids = [int(k) for t in os.listdir(f"/proc/{me}/task")
+                for k in open(f"/proc/{me}/task/{t}/children").read().split()]  # noqa: SIM115
+    except (OSError, ValueError):
+        return pid
+    for kid in kids:
+        try:
+            with open(f"/proc/{kid}/status") as fh:
+                nspid = next((line.split()[1:] for line in fh if line.startswith("NSpid:")), [])
+        except OSError:
+            continue
+        if nspid and int(nspid[-1]) == pid:
+            return kid
+    return pid
+
+
 def lower_priority(nice: int) -> None:
     """Set this process's niceness to ``nice`` and, at 19, its CPU policy to SCHED_IDLE (Linux).
 
@@ -149,11 +176,32 @@ def signal_group(pid: int, sig: int) -> bool:
     Returns False if there was nothing to signal (or no right to)."""
     if not hasattr(os, "killpg"):  # pragma: no cover - Windows: the whole tree, via psutil
         return _signal_tree_windows(pid, sig)
+    escaped = left_group(pid)  # before the leader goes: its orphans cannot be found after
     try:
         os.killpg(pid, sig)
     except (ProcessLookupError, PermissionError):
         return False
+    for other in escaped:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(other, sig)
     return True
+
+
+def left_group(pid: int) -> list[int]:
+    """The descendants of ``pid`` that left its process group (``setsid``, ``setpgid``): a job's
+    process may, and must not escape a suspend, a stop or the memory cap by it."""
+    import psutil
+
+    out = []
+    try:
+        kids = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+    for p in kids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if os.getpgid(p.pid) != pid:
+                out.append(p.pid)
+    return out
 
 
 def suspend_group(pid: int) -> bool:
@@ -211,7 +259,9 @@ __all__ = [
     "die_with_parent",
     "exit_with_parent",
     "group_options",
+    "host_pid",
     "kill_group",
+    "left_group",
     "lower_priority",
     "resume_group",
     "signal_group",

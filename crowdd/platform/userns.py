@@ -30,7 +30,10 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-UNSHARE = ("unshare", "--user", "--map-root-user", "--net", "--")
+#: a new user, network and PID namespace; the relay is the PID namespace's init, so when it
+#: dies (``--kill-child``: when ``unshare`` does) every process of the job dies with it, however
+#: it left the job's process group (``setsid``, a double fork)
+UNSHARE = ("unshare", "--user", "--map-root-user", "--net", "--pid", "--kill-child", "--")
 _SIOCGIFFLAGS = 0x8913
 _SIOCSIFFLAGS = 0x8914
 _IFF_UP = 0x1
@@ -59,7 +62,7 @@ def loopback_up() -> None:
 
 
 def confined(argv: Sequence[str]) -> list[str]:
-    """``argv`` run in a new user + network namespace."""
+    """``argv`` run in a new user + network + PID namespace."""
     return [*UNSHARE, *argv]
 
 

@@ -131,7 +131,7 @@ def test_the_job_goes_when_its_relay_does(tmp_path: Path) -> None:
     directory = socket_dir()
     relay = RelaySetup(directory, (), (), isolated=True)
     argv = [sys.executable, "-m", "crowdd.job.confine", *relay.argv(), "--", sys.executable, "-c",
-            "import os, time; print(os.getpid(), flush=True); time.sleep(600)"]
+            "import os, time; print(os.readlink('/proc/self'), flush=True); time.sleep(600)"]
     proc = subprocess.Popen(confined(argv), stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
@@ -139,5 +139,39 @@ def test_the_job_goes_when_its_relay_does(tmp_path: Path) -> None:
         proc.kill()  # the relay alone, not its process group
         proc.wait(10)
         job.wait(10)  # raises TimeoutExpired if the job outlived its relay
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_a_process_that_leaves_the_job_still_goes_with_its_relay_and_is_known_by_its_pid(tmp_path: Path) -> None:
+    """A graph's process double-forks and calls ``setsid()``: out of the job's process group and
+    parentage, it is still in the job's PID namespace, whose init is the relay; when the relay
+    dies, it dies. The pids a job reports (``host_pid``) name its processes outside."""
+    import psutil
+
+    directory = socket_dir()
+    relay = RelaySetup(directory, (), (), isolated=True)
+    escape = ("import os, sys, time\n"
+              "from crowdd.platform.process import host_pid\n"
+              "r, w = os.pipe()\n"
+              "if os.fork() == 0:\n"
+              "    os.setsid()\n"
+              "    if os.fork() == 0:\n"
+              "        os.write(w, str(host_pid()).encode()); time.sleep(600)\n"
+              "    os._exit(0)\n"
+              "os.wait()\n"
+              "print(host_pid(), os.read(r, 20).decode(), flush=True); time.sleep(600)\n")
+    argv = [sys.executable, "-m", "crowdd.job.confine", *relay.argv(), "--", sys.executable, "-c", escape]
+    proc = subprocess.Popen(confined(argv), stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        job_pid, orphan_pid = map(int, proc.stdout.readline().split())
+        job, orphan = psutil.Process(job_pid), psutil.Process(orphan_pid)
+        assert "-c" in job.cmdline() and "-c" in orphan.cmdline()  # the pids name them out here
+        assert os.getpgid(orphan_pid) != os.getpgid(job_pid) and orphan.ppid() != job_pid  # it left
+        proc.kill()  # unshare alone: the relay goes with it (--kill-child), and the namespace with the relay
+        proc.wait(10)
+        job.wait(10)
+        orphan.wait(10)  # raises TimeoutExpired if it outlived its job
     finally:
         shutil.rmtree(directory, ignore_errors=True)

@@ -208,8 +208,8 @@ HUNGRY_JOB = textwrap.dedent(
     """
     import json, subprocess, sys, time
     mb = int(sys.argv[1])
-    grow = "b = bytearray(%d << 20); import time; time.sleep(600)"
-    child = subprocess.Popen([sys.executable, "-c", grow % mb])
+    grow = "import os, sys, time\\nif 'setsid' in sys.argv: os.setsid()\\nb = bytearray(%d << 20); time.sleep(600)"
+    child = subprocess.Popen([sys.executable, "-c", grow % mb, *(["setsid"] if "--setsid" in sys.argv else [])])
     print(json.dumps({"event": "started", "pid": child.pid}), flush=True)
     hold = bytearray(mb << 20)
     print(json.dumps({"event": "progress", "step": 1}), flush=True)
@@ -235,6 +235,42 @@ async def test_a_job_over_its_memory_cap_is_stopped_with_a_clear_error(tmp_path:
     assert 200 < used < 600, sup.last_error
     assert events[-1] == {"event": "error", "message": sup.last_error}
     assert await wait_gone(child)
+
+
+async def test_a_child_that_leaves_the_group_is_still_capped_suspended_and_stopped(tmp_path: Path) -> None:
+    """A graph's process calls ``setsid()`` to leave the job's process group: its memory still
+    counts against the cap (2 x 150 MB > 200 MB: killed, with the error), and a suspend or stop
+    reaches it. The control: under the cap with the same escape, it runs to its end."""
+    script = tmp_path / "hungry.py"
+    script.write_text(HUNGRY_JOB)
+    events: list[dict[str, Any]] = []
+    sup = JobSupervisor([sys.executable, str(script), "150", "--stay", "--setsid"], on_event=events.append,
+                        max_memory_mb=200)
+    await sup.start()
+    code = await asyncio.wait_for(sup.wait(), 30)
+    child = int(next(e for e in events if e["event"] == "started")["pid"])
+    assert code == -signal.SIGKILL and sup.memory_exceeded, (code, sup.last_error)
+    assert await wait_gone(child)
+
+    events.clear()
+    sup = JobSupervisor([sys.executable, str(script), "20", "--stay", "--setsid"], on_event=events.append,
+                        max_memory_mb=400)
+    await sup.start()
+    while not any(e["event"] == "progress" for e in events):
+        await asyncio.sleep(0.05)
+    child = int(next(e for e in events if e["event"] == "started")["pid"])
+    for _ in range(100):  # it leaves the group as it starts
+        if os.getpgid(child) != sup.pid:
+            break
+        await asyncio.sleep(0.05)
+    assert os.getpgid(child) != sup.pid
+    sup.suspend()
+    await asyncio.sleep(0.3)
+    assert psutil.Process(child).status() == psutil.STATUS_STOPPED
+    sup.resume()
+    await sup.stop(grace=1.0)
+    assert await wait_gone(child)
+    assert not sup.memory_exceeded
 
 
 async def test_a_job_under_its_memory_cap_runs_to_its_end(tmp_path: Path) -> None:
