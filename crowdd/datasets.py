@@ -17,6 +17,7 @@ Fashion-MNIST (70k × 784) converts in about a second.
 
 from __future__ import annotations
 
+import io
 import csv
 import gzip
 import logging
@@ -44,6 +45,8 @@ log = logging.getLogger(__name__)
 MAX_CLASSES = 100_000
 #: the largest IDX body read (uncompressed): a gzipped file is never inflated past it
 MAX_IDX_BYTES = 4 << 30
+#: the largest CSV read (uncompressed): a gzipped one is never inflated past it
+MAX_CSV_BYTES = 4 << 30
 #: At most this fraction of the rows may be classes: more looks like a quantity to predict
 #: (a regression target such as scikit-learn's diabetes, 347 "classes" for 442 rows).
 MAX_CLASS_FRACTION = 0.5
@@ -360,15 +363,18 @@ def read_csv_table(path: Path) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "input contained no data": checked below
-            table = np.loadtxt(
-                path,
-                delimiter=",",
-                skiprows=1 if header else 0,
-                ndmin=2,
-                dtype=np.float64,
-                comments=None,
-                quotechar='"',
-            )
+            with _open_text(path) as fh:
+                table = np.loadtxt(
+                    fh,
+                    delimiter=",",
+                    skiprows=1 if header else 0,
+                    ndmin=2,
+                    dtype=np.float64,
+                    comments=None,
+                    quotechar='"',
+                )
+    except DatasetError:
+        raise
     except ValueError as exc:
         _diagnose_csv(path, header)
         raise DatasetError(f"{path}: {exc}") from None
@@ -462,9 +468,33 @@ def _line_of(path: Path, row: int) -> int:
     return row + 1 + int(header)
 
 
+class _Inflated(io.RawIOBase):
+    """A gzip file's content, refused past :data:`MAX_CSV_BYTES` (a gzip bomb stops there)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self._path = path
+        self._gz = gzip.open(path, "rb")  # noqa: SIM115 - closed with this stream
+        self._seen = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = self._gz.readinto(buffer)
+        self._seen += n
+        if self._seen > MAX_CSV_BYTES:
+            raise DatasetError(f"{self._path}: inflates past {MAX_CSV_BYTES:,} bytes; a CSV is at most that")
+        return n
+
+    def close(self) -> None:
+        self._gz.close()
+        super().close()
+
+
 def _open_text(path: Path) -> IO[str]:
     if path.name.lower().endswith(".gz"):
-        return gzip.open(path, "rt", newline="")
+        return io.TextIOWrapper(io.BufferedReader(_Inflated(path)), newline="")
     return open(path, newline="")
 
 

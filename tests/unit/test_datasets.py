@@ -643,3 +643,19 @@ def test_a_gzip_bomb_is_inflated_no_further_than_its_idx_header_says(tmp_path: P
     honest = tmp_path / "honest-idx2-ubyte.gz"
     honest.write_bytes(gzip.compress(header + bytes(range(100))))
     assert read_idx(honest).reshape(-1).tolist() == list(range(100))
+
+
+def test_a_gzipped_csv_is_inflated_no_further_than_the_cap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A .csv.gz that inflates past the cap is refused as it is read (the cap lowered to 1 MiB
+    here; 4 GiB in use); the control, the same rows under the cap, loads."""
+    import crowdd.datasets as ds
+
+    rows = b"".join(b"%d,%d,%d\n" % (i % 2, i, i + 1) for i in range(200_000))  # about 2.6 MB
+    big = tmp_path / "big.csv.gz"
+    big.write_bytes(gzip.compress(rows))
+    monkeypatch.setattr(ds, "MAX_CSV_BYTES", 1 << 20)
+    with pytest.raises(DatasetError, match="inflates past 1,048,576 bytes"):
+        ds.read_csv_table(big)
+    small = tmp_path / "small.csv.gz"
+    small.write_bytes(gzip.compress(b"".join(rows.splitlines(keepends=True)[:5000])))
+    assert ds.read_csv_table(small).shape[1] == 3
