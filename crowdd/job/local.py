@@ -23,7 +23,7 @@ from crowdd.node.launcher import job_cluster, sandbox_argv
 from crowdd.node.ports import free_ports
 from crowdd.node.tunnels import RelaySetup
 from crowdd.platform.userns import confined
-from crowdd.platform.process import group_options, kill_group
+from crowdd.platform.process import SAFE_PATH, group_options, kill_group
 
 
 @dataclass
@@ -110,12 +110,12 @@ def run_cluster(
         for i in order:
             fh = open(root / f"member{i}.log", "wb")  # noqa: SIM115 - closed in finally
             logs.append(fh)
-            argv = [sys.executable, "-P", "-m", "crowdd.job", "host" if i == 0 else "worker", "--spec", str(root / f"member{i}" / "spec.json")]
+            argv = [sys.executable, SAFE_PATH, "-m", "crowdd.job", "host" if i == 0 else "worker", "--spec", str(root / f"member{i}" / "spec.json")]
             if relays is not None:
                 relay = relays[i]
                 jail = sandbox_argv(root / f"member{i}", data, job_cluster(cluster, "host" if i == 0 else "worker")) \
                     if sandbox else []
-                argv = [sys.executable, "-P", "-m", "crowdd.job.confine", *relay.argv(), *jail, "--", *argv]
+                argv = [sys.executable, SAFE_PATH, "-m", "crowdd.job.confine", *relay.argv(), *jail, "--", *argv]
                 argv = confined(argv) if relay.isolated else argv
             procs.append(
                 subprocess.Popen(

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 
 from crowdd.config import parse_hostport
-from crowdd.platform.process import exit_with_parent, lower_priority
+from crowdd.platform.process import SAFE_PATH, exit_with_parent, lower_priority
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def spawn(
 ) -> subprocess.Popen:
     """Start a server child of this process; its stdout says ``ready`` once it listens."""
     cmd = [
-        sys.executable, "-P", "-m", "crowdd.job.server",
+        sys.executable, SAFE_PATH, "-m", "crowdd.job.server",
         "--cluster", json.dumps(cluster), "--job", job_name, "--task", str(task),
         "--threads", str(threads), "--nice", str(nice), "--parent", str(os.getpid()),
     ]

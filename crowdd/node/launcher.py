@@ -18,6 +18,7 @@ from typing import Any
 from crowdd.errors import CrowddError
 from crowdd.platform import jobfiles
 from crowdd.platform.jobenv import job_env
+from crowdd.platform.process import SAFE_PATH
 from crowdd.config import parse_hostport
 from crowdd.job.spec import Cluster, JobSpec, Settings, port_of, spec_json
 from crowdd.manifest import Manifest
@@ -99,7 +100,7 @@ class JobLauncher:
         jobfiles.write(workdir, "spec.json", spec_json(spec))
         res.release_tf()
         env = job_env(self._env, workdir, spec.settings.threads)  # an allowlist: never the daemon's own
-        command = [self._python, "-P", "-m", "crowdd.job.confine", *relay.argv(), *(sandbox_argv(workdir, data, spec.cluster, self._guard) if limits.sandbox else []),
+        command = [self._python, SAFE_PATH, "-m", "crowdd.job.confine", *relay.argv(), *(sandbox_argv(workdir, data, spec.cluster, self._guard) if limits.sandbox else []),
                    "--", *job_command(role, spec_path, self._python)]
         if relay.isolated:
             command = confined(command)

@@ -26,7 +26,7 @@ from typing import Any
 
 import psutil
 
-from crowdd.platform.process import SIGKILL, group_options, left_group, resume_group, signal_group, suspend_group
+from crowdd.platform.process import SAFE_PATH, SIGKILL, group_options, left_group, resume_group, signal_group, suspend_group
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class JobError(Exception):
 
 
 def job_command(role: str, spec_path: Path, python: str = sys.executable) -> list[str]:
-    return [python, "-P", "-m", "crowdd.job", role, "--spec", str(spec_path)]
+    return [python, SAFE_PATH, "-m", "crowdd.job", role, "--spec", str(spec_path)]
 
 
 class JobSupervisor:

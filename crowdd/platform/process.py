@@ -84,6 +84,12 @@ def exit_with_parent(parent: int, code: int = 0) -> None:
     watch_parent(parent, leave)
 
 
+#: how every job process starts Python: its work directory, which the group's graphs can write,
+#: is never on ``sys.path`` (``-P``, Python 3.11+; 3.10 has only ``-I``, which also ignores
+#: ``PYTHONPATH`` and the user's site-packages)
+SAFE_PATH = "-P" if sys.version_info >= (3, 11) else "-I"
+
+
 def host_pid(pid: int | None = None) -> int:
     """This process's pid (or that of its child ``pid``, as this process sees it) in the PID
     namespace of the mounted ``/proc``: what the daemon outside a job's PID namespace knows it
@@ -256,6 +262,7 @@ __all__ = [
     "SIGCONT",
     "SIGKILL",
     "SIGSTOP",
+    "SAFE_PATH",
     "die_with_parent",
     "exit_with_parent",
     "group_options",

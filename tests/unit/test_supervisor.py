@@ -16,7 +16,7 @@ from typing import Any
 import psutil
 import pytest
 
-from crowdd.platform.process import group_options, kill_group, signal_group
+from crowdd.platform.process import SAFE_PATH, group_options, kill_group, signal_group
 from crowdd.node.supervisor import JobError, JobSupervisor, job_command
 
 pytestmark = pytest.mark.timeout(60)
@@ -184,7 +184,7 @@ async def test_missing_program_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_job_command() -> None:
-    assert job_command("worker", Path("/s.json"), "/py") == ["/py", "-P", "-m", "crowdd.job", "worker", "--spec", "/s.json"]
+    assert job_command("worker", Path("/s.json"), "/py") == ["/py", SAFE_PATH, "-m", "crowdd.job", "worker", "--spec", "/s.json"]
 
 
 def test_a_module_planted_in_the_work_directory_never_runs(tmp_path: Path) -> None:
@@ -198,9 +198,9 @@ def test_a_module_planted_in_the_work_directory_never_runs(tmp_path: Path) -> No
     done = subprocess.run(argv, cwd=tmp_path, capture_output=True, timeout=60)
     assert not marker.exists(), marker.read_text()
     assert done.returncode != 99 and b"no-spec.json" in done.stdout + done.stderr  # it ran and refused the spec
-    unsafe = [a for a in argv if a != "-P"]
+    unsafe = [a for a in argv if a != SAFE_PATH]
     assert subprocess.run(unsafe, cwd=tmp_path, capture_output=True, timeout=60).returncode == 99
-    assert marker.exists()  # the attack is real without -P
+    assert marker.exists()  # the attack is real without it
 
 
 # A job whose TF-server-like child grows: each holds `mb` MB, touched (resident), then sleeps.
