@@ -15,8 +15,9 @@ probe below instead of crowdd. The probe, as the service user in that sandbox:
 - runs ``unshare --user --map-root-user --net -- python3 -c CHILD``, where CHILD brings ``lo``
   up (SIOCSIFFLAGS as the mapped root), serves and connects on 127.0.0.1, sees only ``lo``,
   and reports back over both Unix sockets (crossing the network namespace);
-- tries ``unshare --user --map-root-user`` with ``--mount``, ``--pid``, ``--ipc``, ``--uts``
-  and ``--cgroup``, which RestrictNamespaces=user net must refuse.
+- tries ``unshare --user --map-root-user`` with ``--mount``, ``--ipc``, ``--uts`` and
+  ``--cgroup``, which RestrictNamespaces=user net pid must refuse (crowdd's own probe, run
+  there too, makes the job's user + network + PID namespaces).
 
 A second boot with ``RestrictNamespaces=yes`` (the unit before jobs were confined) shows the
 probe can tell the difference. Needs root, systemd, util-linux unshare, cgroup2 and overlayfs.
@@ -44,7 +45,7 @@ BOOT_TIMEOUT = 90
 
 # The service cannot see /root or /home (ProtectHome=yes): the probe needs a system python.
 PYTHON = next((p for p in ("/usr/bin/python3", "/usr/local/bin/python3") if os.access(p, os.X_OK)), None)
-NAMESPACES_REFUSED = ("mount", "pid", "ipc", "uts", "cgroup")
+NAMESPACES_REFUSED = ("mount", "ipc", "uts", "cgroup")
 
 
 def _why_not() -> str | None:

@@ -182,7 +182,7 @@ def test_daemon_unit_settings() -> None:
     assert {"AF_UNIX", "AF_INET", "AF_INET6"} <= set(families)
     assert values(unit, "PrivateNetwork") in ([], ["no"])  # it serves peers over the network
     # a job's private network needs exactly a user and a network namespace, and nothing more
-    assert values(unit, "RestrictNamespaces") == ["user net"]
+    assert values(unit, "RestrictNamespaces") == ["user net pid"]
     # nothing writable outside the state/runtime/log directories
     assert not values(unit, "ReadWritePaths")
 
