@@ -129,10 +129,11 @@ SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
 
 def why_not_served(sock: Any) -> str | None:
     """Why the process at the other end of Unix socket ``sock`` may not use the daemon (None:
-    it may). A confined job lives in another user namespace; a peer whose namespace cannot be
-    read is refused too (it is gone, or its pid now names another process), except a process of
-    another user, whose namespaces are not ours to see and which no job of ours can be. Fails
-    open only where the platform has no peer credentials (not Linux)."""
+    it may). A confined job lives in another user namespace; a peer of this user whose namespace
+    cannot be read is refused too (it is gone, or its pid now names another process). A process
+    of another user is never one of our jobs (they run as this user), whether or not its
+    namespaces are ours to see. Fails open only where the platform has no peer credentials
+    (not Linux)."""
     opt = getattr(socket, "SO_PEERCRED", None)
     if opt is None:
         return None
@@ -146,10 +147,10 @@ def why_not_served(sock: Any) -> str | None:
     try:
         try:
             theirs = os.readlink(f"/proc/{pid}/ns/user")
-        except PermissionError:
-            return None if uid != os.getuid() and os.getuid() != 0 else "its user namespace cannot be read"
         except OSError:
-            return "it is gone (its user namespace cannot be read)"
+            # a job runs as this daemon's user: another user's process (hidden from us, or not
+            # ours to inspect: a service's ProtectProc=invisible) is never one of its jobs
+            return None if uid != os.getuid() else "it is gone (its user namespace cannot be read)"
         if pidfd >= 0:  # the pid still names the peer (not a process started since with its pid)
             try:
                 signal.pidfd_send_signal(pidfd, 0)

@@ -67,7 +67,9 @@ def relay_of(node: Node) -> psutil.Process:
     """The node's job relay (``crowdd.job.confine``): it lives in the job's namespaces."""
     for p in psutil.process_iter(["cmdline"]):
         cmd = p.info.get("cmdline") or []
-        if "crowdd.job.confine" in cmd and any(str(node.root) in a for a in cmd):
+        # the relay itself, not the `unshare` that started it (whose arguments name it too)
+        if cmd[1:4] in (["-P", "-m", "crowdd.job.confine"], ["-I", "-m", "crowdd.job.confine"]) \
+                and any(str(node.root) in a for a in cmd):
             return p
     raise AssertionError(f"{node.name} runs no job")
 
