@@ -258,7 +258,10 @@ class Container:
         return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
     def host_pid(self, pid: int) -> int:
-        """This machine's PID of the container's process ``pid`` (to read its /proc/PID/status)."""
+        """This machine's PID of the container's process ``pid`` (to read its /proc/PID/status).
+        A process in a PID namespace of its own inside the container (a confined job) has more
+        ids: the container's is the one at PID 1's depth."""
+        depth = len(_nspid(self.pid1)) - 1
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
                 continue
@@ -269,9 +272,9 @@ class Container:
             for line in status.splitlines():
                 if line.startswith("NSpid:"):
                     ids = line.split()[1:]
-                    if len(ids) >= 2 and ids[-1] == str(pid) and _in_container(int(entry.name), self.pid1):
+                    if len(ids) > depth and ids[depth] == str(pid) and _in_container(int(entry.name), self.pid1):
                         return int(entry.name)
-        raise LookupError(f"no process {pid} in the container")
+        raise LookupError(f"no process {pid} in the container (its PID 1: NSpid {_nspid(self.pid1)})")
 
     def console(self) -> str:
         return b"".join(self._console).decode(errors="replace")
@@ -287,11 +290,30 @@ class Container:
             self._console.append(data)
 
 
+def _nspid(pid: int) -> list[str]:
+    """The ``NSpid:`` ids of process ``pid`` (outermost first)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("NSpid:"):
+            return line.split()[1:]
+    return [str(pid)]
+
+
 def _in_container(host_pid: int, pid1: int) -> bool:
+    """Whether ``host_pid`` is in the container: in its PID namespace, or below its PID 1 (a
+    confined job has a PID namespace of its own inside the container's)."""
     try:
-        return os.readlink(f"/proc/{host_pid}/ns/pid") == os.readlink(f"/proc/{pid1}/ns/pid")
-    except OSError:
+        if os.readlink(f"/proc/{host_pid}/ns/pid") == os.readlink(f"/proc/{pid1}/ns/pid"):
+            return True
+        p = host_pid
+        for _ in range(64):
+            p = int(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            if p == pid1:
+                return True
+            if p <= 1:
+                return False
+    except (OSError, ValueError, IndexError):
         return False
+    return False
 
 
 class _suppress:
