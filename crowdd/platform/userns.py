@@ -101,16 +101,6 @@ def probe(python: str = sys.executable) -> Confinement:
     return result
 
 
-def in_other_user_namespace(pid: int) -> bool:
-    """Whether process ``pid`` is known to live in another user namespace than this process
-    (a confined job does). False where that cannot be read (not Linux; another user's process,
-    whose namespaces are not ours to see)."""
-    try:
-        return os.readlink(f"/proc/{pid}/ns/user") != os.readlink("/proc/self/ns/user")
-    except OSError:
-        return False
-
-
 def peer_pid(sock: Any) -> int | None:
     """The pid of the process at the other end of a Unix stream socket (Linux: SO_PEERCRED)."""
     opt = getattr(socket, "SO_PEERCRED", None)
@@ -166,5 +156,5 @@ def why_not_served(sock: Any) -> str | None:
             os.close(pidfd)
 
 
-__all__ = ["Confinement", "confined", "in_other_user_namespace", "loopback_up", "peer_pid", "probe", "probe_now",
+__all__ = ["Confinement", "confined", "loopback_up", "peer_pid", "probe", "probe_now",
            "why_not_served"]
