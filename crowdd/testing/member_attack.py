@@ -25,13 +25,14 @@ opened it: run it in the victim's network namespace to see whether a ``--connect
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import socket
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 CONNECT_WAIT = 8.0
@@ -64,19 +65,20 @@ def attack(target: str, reads: Sequence[str], lists: Sequence[str], writes: Sequ
         return out
     with tf.device(VICTIM):
         try:
-            out["ran_op"] = int((tf.constant(1) + tf.constant(1)).numpy()) == 2
+            out["ran_op"] = int(_settled(lambda: (tf.constant(1) + tf.constant(1)).numpy(), context)) == 2
         except Exception as exc:  # noqa: BLE001
             out["error"] = _short(exc)
         for path in reads:
             try:
-                data = tf.io.read_file(path).numpy()
+                data = _settled(functools.partial(_numpy, tf.io.read_file, path), context)
                 out["read"][path] = {"ok": True, "content": data[:64].decode("utf-8", "replace"),
                                      "found": bool(find) and find.encode() in data}
             except Exception as exc:  # noqa: BLE001
                 out["read"][path] = {"ok": False, "error": _short(exc)}
         for d in lists:
             try:
-                names = [n.decode() for n in tf.io.matching_files(f"{d.rstrip('/')}/*").numpy()]
+                found = _settled(functools.partial(_numpy, tf.io.matching_files, f"{d.rstrip('/')}/*"), context)
+                names = [n.decode() for n in found]
                 out["list"][d] = {"ok": bool(names), "names": names[:10]}
             except Exception as exc:  # noqa: BLE001
                 out["list"][d] = {"ok": False, "error": _short(exc)}
@@ -91,6 +93,24 @@ def attack(target: str, reads: Sequence[str], lists: Sequence[str], writes: Sequ
         for port in connects:
             out["connect"][str(port)] = _connect(tf, port)
     return out
+
+
+def _numpy(op: Callable[[str], Any], arg: str) -> Any:
+    return op(arg).numpy()
+
+
+def _settled(op: Callable[[], Any], context: Any, tries: int = 3) -> Any:
+    """``op()``, asked again when TF lost track of its remote output ("Unable to find the
+    relevant tensor remote_handle": seen against a busy coordinator) rather than giving the
+    op's own verdict; any other error, or the last try's, is raised."""
+    for left in range(tries - 1, -1, -1):
+        try:
+            return op()
+        except Exception as exc:  # noqa: BLE001 - only the lost-handle error is retried
+            if left == 0 or "remote_handle" not in str(exc):
+                raise
+            context.async_clear_error()
+    raise AssertionError("unreachable")
 
 
 def _connect(tf: Any, port: int) -> dict[str, Any]:

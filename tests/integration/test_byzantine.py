@@ -42,11 +42,11 @@ def train(root: Path, data: Prepared, epochs: int, bad: str = "", settings: dict
 
 
 def expelled_within(run: RunResult, verdicts: list[dict[str, Any]], slot: int) -> int:
-    """How many of ``slot``'s changes were checked up to its expulsion (fails if it never was)."""
+    """How many of ``slot``'s changes were rejected up to its expulsion (fails if it never was)."""
     expel = [e for e in run.events if e["event"] == "expel" and e["task"] == slot]
     assert expel, f"slot {slot} was never expelled; its verdicts: {[v for v in verdicts if v['slot'] == slot][:6]}"
     assert str(slot) in run.done["validation"]["expelled"]  # type: ignore[index]
-    return len([v for v in verdicts if v["slot"] == slot])
+    return len([v for v in verdicts if v["slot"] == slot and not v["accepted"]])
 
 
 def honest_rejected(verdicts: list[dict[str, Any]], bad: set[int]) -> tuple[int, int]:
@@ -63,6 +63,7 @@ def test_one_and_two_bad_of_four_keep_the_clean_accuracy(fashion: Prepared, tmp_
 
     one, one_v = train(tmp_path / "one", fashion, 3, "3:sign-flip")
     assert one.done["test_accuracy"] >= base - 0.01, (one.done, base)  # type: ignore[index]
+    # three rejected changes expel (one merged before them is the exception asserted below)
     assert expelled_within(one, one_v, 3) <= 3
 
     two, two_v = train(tmp_path / "two", fashion, 3, "2:flip-labels,3:noise")
