@@ -14,6 +14,7 @@ from pathlib import Path
 from crowdd.job import EXIT_BAD_SPEC, EXIT_FAILED
 from crowdd.job.events import EventWriter
 from crowdd.job.spec import SpecError, load_layout, load_spec
+from crowdd.platform.process import undumpable
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,6 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--spec", required=True, help="the job spec (JSON, see docs/job-spec.md)")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
+    undumpable()  # before anything a graph could reach: its TF servers are its children
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         stream=sys.stderr,

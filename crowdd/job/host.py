@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from crowdd.job import EXIT_FAILED, EXIT_OK, MEMBERS_FILE, STOP_FILE
+from crowdd.job.arrivals import Arrivals
 from crowdd.job.card import CARD_NAME, build_card, usage, write_card
 from crowdd.job.events import EventWriter
 from crowdd.job.health import Diverged, all_finite, finite
@@ -487,6 +488,7 @@ class Coordinator:
         scheduled = done
         # (RemoteValue, steps, the model version its weights were handed out at)
         in_flight: list[tuple[Any, int, int]] = []
+        arrivals = Arrivals()
         last_eval: dict[str, Any] = {}
         evals_done = int(done // per_epoch) if done else 0
         inputs: dict[str, Any] = {"version": -1}
@@ -589,17 +591,23 @@ class Coordinator:
                                        "training cannot go on")
             announce(f"worker {slot} expelled")
 
-        def wait_any(timeout: float) -> int:
-            """The position of a finished function in ``in_flight`` (-1 after ``timeout``)."""
-            deadline = time.monotonic() + timeout
-            while True:
-                for k, (r, _n, _v) in enumerate(in_flight):
-                    if r._status_available_event.is_set():
-                        return k
-                left = deadline - time.monotonic()
-                if left <= 0 or not in_flight:
-                    return -1
-                in_flight[0][0]._status_available_event.wait(min(left, 0.02))
+        def dispatch() -> None:
+            """A round for every idle trainer, on the model as it is now."""
+            nonlocal scheduled
+            # scheduled counts steps done or in flight; a failed or rejected round's steps go back
+            while scheduled < total and len(in_flight) < max(1, len(elastic.attached())):
+                n = min(k_round, total - scheduled)
+                weights_in, slots_in = current_inputs()
+                try:
+                    rv = coordinator.schedule(round_fn, args=(iterator, weights_in, slots_in,
+                                                              tf.constant(rate["now"], tf.float32),
+                                                              tf.constant(n, tf.int32)))
+                except RETRYABLE as exc:  # an earlier function's error; TF cancelled the queue
+                    budget.failed(exc)
+                    continue
+                arrivals.watch(rv)
+                in_flight.append((rv, n, params.version))
+                scheduled += n
 
         def judge(slot: int, base_version: int, weight_change: Any, slot_change: Any) -> bool:
             """Validate one change and merge it if it passes (:class:`ChangeDesk`); False if
@@ -631,20 +639,8 @@ class Coordinator:
                 new = watcher.poll()
                 if new is not None:
                     apply(new)
-            # scheduled counts steps done or in flight; a failed or rejected round's steps go back
-            while scheduled < total and len(in_flight) < max(1, len(elastic.attached())):
-                n = min(k_round, total - scheduled)
-                weights_in, slots_in = current_inputs()
-                try:
-                    rv = coordinator.schedule(round_fn, args=(iterator, weights_in, slots_in,
-                                                              tf.constant(rate["now"], tf.float32),
-                                                              tf.constant(n, tf.int32)))
-                except RETRYABLE as exc:  # an earlier function's error; TF cancelled the queue
-                    budget.failed(exc)
-                    continue
-                in_flight.append((rv, n, params.version))
-                scheduled += n
-            k = wait_any(max(0.0, next_poll - time.monotonic()))
+            dispatch()
+            k = arrivals.wait([r for r, _n, _v in in_flight], max(0.0, next_poll - time.monotonic()))
             if k < 0:
                 continue
             rv, n, base_version = in_flight.pop(k)
@@ -667,6 +663,7 @@ class Coordinator:
                 continue
             done += n
             set_rate(done)
+            dispatch()  # its trainer idles no longer than the merge: bookkeeping and evaluations come after
             now = time.monotonic()
             ws = stats[slot]
             if finite(loss_sum) and finite(correct) and finite(samples):

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 
 from crowdd.config import parse_hostport
-from crowdd.platform.process import SAFE_PATH, exit_with_parent, lower_priority
+from crowdd.platform.process import SAFE_PATH, exit_with_parent, lower_priority, undumpable
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--nice", type=int, default=19)
     p.add_argument("--parent", type=int, default=0)
     args = p.parse_args(argv)
+    undumpable()  # its graphs run here: its /proc files stay closed to the job's other processes
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format=f"[{args.job}{args.task}] %(message)s")
     if args.parent:
         exit_with_parent(args.parent)

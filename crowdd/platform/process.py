@@ -8,6 +8,8 @@ demo's daemons, the test harnesses' nodes) goes through here:
   at lower priority and dying with its parent (set up in the child, before exec).
 * :func:`lower_priority` — niceness, and ``SCHED_IDLE`` at 19 (Linux); on Windows a child
   started with ``nice`` gets ``IDLE_PRIORITY_CLASS`` instead.
+* :func:`undumpable` (``PR_SET_DUMPABLE`` 0, Linux): a job process's ``/proc`` files closed
+  to its siblings.
 * :func:`die_with_parent` (``PR_SET_PDEATHSIG``, Linux) and :func:`watch_parent` (a polling
   thread, everywhere) / :func:`exit_with_parent` (both, for a process that must just go).
 * :func:`signal_group`, :func:`kill_group` (TERM, then KILL after a grace period),
@@ -35,6 +37,7 @@ SIGKILL: int = getattr(signal, "SIGKILL", signal.SIGTERM)
 SIGSTOP: int = getattr(signal, "SIGSTOP", -19)
 SIGCONT: int = getattr(signal, "SIGCONT", -18)
 _PR_SET_PDEATHSIG = 1
+_PR_SET_DUMPABLE = 4
 LINUX = sys.platform.startswith("linux")
 WINDOWS = sys.platform == "win32"
 
@@ -54,6 +57,23 @@ def die_with_parent(sig: int = SIGKILL) -> bool:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         return bool(libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
+
+
+def undumpable() -> bool:
+    """``PR_SET_DUMPABLE`` 0 (Linux): no process without ``CAP_SYS_PTRACE`` opens this one's
+    ``/proc/<pid>`` files that need ptrace access (``fd/*``, ``environ``, ``mem``, ``smaps``),
+    the daemon's user's other processes included, and no core dump is written. Every job
+    process sets it first thing: a graph on one of its TF servers cannot write the job's event
+    pipe through ``/proc/<job>/fd/1`` or read another job process's environment. An
+    ``execve`` resets it, so each process sets it itself. Returns whether it took effect.
+    """
+    if not LINUX:
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) == 0)
     except (OSError, AttributeError):
         return False
 
@@ -272,6 +292,7 @@ __all__ = [
     "lower_priority",
     "resume_group",
     "signal_group",
+    "undumpable",
     "suspend_group",
     "watch_parent",
 ]

@@ -9,6 +9,9 @@ server it starts, and the host's coordinator) is restricted before it serves any
   key, config, control socket, cache, other jobs) and the user's home are out of reach.
 - **TCP** (ABI >= 4): bind only the job's own TF ports, connect only to the cluster's ports.
 - **Scopes** (ABI >= 6): no abstract Unix sockets or signals outside the job.
+- **System calls** (seccomp, :mod:`crowdd.platform.syscalls`): no ``socket(AF_UNIX)`` (the
+  pathname Unix sockets Landlock below ABI 9 leaves open: D-Bus, ``systemd --user``,
+  ssh-agent), no io_uring.
 - **Privileges**: ``no_new_privs`` and an empty capability bounding set (the job runs as the
   mapped root of its user namespace: after ``exec`` it holds no capability there).
 
@@ -32,6 +35,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from crowdd.platform.syscalls import Filter, SyscallFilterError, compile_filter
 
 logger = logging.getLogger(__name__)
 
@@ -177,22 +182,25 @@ class Prepared:
     """A ruleset made from a policy in this process; :meth:`enforce` applies it to the calling
     thread (and everything it execs and forks) — call it in a forked child before ``exec``."""
 
-    def __init__(self, ruleset: Any, abi: int, cap_last: int) -> None:
+    def __init__(self, ruleset: Any, abi: int, cap_last: int, syscalls: Filter) -> None:
         self._ruleset = ruleset
         self.abi = abi
         self._cap_last = cap_last
+        self._syscalls = syscalls
         self._libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
     def enforce(self) -> None:
         """Drop every capability from the bounding set (a root in a user namespace re-gains
         none at ``exec``), then restrict (which sets ``no_new_privs`` first). Only system
-        calls: safe between fork and exec."""
+        calls: safe between fork and exec. Then the syscall filter (:mod:`crowdd.platform.syscalls`),
+        which needs the ``no_new_privs`` that restricting set."""
         for cap in range(self._cap_last + 1):
             if self._libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
                 err = ctypes.get_errno()
                 if err != 1:  # EPERM: not ours to drop (no CAP_SETPCAP) — nothing to drop then
                     raise OSError(err, f"cannot drop capability {cap}")
         self._ruleset.restrict()
+        self._syscalls.install()
 
     def close(self) -> None:
         self._ruleset.close()
@@ -230,8 +238,13 @@ def prepare(policy: SandboxPolicy) -> Prepared:
     except BaseException:
         ruleset.close()
         raise
-    cap_last = int(Path("/proc/sys/kernel/cap_last_cap").read_text().strip())
-    return Prepared(ruleset, abi, cap_last)
+    try:
+        syscalls = compile_filter()
+        cap_last = int(Path("/proc/sys/kernel/cap_last_cap").read_text().strip())
+    except SyscallFilterError as exc:
+        ruleset.close()
+        raise SandboxError(str(exc)) from None
+    return Prepared(ruleset, abi, cap_last, syscalls)
 
 
 def close_nested_user_namespaces() -> str | None:

@@ -74,6 +74,15 @@ def relay_of(node: Node) -> psutil.Process:
     raise AssertionError(f"{node.name} runs no job")
 
 
+def job_pid(node: Node) -> int:
+    """The node's job process (``python -m crowdd.job ROLE``): its stdout is the daemon's event pipe."""
+    for p in job_tree(node):
+        cmd = p.cmdline()
+        if "crowdd.job" in cmd and "crowdd.job.server" not in cmd:
+            return p.pid
+    raise AssertionError(f"{node.name}'s job process is not below its relay")
+
+
 def job_tree(node: Node) -> list[psutil.Process]:
     """The node's job and TF servers (below its relay, which is not sandboxed: no TF in it)."""
     return relay_of(node).children(recursive=True)
@@ -184,9 +193,18 @@ async def test_a_malicious_member_touches_nothing_outside_the_job(crowd: Crowd, 
                 listener(relays["worker-2"], 300) as seen_2:
             gate = asyncio.Semaphore(2)
 
+            # each job's own process: a graph reads its environment or writes its event pipe
+            # (/proc/<pid>/fd/1) through /proc; the coordinator is the host's job process itself
+            jobs = {n.name: job_pid(n) for n in crowd.nodes}
+            siblings: dict[str, list[str]] = {}
+
             async def one(label: str, netns: int, target: str) -> None:
+                pids = [pid for name, pid in jobs.items() if not (label.endswith("host coordinator") and name == "host")]
+                siblings[label] = [*(f"/proc/{pid}/environ" for pid in pids), *(f"/proc/{pid}/fd/1" for pid in pids)]
+                extra = [*(a for pid in pids for a in ("--read", f"/proc/{pid}/environ")),
+                         *(a for pid in pids for a in ("--write", f"/proc/{pid}/fd/1"))]
                 async with gate:
-                    results[label] = await attack(netns, target, what)
+                    results[label] = await attack(netns, target, [*what, *extra])
 
             # a worker tries every address of the group and every port listening in its namespace
             listening = await listening_ports(relays["worker-1"])
@@ -210,7 +228,11 @@ async def test_a_malicious_member_touches_nothing_outside_the_job(crowd: Crowd, 
                 continue
             assert got["ran_op"], f"{label}: the attack did not reach the server: {got.get('error')}"
             assert got["read"]["spec.json"]["ok"] and got["write"]["member-wrote-here"]["ok"], (label, got)
+            assert got["read"]["/proc/self/environ"]["ok"], (label, got["read"]["/proc/self/environ"])  # its own: readable
             assert not got["read"]["/proc/self/environ"].get("found"), f"{label} read the daemon's {CANARY_VAR}"
+            for path in siblings[label]:  # another process of a job (PR_SET_DUMPABLE 0)
+                got_it = got["read"].get(path) or got["write"].get(path)
+                assert got_it is not None and not got_it["ok"], f"{label} opened {path}: {got_it}"
             for r in reads:
                 assert not got["read"][r]["ok"], f"{label} read {r}: {got['read'][r]}"
                 assert "Permission denied" in got["read"][r]["error"], (label, r, got["read"][r])

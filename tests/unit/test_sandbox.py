@@ -49,6 +49,18 @@ PROBE = textwrap.dedent("""
         def abstract(name=name):
             s = socket.socket(socket.AF_UNIX); s.connect("\\0" + name); s.close()
         attempt(f"abstract{i}", abstract)
+    for i, path in enumerate(args["unix"]):
+        def unix(path=path):
+            s = socket.socket(socket.AF_UNIX); s.connect(path); s.close()
+        attempt(f"unix{i}", unix)
+    if args.get("io_uring"):
+        import ctypes
+        params = ctypes.create_string_buffer(120)  # struct io_uring_params
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = libc.syscall(425, 4, params)  # io_uring_setup(4 entries)
+        out["io_uring"] = "ok" if fd >= 0 else os.strerror(ctypes.get_errno())
+        if fd >= 0:
+            os.close(fd)
     status = open("/proc/self/status").read()
     out["caps"] = status.split("CapEff:")[1].split()[0]
     out["no_new_privs"] = status.split("NoNewPrivs:")[1].split()[0]
@@ -80,7 +92,7 @@ def confine_argv(tmp: Path, workdir: Path, *, data: Path | None = None, isolated
 
 def run_probe(argv: list[str] | None, **what: object) -> dict[str, str]:
     """The probe under ``argv`` (a confine command line), or as a plain child (None): the control."""
-    args = {"read": [], "write": [], "list": [], "connect": [], "bind": [], "signal": [], "abstract": [], **what}
+    args = {"read": [], "write": [], "list": [], "connect": [], "bind": [], "signal": [], "abstract": [], "unix": [], **what}
     prefix = [] if argv is None else [*argv, "--"]
     done = subprocess.run([*prefix, sys.executable, "-c", PROBE, json.dumps(args)], capture_output=True,
                           text=True, timeout=60, stdin=subprocess.DEVNULL)
@@ -168,6 +180,24 @@ def test_no_signals_or_abstract_sockets_outside_the_job(layout: dict[str, Path])
         srv.close()
         outsider.kill()
         outsider.wait()
+
+
+@needs_landlock
+def test_no_unix_sockets_or_io_uring_in_the_job(layout: dict[str, Path]) -> None:
+    # a pathname socket like a session D-Bus or ssh-agent (Landlock below ABI 9 lets it through)
+    path = layout["tmp"] / "bus.sock"
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(str(path))
+    srv.listen()
+    try:
+        control = run_probe(None, unix=[str(path)], io_uring=True)
+        assert control["unix0"] == "ok" and control["io_uring"] == "ok", control  # outside the job: both work
+        got = run_probe(confine_argv(layout["tmp"], layout["workdir"]), unix=[str(path)], io_uring=True)
+        assert got["unix0"] == "Operation not permitted", got
+        assert got["io_uring"] == "Operation not permitted", got
+        assert got["numpy"] == "ok", got  # the job itself runs
+    finally:
+        srv.close()
 
 
 @needs_landlock
