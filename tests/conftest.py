@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
+from typing import Any
 
 import pytest
 
@@ -44,3 +46,19 @@ def no_invalid_state_transitions() -> Iterator[None]:
         log.removeHandler(handler)
     if handler.seen:
         pytest.fail(f"invalid state transition(s): {handler.seen}")
+
+
+# On CI (`.ci/run` sets CROWDD_CI=1: root on Linux, with everything scripts/setup installs) every
+# test must run: a skip there is a failure that names what was missing. Elsewhere a test may
+# skip with its reason (`scripts/test` prints every reason: -rs).
+REQUIRE_ALL = os.environ.get("CROWDD_CI") == "1"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, None]:
+    outcome = yield
+    report = outcome.get_result()
+    if REQUIRE_ALL and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"{item.nodeid}: skipped on CI, where everything it needs must be present: {reason}"

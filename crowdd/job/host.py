@@ -629,74 +629,83 @@ class Coordinator:
         next_poll = time.monotonic() + POLL_SECS
         stopped = False
         clock["train_t0"] = clock["last"] = time.monotonic()
-        while done < total:
-            if os.path.exists(STOP_FILE):  # the host asked to stop early: keep what is trained
-                log.info("asked to stop at step %d of %d", done, total)
-                stopped = True
-                break
-            if time.monotonic() >= next_poll:
-                next_poll = time.monotonic() + POLL_SECS
-                new = watcher.poll()
-                if new is not None:
-                    apply(new)
-            dispatch()
-            k = arrivals.wait([r for r, _n, _v in in_flight], max(0.0, next_poll - time.monotonic()))
-            if k < 0:
-                continue
-            rv, n, base_version = in_flight.pop(k)
-            slot = elastic.ran_on(rv)
-            try:
-                weight_change, slot_change, loss_sum, correct, samples, widx = rv.fetch()
-            except RETRYABLE as exc:
-                scheduled -= n
-                budget.failed(exc)
-                flush_error(coordinator)
-                continue
-            budget.succeeded()
-            if slot is None or slot in expelled:
-                scheduled -= n  # nobody we know ran it, or an expelled member: it does not count
-                continue
-            if slot == 0 and not finite(loss_sum):
-                raise Diverged(done, lr)
-            if not judge(slot, base_version, weight_change, slot_change):
-                scheduled -= n  # rejected: its steps are done again by someone else
-                continue
-            done += n
-            set_rate(done)
-            dispatch()  # its trainer idles no longer than the merge: bookkeeping and evaluations come after
-            now = time.monotonic()
-            ws = stats[slot]
-            if finite(loss_sum) and finite(correct) and finite(samples):
-                ws.add(float(loss_sum), float(correct), float(samples))
-            del widx  # the worker's own word on which shard it read; the slot is ours
-            if now - ws.since >= PROGRESS_EVERY and ws.samples > 0:
-                epoch = min(job.epochs, int(done // per_epoch) + 1)
-                self.events.emit(
-                    "progress",
-                    epoch=epoch,
-                    epochs=job.epochs,
-                    step=done,
-                    total_steps=total,
-                    loss=ws.loss / ws.samples,
-                    **({"mae": ws.correct / ws.samples} if regression else {"accuracy": ws.correct / ws.samples}),
-                    samples_per_sec=ws.samples / max(now - ws.since, 1e-9),
-                    worker=slot,
-                    learning_rate=rate["now"],
-                )
-                with writer.as_default(step=done):
-                    scalar("train/learning_rate", rate["now"])
-                    scalar(f"train/loss_worker{slot}", ws.loss / ws.samples)
-                    scalar(f"train/{'mae' if regression else 'accuracy'}_worker{slot}", ws.correct / ws.samples)
-                ws.reset(now)
-            while evals_done < job.epochs - 1 and done >= (evals_done + 1) * per_epoch:
-                evals_done += 1
-                last_eval = evaluate(evals_done, done)
-            if job.eval_every_secs and now - clock["last"] >= job.eval_every_secs and done < total:
-                last_eval = evaluate(min(job.epochs, int(done // per_epoch) + 1), done)
-            if now - last_ckpt >= self.spec.settings.checkpoint_secs and done < total:
-                path = store.save(done, finite_arrays(done))
+        try:
+            while done < total:
+                if os.path.exists(STOP_FILE):  # the host asked to stop early: keep what is trained
+                    log.info("asked to stop at step %d of %d", done, total)
+                    stopped = True
+                    break
+                if time.monotonic() >= next_poll:
+                    next_poll = time.monotonic() + POLL_SECS
+                    new = watcher.poll()
+                    if new is not None:
+                        apply(new)
+                dispatch()
+                k = arrivals.wait([r for r, _n, _v in in_flight], max(0.0, next_poll - time.monotonic()))
+                if k < 0:
+                    continue
+                rv, n, base_version = in_flight.pop(k)
+                slot = elastic.ran_on(rv)
+                try:
+                    weight_change, slot_change, loss_sum, correct, samples, widx = rv.fetch()
+                except RETRYABLE as exc:
+                    scheduled -= n
+                    budget.failed(exc)
+                    flush_error(coordinator)
+                    continue
+                budget.succeeded()
+                if slot is None or slot in expelled:
+                    scheduled -= n  # nobody we know ran it, or an expelled member: it does not count
+                    continue
+                if slot == 0 and not finite(loss_sum):
+                    raise Diverged(done, lr)
+                if not judge(slot, base_version, weight_change, slot_change):
+                    scheduled -= n  # rejected: its steps are done again by someone else
+                    continue
+                done += n
+                set_rate(done)
+                dispatch()  # its trainer idles no longer than the merge: bookkeeping and evaluations come after
+                now = time.monotonic()
+                ws = stats[slot]
+                if finite(loss_sum) and finite(correct) and finite(samples):
+                    ws.add(float(loss_sum), float(correct), float(samples))
+                del widx  # the worker's own word on which shard it read; the slot is ours
+                if now - ws.since >= PROGRESS_EVERY and ws.samples > 0:
+                    epoch = min(job.epochs, int(done // per_epoch) + 1)
+                    self.events.emit(
+                        "progress",
+                        epoch=epoch,
+                        epochs=job.epochs,
+                        step=done,
+                        total_steps=total,
+                        loss=ws.loss / ws.samples,
+                        **({"mae": ws.correct / ws.samples} if regression else {"accuracy": ws.correct / ws.samples}),
+                        samples_per_sec=ws.samples / max(now - ws.since, 1e-9),
+                        worker=slot,
+                        learning_rate=rate["now"],
+                    )
+                    with writer.as_default(step=done):
+                        scalar("train/learning_rate", rate["now"])
+                        scalar(f"train/loss_worker{slot}", ws.loss / ws.samples)
+                        scalar(f"train/{'mae' if regression else 'accuracy'}_worker{slot}", ws.correct / ws.samples)
+                    ws.reset(now)
+                while evals_done < job.epochs - 1 and done >= (evals_done + 1) * per_epoch:
+                    evals_done += 1
+                    last_eval = evaluate(evals_done, done)
+                if job.eval_every_secs and now - clock["last"] >= job.eval_every_secs and done < total:
+                    last_eval = evaluate(min(job.epochs, int(done // per_epoch) + 1), done)
+                if now - last_ckpt >= self.spec.settings.checkpoint_secs and done < total:
+                    path = store.save(done, finite_arrays(done))
+                    self.events.emit("checkpoint", path=str(path), step=done)
+                    last_ckpt = time.monotonic()
+        except Diverged:
+            # every change merged so far passed validation: the model is still finite; keep it
+            # (the host resumes from it with a lower learning rate)
+            arrays = params.arrays()
+            if all_finite(arrays):
+                path = store.save(done, arrays)
                 self.events.emit("checkpoint", path=str(path), step=done)
-                last_ckpt = time.monotonic()
+            raise
         last_eval = evaluate(min(job.epochs, int(done // per_epoch) + 1) if stopped else job.epochs, done)
         path = store.save(done, finite_arrays(done))
         self.events.emit("checkpoint", path=str(path), step=done)

@@ -59,9 +59,10 @@ def test_a_diverging_run_ends_with_the_advice_and_a_finite_checkpoint(tmp_path: 
     assert result.returncode == 1  # the host job ended by itself, not killed
     out = tmp_path / "run" / "member0" / "out"
     assert not (out / "model.keras").exists()  # no model of NaNs
-    if error.get("checkpoint"):
-        with np.load(error["checkpoint"]) as z:
-            assert all(np.isfinite(z[k]).all() for k in z.files)
+    # the model as it was before the diverging change, kept (that change was never merged)
+    assert error.get("checkpoint"), error
+    with np.load(error["checkpoint"]) as z:
+        assert z.files and all(np.isfinite(z[k]).all() for k in z.files)
     started = next(e for e in result.events if e["event"] == "started")
     for pid in started["children"].values():
         assert not alive(pid), "a TF server outlived the diverged run"

@@ -29,8 +29,10 @@ import base64
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -46,6 +48,10 @@ BOOT_TIMEOUT = 90
 # The service cannot see /root or /home (ProtectHome=yes): the probe needs a system python.
 PYTHON = next((p for p in ("/usr/bin/python3", "/usr/local/bin/python3") if os.access(p, os.X_OK)), None)
 NAMESPACES_REFUSED = ("mount", "ipc", "uts", "cgroup")
+# crowdd's namespace probe (stdlib only), copied where the service can read it wherever this
+# checkout lives (ProtectHome=yes and PrivateTmp=yes hide /home, /root and /tmp)
+SOURCE = Path(f"/opt/crowdd-unit-probe-{os.getpid()}")
+PROBE_MODULES = ("crowdd/__init__.py", "crowdd/platform/__init__.py", "crowdd/platform/userns.py")
 
 
 def _why_not() -> str | None:
@@ -129,15 +135,15 @@ _PROBE = textwrap.dedent(
         out[kind] = {"rc": done.returncode, "err": done.stderr}
     done = subprocess.run(["unshare", "--user", "--map-root-user", "--", "true"], capture_output=True, text=True, timeout=30)
     out["user only"] = {"rc": done.returncode, "err": done.stderr}
-    # crowdd's own check, as the daemon makes it at start (when this checkout is visible here)
-    if os.access(os.path.join(__SOURCE__, "crowdd", "platform", "userns.py"), os.R_OK):
-        os.environ["PYTHONPATH"] = __SOURCE__
-        sys.path.insert(0, __SOURCE__)
-        from crowdd.platform.userns import probe_now
-        out["crowdd probe"] = probe_now(sys.executable).to_dict()
+    # crowdd's own check, as the daemon makes it at start (from a copy of its module placed
+    # where the service sees it: not below /home, /root or /tmp)
+    os.environ["PYTHONPATH"] = __SOURCE__
+    sys.path.insert(0, __SOURCE__)
+    from crowdd.platform.userns import probe_now
+    out["crowdd probe"] = probe_now(sys.executable).to_dict()
     print(json.dumps(out), flush=True)
     """
-).replace("__CHILD__", repr(_CHILD)).replace("__REFUSED__", repr(NAMESPACES_REFUSED)).replace("__SOURCE__", repr(str(ROOT)))
+).replace("__CHILD__", repr(_CHILD)).replace("__REFUSED__", repr(NAMESPACES_REFUSED)).replace("__SOURCE__", repr(str(SOURCE)))
 
 # What makes crowdd.service a long-running notify daemon; everything else stays as shipped.
 _DROPPED = {
@@ -223,6 +229,20 @@ def run_probe(tmp: Path, override: dict[str, str] | None = None) -> dict[str, ob
 # --------------------------------------------------------------------------- tests
 
 
+@pytest.fixture(scope="module", autouse=True)
+def probe_source() -> Iterator[Path]:
+    try:
+        for rel in PROBE_MODULES:
+            (SOURCE / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(ROOT / rel, SOURCE / rel)
+        SOURCE.chmod(0o755)
+        for d in (SOURCE / "crowdd", SOURCE / "crowdd" / "platform"):
+            d.chmod(0o755)
+        yield SOURCE
+    finally:
+        shutil.rmtree(SOURCE, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def shipped(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     """The probe's report from crowdd.service's sandbox exactly as shipped."""
@@ -252,8 +272,6 @@ def test_job_confinement_works_in_the_service_sandbox(shipped: dict[str, object]
     assert _result(shipped, "user only") == {"rc": 0, "err": ""}
 
 
-@pytest.mark.skipif(any(ROOT.is_relative_to(d) for d in ("/home", "/root", "/tmp", "/var/tmp")),
-                    reason="the service cannot see this checkout (ProtectHome=yes, PrivateTmp=yes)")
 def test_crowdds_own_probe_says_jobs_can_be_confined(shipped: dict[str, object]) -> None:
     """crowdd.platform.userns.probe_now, run in the sandbox, finds confinement available."""
     assert _result(shipped, "crowdd probe") == {"confined": True, "reason": ""}
@@ -281,6 +299,5 @@ def test_the_probe_tells_restrict_namespaces_yes_apart(tmp_path: Path) -> None:
     assert net["rc"] != 0 and "Operation not permitted" in str(net["err"]), report
     assert report["over tmp"] == report["over runtime"] == "nothing came"
     assert _result(report, "user only")["rc"] != 0
-    if "crowdd probe" in report:
-        probe = _result(report, "crowdd probe")
-        assert probe["confined"] is False and "not allowed" in str(probe["reason"]), probe
+    probe = _result(report, "crowdd probe")
+    assert probe["confined"] is False and "not allowed" in str(probe["reason"]), probe

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from crowdd import wire
+from crowdd import control, wire
 from crowdd.identity import Identity
 from crowdd.tls import client_context, open_tls
 from crowdd.hyperparams import Job
@@ -404,21 +404,33 @@ def test_endpoint_for_paths(tmp_path: Path) -> None:
     assert json.loads(json.dumps({"x": tcp.describe()}))
 
 
-async def test_system_socket_is_group_shared(tmp_path: Path) -> None:
+@pytest.mark.parametrize("group", [
+    pytest.param("daemon", marks=pytest.mark.skipif(os.geteuid() != 0, reason="only root gives a file to another group")),
+    "crowdd-no-such-group",
+])
+async def test_system_socket_is_group_shared(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             caplog: pytest.LogCaptureFixture, group: str) -> None:
+    """The service's socket goes to its group (here ``daemon`` stands in for the ``crowdd`` group
+    sysusers.d makes); without that group it stays with its creator's, and the log says so."""
     import grp
 
+    monkeypatch.setattr(control, "SYSTEM_GROUP", group)
+    try:
+        want: int | None = grp.getgrnam(group).gr_gid
+    except KeyError:
+        want = None
     ep = Endpoint(path=tmp_path / "run" / "control.sock", system=True)
     server = ControlServer(FakeDaemon(), ep)
-    await server.start()
+    with caplog.at_level("WARNING", logger="crowdd.control"):
+        await server.start()
     try:
         st = os.stat(ep.path)
         assert stat.S_IMODE(st.st_mode) == 0o660
-        try:
-            gid = grp.getgrnam("crowdd").gr_gid
-        except KeyError:
-            gid = None  # no crowdd group on this machine: the socket stays with its creator's group
-        if gid is not None:
-            assert st.st_gid == gid
+        if group == "daemon":
+            assert want is not None and want != os.getegid() and st.st_gid == want
+        else:
+            assert want is None and st.st_gid == os.getegid()
+            assert f"group {group!r} does not exist" in caplog.text
     finally:
         await server.close()
 
