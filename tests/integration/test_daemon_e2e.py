@@ -21,6 +21,7 @@ from crowdd.demo import Crowd, Node
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
+# digits, full runs of these tests: 0.91-0.98 (clean-clone runs, read in issue 30); the project's bar
 ACCURACY_THRESHOLD = 0.8
 TEST_CONFIG = "[replication]\nstall_timeout = 5.0\n"
 
@@ -198,7 +199,7 @@ async def test_stop_on_a_host_mid_training_keeps_the_model_so_far(crowd: Crowd, 
         await donate_all(crowd.workers)
         await host_job(crowd.host, data,
                        {"workers": 2, "min_workers": 2, "epochs": 5000, "learning_rate": 0.1, "sharding": "full"})
-        await rec.wait("host", lambda e: e["event"] == "eval", 240)  # an epoch done; thousands to go
+        first = await rec.wait("host", lambda e: e["event"] == "eval", 240)  # an epoch done; thousands to go
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "crowdd", "stop", "--root", str(crowd.host.root),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
@@ -207,7 +208,10 @@ async def test_stop_on_a_host_mid_training_keeps_the_model_so_far(crowd: Crowd, 
         assert proc.returncode == 0, stderr
         assert "the whole group's training ends now" in stdout.decode() and "model trained so far" in stdout.decode()
         result = await rec.host_result(crowd.host, 120)
-        assert result["test_accuracy"] > 0.5 and Path(result["model_path"]).is_file()
+        # the model kept is the one trained so far: no worse than at its first evaluation (the
+        # noise between two evaluations of one run on digits' 360 test images: a few points)
+        assert result["test_accuracy"] >= first["test_accuracy"] - 0.05, (first, result)
+        assert Path(result["model_path"]).is_file()
         card = json.loads(Path(result["model_path"]).with_name("model.card.json").read_text())
         assert card["stopped_early"] is True and card["steps"] < card["total_steps"]
         assert Path(card["checkpoint"]).is_file()

@@ -6,8 +6,8 @@ whole (SIGSTOP of its daemon and every process below it) for 45 s, worker 2 is k
 (SIGKILL), worker 4 switches donation on mid-run, worker 1 thaws: the group's progress never
 stalls more than 15 s through all that, the newcomer trains in that same session and the
 frozen worker rejoins its slot. Then worker 3 pauses (``crowdd pause``): the host hears it
-within 2 s; it resumes and is back. The run ends with accuracy within a point of the same job
-without churn, and no process is left. (A worker resumed from a suspend can hold the group for
+within 2 s; it resumes and is back. The run ends with accuracy no worse than the same job
+without churn (beyond chance: a one-sided test at 1%), and no process is left. (A worker resumed from a suspend can hold the group for
 up to ~20 s while its slot is attached again: its TF server finishes the function it was
 suspended in first. Known; see docs/architecture.md.)
 """
@@ -136,7 +136,24 @@ async def test_a_session_survives_churn_and_takes_a_newcomer(crowd: Crowd, tmp_p
     finally:
         calm.close()
     print(f"accuracy with churn {churned:.4f}, without {base['test_accuracy']:.4f}")
-    assert churned >= base["test_accuracy"] - 0.01, (churned, base["test_accuracy"])
+    assert churned >= base["test_accuracy"] - not_worse_margin(churned, base["test_accuracy"], count_test_records(data)), \
+        (churned, base["test_accuracy"])
+
+
+def count_test_records(data: Path) -> int:
+    import numpy as np
+
+    with np.load(data) as z:
+        return int(len(z["y_test"]))
+
+
+def not_worse_margin(a: float, b: float, n: int, z: float = 2.33) -> float:
+    """How far below accuracy ``b`` an accuracy ``a`` may fall, each measured on ``n``
+    test records, before it is worse beyond chance: ``z`` standard errors of the difference of
+    two proportions (2.33: a one-sided test at 1%). Two runs of one job on digits' 360 test
+    images differ by ~1.6 points for one standard error: a fixed 1-point bound failed one run in
+    four (issue 30)."""
+    return z * ((a * (1 - a) + b * (1 - b)) / n) ** 0.5
 
 
 async def _no_jobs(root: Path, timeout: float = 20.0) -> bool:

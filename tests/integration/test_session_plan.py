@@ -16,6 +16,7 @@ from crowdd.config import JobConfig
 from crowdd.control import ControlClient
 from crowdd.demo import Crowd
 from test_daemon_e2e import (  # the same real crowd, recorder and helpers
+    ACCURACY_THRESHOLD,
     Recorder,
     digits_npz,
     donate_all,
@@ -78,7 +79,7 @@ async def test_workers_config_never_changes_what_the_group_computes(tmp_path: Pa
                 async with ControlClient(w.socket) as c:
                     statuses.append(await c.status())
             result = await rec.host_result(crowd.host, 240)
-            assert result["test_accuracy"] > 0.5
+            assert result["test_accuracy"] > ACCURACY_THRESHOLD
 
             for st, spec in zip(statuses, specs):
                 assert {k: st["settings"][k] for k in HOST_SETTINGS} == HOST_SETTINGS

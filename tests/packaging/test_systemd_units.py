@@ -30,6 +30,9 @@ import pytest
 
 from crowdd.testing.systemd_boot import SYSTEMD, Container, deps_steps, install_venv, why_not
 
+# digits: full runs reach 0.91-0.98 (clean-clone runs, read in issue 30); the project's bar is 0.8
+ACCURACY_THRESHOLD = 0.8
+
 ROOT = Path(__file__).resolve().parents[2]
 UNITS = ROOT / "packaging" / "systemd"
 SOCK = "/run/crowdd/control.sock"
@@ -289,7 +292,7 @@ def test_tensorflow_trains_under_the_hardened_unit_and_stop_leaves_nothing(crowd
                 raise AssertionError("no result from the host")
 
             result = asyncio.run(host_result())
-            assert result["test_accuracy"] > 0.5, result
+            assert result["test_accuracy"] > ACCURACY_THRESHOLD, result
             # donation is on: after the session the worker queues again at once
             wait_for("the worker free again", lambda: unit_status(c).get("state") in ("standby", "registering", "waiting"), 60)
             assert job_pids(c) == []

@@ -66,11 +66,35 @@ async def _exchange(path: Path, data: bytes) -> bytes:
     return out
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` TCP ports the kernel hands out on this host (free when asked)."""
+    socks = [socket.create_server(("127.0.0.1", 0)) for _ in range(n)]
+    try:
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_an_unconfined_job_s_port_is_open_on_the_host(tmp_path: Path) -> None:
+    """The control for the test below: the same job and relay without the namespace."""
+    directory = socket_dir()
+    port, reach = free_ports(2)
+    proc = _start(directory, isolated=False, port=port, reach=reach)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "listening"
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+            c.sendall(b"in")
+            assert c.recv(100) == b"echo:in"
+    finally:
+        _stop(proc, directory)
+
+
 def test_confined_job_is_reachable_only_through_its_relay(tmp_path: Path) -> None:
     directory = socket_dir()
     peer_path = directory / "peer.out"
-    port = 23456
-    proc = _start(directory, isolated=True, port=port, reach=23457)
+    port, reach = free_ports(2)
+    proc = _start(directory, isolated=True, port=port, reach=reach)
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "listening"
@@ -108,7 +132,8 @@ def test_relay_refuses_when_nothing_serves(tmp_path: Path) -> None:
     """A connection to a task whose server is not up (or whose tunnel is not open) is closed,
     and the relay goes on serving."""
     directory = socket_dir()
-    proc = _start(directory, isolated=True, port=23458, reach=23459)
+    port, reach = free_ports(2)
+    proc = _start(directory, isolated=True, port=port, reach=reach)
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "listening"
         assert proc.stdin is not None
