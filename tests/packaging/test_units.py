@@ -254,7 +254,16 @@ _MDWE_CHILD = textwrap.dedent(
 def test_matchmaker_runs_under_memory_deny_write_execute(tmp_path: Path) -> None:
     """crowdd-matchmaker.service sets MemoryDenyWriteExecute=yes: the matchmaker must run under
     W^X (the kernel's PR_SET_MDWE enforces the same rule). crowdd.service cannot: TF's oneDNN
-    JIT aborts under it."""
+    JIT aborts under it. Under MDWE the matchmaker serves a real registration: a TLS 1.3
+    handshake to its pinned certificate, a signed hello checked, a wait frame back."""
+    import asyncio
+
+    from crowdd.matchmaker_client import register
+    from crowdd.protocol import matchmaker as mmp
+    from crowdd.protocol.matchmaker import MemberPorts
+    from crowdd.testing.identities import identity
+    from crowdd.wire import FrameTimeout
+
     proc = subprocess.Popen(
         [sys.executable, "-c", _MDWE_CHILD, str(tmp_path / "none.toml")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
@@ -262,13 +271,30 @@ def test_matchmaker_runs_under_memory_deny_write_execute(tmp_path: Path) -> None
     try:
         assert proc.stdout is not None
         first = proc.stdout.readline().strip()
-        if first != "enforced":
-            pytest.skip(f"the kernel cannot enforce MDWE here ({first})")
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            return  # still serving after 5 s: fine
-        pytest.fail(f"matchmaker exited {proc.returncode} under MDWE:\n{proc.stdout.read()}")
+        assert first == "enforced", f"the kernel cannot enforce MDWE here ({first})"
+        port, fingerprint, seen = 0, "", []
+        while not (port and fingerprint) and len(seen) < 50:
+            line = proc.stdout.readline()
+            assert line, f"matchmaker exited {proc.wait(10)} under MDWE:\n{''.join(seen)}"
+            seen.append(line)
+            if m := re.search(r"listening on [^\s]+:(\d+)", line):
+                port = int(m.group(1))
+            if m := re.search(r"fingerprint (sha256:[0-9a-f]{64})", line):
+                fingerprint = m.group(1)
+        assert port and fingerprint, "".join(seen)
+        me = identity("mdwe-worker")
+        hello = mmp.make_hello("worker", "mdwe-worker", MemberPorts(8001, 8002, (8003,)), cert=me.cert_pem,
+                               fingerprint=me.fingerprint)
+        waits: list[object] = []
+
+        async def queue() -> None:
+            with pytest.raises(FrameTimeout):  # alone in the queue: it waits, answered
+                await register(("127.0.0.1", port), hello, fingerprint=fingerprint, timeout=3.0, heartbeat=0.5,
+                               on_wait=waits.append)
+
+        asyncio.run(queue())
+        assert waits, "the matchmaker under MDWE never answered the hello"
+        assert proc.poll() is None, f"matchmaker exited {proc.returncode} under MDWE"
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
