@@ -257,8 +257,8 @@ async def test_host_sending_a_malformed_frame_is_lost() -> None:
 # --------------------------------------------------------------------------- attackers
 
 
-def _expired_identity(directory: Path) -> Identity:
-    """A P-256 identity whose certificate expired yesterday."""
+def _expired_identity(directory: Path, *, expired: bool = True) -> Identity:
+    """A P-256 identity whose certificate expired yesterday (or, the control, expires tomorrow)."""
     import datetime
 
     from cryptography import x509
@@ -271,7 +271,7 @@ def _expired_identity(directory: Path) -> Identity:
     now = datetime.datetime.now(datetime.timezone.utc)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=30))
-            .not_valid_after(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=-1 if expired else 1))
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .sign(key, hashes.SHA256()))
     directory.mkdir(parents=True, exist_ok=True)
@@ -294,7 +294,7 @@ async def _joins(port: int, g: SessionPlan) -> None:
 
 async def test_session_port_refuses_impostors_and_keeps_serving(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """An outsider's certificate, a member claiming another's index, a plaintext client, garbage
-    during the handshake, an expired certificate: each is refused (with a log line where the
+    during the handshake: each is refused (with a log line where the
     application sees it) and the host goes on serving its members."""
     from crowdd.tls import client_context
 
@@ -323,15 +323,37 @@ async def test_session_port_refuses_impostors_and_keeps_serving(tmp_path: Path, 
             answer = await asyncio.wait_for(r.read(), 5)
             assert answer == b"" or answer[:1] == b"\x15", answer  # closed, or a TLS alert: never a frame
             w.close()
-        # an expired certificate (pinned as it is, but outside its validity)
-        expired = _expired_identity(tmp_path / "expired")
-        with pytest.raises(auth.AuthError):
-            await auth.connect("127.0.0.1", port, g.token, PURPOSE, {"index": 1},
-                               ssl=client_context(expired, pinned=[g.host.cert]), timeout=2)
         await _joins(port, g)
         assert hs.members[1].connected
     finally:
         await hs.close()
+
+
+async def test_a_member_s_own_expired_certificate_is_refused(tmp_path: Path) -> None:
+    """Member 2's certificate is the group's (pinned: the matchmaker handed it out) but has
+    expired: the host refuses it in the handshake. The control: the same slot, pinned the same
+    way, with a certificate that differs only in its dates, gets in."""
+    from crowdd.tls import client_context
+
+    for expired in (True, False):
+        mine = _expired_identity(tmp_path / str(expired), expired=expired)
+        g = group(2)
+        g = dataclasses.replace(g, members=tuple(
+            dataclasses.replace(m, cert=mine.cert_pem, fingerprint=mine.fingerprint) if m.index == 2 else m
+            for m in g.members))
+        hs, port, _ = await host_session(g)
+        try:
+            connect = auth.connect("127.0.0.1", port, g.token, PURPOSE, {"index": 2},
+                                   ssl=client_context(mine, pinned=[g.host.cert]), timeout=2)
+            if expired:
+                with pytest.raises(auth.AuthError, match="handshake failed"):
+                    await connect
+                assert not hs.members[2].connected
+            else:
+                _r, w, _welcome = await connect
+                w.close()
+        finally:
+            await hs.close()
 
 
 async def test_worker_refuses_a_host_with_another_certificate() -> None:
