@@ -4,6 +4,7 @@ its card says, how to load it — and a copy of it (model + card) somewhere hand
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import sys
@@ -37,6 +38,27 @@ def describe(model: Path, out: TextIO) -> None:
         out.write(f"  {line}\n")
 
 
+def _unchanged(model_path: Path, expected: object) -> bool:
+    """Whether ``model_path`` is still the file training ended with (its SHA-256 then, from the
+    daemon); says why not on stderr."""
+    if not isinstance(expected, str) or not expected:
+        return True  # a daemon from before the digest: nothing to check against
+    digest = hashlib.sha256()
+    try:
+        with model_path.open("rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+    except OSError as exc:
+        print(f"crowdd model: cannot read {model_path}: {exc.strerror or exc}", file=sys.stderr)
+        return False
+    if digest.hexdigest() != expected:
+        print(f"crowdd model: {model_path} is not the model training ended with (sha256 {digest.hexdigest()}, "
+              f"expected {expected}); it changed since: train again, or restore it from a copy",
+              file=sys.stderr)
+        return False
+    return True
+
+
 def model(args: argparse.Namespace) -> int:
     code, st = _call(args, lambda c: c.status())
     if code != EXIT_OK:
@@ -48,6 +70,8 @@ def model(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_REFUSED
     model_path = Path(path)
+    if not _unchanged(model_path, res.get("model_sha256")):
+        return EXIT_REFUSED
     dest = getattr(args, "dest", None)
     if dest is None:
         describe(model_path, sys.stdout)

@@ -371,8 +371,12 @@ async def lead(
             raise SessionFailed(f"training failed: {err}")
         # the job's words: paths are taken only if they name regular files inside its directory
         model: str | None = None
+        model_sha256: str | None = None
         try:
-            model = str(workdir / jobfiles.is_file(workdir, done.get("model_path")))
+            rel = jobfiles.is_file(workdir, done.get("model_path"))
+            # hashed as the job left it (its processes are gone): `crowdd model` checks the file against it
+            model_sha256 = jobfiles.sha256(workdir, rel)
+            model = str(workdir / rel)
         except jobfiles.JobFileError as exc:
             view.log(logging.WARNING, f"the job reported no usable model: {exc}")
         accuracy = done.get("test_accuracy")
@@ -397,11 +401,12 @@ async def lead(
             view.log(logging.INFO, f"stopped by the user at step {done.get('steps')} of {done.get('total_steps')}: "
                      f"kept the checkpoint {done.get('checkpoint')} and the model trained so far")
         metrics = {k: done[k] for k in ("test_mae", "test_mse") if isinstance(done.get(k), (int, float))}
-        view.finished(accuracy, model, **metrics)
+        view.finished(accuracy, model, model_sha256=model_sha256, **metrics)
         c.to(State.FINISHED)
         session.members[0].state = "finished"
         score = f"test MAE {metrics['test_mae']:.4g}" if "test_mae" in metrics else f"test accuracy {accuracy}"
-        view.log(logging.INFO, f"training finished: {score}, model {model}")
+        view.log(logging.INFO, f"training finished: {score}, model {model}"
+                 + (f" (sha256 {model_sha256})" if model_sha256 else ""))
         await session.end(End(accuracy if isinstance(accuracy, (int, float)) else None, model))
         await asyncio.sleep(c.linger)
     finally:

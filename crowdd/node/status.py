@@ -271,11 +271,15 @@ class StatusView:
             self._publish("eval", epoch=ev.get("epoch"), step=ev.get("step"), test_accuracy=ev.get("test_accuracy"),
                           test_loss=ev.get("test_loss"), **extra, **clock)
 
-    def finished(self, test_accuracy: Any, model_path: str | None, **metrics: float) -> None:
-        """The session's result (``model_path`` is this node's own file; a worker has none):
-        report it, then the caller moves the state authority to FINISHED."""
+    def finished(self, test_accuracy: Any, model_path: str | None, *, model_sha256: str | None = None,
+                 **metrics: float) -> None:
+        """The session's result (``model_path`` is this node's own file, ``model_sha256`` its
+        digest when the job ended; a worker has neither): report it, then the caller moves the
+        state authority to FINISHED."""
         rec = self._current()
         rec.result = {"test_accuracy": test_accuracy, "model_path": model_path}
+        if model_sha256:
+            rec.result["model_sha256"] = model_sha256
         for key in ("test_mae", "test_mse"):
             if key in metrics:
                 rec.result[key] = metrics[key]  # type: ignore[literal-required]

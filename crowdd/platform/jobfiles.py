@@ -15,6 +15,7 @@ directory above it), one component at a time with ``O_NOFOLLOW``:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import secrets
 import stat
@@ -63,9 +64,9 @@ def _parent(workdir: Path, rel: PurePosixPath) -> Iterator[int]:
         os.close(fd)
 
 
-def read(workdir: Path, rel: PurePosixPath | str, limit: int) -> bytes:
-    """The regular file ``workdir/rel``, at most ``limit`` bytes (:class:`JobFileError` else)."""
-    rel = relative(workdir, str(rel))
+@contextlib.contextmanager
+def _regular(workdir: Path, rel: PurePosixPath) -> Iterator[tuple[int, os.stat_result]]:
+    """A read-only descriptor of the regular file ``workdir/rel`` (never through a link)."""
     with _parent(workdir, rel) as dfd:
         try:
             fd = os.open(rel.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
@@ -75,14 +76,31 @@ def read(workdir: Path, rel: PurePosixPath | str, limit: int) -> bytes:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise JobFileError(f"{rel} in the job's directory is not a regular file")
-            if st.st_size > limit:
-                raise JobFileError(f"{rel} in the job's directory is {st.st_size:,} bytes (at most {limit:,})")
-            data = os.read(fd, limit + 1)
+            yield fd, st
         finally:
             os.close(fd)
+
+
+def read(workdir: Path, rel: PurePosixPath | str, limit: int) -> bytes:
+    """The regular file ``workdir/rel``, at most ``limit`` bytes (:class:`JobFileError` else)."""
+    rel = relative(workdir, str(rel))
+    with _regular(workdir, rel) as (fd, st):
+        if st.st_size > limit:
+            raise JobFileError(f"{rel} in the job's directory is {st.st_size:,} bytes (at most {limit:,})")
+        data = os.read(fd, limit + 1)
     if len(data) > limit:
         raise JobFileError(f"{rel} in the job's directory grew past {limit:,} bytes")
     return data
+
+
+def sha256(workdir: Path, rel: PurePosixPath | str) -> str:
+    """The SHA-256 (hex) of the regular file ``workdir/rel``, read through one descriptor."""
+    rel = relative(workdir, str(rel))
+    digest = hashlib.sha256()
+    with _regular(workdir, rel) as (fd, _st):
+        while block := os.read(fd, 1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write(workdir: Path, rel: PurePosixPath | str, data: bytes) -> None:
@@ -119,4 +137,4 @@ def is_file(workdir: Path, reported: object) -> PurePosixPath:
     return rel
 
 
-__all__ = ["JobFileError", "is_file", "read", "relative", "write"]
+__all__ = ["JobFileError", "is_file", "read", "relative", "sha256", "write"]

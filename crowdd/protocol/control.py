@@ -311,6 +311,7 @@ class ResultStatus(TypedDict, total=False):
     model_path: str | None  # always present
     test_mae: float | None  # regression only
     test_mse: float | None  # regression only
+    model_sha256: str  # the host's model file as its job left it (hex); absent on a worker
 
 
 class Status(TypedDict):

@@ -4,6 +4,7 @@ through every state and train a model on scikit-learn's digits."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import json
 import sys
@@ -179,6 +180,18 @@ async def test_every_state_and_a_trained_model(crowd: Crowd, tmp_path: Path) -> 
         card = json.loads((dest / "model.card.json").read_text())
         assert [m["index"] for m in card["members"]] == [0, 1, 2] and all(m["trained"] for m in card["members"])
         assert card["test_accuracy"] == result["test_accuracy"] and len(card["evaluations"]) == 10
+
+        # the model was hashed when its job ended: a file changed since is refused, not exported
+        model = Path(st["result"]["model_path"])
+        assert st["result"]["model_sha256"] == hashlib.sha256(model.read_bytes()).hexdigest()
+        model.write_bytes(model.read_bytes() + b"planted")
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "crowdd", "model", "export", str(tmp_path / "export2"), "--root", str(crowd.host.root),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 1 and "is not the model training ended with" in stderr.decode(), stderr
+        assert not (tmp_path / "export2" / "model.keras").exists()
     finally:
         await rec.close()
     # the workers' job directories are cleaned up; no job process is left

@@ -96,3 +96,15 @@ def test_a_model_the_job_reports_inside_its_directory_is_taken(workdir: Path) ->
     (workdir / "output" / "model.keras").write_bytes(b"zip")
     assert jobfiles.is_file(workdir, "output/model.keras").as_posix() == "output/model.keras"
     assert jobfiles.is_file(workdir, str(workdir / "output" / "model.keras")).as_posix() == "output/model.keras"
+
+
+def test_the_model_s_digest_is_of_the_regular_file_only(workdir: Path, victim: Path) -> None:
+    import hashlib
+
+    (workdir / "output" / "model.keras").write_bytes(b"zip" * 1000)
+    assert jobfiles.sha256(workdir, "output/model.keras") == hashlib.sha256(b"zip" * 1000).hexdigest()
+    (workdir / "output" / "link.keras").symlink_to(victim)
+    with pytest.raises(JobFileError, match="cannot open"):
+        jobfiles.sha256(workdir, "output/link.keras")  # never the file a link points at
+    with pytest.raises(JobFileError):
+        jobfiles.sha256(workdir, "/etc/passwd")
