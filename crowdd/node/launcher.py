@@ -82,11 +82,13 @@ class JobLauncher:
         hard link would share the work directory's write access)."""
         role = "host" if plan.is_host else "worker"
         workdir = self.job_dir(plan)
-        link = workdir / "dataset.bin"
-        link.unlink(missing_ok=True)
-        link.symlink_to(data.resolve())
-        # a resumed job's directory holds what its graphs wrote: never write through a link there
-        jobfiles.write(workdir, "dataset.manifest.json", manifest.to_json())
+        # a resumed job's directory holds what its graphs wrote (a link, a directory where a file
+        # was): never write through a link there, and replace whatever stands in the way
+        try:
+            jobfiles.link(workdir, "dataset.bin", data.resolve())
+            jobfiles.write(workdir, "dataset.manifest.json", manifest.to_json())
+        except jobfiles.JobFileError as exc:
+            raise LaunchError(f"cannot prepare the job's directory: {exc.message}") from None
         spec = JobSpec(
             role=role, index=task_index,
             cluster=job_cluster(cluster, role),
@@ -97,7 +99,10 @@ class JobLauncher:
             settings=self.settings(plan),
         )
         spec_path = workdir / "spec.json"
-        jobfiles.write(workdir, "spec.json", spec_json(spec))
+        try:
+            jobfiles.write(workdir, "spec.json", spec_json(spec))
+        except jobfiles.JobFileError as exc:
+            raise LaunchError(f"cannot prepare the job's directory: {exc.message}") from None
         res.release_tf()
         env = job_env(self._env, workdir, spec.settings.threads)  # an allowlist: never the daemon's own
         command = [self._python, SAFE_PATH, "-m", "crowdd.job.confine", *relay.argv(), *(sandbox_argv(workdir, data, spec.cluster, self._guard) if limits.sandbox else []),

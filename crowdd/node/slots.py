@@ -17,6 +17,7 @@ from collections.abc import Callable
 from crowdd.node.roster import Roster
 from crowdd.node.session import HostSession, Member
 from crowdd.node.tunnels import HostTunnels
+from crowdd.platform.jobfiles import JobFileError
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ class TrainingSlots:
         before = self.roster.live
         try:
             changed = self.roster.set(live)
-        except OSError as exc:
+        except (OSError, JobFileError) as exc:
             self._say(f"cannot tell the job who trains ({exc})")
             changed = False
         if changed and self.roster.version > 1:

@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import os
 import secrets
+import shutil
 import stat
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
@@ -104,12 +105,13 @@ def sha256(workdir: Path, rel: PurePosixPath | str) -> str:
 
 
 def write(workdir: Path, rel: PurePosixPath | str, data: bytes) -> None:
-    """Make ``workdir/rel`` hold ``data``: a fresh file renamed over it (never through a link)."""
+    """Make ``workdir/rel`` hold ``data``: a fresh file renamed over it (never through a link);
+    :class:`JobFileError` if it cannot (a directory a job left at that name, say)."""
     rel = relative(workdir, str(rel))
     with _parent(workdir, rel) as dfd:
         tmp = f".{rel.name}.{secrets.token_hex(8)}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dfd)
         try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dfd)
             try:
                 view = memoryview(data)
                 while view:
@@ -117,10 +119,32 @@ def write(workdir: Path, rel: PurePosixPath | str, data: bytes) -> None:
             finally:
                 os.close(fd)
             os.replace(tmp, rel.name, src_dir_fd=dfd, dst_dir_fd=dfd)
-        except BaseException:
+        except OSError as exc:
             with contextlib.suppress(OSError):
                 os.unlink(tmp, dir_fd=dfd)
-            raise
+            raise JobFileError(f"cannot write {rel} in the job's directory: {exc.strerror or exc}") from None
+
+
+def link(workdir: Path, name: str, target: Path) -> None:
+    """Make ``workdir/name`` a symbolic link to ``target``, whatever a job left there (a file,
+    a link, a directory tree: removed without following a link); :class:`JobFileError` if it
+    cannot."""
+    rel = relative(workdir, name)
+    with _parent(workdir, rel) as dfd:
+        tmp = f".{rel.name}.{secrets.token_hex(8)}.tmp"
+        try:
+            os.symlink(target, tmp, dir_fd=dfd)
+            try:
+                st = os.stat(rel.name, dir_fd=dfd, follow_symlinks=False)
+            except FileNotFoundError:
+                st = None
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                shutil.rmtree(rel.name, dir_fd=dfd)  # fd-based: never walks through a link
+            os.replace(tmp, rel.name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dfd)
+            raise JobFileError(f"cannot link {rel} in the job's directory to {target}: {exc.strerror or exc}") from None
 
 
 def is_file(workdir: Path, reported: object) -> PurePosixPath:
@@ -137,4 +161,4 @@ def is_file(workdir: Path, reported: object) -> PurePosixPath:
     return rel
 
 
-__all__ = ["JobFileError", "is_file", "read", "relative", "sha256", "write"]
+__all__ = ["JobFileError", "is_file", "link", "read", "relative", "sha256", "write"]

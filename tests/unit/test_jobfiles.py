@@ -108,3 +108,25 @@ def test_the_model_s_digest_is_of_the_regular_file_only(workdir: Path, victim: P
         jobfiles.sha256(workdir, "output/link.keras")  # never the file a link points at
     with pytest.raises(JobFileError):
         jobfiles.sha256(workdir, "/etc/passwd")
+
+
+def test_the_dataset_link_replaces_whatever_a_job_left_there(workdir: Path, victim: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache.data"
+    cache.write_bytes(b"the dataset")
+    jobfiles.link(workdir, "dataset.bin", cache)  # the honest path: nothing there yet
+    assert os.readlink(workdir / "dataset.bin") == str(cache)
+    jobfiles.link(workdir, "dataset.bin", cache)  # a resumed job: its old link replaced
+    # a graph made it a directory, with a link to the volunteer's file inside
+    (workdir / "dataset.bin").unlink()
+    (workdir / "dataset.bin").mkdir()
+    (workdir / "dataset.bin" / "key").symlink_to(victim)
+    jobfiles.link(workdir, "dataset.bin", cache)
+    assert (workdir / "dataset.bin").read_bytes() == b"the dataset"
+    assert victim.read_bytes() == b"the volunteer's key"  # removed around, never through
+
+
+def test_a_write_over_a_directory_says_so(workdir: Path) -> None:
+    (workdir / "spec.json").mkdir()
+    with pytest.raises(JobFileError, match="cannot write spec.json"):
+        jobfiles.write(workdir, "spec.json", b"{}")
+    assert not [p for p in workdir.iterdir() if p.name.endswith(".tmp")]  # nothing left behind
