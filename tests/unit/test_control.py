@@ -9,6 +9,7 @@ import socket
 import stat
 import sys
 import struct
+import time
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from crowdd.hyperparams import Job
 from crowdd.protocol.control import HostRequest
 from crowdd.errors import Unavailable
 from crowdd.platform.userns import probe as userns_probe
+from crowdd.node.daemon import Daemon
 from crowdd.control import (
     ControlClient,
     ControlServer,
@@ -76,7 +78,8 @@ class FakeDaemon:
 
 
 @pytest.fixture
-async def served(tmp_path: Path):
+async def served_fake(tmp_path: Path):
+    """The control server in front of a handler that records what it was asked."""
     handler = FakeDaemon()
     ep = Endpoint(path=tmp_path / "run" / "control.sock")
     server = ControlServer(handler, ep, write_timeout=1.0, body_timeout=1.0)
@@ -87,13 +90,46 @@ async def served(tmp_path: Path):
         await server.close()
 
 
+def real_daemon(tmp_path: Path, ep: Endpoint) -> Daemon:
+    """A real daemon (not donating: it never dials the matchmaker) serving ``ep``."""
+    from crowdd.config import Config, Paths
+    from crowdd.idle.policy import AlwaysIdle
+
+    cfg = Config()
+    cfg.daemon.listen_host = "127.0.0.1"
+    return Daemon(cfg, Paths.under(tmp_path / "node"), endpoint=ep, matchmaker=("127.0.0.1", 9), policy=AlwaysIdle(),
+                  name="control-test")
+
+
+@pytest.fixture(params=["fake", "real"])
+async def served(request: pytest.FixtureRequest, tmp_path: Path):
+    """The control server in front of the recording handler, and in front of a real daemon:
+    what the protocol promises holds for both."""
+    ep = Endpoint(path=tmp_path / "run" / "control.sock")
+    if request.param == "fake":
+        handler = FakeDaemon()
+        server = ControlServer(handler, ep, write_timeout=1.0, body_timeout=1.0)
+        await server.start()
+        try:
+            yield handler, server, ep
+        finally:
+            await server.close()
+        return
+    daemon = real_daemon(tmp_path, ep)
+    await daemon.start()
+    try:
+        yield daemon, daemon._control, ep
+    finally:
+        await daemon.close()
+
+
 async def raw(ep: Endpoint) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     assert ep.path is not None
     return await asyncio.open_unix_connection(str(ep.path))
 
 
-async def test_requests_round_trip(served: Any) -> None:
-    handler, _, ep = served
+async def test_requests_round_trip(served_fake: Any) -> None:
+    handler, _, ep = served_fake
     async with ControlClient(ep.path) as c:
         st = await c.status()
         assert st["type"] == "status" and st["state"] == "off"
@@ -105,8 +141,8 @@ async def test_requests_round_trip(served: Any) -> None:
     assert handler.calls == [("donate", True), ("host", DATASET, Job(epochs=2), 0.25), ("stop",), ("reload",)]
 
 
-async def test_pause_and_resume_reach_the_daemon_checked(served: Any) -> None:
-    handler, _, ep = served
+async def test_pause_and_resume_reach_the_daemon_checked(served_fake: Any) -> None:
+    handler, _, ep = served_fake
     async with ControlClient(ep.path) as c:
         assert (await c.pause(2))["paused_until"] == 1.0e9 + 7200
         assert (await c.resume())["was_paused"] is True
@@ -116,6 +152,30 @@ async def test_pause_and_resume_reach_the_daemon_checked(served: Any) -> None:
             assert err.value.code == "bad_field" and err.value.field == "hours"
         assert (await c.status())["type"] == "status"  # refusals keep the connection
     assert handler.calls == [("pause", 2.0), ("resume",)]  # the daemon only ever sees good hours
+
+
+async def test_a_real_daemon_answers_each_request_checked(tmp_path: Path) -> None:
+    """The client's requests against the real daemon: its state, donation, pause and resume,
+    and a host request it refuses with the field at fault."""
+    ep = Endpoint(path=tmp_path / "run" / "control.sock")
+    daemon = real_daemon(tmp_path, ep)
+    await daemon.start()
+    try:
+        async with ControlClient(ep.path) as c:
+            st = await c.status()
+            assert st["type"] == "status" and st["state"] == "off" and st["donating"] is False
+            paused = await c.pause(2)
+            assert paused["type"] == "ok" and paused["paused_until"] > time.time() + 7100
+            assert (await c.resume())["was_paused"] is True
+            with pytest.raises(wire.RemoteError) as err:
+                await c.host("/no/such/file.npz", {})
+            assert err.value.field == "dataset"
+            with pytest.raises(wire.RemoteError) as err:
+                await c.request({"type": "pause", "hours": -1})
+            assert err.value.field == "hours"
+            assert (await c.status())["state"] == "off"  # nothing it refused changed it
+    finally:
+        await daemon.close()
 
 
 async def test_socket_mode_is_user_only(served: Any) -> None:
@@ -128,13 +188,13 @@ async def test_socket_mode_is_user_only(served: Any) -> None:
 @pytest.mark.skipif(not userns_probe().available, reason="no unprivileged user namespaces here")
 async def test_a_job_in_its_user_namespace_is_refused(served: Any) -> None:
     """A confined job runs as this user, so the socket's mode lets it connect: as a job would
-    (``unshare --user --map-root-user``), a client asking to stop the daemon is refused; the
+    (``unshare --user --map-root-user``), a client switching donation on is refused; the
     same client outside is served (the control)."""
     handler, _, ep = served
     client = ("import asyncio, sys; from crowdd.control import ControlClient\n"
               "async def main():\n"
               "    async with ControlClient(sys.argv[1]) as c:\n"
-              "        print((await c.stop())['type'])\n"
+              "        print((await c.donate(True))['type'])\n"
               "try:\n    asyncio.run(main())\nexcept Exception as exc:\n    print('refused:', exc)\n")
 
     async def run(prefix: list[str]) -> str:
@@ -147,8 +207,8 @@ async def test_a_job_in_its_user_namespace_is_refused(served: Any) -> None:
     # the refusal's frame, or (when the daemon closed before the client finished writing) a
     # closed socket: either way nothing was served
     assert got.startswith("refused:") and ("another user namespace" in got or "went away" in got), got
-    assert handler.calls == []
-    assert await run([]) == "ok" and handler.calls == [("stop",)]
+    assert handler.status()["donating"] is False
+    assert await run([]) == "ok" and handler.status()["donating"] is True
 
 
 def test_a_peer_that_cannot_be_placed_is_refused_not_served(tmp_path: Path) -> None:
@@ -175,8 +235,8 @@ def test_a_peer_that_cannot_be_placed_is_refused_not_served(tmp_path: Path) -> N
             assert why is not None and "gone" in why, why
 
 
-async def test_bad_field_keeps_the_connection(served: Any) -> None:
-    handler, _, ep = served
+async def test_bad_field_keeps_the_connection(served_fake: Any) -> None:
+    handler, _, ep = served_fake
     async with ControlClient(ep.path) as c:
         with pytest.raises(wire.RemoteError) as err:
             await c.host(DATASET, {"learning_rate": -1})
@@ -221,11 +281,11 @@ async def test_bad_frames_get_an_error_and_close(served: Any, payload: bytes, co
 
 
 async def test_stalled_mid_frame_client_is_dropped(served: Any) -> None:
-    _, _, ep = served
+    _, server, ep = served
     r, w = await raw(ep)
     w.write(struct.pack(">I", 100) + b'{"type":')  # and then nothing
     await w.drain()
-    assert await asyncio.wait_for(r.read(), 5) == b""
+    assert await asyncio.wait_for(r.read(), server._body_timeout + 5) == b""
     w.close()
 
 
