@@ -16,7 +16,6 @@ from crowdd.config import JobConfig
 from crowdd.control import ControlClient
 from crowdd.demo import Crowd
 from test_daemon_e2e import (  # the same real crowd, recorder and helpers
-    ACCURACY_THRESHOLD,
     Recorder,
     digits_npz,
     donate_all,
@@ -26,6 +25,9 @@ from test_daemon_e2e import (  # the same real crowd, recorder and helpers
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
+# 3 epochs of digits at lr 0.1 (2 workers): 0.774 in a clean-clone run (2026-12-07); one run's
+# accuracy on the 360 test images has a standard error of ~0.022, so 4 of them below it
+THREE_EPOCHS_THRESHOLD = 0.68
 HOST_SETTINGS = {"route": "chain", "steps_per_function": 20, "sync_every": 10, "merge": JobConfig().merge}
 WORKER_FILE = (
     "[replication]\nroute = \"binomial\"\nchunk_size = 4096\nstall_timeout = 5.0\n"
@@ -79,7 +81,7 @@ async def test_workers_config_never_changes_what_the_group_computes(tmp_path: Pa
                 async with ControlClient(w.socket) as c:
                     statuses.append(await c.status())
             result = await rec.host_result(crowd.host, 240)
-            assert result["test_accuracy"] > ACCURACY_THRESHOLD
+            assert result["test_accuracy"] > THREE_EPOCHS_THRESHOLD
 
             for st, spec in zip(statuses, specs):
                 assert {k: st["settings"][k] for k in HOST_SETTINGS} == HOST_SETTINGS
