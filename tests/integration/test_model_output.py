@@ -75,14 +75,16 @@ def test_a_regression_target_trains_the_mlp_preset_and_reports_mae(tmp_path: Pat
     layout = prepared.manifest.layout
     assert layout is not None and layout.task == "regression" and layout.num_classes == 1
     # 40 epochs: the test MAE is lowest within the first ~10 and creeps up after (353 training
-    # rows); at 150 epochs runs ended anywhere in 48..62, at 40 in 51..53
+    # rows); at 150 epochs runs ended anywhere in 48..62, at 40 in 51..53 (the parameter server);
+    # with the one-way coordinator, five runs of this test (2026-12-07, `pytest -s` prints it):
+    # 49.3, 46.9, 46.5, 47.7, 49.1. The bound sits ~6 above the worst; predicting the mean: ~64
     job = {"epochs": 40, "batch_size": 20, "learning_rate": 0.05, "hidden": [32]}
     settings = {"steps_per_function": 20, "sync_every": 5, "threads": 1, "nice": 5}
     result = run_cluster(tmp_path / "run", prepared.data_path, prepared.manifest_path, 1, job, settings, timeout=300)
     done = result.done
     assert done is not None, result.events
     print(f"\ntest MAE {done['test_mae']:.1f}")
-    assert "test_accuracy" not in done and done["test_mae"] < 60, done  # predicting the mean: ~64
+    assert "test_accuracy" not in done and done["test_mae"] < 55, done
     assert done["test_mse"] > done["test_mae"]
     evals = [e for e in result.events if e["event"] == "eval"]
     assert evals and all("test_mae" in e and "test_mse" in e for e in evals)
