@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -11,6 +12,7 @@ import sys
 import struct
 import time
 import subprocess
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -77,17 +79,22 @@ class FakeDaemon:
         return {"type": "ok", "paused_until": None, "was_paused": True}
 
 
-@pytest.fixture
-async def served_fake(tmp_path: Path):
+@contextlib.asynccontextmanager
+async def fake_served(ep: Endpoint) -> AsyncIterator[tuple[FakeDaemon, ControlServer, Endpoint]]:
     """The control server in front of a handler that records what it was asked."""
     handler = FakeDaemon()
-    ep = Endpoint(path=tmp_path / "run" / "control.sock")
     server = ControlServer(handler, ep, write_timeout=1.0, body_timeout=1.0)
     await server.start()
     try:
         yield handler, server, ep
     finally:
         await server.close()
+
+
+@pytest.fixture
+async def served_fake(tmp_path: Path):
+    async with fake_served(Endpoint(path=tmp_path / "run" / "control.sock")) as got:
+        yield got
 
 
 def real_daemon(tmp_path: Path, ep: Endpoint) -> Daemon:
@@ -107,13 +114,8 @@ async def served(request: pytest.FixtureRequest, tmp_path: Path):
     what the protocol promises holds for both."""
     ep = Endpoint(path=tmp_path / "run" / "control.sock")
     if request.param == "fake":
-        handler = FakeDaemon()
-        server = ControlServer(handler, ep, write_timeout=1.0, body_timeout=1.0)
-        await server.start()
-        try:
-            yield handler, server, ep
-        finally:
-            await server.close()
+        async with fake_served(ep) as got:
+            yield got
         return
     daemon = real_daemon(tmp_path, ep)
     await daemon.start()
