@@ -258,3 +258,46 @@ def test_priority_below_idle_keeps_the_normal_scheduler() -> None:
             assert os.sched_getscheduler(p.pid) == os.sched_getscheduler(0)
     finally:
         kill_group(p, grace=0)
+
+
+# A process of the job's user without capabilities (as a graph's TF server runs) opens a
+# sibling's /proc files: ``environ`` and ``fd/1`` (the job's event pipe).
+_SIBLING = textwrap.dedent("""
+    import json, os, sys, time
+    from crowdd.platform.process import undumpable
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        if sys.argv[1] == "undumpable":
+            undumpable()
+        os.write(w, b"x")
+        time.sleep(30)
+        os._exit(0)
+    os.read(r, 1)
+    out = {}
+    for name, mode in (("environ", "rb"), ("fd/1", "wb")):
+        try:
+            with open(f"/proc/{pid}/{name}", mode):
+                out[name] = "ok"
+        except OSError as exc:
+            out[name] = exc.strerror
+    os.kill(pid, 9)
+    print(json.dumps(out))
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_DUMPABLE is Linux only")
+@pytest.mark.parametrize("kind", ["dumpable", "undumpable"])
+def test_an_undumpable_process_s_proc_files_stay_closed_to_its_siblings(kind: str) -> None:
+    import json
+
+    # as a confined job: the mapped root of a user namespace, every capability dropped
+    done = subprocess.run(["unshare", "--user", "--map-root-user", "--", "setpriv", "--bounding-set=-all",
+                           "--inh-caps=-all", "--no-new-privs", sys.executable, "-c", _SIBLING, kind],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    if kind == "dumpable":  # the control: without it a sibling opens both
+        assert got == {"environ": "ok", "fd/1": "ok"}, got
+    else:
+        assert got == {"environ": "Permission denied", "fd/1": "Permission denied"}, got
