@@ -145,16 +145,21 @@ def listen(port: int, seconds: float) -> list[dict[str, Any]]:
         closed.set()
 
     threading.Thread(target=wait_stdin, daemon=True).start()
-    with socket.create_server(("127.0.0.1", port)) as srv:
-        print("ready", flush=True)
-        deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0 and not closed.is_set():
-            srv.settimeout(min(left, 0.2))
-            try:
-                conn, addr = srv.accept()
-            except TimeoutError:
-                continue
-            seen.append({"peer": f"{addr[0]}:{addr[1]}", **_owner(addr[1], port)})
+    held: list[socket.socket] = []  # held open: a gRPC client then waits instead of redialling
+    try:
+        with socket.create_server(("127.0.0.1", port)) as srv:
+            print("ready", flush=True)
+            deadline = time.monotonic() + seconds
+            while (left := deadline - time.monotonic()) > 0 and not closed.is_set():
+                srv.settimeout(min(left, 0.2))
+                try:
+                    conn, addr = srv.accept()
+                except TimeoutError:
+                    continue
+                held.append(conn)
+                seen.append({"peer": f"{addr[0]}:{addr[1]}", **_owner(addr[1], port)})
+    finally:
+        for conn in held:
             conn.close()
     return seen
 
@@ -164,12 +169,14 @@ def _owner(peer_port: int, port: int) -> dict[str, Any]:
     namespace, so its socket is in this namespace's table)."""
     import psutil
 
-    for c in psutil.net_connections("tcp"):
-        if c.laddr and c.laddr.port == peer_port and c.raddr and c.raddr.port == port and c.pid:
-            try:
-                return {"pid": c.pid, "cmdline": " ".join(psutil.Process(c.pid).cmdline())[:300]}
-            except psutil.Error:
-                return {"pid": c.pid}
+    for _ in range(3):  # a process's fd table can change under the scan: look again
+        for c in psutil.net_connections("tcp"):
+            if c.laddr and c.laddr.port == peer_port and c.raddr and c.raddr.port == port and c.pid:
+                try:
+                    return {"pid": c.pid, "cmdline": " ".join(psutil.Process(c.pid).cmdline())[:300]}
+                except psutil.Error:
+                    return {"pid": c.pid}
+        time.sleep(0.05)
     return {}
 
 
