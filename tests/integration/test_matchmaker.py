@@ -22,6 +22,7 @@ from crowdd import matchmaker as mm_module
 from crowdd.matchmaker import Matchmaker
 from crowdd.matchmaker_client import MatchmakerUnavailable, MatchmakerUntrusted
 from crowdd.matchmaker_client import register as _register
+from crowdd.testing.slow_listener import SlowListener
 from crowdd.testing.identities import hello_identity, identity, matchmaker_tls
 from crowdd.tls import client_context
 
@@ -800,29 +801,21 @@ async def test_an_unreachable_host_is_refused_at_once_with_the_fix(make_server: 
 
 
 async def test_a_slow_connect_back_blocks_nobody_and_groups_nobody_early(
-    make_server: MakeServer, listener: Callable[[], socket.socket], monkeypatch: pytest.MonkeyPatch
+    make_server: MakeServer, listener: Callable[[], socket.socket]
 ) -> None:
-    """A member is queued only once its check has answered; meanwhile everyone else is served."""
-    slow_port = listener().getsockname()[1]
-    real = mm_module.connects
-    release = asyncio.Event()
-
-    async def connects(host: str, port: int, timeout: float) -> bool:
-        if port == slow_port:
-            await release.wait()
-        return await real(host, port, timeout)
-
-    monkeypatch.setattr(mm_module, "connects", connects)
-    mm = await make_server(check_reachable=True, reach_timeout=5.0)
-    slow = Waiting(mm, _at(worker_hello("slow"), slow_port))
-    await until(lambda: any(c.state == "checking" for c in mm.conns.values()))
-    fast = await queue(mm, _at(worker_hello("fast"), listener().getsockname()[1]))
-    g = await Waiting(mm, _at(host_hello("h"), listener().getsockname()[1])).group()
-    assert [m.name for m in g.members] == ["h", "fast"]  # the one still being checked is not taken
-    await fast.group()
-    assert not slow.waits and not slow.task.done()
-    release.set()
-    await slow.queued()
+    """A member is queued only once its check has answered; meanwhile everyone else is served.
+    Its data port is a real listener that answers only once released (its accept queue full)."""
+    mm = await make_server(check_reachable=True, reach_timeout=10.0)
+    with SlowListener() as held:
+        slow = Waiting(mm, _at(worker_hello("slow"), held.port))
+        await until(lambda: any(c.state == "checking" for c in mm.conns.values()))
+        fast = await queue(mm, _at(worker_hello("fast"), listener().getsockname()[1]))
+        g = await Waiting(mm, _at(host_hello("h"), listener().getsockname()[1])).group()
+        assert [m.name for m in g.members] == ["h", "fast"]  # the one still being checked is not taken
+        await fast.group()
+        assert not slow.waits and not slow.task.done()
+        held.release()
+        await slow.queued()
     assert slow.waits[0].position == 1
     await slow.leave()
 

@@ -15,7 +15,6 @@ import pytest
 from crowdd import wire
 from crowdd.config import MatchmakerConfig
 from crowdd.hyperparams import GroupSettings, Job
-from crowdd import matchmaker as mm_module
 from crowdd.matchmaker import Matchmaker
 from crowdd.matchmaker_client import OpenSlots, keep_open
 from crowdd.matchmaker_client import register as _register
@@ -23,6 +22,7 @@ from crowdd.plan import DatasetRef, MemberPorts, PlanMember, SessionPlan
 from crowdd.protocol import matchmaker as mmp
 from crowdd.protocol.matchmaker import Wait
 from crowdd.testing.identities import identity, matchmaker_tls
+from crowdd.testing.slow_listener import SlowListener
 from crowdd.tls import client_context
 
 pytestmark = pytest.mark.timeout(60)
@@ -316,38 +316,37 @@ async def test_an_unreachable_open_host_is_refused_and_a_reachable_one_opens(mak
     await host.leave()
 
 
-async def _slow_connect_back(monkeypatch: pytest.MonkeyPatch) -> None:
-    async def connects(host: str, port: int, timeout: float) -> bool:
-        await asyncio.sleep(0.5)
-        return True
-
-    monkeypatch.setattr(mm_module, "connects", connects)
+async def checking(mm: Matchmaker) -> None:
+    """Until the matchmaker is connecting back to a hello's data port."""
+    await until(lambda: any(c.state == "checking" for c in mm.conns.values()))
 
 
-async def test_a_count_set_while_the_hello_is_checked_goes_out_once_open(
-    make_server: MakeServer, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    await _slow_connect_back(monkeypatch)
-    mm = await make_server(check_reachable=True)
-    host = Host(mm, free=0, heartbeat=30.0)  # no heartbeat carries it meanwhile
-    await until(lambda: host.hellos == 1)
-    host.free = 1
-    host.slots.set_free(1)
-    await host.opened()
+async def test_a_count_set_while_the_hello_is_checked_goes_out_once_open(make_server: MakeServer) -> None:
+    mm = await make_server(check_reachable=True, reach_timeout=10.0)
+    with SlowListener() as slow:  # the connect-back is in flight until released
+        host = Host(mm, free=0, heartbeat=30.0,  # no heartbeat carries it meanwhile
+                    hello=host_hello(ports=MemberPorts(slow.port, 7002, (7003, 7004))))
+        await until(lambda: host.hellos == 1)
+        await checking(mm)
+        host.free = 1
+        host.slots.set_free(1)
+        slow.release()
+        await host.opened()
     plan = await asyncio.wait_for(register(mm, worker_hello("w")), 5)
     assert plan.joining and plan.index == 2
     await host.leave()
 
 
-async def test_slots_sent_while_the_hello_is_checked_apply_once_open(
-    make_server: MakeServer, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    await _slow_connect_back(monkeypatch)
-    mm = await make_server(check_reachable=True)
-    reader, writer = await asyncio.open_connection(*mm.address, ssl=client_context(None))
-    await wire.write_frame(writer, hello_frame(mmp.make_open(host_hello(), GID, TOKEN, SESSION, 0)))
-    await wire.write_frame(writer, mmp.make_slots(1, 0))
-    assert (await wire.read_frame(reader, timeout=10))["type"] == "wait"
+async def test_slots_sent_while_the_hello_is_checked_apply_once_open(make_server: MakeServer) -> None:
+    mm = await make_server(check_reachable=True, reach_timeout=10.0)
+    with SlowListener() as slow:
+        reader, writer = await asyncio.open_connection(*mm.address, ssl=client_context(None))
+        hello = host_hello(ports=MemberPorts(slow.port, 7002, (7003, 7004)))
+        await wire.write_frame(writer, hello_frame(mmp.make_open(hello, GID, TOKEN, SESSION, 0)))
+        await checking(mm)
+        await wire.write_frame(writer, mmp.make_slots(1, 0))
+        slow.release()
+        assert (await wire.read_frame(reader, timeout=10))["type"] == "wait"
     plan = await asyncio.wait_for(register(mm, worker_hello("w")), 10)
     assert plan.joining and plan.index == 2
     frame = await wire.read_frame(reader, timeout=10)
