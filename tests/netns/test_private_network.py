@@ -4,7 +4,8 @@ An internet bridge with a matchmaker, a host, a public worker, an outsider and a
 two workers behind the router (nftables masquerade, unsolicited inbound dropped). While the
 group trains, the outsider connect-scans every TCP port of every member (the router's address
 for the NAT'd ones) and tries the TensorFlow recipe on each open port: no attempt may run an
-op. The NAT'd workers train (their TF tasks' progress reaches the host) and the run finishes.
+op. The NAT'd workers train (their TF tasks' progress reaches the host); the run is then stopped
+(the model kept) and ends with a result on every member.
 A capture on the internet bridge holds no plaintext crowdd frame and no dataset bytes.
 
 It fails on a daemon whose TF servers face the network. To see that, run it against the tree
@@ -171,8 +172,21 @@ async def test_outsider_reaches_no_tensorflow_and_natd_workers_train(tmp_path: P
         # the NAT'd workers have no open port at all on the internet
         assert open_ports[lab.hosts[ROUTER].ip] == []
 
-        # ---- the run finishes, with the NAT'd workers' TF tasks doing real work
+        # ---- the NAT'd workers' TF tasks do real work; then the run is stopped (the model kept)
+        # and ends with a result everywhere
+        def natd_progress() -> bool:
+            members = [e for e in events["host"] if e["event"] == "members"]
+            natd = {m["index"] for m in members[-1]["members"] if m["name"].startswith("natd")} if members else set()
+            seen = {e.get("worker") for e in events["host"] if e["event"] == "progress"}
+            return len(natd) == 2 and natd <= seen
+
         deadline = loop.time() + 300
+        while not natd_progress() and not first("host", "result") and not host_gave_up() and loop.time() < deadline:
+            await asyncio.sleep(0.1)
+        if not first("host", "result"):
+            async with ControlClient(socks["host"]) as c:
+                await c.stop()
+        deadline = loop.time() + 120
         while not all(first(n, "result") for n in names) and not host_gave_up() and loop.time() < deadline:
             await asyncio.sleep(0.1)
         res = first("host", "result")
