@@ -62,3 +62,20 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
         report.longrepr = f"{item.nodeid}: skipped on CI, where everything it needs must be present: {reason}"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def no_job_cgroup_left() -> Iterator[None]:
+    """Nothing left behind: at the end, no job cgroup of a live process may remain. One left by
+    a daemon a test killed (SIGKILL) is what the next daemon's start removes
+    (:meth:`crowdd.platform.cgroups.JobCgroups.sweep`): done here, as no daemon starts after."""
+    from crowdd.platform.cgroups import PREFIX, CgroupUnavailable, JobCgroups
+
+    yield
+    try:
+        cgroups = JobCgroups.find()
+    except CgroupUnavailable:
+        return
+    cgroups.sweep()
+    left = [str(d) for base in cgroups.bases for d in base.glob(f"{PREFIX}*")]
+    assert not left, f"job cgroups left behind: {left}"

@@ -12,6 +12,7 @@ from crowdd.config import Config
 from crowdd.errors import SessionFailed
 from crowdd.identity import Identity
 from crowdd.manifest import Manifest
+from crowdd.node.disk import gb_to_bytes
 from crowdd.node.launcher import JobLauncher, JobLimits, LaunchError
 from crowdd.node.ports import Reservation
 from crowdd.node.states import State, StateMachine
@@ -88,7 +89,9 @@ class SessionContext:
         refusal = training_refusal(self.cfg, self.confinement, self.sandbox)
         if refusal is not None:
             raise SessionFailed(refusal)
-        limits = JobLimits(sandbox=self.sandbox.available, max_memory_mb=self.cfg.job.max_memory_mb)
+        gb = self.cfg.limits.disk_max_gb
+        limits = JobLimits(sandbox=self.sandbox.available, max_memory_mb=self.cfg.job.max_memory_mb,
+                           disk_cap_bytes=gb_to_bytes(gb) if gb > 0 else 0)
         try:
             return await self.jobs.start(plan, task_index, cluster, data, manifest, on_event, res, relay, limits)
         except LaunchError as exc:

@@ -61,6 +61,7 @@ from crowdd.node.registration import make_hello, open_hello, register_until_grou
 from crowdd.node.states import State, StateMachine
 from crowdd.platform import sandbox as landlock
 from crowdd.platform import userns
+from crowdd.platform.cgroups import CgroupUnavailable, JobCgroups
 from crowdd.platform.sandbox import SandboxSupport
 from crowdd.platform.systemd import Notifier
 from crowdd.platform.userns import Confinement
@@ -119,6 +120,7 @@ class Daemon:
         self._jobs = JobLauncher(
             paths.jobs_dir, job_python, job_env if job_env is not None else os.environ, self._local_settings,
             guard=(paths.state_dir, paths.config_file.parent, paths.cache_dir, paths.runtime_dir, paths.log_dir),
+            dataset_cache=paths.dataset_cache,
         )
         self._wake = asyncio.Event()
         self._recheck = asyncio.Event()  # a worker cycle's policy watch: evaluate now
@@ -142,6 +144,7 @@ class Daemon:
         self._job_python = job_python
         self.confinement = confinement
         self.sandbox = sandbox
+        self.caps = "not checked yet"  # how jobs' memory and task caps are held
 
     # ------------------------------------------------------------------ life cycle
 
@@ -169,6 +172,7 @@ class Daemon:
             self.confinement = await asyncio.get_running_loop().run_in_executor(None, userns.probe, self._job_python)
         if self.sandbox is None:
             self.sandbox = landlock.probe()
+        self._find_cgroups()
         self._show_tensorflow()
         persisted = self._load_persisted()
         self.view.set_donating(persisted.get("donating", False) is True)
@@ -266,6 +270,20 @@ class Daemon:
         await report_expelled(self._mm, self.identity, plan.group_id, member, why,
                               fingerprint=self.cfg.daemon.matchmaker_fingerprint)
 
+    def _find_cgroups(self) -> None:
+        """Jobs get a cgroup of their own with hard caps where this daemon may make one."""
+        try:
+            cgroups = JobCgroups.find()
+        except CgroupUnavailable as exc:
+            self.caps = f"poll ({exc})"
+            logger.info("jobs' memory cap is a poll: %s", exc)
+            return
+        for d in cgroups.sweep():
+            logger.info("removed a job cgroup a stopped daemon left: %s", d)
+        self._jobs.cgroups = cgroups
+        self.caps = f"cgroup v{cgroups.version}"
+        logger.info("jobs get a cgroup of their own (v%d) below %s", cgroups.version, cgroups.bases[0])
+
     def _sandbox(self) -> SandboxSupport:
         return self.sandbox if self.sandbox is not None else SandboxSupport(False, 0, "not checked yet")
 
@@ -274,6 +292,7 @@ class Daemon:
         refusal = self._refusal()
         reasons = [r for r in (c.reason, sb.reason) if r]
         self.view.tensorflow = {"confined": c.available, "sandboxed": sb.available, "landlock_abi": sb.abi,
+                                "caps": self.caps,
                                 "allowed": refusal is None, "reason": refusal or "; ".join(reasons)}
         if refusal is not None:
             self.view.log(logging.WARNING, refusal)

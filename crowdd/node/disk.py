@@ -127,6 +127,18 @@ def prune(dataset_cache: Path, jobs_dir: Path, max_bytes: int, *, keep: Iterable
     return removed
 
 
+def tree_size(path: Path) -> int:
+    """Bytes in a file or directory tree (links not followed, each file once)."""
+    return _walk(path, set())[0]
+
+
+def job_allowance(dataset_cache: Path, jobs_dir: Path, max_bytes: int, workdir: Path) -> int:
+    """What a running job may hold in ``workdir`` under the node's disk cap: the cap less
+    everything else the cap counts (the cached datasets, the other job directories)."""
+    others = sum(e.size for e in entries(dataset_cache, jobs_dir) if e.paths != (workdir,))
+    return max(0, max_bytes - others)
+
+
 def gb_to_bytes(gb: float) -> int:
     return int(gb * 1_000_000_000)
 
@@ -151,4 +163,4 @@ def no_room(size: int, cap: int | None, directory: Path, held: Path | None = Non
     return None
 
 
-__all__ = ["MODEL_FILE", "Entry", "entries", "gb_to_bytes", "no_room", "prune"]
+__all__ = ["MODEL_FILE", "Entry", "entries", "gb_to_bytes", "job_allowance", "no_room", "prune", "tree_size"]

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from crowdd.errors import CrowddError
+from crowdd.node import disk
 from crowdd.platform import jobfiles
+from crowdd.platform.cgroups import CgroupUnavailable, JobCgroup, JobCgroups
 from crowdd.platform.jobenv import job_env
 from crowdd.platform.process import SAFE_PATH
 from crowdd.config import parse_hostport
@@ -29,34 +32,47 @@ from crowdd.plan import SessionPlan
 from crowdd.node.supervisor import JobError, JobSupervisor, job_command
 
 
+logger = logging.getLogger(__name__)
+
+
 class LaunchError(CrowddError):
     """The job could not be started; the message is for the user."""
 
 
 @dataclass(frozen=True)
 class JobLimits:
-    """How this node runs a job: in the Landlock sandbox or not, and its memory cap in MB (0 =
-    none) over the job and all its processes."""
+    """How this node runs a job: in the Landlock sandbox or not, its memory cap in MB (0 =
+    none) over the job and all its processes, and the node's disk cap in bytes (0 = none), of
+    which the job's directory may hold what the cache and the other jobs leave."""
 
     sandbox: bool = True
     max_memory_mb: int = 0
+    disk_cap_bytes: int = 0
+
+
+#: the least room a job's directory needs (its checkpoints, log and a host's model)
+MIN_JOB_DISK = 64 * 10**6
 
 
 class JobLauncher:
     """Starts job children below ``jobs_dir``. ``local()`` gives this node's local job settings
     (threads, nice, checkpoint interval) at start. ``guard``: directories no runtime path of a
-    sandboxed job may expose (the daemon's state, config, cache)."""
+    sandboxed job may expose (the daemon's state, config, cache). ``cgroups``: where each job
+    gets a cgroup with hard caps (the daemon sets it once it has looked; None: the memory cap is
+    a poll)."""
 
     def __init__(
         self, jobs_dir: Path, python: str, env: Mapping[str, str], local: Callable[[], Settings],
-        guard: tuple[Path, ...] = (),
+        guard: tuple[Path, ...] = (), dataset_cache: Path | None = None,
     ) -> None:
         self._jobs_dir = jobs_dir
+        self._dataset_cache = dataset_cache
         self._guard = guard
         self._python = python
         self._env = dict(env)
         self._local = local
         self.current: JobSupervisor | None = None
+        self.cgroups: JobCgroups | None = None
 
     def job_dir(self, plan: SessionPlan) -> Path:
         d = self._jobs_dir / f"{plan.group_id}-{plan.index}"
@@ -103,6 +119,7 @@ class JobLauncher:
             jobfiles.write(workdir, "spec.json", spec_json(spec))
         except jobfiles.JobFileError as exc:
             raise LaunchError(f"cannot prepare the job's directory: {exc.message}") from None
+        room = self._disk_room(workdir, limits.disk_cap_bytes)
         res.release_tf()
         env = job_env(self._env, workdir, spec.settings.threads)  # an allowlist: never the daemon's own
         command = [self._python, SAFE_PATH, "-m", "crowdd.job.confine", *relay.argv(), *(sandbox_argv(workdir, data, spec.cluster, self._guard) if limits.sandbox else []),
@@ -112,6 +129,7 @@ class JobLauncher:
         sup = JobSupervisor(
             command, on_event=on_event, cwd=workdir,
             log_path=workdir / "job.log", env=env, nice=spec.settings.nice, max_memory_mb=limits.max_memory_mb,
+            cgroup=self._cgroup(workdir.name, limits.max_memory_mb), max_disk_bytes=room,
         )
         try:
             await sup.start()
@@ -119,6 +137,27 @@ class JobLauncher:
             raise LaunchError(str(exc)) from None
         self.current = sup
         return sup
+
+    def _disk_room(self, workdir: Path, cap: int) -> int:
+        """What the job's directory may hold (0: no cap); raises :class:`LaunchError` when the
+        cap leaves too little."""
+        if not cap:
+            return 0
+        cache = self._dataset_cache if self._dataset_cache is not None else self._jobs_dir / "nonexistent"
+        room = disk.job_allowance(cache, self._jobs_dir, cap, workdir)
+        if room < MIN_JOB_DISK:
+            raise LaunchError(f"this node's disk cap ([limits] disk_max_gb) leaves {room / 1e6:,.0f} MB for the "
+                              f"job's files, under the {MIN_JOB_DISK / 1e6:,.0f} MB it needs: raise the cap")
+        return room
+
+    def _cgroup(self, name: str, memory_mb: int) -> JobCgroup | None:
+        if self.cgroups is None:
+            return None
+        try:
+            return self.cgroups.create(name, memory_mb)
+        except CgroupUnavailable as exc:
+            logger.warning("the job's memory cap is a poll: %s", exc)
+            return None
 
     async def stop(self) -> None:
         """End the running job (and its process group), if any; not cancellable half-way."""
@@ -146,4 +185,4 @@ def sandbox_argv(workdir: Path, data: Path, cluster: Cluster, guard: Sequence[Pa
 
 
 
-__all__ = ["JobLauncher", "JobLimits", "LaunchError", "job_cluster", "sandbox_argv"]
+__all__ = ["MIN_JOB_DISK", "JobLauncher", "JobLimits", "LaunchError", "job_cluster", "sandbox_argv"]

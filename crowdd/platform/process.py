@@ -165,29 +165,50 @@ def _set_priority(nice: int) -> list[str]:
 # --------------------------------------------------------------------------- starting a child
 
 
-def group_options(*, nice: int | None = None, death_signal: int | None = None) -> dict[str, Any]:
+def group_options(*, nice: int | None = None, death_signal: int | None = None,
+                  cgroup_procs: tuple[str, ...] = (), max_file_bytes: int = 0) -> dict[str, Any]:
     """``Popen`` / ``create_subprocess_exec`` keyword arguments: the child leads a new process
     group; with ``nice`` it runs at that priority (Windows: ``IDLE_PRIORITY_CLASS``); with
-    ``death_signal`` it gets that signal when this process dies (Linux)."""
+    ``death_signal`` it gets that signal when this process dies (Linux); with ``cgroup_procs``
+    it joins those cgroups (their ``cgroup.procs`` files) before it runs anything; with
+    ``max_file_bytes`` no file it writes grows past that size (``RLIMIT_FSIZE``: the write fails
+    with EFBIG, SIGXFSZ ignored)."""
     if WINDOWS:  # pragma: no cover - exercised on Windows only
         flags = getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0)
         if nice is not None:
             flags |= getattr(subprocess, "IDLE_PRIORITY_CLASS", 0)
         return {"creationflags": flags}
     options: dict[str, Any] = {"start_new_session": True}
-    if nice is not None or death_signal is not None:
-        options["preexec_fn"] = _Preexec(nice, death_signal)
+    if nice is not None or death_signal is not None or cgroup_procs or max_file_bytes:
+        options["preexec_fn"] = _Preexec(nice, death_signal, cgroup_procs, max_file_bytes)
     return options
 
 
 class _Preexec:
     """Runs in the child between fork and exec: as little as possible."""
 
-    def __init__(self, nice: int | None, death_signal: int | None) -> None:
+    def __init__(self, nice: int | None, death_signal: int | None, cgroup_procs: tuple[str, ...] = (),
+                 max_file_bytes: int = 0) -> None:
         self.nice = nice
         self.death_signal = death_signal
+        self.cgroup_procs = cgroup_procs
+        self.max_file_bytes = max_file_bytes
+        if max_file_bytes:
+            import resource  # here, not in the child: no import between fork and exec
+
+            self._fsize = (resource.setrlimit, resource.RLIMIT_FSIZE)
 
     def __call__(self) -> None:
+        for path in self.cgroup_procs:  # first: everything it starts is inside (a failure stops the start)
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                os.write(fd, str(os.getpid()).encode())
+            finally:
+                os.close(fd)
+        if self.max_file_bytes:
+            setrlimit, which = self._fsize
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past it fails, the writer lives
+            setrlimit(which, (self.max_file_bytes, self.max_file_bytes))
         if self.death_signal is not None:
             die_with_parent(self.death_signal)
         if self.nice is not None:

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 from crowdd import wire
 from crowdd.errors import ErrorCode, InputError
@@ -285,13 +285,15 @@ class TensorflowStatus(TypedDict):
     """Whether this node's TF servers run confined to a private network (``confined``) and in
     the Landlock sandbox (``sandboxed``, ``landlock_abi``: 0 without Landlock); if not, why
     (``reason``) and whether the node trains anyway (``allowed``: ``[security]
-    allow_exposed_tensorflow``, ``allow_unsandboxed``)."""
+    allow_exposed_tensorflow``, ``allow_unsandboxed``). ``caps``: how a job's memory and task
+    caps are held: ``cgroup v1`` / ``cgroup v2`` (the kernel's), or ``poll (why)``."""
 
     confined: bool
     sandboxed: bool
     landlock_abi: int
     allowed: bool
     reason: str
+    caps: NotRequired[str]
 
 
 class QueueStatus(TypedDict):

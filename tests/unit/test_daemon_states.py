@@ -586,3 +586,20 @@ async def test_a_session_that_cannot_resume_says_why_in_status(tmp_path: Path) -
         assert not (d.paths.state_dir / "hosting.json").exists()
     finally:
         await d.close()
+
+
+async def test_status_says_how_jobs_memory_is_capped(tmp_path: Path) -> None:
+    """Where this daemon may make a cgroup per job, status says so (the kernel's caps); where
+    not, it says the cap is a poll, and why."""
+    from crowdd.platform.cgroups import CgroupUnavailable, JobCgroups
+
+    async with matchmaker() as mm, running(tmp_path, mm.address[1]) as d:
+        caps = d.status()["tensorflow"].get("caps")
+        launcher_cgroups = d._jobs.cgroups
+    try:
+        found = JobCgroups.find()
+    except CgroupUnavailable as exc:
+        assert caps == f"poll ({exc})" and launcher_cgroups is None
+    else:
+        assert caps == f"cgroup v{found.version}" and launcher_cgroups is not None
+        assert launcher_cgroups.bases == found.bases

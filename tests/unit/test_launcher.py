@@ -31,3 +31,27 @@ def test_job_dir_is_per_group_and_index(tmp_path: Path) -> None:
     d = launcher.job_dir(plan(1))
     assert d == tmp_path / "jobs" / "abc-1" and d.is_dir()
     assert launcher.job_dir(plan(0)) == tmp_path / "jobs" / "abc-0"
+
+
+def test_a_jobs_disk_room_is_what_the_cap_leaves_and_too_little_is_refused(tmp_path: Path) -> None:
+    """The job's directory may hold the node's disk cap less the cache and the other jobs; a
+    cap that leaves less than a job needs is refused before anything starts, naming the
+    setting."""
+    import pytest
+
+    from crowdd.node.launcher import MIN_JOB_DISK, LaunchError
+
+    cache, jobs = tmp_path / "cache", tmp_path / "jobs"
+    cache.mkdir()
+    (cache / ("a" * 64 + ".data")).write_bytes(b"\0" * 1000)
+    launcher = JobLauncher(jobs, sys.executable, {}, Settings, dataset_cache=cache)
+    other = launcher.job_dir(plan(0))
+    (other / "ckpt").write_bytes(b"\0" * 500)
+    mine = launcher.job_dir(plan(1))
+    (mine / "old").write_bytes(b"\0" * 300)  # its own files count toward its room, not against it
+    cap = MIN_JOB_DISK + 2000
+    assert launcher._disk_room(mine, cap) == cap - 1500
+    assert launcher._disk_room(mine, 0) == 0  # no cap
+    with pytest.raises(LaunchError) as info:
+        launcher._disk_room(mine, MIN_JOB_DISK)
+    assert "[limits] disk_max_gb" in info.value.message

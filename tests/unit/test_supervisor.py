@@ -16,6 +16,7 @@ from typing import Any
 import psutil
 import pytest
 
+from crowdd.platform.cgroups import CgroupUnavailable, JobCgroups
 from crowdd.platform.process import SAFE_PATH, group_options, kill_group, signal_group
 from crowdd.node.supervisor import JobError, JobSupervisor, job_command
 
@@ -271,6 +272,92 @@ async def test_a_child_that_leaves_the_group_is_still_capped_suspended_and_stopp
     await sup.stop(grace=1.0)
     assert await wait_gone(child)
     assert not sup.memory_exceeded
+
+
+async def test_a_job_in_its_cgroup_over_the_cap_is_stopped_by_the_kernel_and_leaves_nothing(tmp_path: Path) -> None:
+    """With a cgroup of its own, the cap is the kernel's: a child that left the group (setsid)
+    and grows past it is killed at once, the rest of the job with it, the error says which
+    setting capped it, and the cgroup is gone afterwards. The control: the same job under a
+    higher cap runs."""
+    try:
+        cgroups = JobCgroups.find()
+    except CgroupUnavailable as exc:
+        pytest.skip(f"no cgroup for jobs here: {exc}")
+    script = tmp_path / "hungry.py"
+    script.write_text(HUNGRY_JOB)
+    events: list[dict[str, Any]] = []
+    cg = cgroups.create("hungry", 200)
+    sup = JobSupervisor([sys.executable, str(script), "150", "--stay", "--setsid"], on_event=events.append,
+                        max_memory_mb=200, cgroup=cg)
+    await sup.start()
+    code = await asyncio.wait_for(sup.wait(), 30)
+    child = int(next(e for e in events if e["event"] == "started")["pid"])
+    assert code == -signal.SIGKILL and sup.memory_exceeded, (code, sup.last_error)
+    assert "over this node's cap of 200 MB ([job] max_memory_mb)" in (sup.last_error or ""), sup.last_error
+    assert events[-1] == {"event": "error", "message": sup.last_error}
+    assert await wait_gone(child)
+    assert not any(d.exists() for d in cg.dirs), "the job's cgroup was left behind"
+
+    events.clear()
+    cg = cgroups.create("fed", 600)
+    sup = JobSupervisor([sys.executable, str(script), "150", "--setsid"], on_event=events.append,
+                        max_memory_mb=600, cgroup=cg)
+    await sup.start()
+    assert await asyncio.wait_for(sup.wait(), 30) == 0 and not sup.memory_exceeded, sup.last_error
+    assert not any(d.exists() for d in cg.dirs)
+
+
+# A job that writes `count` files of `mb` MB into its directory, then says how the writes went.
+WRITER_JOB = textwrap.dedent(
+    """
+    import json, sys, time
+    mb, count = int(sys.argv[1]), int(sys.argv[2])
+    written = []
+    for i in range(count):
+        try:
+            with open(f"out-{i}.bin", "wb") as fh:
+                fh.write(b"x" * (mb << 20))
+            written.append(i)
+        except OSError as exc:
+            print(json.dumps({"event": "log", "message": f"write {i}: {exc.strerror}"}), flush=True)
+    print(json.dumps({"event": "progress", "written": written}), flush=True)
+    time.sleep(600 if "--stay" in sys.argv else 0.1)
+    """
+)
+
+
+async def test_a_job_filling_its_directory_is_stopped_at_the_disk_cap(tmp_path: Path) -> None:
+    """No one file grows past the job's room (the write fails, EFBIG), and many files past it
+    end the job with an error naming the setting. The control: under the room, it runs."""
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER_JOB)
+    workdir = tmp_path / "job"
+    workdir.mkdir()
+    events: list[dict[str, Any]] = []
+    big = JobSupervisor([sys.executable, str(script), "30", "1"], on_event=events.append, cwd=workdir,
+                        max_disk_bytes=20 << 20)
+    await big.start()
+    await asyncio.wait_for(big.wait(), 30)
+    assert any("write 0: File too large" in str(e.get("message")) for e in events), events
+    assert (workdir / "out-0.bin").stat().st_size <= 20 << 20
+
+    events.clear()
+    many = JobSupervisor([sys.executable, str(script), "8", "6", "--stay"], on_event=events.append, cwd=workdir,
+                         max_disk_bytes=30 << 20)
+    await many.start()
+    code = await asyncio.wait_for(many.wait(), 30)
+    assert code == -signal.SIGKILL and many.disk_exceeded and not many.memory_exceeded, (code, many.last_error)
+    assert "this node's disk cap leaves it ([limits] disk_max_gb)" in (many.last_error or ""), many.last_error
+    assert events[-1] == {"event": "error", "message": many.last_error}
+
+    for f in workdir.iterdir():
+        f.unlink()
+    events.clear()
+    fits = JobSupervisor([sys.executable, str(script), "4", "3"], on_event=events.append, cwd=workdir,
+                         max_disk_bytes=30 << 20)
+    await fits.start()
+    assert await asyncio.wait_for(fits.wait(), 30) == 0 and not fits.disk_exceeded, fits.last_error
+    assert events[-1] == {"event": "progress", "written": [0, 1, 2]}
 
 
 async def test_a_job_under_its_memory_cap_runs_to_its_end(tmp_path: Path) -> None:
