@@ -1,8 +1,9 @@
 """One TensorFlow server in its own process: ``python -m crowdd.job.server``.
 
 A TF server cannot be stopped cleanly and runs any graph it is sent, so it lives only in a
-child of the job: it lowers its own priority, caps its threads, and exits as soon as its
-parent (the job) dies (PR_SET_PDEATHSIG on Linux, plus a polling thread everywhere:
+child of the job: it forbids itself every file write (a Landlock layer over the job's sandbox:
+:func:`crowdd.platform.sandbox.forbid_writes`), lowers its own priority, caps its threads, and
+exits as soon as its parent (the job) dies (PR_SET_PDEATHSIG on Linux, plus a polling thread everywhere:
 :func:`crowdd.platform.process.exit_with_parent`).
 """
 
@@ -19,6 +20,7 @@ from collections.abc import Sequence
 
 from crowdd.config import parse_hostport
 from crowdd.platform.process import SAFE_PATH, exit_with_parent, lower_priority, undumpable
+from crowdd.platform.sandbox import forbid_writes
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +83,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--nice", type=int, default=19)
     p.add_argument("--parent", type=int, default=0)
     args = p.parse_args(argv)
+    # its graphs come from the group: first (one thread yet), they may write no file at all
+    unrestricted = forbid_writes()
     undumpable()  # its graphs run here: its /proc files stay closed to the job's other processes
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format=f"[{args.job}{args.task}] %(message)s")
+    if unrestricted is not None:
+        log.warning("this server's graphs may write files (no Landlock: %s)", unrestricted)
     if args.parent:
         exit_with_parent(args.parent)
     lower_priority(args.nice)

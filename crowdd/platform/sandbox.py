@@ -247,6 +247,30 @@ def prepare(policy: SandboxPolicy) -> Prepared:
     return Prepared(ruleset, abi, cap_last, syscalls)
 
 
+def forbid_writes(allow: Sequence[str] = DEVICES_WRITE) -> str | None:
+    """A further Landlock layer on this thread (and all it starts): no file may be written,
+    created, removed or truncated, except the devices in ``allow``. Each TF server applies it
+    first thing, before TensorFlow starts a thread: the graphs it runs come from the group, and
+    nothing a server does needs to write (the job process itself keeps its own directory: its
+    checkpoints, the model, ``TMPDIR`` with autograph's modules). Returns why not where the
+    kernel has no Landlock (the job is then not sandboxed either)."""
+    support = probe_now()
+    if not support.available:
+        return support.reason
+    import landlockpy
+    from landlockpy import AccessFS
+
+    reads = AccessFS.EXECUTE | AccessFS.READ_FILE | AccessFS.READ_DIR
+    handled = landlockpy.fs_for_abi(support.abi) & ~reads
+    file_rights = AccessFS.WRITE_FILE | AccessFS.TRUNCATE | AccessFS.IOCTL_DEV
+    with landlockpy.Ruleset(handled_fs=handled) as ruleset:
+        for dev in allow:
+            if Path(dev).exists():
+                ruleset.allow_path(Path(dev), handled & file_rights)
+        ruleset.restrict()
+    return None
+
+
 def close_nested_user_namespaces() -> str | None:
     """In a fresh user namespace (as its root): allow no user namespace below it. Returns why
     not where it cannot (e.g. /proc/sys is read-only), else None. The sandboxed job cannot
@@ -259,6 +283,6 @@ def close_nested_user_namespaces() -> str | None:
 
 
 __all__ = [
-    "Prepared", "SandboxError", "SandboxPolicy", "SandboxSupport", "close_nested_user_namespaces",
+    "Prepared", "SandboxError", "SandboxPolicy", "SandboxSupport", "close_nested_user_namespaces", "forbid_writes",
     "home_dirs", "job_policy", "prepare", "probe", "probe_now", "runtime_paths",
 ]

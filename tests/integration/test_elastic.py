@@ -218,7 +218,7 @@ async def test_a_host_restarted_mid_session_resumes_from_its_checkpoint(crowd: C
     w1, w2 = crowd.workers[:2]
     for n in (w1, w2):
         await donate(n)
-    await host(crowd, data, {**JOB, "workers": 2, "min_workers": 2, "epochs": 80})
+    await host(crowd, data, {**JOB, "workers": 2, "min_workers": 2, "epochs": 40})
     jobs = Paths.under(crowd.host.root).jobs_dir
     deadline = time.monotonic() + 240
     while not list(jobs.glob("*/output/checkpoints/ckpt-*.npz")):

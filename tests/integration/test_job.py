@@ -249,7 +249,7 @@ def test_host_and_two_workers_train_digits(make_cluster: Any) -> None:
 
 
 def test_run_survives_a_killed_worker(make_cluster: Any) -> None:
-    job = {"epochs": 25, "batch_size": 10, "learning_rate": 0.1, "sharding": "full"}
+    job = {"epochs": 12, "batch_size": 10, "learning_rate": 0.1, "sharding": "full"}
     cluster = make_cluster(2, job, steps_per_function=10)
     host = cluster.start()
     host.wait_for("started", START_TIMEOUT)
@@ -329,7 +329,7 @@ def test_start_timeout_must_be_a_sane_number_of_seconds(value: Any) -> None:
 
 
 def test_host_resumes_from_its_last_checkpoint(make_cluster: Any) -> None:
-    job = {"epochs": 25, "batch_size": 10, "learning_rate": 0.1}
+    job = {"epochs": 12, "batch_size": 10, "learning_rate": 0.1}
     cluster = make_cluster(1, job, steps_per_function=10, checkpoint_secs=0.5)
     host = cluster.start()
     host.wait_for("started", START_TIMEOUT)

@@ -7,8 +7,9 @@
   outside the job's directory, make the server connect to a port outside the cluster, and
   read the environment of the process that runs the op (a secret set in every daemon's
   environment is not in it: a job gets an allowlisted environment, never the daemon's).
-  Every attempt fails; the same ops inside the job's own directory work (so the attack did
-  reach the server).
+  Every attempt fails; a read inside the job's own directory works (so the attack did reach
+  the server), but no write does, not even there or in the job's ``TMPDIR``: a TF server
+  writes no file at all.
 * From a worker's job namespace, try every TF address of the group and every port listening
   there: only the worker's own server answers. Nothing reaches the host's coordinator or its
   trainer, or the other worker: no op can assign the model, Abort the run, write in the
@@ -162,8 +163,10 @@ async def test_a_malicious_member_touches_nothing_outside_the_job(crowd: Crowd, 
         reads, lists, writes = secrets(crowd, home_canary)
         what = [*(a for r in reads for a in ("--read", r)), *(a for d in lists for a in ("--list", d)),
                 *(a for w in writes for a in ("--write", w)), "--connect", str(LISTEN_PORT),
-                # the job's own directory: reachable (proof that the ops ran on the server)
-                "--read", "spec.json", "--write", "member-wrote-here",
+                # the job's own directory: readable (proof that the ops ran on the server), but a
+                # server writes no file at all: not there, nor in the job's TMPDIR (autograph's
+                # modules, imported by the host's coordinator)
+                "--read", "spec.json", "--write", "member-wrote-here", "--write", "tmp/planted.py",
                 # the environment of the process running the op: the job's, never the daemon's
                 "--read", "/proc/self/environ", "--find", CANARY]
         await donate_all(crowd.workers)
@@ -227,7 +230,10 @@ async def test_a_malicious_member_touches_nothing_outside_the_job(crowd: Crowd, 
             if label in from_worker:
                 continue
             assert got["ran_op"], f"{label}: the attack did not reach the server: {got.get('error')}"
-            assert got["read"]["spec.json"]["ok"] and got["write"]["member-wrote-here"]["ok"], (label, got)
+            assert got["read"]["spec.json"]["ok"], (label, got)
+            for w in ("member-wrote-here", "tmp/planted.py"):
+                assert not got["write"][w]["ok"], (label, w, got["write"][w])
+                assert "Permission denied" in got["write"][w]["error"], (label, w, got["write"][w])
             assert got["read"]["/proc/self/environ"]["ok"], (label, got["read"]["/proc/self/environ"])  # its own: readable
             assert not got["read"]["/proc/self/environ"].get("found"), f"{label} read the daemon's {CANARY_VAR}"
             for path in siblings[label]:  # another process of a job (PR_SET_DUMPABLE 0)

@@ -50,9 +50,10 @@ def test_the_outsider_runs_ops_on_an_exposed_tf_server(lab: NetnsLab, tmp_path: 
     canary = tmp_path / "canary.txt"
     canary.write_text("volunteer's secret\n")
     out = tmp_path / "written-by-outsider"
-    cluster = json.dumps({"worker": ["0.0.0.0:2222"]})
-    lab.popen(0, [sys.executable, "-m", "crowdd.job.server", "--cluster", cluster, "--job", "worker", "--task", "0"],
-              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # a bare TF server, as TF ships it (crowdd's own forbids itself every write)
+    serve = ("import tensorflow as tf; tf.distribute.Server(tf.train.ClusterSpec({'worker': ['0.0.0.0:2222']}), "
+             "job_name='worker', task_index=0, protocol='grpc').join()")
+    lab.popen(0, [sys.executable, "-c", serve], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _wait_listening(lab, 0, 2222)
     scan = lab.run(1, [sys.executable, "-m", "crowdd.testing.outsider", "scan", lab.hosts[0].ip], timeout=120)
     assert 2222 in json.loads(scan.stdout)[lab.hosts[0].ip]

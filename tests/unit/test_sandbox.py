@@ -27,6 +27,9 @@ PROBE = textwrap.dedent("""
     import json, os, socket, subprocess, sys
     args = json.loads(sys.argv[1])
     out = {}
+    if args.get("forbid_writes"):  # as a TF server does first thing
+        from crowdd.platform.sandbox import forbid_writes
+        out["forbid_writes"] = forbid_writes() or "ok"
     def attempt(name, fn):
         try:
             fn()
@@ -149,6 +152,27 @@ def test_files_outside_the_job_are_out_of_reach(layout: dict[str, Path]) -> None
 
 
 @needs_landlock
+@needs_landlock
+def test_a_tf_server_writes_no_file_not_even_in_the_job_s_directory(layout: dict[str, Path]) -> None:
+    """Graphs run on the job's TF servers; each forbids itself every write (a further Landlock
+    layer): the job's directory, its TMPDIR (where the coordinator's autograph modules go) and
+    a new file there are all refused, /dev/null is not. The control: the job's own process,
+    under the same sandbox without that layer, writes there."""
+    wd = layout["workdir"]
+    (wd / "tmp").mkdir()
+    what = {"write": [str(wd / "mine"), str(wd / "tmp" / "planted.py"), "/dev/null"], "list": [str(wd)]}
+    argv = confine_argv(layout["tmp"], wd, data=layout["data"], guard=[layout["state"]])
+    control = run_probe(argv, **what)
+    assert control["write0"] == control["write1"] == "ok", control
+    (wd / "mine").unlink()
+    (wd / "tmp" / "planted.py").unlink()
+    got = run_probe(argv, forbid_writes=True, **what)
+    assert got["forbid_writes"] == "ok", got
+    assert got["write0"] == got["write1"] == "Permission denied", got
+    assert got["write2"] == "ok" and got["list0"] == "ok", got  # /dev/null; reading is as before
+    assert not (wd / "mine").exists() and not (wd / "tmp" / "planted.py").exists()
+
+
 @pytest.mark.skipif(not SUPPORT.network_rules, reason="Landlock ABI < 4: no TCP rules")
 def test_tcp_only_to_the_job_s_ports(layout: dict[str, Path]) -> None:
     with socket.create_server(("127.0.0.1", 0)) as other, socket.create_server(("127.0.0.1", 0)) as own:
