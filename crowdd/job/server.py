@@ -16,6 +16,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 
 from crowdd.config import parse_hostport
@@ -83,7 +84,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--nice", type=int, default=19)
     p.add_argument("--parent", type=int, default=0)
     args = p.parse_args(argv)
-    # its graphs come from the group: first (one thread yet), they may write no file at all
+    # its graphs come from the group: first (one thread yet), they may write no file at all;
+    # the temporary directory is found before (TF's imports ask for one, and tempfile finds
+    # it by writing a probe file there)
+    tempfile.gettempdir()
     unrestricted = forbid_writes()
     undumpable()  # its graphs run here: its /proc files stay closed to the job's other processes
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format=f"[{args.job}{args.task}] %(message)s")

@@ -706,7 +706,11 @@ class Daemon:
             res.close()
         if self.view.role == "host":
             self._host_request = self._host_prepared = None
-            if not self._closing:  # it ended (done, failed, stopped): nothing to resume
+            rec = self.view.session
+            finished = rec is not None and rec.result is not None  # its job said done
+            # it ended (done, failed, stopped), or its job finished before the daemon was
+            # stopped: nothing to resume; a daemon stopped mid-run resumes it at its next start
+            if not self._closing or finished:
                 self._hosting.clear()
                 self._resume_from = None
         await self._prune()  # the session's files are the newest: older ones go first

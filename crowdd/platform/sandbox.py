@@ -258,12 +258,13 @@ def forbid_writes(allow: Sequence[str] = DEVICES_WRITE) -> str | None:
     if not support.available:
         return support.reason
     import landlockpy
-    from landlockpy import AccessFS
+    from landlockpy import AccessFS, AccessNet
 
     reads = AccessFS.EXECUTE | AccessFS.READ_FILE | AccessFS.READ_DIR
     handled = landlockpy.fs_for_abi(support.abi) & ~reads
     file_rights = AccessFS.WRITE_FILE | AccessFS.TRUNCATE | AccessFS.IOCTL_DEV
-    with landlockpy.Ruleset(handled_fs=handled) as ruleset:
+    # only writes: the network stays as the job's own layer has it (None would handle it all)
+    with landlockpy.Ruleset(handled_fs=handled, handled_net=AccessNet.NONE) as ruleset:
         for dev in allow:
             if Path(dev).exists():
                 ruleset.allow_path(Path(dev), handled & file_rights)

@@ -110,6 +110,33 @@ async def test_host_killed_workers_back_to_standby(crowd: Crowd, tmp_path: Path)
     assert await no_jobs_left(crowd.root), "TF processes left after the host died"
 
 
+async def test_a_host_stopped_just_after_its_session_finished_has_nothing_to_resume(crowd: Crowd, tmp_path: Path) -> None:
+    """The host daemon is stopped (SIGTERM) while its finished session lingers: its job said
+    done, so nothing is left to resume. The record is gone, and started again the daemon is
+    not hosting: a new ``crowdd host`` is taken, not refused as "already hosting". (A daemon
+    stopped mid-run keeps the record and resumes: test_elastic's restart test.)"""
+    from crowdd.config import Paths
+
+    data = digits_npz(tmp_path / "digits.npz")
+    rec = Recorder(crowd.nodes)
+    await rec.start()
+    try:
+        await donate_all(crowd.workers)
+        await host_job(crowd.host, data, {**LONG_JOB, "epochs": 2})
+        await rec.wait("host", lambda e: e["event"] == "result", 180)
+    finally:
+        await rec.close()
+    crowd.kill_node(crowd.host, signal.SIGTERM)  # at once: inside the finished session's linger
+    assert crowd.host.proc is not None and crowd.host.proc.returncode == 0
+    assert not (Paths.under(crowd.host.root).state_dir / "hosting.json").exists()
+    crowd.start_node(crowd.host)
+    await crowd.wait_up()
+    async with ControlClient(crowd.host.socket) as c:
+        st = await c.status()
+        assert st["role"] != "host" and st["state"] in ("off", "standby"), (st["role"], st["state"])
+        assert (await c.host(str(data), {**LONG_JOB, "epochs": 2}))["type"] == "ok"
+
+
 async def test_matchmaker_restart_daemons_reregister(tmp_path: Path) -> None:
     crowd = Crowd(tmp_path / "crowd", 2, extra_config=TEST_CONFIG)
     crowd.nodes = crowd.nodes[1:]  # workers only: they wait in the queue
