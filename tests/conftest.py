@@ -77,5 +77,9 @@ def no_job_cgroup_left() -> Iterator[None]:
     except CgroupUnavailable:
         return
     cgroups.sweep()
-    left = [str(d) for base in cgroups.bases for d in base.glob(f"{PREFIX}*")]
+    import psutil
+
+    ours = {os.getpid(), *(p.pid for p in psutil.Process().children(recursive=True))}  # not a run next door's
+    left = [str(d) for base in cgroups.bases for d in base.glob(f"{PREFIX}*")
+            if d.name[len(PREFIX):].split("-", 1)[0] in {str(p) for p in ours}]
     assert not left, f"job cgroups left behind: {left}"

@@ -16,6 +16,7 @@ import pytest
 from crowdd.datasets import Prepared, convert
 from crowdd.job.byzantine import ENV
 from crowdd.job.local import RunResult, run_cluster
+from crowdd.testing.bounds import at_least
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -58,16 +59,16 @@ def honest_rejected(verdicts: list[dict[str, Any]], bad: set[int]) -> tuple[int,
 def test_one_and_two_bad_of_four_keep_the_clean_accuracy(fashion: Prepared, tmp_path: Path) -> None:
     clean, clean_v = train(tmp_path / "clean", fashion, 3)
     base = clean.done["test_accuracy"]  # type: ignore[index]
-    assert base >= 0.85, clean.done
+    at_least(base, 0.85)
     assert not clean.done["validation"]["expelled"]  # type: ignore[index]  # the clean twin expels nobody
 
     one, one_v = train(tmp_path / "one", fashion, 3, "3:sign-flip")
-    assert one.done["test_accuracy"] >= base - 0.01, (one.done, base)  # type: ignore[index]
+    at_least(one.done["test_accuracy"], base - 0.01, "accuracy, 1 bad of 4, vs clean")  # type: ignore[index]
     # three rejected changes expel (one merged before them is the exception asserted below)
     assert expelled_within(one, one_v, 3) <= 3
 
     two, two_v = train(tmp_path / "two", fashion, 3, "2:flip-labels,3:noise")
-    assert two.done["test_accuracy"] >= base - 0.02, (two.done, base)  # type: ignore[index]
+    at_least(two.done["test_accuracy"], base - 0.02, "accuracy, 2 bad of 4, vs clean")  # type: ignore[index]
     assert expelled_within(two, two_v, 2) <= 3 and expelled_within(two, two_v, 3) <= 3
 
     rejected, checked = map(sum, zip(honest_rejected(clean_v, set()), honest_rejected(one_v, {3}),
@@ -98,4 +99,4 @@ def test_every_attack_is_expelled_within_three_changes(fashion: Prepared, tmp_pa
         assert free and set(free) <= {"zero", "replay"}, free
     rejected, checked = honest_rejected(verdicts, slots)
     assert rejected <= max(1, 0.02 * checked), (rejected, checked)
-    assert run.done["test_accuracy"] >= 0.8  # type: ignore[index]  # a run nobody could end
+    at_least(run.done["test_accuracy"], 0.8)  # type: ignore[index]  # a run nobody could end

@@ -19,6 +19,7 @@ import pytest
 from crowdd.control import ControlClient
 from crowdd.datasets import load_digits
 from crowdd.demo import Crowd, Node
+from crowdd.testing.bounds import at_least
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -135,7 +136,7 @@ async def test_every_state_and_a_trained_model(crowd: Crowd, tmp_path: Path) -> 
             await rec.wait(w.name, lambda e: e["event"] == "state" and e["previous"] == "finished", 30)
         await rec.wait("host", lambda e: e["event"] == "state" and e["previous"] == "finished", 30)
 
-        assert result["test_accuracy"] > ACCURACY_THRESHOLD
+        at_least(result["test_accuracy"], ACCURACY_THRESHOLD)
         model = Path(result["model_path"])
         assert model.is_file() and model.is_relative_to(crowd.host.root / "state")
 
@@ -223,7 +224,7 @@ async def test_stop_on_a_host_mid_training_keeps_the_model_so_far(crowd: Crowd, 
         result = await rec.host_result(crowd.host, 120)
         # the model kept is the one trained so far: no worse than at its first evaluation (the
         # noise between two evaluations of one run on digits' 360 test images: a few points)
-        assert result["test_accuracy"] >= first["test_accuracy"] - 0.05, (first, result)
+        at_least(result["test_accuracy"], first["test_accuracy"] - 0.05, "stopped run vs its first evaluation")
         assert Path(result["model_path"]).is_file()
         card = json.loads(Path(result["model_path"]).with_name("model.card.json").read_text())
         assert card["stopped_early"] is True and card["steps"] < card["total_steps"]

@@ -25,6 +25,7 @@ from test_daemon_e2e import (
 from crowdd import wire
 from crowdd.control import ControlClient
 from crowdd.demo import Crowd
+from crowdd.testing.bounds import at_least
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -76,7 +77,7 @@ async def test_worker_killed_mid_training_host_finishes(crowd: Crowd, tmp_path: 
         crowd.kill_node(victim, signal.SIGKILL)  # no chance to clean up
         await rec.wait("host", lambda e: e["event"] == "members" and e["members"][vi]["state"] == "gone", 20)
         result = await rec.host_result(crowd.host, 240)  # training goes on
-        assert result["test_accuracy"] > ACCURACY_THRESHOLD
+        at_least(result["test_accuracy"], ACCURACY_THRESHOLD)
         assert Path(result["model_path"]).is_file()
         last = rec.of("host", "members")[-1]["members"]
         assert last[vi]["state"] == "gone" and last[3 - vi]["state"] != "gone"

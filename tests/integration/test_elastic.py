@@ -28,6 +28,7 @@ from test_daemon_e2e import TEST_CONFIG, digits_npz, job_processes
 from crowdd.control import ControlClient
 from crowdd.demo import Crowd
 from crowdd.testing.churn import Watch, donate, freeze, longest_stall
+from crowdd.testing.bounds import at_least
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -147,8 +148,9 @@ async def test_a_session_survives_churn_and_takes_a_newcomer(crowd: Crowd, tmp_p
         calm.close()
     print(f"accuracy with churn {churned:.4f} (stopped at step {stop_step}), "
           f"without {base['test_accuracy']:.4f} (step {calm_step})")
-    assert churned >= base["test_accuracy"] - not_worse_margin(churned, base["test_accuracy"], count_test_records(data)), \
-        (churned, base["test_accuracy"])
+    calm_accuracy = base["test_accuracy"]
+    at_least(churned, calm_accuracy - not_worse_margin(churned, calm_accuracy, count_test_records(data)),
+             "accuracy with churn vs calm")
 
 
 def count_test_records(data: Path) -> int:
@@ -193,7 +195,7 @@ async def test_a_worker_that_vanishes_as_training_starts_does_not_hold_the_group
         print(f"\ntraining began {t_progress - t_train:.1f} s after the host moved to training")
         assert t_progress - t_train < 60
         res = await result(hw, 300)
-        assert res["test_accuracy"] > 0.8
+        at_least(res["test_accuracy"], 0.8)
     finally:
         if frozen is not None:
             frozen.resume()
@@ -238,7 +240,7 @@ async def test_a_host_restarted_mid_session_resumes_from_its_checkpoint(crowd: C
         step = int(str(ev["message"]).rsplit(" ", 1)[-1])
         assert step > 0
         res = await result(hw, 400)
-        assert res["test_accuracy"] > 0.8
+        at_least(res["test_accuracy"], 0.8)
         await hw.wait(lambda e: e.get("event") == "state" and e.get("state") in ("off", "standby"), 60)
         async with ControlClient(crowd.host.socket) as c:
             st = await c.status()

@@ -25,6 +25,7 @@ from crowdd.job.host import TRAINER_NICE_STEP
 from crowdd.job.shards import holdout_count, holdout_every, total_steps
 from crowdd.job.outer import lr_factor
 from crowdd.node.ports import free_ports
+from crowdd.testing.bounds import at_least
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -220,7 +221,7 @@ def test_host_and_two_workers_train_digits(make_cluster: Any) -> None:
     assert os.getpriority(os.PRIO_PROCESS, started["pid"]) == 5
     assert os.getpriority(os.PRIO_PROCESS, started["children"]["worker0"]) == 5 + TRAINER_NICE_STEP
     done = host.wait_for("done", 240)
-    assert done["test_accuracy"] >= 0.85, done
+    at_least(done["test_accuracy"], 0.85)
     assert done["steps"] == steps_for(job, 3)
     model = Path(done["model_path"])
     assert model.suffix == ".keras" and zipfile.is_zipfile(model)
@@ -259,7 +260,7 @@ def test_run_survives_a_killed_worker(make_cluster: Any) -> None:
     assert victim.proc.returncode is not None
     done = host.wait_for("done", 300)
     assert done["steps"] == steps_for(job, 3)
-    assert done["test_accuracy"] >= 0.85
+    at_least(done["test_accuracy"], 0.85)
     assert host.proc.wait(timeout=30) == 0
 
 
@@ -275,7 +276,7 @@ def test_run_survives_two_workers_killed_a_second_apart(make_cluster: Any) -> No
     cluster.procs[3].kill()
     done = host.wait_for("done", 300)
     assert done["steps"] == steps_for(job, 4)
-    assert done["test_accuracy"] >= 0.85
+    at_least(done["test_accuracy"], 0.85)
     assert host.proc.wait(timeout=30) == 0
 
 
@@ -341,7 +342,7 @@ def test_host_resumes_from_its_last_checkpoint(make_cluster: Any) -> None:
     assert resumed["step"] >= ckpt["step"]
     done = host.wait_for("done", 300)
     assert done["steps"] == steps_for(job, 2)
-    assert done["test_accuracy"] >= 0.85
+    at_least(done["test_accuracy"], 0.85)
 
 
 def test_worker_job_and_its_server_end_with_their_parent(make_cluster: Any, tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ from crowdd.job import MEMBERS_FILE, STOP_FILE
 from crowdd.job.events import parse_event
 from crowdd.node.ports import free_ports
 from crowdd.testing.slotproxy import ProxyProcess
+from crowdd.testing.bounds import at_least
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -237,7 +238,8 @@ def test_slots_leave_come_back_and_join_while_training(tmp_path: Path, digits: P
 
         (host_dir / STOP_FILE).touch()
         done = host.wait_for(120, lambda e: e["event"] == "done")
-        assert done["stopped"] is True and done["test_accuracy"] > 0.85, done
+        assert done["stopped"] is True, done
+        at_least(done["test_accuracy"], 0.85)
         kinds = [(e["task"], e["state"]) for _, e in host.events if e["event"] == "slot"]
         assert (2, "left") in kinds and (2, "joined") in kinds and (3, "joined") in kinds, kinds
         assert kinds.count((1, "joined")) == 1 and (1, "left") in kinds, kinds

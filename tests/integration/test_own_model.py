@@ -15,6 +15,7 @@ from crowdd.datasets import convert
 from crowdd.job import MODEL_FILE
 from crowdd.job.local import run_cluster
 from crowdd.modelfile import check_model_file
+from crowdd.testing.bounds import at_least
 
 pytestmark = pytest.mark.slow
 
@@ -65,7 +66,7 @@ def test_own_cnn_with_rescaling_fine_tunes_and_predicts_on_raw_inputs(tmp_path: 
     result = run_cluster(tmp_path / "run", prepared.data_path, prepared.manifest_path, 1, job, settings, timeout=300)
     done = result.done
     assert done is not None, result.events
-    assert done["test_accuracy"] >= pretrained - 0.05  # it started from the saved weights
+    at_least(done["test_accuracy"], pretrained - 0.05)  # it started from the saved weights
 
     fresh = subprocess.run([sys.executable, "-c", PREDICT, done["model_path"], str(npz)],
                            capture_output=True, text=True, timeout=180, check=False,
@@ -123,7 +124,7 @@ def test_an_image_folder_trains_the_hosts_cnn_and_the_model_reads_raw_pixels(tmp
     result = run_cluster(tmp_path / "run", prepared.data_path, prepared.manifest_path, 1, job, settings, timeout=300)
     done = result.done
     assert done is not None, result.events
-    assert done["test_accuracy"] > 0.9
+    at_least(done["test_accuracy"], 0.9)
     card = __import__("json").loads(Path(done["card_path"]).read_text())
     assert card["output"]["classes"] == ["one", "seven", "zero"]
 

@@ -11,6 +11,7 @@ import pytest
 
 from crowdd.datasets import ArraySet, convert
 from crowdd.job.local import run_cluster
+from crowdd.testing.bounds import at_least
 
 pytestmark = pytest.mark.slow
 
@@ -100,7 +101,7 @@ def test_a_host_asked_to_stop_keeps_its_checkpoint_and_writes_the_model_so_far(t
     with np.load(done["checkpoint"]) as z:
         assert int(z["step"]) == done["steps"]
     assert Path(done["model_path"]).is_file()
-    assert done["test_accuracy"] > 0.5  # three separable classes: it learned something
+    at_least(done["test_accuracy"], 0.5)  # three separable classes: it learned something
     assert time.monotonic() - t0 < 200
 
 
@@ -117,4 +118,5 @@ def test_unscaled_everyday_data_trains_at_the_default_learning_rate(tmp_path: Pa
     settings = {"steps_per_function": 10, "sync_every": 5, "threads": 1, "nice": 5}
     result = run_cluster(tmp_path / "run", prepared.data_path, prepared.manifest_path, 1, job, settings, timeout=300)
     assert result.error is None, result.error
-    assert result.done is not None and result.done["test_accuracy"] >= 0.85, result.done
+    assert result.done is not None, result.error
+    at_least(result.done["test_accuracy"], 0.85)

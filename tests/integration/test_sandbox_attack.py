@@ -37,6 +37,7 @@ from crowdd.control import ControlClient
 from crowdd.demo import Crowd, Node
 from crowdd.platform.sandbox import probe
 from crowdd.platform.userns import probe as userns_probe
+from crowdd.testing.bounds import at_least
 
 from test_daemon_e2e import ACCURACY_THRESHOLD, TEST_CONFIG, Recorder, digits_npz, donate_all, host_job, job_processes
 
@@ -255,7 +256,7 @@ async def test_a_malicious_member_touches_nothing_outside_the_job(crowd: Crowd, 
         async with ControlClient(crowd.host.socket) as c:
             await c.stop()  # the host keeps what is trained so far
         result = await rec.host_result(crowd.host, 300)
-        assert result["test_accuracy"] > ACCURACY_THRESHOLD
+        at_least(result["test_accuracy"], ACCURACY_THRESHOLD)
     finally:
         await rec.close()
         home_canary.unlink(missing_ok=True)

@@ -21,6 +21,7 @@ from crowdd.identity import Identity
 from crowdd.errors import Unavailable
 from crowdd.datasets import load_digits
 from crowdd.demo import permissive_idle_table
+from crowdd.testing.bounds import at_least
 
 pytestmark = [
     pytest.mark.netns,
@@ -118,7 +119,7 @@ async def test_e2e_across_namespaces(tmp_path: Path) -> None:
             await asyncio.sleep(0.1)
         res = result_of("host")
         assert res is not None, {n: [e.get("state") for e in events[n] if e["event"] == "state"] for n in names}
-        assert res["test_accuracy"] > 0.8
+        at_least(res["test_accuracy"], 0.8)
         for n in names[1:]:  # the same accuracy; the model file is the host's, not shown as theirs
             got = result_of(n)
             assert got is not None and got["test_accuracy"] == res["test_accuracy"] and got["model_path"] is None

@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 
 from crowdd.testing.systemd_boot import SYSTEMD, Container, deps_steps, install_venv, why_not
+from crowdd.testing.bounds import at_least
 
 # digits: full runs reach 0.91-0.98 (clean-clone runs, read in issue 30); the project's bar is 0.8
 ACCURACY_THRESHOLD = 0.8
@@ -292,7 +293,7 @@ def test_tensorflow_trains_under_the_hardened_unit_and_stop_leaves_nothing(crowd
                 raise AssertionError("no result from the host")
 
             result = asyncio.run(host_result())
-            assert result["test_accuracy"] > ACCURACY_THRESHOLD, result
+            at_least(result["test_accuracy"], ACCURACY_THRESHOLD)
             # donation is on: after the session the worker queues again at once
             wait_for("the worker free again", lambda: unit_status(c).get("state") in ("standby", "registering", "waiting"), 60)
             assert job_pids(c) == []
