@@ -9,7 +9,8 @@
   environment is not in it: a job gets an allowlisted environment, never the daemon's).
   Every attempt fails; a read inside the job's own directory works (so the attack did reach
   the server), but no write does, not even there or in the job's ``TMPDIR``: a TF server
-  writes no file at all.
+  writes no file at all (the host's coordinator, the job process itself, keeps its directory:
+  the control, from the host's own namespace, the only one that reaches it).
 * From a worker's job namespace, try every TF address of the group and every port listening
   there: only the worker's own server answers. Nothing reaches the host's coordinator or its
   trainer, or the other worker: no op can assign the model, Abort the run, write in the
@@ -232,9 +233,14 @@ async def test_a_malicious_member_touches_nothing_outside_the_job(crowd: Crowd, 
                 continue
             assert got["ran_op"], f"{label}: the attack did not reach the server: {got.get('error')}"
             assert got["read"]["spec.json"]["ok"], (label, got)
-            for w in ("member-wrote-here", "tmp/planted.py"):
-                assert not got["write"][w]["ok"], (label, w, got["write"][w])
-                assert "Permission denied" in got["write"][w]["error"], (label, w, got["write"][w])
+            if label.endswith("host coordinator"):
+                # the job process itself (it keeps the job's files: checkpoints, the model,
+                # TMPDIR); only the host's own namespace reaches it (the worker's tries above)
+                assert got["write"]["member-wrote-here"]["ok"], (label, got["write"])
+            else:
+                for w in ("member-wrote-here", "tmp/planted.py"):  # a TF server: graphs run here
+                    assert not got["write"][w]["ok"], (label, w, got["write"][w])
+                    assert "Permission denied" in got["write"][w]["error"], (label, w, got["write"][w])
             assert got["read"]["/proc/self/environ"]["ok"], (label, got["read"]["/proc/self/environ"])  # its own: readable
             assert not got["read"]["/proc/self/environ"].get("found"), f"{label} read the daemon's {CANARY_VAR}"
             for path in siblings[label]:  # another process of a job (PR_SET_DUMPABLE 0)
