@@ -95,7 +95,7 @@ class LimitsConfig:
 @dataclass
 class JobConfig:
     # group-wide defaults (the host's count): the fastest to a target accuracy measured on
-    # emulated volunteer machines (benchmarks/scaling.py; docs/architecture.md, "Scaling")
+    # emulated volunteer machines (benchmarks/scaling.py; docs/scaling.md)
     steps_per_function: int = 200
     sync_every: int = 200
     merge: str = "average"
