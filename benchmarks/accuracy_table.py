@@ -67,7 +67,7 @@ def main() -> int:
     DEFAULT = {"learning_rate": args.learning_rate, "epochs": args.epochs, "batch_size": args.batch_size}
 
     from crowdd.datasets import convert
-    from crowdd.job.local import run_cluster
+    from crowdd.testing.local_cluster import run_cluster
 
     sweeps = QUICK if args.quick else SWEEPS
     extras = list(range(args.max_extra + 1))

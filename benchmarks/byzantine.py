@@ -301,7 +301,7 @@ def main() -> int:
         counts.remove(0)  # the clean run is always measured
 
     from crowdd.datasets import convert
-    from crowdd.job.local import run_cluster
+    from crowdd.testing.local_cluster import run_cluster
 
     job = {"model": "mlp", "hidden": [100], "optimizer": "sgd", "sharding": "full", "learning_rate": 0.5,
            "epochs": args.epochs, "batch_size": 100, "eval_every_secs": 2}

@@ -109,7 +109,7 @@ def main() -> int:
         return sandbox_main(args)
 
     from crowdd.datasets import convert
-    from crowdd.job.local import run_cluster
+    from crowdd.testing.local_cluster import run_cluster
     from crowdd.platform.userns import probe
 
     job = {"model": "mlp", "hidden": [100], "learning_rate": 0.1, "batch_size": args.batch, "epochs": args.epochs}
@@ -193,7 +193,7 @@ def reference_run(revision: str, epochs: int) -> dict[str, Any]:
 
 def tunneled_run(root: Path, prep: Any, job: dict[str, Any], settings: dict[str, Any], *, isolated: bool,
                  sandbox: bool = False) -> Any:
-    from crowdd.job.local import run_cluster
+    from crowdd.testing.local_cluster import run_cluster
     from crowdd.node.host import tf_base
     from crowdd.testing.tunnel_bridge import TunnelBridge
 

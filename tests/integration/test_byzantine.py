@@ -15,7 +15,7 @@ import pytest
 
 from crowdd.datasets import Prepared, convert
 from crowdd.job.byzantine import ENV
-from crowdd.job.local import RunResult, run_cluster
+from crowdd.testing.local_cluster import RunResult, run_cluster
 from crowdd.testing.bounds import at_least
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]

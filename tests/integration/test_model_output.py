@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from crowdd.datasets import convert
-from crowdd.job.local import run_cluster
+from crowdd.testing.local_cluster import run_cluster
 from crowdd.manifest import Manifest
 from crowdd.testing.bounds import at_least, at_most
 

@@ -13,7 +13,7 @@ import pytest
 
 from crowdd.datasets import convert
 from crowdd.job import MODEL_FILE
-from crowdd.job.local import run_cluster
+from crowdd.testing.local_cluster import run_cluster
 from crowdd.modelfile import check_model_file
 from crowdd.testing.bounds import at_least
 

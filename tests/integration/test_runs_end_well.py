@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from crowdd.datasets import ArraySet, convert
-from crowdd.job.local import run_cluster
+from crowdd.testing.local_cluster import run_cluster
 from crowdd.testing.bounds import at_least
 
 pytestmark = pytest.mark.slow

@@ -22,7 +22,7 @@ JOB_TF_FREE = [
     "crowdd.job.spec",
     "crowdd.job.events",
     "crowdd.job.shards",
-    "crowdd.job.local",
+    "crowdd.testing.local_cluster",
     "crowdd.job.membership",
     # The job's launchers import TF only when they train: a worker job never loads it itself.
     "crowdd.job.host",
