@@ -47,7 +47,8 @@ from crowdd.control import ControlServer, Endpoint
 from crowdd.node.context import Presence, SessionContext, SessionFailed, training_refusal
 from crowdd.node.checkpoints import latest_checkpoint
 from crowdd.node.resume import HostingRecord
-from crowdd.node.host import GracefulStop, OpenLink, Prepared, convert_dataset, describe, lead
+from crowdd.node.host import GracefulStop, OpenLink, convert_dataset, describe, lead
+from crowdd.node.hosted import HostedJob
 from crowdd.protocol.control import HostRequest, Status
 from crowdd.idle.policy import AlwaysIdle, IdlePolicy, Policy, Verdict
 from crowdd.idle.probes import Probes, system_probes
@@ -132,7 +133,7 @@ class Daemon:
         self._abort_reason: str | None = None
         self._backoff = Backoff(cfg.daemon.retry_min, cfg.daemon.retry_max, self._rng)
         self._host_request: HostRequest | None = None
-        self._host_prepared: Prepared | None = None
+        self._host_prepared: HostedJob | None = None
         self._host_pending: HostRequest | None = None  # its dataset is being converted
         self._graceful = GracefulStop()  # the current host cycle's
         self._presence: Presence | None = None  # the current worker cycle's word to its host
@@ -622,7 +623,7 @@ class Daemon:
         )
         self._presence = cycle.presence
         try:
-            prepared: Prepared | None = None
+            prepared: HostedJob | None = None
             if role == "host":
                 self.states.to(S.REGISTERING)
                 prepared = self._host_prepared

@@ -11,17 +11,17 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from crowdd.cache import DatasetCache
 from crowdd.errors import InputError, SessionFailed
 from crowdd.group_tls import GroupTLS
-from crowdd.hyperparams import Job
-from crowdd.manifest import Manifest
 from crowdd.modelfile import check_model_file
 from crowdd.job import MODEL_FILE, STOP_FILE
 from crowdd.job.card import with_members
 from crowdd.node.context import SessionContext
+from crowdd.node.hosted import HostedJob
+from crowdd.node.resume import HostingRecord
 from crowdd.node.ports import Reservation
 from crowdd.node.checkpoints import carry_checkpoint
 from crowdd.aio import cancel_and_wait, spawn_tracked
@@ -37,8 +37,6 @@ from crowdd.protocol.control import HostRequest
 from crowdd.protocol.session import NOTE_MAX, PRIVATE_HOST, Away, Back, End, JobReport, Ready, WorkerMessage
 from crowdd.replication import ChunkStore, DataServer
 
-if TYPE_CHECKING:
-    from crowdd.node.resume import HostingRecord
 
 log = logging.getLogger(__name__)
 
@@ -49,19 +47,7 @@ JOB_START_WAIT = 60.0
 CARD_LIMIT = 1 << 20
 
 
-@dataclass
-class Prepared:
-    """The host's dataset, ready to serve: the canonical file, its manifest, a display name,
-    and the job it is hosted for."""
-
-    data_path: Path
-    manifest: Manifest
-    name: str
-    job: Job
-    model_file: Path | None = None  # the host's own Keras model, checked against the dataset
-
-
-def convert_dataset(cache: DatasetCache, chunk_size: int, req: HostRequest) -> Prepared:
+def convert_dataset(cache: DatasetCache, chunk_size: int, req: HostRequest) -> HostedJob:
     """Convert the dataset to the canonical file + manifest in the cache (blocking: run it in
     a thread). A dataset that cannot be hosted raises :class:`InputError` (field ``dataset``)
     naming the file and what is wrong, so the control socket refuses the request with it."""
@@ -78,10 +64,10 @@ def convert_dataset(cache: DatasetCache, chunk_size: int, req: HostRequest) -> P
     if req.model_file is not None and p.manifest.layout is not None:
         check_model_file(req.model_file, p.manifest.layout)  # InputError naming what does not fit
     path = cache.has(p.manifest) or p.data_path
-    return Prepared(path, p.manifest, p.manifest.name or req.shown.name, req.job, req.model_file)
+    return HostedJob(path, p.manifest, p.manifest.name or req.shown.name, req.job, req.model_file)
 
 
-def describe(prepared: Prepared) -> dict[str, Any]:
+def describe(prepared: HostedJob) -> dict[str, Any]:
     """What the host's ``ok`` reply and its status say about an accepted dataset."""
     m = prepared.manifest
     d: dict[str, Any] = {"name": prepared.name, "size": m.size, "digest": m.digest()}
@@ -175,7 +161,7 @@ def carry(view: Any, old: Path, new: Path) -> None:
 
 
 async def lead(
-    c: SessionContext, plan: SessionPlan, res: Reservation, prepared: Prepared, graceful: GracefulStop | None = None,
+    c: SessionContext, plan: SessionPlan, res: Reservation, prepared: HostedJob, graceful: GracefulStop | None = None,
     *, record: HostingRecord | None = None, resume_from: Path | None = None, link: OpenLink | None = None,
 ) -> None:
     """Lead one session. ``record`` keeps where its job works (a restart resumes from there);
@@ -420,4 +406,4 @@ async def lead(
         store.close()
 
 
-__all__ = ["JOB_START_WAIT", "OpenLink", "Prepared", "check_tunnels", "cluster_spec", "GracefulStop", "convert_dataset", "describe", "lead", "tf_base"]
+__all__ = ["JOB_START_WAIT", "OpenLink", "HostedJob", "check_tunnels", "cluster_spec", "GracefulStop", "convert_dataset", "describe", "lead", "tf_base"]

@@ -15,7 +15,7 @@ from crowdd.hyperparams import GroupSettings
 from crowdd.identity import Identity
 from crowdd.matchmaker_client import register
 from crowdd.node.backoff import Backoff
-from crowdd.node.host import Prepared
+from crowdd.node.hosted import HostedJob
 from crowdd.node.ports import Reservation
 from crowdd.node.states import State, StateMachine
 from crowdd.node.status import StatusView
@@ -23,7 +23,7 @@ from crowdd.plan import DatasetRef, MemberPorts, PlanMember, SessionPlan
 from crowdd.protocol import matchmaker as mmp
 
 
-def group_settings(cfg: Config, prepared: Prepared) -> GroupSettings:
+def group_settings(cfg: Config, prepared: HostedJob) -> GroupSettings:
     """What the group must agree on, as this host decides it: its ``[replication]`` route, its
     ``[job]`` K, steps per function and merge, and the chunk size its dataset was cut into."""
     j = cfg.job
@@ -37,7 +37,7 @@ def group_settings(cfg: Config, prepared: Prepared) -> GroupSettings:
 
 
 def make_hello(
-    cfg: Config, name: str, role: str, res: Reservation, prepared: Prepared | None, identity: Identity
+    cfg: Config, name: str, role: str, res: Reservation, prepared: HostedJob | None, identity: Identity
 ) -> dict[str, Any]:
     """This node's hello: its ports, its certificate (which the group will pin) and, for a
     host, the job, the dataset's digest and the group-wide settings."""

@@ -25,7 +25,7 @@ from crowdd.cache import DatasetCache
 from crowdd.hyperparams import HyperparamError, validate_job
 from crowdd.job import MODEL_FILE
 from crowdd.manifest import Manifest, ManifestError
-from crowdd.node.host import Prepared
+from crowdd.node.hosted import HostedJob
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class Interrupted:
     """A hosted session a restart cut short: what to host again, and the working directory
     of its job (None if training had not begun)."""
 
-    prepared: Prepared
+    prepared: HostedJob
     workdir: Path | None
 
 
@@ -48,7 +48,7 @@ class HostingRecord:
         self.path = state_dir / RECORD
         self._doc: dict[str, Any] | None = None
 
-    def save(self, prepared: Prepared) -> None:
+    def save(self, prepared: HostedJob) -> None:
         """This node now hosts ``prepared`` (written at once, atomically)."""
         self._doc = {
             "manifest": prepared.manifest.to_json().decode("utf-8"),
@@ -110,7 +110,7 @@ class HostingRecord:
                 return None, f"its model file {model} is gone; host it again"
             model = kept
         self._doc = doc
-        return Interrupted(Prepared(data, manifest, name, job, model), workdir), None
+        return Interrupted(HostedJob(data, manifest, name, job, model), workdir), None
 
 
 __all__ = ["HostingRecord", "Interrupted"]

@@ -16,7 +16,7 @@ from crowdd.hyperparams import Job
 from crowdd.manifest import Manifest
 from crowdd.matchmaker import Matchmaker
 from crowdd.node.backoff import Backoff
-from crowdd.node.host import Prepared
+from crowdd.node.hosted import HostedJob
 from crowdd.node.ports import Reservation
 from crowdd.node.registration import group_settings, make_hello, register_until_grouped
 from crowdd.node.states import State, StateMachine
@@ -31,10 +31,10 @@ MM_TLS, MM_FP = matchmaker_tls()
 pytestmark = pytest.mark.timeout(30)
 
 
-def prepared(tmp_path: Path, chunk: int = 4096) -> Prepared:
+def prepared(tmp_path: Path, chunk: int = 4096) -> HostedJob:
     data = tmp_path / "d.bin"
     data.write_bytes(b"x" * 10_000)
-    return Prepared(data, Manifest.build(data, chunk_size=chunk), "d", Job(workers=1, min_workers=1, wait=0))
+    return HostedJob(data, Manifest.build(data, chunk_size=chunk), "d", Job(workers=1, min_workers=1, wait=0))
 
 
 def host_config() -> Config:

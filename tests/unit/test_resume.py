@@ -12,13 +12,14 @@ from crowdd.cache import DatasetCache
 from crowdd.hyperparams import Job
 from crowdd.job import MODEL_FILE
 from crowdd.node.checkpoints import CHECKPOINTS, carry_checkpoint, latest_checkpoint
-from crowdd.node.host import Prepared, convert_dataset
+from crowdd.node.host import convert_dataset
+from crowdd.node.hosted import HostedJob
 from crowdd.node.resume import RECORD, HostingRecord
 from crowdd.protocol.control import HostRequest
 
 
 @pytest.fixture
-def hosted(tmp_path: Path) -> tuple[DatasetCache, Prepared]:
+def hosted(tmp_path: Path) -> tuple[DatasetCache, HostedJob]:
     rows = ["label,a,b"] + [f"{i % 2},{i},{i * 2}" for i in range(40)]
     csv = tmp_path / "points.csv"
     csv.write_text("\n".join(rows) + "\n")
@@ -28,7 +29,7 @@ def hosted(tmp_path: Path) -> tuple[DatasetCache, Prepared]:
     return cache, prepared
 
 
-def test_a_recorded_session_comes_back_with_its_job_and_workdir(tmp_path: Path, hosted: tuple[DatasetCache, Prepared]) -> None:
+def test_a_recorded_session_comes_back_with_its_job_and_workdir(tmp_path: Path, hosted: tuple[DatasetCache, HostedJob]) -> None:
     cache, prepared = hosted
     state = tmp_path / "state"
     state.mkdir()
@@ -47,7 +48,7 @@ def test_a_recorded_session_comes_back_with_its_job_and_workdir(tmp_path: Path, 
     assert not (state / RECORD).exists()
 
 
-def test_a_session_that_cannot_resume_says_why(tmp_path: Path, hosted: tuple[DatasetCache, Prepared]) -> None:
+def test_a_session_that_cannot_resume_says_why(tmp_path: Path, hosted: tuple[DatasetCache, HostedJob]) -> None:
     cache, prepared = hosted
     state = tmp_path / "state"
     state.mkdir()
@@ -64,7 +65,7 @@ def test_a_session_that_cannot_resume_says_why(tmp_path: Path, hosted: tuple[Dat
     assert got is None and why is not None and "no longer in the cache" in why
 
 
-def test_a_gone_model_file_is_taken_from_the_interrupted_jobs_copy(tmp_path: Path, hosted: tuple[DatasetCache, Prepared]) -> None:
+def test_a_gone_model_file_is_taken_from_the_interrupted_jobs_copy(tmp_path: Path, hosted: tuple[DatasetCache, HostedJob]) -> None:
     cache, prepared = hosted
     state = tmp_path / "state"
     state.mkdir()
@@ -73,7 +74,7 @@ def test_a_gone_model_file_is_taken_from_the_interrupted_jobs_copy(tmp_path: Pat
     workdir = tmp_path / "jobs" / "g-0"
     workdir.mkdir(parents=True)
     rec = HostingRecord(state)
-    rec.save(Prepared(prepared.data_path, prepared.manifest, prepared.name, prepared.job, model))
+    rec.save(HostedJob(prepared.data_path, prepared.manifest, prepared.name, prepared.job, model))
     rec.training_in(workdir)
     model.unlink()
     got, why = HostingRecord(state).load(cache)
