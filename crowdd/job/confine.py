@@ -126,7 +126,7 @@ def _die_with_us() -> None:
     die_with_parent(signal.SIGKILL)
 
 
-def _sandboxed(prepared: sandbox.Prepared) -> Callable[[], None]:
+def _sandboxed(prepared: sandbox.SandboxRules) -> Callable[[], None]:
     def enter() -> None:
         die_with_parent(signal.SIGKILL)
         prepared.enforce()
@@ -134,7 +134,7 @@ def _sandboxed(prepared: sandbox.Prepared) -> Callable[[], None]:
     return enter
 
 
-def _prepare_sandbox(args: argparse.Namespace) -> sandbox.Prepared:
+def _prepare_sandbox(args: argparse.Namespace) -> sandbox.SandboxRules:
     """The job's Landlock ruleset from the arguments (raises :class:`sandbox.SandboxError`)."""
     serve = [port for _, port in args.serve] + list(args.own)
     policy = sandbox.job_policy(
@@ -177,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_SETUP
         if args.sandbox and (why := sandbox.close_nested_user_namespaces()) is not None:
             log.warning("sandbox: %s", why)
-    prepared: sandbox.Prepared | None = None
+    prepared: sandbox.SandboxRules | None = None
     if args.sandbox:
         try:
             prepared = _prepare_sandbox(args)

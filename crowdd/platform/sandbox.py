@@ -20,7 +20,7 @@ without it the daemon does not train unless ``[security] allow_unsandboxed = tru
 
 The policy is built (:func:`job_policy`) and its ruleset made (:func:`prepare`) in the job's
 launcher process, which runs the job's own interpreter, so the interpreter's paths are its own;
-:meth:`Prepared.enforce` then runs in the forked child just before ``exec`` (nothing there but
+:meth:`SandboxRules.enforce` then runs in the forked child just before ``exec`` (nothing there but
 system calls).
 """
 
@@ -178,7 +178,7 @@ def job_policy(
                          tuple(skipped))
 
 
-class Prepared:
+class SandboxRules:
     """A ruleset made from a policy in this process; :meth:`enforce` applies it to the calling
     thread (and everything it execs and forks) — call it in a forked child before ``exec``."""
 
@@ -206,7 +206,7 @@ class Prepared:
         self._ruleset.close()
 
 
-def prepare(policy: SandboxPolicy) -> Prepared:
+def prepare(policy: SandboxPolicy) -> SandboxRules:
     """Build the Landlock ruleset of ``policy`` (raises :class:`SandboxError`)."""
     import landlockpy
     from landlockpy import AccessFS, AccessNet, Scope
@@ -244,7 +244,7 @@ def prepare(policy: SandboxPolicy) -> Prepared:
     except SyscallFilterError as exc:
         ruleset.close()
         raise SandboxError(str(exc)) from None
-    return Prepared(ruleset, abi, cap_last, syscalls)
+    return SandboxRules(ruleset, abi, cap_last, syscalls)
 
 
 def forbid_writes(allow: Sequence[str] = DEVICES_WRITE) -> str | None:
@@ -284,6 +284,6 @@ def close_nested_user_namespaces() -> str | None:
 
 
 __all__ = [
-    "Prepared", "SandboxError", "SandboxPolicy", "SandboxSupport", "close_nested_user_namespaces", "forbid_writes",
+    "SandboxRules", "SandboxError", "SandboxPolicy", "SandboxSupport", "close_nested_user_namespaces", "forbid_writes",
     "home_dirs", "job_policy", "prepare", "probe", "probe_now", "runtime_paths",
 ]

@@ -6,7 +6,7 @@ at a time::
 
     HaveRequest      → HaveReply (count, complete, which chunks are held)
     ManifestRequest  → ManifestReply (the canonical manifest JSON as the blob)
-    GetRequest       → per chunk Chunk (+ its bytes as the blob) or Missing, Queued / Wait
+    GetRequest       → per chunk Chunk (+ its bytes as the blob) or Missing, Queued / ChunkWait
                        keepalives, then End
 
 The server checks a request with :func:`check_request`; the client checks what comes back with
@@ -229,7 +229,7 @@ class Queued:
 
 
 @dataclass(frozen=True)
-class Wait:
+class ChunkWait:
     """Keepalive: the client waits for a chunk the server has not received yet."""
 
     def to_frame(self) -> dict[str, Any]:
@@ -244,7 +244,7 @@ class End:
         return {"type": "end"}
 
 
-StreamMessage = Union[Chunk, Missing, Queued, Wait, End]
+StreamMessage = Union[Chunk, Missing, Queued, ChunkWait, End]
 
 
 def _chunk_index(value: Any, num_chunks: int) -> int | None:
@@ -274,7 +274,7 @@ def check_stream_frame(frame: Mapping[str, Any], blob_len: int | None, num_chunk
     if kind == "queued":
         return Queued()
     if kind == "wait":
-        return Wait()
+        return ChunkWait()
     if kind == "end":
         return End()
     raise wire.WireError(ErrorCode.UNKNOWN_TYPE, f"unexpected frame {kind!r}")
@@ -295,7 +295,7 @@ __all__ = [
     "Queued",
     "Request",
     "StreamMessage",
-    "Wait",
+    "ChunkWait",
     "check_hello",
     "check_have_reply",
     "check_manifest_reply",

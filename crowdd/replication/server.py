@@ -204,7 +204,7 @@ class DataServer:
                         break
                     await self.store.wait_change(self.keepalive)
                     if not self.store.has(k):
-                        await wire.write_frame(writer, data.Wait().to_frame(), timeout=self.stall_timeout)
+                        await wire.write_frame(writer, data.ChunkWait().to_frame(), timeout=self.stall_timeout)
                 if not self.store.has(k):
                     await wire.write_frame(writer, data.Missing(k).to_frame(), timeout=self.stall_timeout)
                     continue

@@ -174,7 +174,7 @@ def test_manifest_reply_is_checked_against_the_digest(manifest: Manifest) -> Non
 # --------------------------------------------------------------------------- the answer to get
 
 
-@pytest.mark.parametrize("msg", [data.Missing(4), data.Queued(), data.Wait(), data.End()])
+@pytest.mark.parametrize("msg", [data.Missing(4), data.Queued(), data.ChunkWait(), data.End()])
 def test_stream_frames_round_trip(msg: data.StreamMessage) -> None:
     assert data.check_stream_frame(roundtrip(msg.to_frame()), None, N) == msg
 
