@@ -328,17 +328,17 @@ async def test_host_form_sends_the_hosts_model_file(dataset: Path, tmp_path: Pat
     async with app.run_test(size=SIZE) as pilot:
         await connected(pilot, app)
         form = await open_form(pilot, app)
-        await fill(pilot, form, "dataset", str(dataset))
-        await fill(pilot, form, "model_file", str(tmp_path / "missing.keras"))
+        await fill(pilot, form, "dataset", str(dataset), type_it=False)  # long paths: set at once
+        await fill(pilot, form, "model_file", str(tmp_path / "missing.keras"), type_it=False)
         assert "no such file" in str(form.query_one("#msg-model_file", Label).content)
-        await fill(pilot, form, "model_file", str(dataset))
+        await fill(pilot, form, "model_file", str(dataset), type_it=False)
         assert "must be a Keras 3 .keras file" in str(form.query_one("#msg-model_file", Label).content)
         await pilot.click("#host-submit")
         await pilot.pause()
         assert not any(c[0] == "host" for c in client.calls)
         model = tmp_path / "mine.keras"
         model.write_bytes(b"zip")
-        await fill(pilot, form, "model_file", str(model))
+        await fill(pilot, form, "model_file", str(model), type_it=False)
         assert str(form.query_one("#msg-model_file", Label).content) == ""
         await pilot.click("#host-submit")
         await until(pilot, lambda: any(c[0] == "host" for c in client.calls), "host sent")
