@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import random
@@ -47,6 +46,7 @@ from crowdd.control import ControlServer, Endpoint
 from crowdd.node.context import Presence, SessionContext, SessionFailed, training_refusal
 from crowdd.node.checkpoints import latest_checkpoint
 from crowdd.node.resume import HostingRecord
+from crowdd.node.donation import DonationSwitch
 from crowdd.node.host import GracefulStop, OpenLink, convert_dataset, describe, lead
 from crowdd.node.hosted import HostedJob
 from crowdd.protocol.control import HostRequest, Status
@@ -71,7 +71,6 @@ from crowdd.node.worker import follow
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE = "daemon.json"  # the donation switch and the user's pause, kept across restarts
 WATCH_INTERVAL = 1.0  # seconds between idle-policy checks while a worker cycle runs
 STOP_GRACE = 120.0  # seconds a host job has to save its model after `crowdd stop`
 INCOMING = "incoming"  # under the cache directory: datasets handed over, until converted
@@ -118,6 +117,7 @@ class Daemon:
         self._control = ControlServer(self, endpoint)
         self.states = StateMachine(self._on_transition)
         self.view = StatusView(self.name, self.states, self._control.publish, self._notifier)
+        self._donation = DonationSwitch(paths.state_dir, policy, self.view)
         self._jobs = JobLauncher(
             paths.jobs_dir, job_python, job_env if job_env is not None else os.environ, self._local_settings,
             guard=(paths.state_dir, paths.config_file.parent, paths.cache_dir, paths.runtime_dir, paths.log_dir),
@@ -155,7 +155,7 @@ class Daemon:
 
     @property
     def donating(self) -> bool:
-        return self.view.donating
+        return self._donation.on
 
     @property
     def control(self) -> ControlServer:
@@ -175,9 +175,7 @@ class Daemon:
             self.sandbox = landlock.probe()
         self._find_cgroups()
         self._show_tensorflow()
-        persisted = self._load_persisted()
-        self.view.set_donating(persisted.get("donating", False) is True)
-        self._restore_pause(persisted.get("paused_until"))
+        self._donation.load()
         await self._control.start(self.identity)
         self._main = asyncio.create_task(self._loop(), name="crowdd-daemon")
         interval = self._notifier.watchdog_interval
@@ -305,58 +303,13 @@ class Daemon:
             self.view.log(logging.WARNING, f"TensorFlow runs UNSANDBOXED ({sb.reason}): group members' graphs can "
                           "touch this user's files; [security] allow_unsandboxed = true: trusted groups only")
 
-    # ------------------------------------------------------------------ persistence
-
-    def _load_persisted(self) -> dict[str, Any]:
-        path = self.paths.state_dir / STATE_FILE
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError) as exc:
-            logger.warning("ignoring unreadable %s: %s (donation starts off)", path, exc)
-            return {}
-        return data if isinstance(data, dict) else {}
-
-    def _persist(self) -> None:
-        """Save the donation switch and the pause (atomically: a crash leaves the old file)."""
-        path = self.paths.state_dir / STATE_FILE
-        tmp = path.with_name(f".{STATE_FILE}.{os.getpid()}.tmp")
-        try:
-            tmp.write_text(json.dumps({"donating": self.donating, "paused_until": self._policy.paused_until}))
-            os.replace(tmp, path)
-        except OSError as exc:
-            logger.error("cannot save the donation switch and pause to %s: %s", path, exc)
-
-    def _restore_pause(self, until: Any) -> None:
-        """A pause survives a restart (like BOINC's snooze): one that has not ended yet holds
-        again; an ended or unreadable one is ignored."""
-        if until is None:
-            return
-        now = time.time()
-        if isinstance(until, bool) or not isinstance(until, (int, float)) or not now < until < float("inf"):
-            if isinstance(until, (int, float)) and not isinstance(until, bool) and until <= now:
-                logger.info("the pause saved before the restart has ended")
-            else:
-                logger.warning("ignoring an unreadable pause in %s: %r", self.paths.state_dir / STATE_FILE, until)
-            return
-        try:
-            self._policy.pause((until - now) / 3600.0)
-        except ValueError as exc:
-            logger.warning("ignoring the pause saved before the restart: %s", exc)
-            return
-        self.view.paused_until = self._policy.paused_until
-        self.view.log(logging.INFO, f"{format_pause(until, now)}: set before the restart; `crowdd resume` ends it")
-
     # ------------------------------------------------------------------ requests (control)
 
     def status(self) -> Status:
         return self.view.status()
 
     async def donate(self, on: bool) -> dict[str, Any]:
-        if on != self.donating:
-            self.view.set_donating(on)
-            self._persist()
+        if self._donation.switch(on):
             self.view.log(logging.INFO, f"donation switched {'on' if on else 'off'}")
             if not on and self.view.role == "worker":
                 self._abort("donation switched off")
@@ -369,12 +322,9 @@ class Daemon:
         ``[idle] on_busy``). A new pause replaces a running one. A session this node hosts goes
         on (``crowdd stop`` ends it)."""
         try:
-            self._policy.pause(hours)
+            until = self._donation.pause(hours)
         except ValueError as exc:
             raise InputError(str(exc), field="hours") from None
-        until = self._policy.paused_until
-        self.view.paused_until = until
-        self._persist()
         shown = format_pause(until) if until is not None else "paused"
         self.view.log(logging.INFO, f"{shown}: donation held back; `crowdd resume` ends the pause early")
         await self._policy_changed()
@@ -382,10 +332,7 @@ class Daemon:
 
     async def resume(self) -> dict[str, Any]:
         """End the user's pause now; the daemon asks the idle policy again at once."""
-        was_paused = self._policy.paused_until is not None
-        self._policy.resume()
-        self.view.paused_until = None
-        self._persist()
+        was_paused = self._donation.resume()
         if was_paused:
             self.view.log(logging.INFO, "pause ended by the user: donation goes on as the idle policy allows")
         await self._policy_changed()
