@@ -65,6 +65,7 @@ from crowdd.platform import userns
 from crowdd.platform.cgroups import CgroupUnavailable, JobCgroups
 from crowdd.platform.sandbox import SandboxSupport
 from crowdd.platform.systemd import Notifier
+from crowdd.platform.windows_service import DaemonEntry, asyncio_entry
 from crowdd.platform.userns import Confinement
 from crowdd.aio import cancel_and_wait
 from crowdd.node.worker import follow
@@ -691,6 +692,34 @@ def make_policy(cfg: Config, config_file: Path, probes: Probes | None = None) ->
     return IdlePolicy(cfg.idle, probes if probes is not None else system_probes(), source=str(config_file))
 
 
+def build(
+    cfg: Config,
+    paths: Paths,
+    *,
+    system: bool = False,
+    tcp: bool | None = None,
+    matchmaker: str | None = None,
+    socket_path: Path | None = None,
+    config_file: Path | None = None,
+    notifier: Notifier | None = None,
+) -> Daemon:
+    """One node, assembled the same way for ``crowdd daemon`` (:func:`run`) and the Windows
+    service (:func:`service_entry`). Raises ValueError for a bad matchmaker address."""
+    cfg_file = config_file or paths.config_file
+    mm = parse_hostport(matchmaker or cfg.daemon.matchmaker)
+    daemon = Daemon(
+        cfg, paths,
+        endpoint=Endpoint.for_paths(paths, system=system, socket_path=socket_path, tcp=tcp),
+        matchmaker=mm,
+        policy=make_policy(cfg, cfg_file),
+        notifier=notifier,
+        config_loader=lambda: load_config(cfg_file),
+    )
+    if matchmaker:
+        daemon.fix_matchmaker()
+    return daemon
+
+
 def run(
     cfg: Config,
     paths: Paths,
@@ -701,24 +730,15 @@ def run(
     config_file: Path | None = None,
 ) -> int:
     """``crowdd daemon``: run one daemon until SIGTERM/SIGINT."""
-    cfg_file = config_file or paths.config_file
-    notifier = Notifier.from_env()
     try:
-        mm = parse_hostport(matchmaker or cfg.daemon.matchmaker)
+        parse_hostport(matchmaker or cfg.daemon.matchmaker)
     except ValueError as exc:
         print(f"crowdd daemon: bad --matchmaker: {exc}", file=sys.stderr)
         return 2
-    daemon = Daemon(
-        cfg, paths,
-        endpoint=Endpoint.for_paths(paths, system=system, socket_path=socket_path),
-        matchmaker=mm,
-        policy=make_policy(cfg, cfg_file),
-        notifier=notifier,
-        config_loader=lambda: load_config(cfg_file),
-    )
-    if matchmaker:
-        daemon.fix_matchmaker()
+    notifier = Notifier.from_env()
     try:
+        daemon = build(cfg, paths, system=system, matchmaker=matchmaker, socket_path=socket_path,
+                       config_file=config_file, notifier=notifier)
         return asyncio.run(daemon.main())
     except FileExistsError as exc:
         print(f"crowdd daemon: {exc}", file=sys.stderr)
@@ -730,4 +750,26 @@ def run(
         notifier.close()
 
 
-__all__ = ["Daemon", "make_policy", "run"]
+def service_entry(paths: Paths, *, system: bool = True, tcp: bool | None = None, socket_path: Path | None = None,
+                  config_file: Path | None = None) -> DaemonEntry:
+    """The Windows service's daemon entry point (for
+    :class:`crowdd.platform.windows_service.ServiceRunner`): the config read when the service
+    runs, the node :func:`build` makes, run until the service manager asks it to stop."""
+
+    async def main(stop: asyncio.Event) -> int:
+        cfg_file = config_file or paths.config_file
+        daemon = build(load_config(cfg_file), paths, system=system, tcp=tcp, socket_path=socket_path,
+                       config_file=cfg_file)
+        run = asyncio.create_task(daemon.main(), name="crowdd-daemon-main")
+        stopped = asyncio.create_task(stop.wait(), name="crowdd-service-stop")
+        try:
+            await asyncio.wait({run, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            daemon.request_shutdown()
+            return await run
+        finally:
+            await cancel_and_wait(stopped)
+
+    return asyncio_entry(main)
+
+
+__all__ = ["Daemon", "build", "make_policy", "run", "service_entry"]

@@ -13,7 +13,6 @@ Only the Windows part imports pywin32; the start/stop logic lives in
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import logging.handlers
 import os
@@ -22,8 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from crowdd.config import Paths, load_config, parse_hostport
-from crowdd.platform.windows_service import DaemonEntry, ServiceRunner, asyncio_entry
+from crowdd.config import Paths
+from crowdd.platform.windows_service import DaemonEntry, ServiceRunner
 
 logger = logging.getLogger("crowdd.windows_service")
 
@@ -42,33 +41,11 @@ def service_paths(root: Path) -> Paths:
 
 
 def daemon_entry(root: Path, *, tcp: bool | None = None) -> DaemonEntry:
-    """The daemon as ``(threading.Event) -> exit status``: it stops when the event is set."""
+    """The daemon as ``(threading.Event) -> exit status``: it stops when the event is set (the
+    same node ``crowdd daemon`` builds: :func:`crowdd.node.daemon.service_entry`)."""
+    from crowdd.node.daemon import service_entry
 
-    async def main(stop: asyncio.Event) -> int:
-        from crowdd.control import Endpoint
-        from crowdd.node.daemon import Daemon, make_policy
-
-        paths = service_paths(root)
-        cfg = load_config(paths.config_file)
-        mm = parse_hostport(cfg.daemon.matchmaker)
-        daemon = Daemon(
-            cfg,
-            paths,
-            endpoint=Endpoint.for_paths(paths, system=True, tcp=tcp),
-            matchmaker=mm,
-            policy=make_policy(cfg, paths.config_file),
-            config_loader=lambda: load_config(paths.config_file),
-        )
-        run = asyncio.create_task(daemon.main(), name="crowdd-daemon-main")
-        stopped = asyncio.create_task(stop.wait(), name="crowdd-service-stop")
-        try:
-            await asyncio.wait({run, stopped}, return_when=asyncio.FIRST_COMPLETED)
-            daemon.request_shutdown()
-            return await run
-        finally:
-            stopped.cancel()
-
-    return asyncio_entry(main)
+    return service_entry(service_paths(root), system=True, tcp=tcp)
 
 
 def lower_priority() -> None:
