@@ -1,10 +1,14 @@
 """A node's long-lived TLS identity: an ECDSA P-256 key and a self-signed certificate.
 
 Peers pin each other by the certificate itself (as the only trust anchor of a TLS context) or
-by its :func:`fingerprint_of`. The certificate is a self-signed CA certificate
-(``BasicConstraints CA=True``, ``keyCertSign``), so that a peer can load it with ``cadata`` and
-verify it with ``CERT_REQUIRED`` even under ``VERIFY_X509_STRICT`` (OpenSSL 3.0 also accepts a
-self-signed CA=False certificate as its own trust anchor, but the CA form is the portable one).
+by its :func:`fingerprint_of`. A new certificate is a self-signed *leaf* (``BasicConstraints
+CA=False``, ``digitalSignature`` only, server and client auth): OpenSSL 3 takes it as its own
+trust anchor under ``CERT_REQUIRED`` and ``VERIFY_X509_STRICT``, and, unlike a CA, it can issue
+nothing: a member cannot mint a certificate that a peer pinning its own would accept (the
+handshake refuses the chain: "invalid CA certificate"). Certificates made before this (CA=True,
+``keyCertSign``) are still loaded and accepted as they are, never re-issued (their fingerprint is
+what peers and volunteers pinned); a minted chain under one still fails the fingerprint check
+every connection makes after its handshake.
 
 Files: ``<directory>/<name>.key`` (PKCS#8 PEM, mode 0600, never replaced once written) and
 ``<directory>/<name>.crt`` (PEM). A corrupt or unreadable file is reported with
@@ -28,7 +32,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from crowdd.errors import CrowddError, InputError
 
@@ -238,7 +242,7 @@ def _self_signed(key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey, na
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - BACKDATE)
         .not_valid_after(now + VALIDITY)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
                 digital_signature=True,
@@ -246,13 +250,15 @@ def _self_signed(key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey, na
                 key_encipherment=False,
                 data_encipherment=False,
                 key_agreement=False,
-                key_cert_sign=True,
+                key_cert_sign=False,
                 crl_sign=False,
                 encipher_only=False,
                 decipher_only=False,
             ),
             critical=True,
         )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                       critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(public), critical=False)
     )

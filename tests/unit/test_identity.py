@@ -63,14 +63,16 @@ def test_created_once_then_reloaded_identically(tmp_path: Path) -> None:
     assert first.key_path.name == "node-1.key" and first.cert_path.name == "node-1.crt"
 
 
-def test_the_certificate_is_a_pinnable_p256_self_signed_ca(tmp_path: Path) -> None:
+def test_the_certificate_is_a_pinnable_p256_self_signed_leaf(tmp_path: Path) -> None:
     ident = Identity.load_or_create(tmp_path, "node-1")
     cert = x509.load_pem_x509_certificate(ident.cert_pem)
     assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "node-1"
     assert cert.issuer == cert.subject
     key = cert.public_key()
     assert isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1)
-    assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is True
+    assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
+    usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    assert usage.digital_signature and not usage.key_cert_sign  # it can sign handshakes, not certificates
     lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
     assert datetime.timedelta(days=3640) < lifetime < datetime.timedelta(days=3660)
     assert cert.not_valid_before_utc <= NOW

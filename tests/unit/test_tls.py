@@ -397,3 +397,68 @@ async def test_tls12_server_is_refused(ids: dict[str, Identity]) -> None:
         assert srv.served == []
     finally:
         await srv.stop()
+
+
+# --- a member minting certificates under its own -------------------------------------------------
+
+
+def _minted_chain(issuer_key: ec.EllipticCurvePrivateKey, issuer: x509.Certificate, tmp: Path) -> tuple[Path, Path]:
+    """A leaf for a fresh key, signed by ``issuer``'s key, with ``issuer`` after it: the chain
+    a member would present to pass as someone its peers never pinned."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "someone else")]))
+        .issuer_name(issuer.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), critical=False)
+        .sign(issuer_key, hashes.SHA256())
+    )
+    chain, key_file = tmp / "minted.crt", tmp / "minted.key"
+    chain.write_bytes(leaf.public_bytes(serialization.Encoding.PEM) + issuer.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return chain, key_file
+
+
+async def _handshake_with(chain: Path, key: Path, pinned: bytes) -> str:
+    """Serve ``chain`` and connect a client that pins ``pinned``: "ok" or why it failed."""
+    sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    sctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    sctx.load_cert_chain(chain, key)
+    srv = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0, ssl=sctx)
+    try:
+        port = srv.sockets[0].getsockname()[1]
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection("127.0.0.1", port, ssl=tls.client_context(None, pinned=[pinned])), T)
+        writer.close()
+        return "ok"
+    except (ssl.SSLError, OSError) as exc:
+        return str(exc)
+    finally:
+        srv.close()
+
+
+async def test_a_member_cannot_mint_a_certificate_its_peers_accept(tmp_path: Path) -> None:
+    """A peer pins a member's certificate as the only trust anchor. The member signs a leaf for
+    another key with its own key and presents that chain: with a leaf identity (what crowdd
+    makes) the handshake refuses it. The control: under an old CA-form identity the same
+    chain passes the handshake (only the fingerprint check after it stops it); and the
+    member's own certificate passes."""
+    member = Identity.load_or_create(tmp_path / "member", "node")
+    member_key = serialization.load_pem_private_key(member.key_path.read_bytes(), None)
+    assert isinstance(member_key, ec.EllipticCurvePrivateKey)
+    member_cert = x509.load_pem_x509_certificate(member.cert_pem)
+    assert await _handshake_with(member.cert_path, member.key_path, member.cert_pem) == "ok"
+    chain, key = _minted_chain(member_key, member_cert, tmp_path)
+    refused = await _handshake_with(chain, key, member.cert_pem)
+    assert "invalid CA certificate" in refused, refused
+
+    old_ca = x509.load_pem_x509_certificate(self_signed(member_key, member_cert))  # the CA form, same key
+    chain, key = _minted_chain(member_key, old_ca, tmp_path)
+    assert await _handshake_with(chain, key, old_ca.public_bytes(serialization.Encoding.PEM)) == "ok"
