@@ -41,7 +41,7 @@ from typing import Any
 from crowdd.aio import spawn_tracked, splice
 from crowdd.platform import sandbox
 from crowdd.platform.process import die_with_parent, exit_with_parent
-from crowdd.platform.userns import loopback_up
+from crowdd.platform.userns import loopback_up, private_view
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--serve", action="append", type=_pair, default=[])
     p.add_argument("--reach", action="append", type=_pair, default=[])
     p.add_argument("--isolated", action="store_true", help="this is a new network namespace: bring lo up")
+    p.add_argument("--private-view", action="store_true",
+                   help="with --isolated, in new mount and UTS namespaces too: the job's own /proc, host name, passwd")
     p.add_argument("--sandbox", action="store_true", help="run the job under Landlock (crowdd.platform.sandbox)")
     p.add_argument("--workdir", type=Path, help="the job's read-write directory (with --sandbox)")
     p.add_argument("--data", type=Path, help="the job's dataset file, read-only (with --sandbox)")
@@ -175,6 +177,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OSError as exc:
             print(f"cannot bring up the job's loopback: {exc}", file=sys.stderr)
             return EXIT_SETUP
+        if args.private_view:  # before the sandbox: its rules name the job's own /proc and /etc files
+            scratch = args.dir / "view"
+            try:
+                scratch.mkdir(exist_ok=True)
+                problems = private_view(str(scratch))
+            except OSError as exc:
+                problems = [f"cannot make the job's view private: {exc}"]
+            for problem in problems:
+                log.warning("private view: %s", problem)
         if args.sandbox and (why := sandbox.close_nested_user_namespaces()) is not None:
             log.warning("sandbox: %s", why)
     prepared: sandbox.SandboxRules | None = None

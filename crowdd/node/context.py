@@ -85,7 +85,8 @@ class SessionContext:
     ) -> JobSupervisor:
         """Start this node's job; its TF tasks ``serve`` and ``reach`` go through the relay in
         ``directory`` (:mod:`crowdd.node.tunnels`)."""
-        relay = RelaySetup(directory, tuple(serve), tuple(reach), isolated=self.confinement.available)
+        relay = RelaySetup(directory, tuple(serve), tuple(reach), isolated=self.confinement.available,
+                           private_view=self.confinement.private_view)
         refusal = training_refusal(self.cfg, self.confinement, self.sandbox)
         if refusal is not None:
             raise SessionFailed(refusal)

@@ -292,11 +292,13 @@ class Daemon:
         refusal = self._refusal()
         reasons = [r for r in (c.reason, sb.reason) if r]
         self.view.tensorflow = {"confined": c.available, "sandboxed": sb.available, "landlock_abi": sb.abi,
-                                "caps": self.caps,
+                                "caps": self.caps, "private_view": c.private_view,
                                 "allowed": refusal is None, "reason": refusal or "; ".join(reasons)}
         if refusal is not None:
             self.view.log(logging.WARNING, refusal)
             return
+        if c.available and not c.private_view:
+            logger.info("jobs see this machine's /proc, host name and users (%s)", c.view_reason)
         if not c.available:
             self.view.log(logging.WARNING, f"TensorFlow runs EXPOSED to the network ({c.reason}); "
                           "[security] allow_exposed_tensorflow = true: trusted LANs only")

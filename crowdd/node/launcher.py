@@ -125,7 +125,7 @@ class JobLauncher:
         command = [self._python, SAFE_PATH, "-m", "crowdd.job.confine", *relay.argv(), *(sandbox_argv(workdir, data, spec.cluster, self._guard) if limits.sandbox else []),
                    "--", *job_command(role, spec_path, self._python)]
         if relay.isolated:
-            command = confined(command)
+            command = confined(command, private_view=relay.private_view)
         sup = JobSupervisor(
             command, on_event=on_event, cwd=workdir,
             log_path=workdir / "job.log", env=env, nice=spec.settings.nice, max_memory_mb=limits.max_memory_mb,

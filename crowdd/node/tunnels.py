@@ -52,12 +52,14 @@ class RelaySetup:
     serve: tuple[tuple[str, int], ...]
     reach: tuple[tuple[str, int], ...]
     isolated: bool = True
+    private_view: bool = False  # with isolated: mount and UTS namespaces too (userns.private_view)
 
     def argv(self) -> list[str]:
         out = ["--dir", str(self.directory)]
         out += [a for name, port in self.serve for a in ("--serve", f"{name}={port}")]
         out += [a for name, port in self.reach for a in ("--reach", f"{name}={port}")]
-        return out + (["--isolated"] if self.isolated else [])
+        out += ["--isolated"] if self.isolated else []
+        return out + (["--private-view"] if self.isolated and self.private_view else [])
 
 
 SOCKET_PREFIX = "tun-"

@@ -114,7 +114,9 @@ def host_pid(pid: int | None = None) -> int:
     """This process's pid (or that of its child ``pid``, as this process sees it) in the PID
     namespace of the mounted ``/proc``: what the daemon outside a job's PID namespace knows it
     by. A confined job is its own PID namespace (:data:`crowdd.platform.userns.UNSHARE`), where
-    ``os.getpid()`` names nothing outside. Falls back to the pid given where ``/proc`` says nothing."""
+    ``os.getpid()`` names nothing outside. Falls back to the pid given where ``/proc`` says nothing.
+    Where the job has its own ``/proc`` (a private view, :func:`crowdd.platform.userns.private_view`)
+    that is its PID namespace's: the pids are the job's own then."""
     try:
         me = int(os.readlink("/proc/self"))
     except (OSError, ValueError):

@@ -14,6 +14,7 @@ service sandbox with ``RestrictNamespaces=``) and says why not.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import functools
 import logging
@@ -34,6 +35,17 @@ logger = logging.getLogger(__name__)
 #: dies (``--kill-child``: when ``unshare`` does) every process of the job dies with it, however
 #: it left the job's process group (``setsid``, a double fork)
 UNSHARE = ("unshare", "--user", "--map-root-user", "--net", "--pid", "--kill-child", "--")
+#: the same, with mount and UTS namespaces too: the job's private view of the machine
+#: (:func:`private_view`) where they may be made (not under the system unit's
+#: ``RestrictNamespaces=user net pid``, whose ``ProtectProc=invisible`` hides the other users'
+#: processes instead)
+UNSHARE_VIEW = ("unshare", "--user", "--map-root-user", "--net", "--pid", "--mount", "--uts", "--kill-child", "--")
+#: what a job sees as this machine's users and groups, and its name
+JOB_PASSWD = "root:x:0:0:root:/:/usr/sbin/nologin\nnobody:x:65534:65534:nobody:/:/usr/sbin/nologin\n"
+JOB_GROUP = "root:x:0:\nnogroup:x:65534:\n"
+JOB_HOSTNAME = "crowdd-job"
+_MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_BIND, _MS_REC, _MS_PRIVATE = 0x2, 0x4, 0x8, 0x1000, 0x4000, 0x40000
+_MNT_DETACH = 0x2
 _SIOCGIFFLAGS = 0x8913
 _SIOCSIFFLAGS = 0x8914
 _IFF_UP = 0x1
@@ -47,6 +59,9 @@ class Confinement:
 
     available: bool
     reason: str = ""
+    #: a private view of the machine too (:func:`private_view`); if not, why
+    private_view: bool = False
+    view_reason: str = ""
 
     def to_dict(self) -> dict[str, object]:
         return {"confined": self.available, "reason": self.reason}
@@ -61,11 +76,63 @@ def loopback_up() -> None:
         fcntl.ioctl(s.fileno(), _SIOCSIFFLAGS, _IFREQ.pack(b"lo", flags | _IFF_UP))
 
 
-def confined(argv: Sequence[str]) -> list[str]:
-    """``argv`` run in a new user + network + PID namespace."""
-    return [*UNSHARE, *argv]
+def confined(argv: Sequence[str], *, private_view: bool = False) -> list[str]:
+    """``argv`` run in a new user + network + PID namespace (``private_view``: mount and UTS
+    namespaces too)."""
+    return [*(UNSHARE_VIEW if private_view else UNSHARE), *argv]
 
 
+def private_view(scratch: str) -> list[str]:
+    """In fresh mount, UTS and PID namespaces, as their mapped root (the job's relay, before
+    the sandbox): the job's view of the machine becomes its own. Its mounts stop propagating;
+    ``/proc`` is this PID namespace's own (no other process of the machine, no command line,
+    no environment of the volunteer's programs); the host name is :data:`JOB_HOSTNAME`;
+    ``/etc/passwd`` and ``/etc/group`` name only root and nobody (no user names). Returns what
+    could not be done (the caller logs it; the job still runs, as under the system unit).
+    ``scratch``: an empty directory of the caller's; a tmpfs there holds the two files, detached
+    once they cover the originals (outside the namespace it stays an empty directory)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def mount(source: str, target: str, fstype: str | None, flags: int) -> str | None:
+        if libc.mount(source.encode(), target.encode(), fstype.encode() if fstype else None, flags, None) != 0:
+            return os.strerror(ctypes.get_errno())
+        return None
+
+    problems = []
+    if (why := mount("none", "/", None, _MS_REC | _MS_PRIVATE)) is not None:
+        return [f"cannot make the job's mounts private: {why}"]
+    if (why := mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)) is not None:
+        problems.append(f"cannot give the job a /proc of its own: {why}")
+    if libc.sethostname(JOB_HOSTNAME.encode(), len(JOB_HOSTNAME)) != 0:
+        problems.append(f"cannot name the job's host: {os.strerror(ctypes.get_errno())}")
+    if (why := mount("tmpfs", scratch, "tmpfs", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)) is not None:
+        return [*problems, f"cannot cover /etc/passwd and /etc/group: {why}"]
+    try:
+        for target, text in (("/etc/passwd", JOB_PASSWD), ("/etc/group", JOB_GROUP)):
+            if not os.path.exists(target):
+                continue
+            source = os.path.join(scratch, os.path.basename(target))
+            with open(source, "w") as fh:
+                fh.write(text)
+            if (why := mount(source, target, None, _MS_BIND)) is not None:
+                problems.append(f"cannot cover {target}: {why}")
+    finally:
+        libc.umount2(scratch.encode(), _MNT_DETACH)
+    return problems
+
+
+_PROBE_VIEW = (
+    "import sys\n"
+    "import os, tempfile\n"
+    "from crowdd.platform.userns import private_view\n"
+    "scratch = tempfile.mkdtemp(prefix='crowdd-view-')\n"
+    "try:\n"
+    "    problems = private_view(scratch)\n"
+    "finally:\n"
+    "    os.rmdir(scratch)\n"
+    "print('; '.join(problems) or 'ok')\n"
+    "sys.stderr.write('; '.join(problems))\n"
+)
 _PROBE = (
     "import socket\n"
     "from crowdd.platform.userns import loopback_up\n"
@@ -89,7 +156,15 @@ def probe_now(python: str = sys.executable) -> Confinement:
     if done.returncode != 0 or done.stdout.strip() != "ok":
         why = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
         return Confinement(False, f"unprivileged user and network namespaces are not allowed here ({why})")
-    return Confinement(True)
+    try:
+        view = subprocess.run(confined([python, "-c", _PROBE_VIEW], private_view=True), capture_output=True,
+                              text=True, timeout=PROBE_TIMEOUT, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return Confinement(True, view_reason=f"cannot start a process with a private view: {exc}")
+    if view.returncode != 0 or view.stdout.strip() != "ok":
+        why = (view.stderr.strip().splitlines() or [f"exit code {view.returncode}"])[-1]
+        return Confinement(True, view_reason=f"no private view of the machine for jobs here ({why})")
+    return Confinement(True, private_view=True)
 
 
 @functools.cache

@@ -286,7 +286,8 @@ class TensorflowStatus(TypedDict):
     the Landlock sandbox (``sandboxed``, ``landlock_abi``: 0 without Landlock); if not, why
     (``reason``) and whether the node trains anyway (``allowed``: ``[security]
     allow_exposed_tensorflow``, ``allow_unsandboxed``). ``caps``: how a job's memory and task
-    caps are held: ``cgroup v1`` / ``cgroup v2`` (the kernel's), or ``poll (why)``."""
+    caps are held: ``cgroup v1`` / ``cgroup v2`` (the kernel's), or ``poll (why)``.
+    ``private_view``: a job sees its own ``/proc``, host name and users, not the machine's."""
 
     confined: bool
     sandboxed: bool
@@ -294,6 +295,7 @@ class TensorflowStatus(TypedDict):
     allowed: bool
     reason: str
     caps: NotRequired[str]
+    private_view: NotRequired[bool]
 
 
 class QueueStatus(TypedDict):

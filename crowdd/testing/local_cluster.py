@@ -116,7 +116,7 @@ def run_cluster(
                 jail = sandbox_argv(root / f"member{i}", data, job_cluster(cluster, "host" if i == 0 else "worker")) \
                     if sandbox else []
                 argv = [sys.executable, SAFE_PATH, "-m", "crowdd.job.confine", *relay.argv(), *jail, "--", *argv]
-                argv = confined(argv) if relay.isolated else argv
+                argv = confined(argv, private_view=relay.private_view) if relay.isolated else argv
             procs.append(
                 subprocess.Popen(
                     argv,

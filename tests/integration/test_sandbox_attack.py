@@ -37,6 +37,7 @@ import pytest
 from crowdd.control import ControlClient
 from crowdd.demo import Crowd, Node
 from crowdd.platform.sandbox import probe
+from crowdd.platform.userns import JOB_PASSWD
 from crowdd.platform.userns import probe as userns_probe
 from crowdd.testing.bounds import at_least
 
@@ -56,6 +57,8 @@ async def crowd(tmp_path: Path) -> AsyncIterator[Crowd]:
         pytest.skip(f"no Landlock here: {probe().reason}")
     if not userns_probe().available:
         pytest.skip(f"jobs cannot be confined here: {userns_probe().reason}")
+    if not userns_probe().private_view:
+        pytest.skip(f"jobs get no private view here: {userns_probe().view_reason}")
     c = Crowd(tmp_path / "crowd", 2, extra_config=TEST_CONFIG, wrap=lambda _node, argv: ["env", f"{CANARY_VAR}={CANARY}", *argv])
     try:
         c.start()
@@ -169,6 +172,8 @@ async def test_a_malicious_member_touches_nothing_outside_the_job(crowd: Crowd, 
                 # server writes no file at all: not there, nor in the job's TMPDIR (autograph's
                 # modules, imported by the host's coordinator)
                 "--read", "spec.json", "--write", "member-wrote-here", "--write", "tmp/planted.py",
+                # the machine as the job sees it: its own PID 1 (the relay) and made-up users
+                "--read", "/proc/1/cmdline", "--read", "/etc/passwd",
                 # the environment of the process running the op: the job's, never the daemon's
                 "--read", "/proc/self/environ", "--find", CANARY]
         await donate_all(crowd.workers)
@@ -193,6 +198,8 @@ async def test_a_malicious_member_touches_nothing_outside_the_job(crowd: Crowd, 
                 status = Path(f"/proc/{p.pid}/status").read_text()
                 assert "NoNewPrivs:\t1" in status and "CapEff:\t0000000000000000" in status, (n.name, p.cmdline())
 
+        machine_init = Path("/proc/1/cmdline").read_bytes()[:64].decode("utf-8", "replace")
+        machine_passwd = Path("/etc/passwd").read_text()[:64]
         results: dict[str, dict[str, Any]] = {}
         async with listener(relays["host"], 300) as seen_h, listener(relays["worker-1"], 300) as seen_1, \
                 listener(relays["worker-2"], 300) as seen_2:
@@ -233,6 +240,9 @@ async def test_a_malicious_member_touches_nothing_outside_the_job(crowd: Crowd, 
                 continue
             assert got["ran_op"], f"{label}: the attack did not reach the server: {got.get('error')}"
             assert got["read"]["spec.json"]["ok"], (label, got)
+            # the control: the machine's own PID 1 and users, read from outside
+            assert got["read"]["/proc/1/cmdline"]["content"] != machine_init, (label, got["read"]["/proc/1/cmdline"])
+            assert got["read"]["/etc/passwd"]["content"] == JOB_PASSWD[:64] != machine_passwd, (label, got["read"])
             if label.endswith("host coordinator"):
                 # the job process itself (it keeps the job's files: checkpoints, the model,
                 # TMPDIR); only the host's own namespace reaches it (the worker's tries above)

@@ -200,3 +200,54 @@ def test_a_process_that_leaves_the_job_still_goes_with_its_relay_and_is_known_by
         orphan.wait(10)  # raises TimeoutExpired if it outlived its job
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+# What a job's process sees of the machine: every pid in /proc, whether a volunteer's program
+# (by a secret in its command line) is among them, the host name, the user names.
+LOOK = textwrap.dedent("""
+    import json, os, socket, sys
+    secret = sys.stdin.read().strip()  # not on its own command line
+    pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    seen = False
+    for p in pids:
+        try:
+            seen = seen or secret.encode() in open(f"/proc/{p}/cmdline", "rb").read()
+        except OSError:
+            pass
+    users = [line.split(":")[0] for line in open("/etc/passwd")]
+    print(json.dumps({"pids": len(pids), "seen": seen, "host": socket.gethostname(), "users": users}), flush=True)
+""")
+
+
+def _look(directory: Path, private: bool, secret: str) -> dict[str, object]:
+    import json
+
+    relay = RelaySetup(directory, (), (), isolated=True, private_view=private)
+    argv = [sys.executable, "-m", "crowdd.job.confine", *relay.argv(), "--", sys.executable, "-c", LOOK]
+    done = subprocess.run(confined(argv, private_view=private), input=secret, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+@pytest.mark.skipif(not probe().private_view, reason=f"no private view here: {probe().view_reason}")
+def test_a_job_sees_its_own_processes_host_name_and_users_not_the_machines(tmp_path: Path) -> None:
+    """A volunteer's program with a secret on its command line runs beside the job: with the
+    private view the job's /proc holds only its own processes, its host name and users are
+    made up. The control: confined without it, the same look finds the program, the machine's
+    name and its users."""
+    import uuid
+
+    secret = f"volunteers-secret-{uuid.uuid4().hex}"
+    program = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", secret])
+    try:
+        control = _look(socket_dir(tmp_path), False, secret)
+        assert control["seen"] is True and control["host"] == socket.gethostname(), control
+        got = _look(socket_dir(tmp_path), True, secret)
+    finally:
+        program.kill()
+        program.wait()
+    assert got["seen"] is False and 0 < int(got["pids"]) <= 3, got  # the relay, the job
+    assert got["host"] == "crowdd-job" and got["users"] == ["root", "nobody"], got
+    assert control["users"] != got["users"]
+    assert not list(tmp_path.glob("**/view/*")), "the view's files are left in the relay directory"
