@@ -10,6 +10,9 @@ door away:
   TCP on loopback; ``socketpair`` stays, it reaches nothing);
 - ``io_uring_setup``/``io_uring_enter``/``io_uring_register`` fail with ``EPERM`` (io_uring
   opens sockets without the ``socket`` system call);
+- ``setsid``/``setpgid`` fail with ``EPERM``: no process of the job leaves its session or
+  process group (its PID namespace and cgroup hold it anyway; the job starts its servers in its
+  own group);
 - a system call of another architecture (a 32-bit one on x86-64) kills the process.
 
 :func:`compile_filter` runs in the launcher (libseccomp allocates); :class:`Filter.install`
@@ -29,7 +32,7 @@ import tempfile
 
 logger = logging.getLogger(__name__)
 
-DENIED = ("io_uring_setup", "io_uring_enter", "io_uring_register")
+DENIED = ("io_uring_setup", "io_uring_enter", "io_uring_register", "setsid", "setpgid")
 _PR_SET_SECCOMP = 22
 _SECCOMP_MODE_FILTER = 2
 

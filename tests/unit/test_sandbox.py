@@ -56,6 +56,9 @@ PROBE = textwrap.dedent("""
         def unix(path=path):
             s = socket.socket(socket.AF_UNIX); s.connect(path); s.close()
         attempt(f"unix{i}", unix)
+    if args.get("setsid"):
+        attempt("setpgid", lambda: os.setpgid(0, os.getpgid(0)))  # its own group again: allowed, unfiltered
+        attempt("setsid", os.setsid)
     if args.get("io_uring"):
         import ctypes
         params = ctypes.create_string_buffer(120)  # struct io_uring_params
@@ -207,18 +210,20 @@ def test_no_signals_or_abstract_sockets_outside_the_job(layout: dict[str, Path])
 
 
 @needs_landlock
-def test_no_unix_sockets_or_io_uring_in_the_job(layout: dict[str, Path]) -> None:
+def test_no_unix_sockets_io_uring_or_setsid_in_the_job(layout: dict[str, Path]) -> None:
     # a pathname socket like a session D-Bus or ssh-agent (Landlock below ABI 9 lets it through)
     path = layout["tmp"] / "bus.sock"
     srv = socket.socket(socket.AF_UNIX)
     srv.bind(str(path))
     srv.listen()
     try:
-        control = run_probe(None, unix=[str(path)], io_uring=True)
-        assert control["unix0"] == "ok" and control["io_uring"] == "ok", control  # outside the job: both work
-        got = run_probe(confine_argv(layout["tmp"], layout["workdir"]), unix=[str(path)], io_uring=True)
+        control = run_probe(None, unix=[str(path)], io_uring=True, setsid=True)
+        assert control["unix0"] == "ok" and control["io_uring"] == "ok", control  # outside the job: all work
+        assert control["setsid"] == "ok" and control["setpgid"] == "ok", control
+        got = run_probe(confine_argv(layout["tmp"], layout["workdir"]), unix=[str(path)], io_uring=True, setsid=True)
         assert got["unix0"] == "Operation not permitted", got
         assert got["io_uring"] == "Operation not permitted", got
+        assert got["setsid"] == got["setpgid"] == "Operation not permitted", got  # it stays in the job's group
         assert got["numpy"] == "ok", got  # the job itself runs
     finally:
         srv.close()
