@@ -47,6 +47,9 @@ MAX_CLASSES = 100_000
 MAX_IDX_BYTES = 4 << 30
 #: the largest CSV read (uncompressed): a gzipped one is never inflated past it
 MAX_CSV_BYTES = 4 << 30
+#: the most an ``.npz`` (a zip) may hold, uncompressed, as its members declare: checked before
+#: any is inflated (the zip reader stops each member at its declared size)
+MAX_NPZ_BYTES = 8 << 30
 #: At most this fraction of the rows may be classes: more looks like a quantity to predict
 #: (a regression target such as scikit-learn's diabetes, 347 "classes" for 442 rows).
 MAX_CLASS_FRACTION = 0.5
@@ -168,8 +171,14 @@ def _kind(source: Path) -> str:
 
 
 def load_npz(path: Path) -> ArraySet:
-    """Load an ``.npz`` in the Keras layout (no pickles)."""
+    """Load an ``.npz`` in the Keras layout (no pickles); one that would inflate past
+    :data:`MAX_NPZ_BYTES` is refused before anything is inflated."""
     try:
+        with zipfile.ZipFile(path) as archive:
+            inflated = sum(info.file_size for info in archive.infolist())
+        if inflated > MAX_NPZ_BYTES:
+            raise DatasetError(f"{path}: its arrays would take {inflated:,} bytes uncompressed; "
+                               f"at most {MAX_NPZ_BYTES:,} are read")
         with np.load(path, allow_pickle=False) as npz:
             missing = [k for k in NPZ_KEYS if k not in npz.files]
             if missing:

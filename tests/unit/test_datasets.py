@@ -659,3 +659,29 @@ def test_a_gzipped_csv_is_inflated_no_further_than_the_cap(tmp_path: Path, monke
     small = tmp_path / "small.csv.gz"
     small.write_bytes(gzip.compress(b"".join(rows.splitlines(keepends=True)[:5000])))
     assert ds.read_csv_table(small).shape[1] == 3
+
+
+def test_an_npz_bomb_is_refused_before_it_is_inflated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An .npz is a zip: one whose arrays inflate past the cap (here lowered to 64 MiB; 512 MiB
+    of zeros compress to about 0.5 MB) is refused from the sizes its members declare, with
+    nothing inflated; the control (the same arrays under the cap) loads."""
+    import tracemalloc
+
+    from crowdd import datasets
+
+    bomb = tmp_path / "bomb.npz"
+    zeros = np.zeros((1 << 16, 1 << 10), np.uint8)  # 64 MiB ...
+    labels = np.arange(1 << 16, dtype=np.int64) % 2
+    np.savez_compressed(bomb, x_train=zeros, y_train=labels, x_test=zeros[:8], y_test=labels[:8])
+    assert bomb.stat().st_size < 2 << 20
+    monkeypatch.setattr(datasets, "MAX_NPZ_BYTES", 32 << 20)
+    tracemalloc.start()
+    try:
+        with pytest.raises(DatasetError, match="uncompressed; at most 33,554,432 are read"):
+            load(bomb)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, f"inflated {peak:,} bytes"
+    monkeypatch.setattr(datasets, "MAX_NPZ_BYTES", 128 << 20)
+    assert load(bomb).x_train.shape == (1 << 16, 1 << 10)
