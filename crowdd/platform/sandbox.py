@@ -4,7 +4,7 @@ A TF server runs whatever graph a group member sends it, so the job (and with it
 server it starts, and the host's coordinator) is restricted before it serves anything:
 
 - **Files** (Landlock, ABI >= 1): read (and execute) only the interpreter, the installed
-  packages, the system's libraries, ``/proc``, ``/sys`` and a few named ``/etc`` files, and the
+  packages, the system's libraries, ``/proc``, the CPU topology in ``/sys`` and a few named ``/etc`` files, and the
   job's dataset file; read and write only the job's work directory. The daemon's state (identity
   key, config, control socket, cache, other jobs) and the user's home are out of reach.
 - **TCP** (ABI >= 4): bind only the job's own TF ports, connect only to the cluster's ports.
@@ -40,8 +40,10 @@ from crowdd.platform.syscalls import Filter, SyscallFilterError, compile_filter
 
 logger = logging.getLogger(__name__)
 
-# System paths a Python + TensorFlow process reads (libraries, its own /proc and CPU topology).
-SYSTEM_READ = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/proc", "/sys", "/opt/conda")
+# System paths a Python + TensorFlow process reads (libraries, its own /proc, and of /sys only the
+# CPU and memory topology and its cgroup's limits: not the machine's hardware, devices or firmware).
+SYSTEM_READ = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/proc", "/sys/devices/system", "/sys/fs/cgroup",
+               "/opt/conda")
 SYSTEM_READ_ETC = (
     "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime", "timezone", "nsswitch.conf", "passwd", "group",
     "hosts", "host.conf", "gai.conf", "resolv.conf", "os-release", "mime.types", "ssl", "ca-certificates",

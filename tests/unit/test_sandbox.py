@@ -278,3 +278,18 @@ def test_an_unusable_sandbox_stops_the_job_before_it_starts(tmp_path: Path) -> N
 def test_probe_reports_the_abi_or_why_not() -> None:
     s = sandbox.probe_now()
     assert (s.available and s.abi >= 1 and not s.reason) or (not s.available and s.abi == 0 and s.reason)
+
+
+@needs_landlock
+def test_of_sys_a_job_reads_only_the_cpu_and_memory_topology(layout: dict[str, Path]) -> None:
+    """The machine's hardware, devices and firmware (/sys/class, /sys/block, /sys/firmware) are
+    out of reach; the CPU topology TF reads is not. The control: outside the job all read."""
+    hidden = [p for p in ("/sys/class", "/sys/block", "/sys/bus", "/sys/firmware") if Path(p).is_dir()]
+    assert hidden, "this machine's /sys has none of the directories to hide"
+    what = {"list": [*hidden, "/sys/devices/system/cpu"], "read": ["/sys/devices/system/cpu/online"]}
+    control = run_probe(None, **what)
+    assert all(v == "ok" for k, v in control.items() if k.startswith(("list", "read"))), control
+    got = run_probe(confine_argv(layout["tmp"], layout["workdir"], data=layout["data"]), **what)
+    for i in range(len(hidden)):
+        assert got[f"list{i}"] == "Permission denied", (hidden[i], got)
+    assert got[f"list{len(hidden)}"] == "ok" and got["read0"] == "ok", got
