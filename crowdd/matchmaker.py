@@ -49,6 +49,7 @@ from crowdd.protocol.matchmaker import (
     Slots,
     check_expel,
     check_hello,
+    is_public,
     check_slots,
     make_expelled,
     make_group,
@@ -206,6 +207,10 @@ class Grouper:
             raise wire.WireError(wire.ErrorCode.BAD_FIELD, f"field 'seen': only {session.sent} newcomer(s) were sent "
                                  f"on this connection, not {slots.seen}", field="seen")
         free = max(0, slots.free - (session.sent - slots.seen))
+        job = session.host.hello.job
+        if job is not None and slots.free > job.workers:
+            raise wire.WireError(wire.ErrorCode.BAD_FIELD, f"field 'free': the job has {job.workers} worker "
+                                 f"place(s), not {slots.free}", field="free")
         if len(session.members) + free > MAX_MEMBERS:
             raise wire.WireError(wire.ErrorCode.BAD_FIELD, f"a session has at most {MAX_MEMBERS} members: "
                                  f"{len(session.members)} + {free} free is too many", field="free")
@@ -385,6 +390,7 @@ class _Conn(asyncio.Protocol):
         "partial_since",
         "pending",
         "position",
+        "private_ok",
         "sent_position",
         "server",
         "state",
@@ -396,6 +402,7 @@ class _Conn(asyncio.Protocol):
         self.id = server._next_id()
         self.transport: asyncio.Transport | None = None
         self.ip = ""
+        self.private_ok = True
         self.state = "new"  # new → waiting → closing (last frame sent, draining) → done
         self.decoder = wire.FrameDecoder(max_size=server.cfg.max_frame, max_blob=0)
         now = server.now()
@@ -415,6 +422,9 @@ class _Conn(asyncio.Protocol):
         self.transport = typing.cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.ip = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
+        local = transport.get_extra_info("sockname")
+        # reached at a loopback or private address (a LAN, a test): members may have such addresses
+        self.private_ok = not is_public(str(local[0])) if isinstance(local, tuple) and local else True
         self.server._connected(self)
 
     def data_received(self, data: bytes) -> None:
@@ -461,7 +471,8 @@ class _Conn(asyncio.Protocol):
                 raise wire.WireError(wire.ErrorCode.BAD_FRAME, "an expel report is the only frame of its connection")
             self.server._expel(self, check_expel(frame))
         elif self.state == "new":
-            hello = check_hello(frame, self.ip, trust_advertised=self.server.cfg.trust_advertised)
+            hello = check_hello(frame, self.ip, trust_advertised=self.server.cfg.trust_advertised,
+                                private_ok=self.private_ok)
             self.opens = hello.open is not None
             if self.server.cfg.check_reachable:
                 self.state = "checking"  # queued once the connect-back has answered

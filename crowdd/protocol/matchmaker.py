@@ -18,6 +18,7 @@ of its own: ``expel`` (:func:`make_expel`, signed with the host's identity key;
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import re
 from collections.abc import Mapping, Sequence
@@ -201,8 +202,12 @@ def observed_address(peer_ip: str) -> str:
     return peer_ip
 
 
-def check_hello(frame: Mapping[str, Any], peer_ip: str, *, trust_advertised: bool = False) -> Hello:
-    """Decide whether a hello is acceptable; raise :class:`wire.WireError` saying why not."""
+def check_hello(frame: Mapping[str, Any], peer_ip: str, *, trust_advertised: bool = False,
+                private_ok: bool = True) -> Hello:
+    """Decide whether a hello is acceptable; raise :class:`wire.WireError` saying why not.
+    ``private_ok``: the matchmaker itself was reached at a loopback or private address (a LAN,
+    a test), so members may be named by such addresses; reached at a public one, an ``open``
+    hello may name none (:func:`check_open_addresses`)."""
     if frame.get("type") != "hello":
         raise wire.WireError(wire.ErrorCode.BAD_FRAME, f"the first frame must be a hello, got {frame.get('type')!r}")
     wire.check_proto(frame)
@@ -238,8 +243,40 @@ def check_hello(frame: Mapping[str, Any], peer_ip: str, *, trust_advertised: boo
             if key in frame:
                 raise _bad(key, f"only a host sends {key!r}")
     opened = _open(frame["open"], cert, fingerprint) if "open" in frame else None
+    if opened is not None:
+        assert job is not None
+        if opened.free > job.workers:  # never more newcomers at once than the job has worker places
+            raise _bad("open.free", f"field 'open.free': the job has {job.workers} worker place(s), not {opened.free}")
+        opened = check_open_addresses(opened, address, private_ok=private_ok)
     return Hello(role=role, name=name, address=address, ports=ports, tag=tag, want_tag=want_tag, job=job,
                  dataset=dataset, settings=settings, cert=cert, fingerprint=fingerprint, open=opened)
+
+
+def check_open_addresses(opened: OpenSession, host_address: str, *, private_ok: bool) -> OpenSession:
+    """An open session's members as newcomers will dial them: member 0 is the host at the
+    address this matchmaker saw it at (``host_address``: observed, or advertised where trusted),
+    whatever it wrote; every other member's address must be a public one unless ``private_ok``
+    (else a third party's port, this machine's loopback or a volunteer's LAN would be dialled
+    by every newcomer: a reflection)."""
+    members = list(opened.members)
+    members[0] = dataclasses.replace(members[0], address=host_address)
+    if not private_ok:
+        for m in members[1:]:
+            if not is_public(m.address):
+                raise _bad(f"open.members[{m.index}].address",
+                           f"member {m.index}'s address {m.address!r} is not a public address")
+    return dataclasses.replace(opened, members=tuple(members))
+
+
+def is_public(address: str) -> bool:
+    """Whether ``address`` is a global IP address (an IPv4-mapped IPv6 one as its IPv4)."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False  # a name: newcomers would resolve it wherever they are
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global
 
 
 def _prefixed(prefix: str, exc: wire.WireError) -> wire.WireError:
@@ -583,7 +620,7 @@ def check_expelled(frame: Mapping[str, Any], group_id: str, member: str) -> None
 
 __all__ = [
     "HOST", "MAX_MEMBERS", "MAX_REASON", "ROLES", "TF_PORTS", "WORKER", "Expel", "Hello", "OpenSession", "Slots",
-    "Wait", "check_expel", "check_expelled", "check_group", "check_hello", "check_joined", "check_slots",
+    "Wait", "check_expel", "check_expelled", "check_group", "check_hello", "check_joined", "check_open_addresses", "is_public", "check_slots",
     "check_wait", "expel_statement", "make_expel", "make_expelled", "make_group", "make_hello", "make_join",
     "make_joined", "make_open", "make_slots", "make_wait", "observed_address",
 ]

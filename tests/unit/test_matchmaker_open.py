@@ -62,7 +62,9 @@ def test_open_hello_round_trip() -> None:
     wire.encode(frame)  # a valid frame
     h = mmp.check_hello(frame, "192.0.2.7")
     assert h.role == "host" and h.tag == "lab" and h.job == JOB and h.settings == SETTINGS
-    assert h.open == mmp.OpenSession(group_id=GID, token=TOKEN, members=members, free=3)
+    # member 0 is the host where the matchmaker sees it, whatever it wrote
+    seen = (dataclasses.replace(members[0], address="192.0.2.7"), *members[1:])
+    assert h.open == mmp.OpenSession(group_id=GID, token=TOKEN, members=seen, free=3)
     assert h.open.members[1].reachable is False
 
 
@@ -161,8 +163,35 @@ def test_an_open_session_with_a_shared_certificate_is_refused() -> None:
     assert field_of(exc) == "open.members"
 
 
-def test_the_most_members_plus_free_is_fine() -> None:
-    assert mmp.check_hello(open_hello(free=mmp.MAX_MEMBERS - 2), "192.0.2.7").open is not None
+def test_free_places_are_at_most_the_jobs_workers() -> None:
+    """One connection could otherwise drain the worker queue (up to 1024 at once)."""
+    assert mmp.check_hello(open_hello(free=JOB.workers), "192.0.2.7").open is not None
+    with pytest.raises(wire.WireError) as exc:
+        mmp.check_hello(open_hello(free=JOB.workers + 1), "192.0.2.7")
+    assert field_of(exc) == "open.free" and "3 worker place(s)" in exc.value.message
+    big = dataclasses.replace(JOB, workers=mmp.MAX_MEMBERS - 1)
+    frame = mmp.make_open(mmp.make_hello("host", "h", HOST_PORTS, job=big, dataset=DATASET, settings=SETTINGS,
+                                         **_who("h")), GID, TOKEN, (member(0, "h"), member(1, "gone")),
+                          mmp.MAX_MEMBERS - 2)
+    assert mmp.check_hello(frame, "192.0.2.7").open is not None  # the most members plus free
+
+
+def test_an_open_session_on_a_public_matchmaker_names_only_public_addresses() -> None:
+    """Reached at a public address, the matchmaker refuses an open session that would send
+    newcomers to a third party's port, this machine's loopback or a volunteer's LAN; member 0
+    is always the host where it is seen. The control: public members pass, and so do private
+    ones on a matchmaker reached at a private address (a LAN, a test)."""
+    for bad in ("192.168.1.1", "127.0.0.1", "10.0.0.2", "169.254.1.1", "::1", "fe80::1", "100.64.0.1", "lan-box"):
+        members = (member(0, "h"), dataclasses.replace(member(1, "w1"), address=bad))
+        with pytest.raises(wire.WireError) as exc:
+            mmp.check_hello(open_hello(members, free=1), "203.0.113.7", private_ok=False)
+        assert field_of(exc) == "open.members[1].address" and bad in exc.value.message, bad
+    public = (dataclasses.replace(member(0, "h"), address="192.168.1.1"),  # overwritten: where it is seen
+              dataclasses.replace(member(1, "w1"), address="8.8.4.4"))
+    h = mmp.check_hello(open_hello(public, free=1), "1.1.1.1", private_ok=False)
+    assert h.open is not None and [m.address for m in h.open.members] == ["1.1.1.1", "8.8.4.4"]
+    private = (member(0, "h"), member(1, "w1"))
+    assert mmp.check_hello(open_hello(private, free=1), "10.0.0.1", private_ok=True).open is not None
 
 
 # --------------------------------------------------------------------------- slots, joined, the join group frame
@@ -363,6 +392,11 @@ def test_bad_slots_counts_are_refused() -> None:
     with pytest.raises(wire.WireError) as exc:
         q.g.set_free(hid, mmp.Slots(free=mmp.MAX_MEMBERS - 1, seen=0))  # 2 members + 1024
     assert field_of(exc) == "free"
+    with pytest.raises(wire.WireError) as exc:
+        q.g.set_free(hid, mmp.Slots(free=JOB.workers + 1, seen=0))  # more than the job's worker places
+    assert field_of(exc) == "free" and "3 worker place(s)" in exc.value.message
+    assert q.g.set_free(hid, mmp.Slots(free=JOB.workers, seen=0)).free == JOB.workers  # the control
+    q.g.set_free(hid, mmp.Slots(free=1, seen=0))
     assert q.g.open[hid].free == 1
     with pytest.raises(ValueError, match="no session"):
         q.g.set_free(hid + 1, mmp.Slots(free=1, seen=0))
@@ -370,7 +404,7 @@ def test_bad_slots_counts_are_refused() -> None:
 
 def test_open_sessions_respect_tags_both_ways() -> None:
     q = Queue()
-    q.open(open_hello(free=5, name="lab", tag="lab", want_tag="gpu"))
+    q.open(open_hello(free=3, name="lab", tag="lab", want_tag="gpu"))
     q.add(worker_hello("plain"))
     q.add(worker_hello("gpu-elsewhere", tag="gpu", want_tag="other"))
     q.add(worker_hello("gpu", tag="gpu"))
@@ -414,9 +448,9 @@ def test_a_host_reopening_its_session_replaces_the_older_connection() -> None:
     q = Queue()
     old = q.open(open_hello(free=1))
     q.n += 1
-    place, replaced = q.g.open_session(Waiter(q.n, q.hello(open_hello(free=4)), 5.0))
+    place, replaced = q.g.open_session(Waiter(q.n, q.hello(open_hello(free=3)), 5.0))
     assert replaced is not None and replaced.id == old and place == 1
-    assert list(q.g.open) == [q.n] and q.g.open[q.n].free == 4
+    assert list(q.g.open) == [q.n] and q.g.open[q.n].free == 3
 
 
 def test_another_hosts_session_with_the_same_id_is_refused() -> None:
@@ -453,7 +487,8 @@ def test_join_frames() -> None:
     plan = mmp.check_group(newcomer)
     assert plan.joining and plan.index == 2 and plan.group_id == GID and plan.token == TOKEN
     assert plan.job == JOB and plan.dataset == DATASET and plan.settings == SETTINGS
-    assert plan.members[0] == member(0, "h") and plan.members[1] == member(1, "gone", reachable=False)
+    host_seen = dataclasses.replace(member(0, "h"), address=f"10.1.0.{hid}")  # where the matchmaker saw it
+    assert plan.members[0] == host_seen and plan.members[1] == member(1, "gone", reachable=False)
     assert plan.me == mmp.check_joined(joined)
     assert plan.me.fingerprint == identity("w1").fingerprint
     assert (join.host.id, join.worker.id) == (hid, wid)
