@@ -59,15 +59,20 @@ def honest_rejected(verdicts: list[dict[str, Any]], bad: set[int]) -> tuple[int,
 def test_one_and_two_bad_of_four_keep_the_clean_accuracy(fashion: Prepared, tmp_path: Path) -> None:
     clean, clean_v = train(tmp_path / "clean", fashion, 3)
     base = clean.done["test_accuracy"]  # type: ignore[index]
+    # Fashion-MNIST MLP, 3 epochs, 4 trainers: 0.8748 in a clean-clone run 2026-12-07
+    # (CROWDD_METRICS, crowdd/testing/bounds.py); one run on 10,000 test images has a standard
+    # error of ~0.0033, so 0.85 is ~7 of them below
     at_least(base, 0.85)
     assert not clean.done["validation"]["expelled"]  # type: ignore[index]  # the clean twin expels nobody
 
     one, one_v = train(tmp_path / "one", fashion, 3, "3:sign-flip")
+    # 0.8795 against 0.8748 clean in that run; 0.01 is ~2 standard errors of the difference
     at_least(one.done["test_accuracy"], base - 0.01, "accuracy, 1 bad of 4, vs clean")  # type: ignore[index]
     # three rejected changes expel (one merged before them is the exception asserted below)
     assert expelled_within(one, one_v, 3) <= 3
 
     two, two_v = train(tmp_path / "two", fashion, 3, "2:flip-labels,3:noise")
+    # 0.8785 against 0.8748 clean in that run; 0.02 is ~4 standard errors of the difference
     at_least(two.done["test_accuracy"], base - 0.02, "accuracy, 2 bad of 4, vs clean")  # type: ignore[index]
     assert expelled_within(two, two_v, 2) <= 3 and expelled_within(two, two_v, 3) <= 3
 
@@ -99,4 +104,5 @@ def test_every_attack_is_expelled_within_three_changes(fashion: Prepared, tmp_pa
         assert free and set(free) <= {"zero", "replay"}, free
     rejected, checked = honest_rejected(verdicts, slots)
     assert rejected <= max(1, 0.02 * checked), (rejected, checked)
-    at_least(run.done["test_accuracy"], 0.8)  # type: ignore[index]  # a run nobody could end
+    # a run nobody could end: 0.8585, 0.8632, 0.8606 for the three pairs in the clean-clone run 2026-12-07
+    at_least(run.done["test_accuracy"], 0.8)  # type: ignore[index]

@@ -136,6 +136,7 @@ async def test_every_state_and_a_trained_model(crowd: Crowd, tmp_path: Path) -> 
             await rec.wait(w.name, lambda e: e["event"] == "state" and e["previous"] == "finished", 30)
         await rec.wait("host", lambda e: e["event"] == "state" and e["previous"] == "finished", 30)
 
+        # 0.9081 in a clean-clone run 2026-12-07 (CROWDD_METRICS, crowdd/testing/bounds.py)
         at_least(result["test_accuracy"], ACCURACY_THRESHOLD)
         model = Path(result["model_path"])
         assert model.is_file() and model.is_relative_to(crowd.host.root / "state")
@@ -224,6 +225,7 @@ async def test_stop_on_a_host_mid_training_keeps_the_model_so_far(crowd: Crowd, 
         result = await rec.host_result(crowd.host, 120)
         # the model kept is the one trained so far: no worse than at its first evaluation (the
         # noise between two evaluations of one run on digits' 360 test images: a few points)
+        # 0.7939 against a first evaluation of 0.5237 in a clean-clone run 2026-12-07 (CROWDD_METRICS, crowdd/testing/bounds.py)
         at_least(result["test_accuracy"], first["test_accuracy"] - 0.05, "stopped run vs its first evaluation")
         assert Path(result["model_path"]).is_file()
         card = json.loads(Path(result["model_path"]).with_name("model.card.json").read_text())

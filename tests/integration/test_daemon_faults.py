@@ -77,6 +77,7 @@ async def test_worker_killed_mid_training_host_finishes(crowd: Crowd, tmp_path: 
         crowd.kill_node(victim, signal.SIGKILL)  # no chance to clean up
         await rec.wait("host", lambda e: e["event"] == "members" and e["members"][vi]["state"] == "gone", 20)
         result = await rec.host_result(crowd.host, 240)  # training goes on
+        # 0.961 (40 epochs of digits, a worker killed) in a clean-clone run 2026-12-07 (CROWDD_METRICS, crowdd/testing/bounds.py)
         at_least(result["test_accuracy"], ACCURACY_THRESHOLD)
         assert Path(result["model_path"]).is_file()
         last = rec.of("host", "members")[-1]["members"]

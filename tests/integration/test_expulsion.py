@@ -72,6 +72,7 @@ async def test_a_worker_sending_bad_changes_is_expelled_and_said_so(crowd: Crowd
         told = await rec.wait(m2["name"], lambda e: "the host expelled this worker" in json.dumps(e), 60)
         assert "rejected" in json.dumps(told), told
         result = await rec.host_result(crowd.host, 240)
+        # 0.9387 in a clean-clone run 2026-12-07 (CROWDD_METRICS, crowdd/testing/bounds.py)
         at_least(result["test_accuracy"], ACCURACY_THRESHOLD)
         told = [e["message"] for e in rec.of("host", "log") if "matchmaker" in e.get("message", "")]
         assert any("never placed with this host again" in t for t in told), told

@@ -239,6 +239,7 @@ def test_slots_leave_come_back_and_join_while_training(tmp_path: Path, digits: P
         (host_dir / STOP_FILE).touch()
         done = host.wait_for(120, lambda e: e["event"] == "done")
         assert done["stopped"] is True, done
+        # 0.9832 in a clean-clone run 2026-12-07 (CROWDD_METRICS, crowdd/testing/bounds.py); digits has 360 test images (SE ~0.007)
         at_least(done["test_accuracy"], 0.85)
         kinds = [(e["task"], e["state"]) for _, e in host.events if e["event"] == "slot"]
         assert (2, "left") in kinds and (2, "joined") in kinds and (3, "joined") in kinds, kinds
