@@ -609,10 +609,11 @@ class Coordinator:
                 in_flight.append((rv, n, params.version))
                 scheduled += n
 
-        def judge(slot: int, base_version: int, weight_change: Any, slot_change: Any) -> bool:
-            """Validate one change and merge it if it passes (:class:`ChangeDesk`); False if
-            it was rejected. The host's own trainer sending a non-finite change is divergence."""
-            ruling = desk.take(slot, base_version, weight_change, slot_change)
+        def judge(slot: int, base_version: int, weight_change: Any, slot_change: Any, steps: int) -> bool:
+            """Validate one change of a round of ``steps`` and merge it if it passes
+            (:class:`ChangeDesk`); False if it was rejected. The host's own trainer sending a
+            non-finite change is divergence."""
+            ruling = desk.take(slot, base_version, weight_change, slot_change, full_round=steps >= k_round)
             verdict = ruling.verdict
             if slot == 0 and not verdict.accepted:
                 raise Diverged(done, lr)
@@ -659,7 +660,7 @@ class Coordinator:
                     continue
                 if slot == 0 and not finite(loss_sum):
                     raise Diverged(done, lr)
-                if not judge(slot, base_version, weight_change, slot_change):
+                if not judge(slot, base_version, weight_change, slot_change, n):
                     scheduled -= n  # rejected: its steps are done again by someone else
                     continue
                 done += n

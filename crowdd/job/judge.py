@@ -53,9 +53,11 @@ class ChangeDesk:
     cpu_seconds: float = 0.0
     checked: int = 0
 
-    def take(self, slot: int, base_version: int, weight_change: Any, slot_change: Any) -> Ruling:
+    def take(self, slot: int, base_version: int, weight_change: Any, slot_change: Any,
+             full_round: bool = True) -> Ruling:
         """Judge the change slot ``slot`` computed from the weights of ``base_version``; merge
-        it if it passes. Slot 0 is the host's own trainer: never expelled."""
+        it if it passes. Slot 0 is the host's own trainer: never expelled. ``full_round``
+        False: a round shorter than the rest (:meth:`Validator.check`)."""
         t0 = time.thread_time()
         weight_change, slot_change = _arrays(weight_change), _arrays(slot_change)
         own = slot == 0
@@ -64,7 +66,7 @@ class ChangeDesk:
         params, lag = self.params, self.params.version - base_version
         verdict = self.validator.check(
             weight_change, slot_change, lag=lag, own=own, version=params.version, weights=params.weights,
-            candidate=lambda: params.candidate(weight_change, self.scale))
+            candidate=lambda: params.candidate(weight_change, self.scale), full_round=full_round)
         if verdict.accepted:
             params.apply(weight_change, slot_change, self.scale)
             self.validator.merged(params.version, verdict.loss_after if not params.outer else None)

@@ -226,10 +226,16 @@ class Validator:
         return h.digest()
 
     def check(self, weight_change: Any, slot_change: Any, *, lag: int, own: bool,
-              version: int, weights: list[np.ndarray], candidate: Callable[[], list[np.ndarray]]) -> Verdict:
+              version: int, weights: list[np.ndarray], candidate: Callable[[], list[np.ndarray]],
+              full_round: bool = True) -> Verdict:
         """The verdict on one change. ``own``: it comes from the host's own trainer (checked
         for form only, and it becomes the reference direction). ``candidate()``: the
-        weights as they would be after merging it."""
+        weights as they would be after merging it. ``full_round`` False: the host gave this
+        round fewer steps than the rest (the run's last steps); its change is smaller and
+        noisier than the ones the direction bound was learnt from, so the direction does not
+        decide (seen: an honest worker's short last rounds, re-run after each rejection, were
+        rejected three times and expelled); the round's length is the host's choice, never
+        the worker's. Every other check holds."""
         if not (well_formed(weight_change, self.weight_shapes) and well_formed(slot_change, self.slot_shapes)):
             return Verdict(False, "form", fatal=True)
         flat = _flat(weight_change)
@@ -266,10 +272,10 @@ class Validator:
             return Verdict(False, "loss", **scores)  # type: ignore[arg-type]
         # a change that does not agree with the host's is let in only when it lowers the
         # held-back loss by more than LOSS_RESCUE: then the host's own data speaks for it
-        if self.directional and cos is not None and self.learning() and self.host_agrees() and (
+        if self.directional and full_round and cos is not None and self.learning() and self.host_agrees() and (
                 cos < self.least_cosine() and after >= (1.0 - LOSS_RESCUE) * before):
             return Verdict(False, "direction", **scores)  # type: ignore[arg-type]
-        if cos is not None and self.reference is not None:
+        if cos is not None and self.reference is not None and full_round:
             self._cosines.append(cos)
         self._note_norm(norm)
         return verdict

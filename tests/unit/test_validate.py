@@ -70,9 +70,11 @@ class Host:
         self.version = 0
         self.v = Validator(list(SHAPES), list(SLOT_SHAPES), loss, max_lag, grad_of=grad_of if grad else None, **kw)
 
-    def check(self, change: Any, *, lag: int = 0, own: bool = False, slots: Any = None) -> Verdict:
+    def check(self, change: Any, *, lag: int = 0, own: bool = False, slots: Any = None, full_round: bool = True
+              ) -> Verdict:
         return self.v.check(change, slot_change() if slots is None else slots, lag=lag, own=own, version=self.version,
-                            weights=self.weights, candidate=lambda: [w + d for w, d in zip(self.weights, change)])
+                            weights=self.weights, candidate=lambda: [w + d for w, d in zip(self.weights, change)],
+                            full_round=full_round)
 
     def merge(self, change: list[np.ndarray]) -> None:
         self.weights = [w + d for w, d in zip(self.weights, change)]
@@ -279,6 +281,21 @@ def test_a_change_pointing_away_from_the_hosts_own_change_is_rejected() -> None:
     v = np.eye(SIZE)[1] * 0.5 + np.eye(SIZE)[0] * 0.05
     assert cosine(v, np.eye(SIZE)[0]) > MIN_COSINE  # type: ignore[operator]
     assert host.check(split(v)).accepted
+
+
+def test_a_short_last_round_is_not_judged_by_its_direction_but_by_everything_else() -> None:
+    """The run's last rounds are shorter (the host gives each what is left): their changes are
+    smaller and noisier, and an honest worker's were rejected for direction, re-run, rejected
+    again, and expelled. The host knows a round's length; a short one is judged on everything
+    but the direction. The control: the same change from a full round is rejected for it, and
+    a short round that raises the loss is still rejected."""
+    host = Host()
+    assert host.check(split(np.eye(SIZE)[0]), own=True).accepted
+    sideways = split(np.eye(SIZE)[1] * 0.5)  # lowers the held-back loss, orthogonal to the host's
+    assert host.check(sideways).reason == "direction"
+    assert host.check(split(np.eye(SIZE)[1] * 0.49), full_round=False).accepted
+    uphill = host.check(split(-np.ones(SIZE) * 50), full_round=False)
+    assert (uphill.accepted, uphill.reason) == (False, "loss")
 
 
 def test_until_the_host_sends_a_change_the_descent_direction_stands_in_for_it() -> None:
