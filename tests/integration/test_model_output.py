@@ -42,6 +42,7 @@ def test_the_saved_model_predicts_on_raw_inputs_as_reported_and_has_a_card(tmp_p
     result = run_cluster(tmp_path / "run", prepared.data_path, prepared.manifest_path, 1, job, settings, timeout=300)
     done = result.done
     assert done is not None, result.events
+    # 0.9697 in both of two clean-clone runs 2026-12-07 (CROWDD_METRICS, crowdd/testing/bounds.py)
     at_least(done["test_accuracy"], 0.8)
 
     fresh = subprocess.run([sys.executable, "-c", PREDICT, done["model_path"], str(npz)],
@@ -86,6 +87,7 @@ def test_a_regression_target_trains_the_mlp_preset_and_reports_mae(tmp_path: Pat
     assert done is not None, result.events
     print(f"\ntest MAE {done['test_mae']:.1f}")
     assert "test_accuracy" not in done, done
+    # 50.74 and 47.00 in two clean-clone runs 2026-12-07 (CROWDD_METRICS, crowdd/testing/bounds.py)
     at_most(done["test_mae"], 55, "test_mae")
     assert done["test_mse"] > done["test_mae"]
     evals = [e for e in result.events if e["event"] == "eval"]

@@ -101,6 +101,7 @@ def test_a_host_asked_to_stop_keeps_its_checkpoint_and_writes_the_model_so_far(t
     with np.load(done["checkpoint"]) as z:
         assert int(z["step"]) == done["steps"]
     assert Path(done["model_path"]).is_file()
+    # 0.77 and 0.76 (stopped early) in two clean-clone runs 2026-12-07 (CROWDD_METRICS, crowdd/testing/bounds.py)
     at_least(done["test_accuracy"], 0.5)  # three separable classes: it learned something
     assert time.monotonic() - t0 < 200
 
@@ -119,4 +120,5 @@ def test_unscaled_everyday_data_trains_at_the_default_learning_rate(tmp_path: Pa
     result = run_cluster(tmp_path / "run", prepared.data_path, prepared.manifest_path, 1, job, settings, timeout=300)
     assert result.error is None, result.error
     assert result.done is not None, result.error
+    # 0.9474 in both of two clean-clone runs 2026-12-07 (CROWDD_METRICS, crowdd/testing/bounds.py)
     at_least(result.done["test_accuracy"], 0.85)

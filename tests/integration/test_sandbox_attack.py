@@ -272,6 +272,7 @@ async def test_a_malicious_member_touches_nothing_outside_the_job(crowd: Crowd, 
         async with ControlClient(crowd.host.socket) as c:
             await c.stop()  # the host keeps what is trained so far
         result = await rec.host_result(crowd.host, 300)
+        # 0.9638 and 0.9666 in two clean-clone runs 2026-12-07 (CROWDD_METRICS, crowdd/testing/bounds.py)
         at_least(result["test_accuracy"], ACCURACY_THRESHOLD)
     finally:
         await rec.close()

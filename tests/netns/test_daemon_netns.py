@@ -119,6 +119,7 @@ async def test_e2e_across_namespaces(tmp_path: Path) -> None:
             await asyncio.sleep(0.1)
         res = result_of("host")
         assert res is not None, {n: [e.get("state") for e in events[n] if e["event"] == "state"] for n in names}
+        # 0.922 in a clean-clone run 2026-12-07 (CROWDD_METRICS, crowdd/testing/bounds.py)
         at_least(res["test_accuracy"], 0.8)
         for n in names[1:]:  # the same accuracy; the model file is the host's, not shown as theirs
             got = result_of(n)
