@@ -25,6 +25,7 @@ import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from crowdd.platform.process import group_options, kill_group
@@ -78,6 +79,42 @@ def host_ip(base: tuple[int, int], i: int) -> str:
     return f"{base[0]}.{base[1]}.{n >> 8}.{n & 255}"
 
 
+#: each open lab's owner: ``<prefix>`` holding the pid of the process that built it
+OWNERS = Path("/run/crowdd-netns-labs")
+
+
+def sweep_stale_labs() -> list[str]:
+    """Delete the namespaces of every lab whose owner died without closing it (a test run
+    killed with SIGKILL); returns the namespaces deleted."""
+    removed: list[str] = []
+    if not OWNERS.is_dir():
+        return removed
+    for owner in OWNERS.iterdir():
+        try:
+            os.kill(int(owner.read_text().strip()), 0)
+            continue  # alive: its lab is in use
+        except ProcessLookupError:
+            pass
+        except (OSError, ValueError):
+            continue
+        names = [n for n in os.listdir(NETNS_DIR) if n.startswith(f"{owner.name}-")] if NETNS_DIR.is_dir() else []
+        for name in names:
+            pids = subprocess.run([IP, "netns", "pids", name], check=False, capture_output=True, text=True, timeout=10)
+            for pid in pids.stdout.split():  # what the dead run left running in there
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (ProcessLookupError, ValueError):
+                    pass
+            if subprocess.run([IP, "netns", "del", name], check=False, capture_output=True, timeout=10).returncode == 0:
+                removed.append(name)
+        owner.unlink(missing_ok=True)
+        logger.info("removed a dead run's network namespaces: %s", removed)
+    return removed
+
+
+NETNS_DIR = Path("/run/netns")
+
+
 class NetnsLab:
     def __init__(
         self,
@@ -112,7 +149,10 @@ class NetnsLab:
 
     def setup(self) -> None:
         require_root()
+        sweep_stale_labs()
         self._open = True
+        OWNERS.mkdir(parents=True, exist_ok=True)
+        (OWNERS / self.prefix).write_text(str(os.getpid()))
         try:
             self._add_ns(self.bridge_ns)
             self._batch(self.bridge_ns, ["link set lo up", "link add br0 type bridge", "link set br0 up"])
@@ -206,6 +246,7 @@ class NetnsLab:
     def close(self) -> None:
         if not self._open and not self._created:
             return
+        (OWNERS / self.prefix).unlink(missing_ok=True)
         self._open = False
         for proc in self._procs:
             _kill_group(proc)

@@ -3,6 +3,8 @@ recipe behave on loopback (no root needed for these)."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -102,3 +104,33 @@ def test_tf_attack_on_a_port_that_is_not_tensorflow_runs_no_op(tmp_path: Path) -
         got = outsider.tf_attack(f"127.0.0.1:{port}", str(tmp_path / "canary"), str(tmp_path / "out"), timeout=20)
     assert not got.ran_an_op and got.error, got
     assert not (tmp_path / "out").exists()
+
+
+BUILD_AND_HANG = """
+import sys, time
+from crowdd.testing.netns import NetnsLab
+lab = NetnsLab(2)
+lab.setup()
+print(lab.prefix, flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None, reason="needs root and iproute2")
+def test_a_lab_whose_owner_was_killed_is_swept_by_the_next_one() -> None:
+    """A run killed with SIGKILL cannot close its lab; the next lab's setup deletes the dead
+    owner's namespaces. The control: a lab whose owner is alive is left alone."""
+    dead = subprocess.Popen([sys.executable, "-c", BUILD_AND_HANG], stdout=subprocess.PIPE, text=True)
+    assert dead.stdout is not None
+    prefix = dead.stdout.readline().strip()
+    names = {f"{prefix}-br", f"{prefix}-h0", f"{prefix}-h1"}
+    assert names <= {p.name for p in netns.NETNS_DIR.iterdir()}
+    with netns.NetnsLab(1) as alive:
+        assert not netns.sweep_stale_labs()  # the owner lives: nothing of its is touched
+        assert names <= {p.name for p in netns.NETNS_DIR.iterdir()}
+        dead.kill()
+        dead.wait()
+        assert set(netns.sweep_stale_labs()) == names
+        assert not names & {p.name for p in netns.NETNS_DIR.iterdir()}
+        assert f"{alive.prefix}-h0" in {p.name for p in netns.NETNS_DIR.iterdir()}  # this test's own lab stays
+    assert not list(netns.OWNERS.glob(f"{prefix}*"))
