@@ -13,6 +13,7 @@ from crowdd.errors import SessionFailed
 from crowdd.identity import Identity
 from crowdd.manifest import Manifest
 from crowdd.node.disk import gb_to_bytes
+from crowdd.node.handle import SessionHandle
 from crowdd.node.launcher import JobLauncher, JobLimits, LaunchError
 from crowdd.node.ports import Reservation
 from crowdd.node.states import State, StateMachine
@@ -22,34 +23,6 @@ from crowdd.node.tunnels import RelaySetup
 from crowdd.platform.sandbox import SandboxSupport
 from crowdd.platform.userns import Confinement
 from crowdd.plan import SessionPlan
-
-
-class Presence:
-    """A following worker's word to its host about its volunteer's machine: busy (the idle
-    policy said no: :meth:`away`, sent before the job is suspended or the worker leaves) and
-    idle again (:meth:`back`). The daemon's policy watch calls it; the worker's session binds
-    the sender (and says ``away`` again after it reconnects while still away)."""
-
-    def __init__(self) -> None:
-        self.away_reason: str | None = None
-        self._away: Callable[[str, bool], None] | None = None
-        self._back: Callable[[], None] | None = None
-
-    def bind(self, away: Callable[[str, bool], None] | None, back: Callable[[], None] | None) -> None:
-        self._away, self._back = away, back
-        if self.away_reason is not None and away is not None:
-            away(self.away_reason, True)
-
-    def away(self, reason: str, staying: bool = True) -> None:
-        self.away_reason = reason if staying else None
-        if self._away is not None:
-            self._away(reason, staying)
-
-    def back(self) -> None:
-        was = self.away_reason
-        self.away_reason = None
-        if was is not None and self._back is not None:
-            self._back()
 
 
 @dataclass
@@ -70,7 +43,7 @@ class SessionContext:
     confinement: Confinement
     sandbox: SandboxSupport
     runtime_dir: Path | None = None  # where the job's relay sockets go (crowdd.node.tunnels.socket_dir)
-    presence: Presence = field(default_factory=Presence)  # a worker's busy/idle word to its host
+    handle: SessionHandle = field(default_factory=SessionHandle)  # the daemon's hold on this cycle's session
     # a host tells the matchmaker whom it expelled (plan, member fingerprint, why); None: nobody to tell
     report_expelled: Callable[[SessionPlan, str, str], Awaitable[None]] | None = None
 

@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import os
 import random
-import secrets
 import signal
 import socket
 import sys
@@ -39,15 +37,14 @@ from crowdd.node.backoff import Backoff
 from crowdd.node.status import StatusView
 from crowdd.cache import DatasetCache
 from crowdd.config import Config, ConfigError, Paths, load_config, parse_hostport
-from crowdd.errors import CrowddError, InputError
+from crowdd.errors import InputError
 from crowdd.protocol.control import format_pause
-from crowdd.handoff import remove_staging
 from crowdd.control import ControlServer, Endpoint
-from crowdd.node.context import Presence, SessionContext, SessionFailed, training_refusal
-from crowdd.node.checkpoints import latest_checkpoint
-from crowdd.node.resume import HostingRecord
+from crowdd.node.context import SessionContext, SessionFailed, training_refusal
 from crowdd.node.donation import DonationSwitch
-from crowdd.node.host import GracefulStop, OpenLink, convert_dataset, describe, lead
+from crowdd.node.handle import OpenLink, SessionHandle
+from crowdd.node.host import lead
+from crowdd.node.hosting import HostingDesk, describe
 from crowdd.node.hosted import HostedJob
 from crowdd.protocol.control import HostRequest, Status
 from crowdd.idle.policy import AlwaysIdle, IdlePolicy, Policy, Verdict
@@ -74,7 +71,6 @@ logger = logging.getLogger(__name__)
 
 WATCH_INTERVAL = 1.0  # seconds between idle-policy checks while a worker cycle runs
 STOP_GRACE = 120.0  # seconds a host job has to save its model after `crowdd stop`
-INCOMING = "incoming"  # under the cache directory: datasets handed over, until converted
 S = State
 
 
@@ -133,16 +129,12 @@ class Daemon:
         self._watchdog: asyncio.Task[None] | None = None
         self._abort_reason: str | None = None
         self._backoff = Backoff(cfg.daemon.retry_min, cfg.daemon.retry_max, self._rng)
-        self._host_request: HostRequest | None = None
-        self._host_prepared: HostedJob | None = None
-        self._host_pending: HostRequest | None = None  # its dataset is being converted
-        self._graceful = GracefulStop()  # the current host cycle's
-        self._presence: Presence | None = None  # the current worker cycle's word to its host
-        self._hosting = HostingRecord(paths.state_dir)  # what a restart mid-session resumes
-        self._resume_from: Path | None = None  # the interrupted session's job dir (checkpoints)
+        self.hosting = HostingDesk(paths.state_dir, paths.cache_dir, self.cache, self.view,
+                                   chunk_size=lambda: self.cfg.replication.chunk_size,
+                                   disk_max_gb=lambda: self.cfg.limits.disk_max_gb, prune=self._prune)
+        self._handle: SessionHandle | None = None  # the daemon's hold on the current cycle's session
         self._closing = False
         self.stop_grace = STOP_GRACE
-        self._staging: Path | None = None  # the copy of a handed-over dataset (crowdd.handoff)
         self._job_python = job_python
         self.confinement = confinement
         self.sandbox = sandbox
@@ -165,10 +157,10 @@ class Daemon:
     async def start(self) -> None:
         self.paths.ensure()
         self.cache.ensure()
-        remove_staging(self.paths.cache_dir / INCOMING)  # left by a daemon that was killed
-        remove_stale_socket_dirs(self.paths.runtime_dir)  # likewise
-        self._load_interrupted()
-        await self._prune(keep=(self._resume_from,) if self._resume_from is not None else ())
+        remove_stale_socket_dirs(self.paths.runtime_dir)  # left by a daemon that was killed
+        self.hosting.start()
+        resume_from = self.hosting.resume_from
+        await self._prune(keep=(resume_from,) if resume_from is not None else ())
         self.identity = Identity.load_or_create(self.paths.identity_dir, "node")
         if self.confinement is None:
             self.confinement = await asyncio.get_running_loop().run_in_executor(None, userns.probe, self._job_python)
@@ -185,35 +177,13 @@ class Daemon:
         self._notifier.ready(self.view.status_line())
         logger.info("crowdd daemon %s ready (%s, donation %s)", self.name, self._endpoint.describe(), "on" if self.donating else "off")
 
-    def _load_interrupted(self) -> None:
-        """A session this node hosted when it stopped mid-way: host it again, from its last
-        checkpoint; or say in the status why that cannot be done."""
-        interrupted, why = self._hosting.load(self.cache)
-        if why is not None:
-            self._hosting.clear()
-            message = f"the session this node hosted when it stopped cannot be resumed: {why}"
-            self.view.begin("host")
-            self.view.fail(message)
-            self.view.log(logging.ERROR, message)
-            self.view.end()
-            return
-        if interrupted is None:
-            return
-        p = interrupted.prepared
-        self._host_request = HostRequest(dataset=p.data_path, job=p.job, model_file=p.model_file)
-        self._host_prepared = p
-        self._resume_from = interrupted.workdir
-        ckpt = latest_checkpoint(interrupted.workdir) if interrupted.workdir is not None else None
-        self.view.log(logging.INFO, f"resuming the session this node hosted when it stopped ({p.name}"
-                      + (f", from its checkpoint {ckpt.name}" if ckpt is not None else "") + "); looking for workers")
-
     async def close(self) -> None:
         self._closing = True  # a hosted session cut short by the stop is resumed at the next start
         self._notifier.stopping()
         logger.info("crowdd daemon %s stopping", self.name)
         await cancel_and_wait(self._main, self._watchdog, timeout=60.0)
         await self._control.close()
-        self._drop_staging()
+        self.hosting.drop_staging()
 
     async def main(self) -> int:
         """Run until SIGTERM/SIGINT (or :meth:`request_shutdown`), then shut down cleanly."""
@@ -354,73 +324,13 @@ class Daemon:
         refusal = self._refusal()
         if refusal is not None:
             raise wire.WireError(wire.ErrorCode.BUSY, refusal)
-        self._check_can_host()
-        # The reply waits for the dataset's conversion: the user learns at once whether it is
-        # accepted, and why not (file, line, column) when it is not.
-        self._host_pending = request
-        pending = request
-        try:
-            if request.upload is not None:  # handed over (crowdd.handoff): copy it in first
-                request = await self._stage(request)
-                self.view.log(logging.INFO, f"asked to host {request.shown} (handed over, copied to "
-                              f"{request.dataset}); preparing it")
-            else:
-                self.view.log(logging.INFO, f"asked to host {request.shown}; preparing it")
-            prepared = await asyncio.get_running_loop().run_in_executor(
-                None, convert_dataset, self.cache, self.cfg.replication.chunk_size, request
-            )
-        except InputError as exc:
-            self.view.log(logging.ERROR, exc.message)
-            raise
-        finally:
-            self._drop_staging()  # converted into the cache (or refused): the copy has served
-            if self._host_pending is pending:
-                self._host_pending = None
-            else:  # stopped while it was being prepared
-                raise wire.WireError(wire.ErrorCode.BUSY, "stopped while the dataset was being prepared")
-        self._check_can_host(preparing=False)
-        self._host_request, self._host_prepared = request, prepared
-        self._hosting.save(prepared)
-        self._resume_from = None
+        prepared = await self.hosting.take(request, lambda: self.state)
         if self.view.role == "worker":
             self._abort("switching to host")
         info = describe(prepared)
         self.view.log(logging.INFO, f"hosting {info['name']} ({info['digest'][:12]}); looking for workers")
         self._wake.set()
         return {"type": "ok", "dataset": info}
-
-    def _check_can_host(self, *, preparing: bool = True) -> None:
-        role = self.view.role
-        if self._host_request is not None or role == "host" or (preparing and self._host_pending is not None):
-            raise wire.WireError(wire.ErrorCode.BUSY, "already hosting; `crowdd stop` ends that session first")
-        if role == "worker" and self.state not in (S.STANDBY, S.REGISTERING, S.WAITING):
-            raise wire.WireError(wire.ErrorCode.BUSY, f"this node is {self.state.value} as a worker; `crowdd stop` first")
-
-    async def _stage(self, request: HostRequest) -> HostRequest:
-        """Copy the files a client handed over into the cache's ``incoming`` directory; the
-        request then names that copy. Kept while the request is, then removed."""
-        upload = request.upload
-        assert upload is not None
-        if self._staging is not None:
-            raise wire.WireError(wire.ErrorCode.BUSY, "already receiving a dataset")
-        staging = self.paths.cache_dir / INCOMING / secrets.token_hex(8)
-        self._staging = staging
-        target = staging / (request.dataset.name or "dataset") if upload.is_dir else staging
-        cap = self._disk_cap()
-        if cap is not None and upload.total() > cap:
-            self._staging = None
-            raise InputError(f"the dataset ({upload.total():,} bytes) is larger than this node may keep "
-                             f"([limits] disk_max_gb = {self.cfg.limits.disk_max_gb:g})", field="dataset")
-        await self._prune(reserve=upload.total())
-        try:
-            path = await asyncio.to_thread(upload.copy_into, target, max_bytes=cap)
-        except OSError as exc:
-            self._drop_staging()
-            raise CrowddError(f"cannot copy the dataset into {staging.parent}: {exc.strerror or exc}") from None
-        except BaseException:
-            self._drop_staging()
-            raise
-        return dataclasses.replace(request, dataset=path, upload=None, origin=request.dataset)
 
     def _disk_cap(self) -> int | None:
         gb = self.cfg.limits.disk_max_gb
@@ -437,18 +347,12 @@ class Daemon:
         except OSError as exc:
             logger.warning("disk cap: cannot prune: %s", exc)
 
-    def _drop_staging(self) -> None:
-        staging, self._staging = self._staging, None
-        if staging is not None:
-            remove_staging(staging)
-
     async def stop(self) -> dict[str, Any]:
-        self._host_request = self._host_prepared = self._host_pending = None
-        self._drop_staging()
+        self.hosting.withdraw()
         cycle = self._cycle
         if cycle is None:
             return {"type": "ok"}
-        if self.view.role == "host" and self.state == S.TRAINING and self._graceful.request():
+        if self.view.role == "host" and self.state == S.TRAINING and self._handle is not None and self._handle.stop():
             # The job ends the group's training itself, keeping the checkpoint and the model
             # trained so far; if it cannot within the grace period it is stopped the hard way.
             self.view.log(logging.INFO, "stopping: the whole group's training ends; keeping the latest "
@@ -508,7 +412,7 @@ class Daemon:
         """Wait until there is something to do: host a dataset, or donate."""
         while True:
             self._wake.clear()
-            if self._host_request is not None:
+            if self.hosting.request is not None:
                 return "host"
             timeout: float | None = None
             if self.donating:
@@ -517,7 +421,7 @@ class Daemon:
                     pass  # status says why (tensorflow); a reload may allow it
                 else:
                     allowed = (await self._evaluate()).allowed
-                    if not self.donating or self._host_request is not None:
+                    if not self.donating or self.hosting.request is not None:
                         continue  # switched off, or asked to host, while the policy was asked
                     if allowed:
                         return "worker"
@@ -571,13 +475,13 @@ class Daemon:
             self.cfg, self.states, view, self._jobs, self.cache, self._linger, self.identity, self._confinement(),
             self._sandbox(), self.paths.runtime_dir, report_expelled=self._report_expelled,
         )
-        self._presence = cycle.presence
+        self._handle = cycle.handle
         try:
             prepared: HostedJob | None = None
             if role == "host":
                 self.states.to(S.REGISTERING)
-                prepared = self._host_prepared
-                if self._host_request is None or prepared is None:
+                prepared = self.hosting.prepared
+                if self.hosting.request is None or prepared is None:
                     raise SessionFailed("nothing to host")
                 rec = view.session
                 if rec is not None:
@@ -600,14 +504,13 @@ class Daemon:
             view.joined(plan)
             view.log(logging.INFO, f"joined group {plan.group_id} as node {plan.index} of {plan.size}")
             if role == "host" and prepared is not None:
-                self._graceful = GracefulStop()
-                link = OpenLink(
+                cycle.handle.link = OpenLink(
                     hello=lambda members, free: open_hello(self.cfg, plan, members, free),
                     matchmaker=lambda: self._mm, fingerprint=lambda: self.cfg.daemon.matchmaker_fingerprint,
                     heartbeat=self.cfg.daemon.heartbeat,
                 )
-                await lead(cycle, plan, res, prepared, self._graceful, record=self._hosting,
-                           resume_from=self._resume_from, link=link)
+                await lead(cycle, plan, res, prepared, record=self.hosting.record,
+                           resume_from=self.hosting.resume_from)
             else:
                 await follow(cycle, plan, res)
         except SessionFailed as exc:
@@ -631,23 +534,23 @@ class Daemon:
     async def _act_on(self, verdict: Verdict) -> bool:
         """Apply a verdict to the running worker cycle; False once the cycle is being left."""
         sup = self._jobs.current
-        presence = self._presence
+        handle = self._handle
         if verdict.allowed:
             if sup is not None and sup.suspended:
                 sup.resume()
                 self.view.log(logging.INFO, f"idle again ({verdict.reason}); job resumed")
-            if presence is not None:
-                presence.back()  # after the resume: the host may count on this worker again
+            if handle is not None:
+                handle.back()  # after the resume: the host may count on this worker again
             return True
         if self.state in (S.REPLICATING, S.TRAINING) and self._policy.on_busy == "suspend":
-            if presence is not None and presence.away_reason is None:
-                presence.away(verdict.reason)  # before the suspend: the host stops waiting for it
+            if handle is not None and handle.away_reason is None:
+                handle.away(verdict.reason)  # before the suspend: the host stops waiting for it
             if sup is not None and not sup.suspended:
                 sup.suspend()
                 self.view.log(logging.INFO, f"machine busy ({verdict.reason}); job suspended")
             return True
-        if presence is not None:
-            presence.away(verdict.reason, staying=False)  # a polite goodbye, flushed on close
+        if handle is not None:
+            handle.away(verdict.reason, staying=False)  # a polite goodbye, flushed on close
         self._abort(f"the idle policy says no: {verdict.reason}")
         return False
 
@@ -656,14 +559,8 @@ class Daemon:
         if res is not None:
             res.close()
         if self.view.role == "host":
-            self._host_request = self._host_prepared = None
             rec = self.view.session
-            finished = rec is not None and rec.result is not None  # its job said done
-            # it ended (done, failed, stopped), or its job finished before the daemon was
-            # stopped: nothing to resume; a daemon stopped mid-run resumes it at its next start
-            if not self._closing or finished:
-                self._hosting.clear()
-                self._resume_from = None
+            self.hosting.ended(closing=self._closing, finished=rec is not None and rec.result is not None)
         await self._prune()  # the session's files are the newest: older ones go first
         self.view.end()
         self.states.to(S.STANDBY if self.donating else S.OFF)

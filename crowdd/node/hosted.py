@@ -1,5 +1,5 @@
 """What a host brings to its session, made ready: the dataset in its canonical form, the job,
-and the host's own model file (``crowdd host``, converted by :func:`crowdd.node.host.convert_dataset`;
+and the host's own model file (``crowdd host``, converted by :func:`crowdd.node.hosting.convert_dataset`;
 recorded for a restart by :mod:`crowdd.node.resume`)."""
 
 from __future__ import annotations

@@ -30,100 +30,149 @@ from crowdd.protocol.session import Dial, End, HostMessage, MembersUpdate, Train
 
 
 async def follow(c: SessionContext, plan: SessionPlan, res: Reservation) -> None:
-    d = c.cfg.daemon
-    view = c.view
-    index = plan.index
-    settings = plan.settings
+    """Follow one session (:class:`WorkerRun`)."""
     c.to(State.REPLICATING)
-    train: asyncio.Future[Train] = asyncio.get_running_loop().create_future()
-    tls = GroupTLS(c.identity, plan)
+    await WorkerRun(c, plan, res).run()
 
-    def on_message(msg: HostMessage) -> None:
+
+class WorkerRun:
+    """One session this worker follows, from the host's manifest to the host's ``end``.
+
+    The steps, in :meth:`run`: connect to the host's session, replicate the dataset along the
+    host's route (serving it on to the others), wait for ``train``, run the TF server until the
+    host ends the session, rejoining the slot if the channel breaks meanwhile. The cycle's
+    handle (``c.handle``) carries the volunteer's away/back to the host while the channel is up.
+    """
+
+    def __init__(self, c: SessionContext, plan: SessionPlan, res: Reservation) -> None:
+        self.c, self.plan, self.res = c, plan, res
+        self.view = c.view
+        d = c.cfg.daemon
+        self.train: asyncio.Future[Train] = asyncio.get_running_loop().create_future()
+        self.tls = GroupTLS(c.identity, plan)
+        self.ws = WorkerSession(plan, tls=self.tls, heartbeat=d.heartbeat,
+                                dead_after=dead_after(d.heartbeat, d.peer_timeout), on_message=self.on_message)
+        self.tunnels = WorkerTunnels(directory=socket_dir(c.runtime_dir), connect=self.ws.open_stream)
+        self.store: rep.ChunkStore | None = None
+        self.server: rep.DataServer | None = None
+        self.tasks: list[asyncio.Task[Any]] = []
+        self.workdir: Path | None = None
+        self._progress = (0.0, (-1, -1))  # when and what was last reported
+
+    def on_message(self, msg: HostMessage) -> None:
         if isinstance(msg, MembersUpdate):
-            view.set_members([m.to_dict() for m in msg.members])
+            self.view.set_members([m.to_dict() for m in msg.members])
         elif isinstance(msg, Dial):
-            tunnels.on_dial(msg.stream, msg.task)
-        elif isinstance(msg, Train) and not train.done():
-            train.set_result(msg)
+            self.tunnels.on_dial(msg.stream, msg.task)
+        elif isinstance(msg, Train) and not self.train.done():
+            self.train.set_result(msg)
         elif isinstance(msg, TrainingEvent):
-            view.on_training_event(msg.event)
+            self.view.on_training_event(msg.event)
 
-    ws = WorkerSession(plan, tls=tls, heartbeat=d.heartbeat, dead_after=dead_after(d.heartbeat, d.peer_timeout),
-                       on_message=on_message)
-    tunnels = WorkerTunnels(directory=socket_dir(c.runtime_dir), connect=ws.open_stream)
-    store: rep.ChunkStore | None = None
-    server: rep.DataServer | None = None
-    tasks: list[asyncio.Task[Any]] = []
-    workdir: Path | None = None
-    try:
+    async def run(self) -> None:
+        c = self.c
         try:
-            await _connect(ws, d.peer_timeout, plan.joining)
+            session_task = await self._connect()
+            manifest, data_path = await self._replicate(session_task)
+            self.ws.ready()
+            self.view.log(logging.INFO, f"dataset verified ({manifest.size:,} bytes); waiting for the host to start "
+                          "training")
+            await _race(self.train, session_task)
+            end = await self._train(self.train.result(), manifest, data_path, session_task)
+            if end.error:
+                raise SessionFailed(f"the host ended the session: {end.error}")
+            self.view.finished(end.test_accuracy, None)  # the model file is the host's, not this node's
+            c.to(State.FINISHED)
+            self.view.log(logging.INFO, f"session finished: test accuracy {end.test_accuracy}")
+            await c.jobs.stop()
+            await asyncio.sleep(c.linger)
+        finally:
+            c.handle.bind_presence(None, None)
+            await c.jobs.stop()
+            await cancel_and_wait(*self.tasks)
+            await self.tunnels.close()
+            await self.ws.close()
+            if self.server is not None:
+                await self.server.close()
+            if self.store is not None:
+                self.store.close()
+            if self.workdir is not None:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+
+    async def _connect(self) -> asyncio.Task[End]:
+        """The session channel, open and running."""
+        try:
+            await _connect(self.ws, self.c.cfg.daemon.peer_timeout, self.plan.joining)
         except SessionRefused as exc:
             raise SessionFailed(f"the host's session is unreachable: {exc}") from None
-        session_task = asyncio.create_task(ws.run())
-        tasks.append(session_task)
-        ws.report_state("replicating")
+        session_task = asyncio.create_task(self.ws.run())
+        self.tasks.append(session_task)
+        self.ws.report_state("replicating")
+        return session_task
+
+    async def _replicate(self, session_task: asyncio.Task[End]) -> tuple[Manifest, Path]:
+        """The dataset, fetched from the group and verified (and served on meanwhile)."""
+        c, plan = self.c, self.plan
         peers = [rep.Peer(m.index, m.address, m.ports.data) for m in plan.members]
-        manifest = await _fetch_manifest(c, peers[0], plan, session_task, tls)
+        manifest = await _fetch_manifest(c, peers[0], plan, session_task, self.tls)
         if c.cache.has(manifest) is None:
             gb = c.cfg.limits.disk_max_gb
             why = disk.no_room(manifest.size, disk.gb_to_bytes(gb) if gb > 0 else None, c.cache.root,
                                c.cache.partial_path(manifest))
             if why is not None:
                 raise SessionFailed(f"cannot take part: {why}")
-        store = rep.ChunkStore.open(c.cache, manifest)
-        server = rep.DataServer(plan.token, manifest, store, sock=res.data_sock, targets=plan.route().targets,
-                                group_size=plan.size, stall_timeout=c.cfg.replication.stall_timeout, tls=tls,
-                                rate_limit=c.cfg.replication.upload_rate())
-        await server.start()
-        last = [0.0]
-        reported: list[tuple[int, int]] = [(-1, -1)]
-
-        def on_progress(p: rep.Progress) -> None:
-            now = time.monotonic()
-            if (p.done_bytes, p.total_bytes) == reported[0]:
-                return
-            if p.done_bytes < p.total_bytes and now - last[0] < PROGRESS_INTERVAL:
-                return
-            last[0] = now
-            reported[0] = (p.done_bytes, p.total_bytes)
-            view.set_member(index, replication={"done": p.done_bytes, "total": p.total_bytes})
-            view.publish("replication", index=index, done=p.done_bytes, total=p.total_bytes, source=p.source)
-            ws.report_replication(p.done_bytes, p.total_bytes, p.source)
-
-        replicator = rep.Replicator(index, peers, plan.token, manifest, c.cache, route=settings.route,
-                                    stall_timeout=c.cfg.replication.stall_timeout, on_progress=on_progress, store=store,
-                                    tls=tls, reachable=plan.reachable, joining=plan.joining)
+        self.store = store = rep.ChunkStore.open(c.cache, manifest)
+        self.server = rep.DataServer(plan.token, manifest, store, sock=self.res.data_sock,
+                                     targets=plan.route().targets, group_size=plan.size,
+                                     stall_timeout=c.cfg.replication.stall_timeout, tls=self.tls,
+                                     rate_limit=c.cfg.replication.upload_rate())
+        await self.server.start()
+        replicator = rep.Replicator(plan.index, peers, plan.token, manifest, c.cache, route=plan.settings.route,
+                                    stall_timeout=c.cfg.replication.stall_timeout, on_progress=self.on_progress,
+                                    store=store, tls=self.tls, reachable=plan.reachable, joining=plan.joining)
         rep_task = asyncio.create_task(replicator.run())
-        tasks.append(rep_task)
+        self.tasks.append(rep_task)
         await _race(rep_task, session_task)
         try:
-            data_path = rep_task.result()
+            return manifest, rep_task.result()
         except rep.ReplicationError as exc:
             raise SessionFailed(f"replication failed: {exc}") from None
-        ws.ready()
-        view.log(logging.INFO, f"dataset verified ({manifest.size:,} bytes); waiting for the host to start training")
-        await _race(train, session_task)
-        order = train.result()
+
+    def on_progress(self, p: rep.Progress) -> None:
+        """Replication progress: to the view and the host, at most every PROGRESS_INTERVAL s."""
+        now, (last, reported) = time.monotonic(), self._progress
+        if (p.done_bytes, p.total_bytes) == reported:
+            return
+        if p.done_bytes < p.total_bytes and now - last < PROGRESS_INTERVAL:
+            return
+        self._progress = (now, (p.done_bytes, p.total_bytes))
+        index = self.plan.index
+        self.view.set_member(index, replication={"done": p.done_bytes, "total": p.total_bytes})
+        self.view.publish("replication", index=index, done=p.done_bytes, total=p.total_bytes, source=p.source)
+        self.ws.report_replication(p.done_bytes, p.total_bytes, p.source)
+
+    async def _train(self, order: Train, manifest: Manifest, data_path: Path,
+                     session_task: asyncio.Task[End]) -> End:
+        """This node's TF server in slot ``order.index``, until the host's ``end``."""
+        c, ws = self.c, self.ws
         c.to(State.TRAINING)
         ws.report_state("training")
-        workdir = c.jobs.job_dir(plan)
+        self.workdir = c.jobs.job_dir(self.plan)
 
         def on_event(ev: dict[str, Any]) -> None:
             if ev.get("event") == "started":
                 ws.job_started()
             elif ev.get("event") == "error":
-                view.log(logging.ERROR, f"worker job: {ev.get('message')}")
+                self.view.log(logging.ERROR, f"worker job: {ev.get('message')}")
 
-        tunnels.serve(order.index)
+        self.tunnels.serve(order.index)
         sup = await c.start_job(
-            plan, order.index, order.cluster, data_path, manifest, on_event, res, tunnels.directory,
-            serve=[(task_name(order.index), _port(order.cluster["worker"][order.index]))],
-            reach=[],
+            self.plan, order.index, order.cluster, data_path, manifest, on_event, self.res, self.tunnels.directory,
+            serve=[(task_name(order.index), _port(order.cluster["worker"][order.index]))], reach=[],
         )
-        c.presence.bind(ws.away, ws.back)
+        c.handle.bind_presence(ws.away, ws.back)
         job_task = asyncio.create_task(sup.wait())
-        tasks.append(job_task)
+        self.tasks.append(job_task)
         while True:
             await asyncio.wait({job_task, session_task}, return_when=asyncio.FIRST_COMPLETED)
             if not session_task.done():
@@ -132,43 +181,28 @@ async def follow(c: SessionContext, plan: SessionPlan, res: Reservation) -> None
                 raise SessionFailed(f"this node's TF server exited (code {code}): {sup.last_error or 'see job.log'}")
             lost = session_task.exception() if not session_task.cancelled() else None
             if not isinstance(lost, HostLost) or job_task.done():
-                break
-            # the channel broke (this machine froze or lost its network, or the host's did):
-            # the TF server kept its state, so go back to the host's session and its slot
-            view.log(logging.WARNING, f"lost the session host ({lost}); trying to rejoin the session")
-            c.presence.bind(None, None)
-            await ws.drop_channel()
-            try:
-                # briefly: a host that is gone for good sends this worker back to standby soon
-                await ws.connect(retry_for=min(d.peer_timeout, 2 * d.heartbeat),
-                                 hello={"rejoin": True, "job": "running"})
-            except SessionRefused as exc:
-                raise SessionFailed(f"the host went away ({lost}); it did not take this worker back: {exc}") from None
-            session_task = asyncio.create_task(ws.run())
-            tasks.append(session_task)
-            ws.report_state("training")
-            c.presence.bind(ws.away, ws.back)
-            view.log(logging.INFO, "rejoined the session; training again")
-        end = _session_result(session_task)
-        if end.error:
-            raise SessionFailed(f"the host ended the session: {end.error}")
-        view.finished(end.test_accuracy, None)  # the model file is the host's, not this node's
-        c.to(State.FINISHED)
-        view.log(logging.INFO, f"session finished: test accuracy {end.test_accuracy}")
-        await c.jobs.stop()
-        await asyncio.sleep(c.linger)
-    finally:
-        c.presence.bind(None, None)
-        await c.jobs.stop()
-        await cancel_and_wait(*tasks)
-        await tunnels.close()
-        await ws.close()
-        if server is not None:
-            await server.close()
-        if store is not None:
-            store.close()
-        if workdir is not None:
-            shutil.rmtree(workdir, ignore_errors=True)
+                return _session_result(session_task)
+            session_task = await self._rejoin(lost)
+
+    async def _rejoin(self, lost: HostLost) -> asyncio.Task[End]:
+        """The channel broke (this machine froze or lost its network, or the host's did): the
+        TF server kept its state, so go back to the host's session and its slot."""
+        c, ws = self.c, self.ws
+        self.view.log(logging.WARNING, f"lost the session host ({lost}); trying to rejoin the session")
+        c.handle.bind_presence(None, None)
+        await ws.drop_channel()
+        d = c.cfg.daemon
+        try:
+            # briefly: a host that is gone for good sends this worker back to standby soon
+            await ws.connect(retry_for=min(d.peer_timeout, 2 * d.heartbeat), hello={"rejoin": True, "job": "running"})
+        except SessionRefused as exc:
+            raise SessionFailed(f"the host went away ({lost}); it did not take this worker back: {exc}") from None
+        session_task = asyncio.create_task(ws.run())
+        self.tasks.append(session_task)
+        ws.report_state("training")
+        c.handle.bind_presence(ws.away, ws.back)
+        self.view.log(logging.INFO, "rejoined the session; training again")
+        return session_task
 
 
 async def _connect(ws: WorkerSession, retry_for: float, joining: bool) -> None:
@@ -222,4 +256,4 @@ async def _fetch_manifest(
             delay = min(2 * delay, 2.0)
 
 
-__all__ = ["follow"]
+__all__ = ["WorkerRun", "follow"]

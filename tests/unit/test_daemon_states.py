@@ -565,8 +565,8 @@ async def test_a_host_stopped_mid_session_hosts_again_at_its_next_start(tmp_path
         await until(lambda: mm.stats()["hosts"] == 0)  # it left the queue when it stopped
         async with running(tmp_path, mm.address[1]) as d, ControlClient(d.paths.control_socket) as c:
             await until(lambda: mm.stats()["hosts"] == 1)  # hosting again, on its own
-            assert d.view.role == "host" and d._host_prepared is not None
-            assert d._host_prepared.job.epochs == 3 and d._host_prepared.name == "points"
+            assert d.view.role == "host" and d.hosting.prepared is not None
+            assert d.hosting.prepared.job.epochs == 3 and d.hosting.prepared.name == "points"
             await c.stop()  # the user ends it: nothing to resume any more
             await until(lambda: mm.stats()["hosts"] == 0)
         async with running(tmp_path, mm.address[1]) as d:

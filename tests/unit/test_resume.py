@@ -12,7 +12,7 @@ from crowdd.cache import DatasetCache
 from crowdd.hyperparams import Job
 from crowdd.job import MODEL_FILE
 from crowdd.node.checkpoints import CHECKPOINTS, carry_checkpoint, latest_checkpoint
-from crowdd.node.host import convert_dataset
+from crowdd.node.hosting import convert_dataset
 from crowdd.node.hosted import HostedJob
 from crowdd.node.resume import RECORD, HostingRecord
 from crowdd.protocol.control import HostRequest
