@@ -40,14 +40,16 @@ from crowdd.config import Config, ConfigError, Paths, load_config, parse_hostpor
 from crowdd.errors import InputError
 from crowdd.protocol.control import format_pause
 from crowdd.control import ControlServer, Endpoint
-from crowdd.node.context import SessionContext, SessionFailed, training_refusal
+from crowdd.node.context import SessionContext, SessionFailed
 from crowdd.node.donation import DonationSwitch
 from crowdd.node.handle import OpenLink, SessionHandle
 from crowdd.node.host import lead
+from crowdd.node.housing import JobHousing
+from crowdd.node.idlewatch import IdleWatch
 from crowdd.node.hosting import HostingDesk, describe
 from crowdd.node.hosted import HostedJob
 from crowdd.protocol.control import HostRequest, Status
-from crowdd.idle.policy import AlwaysIdle, IdlePolicy, Policy, Verdict
+from crowdd.idle.policy import IdlePolicy, Policy
 from crowdd.idle.probes import Probes, system_probes
 from crowdd.identity import Identity
 from crowdd.job.spec import Settings
@@ -57,9 +59,6 @@ from crowdd.matchmaker_client import report_expelled
 from crowdd.plan import SessionPlan
 from crowdd.node.registration import make_hello, open_hello, register_until_grouped
 from crowdd.node.states import State, StateMachine
-from crowdd.platform import sandbox as landlock
-from crowdd.platform import userns
-from crowdd.platform.cgroups import CgroupUnavailable, JobCgroups
 from crowdd.platform.sandbox import SandboxSupport
 from crowdd.platform.systemd import Notifier
 from crowdd.platform.windows_service import DaemonEntry, asyncio_entry
@@ -107,8 +106,6 @@ class Daemon:
         self._config_loader = config_loader
         self._rng = rng or random.Random()
         self._linger = finished_linger
-        self._policy_interval = policy_interval  # standby: how often the policy is asked
-        self._watch_interval = min(watch_interval, policy_interval)  # while a worker cycle runs
         self.name = (name or cfg.daemon.name or socket.gethostname() or "crowdd")[:64]
         self.cache = DatasetCache(paths.dataset_cache)
         self._control = ControlServer(self, endpoint)
@@ -121,8 +118,8 @@ class Daemon:
             dataset_cache=paths.dataset_cache,
         )
         self._wake = asyncio.Event()
-        self._recheck = asyncio.Event()  # a worker cycle's policy watch: evaluate now
-        self._evaluating = asyncio.Lock()  # one evaluation at a time (the policy keeps CPU history)
+        self.idle = IdleWatch(policy, self.view, self._jobs, state=lambda: self.state, handle=lambda: self._handle,
+                              leave=self._abort, standby_interval=policy_interval, interval=watch_interval)
         self._stop = asyncio.Event()
         self._main: asyncio.Task[None] | None = None
         self._cycle: asyncio.Task[None] | None = None
@@ -136,9 +133,7 @@ class Daemon:
         self._closing = False
         self.stop_grace = STOP_GRACE
         self._job_python = job_python
-        self.confinement = confinement
-        self.sandbox = sandbox
-        self.caps = "not checked yet"  # how jobs' memory and task caps are held
+        self.housing = JobHousing(confinement, sandbox)
 
     # ------------------------------------------------------------------ life cycle
 
@@ -162,12 +157,8 @@ class Daemon:
         resume_from = self.hosting.resume_from
         await self._prune(keep=(resume_from,) if resume_from is not None else ())
         self.identity = Identity.load_or_create(self.paths.identity_dir, "node")
-        if self.confinement is None:
-            self.confinement = await asyncio.get_running_loop().run_in_executor(None, userns.probe, self._job_python)
-        if self.sandbox is None:
-            self.sandbox = landlock.probe()
-        self._find_cgroups()
-        self._show_tensorflow()
+        await self.housing.find(self._job_python, self._jobs)
+        self.housing.show(self.cfg, self.view)
         self._donation.load()
         await self._control.start(self.identity)
         self._main = asyncio.create_task(self._loop(), name="crowdd-daemon")
@@ -229,52 +220,13 @@ class Daemon:
         return self._refusal() is None
 
     def _refusal(self) -> str | None:
-        return training_refusal(self.cfg, self._confinement(), self._sandbox())
-
-    def _confinement(self) -> Confinement:
-        return self.confinement if self.confinement is not None else Confinement(False, "not checked yet")
+        return self.housing.refusal(self.cfg)
 
     async def _report_expelled(self, plan: SessionPlan, member: str, why: str) -> None:
         """Tell the matchmaker this host expelled ``member`` (a fingerprint) from ``plan``'s
         group: it will not place them together again."""
         await report_expelled(self._mm, self.identity, plan.group_id, member, why,
                               fingerprint=self.cfg.daemon.matchmaker_fingerprint)
-
-    def _find_cgroups(self) -> None:
-        """Jobs get a cgroup of their own with hard caps where this daemon may make one."""
-        try:
-            cgroups = JobCgroups.find()
-        except CgroupUnavailable as exc:
-            self.caps = f"poll ({exc})"
-            logger.info("jobs' memory cap is a poll: %s", exc)
-            return
-        for d in cgroups.sweep():
-            logger.info("removed a job cgroup a stopped daemon left: %s", d)
-        self._jobs.cgroups = cgroups
-        self.caps = f"cgroup v{cgroups.version}"
-        logger.info("jobs get a cgroup of their own (v%d) below %s", cgroups.version, cgroups.bases[0])
-
-    def _sandbox(self) -> SandboxSupport:
-        return self.sandbox if self.sandbox is not None else SandboxSupport(False, 0, "not checked yet")
-
-    def _show_tensorflow(self) -> None:
-        c, sb = self._confinement(), self._sandbox()
-        refusal = self._refusal()
-        reasons = [r for r in (c.reason, sb.reason) if r]
-        self.view.tensorflow = {"confined": c.available, "sandboxed": sb.available, "landlock_abi": sb.abi,
-                                "caps": self.caps, "private_view": c.private_view,
-                                "allowed": refusal is None, "reason": refusal or "; ".join(reasons)}
-        if refusal is not None:
-            self.view.log(logging.WARNING, refusal)
-            return
-        if c.available and not c.private_view:
-            logger.info("jobs see this machine's /proc, host name and users (%s)", c.view_reason)
-        if not c.available:
-            self.view.log(logging.WARNING, f"TensorFlow runs EXPOSED to the network ({c.reason}); "
-                          "[security] allow_exposed_tensorflow = true: trusted LANs only")
-        if not sb.available:
-            self.view.log(logging.WARNING, f"TensorFlow runs UNSANDBOXED ({sb.reason}): group members' graphs can "
-                          "touch this user's files; [security] allow_unsandboxed = true: trusted groups only")
 
     # ------------------------------------------------------------------ requests (control)
 
@@ -315,8 +267,8 @@ class Daemon:
         """Something the policy decides on changed: status shows the new verdict now, and the
         main loop (standby) and a worker cycle's watch act on it at once."""
         if self.donating:
-            await self._evaluate()
-        self._recheck.set()
+            await self.idle.evaluate()
+        self.idle.recheck()
         self._wake.set()
 
     async def host(self, request: HostRequest) -> dict[str, Any]:
@@ -377,7 +329,7 @@ class Daemon:
         except ConfigError as exc:
             raise wire.WireError(wire.ErrorCode.BAD_FIELD, str(exc), field=exc.key) from None
         self.cfg = cfg
-        self._show_tensorflow()
+        self.housing.show(self.cfg, self.view)
         if not self._mm_fixed:
             with contextlib.suppress(ValueError):
                 self._mm = parse_hostport(cfg.daemon.matchmaker)
@@ -397,17 +349,6 @@ class Daemon:
             self._abort_reason = reason
             self._cycle.cancel()
 
-    async def _evaluate(self) -> Verdict:
-        async with self._evaluating:
-            if isinstance(self._policy, AlwaysIdle):
-                v = self._policy.evaluate()
-            else:
-                v = await asyncio.get_running_loop().run_in_executor(None, self._policy.evaluate)
-        old, self.view.verdict = self.view.verdict, v
-        if (v.allowed, v.rule) != (old.allowed, old.rule):  # not each new CPU figure: asked every second
-            logger.info("idle policy: %s", v.reason)
-        return v
-
     async def _next_role(self) -> str:
         """Wait until there is something to do: host a dataset, or donate."""
         while True:
@@ -420,12 +361,12 @@ class Daemon:
                 if not self.can_train:
                     pass  # status says why (tensorflow); a reload may allow it
                 else:
-                    allowed = (await self._evaluate()).allowed
+                    allowed = (await self.idle.evaluate()).allowed
                     if not self.donating or self.hosting.request is not None:
                         continue  # switched off, or asked to host, while the policy was asked
                     if allowed:
                         return "worker"
-                    timeout = self._policy_interval
+                    timeout = self.idle.standby_interval
                     until = self._policy.paused_until
                     if until is not None:  # ask again as soon as the pause ends
                         timeout = min(timeout, max(0.0, until - time.time()) + 0.05)
@@ -470,10 +411,10 @@ class Daemon:
         if view.session is None:
             view.begin(role)
         res: Reservation | None = None
-        watch = asyncio.create_task(self._policy_watch()) if role == "worker" else None
+        watch = asyncio.create_task(self.idle.run()) if role == "worker" else None
         cycle = SessionContext(
-            self.cfg, self.states, view, self._jobs, self.cache, self._linger, self.identity, self._confinement(),
-            self._sandbox(), self.paths.runtime_dir, report_expelled=self._report_expelled,
+            self.cfg, self.states, view, self._jobs, self.cache, self._linger, self.identity, self.housing.confinement,
+            self.housing.sandbox, self.paths.runtime_dir, report_expelled=self._report_expelled,
         )
         self._handle = cycle.handle
         try:
@@ -519,40 +460,6 @@ class Daemon:
         finally:
             await cancel_and_wait(watch)
             await self._teardown(res)
-
-    async def _policy_watch(self) -> None:
-        """While a worker cycle runs: re-check the idle policy every ``watch_interval`` (1 s), and
-        at once when asked (:meth:`pause`). When it says no: leave the queue; mid-session suspend
-        the job (or leave, per ``on_busy``)."""
-        while True:
-            self._recheck.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._recheck.wait(), self._watch_interval)
-            if not await self._act_on(await self._evaluate()):
-                return
-
-    async def _act_on(self, verdict: Verdict) -> bool:
-        """Apply a verdict to the running worker cycle; False once the cycle is being left."""
-        sup = self._jobs.current
-        handle = self._handle
-        if verdict.allowed:
-            if sup is not None and sup.suspended:
-                sup.resume()
-                self.view.log(logging.INFO, f"idle again ({verdict.reason}); job resumed")
-            if handle is not None:
-                handle.back()  # after the resume: the host may count on this worker again
-            return True
-        if self.state in (S.REPLICATING, S.TRAINING) and self._policy.on_busy == "suspend":
-            if handle is not None and handle.away_reason is None:
-                handle.away(verdict.reason)  # before the suspend: the host stops waiting for it
-            if sup is not None and not sup.suspended:
-                sup.suspend()
-                self.view.log(logging.INFO, f"machine busy ({verdict.reason}); job suspended")
-            return True
-        if handle is not None:
-            handle.away(verdict.reason, staying=False)  # a polite goodbye, flushed on close
-        self._abort(f"the idle policy says no: {verdict.reason}")
-        return False
 
     async def _teardown(self, res: Reservation | None) -> None:
         await self._jobs.stop()

@@ -103,7 +103,7 @@ async def test_a_busy_program_suspends_the_job_and_only_quiet_resumes_it(tmp_pat
         for state in (S.STANDBY, S.REGISTERING, S.WAITING, S.REPLICATING, S.TRAINING):
             d.states.to(state)  # as a worker's cycle does, up to training
         d._jobs.current = job
-        watch = asyncio.create_task(d._policy_watch())
+        watch = asyncio.create_task(d.idle.run())
         try:
             # the job burns a core (half of a 2-CPU machine, over the 30 % limit): it is crowdd's
             # own, so it is not held against the machine
@@ -159,8 +159,8 @@ async def test_pause_mid_session_suspends_or_leaves_at_once_and_resume_continues
         for state in (S.STANDBY, S.REGISTERING, S.WAITING, S.REPLICATING, S.TRAINING):
             d.states.to(state)
         d._jobs.current = job
-        d._watch_interval = 30.0  # "at once" must not wait for the next check
-        cycle = asyncio.create_task(d._policy_watch())
+        d.idle.interval = 30.0  # "at once" must not wait for the next check
+        cycle = asyncio.create_task(d.idle.run())
         d._cycle = cycle
         try:
             await asyncio.sleep(0.2)

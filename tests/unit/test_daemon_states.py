@@ -441,7 +441,7 @@ async def test_a_new_figure_in_the_same_verdict_is_shown_not_logged(tmp_path: Pa
     """The policy is asked every second while working: status shows the latest reason, the log
     only says when the verdict changes."""
     policy = Counting()
-    caplog.set_level("INFO", logger="crowdd.node.daemon")
+    caplog.set_level("INFO", logger="crowdd.node.idlewatch")
     async with running(tmp_path, free_port(), policy=policy) as d:
         await d.donate(True)
         await until(lambda: policy.n >= 6)
@@ -548,7 +548,7 @@ async def _refuses_until_allowed(tmp_path: Path, opt_in: str, *, confinement: Co
         with pytest.raises(wire.WireError, match=opt_in):
             await d.host(HostRequest(tmp_path, Job()))
         setattr(d.cfg.security, opt_in, True)
-        d._show_tensorflow()
+        d.housing.show(d.cfg, d.view)  # as a reload does
         assert d.status()["tensorflow"]["allowed"] is True
         assert d.can_train
 
