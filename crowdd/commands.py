@@ -75,7 +75,7 @@ def _call(args: argparse.Namespace, fn: Callable[[ControlClient], Awaitable[Any]
 
 
 def daemon(args: argparse.Namespace) -> int:
-    from crowdd.node.daemon import run  # the daemon's modules only when running it
+    from crowdd.node.entry import run  # the daemon's modules only when running it
 
     from crowdd import logs
 

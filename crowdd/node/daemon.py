@@ -22,12 +22,10 @@ import contextlib
 import logging
 import os
 import random
-import signal
 import socket
 import sys
 import time
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 from crowdd import wire
@@ -36,35 +34,28 @@ from crowdd.node.tunnels import remove_stale_socket_dirs
 from crowdd.node.backoff import Backoff
 from crowdd.node.status import StatusView
 from crowdd.cache import DatasetCache
-from crowdd.config import Config, ConfigError, Paths, load_config, parse_hostport
+from crowdd.config import Config, ConfigError, Paths, parse_hostport
 from crowdd.errors import InputError
 from crowdd.protocol.control import format_pause
 from crowdd.control import ControlServer, Endpoint
-from crowdd.node.context import SessionContext, SessionFailed
+from crowdd.node.context import SessionContext
+from crowdd.node.cycle import run_cycle, SessionFailed
 from crowdd.node.donation import DonationSwitch
-from crowdd.node.handle import OpenLink, SessionHandle
-from crowdd.node.host import lead
+from crowdd.node.handle import SessionHandle
 from crowdd.node.housing import JobHousing
 from crowdd.node.idlewatch import IdleWatch
 from crowdd.node.hosting import HostingDesk, describe
-from crowdd.node.hosted import HostedJob
 from crowdd.protocol.control import HostRequest, Status
 from crowdd.idle.policy import IdlePolicy, Policy
-from crowdd.idle.probes import Probes, system_probes
 from crowdd.identity import Identity
 from crowdd.job.spec import Settings
 from crowdd.node.launcher import JobLauncher
-from crowdd.node.ports import Reservation
-from crowdd.matchmaker_client import report_expelled
-from crowdd.plan import SessionPlan
-from crowdd.node.registration import make_hello, open_hello, register_until_grouped
+from crowdd.node.registration import Registrar
 from crowdd.node.states import State, StateMachine
 from crowdd.platform.sandbox import SandboxSupport
 from crowdd.platform.systemd import Notifier
-from crowdd.platform.windows_service import DaemonEntry, asyncio_entry
 from crowdd.platform.userns import Confinement
 from crowdd.aio import cancel_and_wait
-from crowdd.node.worker import follow
 
 logger = logging.getLogger(__name__)
 
@@ -120,15 +111,17 @@ class Daemon:
         self._wake = asyncio.Event()
         self.idle = IdleWatch(policy, self.view, self._jobs, state=lambda: self.state, handle=lambda: self._handle,
                               leave=self._abort, standby_interval=policy_interval, interval=watch_interval)
-        self._stop = asyncio.Event()
         self._main: asyncio.Task[None] | None = None
         self._cycle: asyncio.Task[None] | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._abort_reason: str | None = None
         self._backoff = Backoff(cfg.daemon.retry_min, cfg.daemon.retry_max, self._rng)
+        self.disk = disk.DiskKeeper(paths.dataset_cache, paths.jobs_dir, lambda: self.cfg.limits.disk_max_gb)
         self.hosting = HostingDesk(paths.state_dir, paths.cache_dir, self.cache, self.view,
                                    chunk_size=lambda: self.cfg.replication.chunk_size,
-                                   disk_max_gb=lambda: self.cfg.limits.disk_max_gb, prune=self._prune)
+                                   disk_max_gb=lambda: self.cfg.limits.disk_max_gb, prune=self.disk.prune)
+        self.registrar = Registrar(lambda: self.cfg, self.name, lambda: self.identity, lambda: self._mm,
+                                   lambda: self._backoff)
         self._handle: SessionHandle | None = None  # the daemon's hold on the current cycle's session
         self._closing = False
         self.stop_grace = STOP_GRACE
@@ -155,7 +148,7 @@ class Daemon:
         remove_stale_socket_dirs(self.paths.runtime_dir)  # left by a daemon that was killed
         self.hosting.start()
         resume_from = self.hosting.resume_from
-        await self._prune(keep=(resume_from,) if resume_from is not None else ())
+        await self.disk.prune(keep=(resume_from,) if resume_from is not None else ())
         self.identity = Identity.load_or_create(self.paths.identity_dir, "node")
         await self.housing.find(self._job_python, self._jobs)
         self.housing.show(self.cfg, self.view)
@@ -176,38 +169,6 @@ class Daemon:
         await self._control.close()
         self.hosting.drop_staging()
 
-    async def main(self) -> int:
-        """Run until SIGTERM/SIGINT (or :meth:`request_shutdown`), then shut down cleanly."""
-        loop = asyncio.get_running_loop()
-        installed = []
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                loop.add_signal_handler(sig, self._stop.set)
-                installed.append(sig)
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError, AttributeError):
-            loop.add_signal_handler(signal.SIGUSR1, self.dump_tasks)
-            installed.append(signal.SIGUSR1)
-        try:
-            await self.start()
-            await self._stop.wait()
-        finally:
-            await self.close()
-            for sig in installed:
-                loop.remove_signal_handler(sig)
-        return 0
-
-    def dump_tasks(self) -> None:
-        """SIGUSR1: log every pending asyncio task with its stack (to debug a stuck daemon)."""
-        import io
-
-        for task in asyncio.all_tasks():
-            buf = io.StringIO()
-            task.print_stack(limit=8, file=buf)
-            logger.warning("task %s:\n%s", task.get_name(), buf.getvalue())
-
-    def request_shutdown(self) -> None:
-        self._stop.set()
-
     async def _watchdog_loop(self, interval: float) -> None:
         while True:
             self._notifier.watchdog()
@@ -221,12 +182,6 @@ class Daemon:
 
     def _refusal(self) -> str | None:
         return self.housing.refusal(self.cfg)
-
-    async def _report_expelled(self, plan: SessionPlan, member: str, why: str) -> None:
-        """Tell the matchmaker this host expelled ``member`` (a fingerprint) from ``plan``'s
-        group: it will not place them together again."""
-        await report_expelled(self._mm, self.identity, plan.group_id, member, why,
-                              fingerprint=self.cfg.daemon.matchmaker_fingerprint)
 
     # ------------------------------------------------------------------ requests (control)
 
@@ -283,21 +238,6 @@ class Daemon:
         self.view.log(logging.INFO, f"hosting {info['name']} ({info['digest'][:12]}); looking for workers")
         self._wake.set()
         return {"type": "ok", "dataset": info}
-
-    def _disk_cap(self) -> int | None:
-        gb = self.cfg.limits.disk_max_gb
-        return disk.gb_to_bytes(gb) if gb > 0 else None
-
-    async def _prune(self, *, keep: tuple[Path, ...] = (), reserve: int = 0) -> None:
-        """Keep the dataset cache and the job directories under ``[limits] disk_max_gb``."""
-        cap = self._disk_cap()
-        if cap is None:
-            return
-        try:
-            await asyncio.to_thread(disk.prune, self.paths.dataset_cache, self.paths.jobs_dir, cap, keep=keep,
-                                    reserve=reserve)
-        except OSError as exc:
-            logger.warning("disk cap: cannot prune: %s", exc)
 
     async def stop(self) -> dict[str, Any]:
         self.hosting.withdraw()
@@ -390,7 +330,7 @@ class Daemon:
                 self._cycle = asyncio.create_task(self._run_cycle(role), name=f"crowdd-{role}")
                 await asyncio.wait({self._cycle})
                 if self.view.session is not None:  # cancelled before it even started
-                    await self._teardown(None)
+                    await self._teardown()
                 failed = False
                 if self._cycle.cancelled():
                     if self._abort_reason:
@@ -410,65 +350,27 @@ class Daemon:
         view = self.view
         if view.session is None:
             view.begin(role)
-        res: Reservation | None = None
         watch = asyncio.create_task(self.idle.run()) if role == "worker" else None
         cycle = SessionContext(
             self.cfg, self.states, view, self._jobs, self.cache, self._linger, self.identity, self.housing.confinement,
-            self.housing.sandbox, self.paths.runtime_dir, report_expelled=self._report_expelled,
+            self.housing.sandbox, self.paths.runtime_dir, report_expelled=self.registrar.report_expelled,
         )
         self._handle = cycle.handle
         try:
-            prepared: HostedJob | None = None
-            if role == "host":
-                self.states.to(S.REGISTERING)
-                prepared = self.hosting.prepared
-                if self.hosting.request is None or prepared is None:
-                    raise SessionFailed("nothing to host")
-                rec = view.session
-                if rec is not None:
-                    rec.job = prepared.job
-                    info = describe(prepared)
-                    rec.dataset = {k: info[k] for k in ("name", "size", "digest")}
-            try:
-                res = Reservation(
-                    self.cfg.daemon.listen_host, self.cfg.daemon.data_port, self.cfg.daemon.session_port,
-                    2 if role == "host" else 1,
-                )
-            except OSError as exc:
-                raise SessionFailed(f"cannot bind the session ports: {exc}") from None
-            hello = make_hello(self.cfg, self.name, role, res, prepared, self.identity)
-            plan = await register_until_grouped(
-                role, hello, self.states, view, matchmaker=lambda: self._mm, heartbeat=self.cfg.daemon.heartbeat,
-                backoff=lambda: self._backoff, fingerprint=lambda: self.cfg.daemon.matchmaker_fingerprint,
-            )
-            self._backoff.reset()
-            view.joined(plan)
-            view.log(logging.INFO, f"joined group {plan.group_id} as node {plan.index} of {plan.size}")
-            if role == "host" and prepared is not None:
-                cycle.handle.link = OpenLink(
-                    hello=lambda members, free: open_hello(self.cfg, plan, members, free),
-                    matchmaker=lambda: self._mm, fingerprint=lambda: self.cfg.daemon.matchmaker_fingerprint,
-                    heartbeat=self.cfg.daemon.heartbeat,
-                )
-                await lead(cycle, plan, res, prepared, record=self.hosting.record,
-                           resume_from=self.hosting.resume_from)
-            else:
-                await follow(cycle, plan, res)
+            await run_cycle(role, cycle, self.hosting, self.registrar)
         except SessionFailed as exc:
             view.fail(exc.message)
             view.log(logging.ERROR, exc.message)
         finally:
             await cancel_and_wait(watch)
-            await self._teardown(res)
+            await self._teardown()
 
-    async def _teardown(self, res: Reservation | None) -> None:
+    async def _teardown(self) -> None:
         await self._jobs.stop()
-        if res is not None:
-            res.close()
         if self.view.role == "host":
             rec = self.view.session
             self.hosting.ended(closing=self._closing, finished=rec is not None and rec.result is not None)
-        await self._prune()  # the session's files are the newest: older ones go first
+        await self.disk.prune()  # the session's files are the newest: older ones go first
         self.view.end()
         self.states.to(S.STANDBY if self.donating else S.OFF)
 
@@ -489,93 +391,4 @@ class Daemon:
             rec.error = message
 
 
-# --------------------------------------------------------------------------- entry point
-
-
-def make_policy(cfg: Config, config_file: Path, probes: Probes | None = None) -> Policy:
-    """The idle policy from ``[idle]`` (its defaults when the file has none): the daemon works
-    only while it allows. ``probes`` default to the real machine's."""
-    return IdlePolicy(cfg.idle, probes if probes is not None else system_probes(), source=str(config_file))
-
-
-def build(
-    cfg: Config,
-    paths: Paths,
-    *,
-    system: bool = False,
-    tcp: bool | None = None,
-    matchmaker: str | None = None,
-    socket_path: Path | None = None,
-    config_file: Path | None = None,
-    notifier: Notifier | None = None,
-) -> Daemon:
-    """One node, assembled the same way for ``crowdd daemon`` (:func:`run`) and the Windows
-    service (:func:`service_entry`). Raises ValueError for a bad matchmaker address."""
-    cfg_file = config_file or paths.config_file
-    mm = parse_hostport(matchmaker or cfg.daemon.matchmaker)
-    daemon = Daemon(
-        cfg, paths,
-        endpoint=Endpoint.for_paths(paths, system=system, socket_path=socket_path, tcp=tcp),
-        matchmaker=mm,
-        policy=make_policy(cfg, cfg_file),
-        notifier=notifier,
-        config_loader=lambda: load_config(cfg_file),
-    )
-    if matchmaker:
-        daemon.fix_matchmaker()
-    return daemon
-
-
-def run(
-    cfg: Config,
-    paths: Paths,
-    *,
-    system: bool = False,
-    matchmaker: str | None = None,
-    socket_path: Path | None = None,
-    config_file: Path | None = None,
-) -> int:
-    """``crowdd daemon``: run one daemon until SIGTERM/SIGINT."""
-    try:
-        parse_hostport(matchmaker or cfg.daemon.matchmaker)
-    except ValueError as exc:
-        print(f"crowdd daemon: bad --matchmaker: {exc}", file=sys.stderr)
-        return 2
-    notifier = Notifier.from_env()
-    try:
-        daemon = build(cfg, paths, system=system, matchmaker=matchmaker, socket_path=socket_path,
-                       config_file=config_file, notifier=notifier)
-        return asyncio.run(daemon.main())
-    except FileExistsError as exc:
-        print(f"crowdd daemon: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"crowdd daemon: cannot start: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        notifier.close()
-
-
-def service_entry(paths: Paths, *, system: bool = True, tcp: bool | None = None, socket_path: Path | None = None,
-                  config_file: Path | None = None) -> DaemonEntry:
-    """The Windows service's daemon entry point (for
-    :class:`crowdd.platform.windows_service.ServiceRunner`): the config read when the service
-    runs, the node :func:`build` makes, run until the service manager asks it to stop."""
-
-    async def main(stop: asyncio.Event) -> int:
-        cfg_file = config_file or paths.config_file
-        daemon = build(load_config(cfg_file), paths, system=system, tcp=tcp, socket_path=socket_path,
-                       config_file=cfg_file)
-        run = asyncio.create_task(daemon.main(), name="crowdd-daemon-main")
-        stopped = asyncio.create_task(stop.wait(), name="crowdd-service-stop")
-        try:
-            await asyncio.wait({run, stopped}, return_when=asyncio.FIRST_COMPLETED)
-            daemon.request_shutdown()
-            return await run
-        finally:
-            await cancel_and_wait(stopped)
-
-    return asyncio_entry(main)
-
-
-__all__ = ["Daemon", "build", "make_policy", "run", "service_entry"]
+__all__ = ["Daemon"]

@@ -11,10 +11,11 @@ Age is the newest modification time inside an entry.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,4 +164,26 @@ def no_room(size: int, cap: int | None, directory: Path, held: Path | None = Non
     return None
 
 
-__all__ = ["MODEL_FILE", "Entry", "entries", "gb_to_bytes", "job_allowance", "no_room", "prune", "tree_size"]
+class DiskKeeper:
+    """Keeps the dataset cache and the job directories under ``[limits] disk_max_gb``
+    (``max_gb()``: a reload may change it; 0 is no cap)."""
+
+    def __init__(self, dataset_cache: Path, jobs_dir: Path, max_gb: Callable[[], float]) -> None:
+        self.dataset_cache, self.jobs_dir, self.max_gb = dataset_cache, jobs_dir, max_gb
+
+    def cap(self) -> int | None:
+        gb = self.max_gb()
+        return gb_to_bytes(gb) if gb > 0 else None
+
+    async def prune(self, *, keep: tuple[Path, ...] = (), reserve: int = 0) -> None:
+        """The oldest first, until ``reserve`` more bytes fit; ``keep`` is not touched."""
+        cap = self.cap()
+        if cap is None:
+            return
+        try:
+            await asyncio.to_thread(prune, self.dataset_cache, self.jobs_dir, cap, keep=keep, reserve=reserve)
+        except OSError as exc:
+            logger.warning("disk cap: cannot prune: %s", exc)
+
+
+__all__ = ["MODEL_FILE", "DiskKeeper", "Entry", "entries", "gb_to_bytes", "job_allowance", "no_room", "prune", "tree_size"]

@@ -13,8 +13,9 @@ from crowdd.config import Config
 from crowdd.errors import ErrorCode, SessionFailed
 from crowdd.hyperparams import GroupSettings
 from crowdd.identity import Identity
-from crowdd.matchmaker_client import register
+from crowdd.matchmaker_client import register, report_expelled
 from crowdd.node.backoff import Backoff
+from crowdd.node.handle import OpenLink
 from crowdd.node.hosted import HostedJob
 from crowdd.node.ports import Reservation
 from crowdd.node.states import State, StateMachine
@@ -102,4 +103,42 @@ async def register_until_grouped(
         await asyncio.sleep(delay)
 
 
-__all__ = ["group_settings", "make_hello", "register_until_grouped"]
+class Registrar:
+    """How this node reaches its matchmaker: ``cfg()`` (a reload replaces it), this node's
+    ``name`` and ``identity()``, the matchmaker's address ``matchmaker()`` (the command line's,
+    or the config's) and the retry ``backoff()``."""
+
+    def __init__(self, cfg: Callable[[], Config], name: str, identity: Callable[[], Identity],
+                 matchmaker: Callable[[], tuple[str, int]], backoff: Callable[[], Backoff]) -> None:
+        self.cfg, self.name, self.identity, self.matchmaker, self.backoff = cfg, name, identity, matchmaker, backoff
+
+    def fingerprint(self) -> str:
+        """The matchmaker's pinned certificate ("" = the system trust store)."""
+        return self.cfg().daemon.matchmaker_fingerprint
+
+    def hello(self, role: str, res: Reservation, prepared: HostedJob | None) -> dict[str, Any]:
+        return make_hello(self.cfg(), self.name, role, res, prepared, self.identity())
+
+    async def until_grouped(self, role: str, hello: dict[str, Any], states: StateMachine,
+                            view: StatusView) -> SessionPlan:
+        """Register until grouped (:func:`register_until_grouped`); the backoff starts over."""
+        plan = await register_until_grouped(role, hello, states, view, matchmaker=self.matchmaker,
+                                            heartbeat=self.cfg().daemon.heartbeat, backoff=self.backoff,
+                                            fingerprint=self.fingerprint)
+        self.backoff().reset()
+        return plan
+
+    def open_link(self, plan: SessionPlan) -> OpenLink:
+        """How ``plan``'s running session stays open at the matchmaker (join in progress)."""
+        return OpenLink(hello=lambda members, free: open_hello(self.cfg(), plan, members, free),
+                        matchmaker=self.matchmaker, fingerprint=self.fingerprint,
+                        heartbeat=self.cfg().daemon.heartbeat)
+
+    async def report_expelled(self, plan: SessionPlan, member: str, why: str) -> None:
+        """Tell the matchmaker this host expelled ``member`` (a fingerprint) from ``plan``'s
+        group: it will not place them together again."""
+        await report_expelled(self.matchmaker(), self.identity(), plan.group_id, member, why,
+                              fingerprint=self.fingerprint())
+
+
+__all__ = ["Registrar", "group_settings", "make_hello", "open_hello", "register_until_grouped"]

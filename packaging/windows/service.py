@@ -42,8 +42,8 @@ def service_paths(root: Path) -> Paths:
 
 def daemon_entry(root: Path, *, tcp: bool | None = None) -> DaemonEntry:
     """The daemon as ``(threading.Event) -> exit status``: it stops when the event is set (the
-    same node ``crowdd daemon`` builds: :func:`crowdd.node.daemon.service_entry`)."""
-    from crowdd.node.daemon import service_entry
+    same node ``crowdd daemon`` builds: :func:`crowdd.node.entry.service_entry`)."""
+    from crowdd.node.entry import service_entry
 
     return service_entry(service_paths(root), system=True, tcp=tcp)
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from crowdd.config import Config, Paths
-from crowdd.node.daemon import Daemon, build, run
+from crowdd.node.daemon import Daemon
+from crowdd.node.entry import build, run
 
 
 def test_build_assembles_the_node_from_config_and_paths(tmp_path: Path) -> None:

@@ -19,7 +19,8 @@ from crowdd import wire
 from crowdd.config import Config, MatchmakerConfig, Paths
 from crowdd.control import ControlClient, Endpoint
 from crowdd.node.backoff import Backoff
-from crowdd.node.daemon import Daemon, make_policy
+from crowdd.node.daemon import Daemon
+from crowdd.node.entry import make_policy
 from crowdd.node.states import TRANSITIONS, InvalidTransition, State, StateMachine, allowed
 from crowdd.idle.policy import AlwaysIdle, IdlePolicy, Verdict
 from crowdd.idle.probes import CpuReading, Probes, UserIdle
