@@ -29,7 +29,7 @@ from crowdd.config import Config, IdleConfig, MatchmakerConfig, Paths
 from crowdd.control import Endpoint
 from crowdd.idle.policy import IdlePolicy
 from crowdd.idle.probes import system_probes
-from crowdd.matchmaker import Matchmaker
+from crowdd.matchmaker.server import Matchmaker
 from crowdd.node.daemon import Daemon
 from crowdd.node.states import State
 from crowdd.testing.hog import cpu_hog

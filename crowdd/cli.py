@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", type=Path, help="the key of --cert (PEM)")
     p.add_argument("--state-dir", type=Path, help="where the self-signed identity is kept (default: the "
                    "identity directory of the state directory)")
-    p.set_defaults(func=_lazy("crowdd.matchmaker", "main"))
+    p.set_defaults(func=_lazy("crowdd.matchmaker.command", "main"))
 
     p = sub.add_parser("daemon", help="run the crowdd daemon (normally as a service)")
     _add_common(p)

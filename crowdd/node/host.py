@@ -21,7 +21,7 @@ from crowdd.node.resume import HostingRecord
 from crowdd.node.ports import Reservation
 from crowdd.node.checkpoints import carry_checkpoint
 from crowdd.aio import cancel_and_wait, spawn_tracked
-from crowdd.matchmaker_client import OpenSlots
+from crowdd.matchmaker.client import OpenSlots
 from crowdd.node.roster import Roster
 from crowdd.node.slots import TrainingSlots
 from crowdd.node.session import HostSession, Member, dead_after

@@ -24,7 +24,7 @@ from crowdd.config import Config, IdleConfig, Paths
 from crowdd.control import Endpoint
 from crowdd.idle.policy import AlwaysIdle, IdlePolicy, Policy
 from crowdd.idle.probes import system_probes
-from crowdd.matchmaker import Matchmaker
+from crowdd.matchmaker.server import Matchmaker
 from crowdd.config import MatchmakerConfig
 from crowdd.node.daemon import Daemon
 from crowdd.node.states import State

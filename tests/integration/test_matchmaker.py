@@ -18,10 +18,11 @@ from crowdd import wire
 from crowdd.config import MatchmakerConfig
 from crowdd.plan import SessionPlan
 from crowdd.protocol.matchmaker import Wait
-from crowdd import matchmaker as mm_module
-from crowdd.matchmaker import Matchmaker
-from crowdd.matchmaker_client import MatchmakerUnavailable, MatchmakerUntrusted
-from crowdd.matchmaker_client import register as _register
+from crowdd.matchmaker import handshakes
+from crowdd.matchmaker import server as mm_module
+from crowdd.matchmaker.server import Matchmaker
+from crowdd.matchmaker.client import MatchmakerUnavailable, MatchmakerUntrusted
+from crowdd.matchmaker.client import register as _register
 from crowdd.testing.slow_listener import SlowListener
 from crowdd.testing.identities import hello_identity, identity, matchmaker_tls
 from crowdd.tls import client_context
@@ -867,7 +868,7 @@ async def test_settling_freezes_arrivals_and_reclaims_closed_connections(
 async def test_handshakes_take_turns(make_server: MakeServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """With every handshake slot taken, a newcomer waits (no TLS state yet) and goes on as
     soon as a slot frees."""
-    monkeypatch.setattr(mm_module, "MAX_HANDSHAKES", 1)
+    monkeypatch.setattr(handshakes, "MAX_HANDSHAKES", 1)
     mm = await make_server(read_timeout=5.0)
     _, staller = await raw(mm, tls=False)  # takes the only slot and never says ClientHello
     await until(lambda: mm.stats()["handshaking"] == 1)
@@ -884,7 +885,7 @@ async def test_handshakes_take_turns(make_server: MakeServer, monkeypatch: pytes
 async def test_a_connection_waiting_too_long_for_a_slot_is_closed(
     make_server: MakeServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(mm_module, "MAX_HANDSHAKES", 1)
+    monkeypatch.setattr(handshakes, "MAX_HANDSHAKES", 1)
     mm = await make_server(read_timeout=0.6)
     _, staller = await raw(mm, tls=False)
     await until(lambda: mm.stats()["handshaking"] == 1)

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from crowdd.identity import Identity
-from crowdd.matchmaker_client import MatchmakerUntrusted, register
+from crowdd.matchmaker.client import MatchmakerUntrusted, register
 from crowdd.testing.identities import hello_identity
 
 pytestmark = pytest.mark.timeout(60)

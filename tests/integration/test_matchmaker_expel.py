@@ -15,9 +15,9 @@ from cryptography.hazmat.primitives import serialization
 from crowdd import wire
 from crowdd.config import MatchmakerConfig
 from crowdd.hyperparams import GroupSettings, Job
-from crowdd.matchmaker import Matchmaker
-from crowdd.matchmaker_client import OpenSlots, report_expelled
-from crowdd.matchmaker_client import register as _register
+from crowdd.matchmaker.server import Matchmaker
+from crowdd.matchmaker.client import OpenSlots, report_expelled
+from crowdd.matchmaker.client import register as _register
 from crowdd.plan import DatasetRef, MemberPorts, SessionPlan
 from crowdd.protocol import matchmaker as mmp
 from crowdd.testing.identities import identity, matchmaker_tls

@@ -15,9 +15,9 @@ import pytest
 from crowdd import wire
 from crowdd.config import MatchmakerConfig
 from crowdd.hyperparams import GroupSettings, Job
-from crowdd.matchmaker import Matchmaker
-from crowdd.matchmaker_client import OpenSlots, keep_open
-from crowdd.matchmaker_client import register as _register
+from crowdd.matchmaker.server import Matchmaker
+from crowdd.matchmaker.client import OpenSlots, keep_open
+from crowdd.matchmaker.client import register as _register
 from crowdd.plan import DatasetRef, MemberPorts, PlanMember, SessionPlan
 from crowdd.protocol import matchmaker as mmp
 from crowdd.protocol.matchmaker import Wait

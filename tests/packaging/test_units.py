@@ -258,7 +258,7 @@ def test_matchmaker_runs_under_memory_deny_write_execute(tmp_path: Path) -> None
     handshake to its pinned certificate, a signed hello checked, a wait frame back."""
     import asyncio
 
-    from crowdd.matchmaker_client import register
+    from crowdd.matchmaker.client import register
     from crowdd.protocol import matchmaker as mmp
     from crowdd.protocol.matchmaker import MemberPorts
     from crowdd.testing.identities import identity

@@ -24,7 +24,7 @@ from crowdd.node.entry import make_policy
 from crowdd.node.states import TRANSITIONS, InvalidTransition, State, StateMachine, allowed
 from crowdd.idle.policy import AlwaysIdle, IdlePolicy, Verdict
 from crowdd.idle.probes import CpuReading, Probes, UserIdle
-from crowdd.matchmaker import Matchmaker
+from crowdd.matchmaker.server import Matchmaker
 from crowdd.platform.sandbox import SandboxSupport
 from crowdd.platform.userns import Confinement
 from crowdd.testing.identities import matchmaker_tls

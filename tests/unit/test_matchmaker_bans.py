@@ -9,8 +9,8 @@ from cryptography.hazmat.primitives import serialization
 
 from crowdd import wire
 from crowdd.hyperparams import GroupSettings, Job
-from crowdd.matchmaker import Grouper, Waiter
-from crowdd.matchmaker_bans import Bans
+from crowdd.matchmaker.grouping import Grouper, Waiter
+from crowdd.matchmaker.bans import Bans
 from crowdd.plan import DatasetRef, MemberPorts, PlanMember
 from crowdd.protocol import matchmaker as mmp
 from crowdd.testing.identities import identity

@@ -10,7 +10,7 @@ import pytest
 
 from crowdd import wire
 from crowdd.hyperparams import GroupSettings, Job
-from crowdd.matchmaker import Grouper, Waiter, join_frames
+from crowdd.matchmaker.grouping import Grouper, Waiter, join_frames
 from crowdd.plan import DatasetRef, MemberPorts, PlanMember, SessionPlan
 from crowdd.protocol import matchmaker as mmp
 from crowdd.testing.identities import identity

@@ -11,7 +11,7 @@ from crowdd import wire
 from crowdd.testing.identities import hello_identity
 from crowdd.config import MatchmakerConfig
 from crowdd.hyperparams import Job
-from crowdd.matchmaker import Grouper, Waiter, admit, group_frames, matches
+from crowdd.matchmaker.grouping import Grouper, Waiter, admit, group_frames, matches
 from crowdd.protocol.matchmaker import Hello, check_hello, observed_address
 
 DIGEST = "0f" * 32

@@ -14,7 +14,7 @@ from crowdd.config import Config, MatchmakerConfig
 from crowdd.errors import SessionFailed
 from crowdd.hyperparams import Job
 from crowdd.manifest import Manifest
-from crowdd.matchmaker import Matchmaker
+from crowdd.matchmaker.server import Matchmaker
 from crowdd.node.backoff import Backoff
 from crowdd.node.hosted import HostedJob
 from crowdd.node.ports import Reservation

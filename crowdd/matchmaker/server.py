@@ -1,49 +1,28 @@
-"""The central matchmaker: queues waiting hosts and workers and forms groups (docs/protocol.md).
-
-State and decisions are pure and tested directly: :func:`check_hello` decides whether a hello
-is acceptable, :func:`admit` whether a new connection fits the limits, :class:`Grouper` holds
-the FIFO queues and the open sessions (running ones with free places), :meth:`Grouper.form`
-decides which waiting workers join an open session and which groups to form (never a worker
-with a host that expelled it: :class:`crowdd.matchmaker_bans.Bans`), and
-:func:`group_frames` / :func:`join_frames` build what each member receives. :class:`Matchmaker` is the asyncio I/O
-around them: one lightweight :class:`asyncio.Protocol` per connection (no task, no stream
+"""The matchmaker's server: :class:`Matchmaker` is the asyncio I/O around the decisions of
+:mod:`crowdd.matchmaker.grouping` (TLS handshakes taken in turns: :mod:`crowdd.matchmaker.handshakes`): one lightweight :class:`asyncio.Protocol` per connection (no task, no stream
 objects, so 10,000 waiting clients stay cheap), fed through :class:`wire.FrameDecoder`, and one
 sweep that enforces every timeout.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import collections
 import contextlib
 import dataclasses
-import functools
 import gc
 import logging
-import secrets
-import signal
 import ssl
-import sys
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from asyncio import sslproto
-from pathlib import Path
 from typing import Any
 
 from crowdd import wire
 from crowdd.aio import spawn_tracked
-from crowdd.errors import CrowddError, InputError
-from crowdd.identity import Identity, fingerprint_of
-from crowdd.tls import server_context
-from crowdd.config import MatchmakerConfig, parse_hostport
-from crowdd.hyperparams import GroupSettings, Job
-from crowdd.matchmaker_bans import Bans
-from crowdd.plan import PlanMember
+from crowdd.config import MatchmakerConfig
+from crowdd.matchmaker.handshakes import HandshakeGate
+from crowdd.matchmaker.grouping import Group, Grouper, Join, Waiter, admit, group_frames, join_frames, new_group_id, new_token
 from crowdd.protocol.matchmaker import (
     HOST,
-    MAX_MEMBERS,
     Expel,
     Hello,
     Slots,
@@ -52,9 +31,6 @@ from crowdd.protocol.matchmaker import (
     is_public,
     check_slots,
     make_expelled,
-    make_group,
-    make_join,
-    make_joined,
     make_wait,
 )
 
@@ -66,314 +42,9 @@ MAX_UNSENT = 1 << 20
 SETTLE_EVERY = 256
 #: Closed connections (at least) between two full passes that reclaim frozen garbage.
 RECLAIM_MIN = 1024
-#: TLS handshakes run at once; later connections wait their turn (reading paused, no TLS state).
-MAX_HANDSHAKES = 256
-
-
-def admit(total: int, from_ip: int, cfg: MatchmakerConfig) -> wire.WireError | None:
-    """Whether one more connection fits the limits (given the open ones); a busy error if not."""
-    if total >= cfg.max_clients:
-        return wire.WireError(wire.ErrorCode.BUSY, f"the matchmaker is full ({cfg.max_clients} clients); try again later")
-    if from_ip >= cfg.max_per_ip:
-        return wire.WireError(wire.ErrorCode.BUSY, f"too many connections from your address (limit {cfg.max_per_ip})")
-    return None
-
-
-# --------------------------------------------------------------------------- queues and grouping (pure)
-
-
-@dataclass(frozen=True, slots=True)
-class Waiter:
-    """One queued client."""
-
-    id: int
-    hello: Hello
-    joined: float
-
-    @property
-    def role(self) -> str:
-        return self.hello.role
-
-
-@dataclass(frozen=True, slots=True)
-class Group:
-    host: Waiter
-    workers: tuple[Waiter, ...]
-
-    @property
-    def members(self) -> tuple[Waiter, ...]:
-        return (self.host, *self.workers)
-
-
-@dataclass
-class OpenGroup:
-    """A running session held open by its host's connection (``host``): its members so far
-    (the host first, gone ones too, then each newcomer sent to it), how many more it takes
-    now, and how many ``joined`` frames went to the host on this connection."""
-
-    host: Waiter
-    group_id: str
-    token: str
-    members: list[PlanMember]
-    free: int
-    sent: int = 0
-    fingerprints: set[str] = field(default_factory=set)
-
-    def __post_init__(self) -> None:
-        self.fingerprints.update(m.fingerprint for m in self.members)
-
-    def has(self, fingerprint: str) -> bool:
-        return fingerprint in self.fingerprints
-
-    def append(self, member: PlanMember) -> None:
-        self.members.append(member)
-        self.fingerprints.add(member.fingerprint)
-        self.free -= 1
-        self.sent += 1
-
-
-@dataclass(frozen=True, slots=True)
-class Join:
-    """A waiting worker sent into an open session as its member ``member.index``; ``members``
-    are the session's members with the newcomer last."""
-
-    host: Waiter
-    worker: Waiter
-    group_id: str
-    token: str
-    members: tuple[PlanMember, ...]
-
-    @property
-    def member(self) -> PlanMember:
-        return self.members[-1]
-
-
-def matches(host: Hello, worker: Hello) -> bool:
-    """Host targeting: each side's ``want_tag`` (if any) must equal the other's ``tag``."""
-    return (not worker.want_tag or worker.want_tag == host.tag) and (not host.want_tag or host.want_tag == worker.tag)
-
-
-@dataclass
-class Grouper:
-    """The two FIFO queues (insertion-ordered dicts), the open sessions (oldest first), the
-    pairs never to place together (``bans``) and the grouping rule."""
-
-    hosts: dict[int, Waiter] = field(default_factory=dict)
-    workers: dict[int, Waiter] = field(default_factory=dict)
-    open: dict[int, OpenGroup] = field(default_factory=dict)
-    bans: Bans = field(default_factory=Bans)
-
-    def add(self, waiter: Waiter) -> int:
-        """Queue a client; return its 1-based position in its role's queue."""
-        if waiter.hello.open is not None:
-            raise ValueError("an open session is not queued: use open_session()")
-        queue = self._queue(waiter.role)
-        if waiter.id in self:
-            raise ValueError(f"client {waiter.id} is already queued")
-        queue[waiter.id] = waiter
-        return len(queue)
-
-    def open_session(self, waiter: Waiter) -> tuple[int, Waiter | None]:
-        """Hold a running session open (its host's hello has ``open``); return its 1-based place
-        among the open sessions and the connection it replaces: the same host's older one for
-        this session (a host that reconnects before its old connection is noticed gone).
-        Another host's session with the same id is refused (``open.group_id``)."""
-        session = waiter.hello.open
-        if session is None:
-            raise ValueError("not an open session: use add()")
-        if waiter.id in self:
-            raise ValueError(f"client {waiter.id} is already queued")
-        replaced = None
-        for cid, other in self.open.items():
-            if other.group_id != session.group_id:
-                continue
-            if other.host.hello.fingerprint != waiter.hello.fingerprint:
-                raise wire.WireError(wire.ErrorCode.BAD_FIELD, f"session {session.group_id} is held open by another host",
-                                     field="open.group_id")
-            replaced = other.host
-            del self.open[cid]
-            break
-        self.open[waiter.id] = OpenGroup(waiter, session.group_id, session.token, list(session.members), session.free)
-        return len(self.open), replaced
-
-    def set_free(self, client_id: int, slots: Slots) -> OpenGroup:
-        """An open session's host counted ``slots.free`` free places having seen ``slots.seen``
-        of the newcomers sent to it: the ones still in flight are taken off. Raises
-        :class:`wire.WireError` (``seen``, ``free``) when that cannot be right."""
-        session = self.open.get(client_id)
-        if session is None:
-            raise ValueError(f"client {client_id} holds no session open")
-        if slots.seen > session.sent:
-            raise wire.WireError(wire.ErrorCode.BAD_FIELD, f"field 'seen': only {session.sent} newcomer(s) were sent "
-                                 f"on this connection, not {slots.seen}", field="seen")
-        free = max(0, slots.free - (session.sent - slots.seen))
-        job = session.host.hello.job
-        if job is not None and slots.free > job.workers:
-            raise wire.WireError(wire.ErrorCode.BAD_FIELD, f"field 'free': the job has {job.workers} worker "
-                                 f"place(s), not {slots.free}", field="free")
-        if len(session.members) + free > MAX_MEMBERS:
-            raise wire.WireError(wire.ErrorCode.BAD_FIELD, f"a session has at most {MAX_MEMBERS} members: "
-                                 f"{len(session.members)} + {free} free is too many", field="free")
-        session.free = free
-        return session
-
-    def remove(self, client_id: int) -> Waiter | None:
-        session = self.open.pop(client_id, None)
-        if session is not None:
-            return session.host
-        return self.hosts.pop(client_id, None) or self.workers.pop(client_id, None)
-
-    def __contains__(self, client_id: object) -> bool:
-        return client_id in self.hosts or client_id in self.workers or client_id in self.open
-
-    def __len__(self) -> int:
-        return len(self.hosts) + len(self.workers) + len(self.open)
-
-    def _queue(self, role: str) -> dict[int, Waiter]:
-        return self.hosts if role == HOST else self.workers
-
-    def positions(self) -> dict[int, int]:
-        """Every queued client's 1-based position in its role's queue, and every open
-        session's place among them."""
-        out = {cid: i for i, cid in enumerate(self.hosts, 1)}
-        out.update({cid: i for i, cid in enumerate(self.workers, 1)})
-        out.update({cid: i for i, cid in enumerate(self.open, 1)})
-        return out
-
-    def form(self, now: float) -> tuple[list[Join], list[Group]]:
-        """Fill the open sessions (:meth:`fill_open`), then form new groups (:meth:`form_groups`)."""
-        joins = self.fill_open()
-        return joins, self.form_groups(now)
-
-    def fill_open(self) -> list[Join]:
-        """Send waiting workers into open sessions with free places, oldest session first,
-        each taking the oldest matching workers (tags both ways) that are not already among
-        its members nor banned with its host; take them off the queue. Each newcomer gets the
-        session's next index."""
-        joins: list[Join] = []
-        for session in self.open.values():
-            if session.free <= 0:
-                continue
-            host = session.host.hello
-            banned = self.bans.of(host.fingerprint)
-            taken: list[Waiter] = []
-            for w in self.workers.values():
-                if matches(host, w.hello) and not session.has(w.hello.fingerprint) and w.hello.fingerprint not in banned:
-                    taken.append(w)
-                    if len(taken) == session.free:
-                        break
-            for w in taken:
-                del self.workers[w.id]
-                session.append(w.hello.plan_member(len(session.members)))
-                joins.append(Join(session.host, w, session.group_id, session.token, tuple(session.members)))
-        return joins
-
-    def form_groups(self, now: float) -> list[Group]:
-        """Form every group possible now (oldest host first) and take its members off the queues."""
-        groups: list[Group] = []
-        for host in list(self.hosts.values()):
-            job = host.hello.job
-            if job is None:  # pragma: no cover - check_hello guarantees a host has a job
-                continue
-            taken = self._take(host, job, now)
-            if taken is None:
-                continue
-            del self.hosts[host.id]
-            for w in taken:
-                del self.workers[w.id]
-            groups.append(Group(host, tuple(taken)))
-        return groups
-
-    def _take(self, host: Waiter, job: Job, now: float) -> list[Waiter] | None:
-        found: list[Waiter] = []
-        if job.workers:
-            banned = self.bans.of(host.hello.fingerprint)
-            for w in self.workers.values():
-                if matches(host.hello, w.hello) and w.hello.fingerprint not in banned:
-                    found.append(w)
-                    if len(found) == job.workers:
-                        return found
-        else:
-            return found
-        if now - host.joined >= job.wait and len(found) >= job.min_workers:
-            return found
-        return None
-
-    def next_deadline(self, now: float) -> float | None:
-        """When some host's wait runs out next (and its minimum may then be enough)."""
-        deadlines = [
-            h.joined + h.hello.job.wait for h in self.hosts.values() if h.hello.job is not None and h.joined + h.hello.job.wait > now
-        ]
-        return min(deadlines) if deadlines else None
-
-
-def group_frames(group: Group, group_id: str, token: str) -> dict[int, dict[str, Any]]:
-    """The group frame for each member (by client id): identical except for ``index``."""
-    host = group.host.hello
-    hellos = [m.hello for m in group.members]
-    job = host.job if host.job is not None else Job()
-    settings = host.settings if host.settings is not None else GroupSettings()
-    return {
-        m.id: make_group(group_id, token, i, hellos, job, host.dataset or {}, settings)
-        for i, m in enumerate(group.members)
-    }
-
-
-def join_frames(join: Join) -> tuple[dict[str, Any], dict[str, Any]]:
-    """What a join sends: the newcomer's ``group`` frame (``join: true``) and the open
-    session's host's ``joined`` frame."""
-    host = join.host.hello
-    job = host.job if host.job is not None else Job()
-    settings = host.settings if host.settings is not None else GroupSettings()
-    newcomer = make_join(join.group_id, join.token, join.members, job, host.dataset or {}, settings)
-    return newcomer, make_joined(join.member)
-
-
-def new_group_id() -> str:
-    return secrets.token_hex(8)
-
-
-def new_token() -> str:
-    return secrets.token_hex(32)
 
 
 # --------------------------------------------------------------------------- I/O
-
-
-class _Arrival(asyncio.Protocol):
-    """A raw connection waiting for a handshake slot: nothing is read and no TLS state is
-    made until :meth:`Matchmaker._next_handshake` hands its transport to a :class:`_TLS`."""
-
-    __slots__ = ("arrived", "server", "transport")
-
-    def __init__(self, server: Matchmaker) -> None:
-        self.server = server
-        self.transport: asyncio.Transport | None = None
-        self.arrived = server.now()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = typing.cast(asyncio.Transport, transport)
-        self.transport.pause_reading()  # before asyncio starts reading: the handshake reads first
-        self.server._arrived(self)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.transport = None  # gone while waiting; skipped when its turn comes
-        self.server._closed += 1
-
-
-class _TLS(sslproto.SSLProtocol):
-    """asyncio's TLS layer for one client, with a 1 KiB read buffer instead of 256 KiB (a
-    waiting client sends a hello of a kilobyte or two, then heartbeats of a few bytes, and
-    10,000 of them must stay cheap: OpenSSL's own state is already ~18 KiB a connection); it
-    remembers the peer's address so that a failed handshake can be logged with it."""
-
-    max_size = 1024
-    peer = "?"
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        peer = transport.get_extra_info("peername")
-        self.peer = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
-        super().connection_made(transport)  # type: ignore[no-untyped-call]
 
 
 class _Conn(asyncio.Protocol):
@@ -563,11 +234,9 @@ class Matchmaker:
         self._positions_dirty = False
         self._checks: set[asyncio.Task[None]] = set()
         self.tls: ssl.SSLContext | None = None
-        self.tls_refused = 0
         self._unsettled = 0
         self._closed = 0
-        self._arrivals: collections.deque[_Arrival] = collections.deque()
-        self._handshaking = 0
+        self.gate: HandshakeGate | None = None  # with TLS
 
     def now(self) -> float:
         return self._loop.time() if self._loop is not None else 0.0
@@ -587,6 +256,8 @@ class Matchmaker:
         """Listen (TLS with ``tls``, which ``crowdd matchmaker`` always gives)."""
         self._loop = asyncio.get_running_loop()
         self.tls = tls
+        if tls is not None:
+            self.gate = HandshakeGate(self._loop, tls, self.cfg.read_timeout, lambda: _Conn(self), self._closed_early)
         self._server = await self._loop.create_server(
             self._protocol, host or None, port, backlog=4096, reuse_address=True,
         )
@@ -611,71 +282,19 @@ class Matchmaker:
             self._server.close()
         for conn in list(self.conns.values()):
             conn.drop()
-        while self._arrivals:
-            waiting = self._arrivals.popleft().transport
-            if waiting is not None:
-                waiting.abort()
+        if self.gate is not None:
+            self.gate.close()
         if self._server is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._server.wait_closed(), 5.0)
         self._server = None
 
     def _protocol(self) -> asyncio.BaseProtocol:
-        """A new connection: plain, or (with TLS) an :class:`_Arrival` that waits for one
-        of ``MAX_HANDSHAKES`` handshake slots, so that a burst of arrivals costs a socket
-        each, not a TLS state each, and the handshakes run as fast as the CPU allows."""
-        return _Conn(self) if self.tls is None else _Arrival(self)
+        """A new connection: plain, or (with TLS) one that waits its turn at the gate."""
+        return _Conn(self) if self.gate is None else self.gate.arrival()
 
-    def _arrived(self, arrival: _Arrival) -> None:
-        self._arrivals.append(arrival)
-        self._next_handshake()
-
-    def _next_handshake(self) -> None:
-        """Start waiting handshakes while slots are free. The layer's :class:`_Conn` sees
-        only the decrypted stream, from a completed handshake on; a failed one is logged."""
-        loop, tls = self._loop, self.tls
-        while self._handshaking < MAX_HANDSHAKES and self._arrivals and loop is not None and tls is not None:
-            arrival = self._arrivals.popleft()
-            t = arrival.transport
-            if t is None or t.is_closing():
-                continue
-            conn = _Conn(self)
-            done = loop.create_future()
-            layer = _TLS(loop, conn, tls, done, server_side=True,
-                         ssl_handshake_timeout=self.cfg.read_timeout)  # type: ignore[arg-type]  # typeshed: int
-            done.add_done_callback(functools.partial(self._handshaken, layer, conn))
-            self._handshaking += 1
-            t.set_protocol(layer)  # what loop.start_tls does, without a task per connection
-            layer.connection_made(t)
-            t.resume_reading()
-
-    def _expire_arrivals(self, now: float) -> None:
-        """Close connections that waited ``read_timeout`` for a handshake slot."""
-        while self._arrivals and now - self._arrivals[0].arrived > self.cfg.read_timeout:
-            t = self._arrivals.popleft().transport
-            if t is not None:
-                self.dropped += 1
-                t.abort()
-
-    def _handshaken(self, layer: _TLS, conn: _Conn, done: asyncio.Future[None]) -> None:
-        self._handshaking -= 1
-        self._next_handshake()
-        exc = None if done.cancelled() else done.exception()
-        if exc is None and conn.transport is not None:
-            return  # the connection is the _Conn's now
+    def _closed_early(self) -> None:
         self._closed += 1
-        if exc is None:
-            return  # the peer left before finishing the handshake
-        self.tls_refused += 1
-        if isinstance(exc, ssl.SSLError) and exc.reason in ("WRONG_VERSION_NUMBER", "HTTP_REQUEST", "UNKNOWN_PROTOCOL"):
-            why = "it does not speak TLS (a plaintext client, an older crowdd, or not crowdd at all)"
-        elif isinstance(exc, ssl.SSLError) and exc.reason in ("UNSUPPORTED_PROTOCOL", "TLSV1_ALERT_PROTOCOL_VERSION"):
-            why = "it does not offer TLS 1.3"
-        elif isinstance(exc, ConnectionAbortedError):
-            why = f"no TLS handshake within {self.cfg.read_timeout} s"
-        else:
-            why = "the TLS handshake failed"
-        logger.info("matchmaker: refusing a connection from %s: %s (%s)", layer.peer, why, exc)
 
     def stats(self) -> dict[str, int]:
         return {
@@ -687,10 +306,10 @@ class Matchmaker:
             "joins": self.joins,
             "expelled": self.expelled,
             "banned": len(self.grouper.bans),
-            "dropped": self.dropped,
-            "tls_refused": self.tls_refused,
-            "handshaking": self._handshaking,
-            "arrivals": len(self._arrivals),
+            "dropped": self.dropped + (self.gate.dropped if self.gate is not None else 0),
+            "tls_refused": self.gate.refused if self.gate is not None else 0,
+            "handshaking": self.gate.handshaking if self.gate is not None else 0,
+            "arrivals": len(self.gate.arrivals) if self.gate is not None else 0,
         }
 
     # connection bookkeeping
@@ -890,7 +509,8 @@ class Matchmaker:
     def _sweep(self) -> None:
         self._settle()
         now = self.now()
-        self._expire_arrivals(now)
+        if self.gate is not None:
+            self.gate.expire(now)
         cfg = self.cfg
         for conn in list(self.conns.values()):
             reason = None
@@ -953,110 +573,4 @@ def unreachable_host_message(hello: Hello) -> str:
             f"to an address that reaches it (the matchmaker must have trust_advertised = true)")
 
 
-def server_tls(cert: Path | None, key: Path | None, state_dir: Path) -> tuple[ssl.SSLContext, str]:
-    """The matchmaker's TLS 1.3 context and its certificate's fingerprint: the operator's
-    certificate and key, or else a self-signed identity kept in ``state_dir`` (made once).
-    No client certificate is requested (a volunteer's identity travels in its hello)."""
-    if cert is not None and key is not None:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-        try:
-            ctx.load_cert_chain(cert, key)
-            fingerprint = fingerprint_of(cert.read_bytes())
-        except (OSError, ssl.SSLError, InputError) as exc:
-            raise InputError(f"cannot use the certificate {cert} with the key {key}: {exc}", field="cert") from None
-    else:
-        identity = Identity.load_or_create(state_dir, "matchmaker")
-        ctx, fingerprint = server_context(identity), identity.fingerprint
-    ctx.num_tickets = 0  # clients never resume a session: no tickets to send or keep
-    return ctx, fingerprint
-
-
-async def serve(
-    cfg: MatchmakerConfig, host: str, port: int, stop: asyncio.Event | None = None, *,
-    tls: ssl.SSLContext | None = None, fingerprint: str = "",
-) -> int:
-    """Run until ``stop`` is set or SIGINT/SIGTERM arrives."""
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    installed = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(sig, stop.set)
-            installed.append(sig)
-    mm = Matchmaker(cfg)
-    try:
-        await mm.start(host, port, tls)
-        # Everything loaded so far lives for the whole run: keep it out of the collector's
-        # full passes, which otherwise stall the loop in proportion to the heap.
-        gc.collect()
-        gc.freeze()
-        bound_host, bound_port = mm.address
-        print(f"crowdd matchmaker listening on {bound_host}:{bound_port}", file=sys.stderr, flush=True)
-        if fingerprint:
-            print(f"crowdd matchmaker fingerprint {fingerprint}\n"
-                  f"  volunteers pin it: [daemon] matchmaker_fingerprint = \"{fingerprint}\"", file=sys.stderr, flush=True)
-            logger.info("matchmaker fingerprint %s  put it in [daemon] matchmaker_fingerprint", fingerprint)
-        await stop.wait()
-        logger.info("matchmaker: stopping")
-    finally:
-        await mm.close()
-        for sig in installed:
-            loop.remove_signal_handler(sig)
-    return 0
-
-
-def main(args: argparse.Namespace) -> int:
-    """``crowdd matchmaker [--listen HOST:PORT] [--cert CRT --key KEY] [--state-dir DIR] [--config FILE]``."""
-    from crowdd.client.resolve import resolve_config
-
-    cfg, paths = resolve_config(args)
-    cert, key = getattr(args, "cert", None), getattr(args, "key", None)
-    if (cert is None) != (key is None):
-        print("crowdd matchmaker: --cert and --key go together", file=sys.stderr)
-        return 2
-    try:
-        state_dir = getattr(args, "state_dir", None)
-        tls, fingerprint = server_tls(cert, key, state_dir if state_dir is not None else paths.identity_dir)
-    except CrowddError as exc:
-        print(f"crowdd matchmaker: {exc.message}", file=sys.stderr)
-        return 2
-    mcfg = cfg.matchmaker
-    listen = getattr(args, "listen", None) or mcfg.listen
-    try:
-        host, port = parse_hostport(listen)
-    except ValueError as exc:
-        print(f"crowdd matchmaker: bad --listen: {exc}", file=sys.stderr)
-        return 2
-    limit = raise_nofile_limit()
-    if limit is not None and limit < mcfg.max_clients + 64:
-        logger.warning(
-            "open-file limit %d is below max_clients %d: the matchmaker may run out of sockets", limit, mcfg.max_clients
-        )
-    try:
-        return asyncio.run(serve(mcfg, host, port, tls=tls, fingerprint=fingerprint))
-    except OSError as exc:
-        print(f"crowdd matchmaker: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
-
-
-__all__ = [
-    "Group",
-    "Grouper",
-    "Hello",
-    "Join",
-    "OpenGroup",
-    "Matchmaker",
-    "Waiter",
-    "admit",
-    "check_hello",
-    "connects",
-    "group_frames",
-    "join_frames",
-    "main",
-    "matches",
-    "raise_nofile_limit",
-    "serve",
-    "server_tls",
-    "unreachable_host_message",
-]
+__all__ = ["Matchmaker", "connects", "raise_nofile_limit", "unreachable_host_message"]
