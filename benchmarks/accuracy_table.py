@@ -66,7 +66,7 @@ def main() -> int:
     args = p.parse_args()
     DEFAULT = {"learning_rate": args.learning_rate, "epochs": args.epochs, "batch_size": args.batch_size}
 
-    from crowdd.datasets import convert
+    from crowdd.data.datasets import convert
     from crowdd.testing.local_cluster import run_cluster
 
     sweeps = QUICK if args.quick else SWEEPS

@@ -300,7 +300,7 @@ def main() -> int:
     if 0 in counts:
         counts.remove(0)  # the clean run is always measured
 
-    from crowdd.datasets import convert
+    from crowdd.data.datasets import convert
     from crowdd.testing.local_cluster import run_cluster
 
     job = {"model": "mlp", "hidden": [100], "optimizer": "sgd", "sharding": "full", "learning_rate": 0.5,

@@ -10,7 +10,7 @@ worker, the tunnels) is the bottleneck with 4 trainers, so with fewer trainers e
 faster.
 
 Two sessions on Fashion-MNIST (the MLP [100], the shipped settings), each a real crowd on this
-machine (:class:`crowdd.demo.Crowd`: a matchmaker, a host daemon and worker daemons as
+machine (:class:`crowdd.cli.demo.Crowd`: a matchmaker, a host daemon and worker daemons as
 processes, every job confined and sandboxed as it ships). Each daemon, and everything it
 starts, runs in its own cgroup capped at ``--cap`` CPUs (an emulated machine of that speed;
 TF's threads are capped to match), so one trainer's rate does not depend on how many others
@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from crowdd.control import ControlClient
-from crowdd.demo import Crowd, Node
+from crowdd.cli.demo import Crowd, Node
 from crowdd.testing.churn import Availability, Watch, donate, freeze, goodput, longest_stall, samples_between
 from crowdd.testing.cpucaps import CpuCaps
 

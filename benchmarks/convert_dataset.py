@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from crowdd.datasets import convert, idx_files
+from crowdd.data.datasets import convert, idx_files
 
 T = TypeVar("T")
 DEFAULT_SOURCE = Path("/usr/share/datasets/fashion-mnist")

@@ -51,9 +51,9 @@ import psutil
 
 from crowdd import wire
 from crowdd.errors import CrowddError
-from crowdd.identity import Identity, fingerprint_of
+from crowdd.trust.identity import Identity, fingerprint_of
 from crowdd.matchmaker.server import raise_nofile_limit
-from crowdd.tls import client_context, open_tls
+from crowdd.trust.tls import client_context, open_tls
 
 _CLIENT_TLS = client_context(None)  # the matchmaker's certificate is checked by its fingerprint
 

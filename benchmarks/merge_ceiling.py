@@ -53,7 +53,7 @@ def run_once(data: Any, trainers: int, merge: str, lr: float, k: int, seed: int,
     from crowdd.job.models import build_model, loss_function
     from crowdd.job.outer import effective_merge, lr_scale, nesterov, push_scale
     from crowdd.job.train import local_update
-    from crowdd.manifest import Layout
+    from crowdd.data.manifest import Layout
 
     x_train, y_train, x_test, y_test = data
     keras.utils.set_random_seed(seed)
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import tensorflow as tf
 
-    from crowdd.datasets import load_idx_dir
+    from crowdd.data.datasets import load_idx_dir
     from crowdd.job.outer import effective_merge, lr_scale
 
     tf.config.threading.set_intra_op_parallelism_threads(1)

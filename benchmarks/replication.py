@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from crowdd.config import ReplicationConfig
-from crowdd.manifest import Manifest
+from crowdd.data.manifest import Manifest
 from crowdd.route import DEFAULT_ROUTE
 from crowdd.testing.netns import NetnsLab, NetnsUnavailable, Shape
 from crowdd.testing.replication_cluster import NodeCluster

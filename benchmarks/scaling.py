@@ -54,10 +54,10 @@ from typing import Any
 
 from crowdd.config import JobConfig, Paths, ReplicationConfig
 from crowdd.control import ControlClient
-from crowdd.demo import permissive_idle_table
+from crowdd.cli.demo import permissive_idle_table
 from crowdd.errors import RemoteError, Unavailable
 from crowdd.hyperparams import Job
-from crowdd.identity import Identity
+from crowdd.trust.identity import Identity
 from crowdd.node.resume import RECORD
 from crowdd.platform.process import group_options, kill_group
 from crowdd.testing.cpucaps import CpuCaps

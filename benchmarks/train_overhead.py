@@ -108,7 +108,7 @@ def main() -> int:
     if args.sandbox:
         return sandbox_main(args)
 
-    from crowdd.datasets import convert
+    from crowdd.data.datasets import convert
     from crowdd.testing.local_cluster import run_cluster
     from crowdd.platform.userns import probe
 
@@ -207,7 +207,7 @@ def tunneled_run(root: Path, prep: Any, job: dict[str, Any], settings: dict[str,
 
 
 def sandbox_main(args: argparse.Namespace) -> int:
-    from crowdd.datasets import convert
+    from crowdd.data.datasets import convert
     from crowdd.platform.sandbox import probe as landlock
     from crowdd.platform.userns import probe
 

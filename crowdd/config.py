@@ -284,7 +284,7 @@ class Paths:
 
     @property
     def identity_dir(self) -> Path:
-        """This node's TLS key and certificate (:mod:`crowdd.identity`)."""
+        """This node's TLS key and certificate (:mod:`crowdd.trust.identity`)."""
         return self.state_dir / "identity"
 
     @classmethod

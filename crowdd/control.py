@@ -11,7 +11,7 @@ as every other crowdd connection (:mod:`crowdd.wire`), and the typed messages of
 - ``host`` (``dataset``, ``job``) → ``ok`` or ``error`` bad_field naming the field. With
   ``files`` (names and sizes) the client hands over the open files instead of a path: the
   server answers ``send_files``, takes the descriptors off the socket (``SCM_RIGHTS``,
-  :mod:`crowdd.handoff`), then ``ok``/``error``. The system service takes only this form.
+  :mod:`crowdd.data.handoff`), then ``ok``/``error``. The system service takes only this form.
 - ``stop`` / ``reload`` → ``ok``
 - ``pause`` (``hours``: 0 < hours <= a year) → ``{"type": "ok", "paused_until": EPOCH}``, or
   ``error`` bad_field naming ``hours``; ``resume`` → ``{"type": "ok", "paused_until": null,
@@ -46,14 +46,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol, cast
 
-from crowdd import handoff, wire
+from crowdd import wire
+from crowdd.data import handoff
 from crowdd.config import Paths
 from crowdd.aio import cancel_and_wait
 from crowdd.errors import CrowddError, InputError, Unavailable
-from crowdd.handoff import OpenFiles, Upload
-from crowdd.identity import Identity
+from crowdd.data.handoff import OpenFiles, Upload
+from crowdd.trust.identity import Identity
 from crowdd.platform.userns import peer_pid, why_not_served
-from crowdd.tls import HANDSHAKE_TIMEOUT, client_context, open_tls, server_context
+from crowdd.trust.tls import HANDSHAKE_TIMEOUT, client_context, open_tls, server_context
 from crowdd.protocol.control import (
     REQUEST_TYPES,
     HostRequest,
@@ -383,7 +384,7 @@ class ControlServer:
 
     async def _receive_files(self, request: HostRequest, writer: asyncio.StreamWriter) -> Upload:
         """The open files a ``host`` request announced, passed with SCM_RIGHTS
-        (:mod:`crowdd.handoff`): stop reading the stream, ask for them, take them off the
+        (:mod:`crowdd.data.handoff`): stop reading the stream, ask for them, take them off the
         socket directly, read on."""
         sock = writer.get_extra_info("socket")
         if self._endpoint.path is None or sock is None or getattr(sock, "family", None) != socket.AF_UNIX:
@@ -646,7 +647,7 @@ class ControlClient:
 
     async def host_files(self, files: OpenFiles, job: Mapping[str, Any], test_fraction: float | None = None,
                          extra: Mapping[str, Any] | None = None, *, timeout: float = 3600.0) -> dict[str, Any]:
-        """Host a dataset this process has opened (:func:`crowdd.handoff.open_dataset`): its
+        """Host a dataset this process has opened (:func:`crowdd.data.handoff.open_dataset`): its
         descriptors go over the Unix socket; the daemon copies and converts them (``timeout``
         covers that) and answers. ``extra``: the host request's other fields (label, task, …).
         ``files`` stays open; the caller closes it."""

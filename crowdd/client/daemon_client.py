@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from crowdd import wire
 from crowdd.control import ControlClient, Endpoint
 from crowdd.errors import ErrorCode, InputError, RemoteError, Unavailable
-from crowdd.handoff import can_hand_over, open_dataset
+from crowdd.data.handoff import can_hand_over, open_dataset
 
 
 logger = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from crowdd.manifest import Layout
+from crowdd.data.manifest import Layout
 from crowdd.wire import dumps
 
 CARD_NAME = "model.card.json"

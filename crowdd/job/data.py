@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from crowdd.job.shards import holdout_count, holdout_every, segments, shard_bounds, steps_per_epoch
 from crowdd.job.spec import INDEX_FILE
-from crowdd.manifest import Layout
+from crowdd.data.manifest import Layout
 
 
 def _decode(layout: Layout):

@@ -21,7 +21,7 @@ from crowdd.job.events import EventWriter
 from crowdd.job.membership import Members, MembersWatcher
 from crowdd.job.server import cap_threads, reachable, spawn
 from crowdd.job.spec import INDEX_FILE, JobSpec
-from crowdd.manifest import Layout
+from crowdd.data.manifest import Layout
 from crowdd.platform.process import host_pid, lower_priority, watch_parent
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """``python -m crowdd.job.images DIR OUT.npz`` — decode a folder of images with TensorFlow.
 
-The daemon never imports TensorFlow, so :func:`crowdd.datasets.load_image_dir` runs this in
+The daemon never imports TensorFlow, so :func:`crowdd.data.datasets.load_image_dir` runs this in
 a child process. ``DIR`` holds one subdirectory per class (PNG or JPEG files), or ``train/``
 and ``test/`` each holding those. Every image becomes uint8 ``HxWxC`` at ``--size`` (default:
 the first image's size; then every image must have it) and ``--color`` (default: the first

@@ -20,7 +20,7 @@ import numpy as np
 
 from crowdd.hyperparams import Job
 from crowdd.job import MODEL_FILE
-from crowdd.manifest import Layout
+from crowdd.data.manifest import Layout
 
 
 def build_model(

@@ -17,7 +17,7 @@ from crowdd.config import JobConfig, parse_hostport
 from crowdd.hyperparams import MERGES, HyperparamError, Job, validate_job
 from crowdd.job import MODEL_FILE
 from crowdd.job.shards import segments
-from crowdd.manifest import Layout, Manifest, ManifestError
+from crowdd.data.manifest import Layout, Manifest, ManifestError
 
 ROLES = ("host", "worker")
 INDEX_FILE = "crowdd-worker-index"

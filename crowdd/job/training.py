@@ -49,7 +49,7 @@ from crowdd.job.shards import total_steps
 from crowdd.job.spec import JobSpec
 from crowdd.job.train import make_round_fn
 from crowdd.job.validate import Validator
-from crowdd.manifest import Layout, Manifest, ManifestError
+from crowdd.data.manifest import Layout, Manifest, ManifestError
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from crowdd import wire
 from crowdd.errors import CrowddError
-from crowdd.identity import Identity, IdentityError
+from crowdd.trust.identity import Identity, IdentityError
 from crowdd.plan import PlanMember, SessionPlan
 from crowdd.protocol.matchmaker import (
     MAX_REASON,
@@ -41,7 +41,7 @@ from crowdd.protocol.matchmaker import (
     make_expel,
     make_slots,
 )
-from crowdd.tls import client_context, open_tls
+from crowdd.trust.tls import client_context, open_tls
 
 logger = logging.getLogger(__name__)
 
@@ -437,7 +437,7 @@ async def report_expelled(
     ``unauthorized``: it placed no such group with this host; ``bad_field`` ``member``: not a
     worker it placed in that group), :class:`wire.ConnectionClosed` / :class:`wire.FrameTimeout`
     when it answered nothing, :class:`wire.WireError` on a malformed answer and
-    :class:`crowdd.identity.IdentityError` when the key cannot sign.
+    :class:`crowdd.trust.identity.IdentityError` when the key cannot sign.
     """
     frame = make_expel(_signing_key(identity), identity.cert_pem, identity.fingerprint, group_id, member,
                        _short(reason))

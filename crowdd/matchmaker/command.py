@@ -14,9 +14,9 @@ from pathlib import Path
 
 from crowdd.config import MatchmakerConfig, parse_hostport
 from crowdd.errors import CrowddError, InputError
-from crowdd.identity import Identity, fingerprint_of
+from crowdd.trust.identity import Identity, fingerprint_of
 from crowdd.matchmaker.server import Matchmaker, raise_nofile_limit
-from crowdd.tls import server_context
+from crowdd.trust.tls import server_context
 
 logger = logging.getLogger(__name__)
 

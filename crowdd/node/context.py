@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from crowdd.cache import DatasetCache
+from crowdd.data.cache import DatasetCache
 from crowdd.config import Config
 from crowdd.errors import SessionFailed
-from crowdd.identity import Identity
-from crowdd.manifest import Manifest
+from crowdd.trust.identity import Identity
+from crowdd.data.manifest import Manifest
 from crowdd.node.disk import gb_to_bytes
 from crowdd.node.handle import SessionHandle
 from crowdd.node.launcher import JobLauncher, JobLimits, LaunchError

@@ -33,7 +33,7 @@ from crowdd.node import disk
 from crowdd.node.tunnels import remove_stale_socket_dirs
 from crowdd.node.backoff import Backoff
 from crowdd.node.status import StatusView
-from crowdd.cache import DatasetCache
+from crowdd.data.cache import DatasetCache
 from crowdd.config import Config, ConfigError, Paths, parse_hostport
 from crowdd.errors import InputError
 from crowdd.protocol.control import format_pause
@@ -47,7 +47,7 @@ from crowdd.node.idlewatch import IdleWatch
 from crowdd.node.hosting import HostingDesk, describe
 from crowdd.protocol.control import HostRequest, Status
 from crowdd.idle.policy import IdlePolicy, Policy
-from crowdd.identity import Identity
+from crowdd.trust.identity import Identity
 from crowdd.job.spec import Settings
 from crowdd.node.launcher import JobLauncher
 from crowdd.node.registration import Registrar

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from crowdd.errors import SessionFailed
-from crowdd.group_tls import GroupTLS
+from crowdd.trust.group_tls import GroupTLS
 from crowdd.job import MODEL_FILE
 from crowdd.job.card import with_members
 from crowdd.node.context import SessionContext

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from crowdd.hyperparams import Job
-from crowdd.manifest import Manifest
+from crowdd.data.manifest import Manifest
 
 
 @dataclass

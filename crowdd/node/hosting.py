@@ -2,7 +2,7 @@
 
 ``crowdd host`` reaches the daemon as a :class:`~crowdd.protocol.control.HostRequest`. The desk
 (:class:`HostingDesk`) checks that this node is free to host, copies in a dataset that was
-handed over (:mod:`crowdd.handoff`), converts it into the cache (the user learns at once
+handed over (:mod:`crowdd.data.handoff`), converts it into the cache (the user learns at once
 whether it is accepted, and why not), and records it for a restart (:mod:`crowdd.node.resume`).
 The daemon's next cycle hosts what the desk holds; the desk forgets it when that session ends
 or the user stops it. A daemon stopped mid-session keeps the record, and at its next start the
@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from crowdd import wire
-from crowdd.cache import DatasetCache
+from crowdd.data.cache import DatasetCache
 from crowdd.errors import CrowddError, InputError
-from crowdd.handoff import remove_staging
-from crowdd.modelfile import check_model_file
+from crowdd.data.handoff import remove_staging
+from crowdd.data.modelfile import check_model_file
 from crowdd.node import disk
 from crowdd.node.checkpoints import latest_checkpoint
 from crowdd.node.hosted import HostedJob
@@ -41,7 +41,7 @@ def convert_dataset(cache: DatasetCache, chunk_size: int, req: HostRequest) -> H
     """Convert the dataset to the canonical file + manifest in the cache (blocking: run it in
     a thread). A dataset that cannot be hosted raises :class:`InputError` (field ``dataset``)
     naming the file and what is wrong, so the control socket refuses the request with it."""
-    from crowdd import datasets  # numpy: only when hosting
+    from crowdd.data import datasets  # numpy: only when hosting
 
     try:
         p = datasets.convert(req.dataset, cache.root, chunk_size=chunk_size, test_fraction=req.test_fraction,
@@ -84,7 +84,7 @@ class HostingDesk:
         self.prepared: HostedJob | None = None
         self.pending: HostRequest | None = None  # its dataset is being converted
         self.resume_from: Path | None = None  # the interrupted session's job dir (checkpoints)
-        self._staging: Path | None = None  # the copy of a handed-over dataset (crowdd.handoff)
+        self._staging: Path | None = None  # the copy of a handed-over dataset (crowdd.data.handoff)
 
     def start(self) -> None:
         """At the daemon's start: what a killed daemon left, and a session to resume."""
@@ -128,7 +128,7 @@ class HostingDesk:
         self.check(state())
         self.pending = pending = request
         try:
-            if request.upload is not None:  # handed over (crowdd.handoff): copy it in first
+            if request.upload is not None:  # handed over (crowdd.data.handoff): copy it in first
                 request = await self._stage(request)
                 self.view.log(logging.INFO, f"asked to host {request.shown} (handed over, copied to "
                               f"{request.dataset}); preparing it")

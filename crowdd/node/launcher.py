@@ -24,7 +24,7 @@ from crowdd.platform.jobenv import job_env
 from crowdd.platform.process import SAFE_PATH
 from crowdd.config import parse_hostport
 from crowdd.job.spec import Cluster, JobSpec, Settings, port_of, spec_json
-from crowdd.manifest import Manifest
+from crowdd.data.manifest import Manifest
 from crowdd.node.ports import Reservation
 from crowdd.node.tunnels import RelaySetup
 from crowdd.platform.userns import confined

@@ -12,7 +12,7 @@ from crowdd import wire
 from crowdd.config import Config
 from crowdd.errors import ErrorCode, SessionFailed
 from crowdd.hyperparams import GroupSettings
-from crowdd.identity import Identity
+from crowdd.trust.identity import Identity
 from crowdd.matchmaker.client import register, report_expelled
 from crowdd.node.backoff import Backoff
 from crowdd.node.handle import OpenLink

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from crowdd.cache import DatasetCache
+from crowdd.data.cache import DatasetCache
 from crowdd.hyperparams import HyperparamError, validate_job
 from crowdd.job import MODEL_FILE
-from crowdd.manifest import Manifest, ManifestError
+from crowdd.data.manifest import Manifest, ManifestError
 from crowdd.node.hosted import HostedJob
 
 logger = logging.getLogger(__name__)

@@ -1,8 +1,8 @@
 """The group session: after the matchmaker's ``group`` frame, the host daemon leads.
 
 Each worker daemon keeps one connection to the host's session port: TLS 1.3, mutual, pinned to
-the group's certificates (:class:`crowdd.group_tls.GroupTLS`; the host checks that the
-certificate is the one of the member index claimed), then :mod:`crowdd.auth` (purpose
+the group's certificates (:class:`crowdd.trust.group_tls.GroupTLS`; the host checks that the
+certificate is the one of the member index claimed), then :mod:`crowdd.trust.auth` (purpose
 ``"session"``, keyed by the group token). The same port takes the workers' tunnel streams
 (a hello with ``"tunnel"``; :mod:`crowdd.node.tunnels`). Frames (wire codec):
 
@@ -28,9 +28,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from crowdd import auth, wire
+from crowdd import wire
+from crowdd.trust import auth
 from crowdd.aio import cancel_and_wait, spawn_tracked
-from crowdd.group_tls import GroupTLS
+from crowdd.trust.group_tls import GroupTLS
 from crowdd.plan import PlanMember, SessionPlan
 from crowdd.protocol.session import (
     DROPPABLE,

@@ -13,10 +13,10 @@ from typing import Any
 
 from crowdd import replication as rep
 from crowdd import wire
-from crowdd.auth import AuthError
+from crowdd.trust.auth import AuthError
 from crowdd.errors import SessionFailed
-from crowdd.group_tls import GroupTLS
-from crowdd.manifest import Manifest, ManifestError
+from crowdd.trust.group_tls import GroupTLS
+from crowdd.data.manifest import Manifest, ManifestError
 from crowdd.node import disk
 from crowdd.node.context import SessionContext
 from crowdd.node.ports import Reservation

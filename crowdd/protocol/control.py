@@ -21,7 +21,7 @@ from typing import Any, NotRequired, TypedDict
 
 from crowdd import wire
 from crowdd.errors import ErrorCode, InputError
-from crowdd.handoff import IDX_NAME, MAX_FILES, Upload, check_name
+from crowdd.data.handoff import IDX_NAME, MAX_FILES, Upload, check_name
 from crowdd.hyperparams import HyperparamError, Job, validate_job
 
 REQUEST_TYPES = ("status", "subscribe", "donate", "host", "stop", "reload", "pause", "resume")
@@ -49,7 +49,7 @@ def make_donate(on: bool) -> dict[str, Any]:
 def make_host(dataset: str, job: Mapping[str, Any], test_fraction: float | None = None,
               model_file: str | None = None, label: str | None = None,
               files: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """``files``: the dataset's files the client hands over (:mod:`crowdd.handoff`); then
+    """``files``: the dataset's files the client hands over (:mod:`crowdd.data.handoff`); then
     ``dataset`` only names where they came from."""
     frame: dict[str, Any] = {"type": "host", "dataset": dataset, "job": dict(job)}
     if files is not None:
@@ -154,7 +154,7 @@ def format_left(seconds: float) -> str:
 @dataclass(frozen=True)
 class HostRequest:
     """Host this dataset (an absolute path that exists) with this job. ``files``: the
-    (name, size) of each file the client hands over instead (:mod:`crowdd.handoff`); the
+    (name, size) of each file the client hands over instead (:mod:`crowdd.data.handoff`); the
     daemon then gets them as ``upload``, and ``dataset`` only says where they came from."""
 
     dataset: Path

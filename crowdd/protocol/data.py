@@ -1,6 +1,6 @@
 """The data protocol's messages (docs/replication.md), used by the data server and the fetcher.
 
-A client proves group membership with :mod:`crowdd.auth` (purpose :data:`PURPOSE`; its hello is
+A client proves group membership with :mod:`crowdd.trust.auth` (purpose :data:`PURPOSE`; its hello is
 :func:`make_hello`, checked by the server with :func:`check_hello`) and then sends requests, one
 at a time::
 
@@ -24,9 +24,9 @@ from typing import Any, TypeGuard, Union
 
 from crowdd import wire
 from crowdd.errors import ErrorCode
-from crowdd.manifest import Manifest
+from crowdd.data.manifest import Manifest
 
-#: The :mod:`crowdd.auth` purpose of a data connection.
+#: The :mod:`crowdd.trust.auth` purpose of a data connection.
 PURPOSE = "data"
 #: StreamReader limit on data connections (a manifest blob must fit).
 STREAM_LIMIT = 4 << 20

@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from crowdd import wire
 from crowdd.errors import InputError
 from crowdd.hyperparams import GroupSettings, HyperparamError, Job, validate_job, validate_settings
-from crowdd.identity import check_certificate
+from crowdd.trust.identity import check_certificate
 from crowdd.plan import DatasetRef, MemberPorts, PlanMember, SessionPlan
 
 HOST = "host"

@@ -5,7 +5,7 @@ Every node runs a :class:`DataServer` (:mod:`.server`) on its advertised data po
 :func:`crowdd.route.node_plan`. Both share one :class:`ChunkStore` (:mod:`.store`), so a
 chunk verified on arrival can be served onwards at once (cut-through). The frames they
 exchange are :mod:`crowdd.protocol.data`, always inside TLS 1.3, mutual and pinned to the
-group's identities (:class:`crowdd.group_tls.GroupTLS`), with the token proof as a second factor.
+group's identities (:class:`crowdd.trust.group_tls.GroupTLS`), with the token proof as a second factor.
 """
 
 from __future__ import annotations

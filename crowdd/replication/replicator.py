@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from crowdd import auth, wire
-from crowdd.cache import DatasetCache
-from crowdd.group_tls import GroupTLS
-from crowdd.manifest import Manifest
+from crowdd import wire
+from crowdd.trust import auth
+from crowdd.data.cache import DatasetCache
+from crowdd.trust.group_tls import GroupTLS
+from crowdd.data.manifest import Manifest
 from crowdd.protocol import data
 from crowdd.replication.errors import ReplicationError
 from crowdd.replication.store import ChunkStore

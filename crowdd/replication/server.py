@@ -6,9 +6,9 @@ its turn is skipped and served later. Other clients (nodes recovering from a dea
 are served at once. A chunk the fetcher is still receiving is sent on as soon as it arrives
 (the server and the fetcher share one :class:`ChunkStore`).
 
-Every connection is TLS 1.3, mutual and pinned to the group (:class:`crowdd.group_tls.GroupTLS`):
+Every connection is TLS 1.3, mutual and pinned to the group (:class:`crowdd.trust.group_tls.GroupTLS`):
 only the other members' certificates get through the handshake, the token proof follows
-(:func:`crowdd.auth.accept`), and a client must then present the certificate of the member
+(:func:`crowdd.trust.auth.accept`), and a client must then present the certificate of the member
 index its hello claims, or it is refused with ``unauthorized``.
 """
 
@@ -22,10 +22,11 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from crowdd import auth, wire
+from crowdd import wire
+from crowdd.trust import auth
 from crowdd.aio import spawn_tracked
-from crowdd.group_tls import GroupTLS
-from crowdd.manifest import Manifest
+from crowdd.trust.group_tls import GroupTLS
+from crowdd.data.manifest import Manifest
 from crowdd.protocol import data
 from crowdd.replication.store import ChunkStore
 from crowdd.replication.turns import Turns

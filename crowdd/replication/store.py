@@ -8,8 +8,8 @@ import logging
 import os
 from pathlib import Path
 
-from crowdd.cache import DatasetCache
-from crowdd.manifest import Manifest
+from crowdd.data.cache import DatasetCache
+from crowdd.data.manifest import Manifest
 from crowdd.replication.errors import ReplicationError
 
 logger = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""Volunteers who come and go, on a :class:`crowdd.demo.Crowd` (tests and benchmarks).
+"""Volunteers who come and go, on a :class:`crowdd.cli.demo.Crowd` (tests and benchmarks).
 
 What a volunteer's machine does to a session, for real: :func:`freeze` stops a node's daemon
 and every process below it (a laptop lid closing), :meth:`Crowd.kill_node` crashes it,
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from crowdd.control import ControlClient
-from crowdd.demo import Node
+from crowdd.cli.demo import Node
 from crowdd.testing.suspender import JobSuspender
 
 

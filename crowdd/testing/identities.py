@@ -8,8 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from crowdd.identity import Identity
-from crowdd.tls import server_context
+from crowdd.trust.identity import Identity
+from crowdd.trust.tls import server_context
 
 _DIR = tempfile.TemporaryDirectory(prefix="crowdd-test-ids-")
 

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from crowdd.identity import Identity
+from crowdd.trust.identity import Identity
 from crowdd.platform.process import group_options, kill_group
 
 Launch = Callable[..., "subprocess.Popen[Any]"]

@@ -35,11 +35,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from crowdd.cache import DatasetCache
-from crowdd.group_tls import GroupTLS
+from crowdd.data.cache import DatasetCache
+from crowdd.trust.group_tls import GroupTLS
 from crowdd.hyperparams import GroupSettings, Job
-from crowdd.identity import Identity, fingerprint_of
-from crowdd.manifest import Manifest
+from crowdd.trust.identity import Identity, fingerprint_of
+from crowdd.data.manifest import Manifest
 from crowdd.plan import DatasetRef, MemberPorts, PlanMember, SessionPlan
 from crowdd.replication.errors import ReplicationError
 from crowdd.replication.replicator import Peer, Progress, Replicator

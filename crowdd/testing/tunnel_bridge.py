@@ -2,7 +2,7 @@
 
 :class:`TunnelBridge` runs, in its own thread and event loop, the daemon's tunnel ends
 (:class:`crowdd.node.tunnels.HostTunnels` and one :class:`WorkerTunnels` per worker) joined
-by real TLS 1.3 connections pinned to per-member identities (:class:`crowdd.group_tls.
+by real TLS 1.3 connections pinned to per-member identities (:class:`crowdd.trust.group_tls.
 GroupTLS`), so a benchmark measures TF traffic on exactly the path a session's takes: job →
 relay (in the job's network namespace) → Unix socket → TLS → Unix socket → relay → job. What
 is left out is the session channel: a worker is asked to dial back by a direct call instead of
@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from crowdd import wire
-from crowdd.group_tls import GroupTLS
+from crowdd.trust.group_tls import GroupTLS
 from crowdd.hyperparams import GroupSettings, Job
-from crowdd.identity import Identity
+from crowdd.trust.identity import Identity
 from crowdd.node.tunnels import HostTunnels, RelaySetup, WorkerTunnels, task_name
 from crowdd.plan import DatasetRef, MemberPorts, PlanMember, SessionPlan
-from crowdd.tls import peer_fingerprint
+from crowdd.trust.tls import peer_fingerprint
 
 
 def plan_for(identities: list[Identity], index: int) -> SessionPlan:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from crowdd.datasets import Prepared, convert
+from crowdd.data.datasets import Prepared, convert
 from crowdd.job.byzantine import ENV
 from crowdd.testing.local_cluster import RunResult, run_cluster
 from crowdd.testing.bounds import at_least

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from crowdd.cli import build_parser
-from crowdd.commands import EXIT_NO_DAEMON, job_from_args
-from crowdd.demo import permissive_idle_table
+from crowdd.cli.main import build_parser
+from crowdd.cli.commands import EXIT_NO_DAEMON, job_from_args
+from crowdd.cli.demo import permissive_idle_table
 from crowdd.node.ports import free_port
 from crowdd.hyperparams import HyperparamError
 from crowdd.platform.process import kill_group as stop_group
@@ -216,7 +216,7 @@ def test_host_collects_only_given_flags() -> None:
 def test_human_status_shows_everything() -> None:
     import io
 
-    from crowdd.commands import format_status
+    from crowdd.cli.commands import format_status
 
     st = {
         "version": "0.1.0", "state": "training", "donating": True, "role": "worker",
@@ -263,7 +263,7 @@ def _follow(events: list[dict[str, Any] | None], st: dict[str, Any]) -> tuple[in
     import asyncio
     import io
 
-    from crowdd.commands import follow_session
+    from crowdd.cli.commands import follow_session
 
     async def go() -> tuple[int, str]:
         queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
@@ -313,7 +313,7 @@ def test_host_follow_fails_with_the_sessions_error() -> None:
 def test_model_describes_the_card_and_how_to_load_it(tmp_path: Path) -> None:
     import io
 
-    from crowdd.export import describe
+    from crowdd.cli.export import describe
 
     model = tmp_path / "model.keras"
     model.write_bytes(b"zip")

@@ -17,8 +17,8 @@ import psutil
 import pytest
 
 from crowdd.control import ControlClient
-from crowdd.datasets import load_digits
-from crowdd.demo import Crowd, Node
+from crowdd.data.datasets import load_digits
+from crowdd.cli.demo import Crowd, Node
 from crowdd.testing.bounds import at_least
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]

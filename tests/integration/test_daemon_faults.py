@@ -24,7 +24,7 @@ from test_daemon_e2e import (
 
 from crowdd import wire
 from crowdd.control import ControlClient
-from crowdd.demo import Crowd
+from crowdd.cli.demo import Crowd
 from crowdd.testing.bounds import at_least
 
 pytestmark = pytest.mark.timeout(300)

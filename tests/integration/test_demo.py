@@ -16,7 +16,7 @@ import psutil
 import pytest
 from test_daemon_e2e import digits_npz
 
-import crowdd.demo
+import crowdd.cli.demo
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -53,7 +53,7 @@ def test_demo_trains_and_cleans_up(tmp_path: Path) -> None:
     try:
         code, out = run_demo(["--workers", "2", "--dataset", str(data), "--root", str(root)], 240)
     finally:
-        crowdd.demo.kill_strays(root)
+        crowdd.cli.demo.kill_strays(root)
     assert code == 0, out[-3000:]
     m = re.search(r"final test accuracy: (\d\.\d+)", out)
     assert m and float(m.group(1)) > 0.7, out
@@ -81,7 +81,7 @@ def long_demo(tmp_path: Path, epochs: int) -> Iterator[tuple[subprocess.Popen[st
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        crowdd.demo.kill_strays(root)
+        crowdd.cli.demo.kill_strays(root)
 
 
 def test_demo_killed_leaves_nothing_behind(tmp_path: Path) -> None:
@@ -121,11 +121,11 @@ def test_demo_ctrl_c_leaves_nothing_behind(tmp_path: Path) -> None:
 
 
 def test_default_dataset_falls_back_to_digits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(crowdd.demo, "FASHION_MNIST", tmp_path / "absent")
+    monkeypatch.setattr(crowdd.cli.demo, "FASHION_MNIST", tmp_path / "absent")
     import io
 
     out = io.StringIO()
-    path = crowdd.demo.default_dataset(tmp_path, out)
+    path = crowdd.cli.demo.default_dataset(tmp_path, out)
     assert path == tmp_path / "digits.npz" and path.stat().st_size > 0
     assert "digits" in out.getvalue()
 
@@ -138,13 +138,13 @@ def test_demo_rejects_bad_arguments(tmp_path: Path) -> None:
 
 
 def test_epochs_help_tells_the_real_defaults(capsys: pytest.CaptureFixture[str]) -> None:
-    from crowdd.cli import build_parser
+    from crowdd.cli.main import build_parser
 
     with pytest.raises(SystemExit):
         build_parser().parse_args(["demo", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert f"default {crowdd.demo.DEFAULT_EPOCHS};" in text
-    assert f"{crowdd.demo.SMALL_EPOCHS} for an .npz under 2 MiB" in text
+    assert f"default {crowdd.cli.demo.DEFAULT_EPOCHS};" in text
+    assert f"{crowdd.cli.demo.SMALL_EPOCHS} for an .npz under 2 MiB" in text
 
 
 def test_demo_nodes_donate_whatever_the_load() -> None:
@@ -152,7 +152,7 @@ def test_demo_nodes_donate_whatever_the_load() -> None:
 
     from crowdd.config import config_from_dict
 
-    cfg = config_from_dict(tomllib.loads(crowdd.demo.node_config("127.0.0.1:1", "n", 10)))
+    cfg = config_from_dict(tomllib.loads(crowdd.cli.demo.node_config("127.0.0.1:1", "n", 10)))
     assert cfg.idle.user_idle_minutes == 0 and cfg.idle.max_other_cpu_percent == 100 and cfg.idle.allow_on_battery
 
 
@@ -174,7 +174,7 @@ def test_a_diverging_demo_ends_with_the_advice_and_leaves_nothing_running(tmp_pa
         code, out = run_demo(["--workers", "1", "--dataset", str(data), "--epochs", "200", "--model-file", str(model),
                               "--root", str(root)], 240)
     finally:
-        strays = crowdd.demo.kill_strays(root)
+        strays = crowdd.cli.demo.kill_strays(root)
     assert code == 1, out[-3000:]
     assert re.search(r"loss diverged at step \d+; lower the learning rate \(e\.g\. --lr 0\.05\) or scale the features",
                      out), out[-3000:]
@@ -184,7 +184,7 @@ def test_a_diverging_demo_ends_with_the_advice_and_leaves_nothing_running(tmp_pa
 
 MAE_IN_FRESH_PYTHON = """
 import sys, numpy as np, keras
-from crowdd.datasets import load
+from crowdd.data.datasets import load
 data = load(__import__("pathlib").Path(sys.argv[2]), label="progression", task="regression")
 pred = keras.models.load_model(sys.argv[1]).predict(data.x_test.astype("float32"), verbose=0)[:, 0]
 print(float(np.mean(np.abs(pred - data.y_test.astype("float32")))))
@@ -217,7 +217,7 @@ def test_demo_trains_the_hosts_regression_mlp_on_a_csv(tmp_path: Path) -> None:
                               "--model-file", str(model_file), "--epochs", "120", "--lr", "0.05", "--root", str(root)],
                              240)
     finally:
-        crowdd.demo.kill_strays(root)
+        crowdd.cli.demo.kill_strays(root)
     assert code == 0, out[-3000:]
     m = re.search(r"final test MAE: (\d+\.\d+)", out)
     assert m, out[-3000:]
@@ -253,7 +253,7 @@ def test_demo_trains_the_hosts_cnn_on_an_image_folder(tmp_path: Path) -> None:
         code, out = run_demo(["--workers", "1", "--dataset", str(folder), "--model-file", str(model_file),
                               "--epochs", "10", "--lr", "0.1", "--root", str(root)], 240)
     finally:
-        crowdd.demo.kill_strays(root)
+        crowdd.cli.demo.kill_strays(root)
     assert code == 0, out[-3000:]
     m = re.search(r"final test accuracy: (\d\.\d+)", out)
     assert m and float(m.group(1)) > 0.9, out[-3000:]

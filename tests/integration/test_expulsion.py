@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from crowdd.demo import Crowd, Node
+from crowdd.cli.demo import Crowd, Node
 from crowdd.job.byzantine import ENV
 from crowdd.testing.bounds import at_least
 

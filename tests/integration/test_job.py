@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from crowdd.datasets import ArraySet, Prepared, convert
+from crowdd.data.datasets import ArraySet, Prepared, convert
 from crowdd.job.events import parse_event
 from crowdd.job.host import TRAINER_NICE_STEP
 from crowdd.job.shards import holdout_count, holdout_every, total_steps

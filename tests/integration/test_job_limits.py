@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from crowdd.control import ControlClient
-from crowdd.demo import Crowd
+from crowdd.cli.demo import Crowd
 
 from test_daemon_e2e import TEST_CONFIG, Recorder, digits_npz, donate_all, host_job, job_processes
 

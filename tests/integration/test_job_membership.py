@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from crowdd.datasets import ArraySet, Prepared, convert
+from crowdd.data.datasets import ArraySet, Prepared, convert
 from crowdd.job import MEMBERS_FILE, STOP_FILE
 from crowdd.job.events import parse_event
 from crowdd.node.ports import free_ports

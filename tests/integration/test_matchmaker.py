@@ -25,7 +25,7 @@ from crowdd.matchmaker.client import MatchmakerUnavailable, MatchmakerUntrusted
 from crowdd.matchmaker.client import register as _register
 from crowdd.testing.slow_listener import SlowListener
 from crowdd.testing.identities import hello_identity, identity, matchmaker_tls
-from crowdd.tls import client_context
+from crowdd.trust.tls import client_context
 
 pytestmark = pytest.mark.timeout(60)
 

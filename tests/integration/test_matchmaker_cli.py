@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from crowdd.identity import Identity
+from crowdd.trust.identity import Identity
 from crowdd.matchmaker.client import MatchmakerUntrusted, register
 from crowdd.testing.identities import hello_identity
 

@@ -21,7 +21,7 @@ from crowdd.matchmaker.client import register as _register
 from crowdd.plan import DatasetRef, MemberPorts, SessionPlan
 from crowdd.protocol import matchmaker as mmp
 from crowdd.testing.identities import identity, matchmaker_tls
-from crowdd.tls import client_context
+from crowdd.trust.tls import client_context
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -23,7 +23,7 @@ from crowdd.protocol import matchmaker as mmp
 from crowdd.protocol.matchmaker import Wait
 from crowdd.testing.identities import identity, matchmaker_tls
 from crowdd.testing.slow_listener import SlowListener
-from crowdd.tls import client_context
+from crowdd.trust.tls import client_context
 
 pytestmark = pytest.mark.timeout(60)
 

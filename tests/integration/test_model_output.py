@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from crowdd.datasets import convert
+from crowdd.data.datasets import convert
 from crowdd.testing.local_cluster import run_cluster
-from crowdd.manifest import Manifest
+from crowdd.data.manifest import Manifest
 from crowdd.testing.bounds import at_least, at_most
 
 pytestmark = pytest.mark.slow
@@ -67,7 +67,7 @@ def test_a_regression_target_trains_the_mlp_preset_and_reports_mae(tmp_path: Pat
     """scikit-learn's diabetes (integer targets 25..346) as a regression, not 347 classes."""
     from sklearn.datasets import load_diabetes
 
-    from crowdd.datasets import read_canonical
+    from crowdd.data.datasets import read_canonical
 
     d = load_diabetes()
     csv = tmp_path / "diabetes.csv"

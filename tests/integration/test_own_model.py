@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from crowdd.datasets import convert
+from crowdd.data.datasets import convert
 from crowdd.job import MODEL_FILE
 from crowdd.testing.local_cluster import run_cluster
-from crowdd.modelfile import check_model_file
+from crowdd.data.modelfile import check_model_file
 from crowdd.testing.bounds import at_least
 
 pytestmark = pytest.mark.slow
@@ -96,7 +96,7 @@ def test_an_image_folder_trains_the_hosts_cnn_and_the_model_reads_raw_pixels(tmp
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import keras
 
-    from crowdd.datasets import read_canonical
+    from crowdd.data.datasets import read_canonical
 
     folder = tmp_path / "shapes"
     digit_folder(folder, {"one": 1, "seven": 7, "zero": 0})
@@ -141,7 +141,7 @@ def test_an_image_folder_trains_the_hosts_cnn_and_the_model_reads_raw_pixels(tmp
 
 
 def test_image_folder_errors_name_the_file(tmp_path: Path) -> None:
-    from crowdd.datasets import DatasetError, ImageOptions, load
+    from crowdd.data.datasets import DatasetError, ImageOptions, load
 
     folder = tmp_path / "imgs"
     digit_folder(folder, {"a": 1, "b": 2}, per_class=5)

@@ -15,10 +15,11 @@ from typing import Any
 
 import pytest
 
-from crowdd import auth, wire
-from crowdd.cache import DatasetCache
-from crowdd.group_tls import GroupTLS
-from crowdd.manifest import Manifest, ManifestError
+from crowdd import wire
+from crowdd.trust import auth
+from crowdd.data.cache import DatasetCache
+from crowdd.trust.group_tls import GroupTLS
+from crowdd.data.manifest import Manifest, ManifestError
 from crowdd.protocol import data
 from crowdd.replication.errors import ReplicationError
 from crowdd.replication.replicator import Peer, Progress, Replicator, fetch_manifest

@@ -16,17 +16,18 @@ from typing import Any
 
 import pytest
 
-from crowdd import auth, wire
-from crowdd.cache import DatasetCache
-from crowdd.group_tls import GroupTLS
-from crowdd.identity import Identity
-from crowdd.manifest import Manifest
+from crowdd import wire
+from crowdd.trust import auth
+from crowdd.data.cache import DatasetCache
+from crowdd.trust.group_tls import GroupTLS
+from crowdd.trust.identity import Identity
+from crowdd.data.manifest import Manifest
 from crowdd.protocol import data
 from crowdd.replication import ChunkStore, DataServer
 from crowdd.replication.replicator import Peer, Replicator, fetch_manifest
 from crowdd.testing.identities import identity
 from crowdd.testing.replication_node import group_tls
-from crowdd.tls import client_context
+from crowdd.trust.tls import client_context
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -193,7 +194,7 @@ async def test_a_member_claiming_another_members_index_is_refused(
         finally:
             await wire.close_writer(writer)
     assert group.server.served_chunks == 0
-    warnings = [r for r in caplog.records if r.name == "crowdd.group_tls" and r.levelno == logging.WARNING]
+    warnings = [r for r in caplog.records if r.name == "crowdd.trust.group_tls" and r.levelno == logging.WARNING]
     assert len(warnings) == 1
     assert f"claims to be member {claimed} but presents certificate {group.tls[2].identity.fingerprint}" \
         in warnings[0].getMessage()
@@ -204,7 +205,7 @@ async def test_a_member_claiming_another_members_index_is_refused(
 
 async def test_a_member_without_the_token_is_refused_after_tls(group: Group, caplog: pytest.LogCaptureFixture) -> None:
     """The token proof stays as a second factor: a member's certificate alone is not enough."""
-    with caplog.at_level(logging.INFO, logger="crowdd.auth"), pytest.raises(auth.AuthError) as err:
+    with caplog.at_level(logging.INFO, logger="crowdd.trust.auth"), pytest.raises(auth.AuthError) as err:
         await auth.connect("127.0.0.1", group.port, "not-the-token", data.PURPOSE, data.make_hello(1), timeout=2,
                            ssl=group.tls[1].client(0))
     assert err.value.code == "unauthorized"

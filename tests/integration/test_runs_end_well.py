@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from crowdd.datasets import ArraySet, convert
+from crowdd.data.datasets import ArraySet, convert
 from crowdd.testing.local_cluster import run_cluster
 from crowdd.testing.bounds import at_least
 

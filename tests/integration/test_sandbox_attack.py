@@ -35,7 +35,7 @@ import psutil
 import pytest
 
 from crowdd.control import ControlClient
-from crowdd.demo import Crowd, Node
+from crowdd.cli.demo import Crowd, Node
 from crowdd.platform.sandbox import probe
 from crowdd.platform.userns import JOB_PASSWD
 from crowdd.platform.userns import probe as userns_probe

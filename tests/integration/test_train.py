@@ -20,7 +20,7 @@ from crowdd.hyperparams import Job  # noqa: E402
 from crowdd.job.models import build_model, loss_function  # noqa: E402
 from crowdd.job.outer import OUTER_LR, OUTER_MOMENTUM  # noqa: E402
 from crowdd.job.train import WIRE_DTYPE, Params, make_round_fn, round_inputs  # noqa: E402
-from crowdd.manifest import Layout  # noqa: E402
+from crowdd.data.manifest import Layout  # noqa: E402
 
 LAYOUT = Layout(feature_shape=(4,), feature_dtype="float32", scale=1.0, num_classes=3, train_count=64, test_count=0)
 BATCH = 8

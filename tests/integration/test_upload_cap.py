@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from crowdd.cache import DatasetCache
+from crowdd.data.cache import DatasetCache
 from crowdd.config import ReplicationConfig
-from crowdd.manifest import Manifest
+from crowdd.data.manifest import Manifest
 from crowdd.replication.replicator import Peer, Replicator
 from crowdd.replication.server import DataServer
 from crowdd.replication.store import ChunkStore

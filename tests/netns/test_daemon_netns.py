@@ -17,10 +17,10 @@ import pytest
 
 from crowdd.config import Paths
 from crowdd.control import ControlClient
-from crowdd.identity import Identity
+from crowdd.trust.identity import Identity
 from crowdd.errors import Unavailable
-from crowdd.datasets import load_digits
-from crowdd.demo import permissive_idle_table
+from crowdd.data.datasets import load_digits
+from crowdd.cli.demo import permissive_idle_table
 from crowdd.testing.bounds import at_least
 
 pytestmark = [

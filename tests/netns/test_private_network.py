@@ -43,9 +43,9 @@ from test_daemon_netns import log_fd, wait_socket
 
 from crowdd.config import Paths
 from crowdd.control import ControlClient
-from crowdd.datasets import load_digits
-from crowdd.demo import permissive_idle_table
-from crowdd.identity import Identity
+from crowdd.data.datasets import load_digits
+from crowdd.cli.demo import permissive_idle_table
+from crowdd.trust.identity import Identity
 from crowdd.testing.netns import NetnsLab, NetnsUnavailable
 from crowdd.testing.outsider import tf_attack
 

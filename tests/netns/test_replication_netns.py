@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from crowdd.manifest import Manifest
+from crowdd.data.manifest import Manifest
 from crowdd.route import node_plan
 from crowdd.testing.netns import NetnsLab, Shape, require_root
 from crowdd.testing.replication_cluster import NodeCluster

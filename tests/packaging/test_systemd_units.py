@@ -246,7 +246,7 @@ def test_tensorflow_trains_under_the_hardened_unit_and_stop_leaves_nothing(crowd
     in the middle of training leaves no job or TensorFlow process and an empty cgroup.
     (A drop-in gives the unit normal CPU priority: under SCHED_IDLE a busy test machine could
     starve the worker for minutes; the hardening is untouched.)"""
-    from crowdd.demo import Crowd, node_config
+    from crowdd.cli.demo import Crowd, node_config
     from crowdd.control import ControlClient
 
     crowd = Crowd(tmp_path / "crowd", 0, extra_config="[replication]\nstall_timeout = 5.0\n")
@@ -254,7 +254,7 @@ def test_tensorflow_trains_under_the_hardened_unit_and_stop_leaves_nothing(crowd
                          fingerprint=crowd.matchmaker_fingerprint) + "[replication]\nstall_timeout = 5.0\n"
     service = "Nice=10\nCPUSchedulingPolicy=other\nIOSchedulingClass=best-effort\nCPUWeight=100\n"
     data = tmp_path / "digits.npz"
-    from crowdd.datasets import load_digits
+    from crowdd.data.datasets import load_digits
     import numpy as np
 
     a = load_digits()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from crowdd.cli import build_parser
+from crowdd.cli.main import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 UNITS = ROOT / "packaging" / "systemd"
@@ -244,7 +244,7 @@ _MDWE_CHILD = textwrap.dedent(
     except OSError:
         pass
     print("enforced", flush=True)
-    from crowdd.cli import main
+    from crowdd.cli.main import main
     sys.exit(main(["matchmaker", "--listen", "127.0.0.1:0", "--config", sys.argv[1]]))
     """
 )

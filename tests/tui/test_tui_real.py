@@ -28,7 +28,7 @@ from textual.widgets import Label
 
 from crowdd.errors import RemoteError, Unavailable
 from crowdd.client.daemon_client import ControlDaemonClient
-from crowdd.identity import Identity
+from crowdd.trust.identity import Identity
 
 
 def _daemon_missing() -> str | None:

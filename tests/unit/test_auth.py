@@ -1,4 +1,4 @@
-"""Group-membership proof (crowdd.auth) over real loopback sockets, plaintext and inside TLS."""
+"""Group-membership proof (crowdd.trust.auth) over real loopback sockets, plaintext and inside TLS."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from typing import Any
 
 import pytest
 
-from crowdd import auth, wire
+from crowdd import wire
+from crowdd.trust import auth
 from crowdd.testing.identities import identity
-from crowdd.tls import client_context, server_context
+from crowdd.trust.tls import client_context, server_context
 
 TOKEN = secrets.token_hex(16)
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from crowdd.cache import CacheError, DatasetCache
-from crowdd.manifest import Manifest
+from crowdd.data.cache import CacheError, DatasetCache
+from crowdd.data.manifest import Manifest
 
 
 @pytest.fixture

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from crowdd.cache import DatasetCache
-from crowdd.manifest import Manifest
+from crowdd.data.cache import DatasetCache
+from crowdd.data.manifest import Manifest
 from crowdd.replication.errors import ReplicationError
 from crowdd.replication.store import ChunkStore
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from crowdd import __version__
-from crowdd.cli import build_parser, main
+from crowdd.cli.main import build_parser, main
 
 SUBCOMMANDS = ("matchmaker", "daemon", "status", "donate", "pause", "resume", "host", "stop", "reload", "tui", "demo")
 

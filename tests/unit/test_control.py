@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 
 from crowdd import control, wire
-from crowdd.identity import Identity
-from crowdd.tls import client_context, open_tls
+from crowdd.trust.identity import Identity
+from crowdd.trust.tls import client_context, open_tls
 from crowdd.hyperparams import Job
 from crowdd.protocol.control import HostRequest
 from crowdd.errors import Unavailable
@@ -505,7 +505,7 @@ async def test_clients_fall_back_to_the_system_service_socket(tmp_path: Path) ->
     system one (a temp dir stands in for /run/crowdd)."""
     import argparse
 
-    from crowdd.commands import client_endpoint
+    from crowdd.cli.commands import client_endpoint
     from crowdd.control import client_socket
 
     user = tmp_path / "user-runtime" / "control.sock"

@@ -9,7 +9,7 @@ import pytest
 
 from crowdd import wire
 from crowdd.errors import ErrorCode, RemoteError
-from crowdd.manifest import Manifest, ManifestError
+from crowdd.data.manifest import Manifest, ManifestError
 from crowdd.protocol import data
 
 N = 10  # chunks in the manifest the frames refer to

@@ -1,4 +1,4 @@
-"""crowdd.datasets: every source format, the canonical file, and every bad-input case."""
+"""crowdd.data.datasets: every source format, the canonical file, and every bad-input case."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from crowdd import datasets
-from crowdd.datasets import (
+from crowdd.data import datasets
+from crowdd.data.datasets import (
     ArraySet,
     DatasetError,
     read_idx,
@@ -20,7 +20,7 @@ from crowdd.datasets import (
     read_canonical,
     write_canonical,
 )
-from crowdd.manifest import Manifest
+from crowdd.data.manifest import Manifest
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 
@@ -648,7 +648,7 @@ def test_a_gzip_bomb_is_inflated_no_further_than_its_idx_header_says(tmp_path: P
 def test_a_gzipped_csv_is_inflated_no_further_than_the_cap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A .csv.gz that inflates past the cap is refused as it is read (the cap lowered to 1 MiB
     here; 4 GiB in use); the control, the same rows under the cap, loads."""
-    import crowdd.datasets as ds
+    import crowdd.data.datasets as ds
 
     rows = b"".join(b"%d,%d,%d\n" % (i % 2, i, i + 1) for i in range(200_000))  # about 2.6 MB
     big = tmp_path / "big.csv.gz"
@@ -667,7 +667,7 @@ def test_an_npz_bomb_is_refused_before_it_is_inflated(tmp_path: Path, monkeypatc
     nothing inflated; the control (the same arrays under the cap) loads."""
     import tracemalloc
 
-    from crowdd import datasets
+    from crowdd.data import datasets
 
     bomb = tmp_path / "bomb.npz"
     zeros = np.zeros((1 << 16, 1 << 10), np.uint8)  # 64 MiB ...

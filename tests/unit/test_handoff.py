@@ -1,4 +1,4 @@
-"""crowdd.handoff and the control socket's ``host`` with handed-over files (SCM_RIGHTS), on
+"""crowdd.data.handoff and the control socket's ``host`` with handed-over files (SCM_RIGHTS), on
 real Unix sockets: what the client opens, what the daemon accepts, and every bad input."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from crowdd import handoff, wire
+from crowdd import wire
+from crowdd.data import handoff
 from crowdd.control import ControlClient, ControlServer, Endpoint
 from crowdd.errors import InputError
 from crowdd.protocol.control import HostRequest, check_host, make_host

@@ -1,4 +1,4 @@
-"""A node's TLS identity (crowdd.identity): created once, reloaded as is, never silently replaced."""
+"""A node's TLS identity (crowdd.trust.identity): created once, reloaded as is, never silently replaced."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
 from crowdd.errors import CrowddError, InputError
-from crowdd.identity import Identity, IdentityError, check_certificate, fingerprint_of
+from crowdd.trust.identity import Identity, IdentityError, check_certificate, fingerprint_of
 
 posix_only = pytest.mark.skipif(sys.platform == "win32", reason="POSIX file modes")
 NOW = datetime.datetime.now(datetime.timezone.utc)
@@ -96,7 +96,7 @@ def test_readable_key_gets_its_mode_fixed_with_a_warning(tmp_path: Path, caplog:
     ident = Identity.load_or_create(tmp_path, "n")
     before = ident.key_path.read_bytes()
     os.chmod(ident.key_path, 0o644)
-    with caplog.at_level(logging.WARNING, logger="crowdd.identity"):
+    with caplog.at_level(logging.WARNING, logger="crowdd.trust.identity"):
         again = Identity.load_or_create(tmp_path, "n")
     assert again == ident
     assert stat.S_IMODE(ident.key_path.stat().st_mode) == 0o600

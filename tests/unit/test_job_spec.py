@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from crowdd.config import JobConfig
-from crowdd.datasets import ArraySet, convert
+from crowdd.data.datasets import ArraySet, convert
 from crowdd.job import EXIT_BAD_SPEC
 from crowdd.job.events import EventWriter, parse_event
 from crowdd.job.shards import segments, shard_bounds, steps_per_epoch, total_steps

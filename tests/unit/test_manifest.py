@@ -1,4 +1,4 @@
-"""crowdd.manifest: build, verify, canonical JSON, digest, and every malformed manifest."""
+"""crowdd.data.manifest: build, verify, canonical JSON, digest, and every malformed manifest."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from crowdd.manifest import DEFAULT_CHUNK, Layout, Manifest, ManifestError
+from crowdd.data.manifest import DEFAULT_CHUNK, Layout, Manifest, ManifestError
 from crowdd.route import MAX_CHUNK
 
 LAYOUT = Layout(feature_shape=(2, 3), feature_dtype="uint8", scale=1 / 255, num_classes=3, train_count=8, test_count=2)

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from crowdd.errors import InputError
-from crowdd.manifest import Layout
-from crowdd.modelfile import check_model_file
+from crowdd.data.manifest import Layout
+from crowdd.data.modelfile import check_model_file
 
 LAYOUT = Layout(feature_shape=(8, 8), feature_dtype="uint8", scale=1 / 16, num_classes=10, train_count=10,
                 test_count=2)

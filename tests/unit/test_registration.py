@@ -13,7 +13,7 @@ import pytest
 from crowdd.config import Config, MatchmakerConfig
 from crowdd.errors import SessionFailed
 from crowdd.hyperparams import Job
-from crowdd.manifest import Manifest
+from crowdd.data.manifest import Manifest
 from crowdd.matchmaker.server import Matchmaker
 from crowdd.node.backoff import Backoff
 from crowdd.node.hosted import HostedJob

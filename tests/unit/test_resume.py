@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from crowdd.cache import DatasetCache
+from crowdd.data.cache import DatasetCache
 from crowdd.hyperparams import Job
 from crowdd.job import MODEL_FILE
 from crowdd.node.checkpoints import CHECKPOINTS, carry_checkpoint, latest_checkpoint

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from crowdd import auth
-from crowdd.group_tls import GroupTLS
-from crowdd.identity import Identity
+from crowdd.trust import auth
+from crowdd.trust.group_tls import GroupTLS
+from crowdd.trust.identity import Identity
 from crowdd.hyperparams import GroupSettings, Job
 from crowdd.plan import DatasetRef, MemberPorts, PlanMember, SessionPlan
 from crowdd.protocol.session import End, HostMessage, MembersUpdate, Train, TrainingEvent
@@ -280,7 +280,7 @@ def _expired_identity(directory: Path, *, expired: bool = True) -> Identity:
                                            serialization.NoEncryption()))
     cert_pem = cert.public_bytes(serialization.Encoding.PEM)
     cert_path.write_bytes(cert_pem)
-    from crowdd.identity import fingerprint_of
+    from crowdd.trust.identity import fingerprint_of
 
     return Identity(key_path, cert_path, cert_pem, fingerprint_of(cert_pem))
 
@@ -296,7 +296,7 @@ async def test_session_port_refuses_impostors_and_keeps_serving(tmp_path: Path, 
     """An outsider's certificate, a member claiming another's index, a plaintext client, garbage
     during the handshake: each is refused (with a log line where the
     application sees it) and the host goes on serving its members."""
-    from crowdd.tls import client_context
+    from crowdd.trust.tls import client_context
 
     g = group(2)
     hs, port, _ = await host_session(g)
@@ -307,7 +307,7 @@ async def test_session_port_refuses_impostors_and_keeps_serving(tmp_path: Path, 
             await auth.connect("127.0.0.1", port, g.token, PURPOSE, {"index": 1},
                                ssl=client_context(outsider, pinned=[g.host.cert]), timeout=2)
         # worker 2 (a real member) presenting its own certificate while claiming to be worker 1
-        with caplog.at_level("WARNING", logger="crowdd.group_tls"):
+        with caplog.at_level("WARNING", logger="crowdd.trust.group_tls"):
             liar = worker(port, g.token, 1, [], as_name="w2")
             await liar.connect(retry_for=0.5)  # TLS and the token pass: it is a member...
             with pytest.raises(HostLost, match="unauthorized"):  # ...but not member 1
@@ -333,7 +333,7 @@ async def test_a_member_s_own_expired_certificate_is_refused(tmp_path: Path) -> 
     """Member 2's certificate is the group's (pinned: the matchmaker handed it out) but has
     expired: the host refuses it in the handshake. The control: the same slot, pinned the same
     way, with a certificate that differs only in its dates, gets in."""
-    from crowdd.tls import client_context
+    from crowdd.trust.tls import client_context
 
     for expired in (True, False):
         mine = _expired_identity(tmp_path / str(expired), expired=expired)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from crowdd.commands import format_status
+from crowdd.cli.commands import format_status
 from crowdd.protocol.session import End, MemberView, check_host_frame
 from crowdd.text import PlainWriter, plain
 

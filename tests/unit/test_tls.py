@@ -1,4 +1,4 @@
-"""TLS 1.3 with pinned identities (crowdd.tls): real handshakes on 127.0.0.1, and the attacks they stop.
+"""TLS 1.3 with pinned identities (crowdd.trust.tls): real handshakes on 127.0.0.1, and the attacks they stop.
 
 Every attacker test asserts that the server's handler never ran for the attacker (the only way
 to get a byte of application data) and that the server then still serves a valid client.
@@ -20,9 +20,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from crowdd import tls
+from crowdd.trust import tls
 from crowdd.errors import CrowddError, ErrorCode, InputError
-from crowdd.identity import Identity, check_certificate, fingerprint_of
+from crowdd.trust.identity import Identity, check_certificate, fingerprint_of
 
 T = 5.0  # generous per-step timeout; nothing here should come near it
 

@@ -18,7 +18,7 @@ import logging
 import os
 from pathlib import Path
 
-from crowdd.manifest import Manifest, ManifestError
+from crowdd.data.manifest import Manifest, ManifestError
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from crowdd import wire
 from crowdd.client.resolve import client_endpoint, resolve_config
 from crowdd.control import HOST_TIMEOUT, ControlClient
 from crowdd.errors import InputError, Unavailable
-from crowdd.handoff import OpenFiles, can_hand_over, open_dataset
+from crowdd.data.handoff import OpenFiles, can_hand_over, open_dataset
 from crowdd.job.card import usage_hint
 from crowdd.hyperparams import HyperparamError, parse_hidden, validate_job
 from crowdd.protocol.control import format_pause, parse_duration
@@ -325,7 +325,7 @@ def host(args: argparse.Namespace) -> int:
     files: OpenFiles | None = None
     if not client_endpoint(args).is_tcp and can_hand_over(dataset):
         # The dataset is opened here, with this user's permissions, and handed to the daemon
-        # (crowdd.handoff): the system service sees no /home and reads nothing on a user's
+        # (crowdd.data.handoff): the system service sees no /home and reads nothing on a user's
         # behalf. Over TCP (Windows) and for image folders the daemon reads the path itself.
         try:
             files = open_dataset(dataset)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from crowdd.errors import InputError
-from crowdd.manifest import Layout
+from crowdd.data.manifest import Layout
 
 MAX_CONFIG = 16 << 20
 FIELD = "model_file"

@@ -56,17 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--system", action="store_true", help="use the system service layout (/var/lib/crowdd, /run/crowdd)")
     p.add_argument("--matchmaker", help="HOST:PORT of the matchmaker (overrides the config)")
-    p.set_defaults(func=_lazy("crowdd.commands", "daemon"))
+    p.set_defaults(func=_lazy("crowdd.cli.commands", "daemon"))
 
     p = sub.add_parser("status", help="show the daemon's state")
     _add_common(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=_lazy("crowdd.commands", "status"))
+    p.set_defaults(func=_lazy("crowdd.cli.commands", "status"))
 
     p = sub.add_parser("donate", help="switch donation on or off")
     _add_common(p)
     p.add_argument("state", choices=("on", "off"))
-    p.set_defaults(func=_lazy("crowdd.commands", "donate"))
+    p.set_defaults(func=_lazy("crowdd.cli.commands", "donate"))
 
     p = sub.add_parser("host", help="host a dataset: find workers and train a model on it")
     _add_common(p)
@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", metavar="COLUMN", help="CSV with a header: the label column's name (default: the first)")
     p.add_argument("--follow", action="store_true",
                    help="stay and print the session's progress until it ends (exit 1 if it fails)")
-    p.set_defaults(func=_lazy("crowdd.commands", "host"))
+    p.set_defaults(func=_lazy("crowdd.cli.commands", "host"))
 
     p = sub.add_parser("model", help="the last trained model: where it is, its card, how to load it")
     _add_common(p)
@@ -103,27 +103,27 @@ def build_parser() -> argparse.ArgumentParser:
     e = msub.add_parser("export", help="copy the model and its card into a directory")
     _add_common(e)
     e.add_argument("dest", type=Path, help="directory to copy model.keras and model.card.json into")
-    p.set_defaults(func=_lazy("crowdd.export", "model"), dest=None)
+    p.set_defaults(func=_lazy("crowdd.cli.export", "model"), dest=None)
 
     p = sub.add_parser("stop", help="stop the current session (ends the whole group's training when hosting; "
                        "a host keeps its checkpoint and the model trained so far)")
     _add_common(p)
-    p.set_defaults(func=_lazy("crowdd.commands", "stop"))
+    p.set_defaults(func=_lazy("crowdd.cli.commands", "stop"))
 
     p = sub.add_parser("pause", help="take a break from donating: suspend (or leave) the current session now and "
                        "do no work for the crowd for a while (kept across daemon restarts)")
     _add_common(p)
     p.add_argument("duration", nargs="?", default="1h",
                    help="how long: 2h, 30m, 1.5h, 90m, 1d, 1h30m; a bare number is hours (default 1h)")
-    p.set_defaults(func=_lazy("crowdd.commands", "pause"))
+    p.set_defaults(func=_lazy("crowdd.cli.commands", "pause"))
 
     p = sub.add_parser("resume", help="end a pause now: donate again as the idle policy allows")
     _add_common(p)
-    p.set_defaults(func=_lazy("crowdd.commands", "resume"))
+    p.set_defaults(func=_lazy("crowdd.cli.commands", "resume"))
 
     p = sub.add_parser("reload", help="make the daemon re-read its configuration")
     _add_common(p)
-    p.set_defaults(func=_lazy("crowdd.commands", "reload"))
+    p.set_defaults(func=_lazy("crowdd.cli.commands", "reload"))
 
     p = sub.add_parser("logs", help="show the daemon's log (its rotating file in the log directory)")
     _add_common(p)
@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=("classification", "regression"), help="as for `crowdd host`")
     p.add_argument("--label", metavar="COLUMN", help="CSV: the label column's name, as for `crowdd host`")
     p.add_argument("--lr", "--learning-rate", dest="learning_rate", type=float, help="learning rate (default 0.5)")
-    p.set_defaults(func=_lazy("crowdd.demo", "main"))
+    p.set_defaults(func=_lazy("crowdd.cli.demo", "main"))
     return parser
 
 

@@ -9,7 +9,7 @@ Sources (see ``docs/dataset-format.md``):
   row; the test split comes from a second file or is carved off by a fraction after a
   deterministic shuffle.
 
-:func:`convert` writes one file of fixed-length records (:class:`crowdd.manifest.Layout`)
+:func:`convert` writes one file of fixed-length records (:class:`crowdd.data.manifest.Layout`)
 that TensorFlow reads with ``tf.data.FixedLengthRecordDataset`` without this module, and a
 manifest beside it, both named by the file's sha256. Everything is vectorised numpy:
 Fashion-MNIST (70k × 784) converts in about a second.
@@ -35,7 +35,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from crowdd.manifest import DEFAULT_CHUNK, Layout, Manifest
+from crowdd.data.manifest import DEFAULT_CHUNK, Layout, Manifest
 from crowdd.route import MAX_CHUNK, MAX_CHUNKS, chunk_for
 
 log = logging.getLogger(__name__)

@@ -13,10 +13,10 @@ import asyncio
 import logging
 import ssl
 
-from crowdd.auth import AuthError
-from crowdd.identity import Identity
+from crowdd.trust.auth import AuthError
+from crowdd.trust.identity import Identity
 from crowdd.plan import PlanMember, SessionPlan
-from crowdd.tls import HANDSHAKE_TIMEOUT, client_context, pin, peer_fingerprint, server_context
+from crowdd.trust.tls import HANDSHAKE_TIMEOUT, client_context, pin, peer_fingerprint, server_context
 
 logger = logging.getLogger(__name__)
 

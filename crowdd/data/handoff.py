@@ -38,7 +38,7 @@ MARK = b"F"
 MAX_FILES = 16
 #: names the daemon accepts for a handed file (what ``datasets`` can read; no path parts)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,199}$")
-#: the IDX files of an MNIST-style directory (:func:`crowdd.datasets.idx_files`)
+#: the IDX files of an MNIST-style directory (:func:`crowdd.data.datasets.idx_files`)
 IDX_NAME = re.compile(r"^(train|t10k)-(images|labels)[-.]idx[13]-ubyte(\.gz)?$")
 
 

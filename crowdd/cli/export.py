@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from crowdd.commands import EXIT_OK, EXIT_REFUSED, EXIT_USAGE, _call
+from crowdd.cli.commands import EXIT_OK, EXIT_REFUSED, EXIT_USAGE, _call
 from crowdd.job.card import CARD_NAME, usage_hint
 
 

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from crowdd.config import JobConfig, Paths
-from crowdd.identity import Identity
-from crowdd.commands import score
+from crowdd.trust.identity import Identity
+from crowdd.cli.commands import score
 from crowdd.control import HOST_TIMEOUT, ControlClient
 from crowdd.errors import RemoteError, Unavailable
 from crowdd.job.card import usage_hint
@@ -205,7 +205,7 @@ def default_dataset(root: Path, out: TextIO) -> Path:
         return FASHION_MNIST
     import numpy as np
 
-    from crowdd.datasets import load_digits
+    from crowdd.data.datasets import load_digits
 
     arrays = load_digits()
     path = root / "digits.npz"

@@ -1,4 +1,4 @@
-"""TLS 1.3-only contexts with pinned self-signed identities (see :mod:`crowdd.identity`).
+"""TLS 1.3-only contexts with pinned self-signed identities (see :mod:`crowdd.trust.identity`).
 
 There are no certificate authorities and no host names: a side either pins the exact
 certificates it accepts (each loaded as its own trust anchor, verified with ``CERT_REQUIRED``,
@@ -19,7 +19,7 @@ import ssl
 from collections.abc import Collection, Iterable
 
 from crowdd.errors import CrowddError, ErrorCode
-from crowdd.identity import Identity, fingerprint_of
+from crowdd.trust.identity import Identity, fingerprint_of
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ Used by replication (purpose ``"data"``) and the daemon's session channel (purpo
 prove they hold it, and every proof is bound to the purpose, both nonces, the role
 (client/server) and the client's hello, so a proof made for one channel or one
 connection cannot be replayed on another. Between members this runs inside mutual TLS
-pinned to the group's identities (:mod:`crowdd.group_tls`; ``connect(ssl=...)`` on the client,
+pinned to the group's identities (:mod:`crowdd.trust.group_tls`; ``connect(ssl=...)`` on the client,
 ``ssl=`` on the server's listener): the certificate is the first factor, the token the second.
 
 Handshake (all frames via :mod:`crowdd.wire`)::
