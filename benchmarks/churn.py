@@ -55,7 +55,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from crowdd.control import ControlClient
+from crowdd.client.control import ControlClient
 from crowdd.cli.demo import Crowd, Node
 from crowdd.testing.churn import Availability, Watch, donate, freeze, goodput, longest_stall, samples_between
 from crowdd.testing.cpucaps import CpuCaps

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import psutil
 
-from crowdd.control import ControlClient
+from crowdd.client.control import ControlClient
 from crowdd.errors import Unavailable
 from crowdd.node.ports import free_port
 from crowdd.platform.process import kill_group as stop_group

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from crowdd.config import Config, IdleConfig, MatchmakerConfig, Paths
-from crowdd.control import Endpoint
+from crowdd.protocol.endpoint import Endpoint
 from crowdd.idle.policy import IdlePolicy
 from crowdd.idle.probes import system_probes
 from crowdd.matchmaker.server import Matchmaker

@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from crowdd.config import JobConfig, Paths, ReplicationConfig
-from crowdd.control import ControlClient
+from crowdd.client.control import ControlClient
 from crowdd.cli.demo import permissive_idle_table
 from crowdd.errors import RemoteError, Unavailable
 from crowdd.hyperparams import Job

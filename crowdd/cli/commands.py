@@ -16,7 +16,7 @@ from typing import Any, TextIO
 
 from crowdd import wire
 from crowdd.client.resolve import client_endpoint, resolve_config
-from crowdd.control import HOST_TIMEOUT, ControlClient
+from crowdd.client.control import HOST_TIMEOUT, ControlClient
 from crowdd.errors import InputError, Unavailable
 from crowdd.data.handoff import OpenFiles, can_hand_over, open_dataset
 from crowdd.job.card import usage_hint

@@ -29,7 +29,7 @@ from typing import Any, TextIO
 from crowdd.config import JobConfig, Paths
 from crowdd.trust.identity import Identity
 from crowdd.cli.commands import score
-from crowdd.control import HOST_TIMEOUT, ControlClient
+from crowdd.client.control import HOST_TIMEOUT, ControlClient
 from crowdd.errors import RemoteError, Unavailable
 from crowdd.job.card import usage_hint
 from crowdd.node.ports import free_port

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from crowdd import wire
-from crowdd.control import ControlClient, Endpoint
+from crowdd.client.control import ControlClient
+from crowdd.protocol.endpoint import Endpoint
 from crowdd.errors import ErrorCode, InputError, RemoteError, Unavailable
 from crowdd.data.handoff import can_hand_over, open_dataset
 
@@ -84,8 +85,8 @@ def _check_reply(reply: Any) -> dict[str, Any]:
 
 
 class ControlDaemonClient:
-    """:class:`DaemonClient` over :class:`crowdd.control.ControlClient`, at an
-    :class:`~crowdd.control.Endpoint` (a Unix socket path is taken as one).
+    """:class:`DaemonClient` over :class:`crowdd.client.control.ControlClient`, at an
+    :class:`~crowdd.protocol.endpoint.Endpoint` (a Unix socket path is taken as one).
 
     One request connection, opened on first use and again after it breaks; requests are
     serialised on it. :meth:`subscribe` uses a connection of its own.

@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 from crowdd.config import Config, ConfigError, Paths, load_config
-from crowdd.control import SYSTEM_SOCKET, Endpoint, client_socket
+from crowdd.protocol.endpoint import SYSTEM_SOCKET, Endpoint, client_socket
 
 
 def resolve_config(args: argparse.Namespace) -> tuple[Config, Paths]:
@@ -40,7 +40,7 @@ def client_endpoint(
     args: argparse.Namespace, *, user_socket: Path | None = None, system_socket: Path = SYSTEM_SOCKET
 ) -> Endpoint:
     """The daemon a client talks to: the TCP + token endpoint where the node uses one, else
-    the Unix socket (see :func:`crowdd.control.client_socket`: the system service's socket when
+    the Unix socket (see :func:`crowdd.protocol.endpoint.client_socket`: the system service's socket when
     there is no per-user one). The socket paths are injectable for tests."""
     system = bool(getattr(args, "system", False))
     endpoint = Endpoint.for_paths(node_paths(args), system=system)

@@ -6,7 +6,7 @@ the user's own permissions, and passes the open descriptors over the Unix contro
 daemon copies them into its cache. Whoever can read a file can host it; whoever can't, can't
 (the open fails in the CLI, before anything reaches the daemon).
 
-The exchange on one control connection (:mod:`crowdd.control`)::
+The exchange on one control connection (:mod:`crowdd.node.control`)::
 
     client → {"type": "host", "dataset": "/home/a/x.npz", "files": [{"name": "x.npz", "size": N}], "job": {...}}
     daemon → {"type": "send_files"}          (it has stopped reading the stream)

@@ -37,7 +37,8 @@ from crowdd.data.cache import DatasetCache
 from crowdd.config import Config, ConfigError, Paths, parse_hostport
 from crowdd.errors import InputError
 from crowdd.protocol.control import format_pause
-from crowdd.control import ControlServer, Endpoint
+from crowdd.node.control import ControlServer
+from crowdd.protocol.endpoint import Endpoint
 from crowdd.node.context import SessionContext
 from crowdd.node.cycle import run_cycle, SessionFailed
 from crowdd.node.donation import DonationSwitch

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from crowdd.config import Config, Paths, load_config, parse_hostport
-from crowdd.control import Endpoint
+from crowdd.protocol.endpoint import Endpoint
 from crowdd.idle.policy import IdlePolicy, Policy
 from crowdd.idle.probes import Probes, system_probes
 from crowdd.node.daemon import Daemon

@@ -9,7 +9,7 @@ import argparse
 from pathlib import Path
 
 from crowdd.client.resolve import client_endpoint
-from crowdd.control import SYSTEM_SOCKET, client_socket
+from crowdd.protocol.endpoint import SYSTEM_SOCKET, client_socket
 
 
 def socket_path(args: argparse.Namespace) -> Path:

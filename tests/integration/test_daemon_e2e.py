@@ -16,7 +16,7 @@ import numpy as np
 import psutil
 import pytest
 
-from crowdd.control import ControlClient
+from crowdd.client.control import ControlClient
 from crowdd.data.datasets import load_digits
 from crowdd.cli.demo import Crowd, Node
 from crowdd.testing.bounds import at_least

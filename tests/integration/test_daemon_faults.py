@@ -23,7 +23,7 @@ from test_daemon_e2e import (
 )
 
 from crowdd import wire
-from crowdd.control import ControlClient
+from crowdd.client.control import ControlClient
 from crowdd.cli.demo import Crowd
 from crowdd.testing.bounds import at_least
 

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 from test_daemon_e2e import TEST_CONFIG, digits_npz, job_processes
 
-from crowdd.control import ControlClient
+from crowdd.client.control import ControlClient
 from crowdd.cli.demo import Crowd
 from crowdd.testing.churn import Watch, donate, freeze, longest_stall
 from crowdd.testing.bounds import at_least

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from crowdd import wire
-from crowdd.control import ControlClient
+from crowdd.client.control import ControlClient
 from crowdd.node.ports import free_port
 from crowdd.platform.process import kill_group
 

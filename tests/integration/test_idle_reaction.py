@@ -21,7 +21,7 @@ import psutil
 import pytest
 
 from crowdd.config import Config, IdleConfig, Paths
-from crowdd.control import Endpoint
+from crowdd.protocol.endpoint import Endpoint
 from crowdd.idle.policy import AlwaysIdle, IdlePolicy, Policy
 from crowdd.idle.probes import system_probes
 from crowdd.matchmaker.server import Matchmaker

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from crowdd.control import ControlClient
+from crowdd.client.control import ControlClient
 from crowdd.cli.demo import Crowd
 
 from test_daemon_e2e import TEST_CONFIG, Recorder, digits_npz, donate_all, host_job, job_processes

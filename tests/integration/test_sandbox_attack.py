@@ -34,7 +34,7 @@ from typing import Any
 import psutil
 import pytest
 
-from crowdd.control import ControlClient
+from crowdd.client.control import ControlClient
 from crowdd.cli.demo import Crowd, Node
 from crowdd.platform.sandbox import probe
 from crowdd.platform.userns import JOB_PASSWD

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from crowdd.config import JobConfig
-from crowdd.control import ControlClient
+from crowdd.client.control import ControlClient
 from crowdd.cli.demo import Crowd
 from crowdd.testing.bounds import at_least
 from test_daemon_e2e import (  # the same real crowd, recorder and helpers

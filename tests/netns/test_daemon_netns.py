@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from crowdd.config import Paths
-from crowdd.control import ControlClient
+from crowdd.client.control import ControlClient
 from crowdd.trust.identity import Identity
 from crowdd.errors import Unavailable
 from crowdd.data.datasets import load_digits

@@ -42,7 +42,7 @@ import pytest
 from test_daemon_netns import log_fd, wait_socket
 
 from crowdd.config import Paths
-from crowdd.control import ControlClient
+from crowdd.client.control import ControlClient
 from crowdd.data.datasets import load_digits
 from crowdd.cli.demo import permissive_idle_table
 from crowdd.trust.identity import Identity

@@ -247,7 +247,7 @@ def test_tensorflow_trains_under_the_hardened_unit_and_stop_leaves_nothing(crowd
     (A drop-in gives the unit normal CPU priority: under SCHED_IDLE a busy test machine could
     starve the worker for minutes; the hardening is untouched.)"""
     from crowdd.cli.demo import Crowd, node_config
-    from crowdd.control import ControlClient
+    from crowdd.client.control import ControlClient
 
     crowd = Crowd(tmp_path / "crowd", 0, extra_config="[replication]\nstall_timeout = 5.0\n")
     config = node_config(crowd.matchmaker_addr, "unit-worker", 10, *crowd.job_settings,

@@ -14,7 +14,7 @@ import pytest
 
 from crowdd.client.daemon_client import ControlDaemonClient, DaemonClient
 from crowdd.config import Config, Paths
-from crowdd.control import Endpoint
+from crowdd.protocol.endpoint import Endpoint
 from crowdd.errors import ErrorCode, RemoteError, Unavailable
 from crowdd.idle.policy import AlwaysIdle
 from crowdd.node.daemon import Daemon

@@ -18,7 +18,8 @@ from typing import Any
 
 import pytest
 
-from crowdd import control, wire
+from crowdd import wire
+from crowdd.node import control
 from crowdd.trust.identity import Identity
 from crowdd.trust.tls import client_context, open_tls
 from crowdd.hyperparams import Job
@@ -26,14 +27,9 @@ from crowdd.protocol.control import HostRequest
 from crowdd.errors import Unavailable
 from crowdd.platform.userns import probe as userns_probe
 from crowdd.node.daemon import Daemon
-from crowdd.control import (
-    ControlClient,
-    ControlServer,
-    Endpoint,
-    TokenFile,
-    read_token_file,
-    write_token_file,
-)
+from crowdd.client.control import ControlClient
+from crowdd.node.control import ControlServer
+from crowdd.protocol.endpoint import Endpoint, TokenFile, read_token_file, write_token_file
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -193,7 +189,7 @@ async def test_a_job_in_its_user_namespace_is_refused(served: Any) -> None:
     (``unshare --user --map-root-user``), a client switching donation on is refused; the
     same client outside is served (the control)."""
     handler, _, ep = served
-    client = ("import asyncio, sys; from crowdd.control import ControlClient\n"
+    client = ("import asyncio, sys; from crowdd.client.control import ControlClient\n"
               "async def main():\n"
               "    async with ControlClient(sys.argv[1]) as c:\n"
               "        print((await c.donate(True))['type'])\n"
@@ -483,7 +479,7 @@ async def test_system_socket_is_group_shared(tmp_path: Path, monkeypatch: pytest
         want = None
     ep = Endpoint(path=tmp_path / "run" / "control.sock", system=True)
     server = ControlServer(FakeDaemon(), ep)
-    with caplog.at_level("WARNING", logger="crowdd.control"):
+    with caplog.at_level("WARNING", logger="crowdd.node.control"):
         await server.start()
     try:
         st = os.stat(ep.path)
@@ -506,7 +502,7 @@ async def test_clients_fall_back_to_the_system_service_socket(tmp_path: Path) ->
     import argparse
 
     from crowdd.cli.commands import client_endpoint
-    from crowdd.control import client_socket
+    from crowdd.protocol.endpoint import client_socket
 
     user = tmp_path / "user-runtime" / "control.sock"
     system = tmp_path / "run-crowdd" / "control.sock"

@@ -17,7 +17,8 @@ import pytest
 
 from crowdd import wire
 from crowdd.config import Config, MatchmakerConfig, Paths
-from crowdd.control import ControlClient, Endpoint
+from crowdd.client.control import ControlClient
+from crowdd.protocol.endpoint import Endpoint
 from crowdd.node.backoff import Backoff
 from crowdd.node.daemon import Daemon
 from crowdd.node.entry import make_policy

@@ -13,7 +13,9 @@ import pytest
 
 from crowdd import wire
 from crowdd.data import handoff
-from crowdd.control import ControlClient, ControlServer, Endpoint
+from crowdd.client.control import ControlClient
+from crowdd.node.control import ControlServer
+from crowdd.protocol.endpoint import Endpoint
 from crowdd.errors import InputError
 from crowdd.protocol.control import HostRequest, check_host, make_host
 

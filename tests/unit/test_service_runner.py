@@ -163,7 +163,7 @@ def _load_service_module():  # type: ignore[no-untyped-def]
 def test_windows_entry_runs_the_real_daemon(tmp_path: Path) -> None:
     """The Windows service's entry point on Linux: the real daemon, loopback TCP + token file,
     answering status until the stop event is set."""
-    from crowdd.control import ControlClient
+    from crowdd.client.control import ControlClient
 
     mod = _load_service_module()
     runner = ServiceRunner(mod.daemon_entry(tmp_path, tcp=True))

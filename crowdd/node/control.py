@@ -1,4 +1,5 @@
-"""The daemon's control socket: server, client, and where it lives.
+"""The daemon's control socket, its server side (the client: :mod:`crowdd.client.control`;
+where it lives: :mod:`crowdd.protocol.endpoint`).
 
 The CLI and the TUI talk to the daemon only through this socket, with the same wire codec
 as every other crowdd connection (:mod:`crowdd.wire`), and the typed messages of
@@ -33,28 +34,25 @@ import asyncio
 import contextlib
 import dataclasses
 import hmac
-import json
 import logging
 import os
 import secrets
 import socket
 import stat
 import struct
-import sys
-from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol, cast
+from typing import Any, Protocol, cast
 
 from crowdd import wire
 from crowdd.data import handoff
-from crowdd.config import Paths
 from crowdd.aio import cancel_and_wait
-from crowdd.errors import CrowddError, InputError, Unavailable
-from crowdd.data.handoff import OpenFiles, Upload
+from crowdd.errors import CrowddError, InputError
+from crowdd.data.handoff import Upload
 from crowdd.trust.identity import Identity
+from crowdd.protocol.endpoint import Endpoint, TokenFile, write_token_file
 from crowdd.platform.userns import peer_pid, why_not_served
-from crowdd.trust.tls import HANDSHAKE_TIMEOUT, client_context, open_tls, server_context
+from crowdd.trust.tls import HANDSHAKE_TIMEOUT, server_context
 from crowdd.protocol.control import (
     REQUEST_TYPES,
     HostRequest,
@@ -62,91 +60,15 @@ from crowdd.protocol.control import (
     check_donate,
     check_host,
     check_pause,
-    make_donate,
-    make_host,
-    make_pause,
-    make_reload,
-    make_resume,
-    make_status,
-    make_stop,
 )
 from crowdd.wire import ErrorCode, WireError
 
 logger = logging.getLogger(__name__)
 
 SYSTEM_GROUP = "crowdd"
-#: The system service's control socket (systemd ``RuntimeDirectory=crowdd``).
-SYSTEM_SOCKET = Path("/run/crowdd/control.sock")
-REQUEST_TIMEOUT = 10.0  # a client's reply must come within this
-HOST_TIMEOUT = 900.0  # a host request's reply waits for the dataset's conversion
 BODY_TIMEOUT = 10.0  # once a frame header has arrived, its body must follow within this
 SUBSCRIBER_QUEUE = 256  # events buffered per subscriber before the oldest are dropped
 SUBSCRIBER_WRITE_TIMEOUT = 10.0  # a subscriber that reads nothing for this long is dropped
-
-
-def how_to_start(system: bool = False) -> str:
-    if sys.platform == "win32":
-        return "start it with `crowdd daemon` (or start the crowdd Windows service)"
-    if system:
-        return "start it with `sudo systemctl start crowdd` (or run `crowdd daemon --system`)"
-    return "start it with `crowdd daemon` (or `systemctl --user start crowdd`)"
-
-
-# --------------------------------------------------------------------------- endpoint
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """Where the control socket is: a Unix socket path, or loopback TCP + a token file."""
-
-    path: Path | None = None
-    token_file: Path | None = None
-    tcp_host: str = "127.0.0.1"
-    tcp_port: int = 0
-    system: bool = False
-
-    @property
-    def is_tcp(self) -> bool:
-        return self.path is None
-
-    def describe(self) -> str:
-        if self.path is not None:
-            return str(self.path)
-        return f"loopback TCP (token file {self.token_file})"
-
-    @classmethod
-    def for_paths(
-        cls, paths: Paths, *, system: bool = False, socket_path: Path | None = None, tcp: bool | None = None
-    ) -> Endpoint:
-        """The endpoint for a node's paths: Unix socket, or TCP + token on Windows."""
-        use_tcp = sys.platform == "win32" if tcp is None else tcp
-        if use_tcp:
-            return cls(path=None, token_file=paths.runtime_dir / "control.token", system=system)
-        return cls(path=socket_path or paths.control_socket, system=system)
-
-
-def client_socket(
-    socket: Path | str | None = None,
-    root: Path | str | None = None,
-    *,
-    system: bool = False,
-    user_socket: Path | None = None,
-    system_socket: Path = SYSTEM_SOCKET,
-) -> Path:
-    """The control socket a client (CLI, TUI) talks to: ``--socket``; else the ``--root``
-    layout's; else ``--system``'s; else the per-user socket, or the system service's when
-    there is no per-user one and the system one exists (a volunteer who installed the service
-    needs no flag). ``user_socket``/``system_socket`` default to the real locations."""
-    if socket:
-        return Path(socket)
-    if root:
-        return Paths.under(Path(root)).control_socket
-    if system:
-        return system_socket
-    user = user_socket if user_socket is not None else Paths.for_user().control_socket
-    if not user.exists() and system_socket.exists():
-        return system_socket
-    return user
 
 
 # --------------------------------------------------------------------------- server
@@ -493,256 +415,4 @@ def _chgrp(path: Path, group: str) -> None:
         logger.warning("cannot give %s to group %r: %s", path, group, exc)
 
 
-class TokenFile(NamedTuple):
-    """What a TCP control client needs: where, the token, and the daemon's TLS fingerprint."""
-
-    host: str
-    port: int
-    token: str
-    fingerprint: str
-
-
-def write_token_file(path: Path, tf: TokenFile) -> None:
-    """Write the TCP endpoint, its token and the daemon's certificate fingerprint to a file only
-    this user can read (atomically)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, json.dumps(tf._asdict()).encode())
-    finally:
-        os.close(fd)
-    os.chmod(tmp, 0o600)  # On Windows the per-user profile directory's ACL does the real work.
-    os.replace(tmp, path)
-
-
-def read_token_file(path: Path) -> TokenFile:
-    try:
-        data = json.loads(path.read_text())
-        return TokenFile(str(data["host"]), int(data["port"]), str(data["token"]), str(data["fingerprint"]))
-    except FileNotFoundError:
-        raise
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise Unavailable(f"the control token file {path} is unreadable ({exc})") from None
-
-
-# --------------------------------------------------------------------------- client
-
-
-class ControlClient:
-    """Talks to a daemon's control socket. ``request`` raises :class:`wire.RemoteError` on an
-    ``error`` reply and :class:`Unavailable` when nothing listens."""
-
-    def __init__(
-        self,
-        path: Path | None = None,
-        *,
-        tcp: tuple[str, int] | None = None,
-        token_file: Path | None = None,
-        timeout: float = REQUEST_TIMEOUT,
-        system: bool = False,
-    ) -> None:
-        if path is None and tcp is None and token_file is None:
-            raise ValueError("ControlClient needs a socket path, or a TCP address / token file")
-        self._path = path
-        self._tcp = tcp
-        self._token_file = token_file
-        self._timeout = timeout
-        self._system = system
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
-        self._first: dict[str, Any] = {}
-        self._lock = asyncio.Lock()
-
-    @classmethod
-    def for_endpoint(cls, endpoint: Endpoint, **kw: Any) -> ControlClient:
-        if endpoint.path is not None:
-            return cls(endpoint.path, system=endpoint.system, **kw)
-        return cls(token_file=endpoint.token_file, system=endpoint.system, **kw)
-
-    def _where(self) -> str:
-        if self._path is not None:
-            return str(self._path)
-        if self._tcp is not None:
-            return f"{self._tcp[0]}:{self._tcp[1]}"
-        return f"the address in {self._token_file}"
-
-    async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, dict[str, Any]]:
-        """A new connection plus the fields the first frame must carry."""
-        first: dict[str, Any] = {"proto": wire.PROTO}
-        try:
-            if self._path is not None:
-                r, w = await asyncio.wait_for(asyncio.open_unix_connection(str(self._path)), self._timeout)
-            else:
-                host, port = self._tcp if self._tcp is not None else ("", 0)
-                if self._token_file is None:
-                    raise Unavailable("a TCP control client needs the daemon's token file")
-                tf = read_token_file(self._token_file)
-                first["token"] = tf.token
-                if self._tcp is None:
-                    host, port = tf.host, tf.port
-                r, w = await open_tls(host, port, client_context(None), expect=tf.fingerprint, timeout=self._timeout)
-        except CrowddError as exc:
-            if exc.code == ErrorCode.UNAUTHORIZED:
-                raise Unavailable(f"{self._where()} is not this node's daemon: {exc.message}") from None
-            raise
-        except (FileNotFoundError, ConnectionRefusedError, asyncio.TimeoutError, OSError) as exc:
-            raise Unavailable(
-                f"no crowdd daemon is running (nothing answers on {self._where()}: "
-                f"{exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__}); "
-                f"{how_to_start(self._system)}"
-            ) from None
-        return r, w, first
-
-    async def connect(self) -> None:
-        if self._writer is None:
-            self._reader, self._writer, self._first = await self._open()
-
-    async def close(self) -> None:
-        if self._writer is not None:
-            await wire.close_writer(self._writer)
-        self._reader = self._writer = None
-
-    async def __aenter__(self) -> ControlClient:  # noqa: PYI034 - Python 3.10 has no typing.Self
-        await self.connect()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def request(self, msg: Mapping[str, Any], *, timeout: float | None = None) -> dict[str, Any]:
-        """One request and its reply; ``timeout`` for the reply (default: the client's)."""
-        async with self._lock:
-            await self.connect()
-            if self._reader is None or self._writer is None:
-                raise Unavailable(f"not connected to {self._where()}")
-            frame = {**msg, **self._first}
-            try:
-                await wire.write_frame(self._writer, frame, timeout=self._timeout)
-                self._first = {}
-                reply = await wire.read_frame(self._reader, timeout=timeout or self._timeout)
-            except (wire.ConnectionClosed, wire.FrameTimeout, ConnectionError) as exc:
-                await self.close()
-                raise Unavailable(f"the daemon on {self._where()} went away ({exc})") from None
-            except WireError:
-                await self.close()
-                raise
-        if reply.get("type") == "error":
-            if reply.get("code") != ErrorCode.BAD_FIELD.value:
-                await self.close()  # the server closed this connection after the error
-            wire.raise_if_error(reply)
-        return reply
-
-    async def status(self) -> dict[str, Any]:
-        return await self.request(make_status())
-
-    async def donate(self, on: bool) -> dict[str, Any]:
-        return await self.request(make_donate(on))
-
-    async def host(self, dataset: str, job: Mapping[str, Any], test_fraction: float | None = None,
-                   model_file: str | None = None, label: str | None = None) -> dict[str, Any]:
-        """Ask to host; the reply comes once the daemon has accepted (converted) or refused the dataset."""
-        return await self.request(make_host(dataset, job, test_fraction, model_file, label),
-                                  timeout=max(self._timeout, HOST_TIMEOUT))
-
-    async def host_files(self, files: OpenFiles, job: Mapping[str, Any], test_fraction: float | None = None,
-                         extra: Mapping[str, Any] | None = None, *, timeout: float = 3600.0) -> dict[str, Any]:
-        """Host a dataset this process has opened (:func:`crowdd.data.handoff.open_dataset`): its
-        descriptors go over the Unix socket; the daemon copies and converts them (``timeout``
-        covers that) and answers. ``extra``: the host request's other fields (label, task, …).
-        ``files`` stays open; the caller closes it."""
-        if self._path is None:
-            raise InputError("open files can be handed over only on a Unix control socket", field="dataset")
-        frame = {**make_host(str(files.dataset), job, test_fraction, files=files.describe()), **(extra or {})}
-        async with self._lock:
-            await self.connect()
-            if self._reader is None or self._writer is None:
-                raise Unavailable(f"not connected to {self._where()}")
-            try:
-                await wire.write_frame(self._writer, {**frame, **self._first}, timeout=self._timeout)
-                self._first = {}
-                reply = await wire.read_frame(self._reader, timeout=self._timeout)
-                if reply.get("type") == "send_files":
-                    sock = self._writer.get_extra_info("socket")
-                    raw = socket.socket(fileno=os.dup(sock.fileno()))
-                    try:
-                        raw.settimeout(self._timeout)
-                        handoff.send(raw, files.fds)
-                    finally:
-                        raw.close()
-                    reply = await wire.read_frame(self._reader, timeout=timeout)
-            except (wire.ConnectionClosed, wire.FrameTimeout, ConnectionError) as exc:
-                await self.close()
-                raise Unavailable(f"the daemon on {self._where()} went away ({exc})") from None
-            except WireError:
-                await self.close()
-                raise
-        if reply.get("type") == "error":
-            if reply.get("code") != ErrorCode.BAD_FIELD.value:
-                await self.close()
-            wire.raise_if_error(reply)
-        return reply
-
-    async def stop(self) -> dict[str, Any]:
-        return await self.request(make_stop())
-
-    async def reload(self) -> dict[str, Any]:
-        return await self.request(make_reload())
-
-    async def pause(self, hours: float) -> dict[str, Any]:
-        """Hold donation back for ``hours``; the reply says until when (``paused_until``)."""
-        return await self.request(make_pause(hours))
-
-    async def resume(self) -> dict[str, Any]:
-        return await self.request(make_resume())
-
-    async def subscribe(self) -> AsyncIterator[dict[str, Any]]:
-        """Events from the daemon on a connection of their own, until it closes."""
-        reader, writer, first = await self._open()
-        try:
-            await wire.write_frame(writer, {"type": "subscribe", **first}, timeout=self._timeout)
-            reply = await wire.read_frame(reader, timeout=self._timeout)
-            wire.raise_if_error(reply)
-            while True:
-                try:
-                    frame = await wire.read_frame(reader, timeout=None)
-                except wire.ConnectionClosed:
-                    return
-                wire.raise_if_error(frame)
-                yield frame
-        finally:
-            await wire.close_writer(writer)
-
-
-async def wait_for_daemon(
-    client_factory: Callable[[], ControlClient], timeout: float, *, poll: float = 0.2
-) -> dict[str, Any]:
-    """Poll until a daemon answers ``status`` (for launchers and tests); its status, or raise."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        client = client_factory()
-        try:
-            return await client.status()
-        except Unavailable:
-            if loop.time() > deadline:
-                raise
-            await asyncio.sleep(poll)
-        finally:
-            await client.close()
-
-
-__all__ = [
-    "SYSTEM_SOCKET",
-    "ControlClient",
-    "ControlHandler",
-    "ControlServer",
-    "Unavailable",
-    "Endpoint",
-    "client_socket",
-    "how_to_start",
-    "TokenFile",
-    "read_token_file",
-    "wait_for_daemon",
-    "write_token_file",
-]
+__all__ = ["SYSTEM_GROUP", "ControlHandler", "ControlServer"]
