@@ -41,7 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"crowdd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _services(sub)
+    _client_commands(sub)
+    _host(sub)
+    _model(sub)
+    _demo(sub)
+    return parser
 
+
+def _services(sub: Any) -> None:
+    """The long-running ones: the matchmaker and the daemon."""
     p = sub.add_parser("matchmaker", help="run the central matchmaker that groups hosts and workers")
     _add_common(p)
     p.add_argument("--listen", help="HOST:PORT to listen on (default from config: 0.0.0.0:7700)")
@@ -58,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--matchmaker", help="HOST:PORT of the matchmaker (overrides the config)")
     p.set_defaults(func=_lazy("crowdd.cli.commands", "daemon"))
 
+
+def _client_commands(sub: Any) -> None:
+    """The daemon's clients: one request each (host, model and demo have their own)."""
     p = sub.add_parser("status", help="show the daemon's state")
     _add_common(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -67,43 +79,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("state", choices=("on", "off"))
     p.set_defaults(func=_lazy("crowdd.cli.commands", "donate"))
-
-    p = sub.add_parser("host", help="host a dataset: find workers and train a model on it")
-    _add_common(p)
-    p.add_argument("dataset", type=Path, help=".npz (Keras layout), a directory of IDX files, a CSV (label first, "
-                   "or --label), or a folder of images with one subfolder per class")
-    p.add_argument("--workers", type=int, help="workers wanted (default 2)")
-    p.add_argument("--min-workers", type=int, help="fewest workers to accept after --wait seconds")
-    p.add_argument("--wait", type=float, help="seconds to wait for the full group")
-    p.add_argument("--lr", "--learning-rate", dest="learning_rate", type=float, help="learning rate")
-    p.add_argument("--batch", "--batch-size", dest="batch_size", type=int, help="batch size")
-    p.add_argument("--epochs", type=int, help="passes over each worker's shard")
-    p.add_argument("--hidden", help="hidden layer sizes, e.g. 100 or 128,64")
-    p.add_argument("--model", choices=("mlp", "cnn"), help="a preset network (default mlp)")
-    p.add_argument("--model-file", type=Path,
-                   help="your own Keras 3 model (.keras; weights, when saved, are the starting point); "
-                        "it takes the raw features and ends in a softmax with one unit per class")
-    p.add_argument("--optimizer", choices=("sgd", "adam"))
-    p.add_argument("--sharding", choices=("overlap", "disjoint", "full"))
-    p.add_argument("--test-fraction", type=float, help="CSV and image folders: carve this fraction off as the test "
-                   "split (default 0.2; an image folder with train/ and test/ uses those)")
-    p.add_argument("--image-size", metavar="HxW", help="image folders: resize every image to this (default: "
-                   "the first image's size, which all must have)")
-    p.add_argument("--color", choices=("rgb", "grayscale"), help="image folders: colour mode (default: the first image's)")
-    p.add_argument("--task", choices=("classification", "regression"),
-                   help="regression: the label column is a number to predict (MSE/MAE reported); default classification")
-    p.add_argument("--label", metavar="COLUMN", help="CSV with a header: the label column's name (default: the first)")
-    p.add_argument("--follow", action="store_true",
-                   help="stay and print the session's progress until it ends (exit 1 if it fails)")
-    p.set_defaults(func=_lazy("crowdd.cli.commands", "host"))
-
-    p = sub.add_parser("model", help="the last trained model: where it is, its card, how to load it")
-    _add_common(p)
-    msub = p.add_subparsers(dest="model_command", metavar="ACTION")
-    e = msub.add_parser("export", help="copy the model and its card into a directory")
-    _add_common(e)
-    e.add_argument("dest", type=Path, help="directory to copy model.keras and model.card.json into")
-    p.set_defaults(func=_lazy("crowdd.cli.export", "model"), dest=None)
 
     p = sub.add_parser("stop", help="stop the current session (ends the whole group's training when hosting; "
                        "a host keeps its checkpoint and the model trained so far)")
@@ -136,6 +111,54 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=_lazy("crowdd.tui", "main"))
 
+
+def _host(sub: Any) -> None:
+    """`crowdd host`: the dataset and the job's hyperparameters."""
+    p = sub.add_parser("host", help="host a dataset: find workers and train a model on it")
+    _add_common(p)
+    p.add_argument("dataset", type=Path, help=".npz (Keras layout), a directory of IDX files, a CSV (label first, "
+                   "or --label), or a folder of images with one subfolder per class")
+    p.add_argument("--workers", type=int, help="workers wanted (default 2)")
+    p.add_argument("--min-workers", type=int, help="fewest workers to accept after --wait seconds")
+    p.add_argument("--wait", type=float, help="seconds to wait for the full group")
+    p.add_argument("--lr", "--learning-rate", dest="learning_rate", type=float, help="learning rate")
+    p.add_argument("--batch", "--batch-size", dest="batch_size", type=int, help="batch size")
+    p.add_argument("--epochs", type=int, help="passes over each worker's shard")
+    p.add_argument("--hidden", help="hidden layer sizes, e.g. 100 or 128,64")
+    p.add_argument("--model", choices=("mlp", "cnn"), help="a preset network (default mlp)")
+    p.add_argument("--model-file", type=Path,
+                   help="your own Keras 3 model (.keras; weights, when saved, are the starting point); "
+                        "it takes the raw features and ends in a softmax with one unit per class")
+    p.add_argument("--optimizer", choices=("sgd", "adam"))
+    p.add_argument("--sharding", choices=("overlap", "disjoint", "full"))
+    p.add_argument("--test-fraction", type=float, help="CSV and image folders: carve this fraction off as the test "
+                   "split (default 0.2; an image folder with train/ and test/ uses those)")
+    p.add_argument("--image-size", metavar="HxW", help="image folders: resize every image to this (default: "
+                   "the first image's size, which all must have)")
+    p.add_argument("--color", choices=("rgb", "grayscale"), help="image folders: colour mode (default: the first image's)")
+    p.add_argument("--task", choices=("classification", "regression"),
+                   help="regression: the label column is a number to predict (MSE/MAE reported); default classification")
+    p.add_argument("--label", metavar="COLUMN", help="CSV with a header: the label column's name (default: the first)")
+    p.add_argument("--follow", action="store_true",
+                   help="stay and print the session's progress until it ends (exit 1 if it fails)")
+    p.set_defaults(func=_lazy("crowdd.cli.commands", "host"))
+
+
+
+def _model(sub: Any) -> None:
+    """`crowdd model [export DEST]`."""
+    p = sub.add_parser("model", help="the last trained model: where it is, its card, how to load it")
+    _add_common(p)
+    msub = p.add_subparsers(dest="model_command", metavar="ACTION")
+    e = msub.add_parser("export", help="copy the model and its card into a directory")
+    _add_common(e)
+    e.add_argument("dest", type=Path, help="directory to copy model.keras and model.card.json into")
+    p.set_defaults(func=_lazy("crowdd.cli.export", "model"), dest=None)
+
+
+
+def _demo(sub: Any) -> None:
+    """`crowdd demo`: a whole crowd on this machine."""
     p = sub.add_parser("demo", help="run a whole crowd on this machine and train a model")
     p.add_argument("-v", "--verbose", action="count", default=0)
     p.add_argument("--workers", type=int, default=3, help="worker daemons (default 3)")
@@ -148,7 +171,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", metavar="COLUMN", help="CSV: the label column's name, as for `crowdd host`")
     p.add_argument("--lr", "--learning-rate", dest="learning_rate", type=float, help="learning rate (default 0.5)")
     p.set_defaults(func=_lazy("crowdd.cli.demo", "main"))
-    return parser
 
 
 _SERVICES = ("matchmaker", "daemon")

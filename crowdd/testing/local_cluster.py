@@ -80,34 +80,10 @@ def run_cluster(
         cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     procs: list[subprocess.Popen] = []
     logs = []
-    result = RunResult()
     try:
         for i in range(extra_workers + 1):
-            wd = root / f"member{i}"
-            wd.mkdir(exist_ok=True)
-            if sandbox:  # as the launcher does: a link the sandbox keeps read-only
-                (wd / "dataset.bin").unlink(missing_ok=True)
-                (wd / "dataset.bin").symlink_to(data.resolve())
-            else:
-                _place(data, wd / "dataset.bin")
-            _place(manifest, wd / "dataset.manifest.json")
-            role = "host" if i == 0 else "worker"
-            own = job_cluster(cluster, role) if sandbox else None
-            spec: dict[str, Any] = {
-                "role": role,
-                "index": i,
-                "cluster": own.to_dict() if own is not None else cluster,
-                "job": job,
-                "dataset": {"data": "dataset.bin", "manifest": "dataset.manifest.json"},
-                "workdir": str(wd),
-                "settings": settings,
-            }
-            if i == 0:
-                spec["output_dir"] = "out"
-            spec_path = wd / "spec.json"  # inside the job directory: a sandboxed job reads only that
-            spec_path.write_text(json.dumps(spec))
-        order = list(range(1, extra_workers + 1)) + [0]
-        for i in order:
+            _write_spec(root / f"member{i}", i, data, manifest, cluster, job, settings, sandbox)
+        for i in [*range(1, extra_workers + 1), 0]:  # the host last: its workers' servers are starting
             fh = open(root / f"member{i}.log", "wb")  # noqa: SIM115 - closed in finally
             logs.append(fh)
             argv = [sys.executable, SAFE_PATH, "-m", "crowdd.job", "host" if i == 0 else "worker", "--spec", str(root / f"member{i}" / "spec.json")]
@@ -127,28 +103,59 @@ def run_cluster(
                     **group_options(),
                 )
             )
-        host = procs[-1]
-        assert host.stdout is not None
-        deadline = time.monotonic() + timeout
-        for line in host.stdout:
-            event = parse_event(line)
-            if event is None:
-                continue
-            result.events.append(event)
-            if log is not None:
-                log(event)
-            if event["event"] in ("done", "error") or time.monotonic() > deadline:
-                break
-        try:
-            result.returncode = host.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            result.returncode = None
-        return result
+        return _follow(procs[-1], timeout, log)
     finally:
         for p in procs:
             kill_group(p, grace=0)
         for fh in logs:
             fh.close()
+
+
+def _write_spec(wd: Path, i: int, data: Path, manifest: Path, cluster: dict[str, list[str]], job: dict[str, Any],
+                settings: dict[str, Any], sandbox: bool) -> None:
+    """Member ``i``'s job directory: the dataset, its manifest and its spec."""
+    wd.mkdir(exist_ok=True)
+    if sandbox:  # as the launcher does: a link the sandbox keeps read-only
+        (wd / "dataset.bin").unlink(missing_ok=True)
+        (wd / "dataset.bin").symlink_to(data.resolve())
+    else:
+        _place(data, wd / "dataset.bin")
+    _place(manifest, wd / "dataset.manifest.json")
+    role = "host" if i == 0 else "worker"
+    own = job_cluster(cluster, role) if sandbox else None
+    spec: dict[str, Any] = {
+        "role": role,
+        "index": i,
+        "cluster": own.to_dict() if own is not None else cluster,
+        "job": job,
+        "dataset": {"data": "dataset.bin", "manifest": "dataset.manifest.json"},
+        "workdir": str(wd),
+        "settings": settings,
+    }
+    if i == 0:
+        spec["output_dir"] = "out"
+    (wd / "spec.json").write_text(json.dumps(spec))  # inside the job directory: a sandboxed job reads only that
+
+
+def _follow(host: subprocess.Popen, timeout: float, log: Any) -> RunResult:
+    """The host job's events until ``done`` or ``error`` (or ``timeout`` s), and its exit code."""
+    result = RunResult()
+    assert host.stdout is not None
+    deadline = time.monotonic() + timeout
+    for line in host.stdout:
+        event = parse_event(line)
+        if event is None:
+            continue
+        result.events.append(event)
+        if log is not None:
+            log(event)
+        if event["event"] in ("done", "error") or time.monotonic() > deadline:
+            break
+    try:
+        result.returncode = host.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        result.returncode = None
+    return result
 
 
 __all__ = ["RunResult", "free_ports", "run_cluster"]

@@ -150,8 +150,9 @@ def test_pause_and_resume_from_the_cli(daemon: tuple[Path, subprocess.Popen[byte
     assert before + 7200 - 5 <= until <= time.time() + 7200
     assert st["idle"]["rule"] == "paused"  # type: ignore[index]
     human = crowdd("status", root=root).stdout
-    hhmm = time.strftime("%H:%M", time.localtime(until))
-    assert f"  pause:     paused until {hhmm} (1 h 59 min left); `crowdd resume` ends it" in human, human
+    same_day = time.localtime(until)[:3] == time.localtime()[:3]  # past midnight it names the day
+    when = time.strftime("%H:%M" if same_day else "%a %H:%M", time.localtime(until))
+    assert f"  pause:     paused until {when} (1 h 59 min left); `crowdd resume` ends it" in human, human
 
     for bad, why in ((["2x"], "expected a duration like 2h"), (["0"], "more than 0"),
                      (["-1h"], "unrecognized arguments: -1h"),
