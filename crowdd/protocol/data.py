@@ -20,9 +20,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeGuard, Union
+from typing import Any, Union
 
 from crowdd import wire
+from crowdd.protocol import fields
 from crowdd.errors import ErrorCode
 from crowdd.data.manifest import Manifest
 
@@ -39,33 +40,14 @@ class BadChunk(wire.WireError):
         super().__init__(ErrorCode.BAD_FIELD, message, field=field)
 
 
-def _bad(name: str, message: str) -> wire.WireError:
-    return wire.WireError(ErrorCode.BAD_FIELD, message, field=name)
 
 
-def _is_int(value: Any) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _count(frame: Mapping[str, Any], name: str) -> int:
-    value = frame.get(name)
-    if not _is_int(value) or value < 0:
-        raise _bad(name, f"field {name!r} must be an integer >= 0, got {value!r}")
-    return int(value)
 
 
-def _flag(frame: Mapping[str, Any], name: str, default: bool | None = None) -> bool:
-    value = frame.get(name, default)
-    if not isinstance(value, bool):
-        raise _bad(name, f"field {name!r} must be a boolean, got {value!r}")
-    return value
 
 
-def _expect(frame: Mapping[str, Any], kind: str) -> None:
-    """A reply of type ``kind``; a peer's ``error`` frame raises :class:`RemoteError`."""
-    wire.raise_if_error(frame)
-    if frame.get("type") != kind:
-        raise wire.WireError(ErrorCode.UNKNOWN_TYPE, f"expected a {kind!r} frame, got {frame.get('type')!r}")
 
 
 # --------------------------------------------------------------------------- hello
@@ -79,8 +61,8 @@ def make_hello(index: int) -> dict[str, Any]:
 def check_hello(hello: Mapping[str, Any], group_size: int | None = None) -> int:
     """The client's node index, in ``0..group_size-1`` when the group size is known."""
     index = hello.get("index")
-    if not _is_int(index) or index < 0 or (group_size is not None and index >= group_size):
-        raise _bad("index", "hello.index must be a node index")
+    if not fields.is_int(index) or index < 0 or (group_size is not None and index >= group_size):
+        raise fields.bad("index", "hello.index must be a node index")
     return int(index)
 
 
@@ -99,16 +81,16 @@ def encode_bitmap(held: Sequence[bool]) -> str:
 def decode_bitmap(value: Any, num_chunks: int) -> tuple[bool, ...]:
     """The chunks a ``bitmap`` field says are held; it must be exactly as long as the manifest needs."""
     if not isinstance(value, str):
-        raise _bad("bitmap", f"field 'bitmap' must be a hex string, got {type(value).__name__}")
+        raise fields.bad("bitmap", f"field 'bitmap' must be a hex string, got {type(value).__name__}")
     try:
         raw = bytes.fromhex(value)
     except ValueError:
-        raise _bad("bitmap", "field 'bitmap' is not hex") from None
+        raise fields.bad("bitmap", "field 'bitmap' is not hex") from None
     if len(raw) != (num_chunks + 7) // 8:
-        raise _bad("bitmap", f"field 'bitmap' must cover {num_chunks} chunks, got {len(raw)} bytes")
+        raise fields.bad("bitmap", f"field 'bitmap' must cover {num_chunks} chunks, got {len(raw)} bytes")
     bits = int.from_bytes(raw, "little")
     if bits >> num_chunks:
-        raise _bad("bitmap", f"field 'bitmap' marks chunks beyond {num_chunks - 1}")
+        raise fields.bad("bitmap", f"field 'bitmap' marks chunks beyond {num_chunks - 1}")
     return tuple(bool(bits >> i & 1) for i in range(num_chunks))
 
 
@@ -154,9 +136,9 @@ def check_request(frame: Mapping[str, Any], num_chunks: int) -> Request:
         return ManifestRequest()
     if kind == "get":
         chunks = wire.require(frame, "chunks", list)
-        if any(not _is_int(c) or not 0 <= c < num_chunks for c in chunks):
-            raise _bad("chunks", f"chunks must be indices in 0..{num_chunks - 1}")
-        return GetRequest(tuple(chunks), _flag(frame, "wait", True))
+        if any(not fields.is_int(c) or not 0 <= c < num_chunks for c in chunks):
+            raise fields.bad("chunks", f"chunks must be indices in 0..{num_chunks - 1}")
+        return GetRequest(tuple(chunks), fields.flag(frame, "wait", True))
     raise wire.WireError(ErrorCode.UNKNOWN_TYPE, f"unknown request {kind!r}")
 
 
@@ -176,8 +158,8 @@ class HaveReply:
 
 
 def check_have_reply(frame: Mapping[str, Any], num_chunks: int) -> HaveReply:
-    _expect(frame, "have")
-    return HaveReply(_count(frame, "count"), _flag(frame, "complete"), decode_bitmap(frame.get("bitmap"), num_chunks))
+    fields.expect(frame, "have")
+    return HaveReply(fields.integer(frame, "count"), fields.flag(frame, "complete"), decode_bitmap(frame.get("bitmap"), num_chunks))
 
 
 @dataclass(frozen=True)
@@ -192,7 +174,7 @@ class ManifestReply:
 
 def check_manifest_reply(frame: Mapping[str, Any], blob: bytes, expect_digest: str) -> Manifest:
     """The manifest in a reply, checked against the digest the matchmaker gave (``ManifestError``)."""
-    _expect(frame, "manifest")
+    fields.expect(frame, "manifest")
     return Manifest.from_json(blob, expect_digest=expect_digest)
 
 
@@ -248,7 +230,7 @@ StreamMessage = Union[Chunk, Missing, Queued, ChunkWait, End]
 
 
 def _chunk_index(value: Any, num_chunks: int) -> int | None:
-    return int(value) if _is_int(value) and 0 <= value < num_chunks else None
+    return int(value) if fields.is_int(value) and 0 <= value < num_chunks else None
 
 
 def _index_message(value: Any, num_chunks: int) -> str:
@@ -269,7 +251,7 @@ def check_stream_frame(frame: Mapping[str, Any], blob_len: int | None, num_chunk
     if kind == "missing":
         index = _chunk_index(frame.get("index"), num_chunks)
         if index is None:
-            raise _bad("index", _index_message(frame.get("index"), num_chunks))
+            raise fields.bad("index", _index_message(frame.get("index"), num_chunks))
         return Missing(index)
     if kind == "queued":
         return Queued()

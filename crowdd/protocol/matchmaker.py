@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from crowdd import wire
+from crowdd.protocol import fields
 from crowdd.errors import InputError
 from crowdd.hyperparams import GroupSettings, HyperparamError, Job, validate_job, validate_settings
 from crowdd.trust.identity import check_certificate
@@ -99,71 +100,58 @@ class Hello:
         )
 
 
-def _bad(name: str, message: str) -> wire.WireError:
-    return wire.WireError(wire.ErrorCode.BAD_FIELD, message, field=name)
 
 
-def _text(frame: Mapping[str, Any], name: str, lo: int, hi: int, default: str | None = None) -> str:
-    value = frame.get(name, default)
-    if not isinstance(value, str):
-        raise _bad(name, f"field {name!r} must be a string")
-    if not lo <= len(value) <= hi or not value.isprintable():
-        raise _bad(name, f"field {name!r} must be {lo}..{hi} printable characters")
-    return value
 
 
 def _group_id(frame: Mapping[str, Any]) -> str:
     value = frame.get("group_id")
     if not isinstance(value, str) or not _GROUP_ID.fullmatch(value):
-        raise _bad("group_id", "field 'group_id' must be 16 lowercase hex digits")
+        raise fields.bad("group_id", "field 'group_id' must be 16 lowercase hex digits")
     return value
 
 
-def _port(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
-        raise _bad(name, f"field {name!r} must be a port 1..65535, got {value!r}")
-    return value
 
 
 def _ports(frame: Mapping[str, Any], role: str) -> dict[str, Any]:
     ports = frame.get("ports")
     if not isinstance(ports, dict):
-        raise _bad("ports", "field 'ports' must be an object {data, session, tf}")
+        raise fields.bad("ports", "field 'ports' must be an object {data, session, tf}")
     tf = ports.get("tf")
     want = TF_PORTS[role]
     if not isinstance(tf, list) or len(tf) != want:
-        raise _bad("ports.tf", f"a {role} advertises exactly {want} TF port(s) in 'ports.tf'")
+        raise fields.bad("ports.tf", f"a {role} advertises exactly {want} TF port(s) in 'ports.tf'")
     return {
-        "data": _port(ports.get("data"), "ports.data"),
-        "session": _port(ports.get("session"), "ports.session"),
-        "tf": [_port(p, "ports.tf") for p in tf],
+        "data": fields.port(ports.get("data"), "ports.data"),
+        "session": fields.port(ports.get("session"), "ports.session"),
+        "tf": [fields.port(p, "ports.tf") for p in tf],
     }
 
 
 def _advertised(value: Any) -> str:
     if not isinstance(value, str):
-        raise _bad("advertise", "field 'advertise' must be a string")
+        raise fields.bad("advertise", "field 'advertise' must be a string")
     try:
         return str(ipaddress.ip_address(value))
     except ValueError:
         pass
     if not _HOSTNAME.fullmatch(value):
-        raise _bad("advertise", f"field 'advertise' must be an IP address or a DNS name, got {value!r}")
+        raise fields.bad("advertise", f"field 'advertise' must be an IP address or a DNS name, got {value!r}")
     return value
 
 
 def _dataset(value: Any) -> dict[str, Any]:
     if not isinstance(value, dict):
-        raise _bad("dataset", "a host sends 'dataset' = {digest, size, name}")
+        raise fields.bad("dataset", "a host sends 'dataset' = {digest, size, name}")
     digest = value.get("digest")
     if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
-        raise _bad("dataset.digest", "field 'dataset.digest' must be 64 lowercase hex characters (sha256)")
+        raise fields.bad("dataset.digest", "field 'dataset.digest' must be 64 lowercase hex characters (sha256)")
     size = value.get("size")
     if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-        raise _bad("dataset.size", f"field 'dataset.size' must be an integer >= 0, got {size!r}")
+        raise fields.bad("dataset.size", f"field 'dataset.size' must be an integer >= 0, got {size!r}")
     name = value.get("name")
     if not isinstance(name, str) or not 1 <= len(name) <= MAX_DATASET_NAME or not name.isprintable():
-        raise _bad("dataset.name", f"field 'dataset.name' must be 1..{MAX_DATASET_NAME} printable characters")
+        raise fields.bad("dataset.name", f"field 'dataset.name' must be 1..{MAX_DATASET_NAME} printable characters")
     return {"digest": digest, "size": size, "name": name}
 
 
@@ -171,24 +159,24 @@ def _cert(value: Any, where: str = "") -> tuple[str, str]:
     """A member's certificate (PEM text) and its fingerprint; ``where`` prefixes the field."""
     name = f"{where}.cert" if where else "cert"
     if not isinstance(value, str):
-        raise _bad(name, f"field {name!r} must be the node's certificate (PEM)")
+        raise fields.bad(name, f"field {name!r} must be the node's certificate (PEM)")
     try:
         return value, check_certificate(value.encode("ascii", "replace"))
     except InputError as exc:
-        raise _bad(name, f"field {name!r}: {exc.message}") from None
+        raise fields.bad(name, f"field {name!r}: {exc.message}") from None
 
 
 def _fingerprint_matches(frame: Mapping[str, Any], fingerprint: str, where: str = "") -> None:
     name = f"{where}.fingerprint" if where else "fingerprint"
     if frame.get("fingerprint") != fingerprint:
-        raise _bad(name, f"field {name!r} must be the certificate's fingerprint {fingerprint}")
+        raise fields.bad(name, f"field {name!r} must be the certificate's fingerprint {fingerprint}")
 
 
 def _settings(value: Any) -> GroupSettings:
     try:
         return validate_settings(value)
     except HyperparamError as exc:
-        raise _bad(exc.field, f"group settings: {exc.message}") from None
+        raise fields.bad(exc.field, f"group settings: {exc.message}") from None
 
 
 def observed_address(peer_ip: str) -> str:
@@ -213,13 +201,13 @@ def check_hello(frame: Mapping[str, Any], peer_ip: str, *, trust_advertised: boo
     wire.check_proto(frame)
     role = frame.get("role")
     if role not in ROLES:
-        raise _bad("role", f"field 'role' must be host or worker, got {role!r}")
-    name = _text(frame, "name", 1, MAX_NAME)
+        raise fields.bad("role", f"field 'role' must be host or worker, got {role!r}")
+    name = fields.text(frame, "name", 1, MAX_NAME)
     ports = _ports(frame, role)
     cert, fingerprint = _cert(frame.get("cert"))
     _fingerprint_matches(frame, fingerprint)
-    tag = _text(frame, "tag", 0, MAX_TAG, "")
-    want_tag = _text(frame, "want_tag", 0, MAX_TAG, "")
+    tag = fields.text(frame, "tag", 0, MAX_TAG, "")
+    want_tag = fields.text(frame, "want_tag", 0, MAX_TAG, "")
     address = observed_address(peer_ip)
     if frame.get("advertise") is not None:
         advertised = _advertised(frame["advertise"])
@@ -230,23 +218,23 @@ def check_hello(frame: Mapping[str, Any], peer_ip: str, *, trust_advertised: boo
     settings: GroupSettings | None = None
     if role == HOST:
         if "job" not in frame:
-            raise _bad("job", "a host sends its 'job' (hyperparameters)")
+            raise fields.bad("job", "a host sends its 'job' (hyperparameters)")
         try:
             job = validate_job(frame["job"])
         except HyperparamError as exc:
             prefix = "" if exc.field == "job" else "job."
-            raise _bad(prefix + exc.field, f"job: {exc}") from None
+            raise fields.bad(prefix + exc.field, f"job: {exc}") from None
         dataset = _dataset(frame.get("dataset"))
         settings = _settings(frame.get("settings", {}))
     else:
         for key in ("job", "dataset", "settings", "open"):
             if key in frame:
-                raise _bad(key, f"only a host sends {key!r}")
+                raise fields.bad(key, f"only a host sends {key!r}")
     opened = _open(frame["open"], cert, fingerprint) if "open" in frame else None
     if opened is not None:
         assert job is not None
         if opened.free > job.workers:  # never more newcomers at once than the job has worker places
-            raise _bad("open.free", f"field 'open.free': the job has {job.workers} worker place(s), not {opened.free}")
+            raise fields.bad("open.free", f"field 'open.free': the job has {job.workers} worker place(s), not {opened.free}")
         opened = check_open_addresses(opened, address, private_ok=private_ok)
     return Hello(role=role, name=name, address=address, ports=ports, tag=tag, want_tag=want_tag, job=job,
                  dataset=dataset, settings=settings, cert=cert, fingerprint=fingerprint, open=opened)
@@ -263,7 +251,7 @@ def check_open_addresses(opened: OpenSession, host_address: str, *, private_ok: 
     if not private_ok:
         for m in members[1:]:
             if not is_public(m.address):
-                raise _bad(f"open.members[{m.index}].address",
+                raise fields.bad(f"open.members[{m.index}].address",
                            f"member {m.index}'s address {m.address!r} is not a public address")
     return dataclasses.replace(opened, members=tuple(members))
 
@@ -280,32 +268,32 @@ def is_public(address: str) -> bool:
 
 
 def _prefixed(prefix: str, exc: wire.WireError) -> wire.WireError:
-    return _bad(f"{prefix}.{exc.field}" if exc.field else prefix, exc.message)
+    return fields.bad(f"{prefix}.{exc.field}" if exc.field else prefix, exc.message)
 
 
 def _free(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_MEMBERS:
-        raise _bad(name, f"field {name!r} must be an integer 0..{MAX_MEMBERS}, got {value!r}")
+        raise fields.bad(name, f"field {name!r} must be an integer 0..{MAX_MEMBERS}, got {value!r}")
     return value
 
 
 def _open(value: Any, cert: str, fingerprint: str) -> OpenSession:
     """A host hello's ``open``: its own running session (its certificate is member 0)."""
     if not isinstance(value, dict):
-        raise _bad("open", "field 'open' must be an object {group_id, token, members, free}")
+        raise fields.bad("open", "field 'open' must be an object {group_id, token, members, free}")
     try:
         group_id = _group_id(value)
-        token = _text(value, "token", 16, 256)
+        token = fields.text(value, "token", 16, 256)
     except wire.WireError as exc:
         raise _prefixed("open", exc) from None
     members = _members(value.get("members"), "open.members")
     host = members[0]
     if host.cert.decode("ascii") != cert or host.fingerprint != fingerprint:
-        raise _bad("open.members[0].cert", "a host can only open its own session: 'open.members[0]' must carry "
+        raise fields.bad("open.members[0].cert", "a host can only open its own session: 'open.members[0]' must carry "
                    "the certificate of this hello")
     free = _free(value.get("free"), "open.free")
     if len(members) + free > MAX_MEMBERS:
-        raise _bad("open.free", f"a session has at most {MAX_MEMBERS} members: {len(members)} + {free} free is too many")
+        raise fields.bad("open.free", f"a session has at most {MAX_MEMBERS} members: {len(members)} + {free} free is too many")
     return OpenSession(group_id=group_id, token=token, members=members, free=free)
 
 
@@ -372,14 +360,9 @@ class Wait:
 
 
 def check_wait(frame: Mapping[str, Any]) -> Wait:
-    return Wait(*(_count(frame, k) for k in ("position", "hosts", "workers")))
+    return Wait(*(fields.integer(frame, k) for k in ("position", "hosts", "workers")))
 
 
-def _count(frame: Mapping[str, Any], name: str) -> int:
-    v = frame.get(name)
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-        raise _bad(name, f"field {name!r} must be an integer >= 0, got {v!r}")
-    return v
 
 
 # --------------------------------------------------------------------------- group
@@ -406,28 +389,28 @@ def _member(value: Any, i: int, where: str = "") -> PlanMember:
     """Member ``i`` of a group, found at ``where`` (default ``members[i]``)."""
     where = where or f"members[{i}]"
     if not isinstance(value, dict):
-        raise _bad(where, f"{where} must be an object")
+        raise fields.bad(where, f"{where} must be an object")
     if value.get("index") != i:
-        raise _bad(f"{where}.index", f"{where} must have index {i}")
+        raise fields.bad(f"{where}.index", f"{where} must have index {i}")
     role = value.get("role")
     if role != (HOST if i == 0 else WORKER):
-        raise _bad(f"{where}.role", f"{where} must be {'the host' if i == 0 else 'a worker'}")
+        raise fields.bad(f"{where}.role", f"{where} must be {'the host' if i == 0 else 'a worker'}")
     try:
         ports = _ports(value, role)
     except wire.WireError as exc:
-        raise _bad(f"{where}.{exc.field}", exc.message) from None
+        raise fields.bad(f"{where}.{exc.field}", exc.message) from None
     address = value.get("address")
     if not isinstance(address, str) or not address:
-        raise _bad(f"{where}.address", f"{where} needs an address")
+        raise fields.bad(f"{where}.address", f"{where} needs an address")
     try:
-        name = _text(value, "name", 1, MAX_NAME)
+        name = fields.text(value, "name", 1, MAX_NAME)
     except wire.WireError as exc:
-        raise _bad(f"{where}.name", exc.message) from None
+        raise fields.bad(f"{where}.name", exc.message) from None
     cert, fingerprint = _cert(value.get("cert"), where)
     _fingerprint_matches(value, fingerprint, where)
     reachable = value.get("reachable", True)
     if not isinstance(reachable, bool):
-        raise _bad(f"{where}.reachable", f"{where}.reachable must be true or false")
+        raise fields.bad(f"{where}.reachable", f"{where}.reachable must be true or false")
     return PlanMember(
         index=i, role=role, name=name, address=address,
         ports=MemberPorts(ports["data"], ports["session"], tuple(ports["tf"])),
@@ -439,14 +422,14 @@ def _members(value: Any, name: str) -> tuple[PlanMember, ...]:
     """A member list (``name`` is where it is, for errors): the host, then workers, each with
     its own certificate."""
     if not isinstance(value, list):
-        raise _bad(name, f"field {name!r} must be list")
+        raise fields.bad(name, f"field {name!r} must be list")
     if not 1 <= len(value) <= MAX_MEMBERS:
-        raise _bad(name, f"a group has a host and at most {MAX_MEMBERS - 1} workers")
+        raise fields.bad(name, f"a group has a host and at most {MAX_MEMBERS - 1} workers")
     prefix = "" if name == "members" else name
     members = tuple(_member(m, i, f"{prefix}[{i}]" if prefix else "") for i, m in enumerate(value))
     fingerprints = [m.fingerprint for m in members]
     if len(set(fingerprints)) != len(fingerprints):
-        raise _bad(name, "two members of the group present the same certificate")
+        raise fields.bad(name, "two members of the group present the same certificate")
     return members
 
 
@@ -474,23 +457,23 @@ def check_group(frame: Mapping[str, Any]) -> SessionPlan:
     node's :class:`SessionPlan`; raise :class:`wire.WireError` naming the bad field. With
     ``join: true`` this node joins a running session: it is the last member, a worker."""
     group_id = _group_id(frame)
-    token = _text(frame, "token", 16, 256)
+    token = fields.text(frame, "token", 16, 256)
     index = wire.require(frame, "index", int)
     members = wire.require(frame, "members", list)
     if not 1 <= len(members) <= MAX_MEMBERS:
-        raise _bad("members", "a group has a host and at most 1024 workers")
+        raise fields.bad("members", "a group has a host and at most 1024 workers")
     if isinstance(index, bool) or not 0 <= index < len(members):
-        raise _bad("index", f"index {index} outside the member list")
+        raise fields.bad("index", f"index {index} outside the member list")
     joining = frame.get("join", False)
     if not isinstance(joining, bool):
-        raise _bad("join", "field 'join' must be true or false")
+        raise fields.bad("join", "field 'join' must be true or false")
     if joining and not 1 <= index == len(members) - 1:
-        raise _bad("index", "a node joining a running session is its last member, a worker")
+        raise fields.bad("index", "a node joining a running session is its last member, a worker")
     plan_members = _members(members, "members")
     try:
         job = validate_job(frame.get("job", {}))
     except HyperparamError as exc:
-        raise _bad("job" if exc.field == "job" else f"job.{exc.field}", exc.message) from None
+        raise fields.bad("job" if exc.field == "job" else f"job.{exc.field}", exc.message) from None
     ds = _dataset(frame.get("dataset"))
     return SessionPlan(
         group_id=group_id, token=token, index=index, members=plan_members, job=job,
@@ -517,7 +500,7 @@ def make_slots(free: int, seen: int) -> dict[str, Any]:
 
 def check_slots(frame: Mapping[str, Any]) -> Slots:
     free = _free(frame.get("free"), "free")
-    return Slots(free=free, seen=_count(frame, "seen"))
+    return Slots(free=free, seen=fields.integer(frame, "seen"))
 
 
 def make_joined(member: PlanMember) -> dict[str, Any]:
@@ -531,10 +514,10 @@ def check_joined(frame: Mapping[str, Any]) -> PlanMember:
     the bad field (``member``, ``member.index``, ``member.cert``, …) if it is malformed."""
     value = frame.get("member")
     if not isinstance(value, dict):
-        raise _bad("member", "field 'member' must be an object")
+        raise fields.bad("member", "field 'member' must be an object")
     index = value.get("index")
     if isinstance(index, bool) or not isinstance(index, int) or not 1 <= index < MAX_MEMBERS:
-        raise _bad("member.index", f"field 'member.index' must be a worker's index 1..{MAX_MEMBERS - 1}, got {index!r}")
+        raise fields.bad("member.index", f"field 'member.index' must be a worker's index 1..{MAX_MEMBERS - 1}, got {index!r}")
     return _member(value, index, "member")
 
 
@@ -595,13 +578,13 @@ def check_expel(frame: Mapping[str, Any]) -> Expel:
     group_id = _group_id(frame)
     member = frame.get("member")
     if not isinstance(member, str) or not _FINGERPRINT.fullmatch(member):
-        raise _bad("member", "field 'member' must be the expelled member's fingerprint (sha256: + 64 hex)")
-    reason = _text(frame, "reason", 0, MAX_REASON, "")
+        raise fields.bad("member", "field 'member' must be the expelled member's fingerprint (sha256: + 64 hex)")
+    reason = fields.text(frame, "reason", 0, MAX_REASON, "")
     cert, fingerprint = _cert(frame.get("cert"))
     _fingerprint_matches(frame, fingerprint)
     signature = frame.get("signature")
     if not isinstance(signature, str) or not _SIGNATURE.fullmatch(signature):
-        raise _bad("signature", "field 'signature' must be the report's signature in lowercase hex")
+        raise fields.bad("signature", "field 'signature' must be the report's signature in lowercase hex")
     _verify(cert, expel_statement(group_id, member, reason), bytes.fromhex(signature))
     return Expel(host=fingerprint, group_id=group_id, member=member, reason=reason)
 
@@ -615,7 +598,7 @@ def check_expelled(frame: Mapping[str, Any], group_id: str, member: str) -> None
     """The answer must be about this report (``bad_field`` naming what differs)."""
     for name, want in (("group_id", group_id), ("member", member)):
         if frame.get(name) != want:
-            raise _bad(name, f"the matchmaker answered about {name} {frame.get(name)!r}, not {want!r}")
+            raise fields.bad(name, f"the matchmaker answered about {name} {frame.get(name)!r}, not {want!r}")
 
 
 __all__ = [

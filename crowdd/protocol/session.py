@@ -13,12 +13,12 @@ The host's job events travel as :class:`TrainingEvent` with the job's own ``even
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Union
 
 from crowdd import wire
+from crowdd.protocol import fields
 from crowdd.errors import ErrorCode
 from crowdd.text import plain
 
@@ -32,39 +32,14 @@ TRAINING_EVENTS = ("progress", "eval")
 DROPPABLE = frozenset({"training", "members", "replication", "ping", "state"})
 
 
-def _bad(name: str, message: str) -> wire.WireError:
-    return wire.WireError(ErrorCode.BAD_FIELD, message, field=name)
 
 
-def _req_int(frame: Mapping[str, Any], name: str, *, lo: int = 0) -> int:
-    v = frame.get(name)
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise _bad(name, f"field {name!r} must be an integer >= {lo}, got {v!r}")
-    return v
 
 
-def _int(frame: Mapping[str, Any], name: str, *, lo: int = 0, optional: bool = False) -> int | None:
-    if optional and frame.get(name) is None:
-        return None
-    return _req_int(frame, name, lo=lo)
 
 
-def _opt_str(frame: Mapping[str, Any], name: str, limit: int = 4096) -> str | None:
-    v = frame.get(name)
-    if v is None:
-        return None
-    if not isinstance(v, str):
-        raise _bad(name, f"field {name!r} must be a string or null")
-    return plain(v, limit)  # the host's words: no control characters
 
 
-def _opt_number(frame: Mapping[str, Any], name: str) -> float | None:
-    v = frame.get(name)
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise _bad(name, f"field {name!r} must be a finite number or null")
-    return float(v)
 
 
 # --------------------------------------------------------------------------- worker → host
@@ -140,13 +115,13 @@ def check_worker_frame(frame: Mapping[str, Any]) -> WorkerMessage:
     if kind == "state":
         state = frame.get("state")
         if state not in MEMBER_STATES:
-            raise _bad("state", f"field 'state' must be one of {', '.join(MEMBER_STATES)}, got {state!r}")
+            raise fields.bad("state", f"field 'state' must be one of {', '.join(MEMBER_STATES)}, got {state!r}")
         return StateReport(str(state))
     if kind == "replication":
-        done, total = _req_int(frame, "done"), _req_int(frame, "total")
+        done, total = fields.integer(frame, "done"), fields.integer(frame, "total")
         if done > total:
-            raise _bad("done", f"done ({done}) exceeds total ({total})")
-        return ReplicationReport(done, total, _int(frame, "source", optional=True))
+            raise fields.bad("done", f"done ({done}) exceeds total ({total})")
+        return ReplicationReport(done, total, fields.opt_integer(frame, "source"))
     if kind == "ready":
         return Ready()
     if kind == "job":
@@ -154,13 +129,13 @@ def check_worker_frame(frame: Mapping[str, Any]) -> WorkerMessage:
         if event == "started":
             return JobReport("started")
         if event == "exited":
-            return JobReport("exited", _int(frame, "code", lo=-255, optional=True), _opt_str(frame, "message"))
-        raise _bad("event", f"field 'event' must be started or exited, got {event!r}")
+            return JobReport("exited", fields.opt_integer(frame, "code", lo=-255), fields.opt_words(frame, "message"))
+        raise fields.bad("event", f"field 'event' must be started or exited, got {event!r}")
     if kind == "away":
-        reason = _opt_str(frame, "reason", limit=500)
+        reason = fields.opt_words(frame, "reason", limit=500)
         staying = frame.get("staying", True)
         if not isinstance(staying, bool):
-            raise _bad("staying", "field 'staying' must be true or false")
+            raise fields.bad("staying", "field 'staying' must be true or false")
         return Away(reason or "busy", staying)
     if kind == "back":
         return Back()
@@ -193,20 +168,20 @@ class MemberView:
     @classmethod
     def from_dict(cls, d: Any, where: str) -> MemberView:
         if not isinstance(d, dict):
-            raise _bad(where, f"{where} must be an object")
+            raise fields.bad(where, f"{where} must be an object")
         rep: dict[str, Any] = d["replication"] if isinstance(d.get("replication"), dict) else {"done": 0, "total": 0}
         state = d.get("state")
         if state not in MEMBER_STATES:
-            raise _bad(f"{where}.state", f"unknown member state {state!r}")
+            raise fields.bad(f"{where}.state", f"unknown member state {state!r}")
         name, address, role = d.get("name"), d.get("address"), d.get("role")
         if not all(isinstance(x, str) for x in (name, address, role)):
-            raise _bad(where, f"{where} needs string name, address and role")
+            raise fields.bad(where, f"{where} needs string name, address and role")
         note = d.get("note", "")
         if not isinstance(note, str):
-            raise _bad(f"{where}.note", f"{where}.note must be a string")
+            raise fields.bad(f"{where}.note", f"{where}.note must be a string")
         note = plain(note, NOTE_MAX)
-        return cls(_req_int(d, "index"), plain(str(name)), str(address), str(role), str(state),
-                   _req_int(rep, "done"), _req_int(rep, "total"), note)
+        return cls(fields.integer(d, "index"), plain(str(name)), str(address), str(role), str(state),
+                   fields.integer(rep, "done"), fields.integer(rep, "total"), note)
 
 
 @dataclass(frozen=True)
@@ -271,14 +246,14 @@ PRIVATE_HOST = "127.0.0.1"
 
 def _cluster(value: Any) -> dict[str, list[str]]:
     if not isinstance(value, dict) or set(value) - {"worker"}:
-        raise _bad("cluster", "field 'cluster' must be an object with one worker address list")
+        raise fields.bad("cluster", "field 'cluster' must be an object with one worker address list")
     out: dict[str, list[str]] = {}
     for job, addrs in value.items():
         if not isinstance(addrs, list) or not all(isinstance(a, str) and _private(a) for a in addrs):
-            raise _bad(f"cluster.{job}", f"field 'cluster.{job}' must be a list of {PRIVATE_HOST}:PORT strings")
+            raise fields.bad(f"cluster.{job}", f"field 'cluster.{job}' must be a list of {PRIVATE_HOST}:PORT strings")
         out[job] = list(addrs)
     if not out.get("worker"):
-        raise _bad("cluster", "the cluster needs at least one worker")
+        raise fields.bad("cluster", "the cluster needs at least one worker")
     return out
 
 
@@ -292,22 +267,22 @@ def check_host_frame(frame: Mapping[str, Any]) -> HostMessage:
     if kind == "members":
         members = frame.get("members")
         if not isinstance(members, list):
-            raise _bad("members", "field 'members' must be a list")
+            raise fields.bad("members", "field 'members' must be a list")
         return MembersUpdate(tuple(MemberView.from_dict(m, f"members[{i}]") for i, m in enumerate(members)))
     if kind == "train":
         cluster = _cluster(frame.get("cluster"))
-        index = _req_int(frame, "index", lo=1)
+        index = fields.integer(frame, "index", lo=1)
         if index >= len(cluster["worker"]):
-            raise _bad("index", f"worker index {index} outside the cluster")
+            raise fields.bad("index", f"worker index {index} outside the cluster")
         return Train(cluster, index)
     if kind == "dial":
-        return Dial(_req_int(frame, "stream"), _req_int(frame, "task", lo=1))
+        return Dial(fields.integer(frame, "stream"), fields.integer(frame, "task", lo=1))
     if kind == "training":
         if frame.get("event") not in TRAINING_EVENTS:
-            raise _bad("event", f"field 'event' must be one of {', '.join(TRAINING_EVENTS)}")
+            raise fields.bad("event", f"field 'event' must be one of {', '.join(TRAINING_EVENTS)}")
         return TrainingEvent({k: v for k, v in frame.items() if k != "type"})
     if kind == "end":
-        return End(_opt_number(frame, "test_accuracy"), _opt_str(frame, "model_path"), _opt_str(frame, "error"))
+        return End(fields.opt_number(frame, "test_accuracy"), fields.opt_words(frame, "model_path"), fields.opt_words(frame, "error"))
     raise wire.WireError(ErrorCode.UNKNOWN_TYPE, f"unexpected frame {kind!r} from the host")
 
 

@@ -571,8 +571,9 @@ async def test_paused_daemon_shows_until_when_and_the_resume_button() -> None:
     app = make_app(client)
     async with app.run_test(size=SIZE) as pilot:
         await connected(pilot, app)
-        hhmm = time.strftime("%H:%M", time.localtime(until_))
-        assert main_text(app, "#idle").startswith(f"paused until {hhmm} (2 h left)")
+        same_day = time.localtime(until_)[:3] == time.localtime()[:3]  # past midnight it names the day
+        when = time.strftime("%H:%M" if same_day else "%a %H:%M", time.localtime(until_))
+        assert main_text(app, "#idle").startswith(f"paused until {when} (2 h left)")
         assert str(app.main_screen.query_one("#pause", Button).label) == "Resume"
         await pilot.click("#pause")
         await until(pilot, lambda: ("resume",) in client.calls, "resume sent")
