@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Coroutine
+import signal
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -65,3 +66,19 @@ async def splice(
 
 
 __all__ = ["cancel_and_wait", "splice", "spawn_tracked"]
+
+
+@contextlib.contextmanager
+def on_signals(handlers: dict[signal.Signals, Callable[[], None]]) -> Iterator[None]:
+    """Run each handler on its signal while inside (where the loop can: not on Windows)."""
+    loop = asyncio.get_running_loop()
+    installed = []
+    for sig, handler in handlers.items():
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError, AttributeError):
+            loop.add_signal_handler(sig, handler)
+            installed.append(sig)
+    try:
+        yield
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import gc
 import logging
 import signal
@@ -12,6 +11,7 @@ import ssl
 import sys
 from pathlib import Path
 
+from crowdd.aio import on_signals
 from crowdd.config import MatchmakerConfig, parse_hostport
 from crowdd.errors import CrowddError, InputError
 from crowdd.trust.identity import Identity, fingerprint_of
@@ -46,31 +46,25 @@ async def serve(
 ) -> int:
     """Run until ``stop`` is set or SIGINT/SIGTERM arrives."""
     stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    installed = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(sig, stop.set)
-            installed.append(sig)
     mm = Matchmaker(cfg)
-    try:
-        await mm.start(host, port, tls)
-        # Everything loaded so far lives for the whole run: keep it out of the collector's
-        # full passes, which otherwise stall the loop in proportion to the heap.
-        gc.collect()
-        gc.freeze()
-        bound_host, bound_port = mm.address
-        print(f"crowdd matchmaker listening on {bound_host}:{bound_port}", file=sys.stderr, flush=True)
-        if fingerprint:
-            print(f"crowdd matchmaker fingerprint {fingerprint}\n"
-                  f"  volunteers pin it: [daemon] matchmaker_fingerprint = \"{fingerprint}\"", file=sys.stderr, flush=True)
-            logger.info("matchmaker fingerprint %s  put it in [daemon] matchmaker_fingerprint", fingerprint)
-        await stop.wait()
-        logger.info("matchmaker: stopping")
-    finally:
-        await mm.close()
-        for sig in installed:
-            loop.remove_signal_handler(sig)
+    with on_signals({signal.SIGINT: stop.set, signal.SIGTERM: stop.set}):
+        try:
+            await mm.start(host, port, tls)
+            # Everything loaded so far lives for the whole run: keep it out of the collector's
+            # full passes, which otherwise stall the loop in proportion to the heap.
+            gc.collect()
+            gc.freeze()
+            bound_host, bound_port = mm.address
+            print(f"crowdd matchmaker listening on {bound_host}:{bound_port}", file=sys.stderr, flush=True)
+            if fingerprint:
+                print(f"crowdd matchmaker fingerprint {fingerprint}\n"
+                      f"  volunteers pin it: [daemon] matchmaker_fingerprint = \"{fingerprint}\"", file=sys.stderr,
+                      flush=True)
+                logger.info("matchmaker fingerprint %s  put it in [daemon] matchmaker_fingerprint", fingerprint)
+            await stop.wait()
+            logger.info("matchmaker: stopping")
+        finally:
+            await mm.close()
     return 0
 
 

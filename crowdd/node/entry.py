@@ -4,13 +4,13 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import logging
 import signal
 import sys
 from pathlib import Path
 
+from crowdd.aio import on_signals
 from crowdd.config import Config, Paths, load_config, parse_hostport
 from crowdd.protocol.endpoint import Endpoint
 from crowdd.idle.policy import IdlePolicy, Policy
@@ -26,22 +26,15 @@ async def serve(daemon: Daemon, stop: asyncio.Event | None = None) -> int:
     """Run ``daemon`` until SIGTERM/SIGINT (or ``stop`` is set), then shut it down cleanly.
     SIGUSR1 logs every pending asyncio task with its stack (to debug a stuck daemon)."""
     stop = stop if stop is not None else asyncio.Event()
-    loop = asyncio.get_running_loop()
-    installed = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(sig, stop.set)
-            installed.append(sig)
-    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError, AttributeError):
-        loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
-        installed.append(signal.SIGUSR1)
-    try:
-        await daemon.start()
-        await stop.wait()
-    finally:
-        await daemon.close()
-        for sig in installed:
-            loop.remove_signal_handler(sig)
+    handlers = {signal.SIGTERM: stop.set, signal.SIGINT: stop.set}
+    if hasattr(signal, "SIGUSR1"):  # not on Windows
+        handlers[signal.SIGUSR1] = dump_tasks
+    with on_signals(handlers):
+        try:
+            await daemon.start()
+            await stop.wait()
+        finally:
+            await daemon.close()
     return 0
 
 
