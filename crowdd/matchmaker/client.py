@@ -22,10 +22,7 @@ import logging
 import random
 import ssl
 from collections.abc import Callable, Mapping
-from typing import Any
-
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from typing import Any, TYPE_CHECKING
 
 from crowdd import wire
 from crowdd.errors import CrowddError
@@ -42,6 +39,9 @@ from crowdd.protocol.matchmaker import (
     make_slots,
 )
 from crowdd.trust.tls import client_context, open_tls
+
+if TYPE_CHECKING:  # cryptography loads when a key or certificate is used (a daemon at rest holds none)
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 logger = logging.getLogger(__name__)
 
@@ -398,6 +398,9 @@ async def keep_open(
 
 
 def _signing_key(identity: Identity) -> ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
     try:
         key = serialization.load_pem_private_key(identity.key_path.read_bytes(), password=None)
     except (OSError, ValueError, TypeError) as exc:

@@ -40,7 +40,7 @@ from crowdd.protocol.control import format_pause
 from crowdd.node.control import ControlServer
 from crowdd.protocol.endpoint import Endpoint
 from crowdd.node.context import SessionContext
-from crowdd.node.cycle import run_cycle, SessionFailed
+from crowdd.errors import SessionFailed
 from crowdd.node.donation import DonationSwitch
 from crowdd.node.handle import SessionHandle
 from crowdd.node.housing import JobHousing
@@ -48,7 +48,7 @@ from crowdd.node.idlewatch import IdleWatch
 from crowdd.node.hosting import HostingDesk, describe
 from crowdd.protocol.control import HostRequest, Status
 from crowdd.idle.policy import IdlePolicy, Policy
-from crowdd.trust.identity import Identity
+from crowdd.trust.identity import Identity, IdentityError
 from crowdd.job.spec import Settings
 from crowdd.node.launcher import JobLauncher
 from crowdd.node.registration import Registrar
@@ -123,6 +123,7 @@ class Daemon:
                                    disk_max_gb=lambda: self.cfg.limits.disk_max_gb, prune=self.disk.prune)
         self.registrar = Registrar(lambda: self.cfg, self.name, lambda: self.identity, lambda: self._mm,
                                    lambda: self._backoff)
+        self._identity: Identity | None = None
         self._handle: SessionHandle | None = None  # the daemon's hold on the current cycle's session
         self._closing = False
         self.stop_grace = STOP_GRACE
@@ -134,6 +135,14 @@ class Daemon:
     @property
     def state(self) -> State:
         return self.states.state
+
+    @property
+    def identity(self) -> Identity:
+        """This node's TLS identity (its peers pin it), loaded, or made the first time, when a
+        cycle first needs it: a daemon at rest holds no key (nor the library that reads one)."""
+        if self._identity is None:
+            self._identity = Identity.load_or_create(self.paths.identity_dir, "node")
+        return self._identity
 
     @property
     def donating(self) -> bool:
@@ -150,11 +159,10 @@ class Daemon:
         self.hosting.start()
         resume_from = self.hosting.resume_from
         await self.disk.prune(keep=(resume_from,) if resume_from is not None else ())
-        self.identity = Identity.load_or_create(self.paths.identity_dir, "node")
         await self.housing.find(self._job_python, self._jobs)
         self.housing.show(self.cfg, self.view)
         self._donation.load()
-        await self._control.start(self.identity)
+        await self._control.start(self.identity if self._endpoint.is_tcp else None)
         self._main = asyncio.create_task(self._loop(), name="crowdd-daemon")
         interval = self._notifier.watchdog_interval
         if interval:
@@ -352,14 +360,17 @@ class Daemon:
         if view.session is None:
             view.begin(role)
         watch = asyncio.create_task(self.idle.run()) if role == "worker" else None
-        cycle = SessionContext(
-            self.cfg, self.states, view, self._jobs, self.cache, self._linger, self.identity, self.housing.confinement,
-            self.housing.sandbox, self.paths.runtime_dir, report_expelled=self.registrar.report_expelled,
-        )
-        self._handle = cycle.handle
         try:
+            from crowdd.node.cycle import run_cycle  # a session's modules: loaded when one starts
+
+            cycle = SessionContext(
+                self.cfg, self.states, view, self._jobs, self.cache, self._linger, self.identity,
+                self.housing.confinement, self.housing.sandbox, self.paths.runtime_dir,
+                report_expelled=self.registrar.report_expelled,
+            )
+            self._handle = cycle.handle
             await run_cycle(role, cycle, self.hosting, self.registrar)
-        except SessionFailed as exc:
+        except (SessionFailed, IdentityError) as exc:
             view.fail(exc.message)
             view.log(logging.ERROR, exc.message)
         finally:

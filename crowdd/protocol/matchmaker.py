@@ -23,12 +23,7 @@ import ipaddress
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
-
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from typing import Any, TYPE_CHECKING
 
 from crowdd import wire
 from crowdd.protocol import fields
@@ -36,6 +31,9 @@ from crowdd.errors import InputError
 from crowdd.hyperparams import GroupSettings, HyperparamError, Job, validate_job, validate_settings
 from crowdd.trust.identity import check_certificate
 from crowdd.plan import DatasetRef, MemberPorts, PlanMember, SessionPlan
+
+if TYPE_CHECKING:  # cryptography loads when a key or certificate is used (a daemon at rest holds none)
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 HOST = "host"
 WORKER = "worker"
@@ -546,6 +544,9 @@ def make_expel(
 ) -> dict[str, Any]:
     """A host's report that it expelled ``member`` (its fingerprint) from group ``group_id``,
     signed with ``key``, the key of the host's certificate ``cert`` (PEM)."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
     data = expel_statement(group_id, member, reason)
     if isinstance(key, ed25519.Ed25519PrivateKey):
         signature = key.sign(data)
@@ -556,6 +557,11 @@ def make_expel(
 
 
 def _verify(cert: str, data: bytes, signature: bytes) -> None:
+    from cryptography import x509
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
     public = x509.load_pem_x509_certificate(cert.encode("ascii")).public_key()
     try:
         if isinstance(public, ed25519.Ed25519PublicKey):

@@ -27,14 +27,12 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from typing import TYPE_CHECKING
 
 from crowdd.errors import CrowddError, InputError
+
+if TYPE_CHECKING:  # cryptography loads when a key or certificate is used (a daemon at rest holds none)
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +70,9 @@ class Identity:
         corrupt, of an unsupported type, or does not match the other, or when only the
         certificate exists (its key is lost: a new identity must be made deliberately).
         """
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+
         if not _NAME_RE.match(name):
             raise IdentityError(f"identity name {name!r} must be 1-64 letters, digits, '.', '_' or '-'")
         directory = Path(directory)
@@ -104,6 +105,9 @@ def fingerprint_of(cert: bytes) -> str:
 
     Raises :class:`InputError` (field ``cert``) when ``cert`` is not a certificate.
     """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
     try:
         if cert.lstrip().startswith(b"-----BEGIN"):
             der = x509.load_pem_x509_certificate(cert).public_bytes(serialization.Encoding.DER)
@@ -122,6 +126,9 @@ def check_certificate(pem: bytes) -> str:
     so that it works as the sole trust anchor of a pinned TLS context.
     Anything else raises :class:`InputError` with field ``cert``.
     """
+    from cryptography import x509
+    from cryptography.exceptions import InvalidSignature
+
     if not isinstance(pem, bytes):
         raise InputError("must be PEM bytes", field="cert")
     if len(pem) > MAX_CERT_BYTES:
@@ -146,6 +153,8 @@ def check_certificate(pem: bytes) -> str:
 
 
 def _check_key_type(key: object, where: str) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
     if isinstance(key, ed25519.Ed25519PublicKey | ed25519.Ed25519PrivateKey):
         return
     if isinstance(key, ec.EllipticCurvePublicKey | ec.EllipticCurvePrivateKey) and isinstance(key.curve, ec.SECP256R1):
@@ -203,6 +212,9 @@ def _fix_key_mode(path: Path) -> None:
 
 
 def _load_key(path: Path) -> ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
     _fix_key_mode(path)
     data = _read(path)
     try:
@@ -218,6 +230,9 @@ def _load_key(path: Path) -> ec.EllipticCurvePrivateKey | ed25519.Ed25519Private
 
 
 def _load_cert(path: Path, key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey) -> bytes:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
     data = _read(path)
     try:
         cert = x509.load_pem_x509_certificate(data)
@@ -231,6 +246,11 @@ def _load_cert(path: Path, key: ec.EllipticCurvePrivateKey | ed25519.Ed25519Priv
 
 
 def _self_signed(key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey, name: str) -> bytes:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
     now = datetime.datetime.now(datetime.timezone.utc)
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     public = key.public_key()
