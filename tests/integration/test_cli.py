@@ -339,3 +339,23 @@ def test_model_without_a_daemon_or_a_model_says_so(tmp_path: Path, daemon: tuple
     root, _ = daemon
     r = crowdd("model", root=root)
     assert r.returncode == 1 and "no trained model" in r.stderr
+
+
+def _loaded(pid: int, library: str) -> bool:
+    return library in Path(f"/proc/{pid}/maps").read_text()
+
+
+def test_a_daemon_at_rest_holds_no_key_and_loads_no_crypto_library(daemon: tuple[Path, subprocess.Popen[bytes]]
+                                                                    ) -> None:
+    """Lean at rest (benchmarks/idle_footprint.py measures it): donation off, the daemon has made
+    no identity and has not loaded cryptography (~10 MB of a 30 MB budget). The control: once a
+    cycle starts (donation on; the matchmaker is away, so it keeps registering), the identity is
+    made and the library is loaded."""
+    root, proc = daemon
+    st = wait_state(root, "off")
+    assert st["state"] == "off"
+    key = root / "state" / "identity" / "node.key"
+    assert not key.exists() and not _loaded(proc.pid, "cryptography")
+    assert crowdd("donate", "on", root=root).returncode == 0
+    wait_state(root, "registering")
+    assert key.is_file() and _loaded(proc.pid, "cryptography")

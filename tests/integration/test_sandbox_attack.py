@@ -165,7 +165,14 @@ async def test_a_malicious_member_touches_nothing_outside_the_job(crowd: Crowd, 
     rec = Recorder(crowd.nodes)
     await rec.start()
     try:
-        reads, lists, writes = secrets(crowd, home_canary)
+        await donate_all(crowd.workers)
+        # long enough to outlast the attacks; stopped (the model kept) once they are done
+        await host_job(crowd.host, data, {"workers": 2, "min_workers": 2, "epochs": 5000, "learning_rate": 0.1,
+                                          "sharding": "full"})
+        for n in crowd.nodes:
+            await rec.wait(n.name, lambda e: e["event"] == "state" and e["state"] == "training", 180)
+        await rec.wait("host", lambda e: e["event"] == "eval", 120)  # TF is up everywhere
+        reads, lists, writes = secrets(crowd, home_canary)  # each node's identity key exists by now
         what = [*(a for r in reads for a in ("--read", r)), *(a for d in lists for a in ("--list", d)),
                 *(a for w in writes for a in ("--write", w)), "--connect", str(LISTEN_PORT),
                 # the job's own directory: readable (proof that the ops ran on the server), but a
@@ -176,13 +183,6 @@ async def test_a_malicious_member_touches_nothing_outside_the_job(crowd: Crowd, 
                 "--read", "/proc/1/cmdline", "--read", "/etc/passwd",
                 # the environment of the process running the op: the job's, never the daemon's
                 "--read", "/proc/self/environ", "--find", CANARY]
-        await donate_all(crowd.workers)
-        # long enough to outlast the attacks; stopped (the model kept) once they are done
-        await host_job(crowd.host, data, {"workers": 2, "min_workers": 2, "epochs": 5000, "learning_rate": 0.1,
-                                          "sharding": "full"})
-        for n in crowd.nodes:
-            await rec.wait(n.name, lambda e: e["event"] == "state" and e["state"] == "training", 180)
-        await rec.wait("host", lambda e: e["event"] == "eval", 120)  # TF is up everywhere
         host, w1, w2 = crowd.nodes
         for n in crowd.nodes:  # the control: the secret is in each daemon's own environment
             assert n.proc is not None
