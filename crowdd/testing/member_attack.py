@@ -99,7 +99,7 @@ def _numpy(op: Callable[[str], Any], arg: str) -> Any:
     return op(arg).numpy()
 
 
-def _settled(op: Callable[[], Any], context: Any, tries: int = 3) -> Any:
+def _settled(op: Callable[[], Any], context: Any, tries: int = 6) -> Any:
     """``op()``, asked again when TF lost track of its remote output ("Unable to find the
     relevant tensor remote_handle": seen against a busy coordinator) rather than giving the
     op's own verdict; any other error, or the last try's, is raised."""
@@ -110,6 +110,7 @@ def _settled(op: Callable[[], Any], context: Any, tries: int = 3) -> Any:
             if left == 0 or "remote_handle" not in str(exc):
                 raise
             context.async_clear_error()
+            time.sleep(0.2)
     raise AssertionError("unreachable")
 
 

@@ -239,7 +239,7 @@ async def test_a_malicious_member_touches_nothing_outside_the_job(crowd: Crowd, 
             if label in from_worker:
                 continue
             assert got["ran_op"], f"{label}: the attack did not reach the server: {got.get('error')}"
-            assert got["read"]["spec.json"]["ok"], (label, got)
+            assert got["read"]["spec.json"]["ok"], (label, got["read"]["spec.json"])
             # the control: the machine's own PID 1 and users, read from outside
             assert got["read"]["/proc/1/cmdline"]["content"] != machine_init, (label, got["read"]["/proc/1/cmdline"])
             assert got["read"]["/etc/passwd"]["content"] == JOB_PASSWD[:64] != machine_passwd, (label, got["read"])
