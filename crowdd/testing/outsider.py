@@ -7,7 +7,10 @@ that runs ops on any TF server it reaches (TF servers have no authentication).
 ``attack`` connects to ``IP:PORT`` as the cluster job ``victim`` and, on that task, reads the
 file ``CANARY`` and writes ``OUT``: what any outsider could do to a volunteer whose TF port it
 reaches. Run each attack in its own process with a timeout (:func:`tf_attack`): TF may hang on
-a port that is not a TF server.
+a port that is not a TF server. So ``attack`` first asks the port whether it speaks gRPC (the
+HTTP/2 preface: every gRPC server, TF's included, answers with its SETTINGS frame): one that
+does not cannot run a TF op, and is reported at once without loading TF
+(``test_outsider_tools.py`` shows an exposed TF server passing this probe and losing its file).
 """
 
 from __future__ import annotations
@@ -106,9 +109,37 @@ def tf_attack(target: str, canary: str, out: str, *, argv_prefix: Sequence[str] 
     return Attack(target, bool(got.get("read")), bool(got.get("wrote")), str(got.get("error", "")))
 
 
+#: The client's HTTP/2 connection preface and an empty SETTINGS frame (RFC 9113, 3.4 and 6.5).
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+H2_SETTINGS = 0x4
+
+
+def speaks_grpc(target: str, timeout: float = 10.0) -> tuple[bool, str]:
+    """Whether ``target`` answers the HTTP/2 preface with a SETTINGS frame (a gRPC server does),
+    and what it did instead when not."""
+    host, _, port = target.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+            sock.sendall(H2_PREFACE)
+            head = b""
+            while len(head) < 9:
+                got = sock.recv(9 - len(head))
+                if not got:
+                    return False, f"closed after {len(head)} bytes"
+                head += got
+    except OSError as exc:
+        return False, f"{type(exc).__name__}: {exc}"
+    if head[3] != H2_SETTINGS:
+        return False, f"answered {head[:9].hex()}, not an HTTP/2 SETTINGS frame"
+    return True, ""
+
+
 def _attack_main(target: str, canary: str, out: str) -> dict[str, object]:
     import os
 
+    grpc, why = speaks_grpc(target)
+    if not grpc:  # no TF client gets further than this
+        return {"read": False, "wrote": False, "error": f"not a gRPC server: {why}"}
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import tensorflow as tf
 
