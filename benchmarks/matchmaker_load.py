@@ -52,7 +52,7 @@ import psutil
 from crowdd import wire
 from crowdd.errors import CrowddError
 from crowdd.trust.identity import Identity, fingerprint_of
-from crowdd.matchmaker.server import raise_nofile_limit
+from crowdd.platform.process import raise_nofile_limit
 from crowdd.trust.tls import client_context, open_tls
 
 _CLIENT_TLS = client_context(None)  # the matchmaker's certificate is checked by its fingerprint

@@ -15,7 +15,8 @@ from crowdd.aio import on_signals
 from crowdd.config import MatchmakerConfig, parse_hostport
 from crowdd.errors import CrowddError, InputError
 from crowdd.trust.identity import Identity, fingerprint_of
-from crowdd.matchmaker.server import Matchmaker, raise_nofile_limit
+from crowdd.matchmaker.server import Matchmaker
+from crowdd.platform.process import raise_nofile_limit
 from crowdd.trust.tls import server_context
 
 logger = logging.getLogger(__name__)

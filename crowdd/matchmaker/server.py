@@ -537,20 +537,6 @@ class Matchmaker:
 # --------------------------------------------------------------------------- command line
 
 
-def raise_nofile_limit() -> int | None:
-    """Raise the open-file soft limit to the hard limit; return the new soft limit (None: n/a)."""
-    try:
-        import resource
-    except ImportError:  # pragma: no cover - Windows
-        return None
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError) as exc:
-            logger.warning("cannot raise the open-file limit to %d: %s", hard, exc)
-    return int(soft)
 
 
 async def connects(host: str, port: int, timeout: float) -> bool:
@@ -573,4 +559,4 @@ def unreachable_host_message(hello: Hello) -> str:
             f"to an address that reaches it (the matchmaker must have trust_advertised = true)")
 
 
-__all__ = ["Matchmaker", "connects", "raise_nofile_limit", "unreachable_host_message"]
+__all__ = ["Matchmaker", "connects", "unreachable_host_message"]

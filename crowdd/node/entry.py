@@ -16,6 +16,7 @@ from crowdd.protocol.endpoint import Endpoint
 from crowdd.idle.policy import IdlePolicy, Policy
 from crowdd.idle.probes import Probes, system_probes
 from crowdd.node.daemon import Daemon
+from crowdd.platform.process import raise_nofile_limit
 from crowdd.platform.systemd import Notifier
 from crowdd.platform.windows_service import DaemonEntry, asyncio_entry
 
@@ -26,6 +27,11 @@ async def serve(daemon: Daemon, stop: asyncio.Event | None = None) -> int:
     """Run ``daemon`` until SIGTERM/SIGINT (or ``stop`` is set), then shut it down cleanly.
     SIGUSR1 logs every pending asyncio task with its stack (to debug a stuck daemon)."""
     stop = stop if stop is not None else asyncio.Event()
+    # a daemon holds its peers' channels, tunnels and data connections, and handshakes a public
+    # port's arrivals: the common 1024 open files must not be what stops a host's run
+    limit = raise_nofile_limit()
+    if limit is not None:
+        logger.info("open-file limit %d", limit)
     handlers = {signal.SIGTERM: stop.set, signal.SIGINT: stop.set}
     if hasattr(signal, "SIGUSR1"):  # not on Windows
         handlers[signal.SIGUSR1] = dump_tasks

@@ -301,7 +301,25 @@ def _signal_tree_windows(pid: int, sig: int) -> bool:  # pragma: no cover - Wind
     return True
 
 
+def raise_nofile_limit() -> int | None:
+    """Raise the open-file soft limit to the hard limit (a server holding many connections must not
+    run out at the common 1024); return the new soft limit (None: not on this platform)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            logger.warning("cannot raise the open-file limit to %d: %s", hard, exc)
+    return int(soft)
+
+
 __all__ = [
+    "raise_nofile_limit",
     "SIGCONT",
     "SIGKILL",
     "SIGSTOP",

@@ -359,3 +359,43 @@ def test_a_daemon_at_rest_holds_no_key_and_loads_no_crypto_library(daemon: tuple
     assert crowdd("donate", "on", root=root).returncode == 0
     wait_state(root, "registering")
     assert key.is_file() and _loaded(proc.pid, "cryptography")
+
+
+def _nofile(pid: int) -> tuple[int, int]:
+    line = next(ln for ln in Path(f"/proc/{pid}/limits").read_text().splitlines() if ln.startswith("Max open files"))
+    soft, hard = line.split()[3:5]
+    return int(soft), int(hard)
+
+
+def test_a_daemon_raises_its_open_file_limit(tmp_path: Path) -> None:
+    """The common soft limit of 1024 open files must not be what stops a host's run (issue 29):
+    started under 1024, the daemon raises it to the hard limit (the units set that to 65536).
+    The control: another program started the same way keeps 1024."""
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    start = 1024 if hard == resource.RLIM_INFINITY or hard > 1024 else hard // 2
+
+    def low() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (start, hard))
+
+    root = tmp_path / "node"
+    root.mkdir()
+    control = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], preexec_fn=low)  # noqa: PLW1509
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "crowdd", "daemon", "--root", str(root), "--matchmaker", f"127.0.0.1:{free_port()}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, preexec_fn=low,  # noqa: PLW1509
+    )
+    try:
+        assert _nofile(control.pid)[0] == start
+        deadline = time.monotonic() + 30
+        while not (root / "run" / "control.sock").exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        soft, got_hard = _nofile(proc.pid)
+        assert soft == got_hard > start
+    finally:
+        control.kill()
+        control.wait()
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=15)

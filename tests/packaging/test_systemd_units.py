@@ -150,6 +150,15 @@ def test_notify_active_only_after_ready_and_the_socket_is_the_groups(crowdd_bin:
         show = c.show("crowdd", "StatusText", "Type", "NotifyAccess", "User")
         assert show == {"StatusText": show["StatusText"], "Type": "notify", "NotifyAccess": "main", "User": "crowdd"}
         assert show["StatusText"].startswith("off"), show
+        # LimitNOFILE=65536 (issue 29): the unit asks for it, and the daemon runs with as many
+        # open files as its machine lets the service have (this test's container caps it at
+        # what this process may hold), soft and hard
+        import resource
+
+        assert c.show("crowdd", "LimitNOFILE") == {"LimitNOFILE": "65536"}
+        limits = Path(f"/proc/{c.host_pid(main_pid(c))}/limits").read_text().splitlines()
+        expected = str(min(65536, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        assert next(ln for ln in limits if ln.startswith("Max open files")).split()[3:5] == [expected, expected]
 
         alice = as_user(c, "alice", str(crowdd_bin), "status")  # no --socket: the system one is found
         assert alice.returncode == 0 and "off" in alice.stdout, alice.stderr
