@@ -300,6 +300,8 @@ async def orchestrate(args: argparse.Namespace, workdir: Path) -> dict[str, Any]
         "[matchmaker]\n"
         f"max_clients = {C + hosts + args.probes + 100}\n"
         f"max_per_ip = {C + hosts + args.probes + 100}\n"
+        # every simulated volunteer connects from 127.0.0.1: one source
+        f"max_handshaking_per_ip = {C + hosts + args.probes + 100}\n"
         "heartbeat_timeout = 30.0\nstatus_interval = 5.0\n"
     )
     log = workdir / "matchmaker.log"

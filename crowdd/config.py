@@ -64,6 +64,8 @@ class MatchmakerConfig:
     listen: str = f"0.0.0.0:{DEFAULT_MATCHMAKER_PORT}"
     max_clients: int = 20_000
     max_per_ip: int = 256
+    max_handshaking_per_ip: int = 64
+    max_handshaking: int = 8192
     heartbeat_timeout: float = 30.0
     read_timeout: float = 10.0
     max_frame: int = 1 << 20
@@ -142,6 +144,7 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
 _POSITIVE = {
     ("daemon", "heartbeat"), ("daemon", "peer_timeout"), ("daemon", "retry_min"), ("daemon", "retry_max"),
     ("matchmaker", "max_clients"), ("matchmaker", "max_per_ip"), ("matchmaker", "heartbeat_timeout"),
+    ("matchmaker", "max_handshaking_per_ip"), ("matchmaker", "max_handshaking"),
     ("matchmaker", "read_timeout"), ("matchmaker", "max_frame"), ("matchmaker", "status_interval"),
     ("matchmaker", "reach_timeout"),
     ("replication", "chunk_size"), ("replication", "stall_timeout"),

@@ -10,6 +10,7 @@ host that expelled it: :class:`crowdd.matchmaker.bans.Bans`); :func:`group_frame
 
 from __future__ import annotations
 
+import ipaddress
 import secrets
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,22 @@ from crowdd.hyperparams import GroupSettings, Job
 from crowdd.matchmaker.bans import Bans
 from crowdd.plan import PlanMember
 from crowdd.protocol.matchmaker import HOST, MAX_MEMBERS, Hello, Slots, make_group, make_join, make_joined
+
+
+def source(ip: str) -> str:
+    """Whom a connection counts against in the per-source limits: its IPv4 address, or the /64
+    of its IPv6 address (one home or one host is handed a whole /64: counting each address
+    would let one of them fill ``max_clients`` for everyone). An IPv4-mapped IPv6 address
+    counts as its IPv4 address; anything else unparsable counts as itself."""
+    try:
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return ip
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.IPv6Network(f"{addr}/64", strict=False))
+    return str(addr)
 
 
 def admit(total: int, from_ip: int, cfg: MatchmakerConfig) -> wire.WireError | None:
@@ -289,5 +306,5 @@ def new_token() -> str:
     return secrets.token_hex(32)
 
 
-__all__ = ["Group", "Grouper", "Join", "OpenGroup", "Waiter", "admit", "group_frames", "join_frames", "matches",
+__all__ = ["Group", "Grouper", "Join", "OpenGroup", "Waiter", "admit", "group_frames", "join_frames", "matches", "source",
            "new_group_id", "new_token"]

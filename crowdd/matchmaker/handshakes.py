@@ -19,6 +19,8 @@ import typing
 from asyncio import sslproto
 from collections.abc import Callable
 
+from crowdd.matchmaker.grouping import source
+
 log = logging.getLogger(__name__)
 
 #: TLS handshakes run at once; later connections wait their turn (reading paused, no TLS state).
@@ -37,20 +39,25 @@ class _Arrival(asyncio.Protocol):
     """A raw connection waiting for a handshake slot: nothing is read and no TLS state is
     made until the gate hands its transport to a :class:`_TLS`."""
 
-    __slots__ = ("arrived", "gate", "transport")
+    __slots__ = ("arrived", "gate", "source", "transport")
 
     def __init__(self, gate: HandshakeGate) -> None:
         self.gate = gate
         self.transport: asyncio.Transport | None = None
         self.arrived = gate.loop.time()
+        self.source = ""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = typing.cast(asyncio.Transport, transport)
         self.transport.pause_reading()  # before asyncio starts reading: the handshake reads first
+        peer = transport.get_extra_info("peername")
+        self.source = source(str(peer[0])) if isinstance(peer, tuple) and peer else "?"
         self.gate.arrived(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.transport = None  # gone while waiting; skipped when its turn comes
+        if self.transport is not None:  # gone while waiting; skipped when its turn comes
+            self.transport = None
+            self.gate.left(self.source)
         self.gate.closed()
 
 
@@ -71,36 +78,79 @@ class _TLS(sslproto.SSLProtocol):
 
 class HandshakeGate:
     """Handshakes for ``tls``: ``client()`` makes the server's protocol for a client whose
-    handshake starts; ``closed()`` counts a connection that ended before it was the server's."""
+    handshake starts; ``closed()`` counts a connection that ended before it was the server's.
+
+    Connections not yet through their handshake (waiting or handshaking) are counted per
+    source (an IPv4 address, an IPv6 /64: :func:`crowdd.matchmaker.grouping.source`) and in
+    all: past ``per_source`` or ``total`` of them a new connection is closed at once, so that
+    stalled handshakes from one place (or from many) cannot hold the matchmaker's sockets and
+    keep everyone else waiting."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, tls: ssl.SSLContext, read_timeout: float,
-                 client: Callable[[], Client], closed: Callable[[], None]) -> None:
+                 client: Callable[[], Client], closed: Callable[[], None], *, per_source: int = 64,
+                 total: int = 8192) -> None:
         self.loop, self.tls, self.read_timeout = loop, tls, read_timeout
+        self.per_source, self.total = per_source, total
         self.client, self.closed = client, closed
         self.arrivals: collections.deque[_Arrival] = collections.deque()
         self.handshaking = 0
         self.refused = 0  # handshakes that failed
-        self.dropped = 0  # connections that waited too long for their turn
+        self.dropped = 0  # connections that waited too long for their turn, or found no room
+        self.pending: dict[str, int] = {}  # not yet through the handshake, per source
+        self.pending_total = 0
+        self._logged: set[str] = set()
 
     def arrival(self) -> asyncio.Protocol:
         """The protocol of a new connection: it waits its turn."""
         return _Arrival(self)
 
     def arrived(self, arrival: _Arrival) -> None:
+        src, t = arrival.source, arrival.transport
+        if self.pending.get(src, 0) >= self.per_source or self.pending_total >= self.total:
+            self.dropped += 1
+            if self.dropped_from(src):
+                log.info("matchmaker: closing a connection from %s: %d not yet through their TLS handshake "
+                         "(%d in all)", src, self.pending.get(src, 0), self.pending_total)
+            arrival.transport = None
+            if t is not None:
+                t.abort()
+            return
+        self.pending[src] = self.pending.get(src, 0) + 1
+        self.pending_total += 1
         self.arrivals.append(arrival)
         self._next()
+
+    def dropped_from(self, src: str) -> bool:
+        """Whether to log a drop from ``src`` (the first of each burst: a flood is not a log flood)."""
+        first = src not in self._logged
+        self._logged.add(src)
+        if len(self._logged) > 1024:
+            self._logged.clear()
+        return first
+
+    def left(self, src: str) -> None:
+        """A connection from ``src`` is through its handshake, or gone."""
+        n = self.pending.get(src, 0) - 1
+        if n > 0:
+            self.pending[src] = n
+        else:
+            self.pending.pop(src, None)
+            self._logged.discard(src)
+        self.pending_total = max(0, self.pending_total - 1)
 
     def _next(self) -> None:
         """Start waiting handshakes while slots are free."""
         while self.handshaking < MAX_HANDSHAKES and self.arrivals:
-            t = self.arrivals.popleft().transport
+            arrival = self.arrivals.popleft()
+            t = arrival.transport
             if t is None or t.is_closing():
                 continue
+            arrival.transport = None  # the layer's now: its end is counted in _handshaken
             conn = self.client()
             done = self.loop.create_future()
             layer = _TLS(self.loop, conn, self.tls, done, server_side=True,  # type: ignore[arg-type]
                          ssl_handshake_timeout=self.read_timeout)  # type: ignore[arg-type]  # typeshed: int
-            done.add_done_callback(functools.partial(self._handshaken, layer, conn))
+            done.add_done_callback(functools.partial(self._handshaken, layer, conn, arrival.source))
             self.handshaking += 1
             t.set_protocol(layer)  # what loop.start_tls does, without a task per connection
             layer.connection_made(t)
@@ -109,13 +159,16 @@ class HandshakeGate:
     def expire(self, now: float) -> None:
         """Close connections that waited ``read_timeout`` for a handshake slot."""
         while self.arrivals and now - self.arrivals[0].arrived > self.read_timeout:
-            t = self.arrivals.popleft().transport
+            arrival = self.arrivals.popleft()
+            t, arrival.transport = arrival.transport, None
             if t is not None:
+                self.left(arrival.source)
                 self.dropped += 1
                 t.abort()
 
-    def _handshaken(self, layer: _TLS, conn: Client, done: asyncio.Future[None]) -> None:
+    def _handshaken(self, layer: _TLS, conn: Client, src: str, done: asyncio.Future[None]) -> None:
         self.handshaking -= 1
+        self.left(src)
         self._next()
         exc = None if done.cancelled() else done.exception()
         if exc is None and conn.transport is not None:
@@ -137,7 +190,8 @@ class HandshakeGate:
     def close(self) -> None:
         """Every connection still waiting is closed."""
         while self.arrivals:
-            waiting = self.arrivals.popleft().transport
+            arrival = self.arrivals.popleft()
+            waiting, arrival.transport = arrival.transport, None
             if waiting is not None:
                 waiting.abort()
 

@@ -20,7 +20,7 @@ from crowdd import wire
 from crowdd.aio import spawn_tracked
 from crowdd.config import MatchmakerConfig
 from crowdd.matchmaker.handshakes import HandshakeGate
-from crowdd.matchmaker.grouping import Group, Grouper, Join, Waiter, admit, group_frames, join_frames, new_group_id, new_token
+from crowdd.matchmaker.grouping import Group, Grouper, Join, Waiter, admit, source, group_frames, join_frames, new_group_id, new_token
 from crowdd.protocol.matchmaker import (
     HOST,
     Expel,
@@ -64,6 +64,7 @@ class _Conn(asyncio.Protocol):
         "private_ok",
         "sent_position",
         "server",
+        "source",
         "state",
         "transport",
     )
@@ -73,6 +74,7 @@ class _Conn(asyncio.Protocol):
         self.id = server._next_id()
         self.transport: asyncio.Transport | None = None
         self.ip = ""
+        self.source = ""  # what the per-source limits count it against (grouping.source)
         self.private_ok = True
         self.state = "new"  # new → waiting → closing (last frame sent, draining) → done
         self.decoder = wire.FrameDecoder(max_size=server.cfg.max_frame, max_blob=0)
@@ -93,6 +95,7 @@ class _Conn(asyncio.Protocol):
         self.transport = typing.cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.ip = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
+        self.source = source(self.ip)
         local = transport.get_extra_info("sockname")
         # reached at a loopback or private address (a LAN, a test): members may have such addresses
         self.private_ok = not is_public(str(local[0])) if isinstance(local, tuple) and local else True
@@ -257,7 +260,8 @@ class Matchmaker:
         self._loop = asyncio.get_running_loop()
         self.tls = tls
         if tls is not None:
-            self.gate = HandshakeGate(self._loop, tls, self.cfg.read_timeout, lambda: _Conn(self), self._closed_early)
+            self.gate = HandshakeGate(self._loop, tls, self.cfg.read_timeout, lambda: _Conn(self), self._closed_early,
+                                      per_source=self.cfg.max_handshaking_per_ip, total=self.cfg.max_handshaking)
         self._server = await self._loop.create_server(
             self._protocol, host or None, port, backlog=4096, reuse_address=True,
         )
@@ -314,24 +318,24 @@ class Matchmaker:
 
     # connection bookkeeping
     def _connected(self, conn: _Conn) -> None:
-        err = admit(len(self.conns), self.per_ip.get(conn.ip, 0), self.cfg)
+        err = admit(len(self.conns), self.per_ip.get(conn.source, 0), self.cfg)
         if err is not None:
             logger.info("matchmaker: refusing %s: %s", conn.ip, err.message)
             conn.finish(err.to_frame())
             return
         self.conns[conn.id] = conn
-        self.per_ip[conn.ip] = self.per_ip.get(conn.ip, 0) + 1
+        self.per_ip[conn.source] = self.per_ip.get(conn.source, 0) + 1
         self._unsettled += 1
 
     def _disconnected(self, conn: _Conn) -> None:
         self._leave(conn)
         self._closed += 1
         if self.conns.pop(conn.id, None) is not None:
-            left = self.per_ip.get(conn.ip, 1) - 1
+            left = self.per_ip.get(conn.source, 1) - 1
             if left > 0:
-                self.per_ip[conn.ip] = left
+                self.per_ip[conn.source] = left
             else:
-                self.per_ip.pop(conn.ip, None)
+                self.per_ip.pop(conn.source, None)
 
     def _leave(self, conn: _Conn) -> None:
         if self.grouper.remove(conn.id) is not None:

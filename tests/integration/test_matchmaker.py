@@ -882,6 +882,31 @@ async def test_handshakes_take_turns(make_server: MakeServer, monkeypatch: pytes
     await w.leave()
 
 
+async def test_stalled_handshakes_from_one_source_cannot_hold_the_matchmaker(
+    make_server: MakeServer
+) -> None:
+    """Connections that never finish their TLS handshake count against their source (issue 29):
+    past ``max_handshaking_per_ip`` of them, a new one from the same address is closed at once.
+    The controls: one from another address (127.0.0.2) is kept, and once the stalled ones are
+    gone the same address registers again."""
+    mm = await make_server(read_timeout=30.0, max_handshaking_per_ip=3)
+    stalled = [await raw(mm, tls=False) for _ in range(3)]  # each says nothing: its handshake waits
+    await until(lambda: mm.stats()["handshaking"] == 3)
+    reader, extra = await raw(mm, tls=False)  # one too many from 127.0.0.1
+    assert await asyncio.wait_for(reader.read(), 5.0) == b""  # closed at once, not after 30 s
+    other_r, other = await raw(mm, "127.0.0.2", tls=False)  # another source: its turn comes
+    await until(lambda: mm.stats()["handshaking"] == 4)
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(other_r.read(), 0.5)
+    assert mm.stats()["dropped"] >= 1
+    for _, w in [*stalled, (other_r, other), (reader, extra)]:
+        w.close()
+    await until(lambda: mm.stats()["handshaking"] == 0)
+    w = Waiting(mm, worker_hello("w"))  # 127.0.0.1 is welcome again
+    await w.queued()
+    await w.leave()
+
+
 async def test_a_connection_waiting_too_long_for_a_slot_is_closed(
     make_server: MakeServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -11,7 +11,7 @@ from crowdd import wire
 from crowdd.testing.identities import hello_identity
 from crowdd.config import MatchmakerConfig
 from crowdd.hyperparams import Job
-from crowdd.matchmaker.grouping import Grouper, Waiter, admit, group_frames, matches
+from crowdd.matchmaker.grouping import Grouper, Waiter, admit, group_frames, matches, source
 from crowdd.protocol.matchmaker import Hello, check_hello, observed_address
 
 DIGEST = "0f" * 32
@@ -311,3 +311,15 @@ def test_check_hello_rejects(frame: dict[str, Any], code: str, field: str | None
         check_hello(frame, "192.0.2.1")
     assert info.value.code.value == code
     assert info.value.field == field
+
+
+def test_an_ipv6_slash_64_is_one_source_and_an_ipv4_address_is_one() -> None:
+    """The per-source limits count an IPv6 /64 as one (issue 29: one host is handed a whole
+    /64), each IPv4 address as one, and an IPv4-mapped address as its IPv4 address."""
+    assert source("2001:db8:1:2::1") == source("2001:db8:1:2:ffff:ffff:ffff:ffff") == "2001:db8:1:2::/64"
+    assert source("2001:db8:1:3::1") != source("2001:db8:1:2::1")  # the next /64: another source
+    assert source("203.0.113.7") == "203.0.113.7" != source("203.0.113.8")
+    assert source("::ffff:203.0.113.7") == "203.0.113.7"
+    assert source("fe80::1%eth0") == "fe80::/64"
+    assert source("?") == "?"
+
