@@ -133,11 +133,7 @@ class ControlClient:
             except WireError:
                 await self.close()
                 raise
-        if reply.get("type") == "error":
-            if reply.get("code") != ErrorCode.BAD_FIELD.value:
-                await self.close()  # the server closed this connection after the error
-            wire.raise_if_error(reply)
-        return reply
+        return await self._answer(reply)
 
     async def status(self) -> dict[str, Any]:
         return await self.request(make_status())
@@ -183,11 +179,7 @@ class ControlClient:
             except WireError:
                 await self.close()
                 raise
-        if reply.get("type") == "error":
-            if reply.get("code") != ErrorCode.BAD_FIELD.value:
-                await self.close()
-            wire.raise_if_error(reply)
-        return reply
+        return await self._answer(reply)
 
     async def stop(self) -> dict[str, Any]:
         return await self.request(make_stop())
@@ -201,6 +193,15 @@ class ControlClient:
 
     async def resume(self) -> dict[str, Any]:
         return await self.request(make_resume())
+
+    async def _answer(self, reply: dict[str, Any]) -> dict[str, Any]:
+        """A reply, or its ``error`` raised (the server closes the connection after any error
+        but a bad field)."""
+        if reply.get("type") == "error":
+            if reply.get("code") != ErrorCode.BAD_FIELD.value:
+                await self.close()
+            wire.raise_if_error(reply)
+        return reply
 
     async def subscribe(self) -> AsyncIterator[dict[str, Any]]:
         """Events from the daemon on a connection of their own, until it closes."""
